@@ -1,0 +1,21 @@
+"""lmkl: compare causal language models by the exact KL divergence of their next-token distributions.
+
+The library is usable without the CLI::
+
+    from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+    from lmkl.runner import run_comparison
+
+    outcome = run_comparison(
+        ModelSpec(model="path/or/hub-id-of-reference"),
+        [ModelSpec(model="path/or/hub-id-of-candidate")],
+        DataSpec(source="held_out.jsonl"),
+        WindowSpec(context_length=512),
+        ComputeSpec(batch_size=8),
+        OutputSpec(dir="runs/my-compare"),
+    )
+    print(outcome.results["candidates"][0]["metrics"]["kl"]["mean"])
+
+KL(P‖Q) always means reference P, candidate Q, in nats.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,133 @@
+"""``lmkl compare REFERENCE CANDIDATE --data DATA``: one candidate against one reference."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lmkl.commands.common import (
+    AdapterOpt,
+    AllowPickleOpt,
+    AttnOpt,
+    BatchOpt,
+    CandDTypeOpt,
+    ChunkOpt,
+    ContextOpt,
+    DataOpt,
+    DatasetConfigOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    MaxSamplesOpt,
+    MaxTokensOpt,
+    MemoryOpt,
+    OfflineOpt,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RefDTypeOpt,
+    ResumeOpt,
+    RevisionOpt,
+    SplitOpt,
+    StrideOpt,
+    TemperatureOpt,
+    TextFieldOpt,
+    TokenProgress,
+    TrustOpt,
+    WindowingMode,
+    WindowingOpt,
+    apply_offline,
+    friendly_errors,
+    stdout,
+)
+
+
+@friendly_errors
+def compare(
+    reference: Annotated[str, typer.Argument(help="Reference model P: hub id or local directory.")],
+    candidate: Annotated[str, typer.Argument(help="Candidate model Q: hub id or local directory.")],
+    data: DataOpt = None,
+    split: SplitOpt = None,
+    dataset_config: DatasetConfigOpt = None,
+    text_field: TextFieldOpt = "text",
+    max_samples: MaxSamplesOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    context_length: ContextOpt = 512,
+    stride: StrideOpt = None,
+    windowing: WindowingOpt = WindowingMode.documents,
+    dtype: DTypeOpt = DType.auto,
+    reference_dtype: RefDTypeOpt = None,
+    candidate_dtype: CandDTypeOpt = None,
+    device: DeviceOpt = "auto",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    attn_implementation: AttnOpt = None,
+    adapter: AdapterOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    offline: OfflineOpt = False,
+    batch_size: BatchOpt = 8,
+    chunk_tokens: ChunkOpt = None,
+    memory_budget: MemoryOpt = 1024,
+    temperature: TemperatureOpt = 1.0,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare CANDIDATE with REFERENCE token by token: KL both ways, JSD, PPL, agreement."""
+    apply_offline(offline)
+    from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+    from lmkl.errors import UsageError
+
+    if data is None:
+        raise UsageError("no data given", "pass --data FILE_OR_DATASET")
+    common = {"revision": revision, "device": device, "trust_remote_code": trust_remote_code,
+              "attn_implementation": attn_implementation, "allow_pickle": allow_pickle}
+    ref_spec = ModelSpec(model=reference, dtype=(reference_dtype or dtype).value, **common)
+    cand_spec = ModelSpec(model=candidate, dtype=(candidate_dtype or dtype).value,
+                          adapter=adapter, **common)
+    if ref_spec.display_name == cand_spec.display_name:
+        ref_spec = ref_spec.model_copy(update={"label": "reference"})
+        cand_spec = cand_spec.model_copy(update={"label": "candidate"})
+    data_spec = DataSpec(source=data, split=split, dataset_config=dataset_config,
+                         text_field=text_field, max_samples=max_samples)
+    window_spec = _window_spec(WindowSpec, windowing, context_length, stride)
+    compute = ComputeSpec(batch_size=batch_size, chunk_tokens=chunk_tokens,
+                          memory_budget_mb=memory_budget, max_tokens=max_tokens,
+                          temperature=temperature)
+    output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
+    run_and_show(ref_spec, [cand_spec], data_spec, window_spec, compute, output, resume, quiet)
+
+
+def _window_spec(cls: type, windowing: WindowingMode, context_length: int,
+                 stride: int | None) -> object:
+    from pydantic import ValidationError
+
+    from lmkl.errors import UsageError
+
+    try:
+        return cls(windowing=windowing.value, context_length=context_length, stride=stride)
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(message, "adjust --stride or --context-length") from None
+
+
+def run_and_show(ref_spec, cand_specs, data_spec, window_spec, compute, output, resume: bool,
+                 quiet: bool) -> None:
+    """Run a comparison with a progress bar, then print the summary and the run directory."""
+    from lmkl.display import print_summary
+    from lmkl.runner import run_comparison
+
+    with TokenProgress(quiet) as progress:
+        outcome = run_comparison(ref_spec, cand_specs, data_spec, window_spec, compute, output,
+                                 resume=resume, progress=progress, log=progress.log)
+    if not quiet:
+        print_summary(outcome.results, stdout)
+        stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
+    else:
+        stdout.print(str(outcome.path))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare", no_args_is_help=True)(compare)

@@ -1,0 +1,65 @@
+"""``lmkl demo``: the whole job offline on an embedded default.
+
+Builds (once, deterministically, then cached) a tokenizer and two small trained causal LMs from
+the English reference text that every CPython ships (``pydoc_data``), then compares the smaller
+"student" with the bigger reference on held-out text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmkl.commands.common import OutOpt, OverwriteOpt, QuietOpt, friendly_errors, stderr
+
+
+def demo_cache_dir() -> Path:
+    """``$LMKL_CACHE_DIR/demo`` if set, else the user cache directory (platformdirs)."""
+    root = os.environ.get("LMKL_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "demo"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("lmkl")) / "demo"
+
+
+@friendly_errors
+def demo(
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    rebuild: Annotated[bool, typer.Option(help="Rebuild the cached demo models.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build two small models offline (cached) and compare them: the whole job in one command."""
+    from lmkl.commands.compare import run_and_show
+    from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+    from lmkl.models import set_offline
+
+    set_offline(True)  # the demo never needs the network
+    from lmkl.toy import build_demo_assets
+
+    cache = demo_cache_dir()
+
+    def say(message: str) -> None:
+        if not quiet:
+            stderr.print(f"[dim]{message}[/dim]")
+
+    assets = build_demo_assets(cache, force=rebuild, progress=say)
+    run_dir = out or Path("runs") / "demo"
+    run_and_show(
+        ModelSpec(model=str(assets.reference_dir), label="reference", device="cpu"),
+        [ModelSpec(model=str(assets.candidate_dir), label="student", device="cpu")],
+        DataSpec(source=str(assets.heldout_path), label="pydoc-heldout"),
+        WindowSpec(context_length=256, stride=128),
+        ComputeSpec(batch_size=8),
+        OutputSpec(dir=str(run_dir), overwrite=overwrite or out is None),
+        resume=False,
+        quiet=quiet,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)

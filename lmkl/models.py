@@ -1,0 +1,462 @@
+"""Load causal LMs and tokenizers from a :class:`~lmkl.config.ModelSpec`; check they are comparable.
+
+Besides loading, this module splits a causal LM into its decoder (hidden states) and its output
+layer (hidden → logits, with the model's own post-processing such as final-logit soft-capping), so
+that the runner can compute logits only at scored positions and only a chunk of tokens at a time.
+The split is verified against the model's full forward on a probe input at load time; a model
+whose logits the split cannot reproduce falls back to the full forward, so results stay exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmkl.config import ModelSpec
+from lmkl.errors import ModelLoadError, TokenizerMismatchError, UsageError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def set_offline(offline: bool = True) -> None:
+    """Tell huggingface_hub, transformers and datasets not to touch the network.
+
+    Must run before those libraries are imported: they read the variables at import time.
+    """
+    if offline:
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+            os.environ[name] = "1"
+
+
+def quiet_hf_logging() -> None:
+    """Silence transformers' and datasets' own progress bars and info logs (lmkl has its own)."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA if present, else MPS, else CPU; otherwise the named device, checked."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(
+            f"unknown device '{device}'", "use auto, cpu, cuda, cuda:N or mps"
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device '{device}' requested but CUDA is not available", "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA devices)",
+            "pick an index below the device count",
+        )
+    return dev
+
+
+def _is_local(spec: ModelSpec) -> bool:
+    return Path(spec.model).expanduser().exists()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(
+        p for p in directory.iterdir()
+        if p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES)
+    )
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """SHA-256 over the names and contents of ``paths`` (a content hash of local weights)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(8 * 2**20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_pickle_policy(spec: ModelSpec, directory: Path) -> None:
+    files = _weight_files(directory)
+    if not files:
+        return
+    if not any(p.suffix == ".safetensors" for p in files) and not spec.allow_pickle:
+        raise ModelLoadError(
+            f"model '{spec.model}' has only pickle weight files ({files[0].name}); loading them "
+            "can execute arbitrary code",
+            "convert the checkpoint to safetensors, or pass --allow-pickle if you trust its source",
+        )
+
+
+def _translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLoadError:
+    text = str(exc)
+    lowered = text.lower()
+    if "unrecognized configuration class" in lowered or "automodelforcausallm" in lowered:
+        return ModelLoadError(
+            f"'{spec.model}' is not a causal language model ({text.splitlines()[0][:160]})",
+            "pass a decoder-only model with a language-modelling head",
+        )
+    if "trust_remote_code" in lowered:
+        return ModelLoadError(
+            f"'{spec.model}' needs custom code from its repository to load",
+            "review that code, then pass --trust-remote-code",
+        )
+    if "safetensors" in lowered and not spec.allow_pickle:
+        return ModelLoadError(
+            f"'{spec.model}' has no safetensors weights; pickle weights can execute code on load",
+            "use a safetensors checkpoint, or pass --allow-pickle if you trust its source",
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if isinstance(exc, OSError | ValueError) and (
+        "not a local folder" in lowered
+        or "does not appear to have" in lowered
+        or "repository not found" in lowered
+        or "couldn't connect" in lowered
+        or "offline" in lowered
+        or "is not a valid model identifier" in lowered
+        or "can't load" in lowered
+        or "not found" in lowered
+    ):
+        where = "is not a local directory and is not in the offline hub cache" if offline else (
+            "is not a local directory and could not be fetched from the hub"
+        )
+        return ModelLoadError(
+            f"{what} '{spec.model}' {where}",
+            "check the path or hub id (and --revision); download it once with network access",
+        )
+    first = text.splitlines()[0][:200] if text else type(exc).__name__
+    return ModelLoadError(f"cannot load {what} '{spec.model}': {first}", "check the model files")
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """Load the tokenizer for ``spec`` (from the model directory or hub repo)."""
+    from transformers import AutoTokenizer
+
+    source = _tokenizer_source(spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(
+                source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            )
+    except Exception as exc:  # transformers raises many types; translate them to one line
+        raise _translate_load_error(spec, exc, "tokenizer") from exc
+
+
+def _tokenizer_source(spec: ModelSpec) -> str:
+    """A PEFT adapter directory may ship its own tokenizer; otherwise use the base model's."""
+    return str(Path(spec.model).expanduser()) if _is_local(spec) else spec.model
+
+
+@dataclass
+class OutputHead:
+    """Hidden states → logits for a chunk of positions, exactly as the model's forward does."""
+
+    linear: torch.nn.Module
+    softcap: float | None = None
+    scale: float | None = None
+    divide_by: float | None = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(hidden)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide_by is not None:
+            logits = logits / self.divide_by
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring, with its tokenizer and a JSON-able description."""
+
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    head: OutputHead | None
+    description: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.spec.display_name
+
+    @property
+    def logits_width(self) -> int:
+        emb = self.model.get_output_embeddings()
+        if emb is not None and hasattr(emb, "weight"):
+            return int(emb.weight.shape[0])
+        return int(self.model.config.get_text_config().vocab_size)
+
+    @property
+    def max_positions(self) -> int | None:
+        config = self.model.config.get_text_config()
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H]`` final hidden states, or ``[B, T, V]`` logits when the split is off."""
+        if self.head is None:
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
+        out = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for ``[N, H]`` rows of :meth:`hidden_states` (identity when the split is off)."""
+        return hidden if self.head is None else self.head(hidden)
+
+
+def _make_head(model: Any) -> OutputHead | None:
+    linear = model.get_output_embeddings()
+    base = getattr(model, "base_model", None)
+    if linear is None or base is None or base is model:
+        return None
+    config = model.config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divide_by = getattr(config, "logits_scaling", None)
+    return OutputHead(
+        linear=linear,
+        softcap=float(softcap) if softcap else None,
+        scale=float(scale) if isinstance(scale, int | float) and scale != 1 else None,
+        divide_by=float(divide_by) if isinstance(divide_by, int | float) and divide_by != 1 else None,
+    )
+
+
+@torch.inference_mode()
+def _split_is_exact(loaded: LoadedModel) -> bool:
+    """Compare the decoder+head split with the model's own forward on a short probe."""
+    vocab = min(loaded.logits_width, len(loaded.tokenizer))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(vocab, 1), (1, 8), generator=gen).to(loaded.device)
+    mask = torch.ones_like(ids)
+    try:
+        full = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        split = loaded.logits(loaded.hidden_states(ids, mask)).float()
+    except Exception:  # any failure of the split path means: do not use it
+        return False
+    if split.shape != full.shape:
+        return False
+    tolerance = 1e-4 if full.dtype == torch.float32 else 1e-2
+    scale = max(1.0, float(full.abs().max()))
+    return bool((split - full).abs().max() <= tolerance * scale)
+
+
+def _resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype | str:
+    if spec.dtype == "auto":
+        return "auto"
+    return _DTYPES[spec.dtype]
+
+
+def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedModel:
+    """Load the model and tokenizer described by ``spec`` onto ``device``, in eval mode.
+
+    Raises :class:`ModelLoadError` with a one-line reason for anything that cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    quiet_hf_logging()
+    device = device or resolve_device(spec.device)
+    local = _is_local(spec)
+    if local:
+        directory = Path(spec.model).expanduser()
+        if not directory.is_dir():
+            raise ModelLoadError(
+                f"model path '{spec.model}' is a file, not a model directory",
+                "pass the directory that holds config.json and the weights",
+            )
+        if not (directory / "config.json").exists():
+            raise ModelLoadError(
+                f"'{spec.model}' has no config.json, so it is not a Hugging Face model directory",
+                "pass a directory written by save_pretrained (config.json + weights)",
+            )
+        _check_pickle_policy(spec, directory)
+
+    tokenizer = load_tokenizer(spec)
+    kwargs: dict[str, Any] = {
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+        "dtype": _resolve_dtype(spec, device),
+    }
+    if not spec.allow_pickle:
+        kwargs["use_safetensors"] = True
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    source = str(Path(spec.model).expanduser()) if local else spec.model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise _translate_load_error(spec, exc, "model") from exc
+
+    if spec.adapter:
+        model = _apply_adapter(model, spec)
+    model.to(device)
+    model.eval()
+
+    loaded = LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=device, head=None)
+    loaded.head = _make_head(model)
+    if loaded.head is not None and not _split_is_exact(loaded):
+        loaded.head = None
+    loaded.description = describe_model(loaded, source, local)
+    return loaded
+
+
+def _apply_adapter(model: Any, spec: ModelSpec) -> Any:
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ModelLoadError(
+            "--adapter needs the optional 'peft' package", "pip install 'lmkl[peft]'"
+        ) from exc
+    adapter_dir = Path(spec.adapter or "").expanduser()
+    config_path = adapter_dir / "adapter_config.json"
+    if adapter_dir.exists() and config_path.exists():
+        base_name = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        if base_name and not _same_model_name(base_name, spec.model):
+            warnings.warn(
+                f"adapter {spec.adapter} was trained on '{base_name}', applied to '{spec.model}'",
+                stacklevel=2,
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = PeftModel.from_pretrained(model, str(adapter_dir) if adapter_dir.exists()
+                                              else spec.adapter)
+    except Exception as exc:
+        text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if "size mismatch" in str(exc):
+            raise ModelLoadError(
+                f"adapter '{spec.adapter}' does not fit model '{spec.model}' (tensor shapes differ)",
+                "apply the adapter to the base model it was trained on",
+            ) from exc
+        raise ModelLoadError(f"cannot load adapter '{spec.adapter}': {text}",
+                             "check the adapter path") from exc
+    # Merging gives a plain model whose forward (and decoder/head split) is the adapted one.
+    return model.merge_and_unload()
+
+
+def _same_model_name(a: str, b: str) -> bool:
+    return a.rstrip("/").split("/")[-1] == b.rstrip("/").split("/")[-1]
+
+
+def describe_model(loaded: LoadedModel, source: str, local: bool) -> dict[str, Any]:
+    """Provenance of a loaded model: source, resolved revision or content hash, dtype, size."""
+    model = loaded.model
+    params = sum(p.numel() for p in model.parameters())
+    info: dict[str, Any] = {
+        "label": loaded.label,
+        "model": loaded.spec.model,
+        "source": "local" if local else "hub",
+        "architecture": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(loaded.device),
+        "parameters": int(params),
+        "logits_width": loaded.logits_width,
+        "tokenizer_size": len(loaded.tokenizer),
+        "split_head": loaded.head is not None,
+        "adapter": loaded.spec.adapter,
+        "group": loaded.spec.group,
+        "step": loaded.spec.step,
+    }
+    if local:
+        files = _weight_files(Path(source))
+        info["path"] = str(Path(source).resolve())
+        info["weights_sha256"] = fingerprint_files(files) if files else None
+        info["bytes_on_disk"] = int(sum(p.stat().st_size for p in files))
+    else:
+        info["revision"] = loaded.spec.revision
+        info["resolved_revision"] = getattr(model.config, "_commit_hash", None)
+        info["bytes_on_disk"] = int(
+            sum(p.numel() * p.element_size() for p in model.parameters())
+        )
+    return info
+
+
+def check_tokenizers_match(reference: Any, candidate: Any, names: tuple[str, str]) -> None:
+    """Raise :class:`TokenizerMismatchError` unless both map the same tokens to the same ids."""
+    ref_vocab, cand_vocab = reference.get_vocab(), candidate.get_vocab()
+    if ref_vocab != cand_vocab:
+        by_id_ref = {i: t for t, i in ref_vocab.items()}
+        by_id_cand = {i: t for t, i in cand_vocab.items()}
+        first = None
+        for token_id in sorted(set(by_id_ref) | set(by_id_cand)):
+            if by_id_ref.get(token_id) != by_id_cand.get(token_id):
+                first = token_id
+                break
+        detail = (
+            f"id {first}: {by_id_ref.get(first)!r} vs {by_id_cand.get(first)!r}"
+            if first is not None
+            else f"sizes {len(ref_vocab)} vs {len(cand_vocab)}"
+        )
+        raise TokenizerMismatchError(
+            f"tokenizers of {names[0]} and {names[1]} differ ({detail}); token-level KL needs "
+            "one vocabulary",
+            "compare models that share a tokenizer (or use --different-tokenizers for "
+            "per-byte metrics)",
+        )
+    for attr in ("bos_token_id", "eos_token_id", "unk_token_id"):
+        a, b = getattr(reference, attr, None), getattr(candidate, attr, None)
+        if a != b:
+            raise TokenizerMismatchError(
+                f"tokenizers of {names[0]} and {names[1]} have different {attr} ({a} vs {b})",
+                "use models with the same special tokens",
+            )
+
+
+def shared_vocab_size(models: list[LoadedModel]) -> tuple[int, bool]:
+    """The real vocabulary all logit rows are sliced to, and whether any head was padded.
+
+    Heads are often padded past the tokenizer (e.g. 152064 vs 151936 rows for one tokenizer);
+    the extra rows are not tokens, so both distributions are renormalised over the tokenizer's
+    ``len(tokenizer)`` entries.
+    """
+    tokenizer_size = len(models[0].tokenizer)
+    widths = [m.logits_width for m in models]
+    narrow = [m for m in models if m.logits_width < tokenizer_size]
+    if narrow:
+        if len({m.logits_width for m in models}) == 1:
+            # Some tokenizers list more tokens than the head has rows; compare what exists.
+            return narrow[0].logits_width, False
+        raise TokenizerMismatchError(
+            f"{narrow[0].label} has {narrow[0].logits_width} output rows but the tokenizer has "
+            f"{tokenizer_size} tokens and other models have {max(widths)}",
+            "compare models with the same output vocabulary",
+        )
+    return tokenizer_size, any(w != tokenizer_size for w in widths)
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding with the tokenizer's normal special tokens starts with BOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos

@@ -1,0 +1,510 @@
+"""Drive a reference and one or more candidates over the same windows and stream results out.
+
+Per batch of windows the reference runs **once** and its hidden states at the scored positions are
+shared by every candidate. Logits are produced a chunk of tokens at a time from those hidden
+states (see :class:`lmkl.models.LoadedModel`), so the KL stage holds at most ``chunk × vocab``
+float32 values per model instead of ``batch × seq × vocab``. Each batch's per-token results are
+written as a durable part; the summary is computed from the parts at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import heapq
+import json
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import lmkl
+from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+from lmkl.data import Corpus, Window, load_corpus, make_windows
+from lmkl.divergence import TOKEN_METRIC_NAMES, token_metrics
+from lmkl.errors import Interrupted, ResumeError, UsageError
+from lmkl.models import (
+    LoadedModel,
+    check_tokenizers_match,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    shared_vocab_size,
+    tokenizer_adds_bos,
+)
+from lmkl.stats import summarize
+from lmkl.store import RunDirectory, tokens_table, write_json
+
+ProgressCallback = Callable[[int, int], None]
+LogCallback = Callable[[str], None]
+
+
+@dataclass
+class RunOutcome:
+    """What a finished run produced."""
+
+    path: Path
+    results: dict[str, Any]
+
+
+@dataclass
+class Batch:
+    """Right-padded model inputs for a group of windows, and where their targets are."""
+
+    windows: list[Window]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    #: flat (row, column) of the logits that predict each target, in window order
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    #: per target: window id, doc id, position in document/stream, position in window, bytes
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def make_batches(windows: list[Window], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Group consecutive windows, right-pad them and index their scored positions.
+
+    Right padding keeps every real token's position id and causal context unchanged.
+    """
+    for start in range(0, len(windows), batch_size):
+        group = windows[start:start + batch_size]
+        width = max(len(w.input_ids) for w in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        rows, cols, targets = [], [], []
+        meta: dict[str, list[Any]] = {k: [] for k in
+                                      ("window_id", "doc_id", "position", "window_pos", "bytes")}
+        for r, window in enumerate(group):
+            n = len(window.input_ids)
+            ids[r, :n] = torch.tensor(window.input_ids, dtype=torch.long)
+            mask[r, :n] = 1
+            js = range(window.first_target, n)
+            rows.extend([r] * len(js))
+            cols.extend(j - 1 for j in js)
+            targets.extend(window.input_ids[j] for j in js)
+            meta["window_id"].extend([window.window_id] * len(js))
+            meta["doc_id"].extend([window.doc_id] * len(js))
+            meta["position"].extend(window.offset + j for j in js)
+            meta["window_pos"].extend(js)
+            meta["bytes"].extend(window.target_bytes)
+        yield Batch(
+            windows=group,
+            input_ids=ids,
+            attention_mask=mask,
+            rows=torch.tensor(rows, dtype=torch.long),
+            cols=torch.tensor(cols, dtype=torch.long),
+            targets=torch.tensor(targets, dtype=torch.long),
+            meta={k: np.asarray(v, dtype=np.int64) for k, v in meta.items()},
+        )
+
+
+class WorstTracker:
+    """Keeps the ``k`` highest-KL positions of one batch with both models' top-5 next tokens."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.entries: list[tuple[float, int, dict[str, Any]]] = []
+        self._counter = 0
+
+    def offer(
+        self, kl: torch.Tensor, ref_logits: torch.Tensor, cand_logits: torch.Tensor,
+        index_offset: int, temperature: float,
+    ) -> None:
+        if self.k == 0:
+            return
+        finite_kl = torch.nan_to_num(kl, nan=-1.0)
+        take = min(self.k, kl.numel())
+        values, idx = finite_kl.topk(take)
+        keep = values >= 0
+        values, idx = values[keep], idx[keep]
+        if idx.numel() == 0:
+            return
+        lp = torch.log_softmax(ref_logits[idx].float() / temperature, -1)
+        lq = torch.log_softmax(cand_logits[idx].float() / temperature, -1)
+        k5 = min(5, lp.shape[-1])
+        p_top, q_top = lp.topk(k5, -1), lq.topk(k5, -1)
+        for n, (value, i) in enumerate(zip(values.tolist(), idx.tolist(), strict=True)):
+            entry = {
+                "row": index_offset + i,
+                "kl": value,
+                "reference_top5": list(zip(p_top.indices[n].tolist(),
+                                           p_top.values[n].exp().tolist(), strict=True)),
+                "candidate_top5": list(zip(q_top.indices[n].tolist(),
+                                           q_top.values[n].exp().tolist(), strict=True)),
+            }
+            self._counter += 1
+            item = (value, -self._counter, entry)
+            if len(self.entries) < self.k:
+                heapq.heappush(self.entries, item)
+            elif item > self.entries[0]:
+                heapq.heapreplace(self.entries, item)
+
+    def result(self) -> list[dict[str, Any]]:
+        return [e for _, _, e in sorted(self.entries, key=lambda t: (-t[0], -t[1]))]
+
+
+@torch.inference_mode()
+def score_batch(
+    batch: Batch,
+    reference: LoadedModel,
+    candidates: list[LoadedModel],
+    vocab_size: int,
+    chunk_size: int,
+    temperature: float,
+    worst_k: int,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[dict[str, Any]]]]:
+    """Per-token metrics for every candidate on one batch, and each candidate's worst positions."""
+    device = reference.device
+    ref_hidden = reference.hidden_states(batch.input_ids.to(device),
+                                         batch.attention_mask.to(device))
+    ref_rows = ref_hidden[batch.rows.to(device), batch.cols.to(device)]
+    del ref_hidden
+    targets = batch.targets
+    per_candidate: dict[str, dict[str, np.ndarray]] = {}
+    worst: dict[str, list[dict[str, Any]]] = {}
+    for candidate in candidates:
+        cdev = candidate.device
+        cand_hidden = candidate.hidden_states(batch.input_ids.to(cdev),
+                                              batch.attention_mask.to(cdev))
+        cand_rows = cand_hidden[batch.rows.to(cdev), batch.cols.to(cdev)]
+        del cand_hidden
+        tracker = WorstTracker(worst_k)
+        chunks: list[dict[str, torch.Tensor]] = []
+        for start in range(0, targets.numel(), chunk_size):
+            stop = start + chunk_size
+            ref_logits = reference.logits(ref_rows[start:stop])[..., :vocab_size]
+            cand_logits = candidate.logits(cand_rows[start:stop])[..., :vocab_size]
+            cand_logits = cand_logits.to(ref_logits.device)
+            metrics = token_metrics(ref_logits, cand_logits, targets[start:stop],
+                                    temperature=temperature)
+            tracker.offer(metrics["kl"], ref_logits, cand_logits, start, temperature)
+            chunks.append({k: v.cpu() for k, v in metrics.items()})
+        per_candidate[candidate.label] = {
+            name: torch.cat([c[name] for c in chunks]).numpy() for name in chunks[0]
+        }
+        worst[candidate.label] = tracker.result()
+    return per_candidate, worst
+
+
+def _batch_table(batch: Batch, per_candidate: dict[str, dict[str, np.ndarray]]) -> Any:
+    import pyarrow as pa
+
+    tables = []
+    n = batch.targets.numel()
+    for label, metrics in per_candidate.items():
+        columns: dict[str, Any] = {
+            "candidate": [label] * n,
+            "token_id": batch.targets.numpy(),
+            "nonfinite": metrics["nonfinite"],
+            **batch.meta,
+        }
+        columns.update({name: metrics[name] for name in TOKEN_METRIC_NAMES})
+        tables.append(tokens_table(columns))
+    return pa.concat_tables(tables)
+
+
+def _unique_labels(specs: list[ModelSpec]) -> list[ModelSpec]:
+    seen: dict[str, int] = {}
+    out = []
+    for spec in specs:
+        label = spec.display_name
+        if label in seen:
+            seen[label] += 1
+            spec = spec.model_copy(update={"label": f"{label}-{seen[label]}"})
+        else:
+            seen[label] = 1
+        out.append(spec)
+    return out
+
+
+def default_run_dir(reference: ModelSpec, candidates: list[ModelSpec]) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{reference.display_name}-vs-{candidates[0].display_name}"
+    if len(candidates) > 1:
+        name += f"-and-{len(candidates) - 1}"
+    return Path("runs") / f"{name}-{stamp}"
+
+
+def resolved_config(
+    reference: ModelSpec, candidates: list[ModelSpec], data: DataSpec, windows: WindowSpec,
+    compute: ComputeSpec,
+) -> dict[str, Any]:
+    """The options that determine a run's numbers (output location excluded)."""
+    return {
+        "reference": reference.model_dump(),
+        "candidates": [c.model_dump() for c in candidates],
+        "data": data.model_dump(),
+        "windowing": windows.model_dump() | {"stride": windows.effective_stride},
+        "compute": compute.model_dump(),
+    }
+
+
+def load_models(
+    reference_spec: ModelSpec, candidate_specs: list[ModelSpec], log: LogCallback,
+) -> tuple[LoadedModel, list[LoadedModel]]:
+    """Load the reference and candidates, checking each candidate's tokenizer before its weights."""
+    log(f"loading reference {reference_spec.model}")
+    reference = load_model(reference_spec, resolve_device(reference_spec.device))
+    candidates = []
+    for spec in candidate_specs:
+        tokenizer = load_tokenizer(spec)
+        check_tokenizers_match(reference.tokenizer, tokenizer, (reference.label, spec.display_name))
+        log(f"loading candidate {spec.model}")
+        candidates.append(load_model(spec, resolve_device(spec.device)))
+    return reference, candidates
+
+
+def check_context_length(models: list[LoadedModel], windows: WindowSpec) -> None:
+    for model in models:
+        limit = model.max_positions
+        if limit is not None and windows.context_length > limit:
+            raise UsageError(
+                f"context length {windows.context_length} exceeds {model.label}'s maximum of "
+                f"{limit} positions",
+                f"pass --context-length {limit} or less",
+            )
+
+
+def run_comparison(
+    reference: ModelSpec,
+    candidates: list[ModelSpec],
+    data: DataSpec,
+    windows: WindowSpec,
+    compute: ComputeSpec,
+    output: OutputSpec,
+    *,
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+    log: LogCallback | None = None,
+) -> RunOutcome:
+    """Compare ``candidates`` with ``reference`` on ``data`` and write a run directory.
+
+    Returns the run directory and its results (also in ``results.json``). Raises
+    :class:`lmkl.errors.LmklError` subclasses for anything the user can fix.
+    """
+    log = log or (lambda _msg: None)
+    if not candidates:
+        raise UsageError("no candidate model given", "name at least one candidate")
+    candidates = _unique_labels(candidates)
+    config = resolved_config(reference, candidates, data, windows, compute)
+    out_path = Path(output.dir) if output.dir else default_run_dir(reference, candidates)
+    run_dir = _open_run_dir(out_path, config, resume=resume, overwrite=output.overwrite)
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    torch.manual_seed(compute.seed)
+    ref_model, cand_models = load_models(reference, candidates, log)
+    check_context_length([ref_model, *cand_models], windows)
+    vocab_size, padded = shared_vocab_size([ref_model, *cand_models])
+    chunk = compute.chunk_size(vocab_size)
+
+    log(f"reading data {data.source}")
+    corpus = load_corpus(data)
+    window_list = make_windows(corpus, ref_model.tokenizer, windows,
+                               tokenizer_adds_bos(ref_model.tokenizer), compute.max_tokens)
+    total_targets = sum(w.num_targets for w in window_list)
+    pad_id = ref_model.tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else 0
+
+    done_parts = len(run_dir.completed_parts())
+    done_tokens = scored_now = 0
+    seconds = 0.0
+    padded_slots = real_slots = 0
+    try:
+        for index, batch in enumerate(make_batches(window_list, compute.batch_size, pad_id)):
+            if index < done_parts:
+                done_tokens += batch.targets.numel()
+                continue
+            t0 = time.perf_counter()
+            per_candidate, worst = score_batch(batch, ref_model, cand_models, vocab_size, chunk,
+                                               compute.temperature, compute.worst_k)
+            seconds += time.perf_counter() - t0
+            real_slots += int(batch.attention_mask.sum())
+            padded_slots += batch.attention_mask.numel()
+            _save_batch(run_dir, index, batch, per_candidate, worst)
+            done_tokens += batch.targets.numel()
+            scored_now += batch.targets.numel()
+            if progress:
+                progress(done_tokens, total_targets)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(
+            f"interrupted after {done_tokens} of {total_targets} tokens; completed parts are "
+            f"kept in {run_dir.path}",
+            f"continue with the same command plus --resume --out {run_dir.path}",
+        ) from exc
+
+    ended = _dt.datetime.now(_dt.timezone.utc)
+    results = _build_results(
+        run_dir, config, ref_model, cand_models, corpus, window_list, windows, vocab_size, padded,
+        chunk, seconds, scored_now, started, ended, real_slots, padded_slots,
+    )
+    worst_entries = _collect_worst(run_dir, window_list, ref_model.tokenizer, compute.worst_k)
+    run_dir.finalize(results, worst_entries)
+    return RunOutcome(path=run_dir.path, results=results)
+
+
+def _open_run_dir(path: Path, config: dict[str, Any], *, resume: bool,
+                  overwrite: bool) -> RunDirectory:
+    if not resume:
+        run_dir = RunDirectory.create(path, overwrite=overwrite)
+        run_dir.write_config(config)
+        return run_dir
+    run_dir = RunDirectory(path)
+    if (path / "results.json").exists():
+        raise ResumeError(f"run '{path}' is already complete", "nothing to resume")
+    config_path = path / "config.yaml"
+    if not config_path.exists():
+        raise ResumeError(f"'{path}' holds no started run to resume",
+                          "drop --resume to start a new run")
+    import yaml
+
+    previous = yaml.safe_load(config_path.read_text())
+    if previous != json.loads(json.dumps(config)):
+        changed = sorted(k for k in config if previous.get(k) != json.loads(json.dumps(config[k])))
+        raise ResumeError(
+            f"cannot resume '{path}': options differ from the original run ({', '.join(changed)})",
+            "resume with the original options, or start a new run with another --out",
+        )
+    return run_dir
+
+
+def _save_batch(run_dir: RunDirectory, index: int, batch: Batch,
+                per_candidate: dict[str, dict[str, np.ndarray]],
+                worst: dict[str, list[dict[str, Any]]]) -> None:
+    # Worst rows are stored with window ids and window positions so they survive a resume.
+    row_meta = batch.meta
+    enriched = {
+        label: [
+            {**e, "window_id": int(row_meta["window_id"][e["row"]]),
+             "window_pos": int(row_meta["window_pos"][e["row"]]),
+             "doc_id": int(row_meta["doc_id"][e["row"]]),
+             "position": int(row_meta["position"][e["row"]]),
+             "token_id": int(batch.targets[e["row"]])}
+            for e in entries
+        ]
+        for label, entries in worst.items()
+    }
+    # The worst file goes first: a part counts as complete only once its parquet file exists.
+    write_json(run_dir.parts_dir / f"worst-{index:06d}.json", enriched)
+    run_dir.write_part(index, _batch_table(batch, per_candidate))
+
+
+def _collect_worst(run_dir: RunDirectory, windows: list[Window], tokenizer: Any,
+                   k: int) -> list[dict[str, Any]]:
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for part in run_dir.completed_parts():
+        worst_path = part.with_name(part.name.replace("part-", "worst-").replace(".parquet",
+                                                                                ".json"))
+        if worst_path.exists():
+            for label, entries in json.loads(worst_path.read_text()).items():
+                merged.setdefault(label, []).extend(entries)
+    by_id = {w.window_id: w for w in windows}
+    out = []
+    for label, entries in merged.items():
+        entries.sort(key=lambda e: (-(float("inf") if e["kl"] == "inf" else e["kl"]),
+                                    e["window_id"], e["window_pos"]))
+        for e in entries[:k]:
+            window = by_id[e["window_id"]]
+            j = e["window_pos"]
+            context_ids = window.input_ids[max(0, j - 48):j]
+            out.append({
+                "candidate": label,
+                "doc_id": e["doc_id"],
+                "window_id": e["window_id"],
+                "position": e["position"],
+                "kl": e["kl"],
+                "token_id": e["token_id"],
+                "token": tokenizer.decode([e["token_id"]]),
+                "context": tokenizer.decode(context_ids, skip_special_tokens=True),
+                "reference_top5": [{"token_id": i, "token": tokenizer.decode([i]), "prob": p}
+                                   for i, p in e["reference_top5"]],
+                "candidate_top5": [{"token_id": i, "token": tokenizer.decode([i]), "prob": p}
+                                   for i, p in e["candidate_top5"]],
+            })
+    return out
+
+
+def candidate_columns(table: Any, label: str) -> dict[str, np.ndarray]:
+    """The per-token columns of one candidate as NumPy arrays (nulls → NaN)."""
+    import pyarrow.compute as pc
+
+    rows = table.filter(pc.equal(table["candidate"], label))
+    out: dict[str, np.ndarray] = {}
+    for name in rows.column_names:
+        if name == "candidate":
+            continue
+        column = rows[name]
+        if name in TOKEN_METRIC_NAMES:
+            out[name] = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import transformers
+
+    return {
+        "lmkl": lmkl.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _build_results(
+    run_dir: RunDirectory, config: dict[str, Any], reference: LoadedModel,
+    candidates: list[LoadedModel], corpus: Corpus, windows: list[Window], window_spec: WindowSpec,
+    vocab_size: int, padded: bool, chunk: int, seconds: float, scored_now: int,
+    started: _dt.datetime,
+    ended: _dt.datetime, real_slots: int, padded_slots: int,
+) -> dict[str, Any]:
+    table = run_dir.read_parts()
+    entries = []
+    for cand in candidates:
+        columns = candidate_columns(table, cand.label)
+        entries.append({"label": cand.label, "model": cand.description,
+                        "metrics": summarize(columns)})
+    scored = sum(w.num_targets for w in windows)
+    return {
+        "schema_version": 1,
+        "reference": reference.description,
+        "candidates": entries,
+        "data": corpus.description | {"windows": len(windows), "scored_tokens": scored},
+        "windowing": {
+            "mode": window_spec.windowing,
+            "context_length": window_spec.context_length,
+            "stride": window_spec.effective_stride if window_spec.windowing == "documents"
+            else None,
+            "adds_bos": tokenizer_adds_bos(reference.tokenizer),
+            "vocab_size": vocab_size,
+            "padded_vocab": padded,
+            "vocab_note": (
+                f"output layers wider than the tokenizer; logits sliced to its {vocab_size} "
+                "tokens before the softmax" if padded else None
+            ),
+        },
+        "compute": config["compute"] | {"chunk_tokens": chunk},
+        "provenance": {
+            "versions": _versions(),
+            "started": started.isoformat(),
+            "ended": ended.isoformat(),
+            "options": config,
+            "host": platform.node(),
+        },
+        "throughput": {
+            # Timed over scoring only (model loading and file writing excluded).
+            "seconds": seconds,
+            "tokens_per_s": scored_now / seconds if seconds > 0 else None,
+            "candidate_tokens_per_s": scored_now * len(candidates) / seconds if seconds > 0
+            else None,
+            "padding_efficiency": real_slots / padded_slots if padded_slots else None,
+        },
+    }
