@@ -293,7 +293,8 @@ def run_comparison(
     candidates = _unique_labels(candidates)
     config = resolved_config(reference, candidates, data, windows, compute)
     out_path = Path(output.dir) if output.dir else default_run_dir(reference, candidates)
-    run_dir = _open_run_dir(out_path, config, resume=resume, overwrite=output.overwrite)
+    if not resume:
+        RunDirectory.check_new(out_path, output.overwrite)
 
     started = _dt.datetime.now(_dt.timezone.utc)
     torch.manual_seed(compute.seed)
@@ -309,6 +310,8 @@ def run_comparison(
     total_targets = sum(w.num_targets for w in window_list)
     pad_id = ref_model.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else 0
+    # Created only now, so that a run that fails on its inputs leaves nothing behind.
+    run_dir = _open_run_dir(out_path, config, resume=resume, overwrite=output.overwrite)
 
     done_parts = len(run_dir.completed_parts())
     done_tokens = scored_now = 0

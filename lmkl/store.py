@@ -116,9 +116,11 @@ class RunDirectory:
     def parts_dir(self) -> Path:
         return self.path / "parts"
 
-    @classmethod
-    def create(cls, path: Path, overwrite: bool = False) -> RunDirectory:
-        """Prepare ``path`` for a new run; refuse to replace an existing run unless ``overwrite``."""
+    @staticmethod
+    def check_new(path: Path, overwrite: bool = False) -> None:
+        """Fail fast (before any model loads) if ``path`` cannot take a new run."""
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"output path '{path}' is a file", "choose a directory for --out")
         if path.exists() and any(path.iterdir()):
             if not overwrite:
                 raise OutputError(
@@ -130,6 +132,12 @@ class RunDirectory:
                     f"'{path}' is not empty and is not an lmkl run; refusing to delete it",
                     "choose an empty or new --out directory",
                 )
+
+    @classmethod
+    def create(cls, path: Path, overwrite: bool = False) -> RunDirectory:
+        """Prepare ``path`` for a new run; refuse to replace an existing run unless ``overwrite``."""
+        cls.check_new(path, overwrite)
+        if path.exists() and any(path.iterdir()):
             shutil.rmtree(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
