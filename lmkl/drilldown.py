@@ -57,8 +57,9 @@ def pick_candidate(run: RunInfo, label: str | None) -> str:
     if label is None:
         return labels[0]
     if label not in labels:
-        raise UsageError(f"no candidate '{label}' in run '{run.path}'",
-                         "use one of: " + ", ".join(labels))
+        raise UsageError(
+            f"no candidate '{label}' in run '{run.path}'", "use one of: " + ", ".join(labels)
+        )
     return label
 
 
@@ -75,8 +76,14 @@ def level(value: float, cuts: tuple[float, float, float]) -> int:
     return int(sum(value > c for c in cuts if math.isfinite(c)))
 
 
-def document_view(run: RunInfo, label: str, doc_id: int, namer: TokenNamer,
-                  max_tokens: int = 400, focus: int | None = None) -> DocumentView:
+def document_view(
+    run: RunInfo,
+    label: str,
+    doc_id: int,
+    namer: TokenNamer,
+    max_tokens: int = 400,
+    focus: int | None = None,
+) -> DocumentView:
     """Read one document's rows of tokens.parquet (pushed-down filter), ordered by position.
 
     When the document has more than ``max_tokens`` scored tokens, a slice of that many around
@@ -85,14 +92,19 @@ def document_view(run: RunInfo, label: str, doc_id: int, namer: TokenNamer,
     path = run.path / "tokens.parquet"
     if not path.exists():
         raise UsageError(f"run '{run.path}' has no tokens.parquet", "rerun the comparison")
-    table = pq.read_table(path, columns=["position", "token_id", "kl"],
-                          filters=[("candidate", "=", label), ("doc_id", "=", int(doc_id))])
+    table = pq.read_table(
+        path,
+        columns=["position", "token_id", "kl"],
+        filters=[("candidate", "=", label), ("doc_id", "=", int(doc_id))],
+    )
     if table.num_rows == 0:
         docs = pq.read_table(path, columns=["doc_id"], filters=[("candidate", "=", label)])
         ids = pc.unique(docs["doc_id"]).to_numpy()
         span = f"{ids.min()}–{ids.max()}" if ids.size else "none"
-        raise UsageError(f"document {doc_id} has no scored tokens for candidate '{label}'",
-                         f"pass --doc with a document id in {span}")
+        raise UsageError(
+            f"document {doc_id} has no scored tokens for candidate '{label}'",
+            f"pass --doc with a document id in {span}",
+        )
     positions = table["position"].to_numpy()
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
@@ -102,16 +114,27 @@ def document_view(run: RunInfo, label: str, doc_id: int, namer: TokenNamer,
     start = 0
     if total > max_tokens:
         finite = np.where(np.isfinite(kl), kl, -1.0)
-        centre = (int(np.searchsorted(positions, focus)) if focus is not None
-                  else int(np.argmax(np.where(np.isposinf(kl), np.inf, finite))))
+        centre = (
+            int(np.searchsorted(positions, focus))
+            if focus is not None
+            else int(np.argmax(np.where(np.isposinf(kl), np.inf, finite)))
+        )
         start = int(np.clip(centre - max_tokens // 2, 0, total - max_tokens))
-        positions, token_ids, kl = (a[start:start + max_tokens] for a in (positions, token_ids, kl))
-    return DocumentView(doc_id=int(doc_id), positions=positions, token_ids=token_ids, kl=kl,
-                        texts=namer.many(token_ids.tolist()), first_shown=start, total=total)
+        positions, token_ids, kl = (
+            a[start : start + max_tokens] for a in (positions, token_ids, kl)
+        )
+    return DocumentView(
+        doc_id=int(doc_id),
+        positions=positions,
+        token_ids=token_ids,
+        kl=kl,
+        texts=namer.many(token_ids.tolist()),
+        first_shown=start,
+        total=total,
+    )
 
 
-def render_document(view: DocumentView, cuts: tuple[float, float, float],
-                    readable: bool) -> Text:
+def render_document(view: DocumentView, cuts: tuple[float, float, float], readable: bool) -> Text:
     """The document's text with each token coloured by its KL band."""
     text = Text()
     if view.first_shown > 0:
@@ -126,8 +149,12 @@ def render_document(view: DocumentView, cuts: tuple[float, float, float],
 
 def legend(cuts: tuple[float, float, float]) -> Text:
     text = Text("colour = per-token KL(P‖Q): ", style="dim")
-    bounds = [f"≤ {cuts[0]:.3g}", f"{cuts[0]:.3g}–{cuts[1]:.3g}", f"{cuts[1]:.3g}–{cuts[2]:.3g}",
-              f"> {cuts[2]:.3g}"]
+    bounds = [
+        f"≤ {cuts[0]:.3g}",
+        f"{cuts[0]:.3g}–{cuts[1]:.3g}",
+        f"{cuts[1]:.3g}–{cuts[2]:.3g}",
+        f"> {cuts[2]:.3g}",
+    ]
     for style, name, bound in zip(LEVEL_STYLES, LEVEL_NAMES, bounds, strict=True):
         text.append(f" {name} ({bound}) ", style=style)
         text.append(" ")
@@ -167,9 +194,12 @@ def _top5(items: list[dict[str, Any]]) -> Text:
 
 def worst_table(entries: list[dict[str, Any]], label: str) -> Table:
     """The worst positions: KL, where, the context ending in the divergent token, both top-5s."""
-    table = Table(title=f"worst {len(entries)} tokens of {label} (next token in red; top-5 "
-                        "entries in bold red are the actual token)", title_justify="left",
-                  show_lines=True)
+    table = Table(
+        title=f"worst {len(entries)} tokens of {label} (next token in red; top-5 "
+        "entries in bold red are the actual token)",
+        title_justify="left",
+        show_lines=True,
+    )
     table.add_column("#", justify="right")
     table.add_column("KL", justify="right", style="bold")
     table.add_column("doc:pos", justify="right")
@@ -182,15 +212,26 @@ def worst_table(entries: list[dict[str, Any]], label: str) -> Table:
         cell = Text(context)
         cell.append(visible(str(e.get("token") or "")), style="bold white on red3")
         kl = e.get("kl", math.nan)
-        table.add_row(str(rank), f"{kl:.3f}" if math.isfinite(kl) else "inf",
-                      f"{e.get('doc_id')}:{e.get('position')}", cell,
-                      _top5(e.get("reference_top5") or []), _top5(e.get("candidate_top5") or []))
+        table.add_row(
+            str(rank),
+            f"{kl:.3f}" if math.isfinite(kl) else "inf",
+            f"{e.get('doc_id')}:{e.get('position')}",
+            cell,
+            _top5(e.get("reference_top5") or []),
+            _top5(e.get("candidate_top5") or []),
+        )
     return table
 
 
-def inspect_run(run_dir: Path, *, doc: int | None = None, worst: int = 10,
-                candidate: str | None = None, max_tokens: int = 400,
-                console: Console | None = None) -> None:
+def inspect_run(
+    run_dir: Path,
+    *,
+    doc: int | None = None,
+    worst: int = 10,
+    candidate: str | None = None,
+    max_tokens: int = 400,
+    console: Console | None = None,
+) -> None:
     """Print the drill-down of one run to ``console``."""
     console = console or Console()
     run = load_run(Path(run_dir))
@@ -215,16 +256,28 @@ def inspect_run(run_dir: Path, *, doc: int | None = None, worst: int = 10,
         view = document_view(run, label, doc, namer, max_tokens=max_tokens, focus=focus)
         shown = view.positions.size
         title = Text(f"document {view.doc_id}: ", style="bold")
-        title.append(f"{shown:,} of {view.total:,} scored tokens"
-                     + (f" (from token {view.positions[0]})" if view.first_shown else ""),
-                     style="dim")
+        title.append(
+            f"{shown:,} of {view.total:,} scored tokens"
+            + (f" (from token {view.positions[0]})" if view.first_shown else ""),
+            style="dim",
+        )
         if namer.source != "tokenizer":
-            title.append(" · token strings: " + ("worst.json where known, else ids"
-                                                 if namer.source == "worst.json" else "ids"),
-                         style="dim")
-        parts += [Text(""), title, legend(cuts),
-                  render_document(view, cuts, readable=namer.source == "tokenizer")]
+            title.append(
+                " · token strings: "
+                + ("worst.json where known, else ids" if namer.source == "worst.json" else "ids"),
+                style="dim",
+            )
+        parts += [
+            Text(""),
+            title,
+            legend(cuts),
+            render_document(view, cuts, readable=namer.source == "tokenizer"),
+        ]
     if worst > 0:
-        parts += [Text(""), worst_table(entries[:worst], label) if entries
-                  else Text("no worst positions stored (worst.json)", style="dim")]
+        parts += [
+            Text(""),
+            worst_table(entries[:worst], label)
+            if entries
+            else Text("no worst positions stored (worst.json)", style="dim"),
+        ]
     console.print(Group(*parts))

@@ -111,8 +111,15 @@ def kl_distribution(report: Report) -> Plot | None:
     edges = np.asarray(hist["edges"])
     drawn: dict[str, Any] = {"edges": edges, "histogram": {}, "cdf": {}}
     for key, series in hist["series"].items():
-        artist = left.stairs(series["share"], edges, color=colors[key], linewidth=1.6,
-                             label=_short(key), fill=len(hist["series"]) == 1, alpha=0.9)
+        artist = left.stairs(
+            series["share"],
+            edges,
+            color=colors[key],
+            linewidth=1.6,
+            label=_short(key),
+            fill=len(hist["series"]) == 1,
+            alpha=0.9,
+        )
         if len(hist["series"]) == 1:
             artist.set_alpha(0.35)
             left.stairs(series["share"], edges, color=colors[key], linewidth=1.6)
@@ -127,6 +134,10 @@ def kl_distribution(report: Report) -> Plot | None:
         (line,) = right.plot(x, series["y"], color=colors[key], linewidth=1.8, label=_short(key))
         drawn["cdf"][key] = {"x": np.asarray(line.get_xdata()), "y": np.asarray(line.get_ydata())}
     right.set_xscale("log")
+    for ax in (left, right):
+        # Same x range in both panels; no crowded minor labels when the range is narrow.
+        ax.set_xlim(edges[0], edges[-1])
+        ax.xaxis.set_minor_formatter(_null_formatter())
     right.set_ylim(0, 1.01)
     right.set_xlabel("KL(P‖Q) per token, nats (log scale)")
     right.set_ylabel("share of tokens with KL ≤ x")
@@ -138,14 +149,19 @@ def kl_distribution(report: Report) -> Plot | None:
         right.legend(loc="lower right")
     infinite = sum(s["infinite"] for s in hist["series"].values())
     below = sum(s["below"] for s in hist["series"].values())
-    caption = ("Per-token KL(P‖Q) on log-spaced bins shared by all candidates; the CDF shows the "
-               "share of tokens at or below each KL value.")
+    caption = (
+        "Per-token KL(P‖Q) on log-spaced bins shared by all candidates; the CDF shows the "
+        "share of tokens at or below each KL value."
+    )
     if below:
-        caption += f" {below:,} token(s) below {edges[0]:.0e} (including exact zeros) are in " \
-                   "the first bin."
+        caption += (
+            f" {below:,} token(s) below {edges[0]:.0e} (including exact zeros) are in "
+            "the first bin."
+        )
     if infinite:
-        caption += f" {infinite:,} token(s) with infinite KL are not binned; their CDF stays " \
-                   "below 100%."
+        caption += (
+            f" {infinite:,} token(s) with infinite KL are not binned; their CDF stays below 100%."
+        )
     return Plot("kl_distribution", "KL distribution", caption, _png(fig), drawn)
 
 
@@ -171,6 +187,12 @@ def _plain_log_ticks(axis: Any) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def _null_formatter() -> Any:
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
+
+
 def _percent_formatter() -> Any:
     from matplotlib.ticker import PercentFormatter
 
@@ -190,13 +212,17 @@ def kl_by_position(report: Report) -> Plot | None:
     lows = []
     for key, series in series_map.items():
         x = np.asarray(series["center"], dtype=float)
-        (mean_line,) = ax.plot(x, series["mean"], color=colors[key], linewidth=1.8,
-                               label=_short(key))
-        (median_line,) = ax.plot(x, series["median"], color=colors[key], linewidth=1.2,
-                                 linestyle="--")
-        drawn["series"][key] = {"x": np.asarray(mean_line.get_xdata()),
-                                "mean": np.asarray(mean_line.get_ydata()),
-                                "median": np.asarray(median_line.get_ydata())}
+        (mean_line,) = ax.plot(
+            x, series["mean"], color=colors[key], linewidth=1.8, label=_short(key)
+        )
+        (median_line,) = ax.plot(
+            x, series["median"], color=colors[key], linewidth=1.2, linestyle="--"
+        )
+        drawn["series"][key] = {
+            "x": np.asarray(mean_line.get_xdata()),
+            "mean": np.asarray(mean_line.get_ydata()),
+            "median": np.asarray(median_line.get_ydata()),
+        }
         finite = np.asarray(series["median"])[np.isfinite(series["median"])]
         lows.extend(finite[finite > 0].tolist())
     all_means = np.concatenate([np.asarray(s["mean"]) for s in series_map.values()])
@@ -204,20 +230,26 @@ def kl_by_position(report: Report) -> Plot | None:
     if lows and positive.size and positive.max() / max(min(lows), 1e-12) > 30:
         ax.set_yscale("log")
         _plain_log_ticks(ax.yaxis)
-    ax.set_xlabel("position in the context window (tokens of left context)"
-                  + (f", bins of {width}" if width > 1 else ""))
+    ax.set_xlabel(
+        "position in the context window (tokens of left context)"
+        + (f", bins of {width}" if width > 1 else "")
+    )
     ax.set_ylabel("KL(P‖Q), nats")
     from matplotlib.lines import Line2D
 
     handles, labels = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], color="#39424b", linewidth=1.8),
-                Line2D([], [], color="#39424b", linewidth=1.2, linestyle="--")]
+    handles += [
+        Line2D([], [], color="#39424b", linewidth=1.8),
+        Line2D([], [], color="#39424b", linewidth=1.2, linestyle="--"),
+    ]
     labels += ["mean", "median"]
     ax.set_title("KL by position in the context window")
     fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)))
-    caption = ("Mean (solid) and median (dashed) per-token KL against the number of tokens the "
-               "models could see. Early positions have little context; a candidate that "
-               "degrades with long context rises to the right.")
+    caption = (
+        "Mean (solid) and median (dashed) per-token KL against the number of tokens the "
+        "models could see. Early positions have little context; a candidate that "
+        "degrades with long context rises to the right."
+    )
     return Plot("kl_by_position", "KL by position", caption, _png(fig), drawn)
 
 
@@ -239,13 +271,19 @@ def kl_by_confidence(report: Report) -> Plot | None:
         rows = profiles[key]
         offset = (i - (n - 1) / 2) * width
         means = np.asarray([r["kl_mean"] for r in rows], dtype=float)
-        errors = np.asarray([Z95 * r["kl_se"] if math.isfinite(r["kl_se"]) else 0.0
-                             for r in rows])
-        bars = left.bar(x + offset, np.nan_to_num(means, nan=0.0, posinf=0.0), width,
-                        color=colors[key], label=_short(key), yerr=errors,
-                        error_kw={"elinewidth": 0.9, "capsize": 2, "ecolor": "#39424b"})
-        share_bars = right.bar(x + offset, [r["kl_share"] for r in rows], width,
-                               color=colors[key], label=_short(key))
+        errors = np.asarray([Z95 * r["kl_se"] if math.isfinite(r["kl_se"]) else 0.0 for r in rows])
+        bars = left.bar(
+            x + offset,
+            np.nan_to_num(means, nan=0.0, posinf=0.0),
+            width,
+            color=colors[key],
+            label=_short(key),
+            yerr=errors,
+            error_kw={"elinewidth": 0.9, "capsize": 2, "ecolor": "#39424b"},
+        )
+        share_bars = right.bar(
+            x + offset, [r["kl_share"] for r in rows], width, color=colors[key], label=_short(key)
+        )
         drawn["series"][key] = {
             "kl_mean": np.asarray([b.get_height() for b in bars]),
             "kl_share": np.asarray([b.get_height() for b in share_bars]),
@@ -255,10 +293,18 @@ def kl_by_confidence(report: Report) -> Plot | None:
     same_tokens = all(np.allclose(s, token_shares[0], equal_nan=True) for s in token_shares)
     labels = [_bucket_label(b) for b in next(iter(profiles.values()))]
     if same_tokens:
-        labels = [f"{lab}\n{100 * s:.0f}% tok." for lab, s in zip(labels, token_shares[0],
-                                                                  strict=True)]
-        right.plot(x, token_shares[0], color="#39424b", marker="o", markersize=4, linewidth=0,
-                   label="share of tokens")
+        labels = [
+            f"{lab}\n{100 * s:.0f}% tok." for lab, s in zip(labels, token_shares[0], strict=True)
+        ]
+        right.plot(
+            x,
+            token_shares[0],
+            color="#39424b",
+            marker="o",
+            markersize=4,
+            linewidth=0,
+            label="share of tokens",
+        )
     for ax in (left, right):
         ax.set_xticks(x, labels)
         ax.set_xlabel("reference top-1 probability")
@@ -271,9 +317,11 @@ def kl_by_confidence(report: Report) -> Plot | None:
     if n > 1 or same_tokens:
         handles, names = right.get_legend_handles_labels()
         fig.legend(handles, names, loc="outside lower center", ncols=min(6, len(names)))
-    caption = ("Tokens grouped by how sure the reference was (its top-1 probability). Left: "
-               "mean KL with 95% intervals. Right: each group's share of the total KL (token "
-               "share × mean KL); dots give the share of tokens.")
+    caption = (
+        "Tokens grouped by how sure the reference was (its top-1 probability). Left: "
+        "mean KL with 95% intervals. Right: each group's share of the total KL (token "
+        "share × mean KL); dots give the share of tokens."
+    )
     return Plot("kl_by_confidence", "KL by reference confidence", caption, _png(fig), drawn)
 
 
@@ -290,9 +338,15 @@ def ppl_ratio(report: Report) -> Plot | None:
     ratio = np.asarray(data["ratio"], dtype=float)
     low, high = np.asarray(data["low"], dtype=float), np.asarray(data["high"], dtype=float)
     err = np.vstack([np.nan_to_num(ratio - low), np.nan_to_num(high - ratio)])
-    bars = ax.barh(y, np.nan_to_num(ratio - 1.0), left=1.0, height=0.6,
-                   color=[colors[k] for k in keys], xerr=err,
-                   error_kw={"elinewidth": 1.0, "capsize": 3, "ecolor": "#39424b"})
+    bars = ax.barh(
+        y,
+        np.nan_to_num(ratio - 1.0),
+        left=1.0,
+        height=0.6,
+        color=[colors[k] for k in keys],
+        xerr=err,
+        error_kw={"elinewidth": 1.0, "capsize": 3, "ecolor": "#39424b"},
+    )
     ax.axvline(1.0, color="#39424b", linewidth=1.0)
     ax.set_yticks(y, [_short(k, 36) for k in keys])
     ax.grid(axis="y", visible=False)
@@ -300,20 +354,31 @@ def ppl_ratio(report: Report) -> Plot | None:
         if math.isfinite(value):
             # The label sits beyond the interval's end so it never covers the error bar.
             end = (hi_v if value >= 1 else lo_v) if math.isfinite(hi_v) else value
-            ax.annotate(f"{value:.3f}×", (end, bar.get_y() + bar.get_height() / 2),
-                        xytext=(5 if value >= 1 else -5, 0), textcoords="offset points",
-                        ha="left" if value >= 1 else "right", va="center", fontsize=8.5)
+            ax.annotate(
+                f"{value:.3f}×",
+                (end, bar.get_y() + bar.get_height() / 2),
+                xytext=(5 if value >= 1 else -5, 0),
+                textcoords="offset points",
+                ha="left" if value >= 1 else "right",
+                va="center",
+                fontsize=8.5,
+            )
     lo = np.nanmin(np.concatenate([low, ratio, [1.0]]))
     hi = np.nanmax(np.concatenate([high, ratio, [1.0]]))
     pad = (hi - lo) * 0.25 + 1e-3
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_xlabel("PPL(Q) / PPL(P)  (1 = same perplexity as the reference)")
     ax.set_title("Perplexity ratio, candidate over reference")
-    drawn = {"keys": keys,
-             "ratio": np.asarray([b.get_x() + b.get_width() for b in bars]),
-             "low": low, "high": high}
-    caption = ("Perplexity of each candidate divided by the reference's on the same tokens, "
-               "with a 95% interval from the standard error of the mean log ratio.")
+    drawn = {
+        "keys": keys,
+        "ratio": np.asarray([b.get_x() + b.get_width() for b in bars]),
+        "low": low,
+        "high": high,
+    }
+    caption = (
+        "Perplexity of each candidate divided by the reference's on the same tokens, "
+        "with a 95% interval from the standard error of the mean log ratio."
+    )
     return Plot("ppl_ratio", "Perplexity ratio", caption, _png(fig), drawn)
 
 
@@ -330,13 +395,28 @@ def size_vs_kl(report: Report) -> Plot | None:
     errs = np.asarray([Z95 * s if math.isfinite(s) else 0.0 for s in data["kl_se"]])
     front = np.asarray(data["pareto"], dtype=bool)
     for key, s, k, e, on in zip(data["keys"], sizes, kls, errs, front, strict=True):
-        ax.errorbar([s], [k], yerr=[e], fmt="o", color=colors[key], markersize=7 if on else 5,
-                    markeredgecolor="#222831" if on else colors[key], capsize=2, elinewidth=0.9)
+        ax.errorbar(
+            [s],
+            [k],
+            yerr=[e],
+            fmt="o",
+            color=colors[key],
+            markersize=7 if on else 5,
+            markeredgecolor="#222831" if on else colors[key],
+            capsize=2,
+            elinewidth=0.9,
+        )
         ax.annotate(_short(key), (s, k), xytext=(6, 5), textcoords="offset points", fontsize=8.5)
     order = np.argsort(sizes[front])
-    (front_line,) = ax.plot(sizes[front][order], kls[front][order], color="#39424b",
-                            linewidth=1.1, linestyle="--", drawstyle="steps-post",
-                            label="Pareto front")
+    (front_line,) = ax.plot(
+        sizes[front][order],
+        kls[front][order],
+        color="#39424b",
+        linewidth=1.1,
+        linestyle="--",
+        drawstyle="steps-post",
+        label="Pareto front",
+    )
     if sizes.max() / max(sizes.min(), 1) > 8:
         ax.set_xscale("log")
     unit = "parameters" if data["axis"] == "parameters" else "bytes on disk"
@@ -344,11 +424,18 @@ def size_vs_kl(report: Report) -> Plot | None:
     ax.set_ylabel("mean KL(P‖Q), nats")
     ax.set_title(f"Size vs divergence ({unit})")
     ax.legend(loc="upper right")
-    drawn = {"keys": data["keys"], "size": sizes, "kl_mean": kls, "pareto": front,
-             "front_x": np.asarray(front_line.get_xdata()),
-             "front_y": np.asarray(front_line.get_ydata())}
-    caption = ("Each candidate's size against its mean KL (95% intervals). Outlined points are "
-               "Pareto-optimal: no other candidate is both smaller and closer to the reference.")
+    drawn = {
+        "keys": data["keys"],
+        "size": sizes,
+        "kl_mean": kls,
+        "pareto": front,
+        "front_x": np.asarray(front_line.get_xdata()),
+        "front_y": np.asarray(front_line.get_ydata()),
+    }
+    caption = (
+        "Each candidate's size against its mean KL (95% intervals). Outlined points are "
+        "Pareto-optimal: no other candidate is both smaller and closer to the reference."
+    )
     return Plot("size_vs_kl", "Size vs KL", caption, _png(fig), drawn)
 
 
@@ -366,18 +453,43 @@ def kl_by_step(report: Report) -> Plot | None:
         steps = np.asarray(series["step"], dtype=float)
         kls = np.asarray(series["kl_mean"], dtype=float)
         errs = np.asarray([Z95 * s if math.isfinite(s) else 0.0 for s in series["kl_se"]])
-        container = left.errorbar(steps, kls, yerr=errs, color=color, marker="o", markersize=4,
-                                  capsize=2, linewidth=1.6, label=_short(group))
+        container = left.errorbar(
+            steps,
+            kls,
+            yerr=errs,
+            color=color,
+            marker="o",
+            markersize=4,
+            capsize=2,
+            linewidth=1.6,
+            label=_short(group),
+        )
         best = series["keys"].index(series["best"])
-        left.plot([steps[best]], [kls[best]], marker="*", markersize=12, color=color,
-                  markeredgecolor="#222831", linewidth=0)
-        (ratio_line,) = right.plot(steps, series["ppl_ratio"], color=color, marker="o",
-                                   markersize=4, linewidth=1.6, label=_short(group))
+        left.plot(
+            [steps[best]],
+            [kls[best]],
+            marker="*",
+            markersize=12,
+            color=color,
+            markeredgecolor="#222831",
+            linewidth=0,
+        )
+        (ratio_line,) = right.plot(
+            steps,
+            series["ppl_ratio"],
+            color=color,
+            marker="o",
+            markersize=4,
+            linewidth=1.6,
+            label=_short(group),
+        )
         line = container.lines[0]
-        drawn["series"][group] = {"step": np.asarray(line.get_xdata()),
-                                  "kl_mean": np.asarray(line.get_ydata()),
-                                  "ppl_ratio": np.asarray(ratio_line.get_ydata()),
-                                  "best_step": series["best_step"]}
+        drawn["series"][group] = {
+            "step": np.asarray(line.get_xdata()),
+            "kl_mean": np.asarray(line.get_ydata()),
+            "ppl_ratio": np.asarray(ratio_line.get_ydata()),
+            "best_step": series["best_step"],
+        }
     left.set_xlabel("training step")
     left.set_ylabel("mean KL(P‖Q), nats")
     left.set_title("KL by checkpoint (★ = lowest)")
@@ -393,7 +505,12 @@ def kl_by_step(report: Report) -> Plot | None:
 
 #: Figures in report order.
 PLOTS: tuple[Callable[[Report], Plot | None], ...] = (
-    kl_distribution, kl_by_position, kl_by_confidence, ppl_ratio, size_vs_kl, kl_by_step,
+    kl_distribution,
+    kl_by_position,
+    kl_by_confidence,
+    ppl_ratio,
+    size_vs_kl,
+    kl_by_step,
 )
 
 

@@ -102,17 +102,29 @@ STAT_ROWS: tuple[tuple[str, Any], ...] = (
     ("Δp RMS", lambda m: fnum((m.get("delta_p") or {}).get("rms"))),
     ("top-1 agreement ± se", lambda m: pct(m.get("top1_agreement"))),
     ("P's top-1 in Q's top-5 ± se", lambda m: pct(m.get("top1_in_top5"))),
-    ("documents / windows", lambda m: f"{fnum((m.get('counts') or {}).get('documents'))} / "
-                                      f"{fnum((m.get('counts') or {}).get('windows'))}"),
+    (
+        "documents / windows",
+        lambda m: (
+            f"{fnum((m.get('counts') or {}).get('documents'))} / "
+            f"{fnum((m.get('counts') or {}).get('windows'))}"
+        ),
+    ),
     ("scored tokens", lambda m: fnum((m.get("counts") or {}).get("tokens"))),
-    ("non-finite logits / infinite KL", lambda m: f"{fnum((m.get('counts') or {}).get('nonfinite'))}"
-                                                  f" / {fnum((m.get('counts') or {}).get('infinite'))}"),
+    (
+        "non-finite logits / infinite KL",
+        lambda m: (
+            f"{fnum((m.get('counts') or {}).get('nonfinite'))}"
+            f" / {fnum((m.get('counts') or {}).get('infinite'))}"
+        ),
+    ),
 )
 
 
 def stat_rows(report: Report) -> list[dict[str, Any]]:
-    return [{"name": name, "cells": [getter(c.metrics) for c in report.candidates]}
-            for name, getter in STAT_ROWS]
+    return [
+        {"name": name, "cells": [getter(c.metrics) for c in report.candidates]}
+        for name, getter in STAT_ROWS
+    ]
 
 
 def leaderboard(report: Report) -> list[dict[str, Any]]:
@@ -121,20 +133,28 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
     for rank, c in enumerate(report.candidates, 1):
         m = c.metrics
         boot = report.ranking_ci(c)
-        rows.append({
-            "rank": rank, "key": c.key, "color": c.color, "run": c.run.name,
-            "reference": c.run.reference_label,
-            "sort_value": fnum(c.value(report.sort_by)),
-            "kl": pm(m.get("kl")), "kl_ci": ci95(m.get("kl")),
-            "kl_median": fnum((m.get("kl") or {}).get("median")),
-            "kl_p99": fnum((m.get("kl") or {}).get("p99")),
-            "top1": pct(m.get("top1_agreement")),
-            "ppl_ratio": fnum((m.get("ppl") or {}).get("ratio")),
-            "size": human_size(c.params) if math.isfinite(c.params)
-            else human_size(c.bytes_on_disk, "B"),
-            "boot": f"[{fnum(boot[0])}, {fnum(boot[1])}]" if boot else None,
-            "group": c.group, "step": None if not math.isfinite(c.step) else int(c.step),
-        })
+        rows.append(
+            {
+                "rank": rank,
+                "key": c.key,
+                "color": c.color,
+                "run": c.run.name,
+                "reference": c.run.reference_label,
+                "sort_value": fnum(c.value(report.sort_by)),
+                "kl": pm(m.get("kl")),
+                "kl_ci": ci95(m.get("kl")),
+                "kl_median": fnum((m.get("kl") or {}).get("median")),
+                "kl_p99": fnum((m.get("kl") or {}).get("p99")),
+                "top1": pct(m.get("top1_agreement")),
+                "ppl_ratio": fnum((m.get("ppl") or {}).get("ratio")),
+                "size": human_size(c.params)
+                if math.isfinite(c.params)
+                else human_size(c.bytes_on_disk, "B"),
+                "boot": f"[{fnum(boot[0])}, {fnum(boot[1])}]" if boot else None,
+                "group": c.group,
+                "step": None if not math.isfinite(c.step) else int(c.step),
+            }
+        )
     return rows
 
 
@@ -151,13 +171,23 @@ def confidence_rows(report: Report) -> list[dict[str, Any]]:
         cells = []
         for profile in profiles:
             b = profile[i] if i < len(profile) else None
-            cells.append({"mean": fnum(b["kl_mean"]) if b else "–",
-                          "median": fnum(b["kl_median"]) if b else "–",
-                          "kl_share": _share(b["kl_share"]) if b else "–",
-                          "share": _share(b["share"]) if b else "–"})
+            cells.append(
+                {
+                    "mean": fnum(b["kl_mean"]) if b else "–",
+                    "median": fnum(b["kl_median"]) if b else "–",
+                    "kl_share": _share(b["kl_share"]) if b else "–",
+                    "share": _share(b["share"]) if b else "–",
+                }
+            )
         shares = {c["share"] for c in cells}
-        rows.append({"bucket": bucket["bucket"], "tokens": fnum(bucket["tokens"]),
-                     "share": shares.pop() if len(shares) == 1 else "varies", "cells": cells})
+        rows.append(
+            {
+                "bucket": bucket["bucket"],
+                "tokens": fnum(bucket["tokens"]),
+                "share": shares.pop() if len(shares) == 1 else "varies",
+                "cells": cells,
+            }
+        )
     return rows
 
 
@@ -167,7 +197,7 @@ def reading_items(report: Report) -> list[dict[str, str]]:
     items = []
     for line in report.reading:
         subject = next((k for k in keys if line.startswith(k + " ")), "")
-        items.append({"subject": subject, "rest": line[len(subject):]})
+        items.append({"subject": subject, "rest": line[len(subject) :]})
     return items
 
 
@@ -176,34 +206,48 @@ def _context_tail(text: str, limit: int = 320) -> str:
         return text
     cut = text[-limit:]
     space = cut.find(" ")
-    return "…" + (cut[space + 1:] if 0 <= space < 40 else cut)
+    return "…" + (cut[space + 1 :] if 0 <= space < 40 else cut)
 
 
 def worst_cards(report: Report) -> list[dict[str, Any]]:
-    """Per candidate, its worst positions ready for display (strings unescaped; templates escape)."""
+    """Per candidate, its worst positions ready for display (raw strings; templates escape)."""
     out = []
     for c in report.candidates:
         entries = []
         for rank, e in enumerate(report.worst.get(c.key, []), 1):
-            def side(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-                return [{"token": visible(i.get("token") or "", 24), "prob": i["prob"],
-                         "prob_text": f"{100 * i['prob']:.1f}%" if math.isfinite(i["prob"])
-                         else "–",
-                         "width": f"{max(0.0, min(1.0, i['prob'])) * 100:.1f}"
-                         if math.isfinite(i["prob"]) else "0",
-                         "is_target": i["is_target"]} for i in items]
 
-            entries.append({
-                "rank": rank, "kl": fnum(e.get("kl")), "doc_id": e.get("doc_id"),
-                "position": e.get("position"),
-                "context": _context_tail(str(e.get("context") or "")),
-                "token": str(e.get("token") or ""),
-                "token_visible": visible(str(e.get("token") or ""), 40),
-                "p_token": f"{100 * e['p_token']:.1f}%" if "p_token" in e else None,
-                "q_token": f"{100 * e['q_token']:.2f}%" if "q_token" in e else None,
-                "reference_top5": side(e.get("reference_top5") or []),
-                "candidate_top5": side(e.get("candidate_top5") or []),
-            })
+            def side(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                return [
+                    {
+                        "token": visible(i.get("token") or "", 24),
+                        "prob": i["prob"],
+                        "prob_text": f"{100 * i['prob']:.1f}%" if math.isfinite(i["prob"]) else "–",
+                        "width": f"{max(0.0, min(1.0, i['prob'])) * 100:.1f}"
+                        if math.isfinite(i["prob"])
+                        else "0",
+                        "is_target": i["is_target"],
+                    }
+                    for i in items
+                ]
+
+            entries.append(
+                {
+                    "rank": rank,
+                    "kl": fnum(e.get("kl")),
+                    "doc_id": e.get("doc_id"),
+                    "position": e.get("position"),
+                    "context": _context_tail(str(e.get("context") or "")),
+                    # Whitespace-only tokens would be invisible when highlighted: show them marked.
+                    "token": token
+                    if (token := str(e.get("token") or "")).strip()
+                    else visible(token),
+                    "token_visible": visible(str(e.get("token") or ""), 40),
+                    "p_token": f"{100 * e['p_token']:.1f}%" if "p_token" in e else None,
+                    "q_token": f"{100 * e['q_token']:.2f}%" if "q_token" in e else None,
+                    "reference_top5": side(e.get("reference_top5") or []),
+                    "candidate_top5": side(e.get("candidate_top5") or []),
+                }
+            )
         out.append({"key": c.key, "color": c.color, "entries": entries})
     return out
 
@@ -216,15 +260,30 @@ def token_tables(report: Report) -> list[dict[str, Any]]:
             continue
 
         def rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [{"token": visible(r.get("token", f"#{r['token_id']}"), 28),
-                     "token_id": r["token_id"], "count": fnum(r["count"]),
-                     "total": fnum(r["total_kl"]), "mean": fnum(r["mean_kl"]),
-                     "share": f"{100 * r['share_of_kl']:.1f}%"
-                     if math.isfinite(r["share_of_kl"]) else "–",
-                     "infinite": r["infinite"]} for r in items]
+            return [
+                {
+                    "token": visible(r.get("token", f"#{r['token_id']}"), 28),
+                    "token_id": r["token_id"],
+                    "count": fnum(r["count"]),
+                    "total": fnum(r["total_kl"]),
+                    "mean": fnum(r["mean_kl"]),
+                    "share": f"{100 * r['share_of_kl']:.1f}%"
+                    if math.isfinite(r["share_of_kl"])
+                    else "–",
+                    "infinite": r["infinite"],
+                }
+                for r in items
+            ]
 
-        out.append({"key": c.key, "color": c.color, "by_total": rows(table["by_total"]),
-                    "by_mean": rows(table["by_mean"]), "min_count": table["min_count"]})
+        out.append(
+            {
+                "key": c.key,
+                "color": c.color,
+                "by_total": rows(table["by_total"]),
+                "by_mean": rows(table["by_mean"]),
+                "min_count": table["min_count"],
+            }
+        )
     return out
 
 
@@ -234,27 +293,43 @@ def difference_blocks(report: Report) -> list[dict[str, Any]]:
         metrics = []
         for r in d["metrics"]:
             significant = math.isfinite(r["z"]) and abs(r["z"]) >= Z95
-            metrics.append({"metric": r["metric"], "a": fnum(r["a"]), "b": fnum(r["b"]),
-                            "delta": "–" if not math.isfinite(r["delta"]) else f"{r['delta']:+.4g}",
-                            "z": "–" if not math.isfinite(r["z"]) else f"{r['z']:.1f}",
-                            "significant": significant})
+            metrics.append(
+                {
+                    "metric": r["metric"],
+                    "a": fnum(r["a"]),
+                    "b": fnum(r["b"]),
+                    "delta": "–" if not math.isfinite(r["delta"]) else f"{r['delta']:+.4g}",
+                    "z": "–" if not math.isfinite(r["z"]) else f"{r['z']:.1f}",
+                    "significant": significant,
+                }
+            )
         paired = d.get("paired")
-        blocks.append({
-            "label": d["label"], "a": d["a"], "b": d["b"], "run_a": d["run_a"], "run_b": d["run_b"],
-            "changes": [{"setting": c["setting"], "a": _short_value(c["a"]),
-                         "b": _short_value(c["b"])} for c in d["changes"]],
-            "metrics": metrics,
-            "paired": None if not paired else {
-                "tokens": fnum(paired["tokens"]),
-                "coverage": f"{100 * paired['coverage_a']:.1f}% / "
-                            f"{100 * paired['coverage_b']:.1f}%",
-                "mean_delta": f"{paired['mean_delta']:+.4g} ± {fnum(paired['se'])}",
-                "max_abs_delta": fnum(paired["max_abs_delta"]),
-                "identical": f"{100 * paired['identical_share']:.1f}%",
-                "b_higher": f"{100 * paired['b_higher_share']:.1f}%",
-                "correlation": fnum(paired["correlation"]),
-            },
-        })
+        blocks.append(
+            {
+                "label": d["label"],
+                "a": d["a"],
+                "b": d["b"],
+                "run_a": d["run_a"],
+                "run_b": d["run_b"],
+                "changes": [
+                    {"setting": c["setting"], "a": _short_value(c["a"]), "b": _short_value(c["b"])}
+                    for c in d["changes"]
+                ],
+                "metrics": metrics,
+                "paired": None
+                if not paired
+                else {
+                    "tokens": fnum(paired["tokens"]),
+                    "coverage": f"{100 * paired['coverage_a']:.1f}% / "
+                    f"{100 * paired['coverage_b']:.1f}%",
+                    "mean_delta": f"{paired['mean_delta']:+.4g} ± {fnum(paired['se'])}",
+                    "max_abs_delta": fnum(paired["max_abs_delta"]),
+                    "identical": f"{100 * paired['identical_share']:.1f}%",
+                    "b_higher": f"{100 * paired['b_higher_share']:.1f}%",
+                    "correlation": fnum(paired["correlation"]),
+                },
+            }
+        )
     return blocks
 
 
@@ -273,25 +348,40 @@ def provenance(report: Report) -> list[dict[str, Any]]:
         thr = r.get("throughput", {}) or {}
         ref = r.get("reference", {}) or {}
         versions = prov.get("versions", {}) or {}
-        rows.append({
-            "name": run.name, "path": str(run.path),
-            "reference": f"{ref.get('label', '?')} ({ref.get('model', '?')}, "
-                         f"{ref.get('dtype', '?')}, {human_size(num(ref.get('parameters')))} "
-                         "params)",
-            "candidates": ", ".join(
-                f"{c.get('label')} ({(c.get('model') or {}).get('dtype', '?')})"
-                for c in r.get("candidates", [])),
-            "data": f"{data.get('source', '?')} ({fnum(data.get('documents'))} documents, "
-                    f"{fnum(data.get('scored_tokens'))} scored tokens)",
-            "windowing": f"{win.get('mode', '?')}, context {win.get('context_length', '?')}"
-                         + (f", stride {win['stride']}" if win.get("stride") else ""),
-            "vocab_note": win.get("vocab_note"),
-            "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-            "time": f"{prov.get('started', '?')} → {prov.get('ended', '?')}",
-            "throughput": f"{fnum(thr.get('tokens_per_s'), 1)} tokens/s over "
-                          f"{fnum(thr.get('seconds'), 1)} s" if thr.get("tokens_per_s") else "–",
-        })
+        rows.append(
+            {
+                "name": run.name,
+                "path": str(run.path),
+                "reference": f"{ref.get('label', '?')} ({ref.get('model', '?')}, "
+                f"{ref.get('dtype', '?')}, {human_size(num(ref.get('parameters')))} "
+                "params)",
+                "candidates": ", ".join(
+                    f"{c.get('label')} ({(c.get('model') or {}).get('dtype', '?')})"
+                    for c in r.get("candidates", [])
+                ),
+                "data": f"{data.get('source', '?')} ({fnum(data.get('documents'))} documents, "
+                f"{fnum(data.get('scored_tokens'))} scored tokens)",
+                "windowing": f"{win.get('mode', '?')}, context {win.get('context_length', '?')}"
+                + (f", stride {win['stride']}" if win.get("stride") else ""),
+                "vocab_note": win.get("vocab_note"),
+                "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+                "time": f"{_when(prov.get('started'))} → {_when(prov.get('ended'))}",
+                "throughput": f"{fnum(thr.get('tokens_per_s'), 1)} tokens/s over "
+                f"{fnum(thr.get('seconds'), 1)} s"
+                if thr.get("tokens_per_s")
+                else "–",
+            }
+        )
     return rows
+
+
+def _when(stamp: Any) -> str:
+    """An ISO timestamp as ``2026-01-31 12:00:00 UTC`` (unchanged if it does not parse)."""
+    try:
+        moment = _dt.datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return str(stamp or "?")
+    return moment.strftime("%Y-%m-%d %H:%M:%S ") + (moment.tzname() or "")
 
 
 def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[str, Any]:
@@ -307,7 +397,8 @@ def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[s
         "reading_items": reading_items(report),
         "notes": report.notes,
         "sort_by": report.sort_by,
-        "sort_direction": "higher is closer" if higher_is_better(report.sort_by)
+        "sort_direction": "higher is closer"
+        if higher_is_better(report.sort_by)
         else "lower is closer",
         "ranking_metric": report.ranking_metric(),
         "has_boot": any(report.ranking_ci(c) for c in report.candidates),
@@ -315,13 +406,17 @@ def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[s
         "leaderboard": leaderboard(report),
         "stat_rows": stat_rows(report),
         "confidence_rows": confidence_rows(report),
-        "plots": [{"name": p.name, "title": p.title, "caption": p.caption,
-                   "src": images[p.name]} for p in plots],
+        "plots": [
+            {"name": p.name, "title": p.title, "caption": p.caption, "src": images[p.name]}
+            for p in plots
+        ],
         "worst": worst_cards(report),
         "tokens": token_tables(report),
-        "token_source": {"tokenizer": "decoded with the reference's tokenizer",
-                         "worst.json": "strings from worst.json where known, else ids",
-                         "ids": "token ids (no tokenizer available)"}[report.token_source],
+        "token_source": {
+            "tokenizer": "decoded with the reference's tokenizer",
+            "worst.json": "strings from worst.json where known, else ids",
+            "ids": "token ids (no tokenizer available)",
+        }[report.token_source],
         "differences": difference_blocks(report),
         "provenance": provenance(report),
         "steps": report.steps(),
@@ -391,13 +486,32 @@ def print_table(report: Report, console: Any) -> None:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     board = Table(title=f"Leaderboard (sorted by {report.sort_by})", title_justify="left")
     multi = len(report.runs) > 1
-    for name in ("#", "candidate", *(("run",) if multi else ()), "KL mean ± se", "95% CI",
-                 "median", "p99", "top-1 agree", "PPL ratio", "size"):
+    for name in (
+        "#",
+        "candidate",
+        *(("run",) if multi else ()),
+        "KL mean ± se",
+        "95% CI",
+        "median",
+        "p99",
+        "top-1 agree",
+        "PPL ratio",
+        "size",
+    ):
         board.add_column(name, justify="left" if name in ("candidate", "run") else "right")
     for row in leaderboard(report):
-        board.add_row(str(row["rank"]), f"[{row['color']}]■[/] {escape(row['key'])}",
-                      *((escape(row["run"]),) if multi else ()), row["kl"], row["kl_ci"],
-                      row["kl_median"], row["kl_p99"], row["top1"], row["ppl_ratio"], row["size"])
+        board.add_row(
+            str(row["rank"]),
+            f"[{row['color']}]■[/] {escape(row['key'])}",
+            *((escape(row["run"]),) if multi else ()),
+            row["kl"],
+            row["kl_ci"],
+            row["kl_median"],
+            row["kl_p99"],
+            row["top1"],
+            row["ppl_ratio"],
+            row["size"],
+        )
     console.print(board)
     stats = Table(title="All statistics (nats)", title_justify="left")
     stats.add_column("metric", style="bold")
@@ -407,17 +521,26 @@ def print_table(report: Report, console: Any) -> None:
         stats.add_row(row["name"], *row["cells"])
     console.print(stats)
     for card in token_tables(report):
-        table = Table(title=f"{escape(card['key'])}: tokens with the most total KL",
-                      title_justify="left")
+        table = Table(
+            title=f"{escape(card['key'])}: tokens with the most total KL", title_justify="left"
+        )
         for name in ("token", "id", "count", "total KL", "share", "mean KL"):
             table.add_column(name, justify="left" if name == "token" else "right")
         for r in card["by_total"][:10]:
-            table.add_row(escape(r["token"]), str(r["token_id"]), r["count"], r["total"],
-                          r["share"], r["mean"])
+            table.add_row(
+                escape(r["token"]),
+                str(r["token_id"]),
+                r["count"],
+                r["total"],
+                r["share"],
+                r["mean"],
+            )
         console.print(table)
     for block in difference_blocks(report):
-        table = Table(title=f"{escape(block['label'])}: {escape(block['a'])} → "
-                            f"{escape(block['b'])}", title_justify="left")
+        table = Table(
+            title=f"{escape(block['label'])}: {escape(block['a'])} → {escape(block['b'])}",
+            title_justify="left",
+        )
         for name in ("metric", "a", "b", "Δ", "z"):
             table.add_column(name, justify="left" if name == "metric" else "right")
         for r in block["metrics"]:
@@ -425,8 +548,9 @@ def print_table(report: Report, console: Any) -> None:
             table.add_row(r["metric"], r["a"], r["b"], r["delta"], r["z"], style=style)
         console.print(table)
         for ch in block["changes"]:
-            console.print(f"  changed {escape(ch['setting'])}: {escape(ch['a'])} → "
-                          f"{escape(ch['b'])}")
+            console.print(
+                f"  changed {escape(ch['setting'])}: {escape(ch['a'])} → {escape(ch['b'])}"
+            )
     console.print("[dim]drill down into single tokens with `lmkl inspect RUN_DIR`[/dim]")
 
 
@@ -441,8 +565,13 @@ def default_output(run_dirs: list[Path], fmt_name: str) -> Path | None:
 
 
 def write_report(
-    run_dirs: list[Path], fmt_name: str = "html", out: Path | None = None, *,
-    sort_by: str = "kl.mean", worst_n: int = 10, console: Any = None,
+    run_dirs: list[Path],
+    fmt_name: str = "html",
+    out: Path | None = None,
+    *,
+    sort_by: str = "kl.mean",
+    worst_n: int = 10,
+    console: Any = None,
 ) -> Path | None:
     """Build the report of ``run_dirs`` and write it; returns the file written (None: stdout)."""
     if fmt_name not in FORMATS:
@@ -496,9 +625,18 @@ def _write_text(path: Path, text: str) -> None:
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise OutputError(f"cannot write report '{path}': {exc.strerror}",
-                          "choose a writable --out path") from exc
+        raise OutputError(
+            f"cannot write report '{path}': {exc.strerror}", "choose a writable --out path"
+        ) from exc
 
 
-__all__ = ["FORMATS", "CandidateView", "default_output", "md_escape", "print_table",
-           "render_html", "render_markdown", "write_report"]
+__all__ = [
+    "FORMATS",
+    "CandidateView",
+    "default_output",
+    "md_escape",
+    "print_table",
+    "render_html",
+    "render_markdown",
+    "write_report",
+]

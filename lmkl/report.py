@@ -26,25 +26,59 @@ from lmkl.errors import OutputError, UsageError
 from lmkl.stats import to_json_safe
 
 #: Columns of tokens.parquet the report reads (the others are not needed for any view).
-REPORT_COLUMNS = ("candidate", "doc_id", "position", "window_pos", "token_id", "kl",
-                  "nll_reference", "nll_candidate")
+REPORT_COLUMNS = (
+    "candidate",
+    "doc_id",
+    "position",
+    "window_pos",
+    "token_id",
+    "kl",
+    "nll_reference",
+    "nll_candidate",
+)
 
 #: Metrics where a higher value means closer to the reference (all others: lower is better).
 HIGHER_IS_BETTER = frozenset({"top1_agreement", "top1_in_top5", "nll_correlation"})
 
 #: Metric paths accepted by ``--sort-by`` (a bare family name means its ``.mean``).
 SORTABLE_METRICS = (
-    "kl.mean", "kl.median", "kl.p90", "kl.p95", "kl.p99", "kl.p999", "kl.max",
-    "reverse_kl.mean", "reverse_kl.median", "reverse_kl.p99",
-    "jsd.mean", "jsd.median", "jsd.p99",
-    "ppl.candidate", "ppl.ratio", "ln_ppl_ratio.mean", "nll_correlation",
-    "bits_per_byte.candidate", "delta_p.mean", "delta_p.rms",
-    "top1_agreement.mean", "top1_in_top5.mean",
+    "kl.mean",
+    "kl.median",
+    "kl.p90",
+    "kl.p95",
+    "kl.p99",
+    "kl.p999",
+    "kl.max",
+    "reverse_kl.mean",
+    "reverse_kl.median",
+    "reverse_kl.p99",
+    "jsd.mean",
+    "jsd.median",
+    "jsd.p99",
+    "ppl.candidate",
+    "ppl.ratio",
+    "ln_ppl_ratio.mean",
+    "nll_correlation",
+    "bits_per_byte.candidate",
+    "delta_p.mean",
+    "delta_p.rms",
+    "top1_agreement.mean",
+    "top1_in_top5.mean",
 )
 
 #: Colours of candidates, in sorted order (matplotlib's tab10, colour-blind friendlier order).
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 Z95 = 1.959963984540054
 
@@ -86,8 +120,9 @@ def normalize_metric(path: str) -> str:
         return f"{path}.mean"
     if path == "nll_correlation":
         return path
-    raise UsageError(f"unknown metric '{path}' for --sort-by",
-                     "use one of: " + ", ".join(SORTABLE_METRICS))
+    raise UsageError(
+        f"unknown metric '{path}' for --sort-by", "use one of: " + ", ".join(SORTABLE_METRICS)
+    )
 
 
 def higher_is_better(path: str) -> bool:
@@ -184,30 +219,41 @@ def _load_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise OutputError(f"{what} '{path}' is not valid JSON ({exc.msg}, line {exc.lineno})",
-                          "rerun the comparison to rewrite it") from exc
+        raise OutputError(
+            f"{what} '{path}' is not valid JSON ({exc.msg}, line {exc.lineno})",
+            "rerun the comparison to rewrite it",
+        ) from exc
 
 
 def load_run(path: Path) -> RunInfo:
     """Read a finished run directory's results.json and worst.json (tokens are read later)."""
     path = Path(path)
     if not path.is_dir():
-        raise UsageError(f"run directory '{path}' does not exist",
-                         "pass a directory written by `lmkl compare`, `lmkl run` or `lmkl demo`")
+        raise UsageError(
+            f"run directory '{path}' does not exist",
+            "pass a directory written by `lmkl compare`, `lmkl run` or `lmkl demo`",
+        )
     results_path = path / "results.json"
     if not results_path.exists():
-        hint = ("the run is unfinished; continue it with --resume"
-                if (path / "progress.json").exists() or (path / "parts").exists()
-                else "pass a directory written by `lmkl compare`, `lmkl run` or `lmkl demo`")
+        hint = (
+            "the run is unfinished; continue it with --resume"
+            if (path / "progress.json").exists() or (path / "parts").exists()
+            else "pass a directory written by `lmkl compare`, `lmkl run` or `lmkl demo`"
+        )
         raise OutputError(f"'{path}' has no results.json (not a finished lmkl run)", hint)
     results = _load_json(results_path, "results file")
     if not isinstance(results, dict) or not isinstance(results.get("candidates"), list):
-        raise OutputError(f"'{results_path}' has no candidates list",
-                          "pass a run directory written by lmkl")
+        raise OutputError(
+            f"'{results_path}' has no candidates list", "pass a run directory written by lmkl"
+        )
     worst_path = path / "worst.json"
     worst = _load_json(worst_path, "worst-positions file") if worst_path.exists() else []
-    return RunInfo(path=path, name=path.resolve().name, results=results,
-                   worst=worst if isinstance(worst, list) else [])
+    return RunInfo(
+        path=path,
+        name=path.resolve().name,
+        results=results,
+        worst=worst if isinstance(worst, list) else [],
+    )
 
 
 def read_candidate_tokens(run_dir: Path, labels: Iterable[str]) -> dict[str, CandidateTokens]:
@@ -219,7 +265,8 @@ def read_candidate_tokens(run_dir: Path, labels: Iterable[str]) -> dict[str, Can
     available = set(pq.read_schema(path).names)
     columns = [c for c in REPORT_COLUMNS if c in available]
     table = pq.read_table(path, columns=columns)
-    encoded = pc.dictionary_encode(table["candidate"]).combine_chunks()
+    # One array first: chunks encoded separately could carry different dictionaries.
+    encoded = pc.dictionary_encode(table["candidate"].combine_chunks())
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     names = encoded.dictionary.to_pylist()
     # One stable sort by candidate code, then contiguous slices: no per-label full-table filter.
@@ -246,9 +293,15 @@ def read_candidate_tokens(run_dir: Path, labels: Iterable[str]) -> dict[str, Can
         if name not in labels:
             continue
         s = slice(bounds[code], bounds[code + 1])
-        out[name] = CandidateTokens(kl=kl[s], window_pos=window_pos[s], token_id=token_id[s],
-                                    doc_id=doc_id[s], position=position[s],
-                                    nll_reference=nll_p[s], nll_candidate=nll_q[s])
+        out[name] = CandidateTokens(
+            kl=kl[s],
+            window_pos=window_pos[s],
+            token_id=token_id[s],
+            doc_id=doc_id[s],
+            position=position[s],
+            nll_reference=nll_p[s],
+            nll_candidate=nll_q[s],
+        )
     return out
 
 
@@ -308,7 +361,9 @@ def kl_cdf(kls: dict[str, np.ndarray], points: int = 401) -> dict[str, Any]:
 
 
 def grouped_mean_median(
-    groups: np.ndarray, values: np.ndarray, n_groups: int,
+    groups: np.ndarray,
+    values: np.ndarray,
+    n_groups: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Count, mean and median of ``values`` per integer group (NaN where a group is empty).
 
@@ -332,7 +387,8 @@ def grouped_mean_median(
 
 
 def kl_by_position(
-    tokens: dict[str, CandidateTokens], max_bins: int = 64,
+    tokens: dict[str, CandidateTokens],
+    max_bins: int = 64,
 ) -> dict[str, Any]:
     """Mean and median (finite) KL by position in the context window.
 
@@ -341,8 +397,9 @@ def kl_by_position(
     """
     if not tokens:
         return {"series": {}, "bin_width": 1}
-    n_pos = int(max((int(t.window_pos.max()) if t.window_pos.size else 0)
-                    for t in tokens.values())) + 1
+    n_pos = (
+        int(max((int(t.window_pos.max()) if t.window_pos.size else 0) for t in tokens.values())) + 1
+    )
     width = 1 if n_pos <= 2 * max_bins else math.ceil(n_pos / max_bins)
     n_bins = math.ceil(n_pos / width)
     series = {}
@@ -362,8 +419,11 @@ def kl_by_position(
     return {"series": series, "bin_width": width}
 
 
-def token_divergence(t: CandidateTokens, top: int = 15, min_count: int | None = None,
-                     ) -> dict[str, Any]:
+def token_divergence(
+    t: CandidateTokens,
+    top: int = 15,
+    min_count: int | None = None,
+) -> dict[str, Any]:
     """The token ids on which a candidate diverges most: by total (sum) and by mean KL.
 
     Grouped with ``bincount`` over token ids; infinite and non-finite KL are left out of the
@@ -385,54 +445,71 @@ def token_divergence(t: CandidateTokens, top: int = 15, min_count: int | None = 
         means = np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
 
     def rows(order: np.ndarray) -> list[dict[str, Any]]:
-        return [{
-            "token_id": int(i),
-            "count": int(counts[i]),
-            "total_kl": float(totals[i]),
-            "mean_kl": float(means[i]),
-            "share_of_kl": float(totals[i] / total_kl) if total_kl > 0 else math.nan,
-            "infinite": int(infinite[i]),
-        } for i in order]
+        return [
+            {
+                "token_id": int(i),
+                "count": int(counts[i]),
+                "total_kl": float(totals[i]),
+                "mean_kl": float(means[i]),
+                "share_of_kl": float(totals[i] / total_kl) if total_kl > 0 else math.nan,
+                "infinite": int(infinite[i]),
+            }
+            for i in order
+        ]
 
     seen = np.flatnonzero(counts > 0)
     by_total = seen[np.argsort(-totals[seen], kind="stable")[:top]]
     frequent = np.flatnonzero(counts >= min_count)
     by_mean = frequent[np.argsort(-means[frequent], kind="stable")[:top]]
-    return {"by_total": rows(by_total), "by_mean": rows(by_mean), "min_count": int(min_count),
-            "total_kl": total_kl}
+    return {
+        "by_total": rows(by_total),
+        "by_mean": rows(by_mean),
+        "min_count": int(min_count),
+        "total_kl": total_kl,
+    }
 
 
 def confidence_profile(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """``kl_by_confidence`` with each bucket's share of the total KL (token share × mean)."""
     buckets = metrics.get("kl_by_confidence") or []
-    weights = [num(b.get("share")) * num(b.get("kl_mean")) for b in buckets]
+    # An empty bucket contributes nothing (its mean is NaN, its share 0).
+    weights = [
+        0.0 if not num(b.get("tokens")) else num(b.get("share")) * num(b.get("kl_mean"))
+        for b in buckets
+    ]
     finite = [w for w in weights if math.isfinite(w)]
     total = sum(finite)
     out = []
     for bucket, weight in zip(buckets, weights, strict=True):
-        out.append({
-            "bucket": bucket.get("bucket", ""),
-            "low": num(bucket.get("low")),
-            "high": num(bucket.get("high")),
-            "tokens": int(num(bucket.get("tokens")) or 0),
-            "share": num(bucket.get("share")),
-            "kl_mean": num(bucket.get("kl_mean")),
-            "kl_se": num(bucket.get("kl_se")),
-            "kl_median": num(bucket.get("kl_median")),
-            "kl_share": weight / total if total > 0 and math.isfinite(weight) else math.nan,
-        })
+        out.append(
+            {
+                "bucket": bucket.get("bucket", ""),
+                "low": num(bucket.get("low")),
+                "high": num(bucket.get("high")),
+                "tokens": int(num(bucket.get("tokens")) or 0),
+                "share": num(bucket.get("share")),
+                "kl_mean": num(bucket.get("kl_mean")),
+                "kl_se": num(bucket.get("kl_se")),
+                "kl_median": num(bucket.get("kl_median")),
+                "kl_share": weight / total if total > 0 and math.isfinite(weight) else math.nan,
+            }
+        )
     return out
 
 
 def pareto_front(sizes: list[float], values: list[float]) -> list[bool]:
-    """Which points no other point beats: smaller-or-equal size and lower-or-equal value, one strictly."""
+    """Points no other point beats (size and value both <=, one strictly <): the Pareto set."""
     flags = []
     for i, (s_i, v_i) in enumerate(zip(sizes, values, strict=True)):
         if not (math.isfinite(s_i) and math.isfinite(v_i)):
             flags.append(False)
             continue
         dominated = any(
-            j != i and math.isfinite(s_j) and math.isfinite(v_j) and s_j <= s_i and v_j <= v_i
+            j != i
+            and math.isfinite(s_j)
+            and math.isfinite(v_j)
+            and s_j <= s_i
+            and v_j <= v_i
             and (s_j < s_i or v_j < v_i)
             for j, (s_j, v_j) in enumerate(zip(sizes, values, strict=True))
         )
@@ -497,8 +574,7 @@ class TokenNamer:
         ids = [int(i) for i in ids]
         if self._tokenizer is not None:
             try:
-                return self._tokenizer.decode_batch([[i] for i in ids],
-                                                    skip_special_tokens=False)
+                return self._tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
             except Exception:
                 pass
         return [self(i) for i in ids]
@@ -506,7 +582,7 @@ class TokenNamer:
 
 def visible(text: str, limit: int | None = None) -> str:
     """A token string with its whitespace made visible (for tables of single tokens)."""
-    out = (text.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥").replace(" ", "·"))
+    out = text.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥").replace(" ", "·")
     if not out:
         out = "∅"
     if limit is not None and len(out) > limit:
@@ -545,8 +621,10 @@ class Report:
     @property
     def size_axis(self) -> str | None:
         """``parameters`` or ``bytes_on_disk`` when at least two candidates know it, else None."""
-        for name, getter in (("parameters", lambda c: c.params),
-                             ("bytes_on_disk", lambda c: c.bytes_on_disk)):
+        for name, getter in (
+            ("parameters", lambda c: c.params),
+            ("bytes_on_disk", lambda c: c.bytes_on_disk),
+        ):
             if sum(math.isfinite(getter(c)) for c in self.candidates) >= 2:
                 return name
         return None
@@ -556,13 +634,22 @@ class Report:
         axis = self.size_axis
         if axis is None:
             return {}
-        rows = [c for c in self.candidates
-                if math.isfinite(c.params if axis == "parameters" else c.bytes_on_disk)]
+        rows = [
+            c
+            for c in self.candidates
+            if math.isfinite(c.params if axis == "parameters" else c.bytes_on_disk)
+        ]
         sizes = [c.params if axis == "parameters" else c.bytes_on_disk for c in rows]
         kls = [c.value("kl.mean") for c in rows]
         flags = pareto_front(sizes, kls)
-        return {"axis": axis, "keys": [c.key for c in rows], "size": sizes, "kl_mean": kls,
-                "kl_se": [c.value("kl.se") for c in rows], "pareto": flags}
+        return {
+            "axis": axis,
+            "keys": [c.key for c in rows],
+            "size": sizes,
+            "kl_mean": kls,
+            "kl_se": [c.value("kl.se") for c in rows],
+            "pareto": flags,
+        }
 
     def steps(self) -> dict[str, Any]:
         """KL and PPL ratio by training step per group (checkpoint series with two+ steps)."""
@@ -577,10 +664,15 @@ class Report:
             members.sort(key=lambda c: c.step)
             kls = [c.value("kl.mean") for c in members]
             best = int(np.nanargmin(kls)) if any(math.isfinite(v) for v in kls) else 0
-            out[group] = {"keys": [c.key for c in members], "step": [c.step for c in members],
-                          "kl_mean": kls, "kl_se": [c.value("kl.se") for c in members],
-                          "ppl_ratio": [c.value("ppl.ratio") for c in members],
-                          "best": members[best].key, "best_step": members[best].step}
+            out[group] = {
+                "keys": [c.key for c in members],
+                "step": [c.step for c in members],
+                "kl_mean": kls,
+                "kl_se": [c.value("kl.se") for c in members],
+                "ppl_ratio": [c.value("ppl.ratio") for c in members],
+                "best": members[best].key,
+                "best_step": members[best].step,
+            }
         return out
 
     def confidence(self) -> dict[str, list[dict[str, Any]]]:
@@ -590,8 +682,10 @@ class Report:
         """PPL(Q)/PPL(P) per candidate with a 95% interval from ``ln_ppl_ratio``'s error."""
         out = {"keys": [], "ratio": [], "low": [], "high": [], "reference": [], "candidate": []}
         for c in self.candidates:
-            mean, se = c.value("ln_ppl_ratio.mean"), num(c.metrics.get("ln_ppl_ratio", {})
-                                                         .get("se"))
+            mean, se = (
+                c.value("ln_ppl_ratio.mean"),
+                num(c.metrics.get("ln_ppl_ratio", {}).get("se")),
+            )
             ratio = c.value("ppl.ratio")
             if not math.isfinite(ratio) and math.isfinite(mean):
                 ratio = math.exp(mean)
@@ -620,16 +714,22 @@ class Report:
         cands = []
         for c in self.candidates:
             ci = self.ranking_ci(c)
-            cands.append({
-                "key": c.key, "label": c.label, "run": str(c.run.path),
-                "reference": c.run.reference_label, "group": c.group,
-                "step": _maybe(c.step), "params": _maybe(c.params),
-                "bytes_on_disk": _maybe(c.bytes_on_disk),
-                "sort_value": c.value(self.sort_by),
-                "ranking_ci": list(ci) if ci else None,
-                "metrics": c.metrics,
-                "kl_by_confidence": confidence_profile(c.metrics),
-            })
+            cands.append(
+                {
+                    "key": c.key,
+                    "label": c.label,
+                    "run": str(c.run.path),
+                    "reference": c.run.reference_label,
+                    "group": c.group,
+                    "step": _maybe(c.step),
+                    "params": _maybe(c.params),
+                    "bytes_on_disk": _maybe(c.bytes_on_disk),
+                    "sort_value": c.value(self.sort_by),
+                    "ranking_ci": list(ci) if ci else None,
+                    "metrics": c.metrics,
+                    "kl_by_confidence": confidence_profile(c.metrics),
+                }
+            )
         data = {
             "title": self.title,
             "runs": [str(r.path) for r in self.runs],
@@ -671,8 +771,14 @@ def _plain(value: Any) -> Any:
 def _ranking_ci(ranking: Any, label: str) -> tuple[float, float] | None:
     """Best-effort reading of a ``ranking`` section: an entry for ``label`` with a CI."""
     if isinstance(ranking, dict):
-        entries = next((ranking[k] for k in ("leaderboard", "entries", "candidates", "table")
-                        if isinstance(ranking.get(k), list)), None)
+        entries = next(
+            (
+                ranking[k]
+                for k in ("leaderboard", "entries", "candidates", "table")
+                if isinstance(ranking.get(k), list)
+            ),
+            None,
+        )
     else:
         entries = ranking if isinstance(ranking, list) else None
     for entry in entries or []:
@@ -685,8 +791,7 @@ def _ranking_ci(ranking: Any, label: str) -> tuple[float, float] | None:
                 if math.isfinite(lo) and math.isfinite(hi):
                     return lo, hi
             if isinstance(pair, dict):
-                lo, hi = num(pair.get("low", pair.get("lo"))), num(pair.get("high",
-                                                                           pair.get("hi")))
+                lo, hi = num(pair.get("low", pair.get("lo"))), num(pair.get("high", pair.get("hi")))
                 if math.isfinite(lo) and math.isfinite(hi):
                     return lo, hi
         lo, hi = num(entry.get("ci_low")), num(entry.get("ci_high"))
@@ -713,14 +818,21 @@ def _sort_views(views: list[CandidateView], sort_by: str) -> list[CandidateView]
     def key(item: tuple[int, CandidateView]) -> tuple[int, float, int]:
         index, view = item
         value = view.value(sort_by)
-        return (1 if math.isnan(value) else 0, sign * value if not math.isnan(value) else 0.0,
-                index)
+        return (
+            1 if math.isnan(value) else 0,
+            sign * value if not math.isnan(value) else 0.0,
+            index,
+        )
 
     return [v for _, v in sorted(enumerate(views), key=key)]
 
 
-def worst_entries(run: RunInfo, label: str, n: int, tokens: CandidateTokens | None,
-                  ) -> list[dict[str, Any]]:
+def worst_entries(
+    run: RunInfo,
+    label: str,
+    n: int,
+    tokens: CandidateTokens | None,
+) -> list[dict[str, Any]]:
     """The ``n`` worst positions of one candidate with p(x) and q(x) of the actual token."""
     entries = [dict(e) for e in run.worst if e.get("candidate") == label]
     entries.sort(key=lambda e: -num(e.get("kl")))
@@ -728,9 +840,13 @@ def worst_entries(run: RunInfo, label: str, n: int, tokens: CandidateTokens | No
     if tokens is not None and entries and tokens.kl.size:
         keys = tokens.keys()
         order = np.argsort(keys, kind="stable")
-        wanted = np.asarray([(int(e.get("doc_id", 0)) << 32) | (int(e.get("position", 0))
-                                                               & 0xFFFFFFFF) for e in entries],
-                            dtype=np.int64)
+        wanted = np.asarray(
+            [
+                (int(e.get("doc_id", 0)) << 32) | (int(e.get("position", 0)) & 0xFFFFFFFF)
+                for e in entries
+            ],
+            dtype=np.int64,
+        )
         where = np.clip(np.searchsorted(keys[order], wanted), 0, keys.size - 1)
         rows = order[where]
         hit = keys[rows] == wanted
@@ -745,9 +861,14 @@ def worst_entries(run: RunInfo, label: str, n: int, tokens: CandidateTokens | No
             items = []
             for item in e.get(side) or []:
                 if isinstance(item, dict):
-                    items.append({"token_id": item.get("token_id"), "token": item.get("token", ""),
-                                  "prob": num(item.get("prob")),
-                                  "is_target": item.get("token_id") == token_id})
+                    items.append(
+                        {
+                            "token_id": item.get("token_id"),
+                            "token": item.get("token", ""),
+                            "prob": num(item.get("prob")),
+                            "is_target": item.get("token_id") == token_id,
+                        }
+                    )
             e[side] = items
     return entries
 
@@ -761,19 +882,41 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 
 #: Settings whose change between two runs explains a difference in numbers.
-_MODEL_FIELDS = ("model", "path", "dtype", "device", "weights_sha256", "resolved_revision",
-                 "revision", "adapter", "parameters", "bytes_on_disk", "architecture")
-_DIFF_METRICS = ("kl.mean", "kl.median", "kl.p99", "reverse_kl.mean", "jsd.mean",
-                 "ppl.reference", "ppl.candidate", "ppl.ratio", "top1_agreement.mean",
-                 "top1_in_top5.mean", "delta_p.rms")
+_MODEL_FIELDS = (
+    "model",
+    "path",
+    "dtype",
+    "device",
+    "weights_sha256",
+    "resolved_revision",
+    "revision",
+    "adapter",
+    "parameters",
+    "bytes_on_disk",
+    "architecture",
+)
+_DIFF_METRICS = (
+    "kl.mean",
+    "kl.median",
+    "kl.p99",
+    "reverse_kl.mean",
+    "jsd.mean",
+    "ppl.reference",
+    "ppl.candidate",
+    "ppl.ratio",
+    "top1_agreement.mean",
+    "top1_in_top5.mean",
+    "delta_p.rms",
+)
 
 
 def compare_views(a: CandidateView, b: CandidateView) -> dict[str, Any]:
     """What differs between two runs of the same candidate: settings, metrics, and per token."""
     changes = []
-    for prefix, da, db in (("candidate", a.model, b.model),
-                           ("reference", a.run.results.get("reference", {}),
-                            b.run.results.get("reference", {}))):
+    for prefix, da, db in (
+        ("candidate", a.model, b.model),
+        ("reference", a.run.results.get("reference", {}), b.run.results.get("reference", {})),
+    ):
         for name in _MODEL_FIELDS:
             va, vb = da.get(name), db.get(name)
             if va != vb:
@@ -792,8 +935,13 @@ def compare_views(a: CandidateView, b: CandidateView) -> dict[str, Any]:
     _flatten("versions", b.run.results.get("provenance", {}).get("versions", {}), flat_b)
     for name in sorted(set(flat_a) | set(flat_b)):
         if flat_a.get(name) != flat_b.get(name):
-            changes.append({"setting": name if "." in name else f"windowing.{name}",
-                            "a": flat_a.get(name), "b": flat_b.get(name)})
+            changes.append(
+                {
+                    "setting": name if "." in name else f"windowing.{name}",
+                    "a": flat_a.get(name),
+                    "b": flat_b.get(name),
+                }
+            )
     metrics = []
     for path in _DIFF_METRICS:
         va, vb = a.value(path), b.value(path)
@@ -802,14 +950,30 @@ def compare_views(a: CandidateView, b: CandidateView) -> dict[str, Any]:
         se_b = num(b.metrics.get(family, {}).get("se")) if path.endswith(".mean") else math.nan
         delta = vb - va if math.isfinite(va) and math.isfinite(vb) else math.nan
         se = math.hypot(se_a, se_b) if math.isfinite(se_a) and math.isfinite(se_b) else math.nan
-        metrics.append({"metric": path, "a": va, "b": vb, "delta": delta,
-                        "z": delta / se if math.isfinite(delta) and se > 0 else math.nan})
-    return {"label": a.label, "a": a.key, "b": b.key, "run_a": str(a.run.path),
-            "run_b": str(b.run.path), "changes": changes, "metrics": metrics,
-            "paired": paired_difference(a.tokens, b.tokens)}
+        metrics.append(
+            {
+                "metric": path,
+                "a": va,
+                "b": vb,
+                "delta": delta,
+                "z": delta / se if math.isfinite(delta) and se > 0 else math.nan,
+            }
+        )
+    return {
+        "label": a.label,
+        "a": a.key,
+        "b": b.key,
+        "run_a": str(a.run.path),
+        "run_b": str(b.run.path),
+        "changes": changes,
+        "metrics": metrics,
+        "paired": paired_difference(a.tokens, b.tokens),
+    }
 
 
-def paired_difference(a: CandidateTokens | None, b: CandidateTokens | None) -> dict[str, Any] | None:
+def paired_difference(
+    a: CandidateTokens | None, b: CandidateTokens | None
+) -> dict[str, Any] | None:
     """Per-token KL differences (b − a) on the tokens both runs scored (same document, position,
     and token id); None when they share no token."""
     if a is None or b is None or a.kl.size == 0 or b.kl.size == 0:
@@ -823,8 +987,11 @@ def paired_difference(a: CandidateTokens | None, b: CandidateTokens | None) -> d
         return None
     diff = kb - ka
     se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else math.nan
-    corr = (float(np.corrcoef(ka, kb)[0, 1])
-            if diff.size > 1 and ka.std() > 0 and kb.std() > 0 else math.nan)
+    corr = (
+        float(np.corrcoef(ka, kb)[0, 1])
+        if diff.size > 1 and ka.std() > 0 and kb.std() > 0
+        else math.nan
+    )
     return {
         "tokens": int(diff.size),
         "coverage_a": float(ia.size / a.kl.size),
@@ -839,7 +1006,11 @@ def paired_difference(a: CandidateTokens | None, b: CandidateTokens | None) -> d
 
 
 def build_report(
-    run_dirs: list[Path], *, sort_by: str = "kl.mean", worst_n: int = 10, top_tokens: int = 15,
+    run_dirs: list[Path],
+    *,
+    sort_by: str = "kl.mean",
+    worst_n: int = 10,
+    top_tokens: int = 15,
 ) -> Report:
     """Read run directories and compute every view of the report."""
     if not run_dirs:
@@ -850,9 +1021,11 @@ def build_report(
     for run in runs:
         if names.count(run.name) > 1:
             run.name = f"{run.path.resolve().parent.name}/{run.name}"
-    views = [CandidateView(key="", label=str(entry.get("label", f"candidate-{i}")), run=run,
-                           entry=entry)
-             for run in runs for i, entry in enumerate(run.results["candidates"])]
+    views = [
+        CandidateView(key="", label=str(entry.get("label", f"candidate-{i}")), run=run, entry=entry)
+        for run in runs
+        for i, entry in enumerate(run.results["candidates"])
+    ]
     if not views:
         raise OutputError("the given runs hold no candidates", "check the run directories")
     _assign_keys(views)
@@ -860,8 +1033,10 @@ def build_report(
     for run in runs:
         per_label = read_candidate_tokens(run.path, [v.label for v in views if v.run is run])
         if not per_label:
-            notes.append(f"{run.name}: no tokens.parquet; distribution, position and token views "
-                         "are missing for its candidates")
+            notes.append(
+                f"{run.name}: no tokens.parquet; distribution, position and token views "
+                "are missing for its candidates"
+            )
         for v in views:
             if v.run is run:
                 v.tokens = per_label.get(v.label)
@@ -910,9 +1085,11 @@ def _num(value: float, digits: int = 3) -> str:
         return "inf" if value > 0 else "n/a"
     if value == 0:
         return "0"
-    if abs(value) < 10 ** -digits or abs(value) >= 1e5:
+    if abs(value) < 10**-digits or abs(value) >= 1e5:
         return f"{value:.{max(digits - 1, 1)}e}"
-    return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:,.{digits}f}".rstrip("0").rstrip(".")
+    return (
+        f"{value:.{digits}g}" if abs(value) < 1 else f"{value:,.{digits}f}".rstrip("0").rstrip(".")
+    )
 
 
 def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
@@ -920,28 +1097,44 @@ def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
 
     Buckets below 0.5 top-1 probability are "low-confidence", [0.5, 0.75) "medium", 0.75 and
     above "confident". The group holding the largest share of the total KL is named; "dominated"
-    when it holds more than half.
+    when it holds more than half of the KL and more than its share of the tokens.
     """
-    groups = {"low-confidence": [0.0, 0.0], "medium-confidence": [0.0, 0.0],
-              "confident": [0.0, 0.0]}
+    groups = {
+        "low-confidence": [0.0, 0.0],
+        "medium-confidence": [0.0, 0.0],
+        "confident": [0.0, 0.0],
+    }
     for bucket in profile:
         if not math.isfinite(bucket["kl_share"]):
             continue
-        name = ("low-confidence" if bucket["high"] <= 0.5 else
-                "medium-confidence" if bucket["high"] <= 0.75 else "confident")
+        name = (
+            "low-confidence"
+            if bucket["high"] <= 0.5
+            else "medium-confidence"
+            if bucket["high"] <= 0.75
+            else "confident"
+        )
         groups[name][0] += bucket["kl_share"]
         groups[name][1] += bucket["share"] if math.isfinite(bucket["share"]) else 0.0
     if not any(share for share, _ in groups.values()):
         return None
     name, (kl_share, token_share) = max(groups.items(), key=lambda kv: kv[1][0])
-    where = {"low-confidence": "low-confidence positions (reference top-1 probability < 0.5)",
-             "medium-confidence": "medium-confidence positions (reference top-1 probability "
-                                  "0.5–0.75)",
-             "confident": "positions where the reference is confident (top-1 probability ≥ 0.75)"
-             }[name]
+    where = {
+        "low-confidence": "low-confidence positions (reference top-1 probability < 0.5)",
+        "medium-confidence": "medium-confidence positions (reference top-1 probability 0.5–0.75)",
+        "confident": "positions where the reference is confident (top-1 probability ≥ 0.75)",
+    }[name]
+    if kl_share > 0.5 and token_share > 0 and kl_share / token_share < 1.1:
+        # Most tokens are of this kind and they carry their share of the KL, no more.
+        return (
+            f"most of its KL ({_pct(kl_share, 0)}) comes from {where}, which are "
+            f"{_pct(token_share, 0)} of the tokens"
+        )
     verb = "is dominated by" if kl_share > 0.5 else "comes mostly from"
-    return (f"its KL {verb} {where}: {_pct(kl_share, 0)} of the total KL on "
-            f"{_pct(token_share, 0)} of the tokens")
+    return (
+        f"its KL {verb} {where}: {_pct(kl_share, 0)} of the total KL on "
+        f"{_pct(token_share, 0)} of the tokens"
+    )
 
 
 def plain_reading(report: Report) -> list[str]:
@@ -949,8 +1142,7 @@ def plain_reading(report: Report) -> list[str]:
     lines = []
     for c in report.candidates:
         m = c.metrics
-        agree, agree_se = c.value("top1_agreement.mean"), num(m.get("top1_agreement", {})
-                                                               .get("se"))
+        agree, agree_se = c.value("top1_agreement.mean"), num(m.get("top1_agreement", {}).get("se"))
         kl, kl_se = c.value("kl.mean"), num(m.get("kl", {}).get("se"))
         parts = []
         if math.isfinite(agree):
@@ -958,23 +1150,31 @@ def plain_reading(report: Report) -> list[str]:
             parts.append(f"agrees with the reference's top token on {_pct(agree)}{err} of tokens")
         if math.isfinite(kl):
             err = f" ± {_num(Z95 * kl_se, 2)}" if math.isfinite(kl_se) else ""
-            parts.append(f"has a mean KL(P‖Q) of {_num(kl)}{err} nats (median "
-                         f"{_num(c.value('kl.median'))}, p99 {_num(c.value('kl.p99'))})")
+            parts.append(
+                f"has a mean KL(P‖Q) of {_num(kl)}{err} nats (median "
+                f"{_num(c.value('kl.median'))}, p99 {_num(c.value('kl.p99'))})"
+            )
         elif kl == math.inf:
-            parts.append("has an infinite mean KL (it gives zero probability to tokens the "
-                         "reference can produce)")
+            parts.append(
+                "has an infinite mean KL (it gives zero probability to tokens the "
+                "reference can produce)"
+            )
         sentence = f"{c.key} " + " and ".join(parts) if parts else f"{c.key} has no scored tokens"
         clause = confidence_clause(confidence_profile(m))
         if clause:
             sentence += f"; {clause}"
         ratio = c.value("ppl.ratio")
         if math.isfinite(ratio):
-            sentence += (f". Its perplexity is {ratio:.3g}× the reference's "
-                         f"({_num(c.value('ppl.candidate'))} vs {_num(c.value('ppl.reference'))})")
+            sentence += (
+                f". Its perplexity is {ratio:.3g}× the reference's "
+                f"({_num(c.value('ppl.candidate'))} vs {_num(c.value('ppl.reference'))})"
+            )
         infinite = int(num(m.get("counts", {}).get("infinite")) or 0)
         if infinite:
-            sentence += (f". {infinite:,} token(s) got zero probability from it where the "
-                         "reference gave some (KL = inf)")
+            sentence += (
+                f". {infinite:,} token(s) got zero probability from it where the "
+                "reference gave some (KL = inf)"
+            )
         nonfinite = int(num(m.get("counts", {}).get("nonfinite")) or 0)
         if nonfinite:
             sentence += f". {nonfinite:,} position(s) had non-finite logits and were excluded"
@@ -984,8 +1184,10 @@ def plain_reading(report: Report) -> list[str]:
         metric = report.sort_by
         best = ordered[0]
         direction = "highest" if higher_is_better(metric) else "lowest"
-        text = f"By {metric}, {best.key} is closest to the reference ({direction}: " \
-               f"{_num(best.value(metric))})"
+        text = (
+            f"By {metric}, {best.key} is closest to the reference ({direction}: "
+            f"{_num(best.value(metric))})"
+        )
         if len(ordered) > 1:
             second = ordered[1]
             text += f", then {second.key} ({_num(second.value(metric))})"
@@ -1001,21 +1203,29 @@ def plain_reading(report: Report) -> list[str]:
         sizes = report.sizes()
         if sizes:
             front = [k for k, f in zip(sizes["keys"], sizes["pareto"], strict=True) if f]
-            lines.append(f"Pareto-optimal by {sizes['axis'].replace('_', ' ')} and mean KL: "
-                         f"{', '.join(front)}.")
+            lines.append(
+                f"Pareto-optimal by {sizes['axis'].replace('_', ' ')} and mean KL: "
+                f"{', '.join(front)}."
+            )
         for group, series in report.steps().items():
-            lines.append(f"In the checkpoint series '{group}', the lowest mean KL is at step "
-                         f"{int(series['best_step'])} ({series['best']}).")
+            lines.append(
+                f"In the checkpoint series '{group}', the lowest mean KL is at step "
+                f"{int(series['best_step'])} ({series['best']})."
+            )
     for diff in report.differences:
         kl_row = next(r for r in diff["metrics"] if r["metric"] == "kl.mean")
-        text = (f"{diff['label']} differs between runs: mean KL {_num(kl_row['a'])} in "
-                f"{diff['a']} vs {_num(kl_row['b'])} in {diff['b']}")
+        text = (
+            f"{diff['label']} differs between runs: mean KL {_num(kl_row['a'])} in "
+            f"{diff['a']} vs {_num(kl_row['b'])} in {diff['b']}"
+        )
         if math.isfinite(kl_row["z"]):
             text += f" (Δ {kl_row['delta']:+.3g}, z = {kl_row['z']:.1f})"
         paired = diff.get("paired")
         if paired:
-            text += (f"; on the {paired['tokens']:,} tokens both scored, "
-                     f"{_pct(paired['identical_share'])} have the same KL (within 1e-6)")
+            text += (
+                f"; on the {paired['tokens']:,} tokens both scored, "
+                f"{_pct(paired['identical_share'])} have the same KL (within 1e-6)"
+            )
         changed = [c["setting"] for c in diff["changes"] if not c["setting"].startswith("versions")]
         if changed:
             text += "; changed: " + ", ".join(changed[:6]) + ("…" if len(changed) > 6 else "")

@@ -22,8 +22,28 @@ import lmkl
 from lmkl.stats import summarize
 from lmkl.store import TOKEN_SCHEMA, tokens_table, write_json
 
-WORDS = ("the", "model", "token", "of", "a", "reference", "and", "is", "to", "in", "data",
-         "student", "with", "for", "on", "that", "distribution", "next", "by", "it")
+WORDS = (
+    "the",
+    "model",
+    "token",
+    "of",
+    "a",
+    "reference",
+    "and",
+    "is",
+    "to",
+    "in",
+    "data",
+    "student",
+    "with",
+    "for",
+    "on",
+    "that",
+    "distribution",
+    "next",
+    "by",
+    "it",
+)
 
 
 @dataclass
@@ -39,8 +59,11 @@ class SyntheticCandidate:
     dtype: str = "float32"
 
 
-def _stream(n_tokens: int, context_length: int, rng: np.random.Generator,
-            ) -> dict[str, np.ndarray]:
+def _stream(
+    n_tokens: int,
+    context_length: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
     """doc_id, window_id, position and window_pos of ``n_tokens`` scored tokens (documents mode)."""
     lengths = rng.integers(64, 4 * context_length, size=n_tokens // 64 + 2)
     scored = lengths - 1  # the first token of each document is not scored
@@ -54,14 +77,23 @@ def _stream(n_tokens: int, context_length: int, rng: np.random.Generator,
     stride = context_length // 2
     # Sliding windows: the first window scores 1..C-1, later ones their last `stride` positions.
     late = position >= context_length
-    window_pos = np.where(late, context_length - stride + (position - context_length) % stride,
-                          position)
+    window_pos = np.where(
+        late, context_length - stride + (position - context_length) % stride, position
+    )
     window_in_doc = np.where(late, 1 + (position - context_length) // stride, 0)
-    doc_offset = np.concatenate([[0], np.cumsum(1 + np.maximum(
-        0, (scored + 1 - context_length + stride - 1) // stride))[:-1]])
+    doc_offset = np.concatenate(
+        [
+            [0],
+            np.cumsum(1 + np.maximum(0, (scored + 1 - context_length + stride - 1) // stride))[:-1],
+        ]
+    )
     window_id = np.repeat(doc_offset, scored) + window_in_doc
-    return {"doc_id": doc_id, "window_id": window_id, "position": position,
-            "window_pos": window_pos}
+    return {
+        "doc_id": doc_id,
+        "window_id": window_id,
+        "position": position,
+        "window_pos": window_pos,
+    }
 
 
 def synthesize_run(
@@ -127,12 +159,22 @@ def synthesize_run(
             table = tokens_table(columns)
             writer.write_table(table)
             # Summaries from the stored float32 values, exactly as the runner computes them.
-            stored = {name: table[name].to_numpy(zero_copy_only=False)
-                      for name in table.column_names if name != "candidate"}
-            model = {"label": cand.label, "model": f"synthetic/{cand.label}", "source": "local",
-                     "dtype": cand.dtype, "parameters": cand.params,
-                     "bytes_on_disk": cand.bytes_on_disk, "group": cand.group,
-                     "step": cand.step, "path": None}
+            stored = {
+                name: table[name].to_numpy(zero_copy_only=False)
+                for name in table.column_names
+                if name != "candidate"
+            }
+            model = {
+                "label": cand.label,
+                "model": f"synthetic/{cand.label}",
+                "source": "local",
+                "dtype": cand.dtype,
+                "parameters": cand.params,
+                "bytes_on_disk": cand.bytes_on_disk,
+                "group": cand.group,
+                "step": cand.step,
+                "path": None,
+            }
             entries.append({"label": cand.label, "model": model, "metrics": summarize(stored)})
             worst.extend(_worst(cand.label, stored, worst_k, vocab_size, crng, context_text))
     finally:
@@ -141,18 +183,40 @@ def synthesize_run(
     n_docs = int(layout["doc_id"].max()) + 1
     results = {
         "schema_version": 1,
-        "reference": {"label": "reference", "model": "synthetic/reference", "source": "local",
-                      "dtype": "float32", "parameters": None, "path": reference_path},
+        "reference": {
+            "label": "reference",
+            "model": "synthetic/reference",
+            "source": "local",
+            "dtype": "float32",
+            "parameters": None,
+            "path": reference_path,
+        },
         "candidates": entries,
-        "data": {"source": "synthetic", "kind": "synthetic", "fingerprint": f"seed-{seed}",
-                 "documents": n_docs, "windows": int(layout["window_id"].max()) + 1,
-                 "scored_tokens": tokens},
-        "windowing": {"mode": "documents", "context_length": context_length,
-                      "stride": context_length // 2, "adds_bos": True,
-                      "vocab_size": vocab_size, "padded_vocab": False, "vocab_note": None},
+        "data": {
+            "source": "synthetic",
+            "kind": "synthetic",
+            "fingerprint": f"seed-{seed}",
+            "documents": n_docs,
+            "windows": int(layout["window_id"].max()) + 1,
+            "scored_tokens": tokens,
+        },
+        "windowing": {
+            "mode": "documents",
+            "context_length": context_length,
+            "stride": context_length // 2,
+            "adds_bos": True,
+            "vocab_size": vocab_size,
+            "padded_vocab": False,
+            "vocab_note": None,
+        },
         "compute": {"batch_size": 8, "worst_k": worst_k},
-        "provenance": {"versions": {"lmkl": lmkl.__version__}, "started": started.isoformat(),
-                       "ended": ended.isoformat(), "options": {}, "host": "synthetic"},
+        "provenance": {
+            "versions": {"lmkl": lmkl.__version__},
+            "started": started.isoformat(),
+            "ended": ended.isoformat(),
+            "options": {},
+            "host": "synthetic",
+        },
         "throughput": {"seconds": None, "tokens_per_s": None},
     }
     write_json(path / "worst.json", worst)
@@ -160,8 +224,14 @@ def synthesize_run(
     return path
 
 
-def _worst(label: str, columns: dict[str, np.ndarray], k: int, vocab: int,
-           rng: np.random.Generator, context_text: str | None) -> list[dict[str, Any]]:
+def _worst(
+    label: str,
+    columns: dict[str, np.ndarray],
+    k: int,
+    vocab: int,
+    rng: np.random.Generator,
+    context_text: str | None,
+) -> list[dict[str, Any]]:
     kl = columns["kl"].astype(np.float64)
     top = np.argsort(-kl, kind="stable")[:k]
     out = []
@@ -173,18 +243,24 @@ def _worst(label: str, columns: dict[str, np.ndarray], k: int, vocab: int,
         q = np.sort(rng.dirichlet(np.ones(6)))[::-1][:5]
         words = rng.choice(WORDS, 30)
         context = context_text if context_text is not None else " ".join(words.tolist())
-        out.append({
-            "candidate": label,
-            "doc_id": int(columns["doc_id"][row]),
-            "window_id": int(columns["window_id"][row]),
-            "position": int(columns["position"][row]),
-            "kl": float(kl[row]),
-            "token_id": token_id,
-            "token": f" w{token_id}",
-            "context": context,
-            "reference_top5": [{"token_id": int(i), "token": f" w{i}", "prob": float(v)}
-                               for i, v in zip(ref_ids, p, strict=True)],
-            "candidate_top5": [{"token_id": int(i), "token": f" w{i}", "prob": float(v)}
-                               for i, v in zip(cand_ids, q, strict=True)],
-        })
+        out.append(
+            {
+                "candidate": label,
+                "doc_id": int(columns["doc_id"][row]),
+                "window_id": int(columns["window_id"][row]),
+                "position": int(columns["position"][row]),
+                "kl": float(kl[row]),
+                "token_id": token_id,
+                "token": f" w{token_id}",
+                "context": context,
+                "reference_top5": [
+                    {"token_id": int(i), "token": f" w{i}", "prob": float(v)}
+                    for i, v in zip(ref_ids, p, strict=True)
+                ],
+                "candidate_top5": [
+                    {"token_id": int(i), "token": f" w{i}", "prob": float(v)}
+                    for i, v in zip(cand_ids, q, strict=True)
+                ],
+            }
+        )
     return out

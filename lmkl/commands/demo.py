@@ -70,8 +70,11 @@ def demo(
     from lmkl.render import write_report
 
     report_path = write_report([run_dir], "html", Path(run_dir) / "report.html")
-    stdout.print(str(report_path) if quiet else f"report: [bold]{report_path}[/bold]",
-                 highlight=False, soft_wrap=True)
+    stdout.print(
+        str(report_path) if quiet else f"report: [bold]{report_path}[/bold]",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def register(app: typer.Typer) -> None:
