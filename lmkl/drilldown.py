@@ -242,7 +242,7 @@ def inspect_run(
     entries = worst_entries(run, label, max(worst, 1), tokens)
     head = Text()
     head.append(f"{label}", style="bold")
-    head.append(f" vs reference {run.reference_label} · {run.path}", style="dim")
+    head.append(f" (candidate) vs {run.reference_label} (reference) · {run.path}", style="dim")
     parts: list[Any] = [head]
     if tokens is not None and doc is None:
         parts.append(documents_table(tokens))

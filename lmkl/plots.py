@@ -337,10 +337,14 @@ def ppl_ratio(report: Report) -> Plot | None:
     y = np.arange(len(keys))[::-1]
     ratio = np.asarray(data["ratio"], dtype=float)
     low, high = np.asarray(data["low"], dtype=float), np.asarray(data["high"], dtype=float)
-    err = np.vstack([np.nan_to_num(ratio - low), np.nan_to_num(high - ratio)])
+    # Infinite ratios (a token with zero candidate probability) get no bar, only a label.
+    finite = np.isfinite(ratio)
+    shown = np.where(finite, ratio, np.nan)
+    bounded = finite & np.isfinite(low) & np.isfinite(high)
+    err = np.vstack([np.where(bounded, shown - low, 0.0), np.where(bounded, high - shown, 0.0)])
     bars = ax.barh(
         y,
-        np.nan_to_num(ratio - 1.0),
+        np.where(finite, shown - 1.0, 0.0),
         left=1.0,
         height=0.6,
         color=[colors[k] for k in keys],
@@ -350,28 +354,28 @@ def ppl_ratio(report: Report) -> Plot | None:
     ax.axvline(1.0, color="#39424b", linewidth=1.0)
     ax.set_yticks(y, [_short(k, 36) for k in keys])
     ax.grid(axis="y", visible=False)
-    for bar, value, lo_v, hi_v in zip(bars, ratio, low, high, strict=True):
-        if math.isfinite(value):
-            # The label sits beyond the interval's end so it never covers the error bar.
-            end = (hi_v if value >= 1 else lo_v) if math.isfinite(hi_v) else value
-            ax.annotate(
-                f"{value:.3f}×",
-                (end, bar.get_y() + bar.get_height() / 2),
-                xytext=(5 if value >= 1 else -5, 0),
-                textcoords="offset points",
-                ha="left" if value >= 1 else "right",
-                va="center",
-                fontsize=8.5,
-            )
-    lo = np.nanmin(np.concatenate([low, ratio, [1.0]]))
-    hi = np.nanmax(np.concatenate([high, ratio, [1.0]]))
+    for bar, value, lo_v, hi_v, ok in zip(bars, ratio, low, high, bounded, strict=True):
+        above = not math.isfinite(value) or value >= 1
+        # The label sits beyond the interval's end so it never covers the error bar.
+        end = (hi_v if above else lo_v) if ok else (value if math.isfinite(value) else 1.0)
+        ax.annotate(
+            f"{value:.3f}×" if math.isfinite(value) else "inf (zero-probability tokens)",
+            (end, bar.get_y() + bar.get_height() / 2),
+            xytext=(5 if above else -5, 0),
+            textcoords="offset points",
+            ha="left" if above else "right",
+            va="center",
+            fontsize=8.5,
+        )
+    span = np.concatenate([low[bounded], high[bounded], shown[finite], [1.0]])
+    lo, hi = float(span.min()), float(span.max())
     pad = (hi - lo) * 0.25 + 1e-3
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_xlabel("PPL(Q) / PPL(P)  (1 = same perplexity as the reference)")
     ax.set_title("Perplexity ratio, candidate over reference")
     drawn = {
         "keys": keys,
-        "ratio": np.asarray([b.get_x() + b.get_width() for b in bars]),
+        "ratio": np.where(finite, [b.get_x() + b.get_width() for b in bars], np.nan),
         "low": low,
         "high": high,
     }
@@ -388,13 +392,19 @@ def size_vs_kl(report: Report) -> Plot | None:
     data = report.sizes()
     if not data:
         return None
+    # Candidates with an infinite mean KL cannot be placed; the caption names them.
+    drawable = [math.isfinite(v) for v in data["kl_mean"]]
+    left_out = [k for k, ok in zip(data["keys"], drawable, strict=True) if not ok]
+    if sum(drawable) == 0:
+        return None
+    keys = [k for k, ok in zip(data["keys"], drawable, strict=True) if ok]
     colors = _colors(report)
     fig, (ax,) = _figure(3.6)
-    sizes = np.asarray(data["size"], dtype=float)
-    kls = np.asarray(data["kl_mean"], dtype=float)
-    errs = np.asarray([Z95 * s if math.isfinite(s) else 0.0 for s in data["kl_se"]])
-    front = np.asarray(data["pareto"], dtype=bool)
-    for key, s, k, e, on in zip(data["keys"], sizes, kls, errs, front, strict=True):
+    sizes = np.asarray(data["size"], dtype=float)[drawable]
+    kls = np.asarray(data["kl_mean"], dtype=float)[drawable]
+    errs = np.asarray([Z95 * s if math.isfinite(s) else 0.0 for s in data["kl_se"]])[drawable]
+    front = np.asarray(data["pareto"], dtype=bool)[drawable]
+    for key, s, k, e, on in zip(keys, sizes, kls, errs, front, strict=True):
         ax.errorbar(
             [s],
             [k],
@@ -425,7 +435,7 @@ def size_vs_kl(report: Report) -> Plot | None:
     ax.set_title(f"Size vs divergence ({unit})")
     ax.legend(loc="upper right")
     drawn = {
-        "keys": data["keys"],
+        "keys": keys,
         "size": sizes,
         "kl_mean": kls,
         "pareto": front,
@@ -436,6 +446,8 @@ def size_vs_kl(report: Report) -> Plot | None:
         "Each candidate's size against its mean KL (95% intervals). Outlined points are "
         "Pareto-optimal: no other candidate is both smaller and closer to the reference."
     )
+    if left_out:
+        caption += f" Not shown (infinite mean KL): {', '.join(left_out)}."
     return Plot("size_vs_kl", "Size vs KL", caption, _png(fig), drawn)
 
 
@@ -452,6 +464,7 @@ def kl_by_step(report: Report) -> Plot | None:
         color = palette[i % len(palette)]
         steps = np.asarray(series["step"], dtype=float)
         kls = np.asarray(series["kl_mean"], dtype=float)
+        kls[~np.isfinite(kls)] = np.nan  # an infinite mean leaves a gap, not a broken axis
         errs = np.asarray([Z95 * s if math.isfinite(s) else 0.0 for s in series["kl_se"]])
         container = left.errorbar(
             steps,
@@ -476,7 +489,7 @@ def kl_by_step(report: Report) -> Plot | None:
         )
         (ratio_line,) = right.plot(
             steps,
-            series["ppl_ratio"],
+            np.where(np.isfinite(series["ppl_ratio"]), series["ppl_ratio"], np.nan),
             color=color,
             marker="o",
             markersize=4,

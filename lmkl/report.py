@@ -1085,7 +1085,7 @@ def _num(value: float, digits: int = 3) -> str:
         return "inf" if value > 0 else "n/a"
     if value == 0:
         return "0"
-    if abs(value) < 10**-digits or abs(value) >= 1e5:
+    if abs(value) < 1e-4 or abs(value) >= 1e5:
         return f"{value:.{max(digits - 1, 1)}e}"
     return (
         f"{value:.{digits}g}" if abs(value) < 1 else f"{value:,.{digits}f}".rstrip("0").rstrip(".")
@@ -1099,6 +1099,12 @@ def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
     above "confident". The group holding the largest share of the total KL is named; "dominated"
     when it holds more than half of the KL and more than its share of the tokens.
     """
+    infinite = [b["bucket"] for b in profile if b.get("kl_mean") == math.inf]
+    if infinite:
+        # Shares of an infinite total are meaningless; say where the infinite KL sits.
+        return "its infinite KL sits at positions with reference top-1 probability in " + (
+            ", ".join(infinite)
+        )
     groups = {
         "low-confidence": [0.0, 0.0],
         "medium-confidence": [0.0, 0.0],

@@ -57,6 +57,10 @@ class SyntheticCandidate:
     step: int | None = None
     group: str | None = None
     dtype: str = "float32"
+    #: tokens given KL = +inf (zero candidate probability), and rows with non-finite logits
+    #: (metrics null), as the runner stores them
+    infinite: int = 0
+    nonfinite: int = 0
 
 
 def _stream(
@@ -138,11 +142,17 @@ def synthesize_run(
             jsd = np.minimum(0.25 * np.minimum(kl, reverse), math.log(2))
             nll_q = nll_p + kl * crng.normal(1.0, 0.5, tokens)
             agree = crng.random(tokens) < np.exp(-3.0 * kl)
+            bad = np.zeros(tokens, dtype=bool)
+            if cand.infinite or cand.nonfinite:
+                picked = crng.choice(tokens, cand.infinite + cand.nonfinite, replace=False)
+                inf_rows = picked[: cand.infinite]
+                kl[inf_rows] = reverse[inf_rows] = nll_q[inf_rows] = np.inf
+                bad[picked[cand.infinite :]] = True
             columns = {
                 "candidate": [cand.label] * tokens,
                 "token_id": token_id,
                 "bytes": n_bytes,
-                "nonfinite": np.zeros(tokens, dtype=bool),
+                "nonfinite": bad,
                 **layout,
                 "kl": kl,
                 "reverse_kl": reverse,
@@ -156,6 +166,17 @@ def synthesize_run(
                 "top1_in_top5": (agree | (crng.random(tokens) < 0.8)).astype(np.float32),
                 "reference_top1_prob": p_top1,
             }
+            for name in (
+                "kl",
+                "reverse_kl",
+                "jsd",
+                "entropy_candidate",
+                "nll_candidate",
+                "delta_p",
+                "top1_agree",
+                "top1_in_top5",
+            ):
+                columns[name] = np.where(bad, np.nan, columns[name])
             table = tokens_table(columns)
             writer.write_table(table)
             # Summaries from the stored float32 values, exactly as the runner computes them.

@@ -462,3 +462,34 @@ def test_inspect_cli(real_run):
     assert result.exit_code == 2 and "student" in result.output
     result = runner.invoke(app, ["inspect", str(real_run), "--doc", "99"])
     assert result.exit_code == 2 and "document 99" in result.output
+
+
+def test_infinite_and_nonfinite_tokens_are_reported_not_plotted(tmp_path):
+    run = synthesize_run(
+        tmp_path / "inf",
+        4000,
+        [
+            SyntheticCandidate("broken", 1.0, params=1_000_000, step=1, infinite=3, nonfinite=5),
+            SyntheticCandidate("fine", 1.0, params=2_000_000, step=2),
+        ],
+    )
+    report = build_report([run])
+    broken = next(c for c in report.candidates if c.key == "broken")
+    assert broken.value("kl.mean") == math.inf and broken.value("ppl.ratio") == math.inf
+    hist = report.histogram["series"]["broken"]
+    assert hist["infinite"] == 3 and hist["tokens"] == 4000 - 5
+    assert hist["counts"].sum() == 4000 - 5 - 3
+    assert report.cdf["series"]["broken"]["y"][-1] == pytest.approx((4000 - 8) / (4000 - 5))
+    line = next(x for x in report.reading if x.startswith("broken "))
+    assert "infinite mean KL" in line and "3 token(s) got zero probability" in line
+    assert "5 position(s) had non-finite logits" in line
+    assert "its infinite KL sits at positions with reference top-1 probability in [" in line
+    plots = {p.name: p for p in make_plots(report)}
+    assert [c.key for c in report.candidates] == ["fine", "broken"]
+    assert plots["ppl_ratio"].data["ratio"][0] == pytest.approx(
+        report.candidates[0].value("ppl.ratio")
+    )
+    assert math.isnan(plots["ppl_ratio"].data["ratio"][1])  # drawn as "inf", not as a bar
+    assert plots["size_vs_kl"].data["keys"] == ["fine"]
+    html = render_html(report, list(plots.values()))
+    assert "infinite mean KL" in html
