@@ -13,7 +13,14 @@ from typing import Annotated
 
 import typer
 
-from lmkl.commands.common import OutOpt, OverwriteOpt, QuietOpt, friendly_errors, stderr
+from lmkl.commands.common import (
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    friendly_errors,
+    stderr,
+    stdout,
+)
 
 
 def demo_cache_dir() -> Path:
@@ -58,6 +65,15 @@ def demo(
         OutputSpec(dir=str(run_dir), overwrite=overwrite or out is None),
         resume=False,
         quiet=quiet,
+    )
+    # End with the report people would rather look at: one self-contained HTML page.
+    from lmkl.render import write_report
+
+    report_path = write_report([run_dir], "html", Path(run_dir) / "report.html")
+    stdout.print(
+        str(report_path) if quiet else f"report: [bold]{report_path}[/bold]",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
