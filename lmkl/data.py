@@ -102,6 +102,8 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
         raise DataError(f"cannot read data file '{path}': {exc.strerror}",
                         "check the path and its permissions") from exc
     fingerprint = hashlib.sha256(raw).hexdigest()
+    if not raw.strip():
+        raise DataError(f"data file '{path}' is empty", "pass a file that holds text")
     if suffix == ".txt":
         try:
             text = raw.decode("utf-8")
@@ -113,8 +115,6 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
         docs = [Document(i, p) for i, p in enumerate(paragraphs)]
         return docs, text, fingerprint
 
-    if not raw.strip():
-        raise DataError(f"data file '{path}' is empty", "pass a file that holds text")
     from datasets import load_dataset
 
     try:

@@ -326,13 +326,14 @@ def run_comparison(
     started = _dt.datetime.now(_dt.timezone.utc)
     torch.manual_seed(compute.seed)
     try:
+        # Data first: a wrong path should not wait for a large model to load.
+        log(f"reading data {data.source}")
+        corpus = load_corpus(data)
         ref_model, cand_models = load_models(reference, candidates, log)
         check_context_length([ref_model, *cand_models], windows)
         vocab_size, padded = shared_vocab_size([ref_model, *cand_models])
         chunk = compute.chunk_size(vocab_size)
 
-        log(f"reading data {data.source}")
-        corpus = load_corpus(data)
         window_list = make_windows(corpus, ref_model.tokenizer, windows,
                                    tokenizer_adds_bos(ref_model.tokenizer), compute.max_tokens)
         total_targets = sum(w.num_targets for w in window_list)
