@@ -18,8 +18,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
-                 if s is not None)
+_SIGNALS = tuple(
+    s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None
+)
 _active: list[GracefulStop] = []
 
 

@@ -29,9 +29,22 @@ VOLATILE = ("provenance", "throughput")
 
 def compare_args(tiny_pair: dict[str, Path], data: Path, out: Path) -> list[str]:
     """Options giving ~10 small parts on the test data, so there are parts before and after."""
-    return ["compare", str(tiny_pair["reference"]), str(tiny_pair["candidate"]),
-            "--data", str(data), "--out", str(out), "--context-length", "64", "--stride", "32",
-            "--batch-size", "2", "--quiet"]
+    return [
+        "compare",
+        str(tiny_pair["reference"]),
+        str(tiny_pair["candidate"]),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--context-length",
+        "64",
+        "--stride",
+        "32",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
 
 
 def invoke(args: list[str]) -> tuple[int, str]:
@@ -40,10 +53,19 @@ def invoke(args: list[str]) -> tuple[int, str]:
 
 
 def spawn(args: list[str], hold: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, LMKL_TEST_HOLD=hold,
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, "-m", "lmkl", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        LMKL_TEST_HOLD=hold,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmkl", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for_hold(proc: subprocess.Popen[str], hold: str, timeout: float = 300) -> None:
@@ -86,8 +108,7 @@ def assert_same_run(got: Path, want: Path) -> None:
     a, b = pq.read_table(got / "tokens.parquet"), pq.read_table(want / "tokens.parquet")
     assert a.schema == b.schema
     assert a.num_rows == b.num_rows
-    keys = list(zip(*(a[c].to_pylist() for c in ("candidate", "doc_id", "position")),
-                    strict=True))
+    keys = list(zip(*(a[c].to_pylist() for c in ("candidate", "doc_id", "position")), strict=True))
     assert len(set(keys)) == len(keys), "duplicate rows"
     assert a.equals(b)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (got, want))
@@ -95,7 +116,6 @@ def assert_same_run(got: Path, want: Path) -> None:
         ra.pop(key), rb.pop(key)
     assert ra == rb
     assert json.loads((got / "worst.json").read_text()) == json.loads(
-        (want / "worst.json").read_text())
+        (want / "worst.json").read_text()
+    )
     assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
-
-

@@ -29,12 +29,24 @@ def check_error(code: int, output: str, expected_code: int, *fragments: str) -> 
     return errors[0]
 
 
-def compare(tiny_pair, *args: str, reference: str | Path | None = None,
-            candidate: str | Path | None = None, data: Path | None = None,
-            out: Path | None = None) -> tuple[int, str]:
-    argv = ["compare", str(reference or tiny_pair["reference"]),
-            str(candidate or tiny_pair["candidate"]), "--quiet", "--context-length", "64",
-            "--max-tokens", "40"]
+def compare(
+    tiny_pair,
+    *args: str,
+    reference: str | Path | None = None,
+    candidate: str | Path | None = None,
+    data: Path | None = None,
+    out: Path | None = None,
+) -> tuple[int, str]:
+    argv = [
+        "compare",
+        str(reference or tiny_pair["reference"]),
+        str(candidate or tiny_pair["candidate"]),
+        "--quiet",
+        "--context-length",
+        "64",
+        "--max-tokens",
+        "40",
+    ]
     if data is not None:
         argv += ["--data", str(data)]
     if out is not None:
@@ -53,27 +65,40 @@ def encoders(tiny_pair, tmp_path_factory) -> dict[str, Path]:
     """Tiny BERT (loads through AutoModelForCausalLM but is bidirectional) and DistilBERT."""
     root = tmp_path_factory.mktemp("encoders")
     tok = tiny_pair["reference"]
-    bert = AutoModelForMaskedLM.from_config(BertConfig(
-        vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128))
-    distil = AutoModelForMaskedLM.from_config(DistilBertConfig(
-        vocab_size=512, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
-    return {"bert": _with_tokenizer(bert, tok, root / "bert"),
-            "distilbert": _with_tokenizer(distil, tok, root / "distilbert")}
+    bert = AutoModelForMaskedLM.from_config(
+        BertConfig(
+            vocab_size=512,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    )
+    distil = AutoModelForMaskedLM.from_config(
+        DistilBertConfig(vocab_size=512, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    )
+    return {
+        "bert": _with_tokenizer(bert, tok, root / "bert"),
+        "distilbert": _with_tokenizer(distil, tok, root / "distilbert"),
+    }
 
 
 # --- models ---------------------------------------------------------------------------------
 
+
 def test_model_directory_that_does_not_exist(tiny_pair, small_jsonl, tmp_path):
-    code, out = compare(tiny_pair, candidate=tmp_path / "no-such-model", data=small_jsonl,
-                        out=tmp_path / "run")
+    code, out = compare(
+        tiny_pair, candidate=tmp_path / "no-such-model", data=small_jsonl, out=tmp_path / "run"
+    )
     check_error(code, out, EXIT_RUNTIME, "does not exist")
     assert not (tmp_path / "run").exists()
 
 
 def test_hub_id_not_reachable_offline(tiny_pair, small_jsonl, tmp_path):
-    code, out = compare(tiny_pair, candidate="no-such-org/no-such-model", data=small_jsonl,
-                        out=tmp_path / "run")
+    code, out = compare(
+        tiny_pair, candidate="no-such-org/no-such-model", data=small_jsonl, out=tmp_path / "run"
+    )
     check_error(code, out, EXIT_RUNTIME, "no-such-org/no-such-model", "offline hub cache")
 
 
@@ -96,20 +121,21 @@ def test_model_without_weights(tiny_pair, small_jsonl, tmp_path):
 
 @pytest.mark.parametrize("kind", ["bert", "distilbert"])
 def test_model_that_is_not_a_causal_lm(tiny_pair, encoders, small_jsonl, tmp_path, kind):
-    code, out = compare(tiny_pair, candidate=encoders[kind], data=small_jsonl,
-                        out=tmp_path / "run")
+    code, out = compare(tiny_pair, candidate=encoders[kind], data=small_jsonl, out=tmp_path / "run")
     check_error(code, out, EXIT_RUNTIME, "not a causal language model")
 
 
 def test_tokenizers_that_differ(tiny_pair, other_tokenizer_model, small_jsonl, tmp_path):
-    code, out = compare(tiny_pair, candidate=other_tokenizer_model, data=small_jsonl,
-                        out=tmp_path / "run")
+    code, out = compare(
+        tiny_pair, candidate=other_tokenizer_model, data=small_jsonl, out=tmp_path / "run"
+    )
     check_error(code, out, EXIT_RUNTIME, "tokenizers", "differ")
 
 
 def test_context_length_above_model_maximum(tiny_pair, small_jsonl, tmp_path):
-    code, out = compare(tiny_pair, "--context-length", "1024", data=small_jsonl,
-                        out=tmp_path / "run")
+    code, out = compare(
+        tiny_pair, "--context-length", "1024", data=small_jsonl, out=tmp_path / "run"
+    )
     check_error(code, out, EXIT_USAGE, "1024", "512")
 
 
@@ -122,22 +148,26 @@ def test_invalid_stride_and_option_values(tiny_pair, small_jsonl, tmp_path):
 
 # --- data -----------------------------------------------------------------------------------
 
+
 def test_no_data_given(tiny_pair):
     code, out = compare(tiny_pair)
     check_error(code, out, EXIT_USAGE, "no data")
 
 
-@pytest.mark.parametrize(("name", "content", "fragments"), [
-    ("missing.jsonl", None, ("does not exist",)),
-    ("broken.jsonl", '{"text": "fine"}\n{not json\n', ("cannot parse", "jsonl")),
-    ("broken.csv", 'text,other\n"unclosed,1\n', ("cannot parse",)),
-    ("notes.docx", "hello", ("unsupported data file type",)),
-    ("latin1.txt", b"caf\xe9 au lait", ("not UTF-8",)),
-    ("fields.jsonl", '{"body": "hello there", "id": 1}\n', ("'text' not found", "body, id")),
-    ("empty.jsonl", "", ("is empty",)),
-    ("blank.txt", "\n\n  \n", ("is empty",)),
-    ("short.jsonl", '{"text": ""}\n{"text": null}\n', ("no document has two or more tokens",)),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "fragments"),
+    [
+        ("missing.jsonl", None, ("does not exist",)),
+        ("broken.jsonl", '{"text": "fine"}\n{not json\n', ("cannot parse", "jsonl")),
+        ("broken.csv", 'text,other\n"unclosed,1\n', ("cannot parse",)),
+        ("notes.docx", "hello", ("unsupported data file type",)),
+        ("latin1.txt", b"caf\xe9 au lait", ("not UTF-8",)),
+        ("fields.jsonl", '{"body": "hello there", "id": 1}\n', ("'text' not found", "body, id")),
+        ("empty.jsonl", "", ("is empty",)),
+        ("blank.txt", "\n\n  \n", ("is empty",)),
+        ("short.jsonl", '{"text": ""}\n{"text": null}\n', ("no document has two or more tokens",)),
+    ],
+)
 def test_bad_data_files(tiny_pair, tmp_path, name, content, fragments):
     path = tmp_path / name
     if isinstance(content, bytes):
@@ -177,6 +207,7 @@ def test_llama_cpp_windowing_with_too_little_text(tiny_pair, tmp_path):
 
 # --- output ---------------------------------------------------------------------------------
 
+
 def test_output_directory_holding_a_run(tiny_pair, small_jsonl, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -191,6 +222,7 @@ def test_output_directory_holding_a_run(tiny_pair, small_jsonl, tmp_path):
 
 
 # --- adapters -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> dict[str, Path]:
@@ -215,18 +247,22 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_adapter_for_a_different_base_model(tiny_pair, adapters, small_jsonl, tmp_path):
-    code, out = compare(tiny_pair, "--adapter", str(adapters["wider"]), data=small_jsonl,
-                        out=tmp_path / "run")
+    code, out = compare(
+        tiny_pair, "--adapter", str(adapters["wider"]), data=small_jsonl, out=tmp_path / "run"
+    )
     check_error(code, out, EXIT_RUNTIME, "does not fit", "some-org/base-48")
-    code, out = compare(tiny_pair, "--adapter", str(tmp_path / "nowhere"), data=small_jsonl,
-                        out=tmp_path / "run")
+    code, out = compare(
+        tiny_pair, "--adapter", str(tmp_path / "nowhere"), data=small_jsonl, out=tmp_path / "run"
+    )
     check_error(code, out, EXIT_RUNTIME, "cannot load adapter")
 
 
-def test_adapter_named_for_another_base_that_fits_warns_in_one_line(tiny_pair, adapters,
-                                                                   small_jsonl, tmp_path):
-    code, out = compare(tiny_pair, "--adapter", str(adapters["fits"]), data=small_jsonl,
-                        out=tmp_path / "run")
+def test_adapter_named_for_another_base_that_fits_warns_in_one_line(
+    tiny_pair, adapters, small_jsonl, tmp_path
+):
+    code, out = compare(
+        tiny_pair, "--adapter", str(adapters["fits"]), data=small_jsonl, out=tmp_path / "run"
+    )
     assert code == 0, out
     warnings = [line for line in out.splitlines() if "some-org/base-32" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning:")

@@ -25,8 +25,9 @@ def data(tiny_pair, tmp_path_factory) -> Path:
     """Three short held-out documents (~10 parts with compare_args' options)."""
     lines = tiny_pair["heldout"].read_text().splitlines()[:3]
     path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text("".join(json.dumps({"text": json.loads(x)["text"][:1500]}) + "\n"
-                            for x in lines))
+    path.write_text(
+        "".join(json.dumps({"text": json.loads(x)["text"][:1500]}) + "\n" for x in lines)
+    )
     return path
 
 
@@ -55,8 +56,11 @@ def test_sigint_flushes_current_part_and_prints_resume(tiny_pair, data, full_run
     assert "stopped (SIGINT)" in stderr and f"--resume --out {out}" in stderr
     # The part being written when Ctrl-C came was finished and kept; no later part was started.
     parts = sorted(p.name for p in (out / "parts").iterdir())
-    assert parts == sorted(f"{kind}-{i:06d}.{ext}" for i in range(3)
-                           for kind, ext in (("part", "parquet"), ("worst", "json")))
+    assert parts == sorted(
+        f"{kind}-{i:06d}.{ext}"
+        for i in range(3)
+        for kind, ext in (("part", "parquet"), ("worst", "json"))
+    )
     assert json.loads((out / "progress.json").read_text())["completed_parts"] == 3
     code, output = invoke([*args, "--resume"])
     assert code == 0, output
@@ -82,8 +86,9 @@ def _wait(condition, seconds: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_full_disk_keeps_parts_and_resume_completes(tiny_pair, data, full_run, tmp_path,
-                                                    monkeypatch):
+def test_full_disk_keeps_parts_and_resume_completes(
+    tiny_pair, data, full_run, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     args = compare_args(tiny_pair, data, out)
     real_write = pq.write_table
@@ -105,8 +110,10 @@ def test_full_disk_keeps_parts_and_resume_completes(tiny_pair, data, full_run, t
     assert len(error_lines) == 1 and "No space left on device" in error_lines[0]
     assert f"--resume --out {out}" in output
     parts = out / "parts"
-    assert [p.name for p in sorted(parts.glob("part-*"))] == ["part-000000.parquet",
-                                                              "part-000001.parquet"]
+    assert [p.name for p in sorted(parts.glob("part-*"))] == [
+        "part-000000.parquet",
+        "part-000001.parquet",
+    ]
     assert not [p for p in parts.iterdir() if p.name.endswith(".tmp")]  # failed write removed
     for part in parts.glob("part-*"):
         assert pq.read_table(part).num_rows > 0  # completed parts are intact
@@ -173,8 +180,11 @@ def test_clean_incomplete_removes_only_leftovers(tmp_path):
     (run.parts_dir / "worst-000001.json").write_text("{}")
     (run.path / ".tokens.parquet.xyz.tmp").write_bytes(b"")
     removed = run.clean_incomplete()
-    assert removed == [".part-000001.parquet.abc.tmp", ".tokens.parquet.xyz.tmp",
-                       "worst-000001.json"]
+    assert removed == [
+        ".part-000001.parquet.abc.tmp",
+        ".tokens.parquet.xyz.tmp",
+        "worst-000001.json",
+    ]
     assert run.completed_indices() == [0] and run.part_rows(0) == 3
     assert run.worst_path(0).exists()
     assert run.read_progress() == {"identity": {"x": 1}, "completed_parts": 1}

@@ -34,7 +34,8 @@ def _rows(min_v: int = 1, max_v: int = 12):
     """float64 logit rows with at least one finite entry each (so each row is a distribution)."""
     shape = st.tuples(st.integers(1, 3), st.integers(min_v, max_v))
     return arrays(np.float64, shape, elements=EXTREME).filter(
-        lambda a: bool(np.isfinite(a).any(-1).all()))
+        lambda a: bool(np.isfinite(a).any(-1).all())
+    )
 
 
 def _kl64(lp: np.ndarray, lq: np.ndarray) -> float:
@@ -52,12 +53,18 @@ def _mix64(lp: np.ndarray, lq: np.ndarray, beta: float) -> np.ndarray:
 @settings(max_examples=120, deadline=None)
 @given(_rows(), st.data(), st.floats(0.05, 0.95))
 def test_library_functions_never_nan_and_match_float64(p, data, beta):
-    q = data.draw(arrays(np.float64, p.shape, elements=EXTREME).filter(
-        lambda a: bool(np.isfinite(a).any(-1).all())))
+    q = data.draw(
+        arrays(np.float64, p.shape, elements=EXTREME).filter(
+            lambda a: bool(np.isfinite(a).any(-1).all())
+        )
+    )
     results = {
-        "kl": D.kl_divergence(p, q), "reverse_kl": D.reverse_kl_divergence(p, q),
-        "jsd": D.js_divergence(p, q), "gjsd": D.generalized_jsd(p, q, beta=beta),
-        "tv": D.total_variation(p, q), "entropy": D.entropy(p),
+        "kl": D.kl_divergence(p, q),
+        "reverse_kl": D.reverse_kl_divergence(p, q),
+        "jsd": D.js_divergence(p, q),
+        "gjsd": D.generalized_jsd(p, q, beta=beta),
+        "tv": D.total_variation(p, q),
+        "entropy": D.entropy(p),
         "cross_entropy": D.cross_entropy(p, q),
     }
     for name, value in results.items():
@@ -68,11 +75,13 @@ def test_library_functions_never_nan_and_match_float64(p, data, beta):
         pp, qq = np.exp(lp), np.exp(lq)
         h = -float(np.sum(pp[lp > -np.inf] * lp[lp > -np.inf]))
         want = {
-            "kl": _kl64(lp, lq), "reverse_kl": _kl64(lq, lp),
+            "kl": _kl64(lp, lq),
+            "reverse_kl": _kl64(lq, lp),
             "jsd": 0.5 * (_kl64(lp, _mix64(lp, lq, 0.5)) + _kl64(lq, _mix64(lp, lq, 0.5))),
             "gjsd": beta * _kl64(lp, _mix64(lp, lq, beta))
             + (1 - beta) * _kl64(lq, _mix64(lp, lq, beta)),
-            "tv": 0.5 * float(np.abs(pp - qq).sum()), "entropy": h,
+            "tv": 0.5 * float(np.abs(pp - qq).sum()),
+            "entropy": h,
             "cross_entropy": h + _kl64(lp, lq),
         }
         for name, expected in want.items():
@@ -86,8 +95,12 @@ def test_library_functions_never_nan_and_match_float64(p, data, beta):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 64), st.floats(-1e4, 1e4), st.floats(-1e4, 1e4),
-       st.sampled_from([torch.float32, torch.float64]))
+@given(
+    st.integers(1, 64),
+    st.floats(-1e4, 1e4),
+    st.floats(-1e4, 1e4),
+    st.sampled_from([torch.float32, torch.float64]),
+)
 def test_all_equal_rows_are_uniform(vocab, a, b, dtype):
     ref = torch.full((2, vocab), a, dtype=dtype)
     cand = torch.full((2, vocab), b, dtype=dtype)
@@ -95,15 +108,26 @@ def test_all_equal_rows_are_uniform(vocab, a, b, dtype):
     assert not got["nonfinite"].any()
     for name in ("kl", "reverse_kl", "jsd"):
         assert got[name].abs().max() <= 1e-6, name
-    assert torch.allclose(got["entropy_reference"].double(),
-                          torch.full((2,), math.log(vocab), dtype=torch.float64), atol=1e-5)
-    assert torch.allclose(got["nll_candidate"].double(),
-                          torch.full((2,), math.log(vocab), dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(
+        got["entropy_reference"].double(),
+        torch.full((2,), math.log(vocab), dtype=torch.float64),
+        atol=1e-5,
+    )
+    assert torch.allclose(
+        got["nll_candidate"].double(),
+        torch.full((2,), math.log(vocab), dtype=torch.float64),
+        atol=1e-5,
+    )
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.one_of(st.floats(-1e4, 1e4), st.just(-math.inf), st.just(math.inf),
-                          st.just(math.nan)), min_size=2, max_size=2))
+@given(
+    st.lists(
+        st.one_of(st.floats(-1e4, 1e4), st.just(-math.inf), st.just(math.inf), st.just(math.nan)),
+        min_size=2,
+        max_size=2,
+    )
+)
 def test_single_token_vocabulary_is_zero_or_flagged(values):
     ref, cand = torch.tensor([[values[0]]]), torch.tensor([[values[1]]])
     got = D.token_metrics(ref, cand, torch.tensor([0]))
@@ -152,20 +176,30 @@ def _forward_rows(model, windows) -> dict[tuple[int, int], torch.Tensor]:
     return out
 
 
-def _check_report(out: Path, expected: dict[tuple[int, int], bool],
-                  ambiguous: frozenset = frozenset()) -> None:
+def _check_report(
+    out: Path, expected: dict[tuple[int, int], bool], ambiguous: frozenset = frozenset()
+) -> None:
     """Flags match ``expected`` (``ambiguous`` rows aside); flagged rows are reported, not used."""
     table = pq.read_table(out / "tokens.parquet")
-    flags = {(w, j): f for w, j, f in zip(table["window_id"].to_pylist(),
-                                          table["window_pos"].to_pylist(),
-                                          table["nonfinite"].to_pylist(), strict=True)}
+    flags = {
+        (w, j): f
+        for w, j, f in zip(
+            table["window_id"].to_pylist(),
+            table["window_pos"].to_pylist(),
+            table["nonfinite"].to_pylist(),
+            strict=True,
+        )
+    }
     assert flags.keys() == expected.keys()
     assert {k: f for k, f in flags.items() if k not in ambiguous} == {
-        k: f for k, f in expected.items() if k not in ambiguous}
+        k: f for k, f in expected.items() if k not in ambiguous
+    }
     n_bad = sum(flags.values())
     assert 0 < n_bad < len(flags)
-    results = json.loads((out / "results.json").read_text(),
-                         parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    results = json.loads(
+        (out / "results.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"),
+    )
     metrics = results["candidates"][0]["metrics"]
     assert metrics["counts"]["nonfinite"] == n_bad
     assert metrics["counts"]["tokens"] == len(flags) - n_bad
@@ -190,12 +224,24 @@ def test_nan_weights_are_counted_excluded_and_reported(tiny_pair, small_jsonl, t
     poisoned = tmp_path / "poisoned"
     model.save_pretrained(poisoned)
     AutoTokenizer.from_pretrained(tiny_pair["candidate"]).save_pretrained(poisoned)
-    expected = {key: not bool(torch.isfinite(row).all())
-                for key, row in _forward_rows(model.eval(), windows).items()}
+    expected = {
+        key: not bool(torch.isfinite(row).all())
+        for key, row in _forward_rows(model.eval(), windows).items()
+    }
 
     out = tmp_path / "run"
-    code, output = invoke(["compare", str(tiny_pair["reference"]), str(poisoned), "--data",
-                           str(small_jsonl), "--out", str(out), *ARGS])
+    code, output = invoke(
+        [
+            "compare",
+            str(tiny_pair["reference"]),
+            str(poisoned),
+            "--data",
+            str(small_jsonl),
+            "--out",
+            str(out),
+            *ARGS,
+        ]
+    )
     assert code == 0, output
     assert "NaN or infinite logits" in output and "excluded" in output
     _check_report(out, expected)
@@ -227,8 +273,7 @@ def test_float16_overflow_is_detected_not_averaged(tiny_pair, small_jsonl, tmp_p
     assert fp32["candidates"][0]["metrics"]["counts"]["nonfinite"] == 0  # fine in float32
 
     out = tmp_path / "fp16"
-    code, output = invoke(["compare", *common, "--out", str(out), "--candidate-dtype",
-                           "float16"])
+    code, output = invoke(["compare", *common, "--out", str(out), "--candidate-dtype", "float16"])
     assert code == 0, output
     assert "NaN or infinite logits" in output
     _check_report(out, expected, ambiguous)

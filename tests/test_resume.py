@@ -13,7 +13,8 @@ from runtools import assert_same_run, compare_args, invoke, kill_at
 
 
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted_run(
-        tiny_pair, small_jsonl, tmp_path):
+    tiny_pair, small_jsonl, tmp_path
+):
     full, killed = tmp_path / "full", tmp_path / "killed"
     code, output = invoke(compare_args(tiny_pair, small_jsonl, full))
     assert code == 0, output

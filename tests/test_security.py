@@ -19,9 +19,21 @@ LMKL = Path(__file__).resolve().parents[1] / "lmkl"
 
 
 def _args(tiny_pair, candidate: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["compare", str(tiny_pair["reference"]), str(candidate), "--data", str(data),
-            "--out", str(out), "--context-length", "64", "--max-tokens", "60", "--quiet",
-            *extra]
+    return [
+        "compare",
+        str(tiny_pair["reference"]),
+        str(candidate),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--context-length",
+        "64",
+        "--max-tokens",
+        "60",
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -41,8 +53,9 @@ def test_pickle_weights_refused_unless_allowed(tiny_pair, pickle_model, small_js
     assert "pickle" in out and "arbitrary code" in out and "--allow-pickle" in out
     assert not (tmp_path / "refused").exists()
 
-    code, out = invoke(_args(tiny_pair, pickle_model, small_jsonl, tmp_path / "allowed",
-                             "--allow-pickle"))
+    code, out = invoke(
+        _args(tiny_pair, pickle_model, small_jsonl, tmp_path / "allowed", "--allow-pickle")
+    )
     assert code == 0, out
     code, out = invoke(_args(tiny_pair, tiny_pair["candidate"], small_jsonl, tmp_path / "safe"))
     assert code == 0, out
@@ -57,16 +70,20 @@ def test_remote_code_is_never_run_unless_asked(tiny_pair, small_jsonl, tmp_path)
     marker = tmp_path / "code-ran"
     config = json.loads((model / "config.json").read_text())
     config["model_type"] = "custom-llama"
-    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig",
-                          "AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomModel",
+    }
     (model / "config.json").write_text(json.dumps(config))
     side_effect = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
     (model / "configuration_custom.py").write_text(
         side_effect + "from transformers import LlamaConfig\n\n"
-        "class CustomConfig(LlamaConfig):\n    model_type = 'custom-llama'\n")
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom-llama'\n"
+    )
     (model / "modeling_custom.py").write_text(
         side_effect + "from transformers import LlamaForCausalLM\n\n"
-        "class CustomModel(LlamaForCausalLM):\n    pass\n")
+        "class CustomModel(LlamaForCausalLM):\n    pass\n"
+    )
 
     code, out = invoke(_args(tiny_pair, model, small_jsonl, tmp_path / "run"))
     assert code == 1 and "Traceback" not in out
@@ -91,11 +108,25 @@ def _calls(tree: ast.AST) -> list[str]:
 def test_source_has_no_eval_exec_pickle_or_unsafe_yaml(path):
     tree = ast.parse(path.read_text(), filename=str(path))
     calls = _calls(tree)
-    forbidden = {"eval", "exec", "compile", "__import__", "yaml.load", "yaml.unsafe_load",
-                 "yaml.full_load", "torch.load", "pickle.load", "pickle.loads"}
+    forbidden = {
+        "eval",
+        "exec",
+        "compile",
+        "__import__",
+        "yaml.load",
+        "yaml.unsafe_load",
+        "yaml.full_load",
+        "torch.load",
+        "pickle.load",
+        "pickle.loads",
+    }
     assert not forbidden & set(calls), (path, forbidden & set(calls))
-    imports = {alias.name for node in ast.walk(tree)
-               if isinstance(node, ast.Import | ast.ImportFrom) for alias in node.names}
+    imports = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
     modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {"pickle", "marshal", "shelve", "dill"} & (imports | modules), path
     for node in ast.walk(tree):
