@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +30,30 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def set_offline(offline: bool = True) -> None:
     """Tell huggingface_hub, transformers and datasets not to touch the network.
 
-    Must run before those libraries are imported: they read the variables at import time.
+    They read the variables at import time, so modules already imported (in a notebook, a test
+    session, or a program that imported transformers first) get their flags updated too;
+    otherwise an unreachable hub costs about a minute of retries before failing.
     """
     if offline:
         for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
             os.environ[name] = "1"
+        hub_constants = sys.modules.get("huggingface_hub.constants")
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = True  # read by is_offline_mode(), used by transformers
+        datasets_config = sys.modules.get("datasets.config")
+        if datasets_config is not None:
+            datasets_config.HF_HUB_OFFLINE = True
+            datasets_config.HF_DATASETS_OFFLINE = True
 
 
 def quiet_hf_logging() -> None:
     """Silence transformers' and datasets' own progress bars and info logs (lmkl has its own)."""
     import datasets
+    import huggingface_hub
     import transformers
 
+    # huggingface_hub logs every network retry; lmkl reports the final failure in one line.
+    huggingface_hub.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.set_verbosity_error()
@@ -153,7 +166,9 @@ def _translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLo
     if _is_local(spec):
         return ModelLoadError(f"cannot load {what} from '{spec.model}': {first}",
                               "check that the directory holds a complete saved model")
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or bool(
+        getattr(hub_constants, "HF_HUB_OFFLINE", False))
     if isinstance(exc, OSError | ValueError) and (
         "not a local folder" in lowered
         or "does not appear to have" in lowered

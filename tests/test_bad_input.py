@@ -97,7 +97,11 @@ def test_model_directory_that_does_not_exist(tiny_pair, small_jsonl, tmp_path):
 
 def test_hub_id_not_reachable_offline(tiny_pair, small_jsonl, tmp_path):
     code, out = compare(
-        tiny_pair, candidate="no-such-org/no-such-model", data=small_jsonl, out=tmp_path / "run"
+        tiny_pair,
+        "--offline",
+        candidate="no-such-org/no-such-model",
+        data=small_jsonl,
+        out=tmp_path / "run",
     )
     check_error(code, out, EXIT_RUNTIME, "no-such-org/no-such-model", "offline hub cache")
 
