@@ -329,13 +329,16 @@ def _is_causal(loaded: LoadedModel) -> bool:
     first = torch.randint(0, vocab, (1, 8), generator=gen)
     second = first.clone()
     second[0, 4:] = (first[0, 4:] + torch.randint(1, vocab, (4,), generator=gen)) % vocab
-    ids = torch.cat([first, second]).to(loaded.device)
-    mask = torch.ones_like(ids)
-    try:
-        logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    except Exception:  # the real run will report a failing forward with its own message
-        return True
-    a, b = logits[0, :4], logits[1, :4]
+    outputs = []
+    # Two separate forwards of one shape: rows of one batch could interact (e.g. MoE capacity).
+    for ids in (first, second):
+        ids = ids.to(loaded.device)
+        try:
+            out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        except Exception:  # the real run will report a failing forward with its own message
+            return True
+        outputs.append(out.logits[0, :4].float())
+    a, b = outputs
     both = torch.isfinite(a) & torch.isfinite(b)
     if not bool(both.any()):
         return True
