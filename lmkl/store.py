@@ -153,6 +153,7 @@ class RunDirectory:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._completed: set[int] | None = None  # listed once, then kept up to date
 
     @property
     def parts_dir(self) -> Path:
@@ -227,6 +228,7 @@ class RunDirectory:
             with atomic_path(self.part_path(index)) as tmp:
                 pq.write_table(table, tmp)
                 _test_hold("part-written", index)
+            self._completed = set(self.completed_indices()) | {index}
             _test_hold("part-done", index)
             self.write_progress()
 
@@ -252,10 +254,12 @@ class RunDirectory:
 
     def completed_indices(self) -> list[int]:
         """Indices of the parts whose file is in place (a part is complete once it exists)."""
-        if not self.parts_dir.exists():
-            return []
-        found = (_PART_RE.match(p.name) for p in self.parts_dir.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
+        if self._completed is None:
+            if not self.parts_dir.exists():
+                return []
+            found = (_PART_RE.match(p.name) for p in self.parts_dir.iterdir())
+            self._completed = {int(m.group(1)) for m in found if m}
+        return sorted(self._completed)
 
     def part_rows(self, index: int) -> int | None:
         """Row count of a complete part from its footer, or None if the file is unreadable."""
@@ -265,6 +269,8 @@ class RunDirectory:
             return None
 
     def remove_part(self, index: int) -> None:
+        if self._completed is not None:
+            self._completed.discard(index)
         self.part_path(index).unlink(missing_ok=True)
         self.worst_path(index).unlink(missing_ok=True)
 
@@ -309,6 +315,7 @@ class RunDirectory:
             # results.json last: its presence marks the run as finished.
             write_json(self.path / "results.json", results)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self._completed = None
         (self.path / "progress.json").unlink(missing_ok=True)
         return self.path / "results.json"
 
