@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
         raise DataError(f"cannot read data file '{path}': {exc.strerror}",
                         "check the path and its permissions") from exc
     fingerprint = hashlib.sha256(raw).hexdigest()
+    if not raw.strip():
+        raise DataError(f"data file '{path}' is empty", "pass a file that holds text")
     if suffix == ".txt":
         try:
             text = raw.decode("utf-8")
@@ -115,14 +118,41 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+        with _quiet_datasets():
+            dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
     except Exception as exc:
         raise DataError(
-            f"cannot parse '{path}' as {suffix[1:]}: {_first_line(exc)}",
+            f"cannot parse '{path}' as {suffix[1:]}: {_root_cause(exc)}",
             f"check that the file is valid {suffix[1:]}",
         ) from exc
     texts = _column(dataset, spec)
     return [Document(i, t) for i, t in enumerate(texts)], "\n".join(texts), fingerprint
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets logs parse failures at ERROR level before raising; lmkl reports them itself."""
+    import logging
+
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's first line (datasets wraps parser errors in a generic one)."""
+    seen = {id(exc)}
+    while (exc.__cause__ or exc.__context__) is not None:
+        inner = exc.__cause__ or exc.__context__
+        if id(inner) in seen or isinstance(inner, StopIteration):
+            break
+        seen.add(id(inner))
+        exc = inner
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -79,6 +79,14 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         console.print(f"[dim]{fmt(tps, 1)} tokens/s over {fmt(throughput['seconds'], 1)} s of "
                       f"scoring; padding efficiency {fmt(throughput.get('padding_efficiency'), 3)}"
                       "[/dim]")
+    for cand in results.get("candidates", []):
+        counts = cand["metrics"]["counts"]
+        if counts.get("nonfinite"):
+            console.print(
+                f"[yellow]warning:[/yellow] {counts['nonfinite']:,} positions "
+                f"({100 * counts.get('nonfinite_share', 0):.2f}%) of {cand['label']} had NaN or "
+                "infinite logits (e.g. float16 overflow); they are excluded from every statistic"
+            )
     note = results.get("windowing", {}).get("vocab_note")
     if note:
         console.print(f"[yellow]note:[/yellow] {note}")

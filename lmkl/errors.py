@@ -81,3 +81,7 @@ class Interrupted(LmklError):
     """The run was stopped by the user after flushing what it had computed."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class LmklWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints one line)."""

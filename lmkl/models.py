@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from lmkl.config import ModelSpec
-from lmkl.errors import ModelLoadError, TokenizerMismatchError, UsageError
+from lmkl.errors import LmklWarning, ModelLoadError, TokenizerMismatchError, UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,18 +30,30 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def set_offline(offline: bool = True) -> None:
     """Tell huggingface_hub, transformers and datasets not to touch the network.
 
-    Must run before those libraries are imported: they read the variables at import time.
+    They read the variables at import time, so modules already imported (in a notebook, a test
+    session, or a program that imported transformers first) get their flags updated too;
+    otherwise an unreachable hub costs about a minute of retries before failing.
     """
     if offline:
         for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
             os.environ[name] = "1"
+        hub_constants = sys.modules.get("huggingface_hub.constants")
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = True  # read by is_offline_mode(), used by transformers
+        datasets_config = sys.modules.get("datasets.config")
+        if datasets_config is not None:
+            datasets_config.HF_HUB_OFFLINE = True
+            datasets_config.HF_DATASETS_OFFLINE = True
 
 
 def quiet_hf_logging() -> None:
     """Silence transformers' and datasets' own progress bars and info logs (lmkl has its own)."""
     import datasets
+    import huggingface_hub
     import transformers
 
+    # huggingface_hub logs every network retry; lmkl reports the final failure in one line.
+    huggingface_hub.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.set_verbosity_error()
@@ -105,9 +118,36 @@ def _check_pickle_policy(spec: ModelSpec, directory: Path) -> None:
         )
 
 
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else with a separator is meant as a path."""
+    return (name.startswith(("/", "./", "../", "~", "\\")) or name.count("/") > 1
+            or name.endswith("/") or (len(name) > 1 and name[1] == ":"))
+
+
+def _check_source(spec: ModelSpec) -> None:
+    """One-line errors for local paths that cannot be models, before transformers sees them."""
+    directory = Path(spec.model).expanduser()
+    if not directory.exists():
+        if _looks_like_path(spec.model):
+            raise ModelLoadError(f"model directory '{spec.model}' does not exist",
+                                 "check the path (a hub id looks like org/name)")
+        return
+    if not directory.is_dir():
+        raise ModelLoadError(
+            f"model path '{spec.model}' is a file, not a model directory",
+            "pass the directory that holds config.json and the weights",
+        )
+    if not (directory / "config.json").exists():
+        raise ModelLoadError(
+            f"'{spec.model}' has no config.json, so it is not a Hugging Face model directory",
+            "pass a directory written by save_pretrained (config.json + weights)",
+        )
+
+
 def _translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLoadError:
     text = str(exc)
     lowered = text.lower()
+    first = text.splitlines()[0][:200] if text else type(exc).__name__
     if "unrecognized configuration class" in lowered or "automodelforcausallm" in lowered:
         return ModelLoadError(
             f"'{spec.model}' is not a causal language model ({text.splitlines()[0][:160]})",
@@ -123,7 +163,12 @@ def _translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLo
             f"'{spec.model}' has no safetensors weights; pickle weights can execute code on load",
             "use a safetensors checkpoint, or pass --allow-pickle if you trust its source",
         )
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if _is_local(spec):
+        return ModelLoadError(f"cannot load {what} from '{spec.model}': {first}",
+                              "check that the directory holds a complete saved model")
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or bool(
+        getattr(hub_constants, "HF_HUB_OFFLINE", False))
     if isinstance(exc, OSError | ValueError) and (
         "not a local folder" in lowered
         or "does not appear to have" in lowered
@@ -141,7 +186,6 @@ def _translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLo
             f"{what} '{spec.model}' {where}",
             "check the path or hub id (and --revision); download it once with network access",
         )
-    first = text.splitlines()[0][:200] if text else type(exc).__name__
     return ModelLoadError(f"cannot load {what} '{spec.model}': {first}", "check the model files")
 
 
@@ -149,6 +193,7 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     """Load the tokenizer for ``spec`` (from the model directory or hub repo)."""
     from transformers import AutoTokenizer
 
+    _check_source(spec)
     source = _tokenizer_source(spec)
     try:
         with warnings.catch_warnings():
@@ -268,6 +313,40 @@ def _split_is_exact(loaded: LoadedModel) -> bool:
     return bool((split - full).abs().max() <= tolerance * scale)
 
 
+@torch.inference_mode()
+def _is_causal(loaded: LoadedModel) -> bool:
+    """Probe that the logits at a position do not depend on later tokens.
+
+    Some encoders (BERT-style masked LMs) load through AutoModelForCausalLM, so the class alone
+    does not prove causality. Two inputs share their first half and differ in the second; a
+    causal model gives the same first-half logits. Positions whose logits are not finite in
+    either input are not compared (a model producing NaN is reported per token, not here).
+    """
+    vocab = min(loaded.logits_width, len(loaded.tokenizer))
+    if vocab < 2:
+        return True
+    gen = torch.Generator().manual_seed(1)
+    first = torch.randint(0, vocab, (1, 8), generator=gen)
+    second = first.clone()
+    second[0, 4:] = (first[0, 4:] + torch.randint(1, vocab, (4,), generator=gen)) % vocab
+    outputs = []
+    # Two separate forwards of one shape: rows of one batch could interact (e.g. MoE capacity).
+    for ids in (first, second):
+        ids = ids.to(loaded.device)
+        try:
+            out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        except Exception:  # the real run will report a failing forward with its own message
+            return True
+        outputs.append(out.logits[0, :4].float())
+    a, b = outputs
+    both = torch.isfinite(a) & torch.isfinite(b)
+    if not bool(both.any()):
+        return True
+    tolerance = 1e-4 if loaded.model.dtype == torch.float32 else 1e-2
+    scale = max(1.0, float(a[both].abs().max()))
+    return bool((a[both] - b[both]).abs().max() <= tolerance * scale)
+
+
 def _resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype | str:
     if spec.dtype == "auto":
         return "auto"
@@ -284,19 +363,9 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedMod
     quiet_hf_logging()
     device = device or resolve_device(spec.device)
     local = _is_local(spec)
+    _check_source(spec)
     if local:
-        directory = Path(spec.model).expanduser()
-        if not directory.is_dir():
-            raise ModelLoadError(
-                f"model path '{spec.model}' is a file, not a model directory",
-                "pass the directory that holds config.json and the weights",
-            )
-        if not (directory / "config.json").exists():
-            raise ModelLoadError(
-                f"'{spec.model}' has no config.json, so it is not a Hugging Face model directory",
-                "pass a directory written by save_pretrained (config.json + weights)",
-            )
-        _check_pickle_policy(spec, directory)
+        _check_pickle_policy(spec, Path(spec.model).expanduser())
 
     tokenizer = load_tokenizer(spec)
     kwargs: dict[str, Any] = {
@@ -325,6 +394,12 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedMod
     loaded.head = _make_head(model)
     if loaded.head is not None and not _split_is_exact(loaded):
         loaded.head = None
+    if not _is_causal(loaded):
+        raise ModelLoadError(
+            f"'{spec.model}' is not a causal language model: its prediction at a position "
+            "changes when later tokens change (a bidirectional encoder such as BERT?)",
+            "pass a decoder-only language model",
+        )
     loaded.description = describe_model(loaded, source, local)
     return loaded
 
@@ -338,13 +413,14 @@ def _apply_adapter(model: Any, spec: ModelSpec) -> Any:
         ) from exc
     adapter_dir = Path(spec.adapter or "").expanduser()
     config_path = adapter_dir / "adapter_config.json"
+    made_for, base_name = "", None
     if adapter_dir.exists() and config_path.exists():
-        base_name = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        try:
+            base_name = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base_name = None
         if base_name and not _same_model_name(base_name, spec.model):
-            warnings.warn(
-                f"adapter {spec.adapter} was trained on '{base_name}', applied to '{spec.model}'",
-                stacklevel=2,
-            )
+            made_for = f" (it was made for '{base_name}')"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -352,13 +428,18 @@ def _apply_adapter(model: Any, spec: ModelSpec) -> Any:
                                               else spec.adapter)
     except Exception as exc:
         text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        if "size mismatch" in str(exc):
+        if "size mismatch" in str(exc) or "not found in the base model" in str(exc):
+            reason = "tensor shapes differ" if "size mismatch" in str(exc) else text
             raise ModelLoadError(
-                f"adapter '{spec.adapter}' does not fit model '{spec.model}' (tensor shapes differ)",
+                f"adapter '{spec.adapter}' does not fit model '{spec.model}'{made_for}: {reason}",
                 "apply the adapter to the base model it was trained on",
             ) from exc
-        raise ModelLoadError(f"cannot load adapter '{spec.adapter}': {text}",
+        raise ModelLoadError(f"cannot load adapter '{spec.adapter}'{made_for}: {text}",
                              "check the adapter path") from exc
+    if made_for:
+        # Shapes fit, so it may be a renamed copy of the right base; say so, do not refuse.
+        warnings.warn(LmklWarning(f"adapter '{spec.adapter}' was made for '{base_name}' and is "
+                                  f"applied to '{spec.model}'"), stacklevel=2)
     # Merging gives a plain model whose forward (and decoder/head split) is the adapted one.
     return model.merge_and_unload()
 

@@ -27,6 +27,7 @@ from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 from lmkl.data import Corpus, Window, load_corpus, make_windows
 from lmkl.divergence import TOKEN_METRIC_NAMES, token_metrics
 from lmkl.errors import Interrupted, ResumeError, UsageError
+from lmkl.interrupt import GracefulStop
 from lmkl.models import (
     LoadedModel,
     check_tokenizers_match,
@@ -37,7 +38,7 @@ from lmkl.models import (
     tokenizer_adds_bos,
 )
 from lmkl.stats import summarize
-from lmkl.store import RunDirectory, tokens_table, write_json
+from lmkl.store import RunDirectory, tokens_table
 
 ProgressCallback = Callable[[int, int], None]
 LogCallback = Callable[[str], None]
@@ -180,6 +181,7 @@ def score_batch(
             ref_logits = reference.logits(ref_rows[start:stop])[..., :vocab_size]
             cand_logits = candidate.logits(cand_rows[start:stop])[..., :vocab_size]
             cand_logits = cand_logits.to(ref_logits.device)
+            ref_logits, cand_logits = _overflow_as_nan(ref_logits), _overflow_as_nan(cand_logits)
             metrics = token_metrics(ref_logits, cand_logits, targets[start:stop],
                                     temperature=temperature)
             tracker.offer(metrics["kl"], ref_logits, cand_logits, start, temperature)
@@ -189,6 +191,20 @@ def score_batch(
         }
         worst[candidate.label] = tracker.result()
     return per_candidate, worst
+
+
+def _overflow_as_nan(logits: torch.Tensor) -> torch.Tensor:
+    """In float16, an infinite logit means overflow (its range ends at 65504), not a mask.
+
+    Such rows are made NaN so that token_metrics counts them as non-finite and every statistic
+    excludes them; in wider dtypes a ``-inf`` logit is a deliberate mask and is kept.
+    """
+    if logits.dtype != torch.float16:
+        return logits
+    overflow = ~torch.isfinite(logits).all(-1)
+    if not bool(overflow.any()):
+        return logits
+    return torch.where(overflow[:, None], torch.full_like(logits, float("nan")), logits)
 
 
 def _batch_table(batch: Batch, per_candidate: dict[str, dict[str, np.ndarray]]) -> Any:
@@ -290,72 +306,122 @@ def run_comparison(
     log = log or (lambda _msg: None)
     if not candidates:
         raise UsageError("no candidate model given", "name at least one candidate")
+    if resume and output.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other",
+                         "pass --resume to continue the run, or --overwrite to replace it")
+    if resume and not output.dir:
+        raise UsageError("--resume needs the run directory to continue",
+                         "pass --resume --out DIR with the directory of the interrupted run")
     candidates = _unique_labels(candidates)
     config = resolved_config(reference, candidates, data, windows, compute)
     out_path = Path(output.dir) if output.dir else default_run_dir(reference, candidates)
-    if not resume:
-        RunDirectory.check_new(out_path, output.overwrite)
+    # Check the output before loading models (which can take minutes), but create the directory
+    # only once models and data are known to be usable, so a typo leaves nothing behind.
+    run_dir: RunDirectory | None = None
+    if resume:
+        run_dir = _open_for_resume(out_path, config, log)
+    else:
+        RunDirectory.check_new(out_path, overwrite=output.overwrite)
 
     started = _dt.datetime.now(_dt.timezone.utc)
     torch.manual_seed(compute.seed)
-    ref_model, cand_models = load_models(reference, candidates, log)
-    check_context_length([ref_model, *cand_models], windows)
-    vocab_size, padded = shared_vocab_size([ref_model, *cand_models])
-    chunk = compute.chunk_size(vocab_size)
+    try:
+        # Data first: a wrong path should not wait for a large model to load.
+        log(f"reading data {data.source}")
+        corpus = load_corpus(data)
+        ref_model, cand_models = load_models(reference, candidates, log)
+        check_context_length([ref_model, *cand_models], windows)
+        vocab_size, padded = shared_vocab_size([ref_model, *cand_models])
+        chunk = compute.chunk_size(vocab_size)
 
-    log(f"reading data {data.source}")
-    corpus = load_corpus(data)
-    window_list = make_windows(corpus, ref_model.tokenizer, windows,
-                               tokenizer_adds_bos(ref_model.tokenizer), compute.max_tokens)
-    total_targets = sum(w.num_targets for w in window_list)
-    pad_id = ref_model.tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else 0
-    # Created only now, so that a run that fails on its inputs leaves nothing behind.
-    run_dir = _open_run_dir(out_path, config, resume=resume, overwrite=output.overwrite)
+        window_list = make_windows(corpus, ref_model.tokenizer, windows,
+                                   tokenizer_adds_bos(ref_model.tokenizer), compute.max_tokens)
+        total_targets = sum(w.num_targets for w in window_list)
+        part_targets = [sum(w.num_targets for w in window_list[i:i + compute.batch_size])
+                        for i in range(0, len(window_list), compute.batch_size)]
+        identity = run_identity([ref_model, *cand_models], corpus, window_list, part_targets)
+        pad_id = ref_model.tokenizer.pad_token_id
+        pad_id = pad_id if pad_id is not None else 0
 
-    done_parts = len(run_dir.completed_parts())
+        if run_dir is None:
+            run_dir = RunDirectory.create(out_path, overwrite=output.overwrite)
+            run_dir.write_config(config)
+            run_dir.write_progress(identity)
+            done_parts: set[int] = set()
+        else:
+            done_parts = _resumable_parts(run_dir, identity, part_targets, len(cand_models), log)
+    except KeyboardInterrupt as exc:
+        raise Interrupted("interrupted before any token was scored",
+                          "rerun the command" + (" with --resume" if resume else "")) from exc
+
     done_tokens = scored_now = 0
     seconds = 0.0
     padded_slots = real_slots = 0
     try:
-        for index, batch in enumerate(make_batches(window_list, compute.batch_size, pad_id)):
-            if index < done_parts:
+        with GracefulStop(lambda name: log(f"{name}: finishing the current part, then stopping "
+                                           "(press Ctrl-C again to stop at once)")) as stop:
+            for index, batch in enumerate(make_batches(window_list, compute.batch_size, pad_id)):
+                if index in done_parts:
+                    done_tokens += batch.targets.numel()
+                    continue
+                t0 = time.perf_counter()
+                per_candidate, worst = score_batch(batch, ref_model, cand_models, vocab_size,
+                                                   chunk, compute.temperature, compute.worst_k)
+                seconds += time.perf_counter() - t0
+                real_slots += int(batch.attention_mask.sum())
+                padded_slots += batch.attention_mask.numel()
+                _save_batch(run_dir, index, batch, per_candidate, worst)
                 done_tokens += batch.targets.numel()
-                continue
-            t0 = time.perf_counter()
-            per_candidate, worst = score_batch(batch, ref_model, cand_models, vocab_size, chunk,
-                                               compute.temperature, compute.worst_k)
-            seconds += time.perf_counter() - t0
-            real_slots += int(batch.attention_mask.sum())
-            padded_slots += batch.attention_mask.numel()
-            _save_batch(run_dir, index, batch, per_candidate, worst)
-            done_tokens += batch.targets.numel()
-            scored_now += batch.targets.numel()
-            if progress:
-                progress(done_tokens, total_targets)
+                scored_now += batch.targets.numel()
+                if progress:
+                    progress(done_tokens, total_targets)
+                if stop.requested and done_tokens < total_targets:
+                    raise Interrupted(
+                        f"stopped ({stop.signal_name}) after {done_tokens} of {total_targets} "
+                        f"tokens; {len(run_dir.completed_indices())} completed parts are kept in "
+                        f"{run_dir.path}",
+                        f"continue with the same command plus --resume --out {run_dir.path}",
+                    )
+
+            ended = _dt.datetime.now(_dt.timezone.utc)
+            results = _build_results(
+                run_dir, config, ref_model, cand_models, corpus, window_list, windows, vocab_size,
+                padded, chunk, seconds, scored_now, started, ended, real_slots, padded_slots,
+            )
+            results["provenance"]["resumed_parts"] = len(done_parts)
+            worst_entries = _collect_worst(run_dir, window_list, ref_model.tokenizer,
+                                           compute.worst_k)
+            run_dir.finalize(results, worst_entries)
     except KeyboardInterrupt as exc:
         raise Interrupted(
-            f"interrupted after {done_tokens} of {total_targets} tokens; completed parts are "
-            f"kept in {run_dir.path}",
+            f"interrupted after {done_tokens} of {total_targets} tokens; "
+            f"{len(run_dir.completed_indices())} completed parts are kept in {run_dir.path}",
             f"continue with the same command plus --resume --out {run_dir.path}",
         ) from exc
-
-    ended = _dt.datetime.now(_dt.timezone.utc)
-    results = _build_results(
-        run_dir, config, ref_model, cand_models, corpus, window_list, windows, vocab_size, padded,
-        chunk, seconds, scored_now, started, ended, real_slots, padded_slots,
-    )
-    worst_entries = _collect_worst(run_dir, window_list, ref_model.tokenizer, compute.worst_k)
-    run_dir.finalize(results, worst_entries)
     return RunOutcome(path=run_dir.path, results=results)
 
 
-def _open_run_dir(path: Path, config: dict[str, Any], *, resume: bool,
-                  overwrite: bool) -> RunDirectory:
-    if not resume:
-        run_dir = RunDirectory.create(path, overwrite=overwrite)
-        run_dir.write_config(config)
-        return run_dir
+def run_identity(models: list[LoadedModel], corpus: Corpus, windows: list[Window],
+                 part_targets: list[int]) -> dict[str, Any]:
+    """What a run's numbers are computed from, beyond its options: kept to validate a resume.
+
+    Model weights are identified by their content hash (local) or resolved revision (hub), the
+    data by its fingerprint; lmkl's version is included because windowing may change with it.
+    """
+    identity = {
+        "lmkl": lmkl.__version__,
+        "models": [[m.label, m.description.get("weights_sha256")
+                    or m.description.get("resolved_revision")] for m in models],
+        "data_fingerprint": corpus.description.get("fingerprint"),
+        "windows": len(windows),
+        "tokens": sum(part_targets),
+        "parts": len(part_targets),
+    }
+    return json.loads(json.dumps(identity))
+
+
+def _open_for_resume(path: Path, config: dict[str, Any], log: LogCallback) -> RunDirectory:
+    """Check that ``path`` holds an unfinished run with the same options; tidy killed writes."""
     run_dir = RunDirectory(path)
     if (path / "results.json").exists():
         raise ResumeError(f"run '{path}' is already complete", "nothing to resume")
@@ -365,14 +431,67 @@ def _open_run_dir(path: Path, config: dict[str, Any], *, resume: bool,
                           "drop --resume to start a new run")
     import yaml
 
-    previous = yaml.safe_load(config_path.read_text())
-    if previous != json.loads(json.dumps(config)):
-        changed = sorted(k for k in config if previous.get(k) != json.loads(json.dumps(config[k])))
+    try:
+        previous = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ResumeError(f"cannot read '{config_path}' of the run to resume",
+                          "start a new run with another --out") from exc
+    current = json.loads(json.dumps(config))
+    if not isinstance(previous, dict) or previous != current:
+        previous = previous if isinstance(previous, dict) else {}
+        changed = sorted(_changed_keys(previous, current))
         raise ResumeError(
             f"cannot resume '{path}': options differ from the original run ({', '.join(changed)})",
-            "resume with the original options, or start a new run with another --out",
+            "resume with the original options (see its config.yaml), or start a new run with "
+            "another --out",
         )
+    removed = run_dir.clean_incomplete()
+    if removed:
+        log(f"removed {len(removed)} leftover files of an interrupted write")
     return run_dir
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the options that differ (``compute.batch_size``, ``candidates``...)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [prefix.rstrip(".")] if old != new else []
+
+
+def _resumable_parts(run_dir: RunDirectory, identity: dict[str, Any], part_targets: list[int],
+                     n_candidates: int, log: LogCallback) -> set[int]:
+    """The completed parts that can be kept; refuse parts computed from other inputs."""
+    previous = run_dir.read_progress().get("identity")
+    if previous is not None and previous != identity:
+        changed = sorted(k for k in identity if previous.get(k) != identity[k])
+        raise ResumeError(
+            f"cannot resume '{run_dir.path}': its inputs changed since it started "
+            f"({', '.join(changed)})",
+            "restore the original model and data files (and lmkl version), or start a new run "
+            "with another --out",
+        )
+    if previous is None:
+        run_dir.write_progress(identity)
+    done: set[int] = set()
+    for index in run_dir.completed_indices():
+        rows = run_dir.part_rows(index)
+        if rows is None:
+            log(f"part {index} is unreadable; computing it again")
+            run_dir.remove_part(index)
+            continue
+        expected = part_targets[index] * n_candidates if index < len(part_targets) else None
+        if rows != expected:
+            raise ResumeError(
+                f"cannot resume '{run_dir.path}': part {index} holds {rows} rows, expected "
+                f"{expected}; it was computed from other inputs",
+                "start a new run with another --out",
+            )
+        done.add(index)
+    log(f"resuming: {len(done)} of {len(part_targets)} parts already complete")
+    return done
 
 
 def _save_batch(run_dir: RunDirectory, index: int, batch: Batch,
@@ -392,16 +511,14 @@ def _save_batch(run_dir: RunDirectory, index: int, batch: Batch,
         for label, entries in worst.items()
     }
     # The worst file goes first: a part counts as complete only once its parquet file exists.
-    write_json(run_dir.parts_dir / f"worst-{index:06d}.json", enriched)
-    run_dir.write_part(index, _batch_table(batch, per_candidate))
+    run_dir.write_part(index, _batch_table(batch, per_candidate), worst=enriched)
 
 
 def _collect_worst(run_dir: RunDirectory, windows: list[Window], tokenizer: Any,
                    k: int) -> list[dict[str, Any]]:
     merged: dict[str, list[dict[str, Any]]] = {}
-    for part in run_dir.completed_parts():
-        worst_path = part.with_name(part.name.replace("part-", "worst-").replace(".parquet",
-                                                                                ".json"))
+    for index in run_dir.completed_indices():
+        worst_path = run_dir.worst_path(index)
         if worst_path.exists():
             for label, entries in json.loads(worst_path.read_text()).items():
                 merged.setdefault(label, []).extend(entries)

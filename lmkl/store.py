@@ -11,15 +11,22 @@ Layout (a contract; see README, "Run directory")::
       progress.json    how many parts are complete (while in progress)
 
 Every file is written atomically (temporary file, fsync, rename), so a killed run never leaves a
-half-written file under its final name.
+half-written file under its final name. A part counts as complete once ``part-NNNNNN.parquet``
+exists; its ``worst-NNNNNN.json`` is written just before it. ``--resume`` removes what a killed
+write can leave behind (``.*.tmp`` files, a worst file without its part) and recomputes from the
+first missing part. A failed write (full disk, unwritable directory) becomes an
+:class:`~lmkl.errors.OutputError` naming the directory; completed parts stay valid.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +58,41 @@ TOKEN_SCHEMA = pa.schema(
     ]
     + [(name, pa.float32()) for name in TOKEN_METRIC_NAMES]
 )
+
+
+#: Test-only hook: ``LMKL_TEST_HOLD=POINT:INDEX`` freezes the process at a named point of a write
+#: (``part-written``: part N's temporary file is complete but not renamed, its worst file exists;
+#: ``part-done``: part N is in place, progress.json not yet updated; ``finalize:0``: tokens.parquet
+#: is written, results.json not yet), printing ``lmkl-test-hold POINT:INDEX`` to stderr, so a test
+#: can SIGKILL it there. A graceful stop request (first Ctrl-C) releases the hold. Never set it in
+#: real use.
+TEST_HOLD_ENV = "LMKL_TEST_HOLD"
+_PART_RE = re.compile(r"^part-(\d{6})\.parquet$")
+
+
+def _test_hold(point: str, index: int = 0) -> None:
+    if os.environ.get(TEST_HOLD_ENV) != f"{point}:{index}":
+        return
+    from lmkl.interrupt import stop_requested
+
+    print(f"lmkl-test-hold {point}:{index}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 300  # never hang forever if the test that set it died
+    while not stop_requested() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@contextmanager
+def _writing(run_dir: Path, what: str) -> Iterator[None]:
+    """Turn an OSError while writing ``what`` (full disk, permissions) into one clear line."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise OutputError(
+            f"cannot write {what} in '{run_dir}': {reason}; completed parts are kept",
+            "free disk space or fix the directory's permissions, then rerun the same command "
+            f"with --resume --out {run_dir}",
+        ) from exc
 
 
 @contextmanager
@@ -111,6 +153,7 @@ class RunDirectory:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._completed: set[int] | None = None  # listed once, then kept up to date
 
     @property
     def parts_dir(self) -> Path:
@@ -118,10 +161,11 @@ class RunDirectory:
 
     @staticmethod
     def check_new(path: Path, overwrite: bool = False) -> None:
-        """Fail fast (before any model loads) if ``path`` cannot take a new run."""
+        """Fail early (before models load) if ``path`` cannot hold a new run; changes nothing."""
         if path.exists() and not path.is_dir():
-            raise OutputError(f"output path '{path}' is a file", "choose a directory for --out")
-        if path.exists() and any(path.iterdir()):
+            raise OutputError(f"output path '{path}' is a file, not a directory",
+                              "choose another --out directory")
+        if path.exists() and not _is_empty(path):
             if not overwrite:
                 raise OutputError(
                     f"output directory '{path}' already holds a run",
@@ -132,13 +176,12 @@ class RunDirectory:
                     f"'{path}' is not empty and is not an lmkl run; refusing to delete it",
                     "choose an empty or new --out directory",
                 )
-
-    @classmethod
-    def create(cls, path: Path, overwrite: bool = False) -> RunDirectory:
-        """Prepare ``path`` for a new run; refuse to replace an existing run unless ``overwrite``."""
-        cls.check_new(path, overwrite)
-        if path.exists() and any(path.iterdir()):
-            shutil.rmtree(path)
+        # Probe writability, then remove whatever the probe created.
+        missing = []
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            missing.append(existing)
+            existing = existing.parent
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".lmkl-write-test"
@@ -147,22 +190,111 @@ class RunDirectory:
         except OSError as exc:
             raise OutputError(f"cannot write to output directory '{path}': {exc.strerror}",
                               "choose a writable --out directory") from exc
+        finally:
+            for directory in missing:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+
+    @classmethod
+    def create(cls, path: Path, overwrite: bool = False) -> RunDirectory:
+        """Prepare ``path`` for a new run; replace an existing run only with ``overwrite``."""
+        cls.check_new(path, overwrite)
+        try:
+            if path.exists() and not _is_empty(path):
+                shutil.rmtree(path)  # check_new allowed it: --overwrite of an lmkl run
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot prepare output directory '{path}': {exc.strerror}",
+                              "choose a writable --out directory") from exc
         return cls(path)
 
     def write_config(self, config: dict[str, Any]) -> None:
-        write_yaml(self.path / "config.yaml", config)
+        with _writing(self.path, "config.yaml"):
+            write_yaml(self.path / "config.yaml", config)
 
     def part_path(self, index: int) -> Path:
         return self.parts_dir / f"part-{index:06d}.parquet"
 
-    def write_part(self, index: int, table: pa.Table) -> None:
-        """Write one durable part, then record it in progress.json."""
-        with atomic_path(self.part_path(index)) as tmp:
-            pq.write_table(table, tmp)
-        write_json(self.path / "progress.json", {"completed_parts": index + 1})
+    def worst_path(self, index: int) -> Path:
+        return self.parts_dir / f"worst-{index:06d}.json"
+
+    def write_part(self, index: int, table: pa.Table, worst: Any = None) -> None:
+        """Write part ``index`` durably (its worst positions first), then update progress.json."""
+        with _writing(self.path, f"part {index}"):
+            if worst is not None:
+                write_json(self.worst_path(index), worst)
+            with atomic_path(self.part_path(index)) as tmp:
+                pq.write_table(table, tmp)
+                _test_hold("part-written", index)
+            self._completed = set(self.completed_indices()) | {index}
+            _test_hold("part-done", index)
+            self.write_progress()
+
+    def write_progress(self, identity: dict[str, Any] | None = None) -> None:
+        """Record the completed parts (and, once, what the run is computed from) in progress.json.
+
+        ``identity`` (data fingerprint, model hashes, window count...) is kept from the first
+        call so that ``--resume`` can refuse to mix parts computed from other inputs.
+        """
+        progress = self.read_progress()
+        if identity is not None:
+            progress["identity"] = identity
+        progress["completed_parts"] = len(self.completed_indices())
+        with _writing(self.path, "progress.json"):
+            write_json(self.path / "progress.json", progress)
+
+    def read_progress(self) -> dict[str, Any]:
+        path = self.path / "progress.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def completed_indices(self) -> list[int]:
+        """Indices of the parts whose file is in place (a part is complete once it exists)."""
+        if self._completed is None:
+            if not self.parts_dir.exists():
+                return []
+            found = (_PART_RE.match(p.name) for p in self.parts_dir.iterdir())
+            self._completed = {int(m.group(1)) for m in found if m}
+        return sorted(self._completed)
+
+    def part_rows(self, index: int) -> int | None:
+        """Row count of a complete part from its footer, or None if the file is unreadable."""
+        try:
+            return int(pq.read_metadata(self.part_path(index)).num_rows)
+        except Exception:  # a damaged file: the caller recomputes the part
+            return None
+
+    def remove_part(self, index: int) -> None:
+        if self._completed is not None:
+            self._completed.discard(index)
+        self.part_path(index).unlink(missing_ok=True)
+        self.worst_path(index).unlink(missing_ok=True)
+
+    def clean_incomplete(self) -> list[str]:
+        """Remove what a killed write leaves: temporary files and worst files without a part."""
+        removed = []
+        for directory in (self.path, self.parts_dir):
+            if not directory.is_dir():
+                continue
+            for path in directory.iterdir():
+                if path.is_file() and (_is_temporary(path.name)):
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
+        done = set(self.completed_indices())
+        if self.parts_dir.is_dir():
+            for path in self.parts_dir.glob("worst-*.json"):
+                index = path.stem.removeprefix("worst-")
+                if not index.isdigit() or int(index) not in done:
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
+        return sorted(removed)
 
     def completed_parts(self) -> list[Path]:
-        return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.exists() else []
+        return [self.part_path(i) for i in self.completed_indices()]
 
     def read_parts(self) -> pa.Table:
         parts = self.completed_parts()
@@ -173,15 +305,29 @@ class RunDirectory:
     def finalize(self, results: dict[str, Any], worst: list[dict[str, Any]]) -> Path:
         """Merge parts into tokens.parquet, write worst.json and results.json, drop the parts."""
         parts = self.completed_parts()
-        with atomic_path(self.path / "tokens.parquet") as tmp:
-            with pq.ParquetWriter(tmp, TOKEN_SCHEMA) as writer:
+        with _writing(self.path, "the final results"):
+            with (atomic_path(self.path / "tokens.parquet") as tmp,
+                  pq.ParquetWriter(tmp, TOKEN_SCHEMA) as writer):
                 for part in parts:
                     writer.write_table(pq.read_table(part, schema=TOKEN_SCHEMA))
-        write_json(self.path / "worst.json", worst)
-        write_json(self.path / "results.json", results)
+            _test_hold("finalize", 0)
+            write_json(self.path / "worst.json", worst)
+            # results.json last: its presence marks the run as finished.
+            write_json(self.path / "results.json", results)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self._completed = None
         (self.path / "progress.json").unlink(missing_ok=True)
         return self.path / "results.json"
+
+
+def _is_temporary(name: str) -> bool:
+    """Files lmkl writes only transiently: atomic-write temporaries and the writability probe."""
+    return (name.startswith(".") and name.endswith(".tmp")) or name == ".lmkl-write-test"
+
+
+def _is_empty(path: Path) -> bool:
+    """No entries except leftovers of an interrupted write (which hold no results)."""
+    return all(_is_temporary(p.name) for p in path.iterdir())
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import errno
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from lmkl.errors import EXIT_RUNTIME, ConfigError, LmklError
+from lmkl.errors import EXIT_RUNTIME, ConfigError, LmklError, LmklWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,13 +51,26 @@ def report_error(exc: BaseException) -> int:
     return EXIT_RUNTIME
 
 
+def _show_warning(original: Callable[..., None], message: Warning | str,
+                  category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """lmkl's own warnings as one line (``warning: ...``); others as Python prints them."""
+    if issubclass(category, LmklWarning):
+        stderr.print(f"[bold yellow]warning:[/bold yellow] {message}", highlight=False,
+                     soft_wrap=True)
+    else:
+        original(message, category, *args, **kwargs)
+
+
 def friendly_errors(func: F) -> F:
     """Turn exceptions into one-line messages and documented exit codes (LMKL_DEBUG=1: raise)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():  # restores showwarning afterwards
+                original = warnings.showwarning
+                warnings.showwarning = functools.partial(_show_warning, original)
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt:

@@ -1,0 +1,121 @@
+"""Helpers for tests that drive `lmkl compare` in-process (CliRunner) or as a subprocess.
+
+Subprocesses can be frozen at a precise point of a write with the test-only hook
+``LMKL_TEST_HOLD`` (see lmkl/store.py): the process prints a marker and waits there, so a test
+can kill or interrupt it at that point without relying on timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from lmkl.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Fields that legitimately differ between two runs of the same comparison.
+VOLATILE = ("provenance", "throughput")
+
+
+def compare_args(tiny_pair: dict[str, Path], data: Path, out: Path) -> list[str]:
+    """Options giving ~10 small parts on the test data, so there are parts before and after."""
+    return [
+        "compare",
+        str(tiny_pair["reference"]),
+        str(tiny_pair["candidate"]),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--context-length",
+        "64",
+        "--stride",
+        "32",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
+
+
+def invoke(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(app, args)
+    return result.exit_code, result.output
+
+
+def spawn(args: list[str], hold: str) -> subprocess.Popen[str]:
+    env = dict(
+        os.environ,
+        LMKL_TEST_HOLD=hold,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmkl", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_for_hold(proc: subprocess.Popen[str], hold: str, timeout: float = 300) -> None:
+    """Block until the process reports it is held at ``hold``; fail if it exits first."""
+    assert proc.stderr is not None
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stderr, selectors.EVENT_READ)
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=1):
+            continue
+        line = proc.stderr.readline()
+        if not line:
+            proc.wait()
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"lmkl exited ({proc.returncode}) before {hold}: {''.join(seen)}{out}")
+        seen.append(line)
+        if line.strip() == f"lmkl-test-hold {hold}":
+            return
+    proc.kill()
+    pytest.fail(f"lmkl did not reach {hold} in {timeout} s: {''.join(seen)}")
+
+
+def kill_at(args: list[str], hold: str) -> None:
+    proc = spawn(args, hold)
+    try:
+        wait_for_hold(proc, hold)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def assert_same_run(got: Path, want: Path) -> None:
+    """Same per-token rows in the same order, same statistics (timing/provenance aside)."""
+    a, b = pq.read_table(got / "tokens.parquet"), pq.read_table(want / "tokens.parquet")
+    assert a.schema == b.schema
+    assert a.num_rows == b.num_rows
+    keys = list(zip(*(a[c].to_pylist() for c in ("candidate", "doc_id", "position")), strict=True))
+    assert len(set(keys)) == len(keys), "duplicate rows"
+    assert a.equals(b)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (got, want))
+    for key in VOLATILE:
+        ra.pop(key), rb.pop(key)
+    assert ra == rb
+    assert json.loads((got / "worst.json").read_text()) == json.loads(
+        (want / "worst.json").read_text()
+    )
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())

@@ -1,0 +1,59 @@
+"""Kill `lmkl compare` with SIGKILL at precise points, resume it, and get the uninterrupted result.
+
+The points are reached through the test-only hook ``LMKL_TEST_HOLD`` (see lmkl/store.py): the
+process prints a marker and waits there, and the test kills it. No timing is involved.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+from runtools import assert_same_run, compare_args, invoke, kill_at
+
+
+def test_sigkill_at_several_points_then_resume_equals_uninterrupted_run(
+    tiny_pair, small_jsonl, tmp_path
+):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    code, output = invoke(compare_args(tiny_pair, small_jsonl, full))
+    assert code == 0, output
+    n_parts = json.loads((full / "results.json").read_text())["provenance"]["resumed_parts"]
+    assert n_parts == 0
+    parts = killed / "parts"
+
+    # 1. Killed while part 1 is being written: its temporary file and worst file exist.
+    args = compare_args(tiny_pair, small_jsonl, killed)
+    kill_at(args, "part-written:1")
+    assert (parts / "part-000000.parquet").exists()
+    assert not (parts / "part-000001.parquet").exists()
+    assert (parts / "worst-000001.json").exists()  # a worst file without its part
+    assert [p for p in parts.iterdir() if p.name.startswith(".part-000001")]  # orphan temp file
+    assert not (killed / "results.json").exists()
+
+    # A plain rerun refuses to touch the interrupted run.
+    code, output = invoke(args)
+    assert code == 1 and "--resume" in output
+
+    # 2. Resumed, then killed after part 4 is in place but before progress.json records it.
+    kill_at([*args, "--resume"], "part-done:4")
+    assert not [p for p in parts.iterdir() if p.name.endswith(".tmp")]  # cleaned on resume
+    assert (parts / "part-000004.parquet").exists()
+    assert json.loads((killed / "progress.json").read_text())["completed_parts"] == 4
+
+    # 3. Resumed, then killed during finalisation: tokens.parquet exists, results.json not yet.
+    kill_at([*args, "--resume"], "finalize:0")
+    assert (killed / "tokens.parquet").exists() and not (killed / "results.json").exists()
+
+    # 4. Resumed to the end.
+    code, output = invoke([*args, "--resume"])
+    assert code == 0, output
+    assert_same_run(killed, full)
+    resumed = json.loads((killed / "results.json").read_text())["provenance"]["resumed_parts"]
+    windows = len(pq.read_table(full / "tokens.parquet").column("window_id").unique())
+    assert resumed == -(-windows // 2)  # every part was complete before the last resume
+    assert not parts.exists() and not (killed / "progress.json").exists()
+
+    # A finished run cannot be resumed again.
+    code, output = invoke([*args, "--resume"])
+    assert code == 1 and "already complete" in output
