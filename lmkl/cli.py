@@ -4,6 +4,7 @@ Usage::
 
     lmkl demo                                   # offline end-to-end example
     lmkl compare REFERENCE CANDIDATE --data held_out.jsonl --out runs/x
+    lmkl run configs/precision.yaml             # a YAML experiment: many candidates, ranked
 
 ``lmkl --help`` stays instant: torch and transformers are imported inside command bodies only.
 """
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 from lmkl import __version__
-from lmkl.commands import compare, demo
+from lmkl.commands import compare, demo, init, run, validate
 
 app = typer.Typer(
     name="lmkl",
@@ -27,7 +28,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (compare, demo):
+for module in (compare, demo, run, validate, init):
     module.register(app)
 
 
