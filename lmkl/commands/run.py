@@ -94,7 +94,8 @@ def run(
     """Run the experiment in CONFIG: every candidate against the reference on every dataset,
     then a leaderboard with bootstrap CIs, the Pareto set and quality gates.
 
-    Precedence: command line (options, then key.path=value overrides) > YAML > defaults.
+    Precedence: command line > YAML > defaults; on the command line, options (--out, --limit,
+    --fail-above/--fail-below) beat key.path=value overrides.
     Exit codes: 0 ok, 1 runtime error, 2 config error, 3 a gate failed (results still written).
     """
     apply_offline(offline)
