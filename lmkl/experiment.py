@@ -56,8 +56,14 @@ RANK_METRICS: dict[str, tuple[str, bool]] = {
     "top1_in_top5.mean": ("top1_in_top5", True),
 }
 RankMetric = Literal[
-    "kl.mean", "reverse_kl.mean", "jsd.mean", "ln_ppl_ratio.mean", "nll.candidate",
-    "delta_p.mean", "top1_agreement.mean", "top1_in_top5.mean",
+    "kl.mean",
+    "reverse_kl.mean",
+    "jsd.mean",
+    "ln_ppl_ratio.mean",
+    "nll.candidate",
+    "delta_p.mean",
+    "top1_agreement.mean",
+    "top1_in_top5.mean",
 ]
 SizeKey = Literal["parameters", "disk_bytes", "memory_bytes"]
 
@@ -93,26 +99,37 @@ class RankingSpec(StrictModel):
     """How candidates are ranked and how sure the ranking is."""
 
     metric: RankMetric = Field(
-        "kl.mean", description="Per-token mean to rank by (lower is better except top1_* and "
-        "delta_p).")
+        "kl.mean",
+        description="Per-token mean to rank by (lower is better except top1_* and delta_p).",
+    )
     average: Literal["micro", "macro"] = Field(
-        "micro", description="Over several datasets: micro pools all tokens; macro averages the "
-        "datasets' means with their weights.")
-    resamples: int = Field(1000, ge=50, le=100_000,
-                           description="Bootstrap resamples (documents drawn with replacement).")
+        "micro",
+        description="Over several datasets: micro pools all tokens; macro averages the "
+        "datasets' means with their weights.",
+    )
+    resamples: int = Field(
+        1000,
+        ge=50,
+        le=100_000,
+        description="Bootstrap resamples (documents drawn with replacement).",
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the CIs.")
     size: SizeKey = Field(
-        "parameters", description="Size used for the Pareto set: parameters, disk_bytes (weight "
-        "files) or memory_bytes (parameters × bytes per parameter of the loaded dtype).")
+        "parameters",
+        description="Size used for the Pareto set: parameters, disk_bytes (weight "
+        "files) or memory_bytes (parameters × bytes per parameter of the loaded dtype).",
+    )
 
 
 class GateSpec(StrictModel):
     """Quality gates: ``{metric path: limit}``; nested YAML maps are flattened to dotted paths."""
 
     fail_above: dict[str, float] = Field(
-        default_factory=dict, description="Maxima, e.g. {kl.mean: 0.05, kl.p99: 2.0}.")
+        default_factory=dict, description="Maxima, e.g. {kl.mean: 0.05, kl.p99: 2.0}."
+    )
     fail_below: dict[str, float] = Field(
-        default_factory=dict, description="Minima, e.g. {top1_agreement: 0.9}.")
+        default_factory=dict, description="Minima, e.g. {top1_agreement: 0.9}."
+    )
 
     @field_validator("fail_above", "fail_below", mode="before")
     @classmethod
@@ -146,11 +163,12 @@ class GateSpec(StrictModel):
             raise ValueError("; ".join(problems))
         return out
 
-    def merged(self, fail_above: Mapping[str, float],
-               fail_below: Mapping[str, float]) -> GateSpec:
+    def merged(self, fail_above: Mapping[str, float], fail_below: Mapping[str, float]) -> GateSpec:
         """These gates with command-line ones added (the command line wins per metric)."""
-        return GateSpec(fail_above={**self.fail_above, **fail_above},
-                        fail_below={**self.fail_below, **fail_below})
+        return GateSpec(
+            fail_above={**self.fail_above, **fail_above},
+            fail_below={**self.fail_below, **fail_below},
+        )
 
     def gates(self) -> list[Any]:
         from lmkl.gates import gates_from_mapping
@@ -170,8 +188,11 @@ class NoiseFloorSpec(StrictModel):
 
     enabled: bool = Field(False, description="Add the noise-floor row.")
     relative_std: float = Field(
-        1e-3, gt=0, le=0.1,
-        description="Relative size of the weight noise (1e-3 ≈ float16/bfloat16 rounding).")
+        1e-3,
+        gt=0,
+        le=0.1,
+        description="Relative size of the weight noise (1e-3 ≈ float16/bfloat16 rounding).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -184,15 +205,23 @@ class ExperimentConfig(StrictModel):
 
     name: str = Field(min_length=1, description="Names the run directory and the report.")
     description: str | None = Field(None, description="Free text shown in results.json.")
-    seed: int = Field(0, description="Seed for the bootstrap, the noise floor and torch "
-                      "(copied to compute.seed unless that is set).")
-    reference: ModelSpec = Field(description="The reference model P (teacher, full precision, "
-                                 "final checkpoint).")
+    seed: int = Field(
+        0,
+        description="Seed for the bootstrap, the noise floor and torch "
+        "(copied to compute.seed unless that is set).",
+    )
+    reference: ModelSpec = Field(
+        description="The reference model P (teacher, full precision, final checkpoint)."
+    )
     candidates: list[CandidateSpec] = Field(
-        min_length=1, description="Candidate models Q, each with a unique label; optional "
-        "group, params and step metadata.")
-    datasets: list[DataSpec] = Field(min_length=1, description="Text sources; each gets its "
-                                     "own sub-run, then micro and macro averages.")
+        min_length=1,
+        description="Candidate models Q, each with a unique label; optional "
+        "group, params and step metadata.",
+    )
+    datasets: list[DataSpec] = Field(
+        min_length=1,
+        description="Text sources; each gets its own sub-run, then micro and macro averages.",
+    )
     windowing: ExperimentWindows = Field(default_factory=ExperimentWindows)
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     output: ExperimentOutput = Field(default_factory=ExperimentOutput)
@@ -218,8 +247,7 @@ class ExperimentConfig(StrictModel):
         names = [dataset_dir_name(d) for d in value]
         for name in names:
             if names.count(name) > 1:
-                raise ValueError(f"two datasets are both named '{name}'; give them distinct "
-                                 "labels")
+                raise ValueError(f"two datasets are both named '{name}'; give them distinct labels")
         return value
 
     @model_validator(mode="after")
@@ -251,24 +279,31 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' does not exist",
-                          "check the path, or create one with `lmkl init`") from None
+        raise ConfigError(
+            f"config file '{path}' does not exist", "check the path, or create one with `lmkl init`"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file '{path}': {exc}",
-                          "check the file and its permissions") from None
+        raise ConfigError(
+            f"cannot read config file '{path}': {exc}", "check the file and its permissions"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"'{path}' is not valid YAML{where}: {problem}",
-                          "fix the YAML syntax (indentation, colons, quotes)") from None
+        raise ConfigError(
+            f"'{path}' is not valid YAML{where}: {problem}",
+            "fix the YAML syntax (indentation, colons, quotes)",
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"'{path}' must hold a mapping of keys (name, reference, candidates, "
-                          f"...), not a {type(raw).__name__}", "see `lmkl init --list`")
+        raise ConfigError(
+            f"'{path}' must hold a mapping of keys (name, reference, candidates, "
+            f"...), not a {type(raw).__name__}",
+            "see `lmkl init --list`",
+        )
     return raw
 
 
@@ -351,8 +386,9 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     return lines
 
 
-def validate_config(raw: Mapping[str, Any], source: str = "config",
-                    problems: Sequence[str] = ()) -> ExperimentConfig:
+def validate_config(
+    raw: Mapping[str, Any], source: str = "config", problems: Sequence[str] = ()
+) -> ExperimentConfig:
     """Validate a raw mapping; raise one :class:`ConfigError` listing ``problems`` and all
     schema errors."""
     found = list(problems)
@@ -363,13 +399,17 @@ def validate_config(raw: Mapping[str, Any], source: str = "config",
         found.extend(format_validation_error(exc))
     if found or config is None:
         count = f"{len(found)} problem{'s' if len(found) != 1 else ''}"
-        raise ConfigError(f"{source}: {count}", "fix the lines above (lmkl validate --schema "
-                          "prints the schema)", problems=found)
+        raise ConfigError(
+            f"{source}: {count}",
+            "fix the lines above (lmkl validate --schema prints the schema)",
+            problems=found,
+        )
     return config
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = (),
-                settings: Mapping[str, Any] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path, overrides: Iterable[str] = (), settings: Mapping[str, Any] | None = None
+) -> ExperimentConfig:
     """Read ``path``, apply ``overrides`` (command line > YAML > defaults) and validate.
 
     ``settings`` maps dotted paths to already-typed values (from command-line options such as
@@ -408,8 +448,7 @@ def example_names() -> list[str]:
     from importlib import resources
 
     root = resources.files("lmkl") / "examples"
-    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
 def example_text(name: str) -> str:

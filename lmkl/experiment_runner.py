@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from lmkl.config import ComputeSpec, ModelSpec, OutputSpec
-from lmkl.errors import ConfigError, ResumeError, UsageError
+from lmkl.errors import ConfigError, Interrupted, ResumeError, UsageError
 from lmkl.experiment import (
     NOISE_FLOOR_LABEL,
     RANK_METRICS,
@@ -50,8 +50,15 @@ ProgressCallback = Callable[[str, int, int], None]
 
 #: Scalar metrics averaged over datasets (with the datasets' weights) for the macro view.
 MACRO_METRICS = (
-    "kl.mean", "reverse_kl.mean", "jsd.mean", "ln_ppl_ratio.mean", "nll.reference",
-    "nll.candidate", "top1_agreement.mean", "top1_in_top5.mean", "delta_p.mean",
+    "kl.mean",
+    "reverse_kl.mean",
+    "jsd.mean",
+    "ln_ppl_ratio.mean",
+    "nll.reference",
+    "nll.candidate",
+    "top1_agreement.mean",
+    "top1_in_top5.mean",
+    "delta_p.mean",
 )
 _ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
 
@@ -70,17 +77,21 @@ class ExperimentOutcome:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_demo_values(config: ExperimentConfig,
-                        log: LogCallback | None = None) -> ExperimentConfig:
+def resolve_demo_values(
+    config: ExperimentConfig, log: LogCallback | None = None
+) -> ExperimentConfig:
     """Replace ``demo:reference``-style values by paths in the demo cache (built on first use).
 
-    Datasets named ``demo:...`` keep that name as their label, so directory names do not
-    depend on where the cache lives.
+    Models and datasets named ``demo:NAME`` without a label get NAME as their label, so names
+    and directories do not depend on where the cache lives.
     """
     from lmkl.toy import is_demo_value, resolve_demo_value
 
-    values = [config.reference.model, *(c.model for c in config.candidates),
-              *(d.source for d in config.datasets)]
+    values = [
+        config.reference.model,
+        *(c.model for c in config.candidates),
+        *(d.source for d in config.datasets),
+    ]
     if not any(is_demo_value(v) for v in values):
         return config
     problems = []
@@ -94,18 +105,39 @@ def resolve_demo_values(config: ExperimentConfig,
 
     update: dict[str, Any] = {
         "reference": config.reference.model_copy(
-            update={"model": resolve(config.reference.model, "reference.model"),
-                    "label": config.reference.label or config.reference.display_name}),
-        "candidates": [c.model_copy(update={"model": resolve(c.model, f"candidates.{i}.model")})
-                       for i, c in enumerate(config.candidates)],
-        "datasets": [d.model_copy(update={"source": resolve(d.source, f"datasets.{i}.source"),
-                                          "label": d.label or d.display_name})
-                     for i, d in enumerate(config.datasets)],
+            update={
+                "model": resolve(config.reference.model, "reference.model"),
+                "label": config.reference.label or demo_label(config.reference.model),
+            }
+        ),
+        "candidates": [
+            c.model_copy(update={"model": resolve(c.model, f"candidates.{i}.model")})
+            for i, c in enumerate(config.candidates)
+        ],
+        "datasets": [
+            d.model_copy(
+                update={
+                    "source": resolve(d.source, f"datasets.{i}.source"),
+                    "label": d.label or demo_label(d.source),
+                }
+            )
+            for i, d in enumerate(config.datasets)
+        ],
     }
     if problems:
-        raise ConfigError("unknown demo names", "use demo:reference, demo:candidate or "
-                          "demo:heldout", problems=problems)
+        raise ConfigError(
+            "unknown demo names",
+            "use demo:reference, demo:candidate or demo:heldout",
+            problems=problems,
+        )
     return config.model_copy(update=update)
+
+
+def demo_label(value: str) -> str | None:
+    """``demo:heldout`` → ``heldout``; None for other values (their default label stays)."""
+    from lmkl.toy import DEMO_SCHEME
+
+    return value.removeprefix(DEMO_SCHEME) if value.startswith(DEMO_SCHEME) else None
 
 
 def perturb_weights(model: Any, relative_std: float, seed: int) -> None:
@@ -139,14 +171,15 @@ def load_noise_floor(reference: ModelSpec, spec: NoiseFloorSpec, seed: int) -> A
 
 
 def noise_floor_spec(reference: ModelSpec) -> ModelSpec:
-    return reference.model_copy(update={"label": NOISE_FLOOR_LABEL, "group": None,
-                                        "step": None, "params": None})
+    return reference.model_copy(
+        update={"label": NOISE_FLOOR_LABEL, "group": None, "step": None, "params": None}
+    )
 
 
 def noise_floor_method(spec: NoiseFloorSpec, seed: int) -> dict[str, Any]:
     return {
         "method": "reference weights w → w·(1 + relative_std·z), z ~ N(0,1) in float32 from "
-                  "torch.Generator().manual_seed(seed), per parameter in named_parameters order",
+        "torch.Generator().manual_seed(seed), per parameter in named_parameters order",
         "relative_std": spec.relative_std,
         "seed": seed,
     }
@@ -174,8 +207,9 @@ def check_models(config: ExperimentConfig, log: LogCallback | None = None) -> li
         if ref_tok is None:
             ref_tok = tokenizer
         else:
-            check_tokenizers_match(ref_tok, tokenizer, (config.reference.display_name,
-                                                        spec.display_name))
+            check_tokenizers_match(
+                ref_tok, tokenizer, (config.reference.display_name, spec.display_name)
+            )
         model_config = _model_config(spec)
         text = model_config.get_text_config() if model_config is not None else None
         limit = None
@@ -188,22 +222,26 @@ def check_models(config: ExperimentConfig, log: LogCallback | None = None) -> li
             raise UsageError(
                 f"context length {config.windowing.context_length} exceeds {spec.display_name}'s"
                 f" maximum of {limit} positions",
-                f"set windowing.context_length={limit} or less")
-        rows.append({
-            "role": "reference" if i == 0 else "candidate",
-            "label": spec.display_name,
-            "model": spec.model,
-            "revision": spec.revision,
-            "dtype": spec.dtype,
-            "device": spec.device,
-            "group": spec.group,
-            "step": spec.step,
-            "params": spec.params,
-            "architecture": (model_config.architectures or [type(model_config).__name__])[0]
-            if model_config is not None else None,
-            "max_positions": limit,
-            "tokenizer_size": len(tokenizer),
-        })
+                f"set windowing.context_length={limit} or less",
+            )
+        rows.append(
+            {
+                "role": "reference" if i == 0 else "candidate",
+                "label": spec.display_name,
+                "model": spec.model,
+                "revision": spec.revision,
+                "dtype": spec.dtype,
+                "device": spec.device,
+                "group": spec.group,
+                "step": spec.step,
+                "params": spec.params,
+                "architecture": (model_config.architectures or [type(model_config).__name__])[0]
+                if model_config is not None
+                else None,
+                "max_positions": limit,
+                "tokenizer_size": len(tokenizer),
+            }
+        )
     return rows
 
 
@@ -218,8 +256,12 @@ def _model_config(spec: ModelSpec) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoConfig.from_pretrained(
-                str(Path(spec.model).expanduser()) if Path(spec.model).expanduser().exists()
-                else spec.model, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+                str(Path(spec.model).expanduser())
+                if Path(spec.model).expanduser().exists()
+                else spec.model,
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+            )
     except Exception as exc:  # transformers raises many types; one line for the user
         raise _translate_load_error(spec, exc, "model config") from exc
 
@@ -239,18 +281,19 @@ def plan_experiment(config: ExperimentConfig, log: LogCallback | None = None) ->
     for spec in config.datasets:
         log(f"reading data {spec.source}")
         corpus = load_corpus(spec)
-        windows = make_windows(corpus, tokenizer, windows_spec, adds_bos,
-                               config.compute.max_tokens)
-        datasets.append({
-            "label": spec.display_name,
-            "dir": f"datasets/{dataset_dir_name(spec)}",
-            "source": spec.source,
-            "weight": spec.weight,
-            "documents": len({w.doc_id for w in windows}),
-            "windows": len(windows),
-            "tokens": sum(w.num_targets for w in windows),
-            "batches": math.ceil(len(windows) / config.compute.batch_size),
-        })
+        windows = make_windows(corpus, tokenizer, windows_spec, adds_bos, config.compute.max_tokens)
+        datasets.append(
+            {
+                "label": spec.display_name,
+                "dir": f"datasets/{dataset_dir_name(spec)}",
+                "source": spec.source,
+                "weight": spec.weight,
+                "documents": len({w.doc_id for w in windows}),
+                "windows": len(windows),
+                "tokens": sum(w.num_targets for w in windows),
+                "batches": math.ceil(len(windows) / config.compute.batch_size),
+            }
+        )
     n_cands = len(config.candidates) + (1 if config.noise_floor.enabled else 0)
     return {
         "name": config.name,
@@ -280,8 +323,9 @@ def default_run_dir(config: ExperimentConfig) -> Path:
 def _comparable(config_dump: dict[str, Any]) -> dict[str, Any]:
     """A config without its output location (what must match for --resume)."""
     out = dict(config_dump)
-    out["output"] = {k: v for k, v in (out.get("output") or {}).items()
-                     if k not in ("dir", "overwrite")}
+    out["output"] = {
+        k: v for k, v in (out.get("output") or {}).items() if k not in ("dir", "overwrite")
+    }
     return out
 
 
@@ -297,15 +341,17 @@ def _open_root(path: Path, config: ExperimentConfig, resume: bool) -> None:
         return
     config_path = path / "config.yaml"
     if not config_path.exists():
-        raise ResumeError(f"'{path}' holds no started experiment to resume",
-                          "drop --resume to start a new run")
+        raise ResumeError(
+            f"'{path}' holds no started experiment to resume", "drop --resume to start a new run"
+        )
     previous = yaml.safe_load(config_path.read_text())
     if _comparable(previous) != _comparable(dump):
         changed = sorted(k for k in dump if previous.get(k) != dump[k] and k != "output")
         raise ResumeError(
             f"cannot resume '{path}': the config differs from the original run "
             f"({', '.join(changed) or 'output'})",
-            "resume with the original config, or start a new run with another --out")
+            "resume with the original config, or start a new run with another --out",
+        )
 
 
 def run_experiment(
@@ -349,16 +395,29 @@ def run_experiment(
             models = load_models(config.reference, specs, log)
             if config.noise_floor.enabled:
                 log("loading the noise-floor copy of the reference")
-                models[1].append(load_noise_floor(config.reference, config.noise_floor,
-                                                  config.seed))
-        outcome = run_comparison(
-            config.reference, list(run_specs), data, windows, compute,
-            OutputSpec(dir=str(sub), overwrite=False),
-            resume=resume and (sub / "config.yaml").exists(),
-            progress=(lambda done, total, _n=data.display_name: progress(_n, done, total))
-            if progress else None,
-            log=log, models=models,
-        )
+                models[1].append(
+                    load_noise_floor(config.reference, config.noise_floor, config.seed)
+                )
+        try:
+            outcome = run_comparison(
+                config.reference,
+                list(run_specs),
+                data,
+                windows,
+                compute,
+                OutputSpec(dir=str(sub), overwrite=False),
+                resume=resume and (sub / "config.yaml").exists(),
+                progress=(lambda done, total, _n=data.display_name: progress(_n, done, total))
+                if progress
+                else None,
+                log=log,
+                models=models,
+            )
+        except Interrupted as exc:  # the hint must name the experiment, not the sub-run
+            raise Interrupted(
+                f"{name}: {exc.message}",
+                f"continue with the same command plus --resume --out {root}",
+            ) from exc
         sub_results.append(outcome.results)
     ended = _dt.datetime.now(_dt.timezone.utc)
 
@@ -367,8 +426,7 @@ def run_experiment(
     write_json(root / "results.json", results)
     if not config.output.save_tokens:
         for data in config.datasets:
-            (root / "datasets" / dataset_dir_name(data) / "tokens.parquet").unlink(
-                missing_ok=True)
+            (root / "datasets" / dataset_dir_name(data) / "tokens.parquet").unlink(missing_ok=True)
     return ExperimentOutcome(path=root, results=results, config=config)
 
 
@@ -404,19 +462,26 @@ def _rank_values(columns: dict[str, np.ndarray], metric: str) -> np.ndarray:
 
 def _size(entry: dict[str, Any], spec: ModelSpec | None) -> dict[str, Any]:
     model = entry.get("model") or {}
-    params = (spec.params if spec is not None and spec.params is not None
-              else model.get("parameters"))
+    params = (
+        spec.params if spec is not None and spec.params is not None else model.get("parameters")
+    )
     itemsize = _ITEMSIZE.get(str(model.get("dtype")))
     return {
         "parameters": params,
         "disk_bytes": model.get("bytes_on_disk"),
         "memory_bytes": model.get("parameters") * itemsize
-        if model.get("parameters") is not None and itemsize else None,
+        if model.get("parameters") is not None and itemsize
+        else None,
     }
 
 
-def combine(root: Path, config: ExperimentConfig, sub_results: list[dict[str, Any]],
-            started: _dt.datetime, ended: _dt.datetime) -> dict[str, Any]:
+def combine(
+    root: Path,
+    config: ExperimentConfig,
+    sub_results: list[dict[str, Any]],
+    started: _dt.datetime,
+    ended: _dt.datetime,
+) -> dict[str, Any]:
     """The top-level results.json from the datasets' sub-runs (see the module docstring)."""
     from lmkl.gates import gates_report, metric_value
     from lmkl.ranking import RankingInput, rank
@@ -429,30 +494,37 @@ def combine(root: Path, config: ExperimentConfig, sub_results: list[dict[str, An
     all_labels = labels + ([NOISE_FLOOR_LABEL] if config.noise_floor.enabled else [])
     metric = config.ranking.metric
 
-    # Align every row's tokens per dataset and give documents global indices.
+    # Align every row's tokens per dataset and give documents global indices. The bootstrap
+    # resamples documents; with llama-cpp windowing the text is one stream, so its chunks.
+    unit_column, unit = (
+        ("window_id", "chunk")
+        if config.windowing.windowing == "llama-cpp"
+        else ("doc_id", "document")
+    )
     doc_parts, strata = [], []
     per_label: dict[str, list[dict[str, np.ndarray]]] = {label: [] for label in all_labels}
-    offset = window_offset = 0
+    offset = window_offset = doc_offset = 0
     for sub in subs:
         first = None
         for label in all_labels:
             cols = _candidate_tokens(sub, label)
             if first is None:
                 first = cols
-            elif not all(np.array_equal(first[k], cols[k]) for k in
-                         (*_KEY_COLUMNS, "token_id")):
+            elif not all(np.array_equal(first[k], cols[k]) for k in (*_KEY_COLUMNS, "token_id")):
                 raise RuntimeError(f"{sub}: candidates were not scored on identical tokens")
             per_label[label].append(cols)
         assert first is not None
-        _, local = np.unique(first["doc_id"], return_inverse=True)
-        n_docs = int(local.max()) + 1 if local.size else 0
+        _, local = np.unique(first[unit_column], return_inverse=True)
+        n_units = int(local.max()) + 1 if local.size else 0
         doc_parts.append(local + offset)
-        strata.append(n_docs)
+        strata.append(n_units)
+        _, local_docs = np.unique(first["doc_id"], return_inverse=True)
         for label in all_labels:  # unique document / window ids across datasets for counts
             cols = per_label[label][-1]
-            cols["doc_id"] = local + offset
+            cols["doc_id"] = local_docs + doc_offset
             cols["window_id"] = cols["window_id"] + window_offset
-        offset += n_docs
+        offset += n_units
+        doc_offset += int(local_docs.max()) + 1 if local_docs.size else 0
         window_offset += int(first["window_id"].max()) + 1 if first["window_id"].size else 0
     doc_index = np.concatenate(doc_parts)
 
@@ -475,13 +547,21 @@ def combine(root: Path, config: ExperimentConfig, sub_results: list[dict[str, An
             "metrics": summarize(cols),
         }
         per_ds = [_entry(r, cand.label)["metrics"] for r in sub_results]
-        entry["macro"] = {m: _weighted([metric_value(x, m) for x in per_ds], weights)
-                          for m in MACRO_METRICS}
+        entry["macro"] = {
+            m: _weighted([metric_value(x, m) for x in per_ds], weights) for m in MACRO_METRICS
+        }
         entry["size"] = _size(first_entry, cand)
         entry["datasets"] = {name: f"datasets/{name}" for name in names}
         candidates.append(entry)
-        info.append({**entry["size"], "group": cand.group, "step": cand.step,
-                     "metrics": entry["metrics"], "index": i})
+        info.append(
+            {
+                **entry["size"],
+                "group": cand.group,
+                "step": cand.step,
+                "metrics": entry["metrics"],
+                "index": i,
+            }
+        )
         del cols
 
     noise = None
@@ -497,24 +577,41 @@ def combine(root: Path, config: ExperimentConfig, sub_results: list[dict[str, An
         }
 
     ranking = rank(
-        RankingInput(labels=labels, values=np.stack(values), doc_index=doc_index,
-                     strata=strata, dataset_labels=[d.display_name for d in config.datasets],
-                     weights=weights, info=info, noise_floor=noise),
-        metric, RANK_METRICS[metric][1], resamples=config.ranking.resamples,
-        confidence=config.ranking.confidence, seed=config.seed,
-        average=config.ranking.average, size_key=config.ranking.size,
-        noise_label=NOISE_FLOOR_LABEL)
+        RankingInput(
+            labels=labels,
+            values=np.stack(values),
+            doc_index=doc_index,
+            strata=strata,
+            dataset_labels=[d.display_name for d in config.datasets],
+            weights=weights,
+            info=info,
+            noise_floor=noise,
+        ),
+        metric,
+        RANK_METRICS[metric][1],
+        resamples=config.ranking.resamples,
+        confidence=config.ranking.confidence,
+        seed=config.seed,
+        average=config.ranking.average,
+        size_key=config.ranking.size,
+        noise_label=NOISE_FLOOR_LABEL,
+        unit=unit,
+    )
 
     gates = gates_report(candidates, config.gates.gates())
     seconds = sum(r.get("throughput", {}).get("seconds") or 0.0 for r in sub_results)
     total_tokens = int(doc_index.size)
     datasets = []
     for spec, name, res in zip(config.datasets, names, sub_results, strict=True):
-        datasets.append({
-            "label": spec.display_name, "dir": f"datasets/{name}", "weight": spec.weight,
-            "data": res.get("data"),
-            "kl_mean": {c["label"]: c["metrics"]["kl"]["mean"] for c in res["candidates"]},
-        })
+        datasets.append(
+            {
+                "label": spec.display_name,
+                "dir": f"datasets/{name}",
+                "weight": spec.weight,
+                "data": res.get("data"),
+                "kl_mean": {c["label"]: c["metrics"]["kl"]["mean"] for c in res["candidates"]},
+            }
+        )
     first = sub_results[0]
     return {
         "schema_version": 1,
@@ -525,8 +622,11 @@ def combine(root: Path, config: ExperimentConfig, sub_results: list[dict[str, An
         "candidates": candidates,
         "noise_floor": noise_entry,
         "datasets": datasets,
-        "data": {"datasets": [d["data"] for d in datasets], "scored_tokens": total_tokens,
-                 "documents": int(sum(strata))},
+        "data": {
+            "datasets": [d["data"] for d in datasets],
+            "scored_tokens": total_tokens,
+            "documents": doc_offset,
+        },
         "windowing": first.get("windowing"),
         "compute": first.get("compute"),
         "ranking": ranking,
@@ -555,4 +655,3 @@ def _entry(results: dict[str, Any], label: str) -> dict[str, Any]:
 def _weighted(values: list[float], weights: list[float]) -> float:
     with np.errstate(invalid="ignore"):
         return float(np.dot(values, weights) / sum(weights))
-

@@ -37,10 +37,13 @@ def metric_paths() -> tuple[str, ...]:
     from lmkl.stats import summarize
 
     n = 4
-    columns: dict[str, np.ndarray] = {name: np.linspace(0.1, 0.4, n) for name in
-                                      TOKEN_METRIC_NAMES}
-    columns |= {"nonfinite": np.zeros(n, bool), "bytes": np.ones(n), "doc_id": np.arange(n),
-                "window_id": np.arange(n)}
+    columns: dict[str, np.ndarray] = {name: np.linspace(0.1, 0.4, n) for name in TOKEN_METRIC_NAMES}
+    columns |= {
+        "nonfinite": np.zeros(n, bool),
+        "bytes": np.ones(n),
+        "doc_id": np.arange(n),
+        "window_id": np.arange(n),
+    }
     columns["kl"] = np.array([0.1, 0.2, 0.3, np.inf])  # so that ``mean_finite`` exists too
     paths: list[str] = []
 
@@ -67,8 +70,11 @@ def normalize_metric_path(path: str) -> str:
     head = path.split(".")[0]
     similar = [p for p in known if p.split(".")[0] == head][:6]
     tops = sorted({p.split(".")[0] for p in known})
-    hint = f"known under '{head}': {', '.join(similar)}" if similar else (
-        f"known metrics: {', '.join(tops)}")
+    hint = (
+        f"known under '{head}': {', '.join(similar)}"
+        if similar
+        else (f"known metrics: {', '.join(tops)}")
+    )
     raise ValueError(f"unknown metric '{path}' ({hint})")
 
 
@@ -104,13 +110,18 @@ class Gate:
         return f"{self.metric} {sign} {self.limit:g}"
 
 
-def gates_from_mapping(fail_above: Mapping[str, float] | None,
-                       fail_below: Mapping[str, float] | None) -> list[Gate]:
+def gates_from_mapping(
+    fail_above: Mapping[str, float] | None, fail_below: Mapping[str, float] | None
+) -> list[Gate]:
     """Gates from ``{metric: limit}`` maps (paths normalised; unknown ones raise ``ValueError``)."""
-    gates = [Gate(normalize_metric_path(m), "fail_above", float(v))
-             for m, v in (fail_above or {}).items()]
-    gates += [Gate(normalize_metric_path(m), "fail_below", float(v))
-              for m, v in (fail_below or {}).items()]
+    gates = [
+        Gate(normalize_metric_path(m), "fail_above", float(v))
+        for m, v in (fail_above or {}).items()
+    ]
+    gates += [
+        Gate(normalize_metric_path(m), "fail_below", float(v))
+        for m, v in (fail_below or {}).items()
+    ]
     return gates
 
 
@@ -136,8 +147,10 @@ def parse_gate_options(values: Iterable[str], option: str) -> dict[str, float]:
         except ValueError:
             problems.append(f"{option} {raw!r}: '{limit}' is not a number")
     if problems:
-        raise UsageError("; ".join(problems), "metric paths follow results.json, e.g. kl.mean, "
-                         "kl.p99, top1_agreement, ppl.ratio")
+        raise UsageError(
+            "; ".join(problems),
+            "metric paths follow results.json, e.g. kl.mean, kl.p99, top1_agreement, ppl.ratio",
+        )
     return out
 
 
@@ -152,12 +165,13 @@ class GateResult:
     def line(self) -> str:
         op = ">" if self.gate.kind == "fail_above" else "<"
         value = "undefined" if math.isnan(self.value) else f"{self.value:.6g}"
-        return (f"{self.candidate}: {self.gate.metric} = {value} {op} {self.gate.limit:g} "
-                f"({self.gate.kind.replace('_', '-')})")
+        return (
+            f"{self.candidate}: {self.gate.metric} = {value} {op} {self.gate.limit:g} "
+            f"({self.gate.kind.replace('_', '-')})"
+        )
 
 
-def evaluate_gates(candidates: Iterable[Mapping[str, Any]],
-                   gates: list[Gate]) -> list[GateResult]:
+def evaluate_gates(candidates: Iterable[Mapping[str, Any]], gates: list[Gate]) -> list[GateResult]:
     """Every (candidate, gate) that fails; ``candidates`` are results.json candidate entries."""
     failures = []
     for cand in candidates:
@@ -176,8 +190,14 @@ def gates_report(candidates: list[Mapping[str, Any]], gates: list[Gate]) -> dict
         "fail_below": {g.metric: g.limit for g in gates if g.kind == "fail_below"},
         "passed": not failures,
         "failures": [
-            {"candidate": f.candidate, "metric": f.gate.metric, "kind": f.gate.kind,
-             "limit": f.gate.limit, "value": f.value, "reason": f.line()}
+            {
+                "candidate": f.candidate,
+                "metric": f.gate.metric,
+                "kind": f.gate.kind,
+                "limit": f.gate.limit,
+                "value": f.value,
+                "reason": f.line(),
+            }
             for f in failures
         ],
     }
@@ -190,7 +210,8 @@ def raise_for_failures(report: Mapping[str, Any], total_candidates: int) -> None
     by_candidate: dict[str, list[str]] = {}
     for failure in report["failures"]:
         by_candidate.setdefault(failure["candidate"], []).append(
-            failure["reason"].split(": ", 1)[1])
+            failure["reason"].split(": ", 1)[1]
+        )
     lines = [f"{label}: {'; '.join(reasons)}" for label, reasons in by_candidate.items()]
     raise GateFailure(
         f"{len(by_candidate)} of {total_candidates} candidates failed a quality gate",

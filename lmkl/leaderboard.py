@@ -56,9 +56,10 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
     reference = results["reference"].get("label", "reference")
     table = Table(
         title=f"Leaderboard: {ranking['metric']} vs reference {reference} "
-              f"({ranking['direction']}; {conf} CI, bootstrap over {ranking['documents']} "
-              f"documents)",
-        title_justify="left")
+        f"({ranking['direction']}; {conf} CI, bootstrap over {ranking['units']} "
+        f"{ranking['unit']}s)",
+        title_justify="left",
+    )
     rows = ranking["leaderboard"]
     has_meta = any(r.get("group") is not None or r.get("step") is not None for r in rows)
     table.add_column("#", justify="right")
@@ -90,8 +91,7 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
         ]
         if noise_rows:
             vs = row.get("vs_noise_floor")
-            cells.append(("yes" if vs["distinguishable"] else "[yellow]no[/yellow]") if vs
-                         else "")
+            cells.append(("yes" if vs["distinguishable"] else "[yellow]no[/yellow]") if vs else "")
         style = "dim" if row["kind"] == "noise_floor" else None
         table.add_row(*cells, style=style)
     return table
@@ -108,23 +108,34 @@ def datasets_table(results: dict[str, Any]) -> Table:
     table.add_column("micro", justify="right")
     table.add_column("macro", justify="right")
     for row in ranking["by_dataset"]:
-        table.add_row(row["label"], *(_num(row["datasets"][n]) for n in names),
-                      _num(row["micro"]), _num(row["macro"]))
+        table.add_row(
+            row["label"],
+            *(_num(row["datasets"][n]) for n in names),
+            _num(row["micro"]),
+            _num(row["macro"]),
+        )
     return table
 
 
 def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     """One checkpoint series: metric, KL and PPL by step, best step marked."""
     group = series["group"] or "checkpoints"
-    table = Table(title=f"{group}: by training step (best: step {series['best']['step']})",
-                  title_justify="left")
+    table = Table(
+        title=f"{group}: by training step (best: step {series['best']['step']})",
+        title_justify="left",
+    )
     for name in ("step", "candidate", metric, "KL mean", "PPL(Q)", "PPL ratio", "best"):
         table.add_column(name, justify="right" if name != "candidate" else "left")
     for point in series["points"]:
-        table.add_row(str(point["step"]), point["label"], _num(point["value"]),
-                      _num(point["kl_mean"]), _num(point["ppl_candidate"], 3),
-                      _num(point["ppl_ratio"]),
-                      "★" if point["step"] == series["best"]["step"] else "")
+        table.add_row(
+            str(point["step"]),
+            point["label"],
+            _num(point["value"]),
+            _num(point["kl_mean"]),
+            _num(point["ppl_candidate"], 3),
+            _num(point["ppl_ratio"]),
+            "★" if point["step"] == series["best"]["step"] else "",
+        )
     return table
 
 
@@ -134,23 +145,29 @@ def print_experiment(results: dict[str, Any], console: Console | None = None) ->
     console.print(summary_table(results))
     console.print(leaderboard_table(results))
     ranking = results["ranking"]
-    console.print("[dim]Δ next: this candidate's value minus the next one's on identical tokens, "
-                  "with its paired-bootstrap CI; flips: share of resamples where their order "
-                  "reverses. ★: Pareto-optimal (no other candidate is both smaller and "
-                  "closer).[/dim]")
+    console.print(
+        "[dim]Δ next: this candidate's value minus the next one's on identical tokens, "
+        "with its paired-bootstrap CI; flips: share of resamples where their order "
+        "reverses. ★: Pareto-optimal (no other candidate is both smaller and "
+        "closer).[/dim]"
+    )
     if len(results.get("datasets", [])) > 1:
         console.print(datasets_table(results))
     for series in ranking.get("checkpoints", []):
         console.print(checkpoints_table(series, ranking["metric"]))
     pareto = ranking["pareto"]
-    console.print(f"Pareto-optimal ({pareto['size'].replace('_', ' ')} vs {ranking['metric']}):"
-                  f" {', '.join(pareto['labels']) or '–'}")
+    console.print(
+        f"Pareto-optimal ({pareto['size'].replace('_', ' ')} vs {ranking['metric']}):"
+        f" {', '.join(pareto['labels']) or '–'}"
+    )
     gates = results.get("gates") or {}
     limits = len(gates.get("fail_above", {})) + len(gates.get("fail_below", {}))
     if limits:
         if gates["passed"]:
-            console.print(f"[green]gates: every candidate passes {limits} gate"
-                          f"{'s' if limits != 1 else ''}[/green]")
+            console.print(
+                f"[green]gates: every candidate passes {limits} gate"
+                f"{'s' if limits != 1 else ''}[/green]"
+            )
         else:
             for failure in gates["failures"]:
                 console.print(f"[red]gate failed:[/red] {failure['reason']}", highlight=False)
@@ -158,25 +175,59 @@ def print_experiment(results: dict[str, Any], console: Console | None = None) ->
 
 def plan_tables(plan: dict[str, Any]) -> list[Table]:
     """The dry-run plan: models and datasets with token counts."""
-    models = Table(title=f"Plan for '{plan['name']}': models (tokenizers checked)",
-                   title_justify="left")
-    for name in ("role", "label", "model", "dtype", "device", "group/step", "architecture",
-                 "max pos"):
+    models = Table(
+        title=f"Plan for '{plan['name']}': models (tokenizers checked)", title_justify="left"
+    )
+    for name in (
+        "role",
+        "label",
+        "model",
+        "dtype",
+        "device",
+        "group/step",
+        "architecture",
+        "max pos",
+    ):
         models.add_column(name)
     for m in plan["models"]:
         meta = " / ".join(str(x) for x in (m["group"], m["step"]) if x is not None)
-        models.add_row(m["role"], m["label"], m["model"], m["dtype"], m["device"], meta,
-                       m["architecture"] or "–", fmt(m["max_positions"]))
+        models.add_row(
+            m["role"],
+            m["label"],
+            m["model"],
+            m["dtype"],
+            m["device"],
+            meta,
+            m["architecture"] or "–",
+            fmt(m["max_positions"]),
+        )
     if plan["noise_floor"]:
-        models.add_row("noise floor", "noise-floor", "(reference + seeded weight noise)", "", "",
-                       "", "", "")
-    data = Table(title="Datasets (tokens scored with the reference tokenizer)",
-                 title_justify="left")
+        models.add_row(
+            "noise floor", "noise-floor", "(reference + seeded weight noise)", "", "", "", "", ""
+        )
+    data = Table(
+        title="Datasets (tokens scored with the reference tokenizer)", title_justify="left"
+    )
     for name in ("dataset", "source", "weight", "documents", "windows", "tokens", "batches"):
         data.add_column(name, justify="left" if name in ("dataset", "source") else "right")
     for d in plan["datasets"]:
-        data.add_row(d["label"], d["source"], fmt(d["weight"], 2), fmt(d["documents"]),
-                     fmt(d["windows"]), fmt(d["tokens"]), fmt(d["batches"]))
-    data.add_row("total", "", "", "", "", fmt(plan["total_tokens"]),
-                 fmt(plan["reference_batches"]), style="bold")
+        data.add_row(
+            d["label"],
+            d["source"],
+            fmt(d["weight"], 2),
+            fmt(d["documents"]),
+            fmt(d["windows"]),
+            fmt(d["tokens"]),
+            fmt(d["batches"]),
+        )
+    data.add_row(
+        "total",
+        "",
+        "",
+        "",
+        "",
+        fmt(plan["total_tokens"]),
+        fmt(plan["reference_batches"]),
+        style="bold",
+    )
     return [models, data]

@@ -55,8 +55,13 @@ class DocSums:
     neg_inf: np.ndarray
 
     @classmethod
-    def from_tokens(cls, values: np.ndarray, doc_index: np.ndarray, n_docs: int,
-                    include: np.ndarray | None = None) -> DocSums:
+    def from_tokens(
+        cls,
+        values: np.ndarray,
+        doc_index: np.ndarray,
+        n_docs: int,
+        include: np.ndarray | None = None,
+    ) -> DocSums:
         """Sum ``values`` by document; NaN values (and those outside ``include``) are left out."""
         values = np.asarray(values, dtype=np.float64)
         keep = ~np.isnan(values)
@@ -113,8 +118,9 @@ class Bootstrap:
         idx = np.empty((rows, n), dtype=np.int64)
         for s, size in enumerate(self.strata):
             lo = self.offsets[s]
-            idx[:, lo:lo + size] = lo + np.minimum((u[:, lo:lo + size] * size).astype(np.int64),
-                                                   size - 1)
+            idx[:, lo : lo + size] = lo + np.minimum(
+                (u[:, lo : lo + size] * size).astype(np.int64), size - 1
+            )
         flat = (idx + (np.arange(rows, dtype=np.int64) * n)[:, None]).ravel()
         return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
 
@@ -183,8 +189,9 @@ def flip_share(diffs: np.ndarray, observed: float) -> float:
     return float(np.mean(np.sign(diffs) != np.sign(observed)))
 
 
-def pareto_front(sizes: Sequence[float | None], scores: Sequence[float],
-                 higher_is_better: bool) -> list[bool | None]:
+def pareto_front(
+    sizes: Sequence[float | None], scores: Sequence[float], higher_is_better: bool
+) -> list[bool | None]:
     """Per item: True if no other item is at most as large and at least as good with one of
     the two strict; None where the size (or score) is unknown."""
     out: list[bool | None] = []
@@ -224,10 +231,23 @@ class RankingInput:
     noise_floor: np.ndarray | None = None
 
 
-def rank(data: RankingInput, metric: str, higher_is_better: bool, *, resamples: int = 1000,
-         confidence: float = 0.95, seed: int = 0, average: str = "micro",
-         size_key: str = "parameters", noise_label: str = "noise-floor") -> dict[str, Any]:
+def rank(
+    data: RankingInput,
+    metric: str,
+    higher_is_better: bool,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    average: str = "micro",
+    size_key: str = "parameters",
+    noise_label: str = "noise-floor",
+    unit: str = "document",
+) -> dict[str, Any]:
     """The ``ranking`` section of results.json (see the module docstring for the method).
+
+    ``unit`` names what ``doc_index`` indexes (``document``; ``chunk`` for llama-cpp windowing,
+    where the whole text is one stream and its chunks are the resampled units).
 
     ``info[k]`` may hold ``group``, ``step``, ``parameters``, ``disk_bytes``, ``memory_bytes``
     and ``metrics`` (the candidate's results.json metrics, for the checkpoint series).
@@ -298,23 +318,33 @@ def rank(data: RankingInput, metric: str, higher_is_better: bool, *, resamples: 
             row["vs_noise_floor"] = vs_noise
         rows.append(row)
     if noise_at is not None:
-        rows.append({
-            "rank": None, "label": noise_label, "kind": "noise_floor", "group": None, "step": None,
-            "value": float(observed[noise_at]), "ci": interval(samples[:, noise_at], confidence),
-            "se_bootstrap": _nanstd(samples[:, noise_at]), "size": None, "pareto": None,
-            "vs_next": None,
-        })
+        rows.append(
+            {
+                "rank": None,
+                "label": noise_label,
+                "kind": "noise_floor",
+                "group": None,
+                "step": None,
+                "value": float(observed[noise_at]),
+                "ci": interval(samples[:, noise_at], confidence),
+                "se_bootstrap": _nanstd(samples[:, noise_at]),
+                "size": None,
+                "pareto": None,
+                "vs_next": None,
+            }
+        )
 
     return {
         "metric": metric,
         "direction": "higher is better" if higher_is_better else "lower is better",
         "average": average,
-        "method": "percentile bootstrap over documents (resampled within each dataset), ratio "
-                  "estimator of per-document sums and token counts",
+        "method": f"percentile bootstrap over {unit}s (resampled within each dataset), ratio "
+        f"estimator of per-{unit} sums and token counts",
         "resamples": resamples,
         "confidence": confidence,
         "seed": seed,
-        "documents": n_docs,
+        "unit": unit,
+        "units": n_docs,
         "tokens": int(data.doc_index.size),
         "leaderboard": rows,
         "pareto": {
@@ -350,15 +380,23 @@ def _by_dataset(data: RankingInput, own: list[DocSums], boot: Bootstrap) -> list
         for s, name in enumerate(data.dataset_labels):
             lo, hi = boot.offsets[s], boot.offsets[s + 1]
             x = own[i]
-            per[name] = float(_ratio(x.sums[lo:hi].sum(), x.counts[lo:hi].sum(),
-                                     x.pos_inf[lo:hi].sum(), x.neg_inf[lo:hi].sum()))
-        out.append({"label": label, "datasets": per, "micro": float(mic[i]),
-                    "macro": float(mac[i])})
+            per[name] = float(
+                _ratio(
+                    x.sums[lo:hi].sum(),
+                    x.counts[lo:hi].sum(),
+                    x.pos_inf[lo:hi].sum(),
+                    x.neg_inf[lo:hi].sum(),
+                )
+            )
+        out.append(
+            {"label": label, "datasets": per, "micro": float(mic[i]), "macro": float(mac[i])}
+        )
     return out
 
 
-def checkpoint_series(data: RankingInput, observed: np.ndarray,
-                      higher_is_better: bool) -> list[dict[str, Any]]:
+def checkpoint_series(
+    data: RankingInput, observed: np.ndarray, higher_is_better: bool
+) -> list[dict[str, Any]]:
     """For candidates with a ``step``: KL, PPL and the ranking metric by step, per group."""
     groups: dict[str | None, list[int]] = {}
     for i, info in enumerate(data.info):
@@ -370,18 +408,28 @@ def checkpoint_series(data: RankingInput, observed: np.ndarray,
         points = []
         for i in members:
             metrics = data.info[i].get("metrics") or {}
-            points.append({
-                "step": data.info[i]["step"],
-                "label": data.labels[i],
-                "value": float(observed[i]),
-                "kl_mean": _get(metrics, "kl", "mean"),
-                "ppl_candidate": _get(metrics, "ppl", "candidate"),
-                "ppl_ratio": _get(metrics, "ppl", "ratio"),
-            })
+            points.append(
+                {
+                    "step": data.info[i]["step"],
+                    "label": data.labels[i],
+                    "value": float(observed[i]),
+                    "kl_mean": _get(metrics, "kl", "mean"),
+                    "ppl_candidate": _get(metrics, "ppl", "candidate"),
+                    "ppl_ratio": _get(metrics, "ppl", "ratio"),
+                }
+            )
         best = min(members, key=lambda i: _sort_key(observed[i], higher_is_better))
-        out.append({"group": group, "points": points,
-                    "best": {"step": data.info[best]["step"], "label": data.labels[best],
-                             "value": float(observed[best])}})
+        out.append(
+            {
+                "group": group,
+                "points": points,
+                "best": {
+                    "step": data.info[best]["step"],
+                    "label": data.labels[best],
+                    "value": float(observed[best]),
+                },
+            }
+        )
     return out
 
 

@@ -67,7 +67,9 @@ def test_required_examples_are_shipped():
 
 
 def test_every_error_is_listed_at_once(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 name: t
 reference: {model: ref, dtype: fp8}
 candidates:
@@ -79,14 +81,24 @@ compute: {batch_size: many}
 ranking: {metric: kl.p99}
 gates: {fail_above: {kl.mean: 0.1, klmean: 0.2}}
 surprise: 1
-""")
+""",
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path, ["compute.memory_budget_mb=1", "nonsense"])
     problems = info.value.problems
-    wanted = ["reference.dtype:", "candidates.0.colour: unknown key", "candidates.1.label: required",
-              "datasets.0.max_samples:", "windowing.mode:", "compute.batch_size:",
-              "compute.memory_budget_mb:", "ranking.metric:", "gates.fail_above: unknown metric "
-              "'klmean'", "surprise: unknown key", "nonsense: an override must look like"]
+    wanted = [
+        "reference.dtype:",
+        "candidates.0.colour: unknown key",
+        "candidates.1.label: required",
+        "datasets.0.max_samples:",
+        "windowing.mode:",
+        "compute.batch_size:",
+        "compute.memory_budget_mb:",
+        "ranking.metric:",
+        "gates.fail_above: unknown metric 'klmean'",
+        "surprise: unknown key",
+        "nonsense: an override must look like",
+    ]
     for want in wanted:
         assert any(p.startswith(want) for p in problems), (want, problems)
     assert len(problems) == len(wanted)
@@ -97,8 +109,10 @@ def test_stride_check_is_reported_with_its_path(tmp_path):
     path = write(tmp_path, MINIMAL + "windowing: {context_length: 64, stride: 64}\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert info.value.problems == ["windowing: stride (64) must be at most context_length - 1 "
-                                   "(63) so that every token is scored"]
+    assert info.value.problems == [
+        "windowing: stride (64) must be at most context_length - 1 "
+        "(63) so that every token is scored"
+    ]
 
 
 def test_duplicate_and_reserved_labels(tmp_path):
@@ -122,11 +136,20 @@ def test_yaml_syntax_and_shape_errors(tmp_path):
 
 def test_overrides_are_yaml_typed_and_take_precedence(tmp_path):
     path = write(tmp_path, MINIMAL + "seed: 5\ncompute: {batch_size: 2}\n")
-    config = load_config(path, [
-        "seed=7", "candidates.0.dtype=float16", "compute.max_tokens=100",
-        "windowing.context_length=128", "datasets.0.split=null", "noise_floor=true",
-        "candidates.2.label=c", "candidates.2.model=cand-c", "output.dir=runs/x",
-    ])
+    config = load_config(
+        path,
+        [
+            "seed=7",
+            "candidates.0.dtype=float16",
+            "compute.max_tokens=100",
+            "windowing.context_length=128",
+            "datasets.0.split=null",
+            "noise_floor=true",
+            "candidates.2.label=c",
+            "candidates.2.model=cand-c",
+            "output.dir=runs/x",
+        ],
+    )
     assert config.seed == 7 and config.compute.seed == 7  # copied unless compute.seed is set
     assert config.candidates[0].dtype == "float16"
     assert config.candidates[1].dtype == "bfloat16"  # YAML kept where not overridden
@@ -142,18 +165,29 @@ def test_overrides_are_yaml_typed_and_take_precedence(tmp_path):
 
 def test_override_problems(tmp_path):
     raw = yaml.safe_load(MINIMAL)
-    problems = apply_overrides(raw, ["candidates.5.dtype=float16", "name.sub=1", "=3",
-                                     "candidates.x.dtype=float16", "seed=[1"])
+    problems = apply_overrides(
+        raw,
+        ["candidates.5.dtype=float16", "name.sub=1", "=3", "candidates.x.dtype=float16", "seed=[1"],
+    )
     assert [p.split(":")[0] for p in problems] == [
-        "candidates.5.dtype", "name.sub", "=3", "candidates.x.dtype", "seed"]
+        "candidates.5.dtype",
+        "name.sub",
+        "=3",
+        "candidates.x.dtype",
+        "seed",
+    ]
 
 
 def test_gates_accept_dotted_or_nested_keys_and_normalise(tmp_path):
-    path = write(tmp_path, MINIMAL + """
+    path = write(
+        tmp_path,
+        MINIMAL
+        + """
 gates:
   fail_above: {kl.mean: 0.05, kl: {p99: 2}}
   fail_below: {top1_agreement: 0.9}
-""")
+""",
+    )
     config = load_config(path, ["gates.fail_above.kl.mean=0.04"])
     assert config.gates.fail_above == {"kl.mean": 0.04, "kl.p99": 2.0}
     assert config.gates.fail_below == {"top1_agreement.mean": 0.9}
@@ -167,16 +201,22 @@ def test_metric_paths_and_gate_evaluation():
     with pytest.raises(ValueError, match="known under 'kl'"):
         normalize_metric_path("kl.p98")
     assert parse_gate_options(["kl.mean=0.05", "kl.p99=2"], "--fail-above") == {
-        "kl.mean": 0.05, "kl.p99": 2.0}
+        "kl.mean": 0.05,
+        "kl.p99": 2.0,
+    }
     with pytest.raises(UsageError) as info:
         parse_gate_options(["kl.mean", "kl.mean=x", "foo=1"], "--fail-above")
     assert info.value.message.count("--fail-above") == 3
-    cands = [{"label": "a", "metrics": {"kl": {"mean": 0.1}, "top1_agreement": {"mean": 0.95}}},
-             {"label": "b", "metrics": {"kl": {"mean": "inf"}, "top1_agreement": {"mean": None}}}]
+    cands = [
+        {"label": "a", "metrics": {"kl": {"mean": 0.1}, "top1_agreement": {"mean": 0.95}}},
+        {"label": "b", "metrics": {"kl": {"mean": "inf"}, "top1_agreement": {"mean": None}}},
+    ]
     gates = [Gate("kl.mean", "fail_above", 0.2), Gate("top1_agreement.mean", "fail_below", 0.9)]
     failures = evaluate_gates(cands, gates)
     assert [(f.candidate, f.gate.metric) for f in failures] == [
-        ("b", "kl.mean"), ("b", "top1_agreement.mean")]  # inf fails, undefined fails
+        ("b", "kl.mean"),
+        ("b", "top1_agreement.mean"),
+    ]  # inf fails, undefined fails
 
 
 def test_json_schema_export():
@@ -198,8 +238,12 @@ def test_validate_command(tmp_path):
     bad.write_text(MINIMAL.replace("dtype: bfloat16", "dtype: bf16") + "extra_key: 1\n")
     result = runner.invoke(app, ["validate", str(bad), "compute.batch_size=0"])
     assert result.exit_code == 2
-    for line in ("3 problems", "candidates.1.dtype:", "extra_key: unknown key",
-                 "compute.batch_size:"):
+    for line in (
+        "3 problems",
+        "candidates.1.dtype:",
+        "extra_key: unknown key",
+        "compute.batch_size:",
+    ):
         assert line in result.stderr, result.stderr
     assert "Traceback" not in result.output
 

@@ -90,17 +90,33 @@ def ran(study):
         mp.setattr(models_module.LoadedModel, "hidden_states", counting_hidden)
         mp.setattr(models_module, "load_model", counting_load)
         mp.setattr("lmkl.runner.load_model", counting_load)
-        result = CliRunner().invoke(app, [
-            "run", str(study["config"]), f"compute.batch_size={BATCH}", "--out", str(out),
-            "--fail-above", f"kl.mean={GATE}"])
-    return {"result": result, "out": out, "calls": calls, "loads": loads,
-            "results": json.loads((out / "results.json").read_text())}
+        result = CliRunner().invoke(
+            app,
+            [
+                "run",
+                str(study["config"]),
+                f"compute.batch_size={BATCH}",
+                "--out",
+                str(out),
+                "--fail-above",
+                f"kl.mean={GATE}",
+            ],
+        )
+    return {
+        "result": result,
+        "out": out,
+        "calls": calls,
+        "loads": loads,
+        "results": json.loads((out / "results.json").read_text()),
+    }
 
 
 def tokens(out: Path, dataset: str) -> dict[str, dict[str, np.ndarray]]:
     table = pq.read_table(out / "datasets" / dataset / "tokens.parquet").to_pandas()
-    return {label: {c: group[c].to_numpy() for c in group.columns}
-            for label, group in table.groupby("candidate")}
+    return {
+        label: {c: group[c].to_numpy() for c in group.columns}
+        for label, group in table.groupby("candidate")
+    }
 
 
 def test_reference_runs_once_per_batch_and_models_load_once(ran):
@@ -143,10 +159,18 @@ def test_leaderboard_pareto_and_averages_match_tokens(ran):
     assert ranking["metric"] == "kl.mean" and ranking["resamples"] == 300
     per = {"a": tokens(out, "a"), "b": tokens(out, "b")}
     labels = ["small", "gpt2", "bf16"]
-    micro = {lab: np.concatenate([per[d][lab]["kl"] for d in per]).astype(np.float64).mean()
-             for lab in labels}
-    macro = {lab: (per["a"][lab]["kl"].astype(np.float64).mean()
-                   + 3 * per["b"][lab]["kl"].astype(np.float64).mean()) / 4 for lab in labels}
+    micro = {
+        lab: np.concatenate([per[d][lab]["kl"] for d in per]).astype(np.float64).mean()
+        for lab in labels
+    }
+    macro = {
+        lab: (
+            per["a"][lab]["kl"].astype(np.float64).mean()
+            + 3 * per["b"][lab]["kl"].astype(np.float64).mean()
+        )
+        / 4
+        for lab in labels
+    }
     board = [r for r in ranking["leaderboard"] if r["kind"] == "candidate"]
     assert [r["label"] for r in board] == sorted(labels, key=micro.get)
     for row in board:
@@ -178,8 +202,10 @@ def test_leaderboard_pareto_and_averages_match_tokens(ran):
     # Terminal output: the leaderboard with CI and the Pareto line.
     stdout = ran["result"].stdout
     assert "Leaderboard: kl.mean" in stdout and "95% CI" in stdout
-    assert f"Pareto-optimal (parameters vs kl.mean): {', '.join(ranking['pareto']['labels'])}" \
+    assert (
+        f"Pareto-optimal (parameters vs kl.mean): {', '.join(ranking['pareto']['labels'])}"
         in stdout
+    )
 
 
 def test_noise_floor_row_and_sub_runs_keep_the_core_contract(ran):
@@ -208,16 +234,17 @@ def test_resume_finishes_a_missing_dataset_identically(ran, tmp_path):
     shutil.copytree(ran["out"], out)
     (out / "results.json").unlink()
     shutil.rmtree(out / "datasets" / "b")
-    result = CliRunner().invoke(app, ["run", str(out / "config.yaml"), "--out", str(out),
-                                      "--resume", "-q"])
+    result = CliRunner().invoke(
+        app, ["run", str(out / "config.yaml"), "--out", str(out), "--resume", "-q"]
+    )
     assert result.exit_code == 3, result.output  # same gates, same failures
     again = json.loads((out / "results.json").read_text())
-    for old, new in zip(ran["results"]["ranking"]["leaderboard"],
-                        again["ranking"]["leaderboard"], strict=True):
+    for old, new in zip(
+        ran["results"]["ranking"]["leaderboard"], again["ranking"]["leaderboard"], strict=True
+    ):
         assert new["label"] == old["label"]
         assert new["value"] == pytest.approx(old["value"], rel=1e-6)
-    done = CliRunner().invoke(app, ["run", str(out / "config.yaml"), "--out", str(out),
-                                    "--resume"])
+    done = CliRunner().invoke(app, ["run", str(out / "config.yaml"), "--out", str(out), "--resume"])
     assert done.exit_code == 1 and "already complete" in done.stderr
 
 
@@ -232,8 +259,18 @@ def test_dry_run_plans_without_loading_weights(study, ran, monkeypatch):
         scored = pq.read_table(ran["out"] / "datasets" / row["label"] / "tokens.parquet")
         assert row["tokens"] * 4 == scored.num_rows  # 3 candidates + the noise floor
     assert [m["label"] for m in plan["models"]] == ["reference", "small", "gpt2", "bf16"]
-    result = CliRunner().invoke(app, ["run", str(study["config"]), "--dry-run", "--limit", "30",
-                                      "--out", str(study["root"] / "never")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(study["config"]),
+            "--dry-run",
+            "--limit",
+            "30",
+            "--out",
+            str(study["root"] / "never"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "dry run: nothing was scored" in result.stdout and "tokens" in result.stdout
     assert not (study["root"] / "never").exists()
@@ -243,8 +280,15 @@ def test_validate_check_models(study, other_tokenizer_model, tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["validate", str(study["config"]), "--check-models"])
     assert ok.exit_code == 0 and "tokenizers match" in ok.stdout
-    bad = runner.invoke(app, ["validate", str(study["config"]), "--check-models",
-                              f"candidates.1.model={other_tokenizer_model}"])
+    bad = runner.invoke(
+        app,
+        [
+            "validate",
+            str(study["config"]),
+            "--check-models",
+            f"candidates.1.model={other_tokenizer_model}",
+        ],
+    )
     assert bad.exit_code == 1 and "differ" in bad.stderr
 
 
@@ -262,12 +306,21 @@ def test_noise_floor_perturbation_is_the_documented_one(tiny_pair):
 
 def test_compare_accepts_gates(tiny_pair, small_jsonl, tmp_path):
     runner = CliRunner()
-    args = ["compare", str(tiny_pair["reference"]), str(tiny_pair["candidate"]), "--data",
-            str(small_jsonl), "--max-tokens", "30", "-q"]
+    args = [
+        "compare",
+        str(tiny_pair["reference"]),
+        str(tiny_pair["candidate"]),
+        "--data",
+        str(small_jsonl),
+        "--max-tokens",
+        "30",
+        "-q",
+    ]
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--fail-above", "kl=x"])
     assert bad.exit_code == 2 and not (tmp_path / "bad").exists()
-    failed = runner.invoke(app, [*args, "--out", str(tmp_path / "f"), "--fail-below",
-                                 "top1_agreement=1.01"])  # agreement can never exceed 1
+    failed = runner.invoke(
+        app, [*args, "--out", str(tmp_path / "f"), "--fail-below", "top1_agreement=1.01"]
+    )  # agreement can never exceed 1
     assert failed.exit_code == 3, failed.output
     assert "candidate: top1_agreement.mean = " in failed.stderr
     assert (tmp_path / "f" / "results.json").exists()
@@ -284,17 +337,56 @@ def test_precision_example_runs_on_demo_names(tiny_pair, tmp_path):
         shutil.copytree(tiny_pair["candidate"], root / "candidate")
         lines = tiny_pair["heldout"].read_text().splitlines()[:2]
         write_docs(root / "heldout.jsonl", [json.loads(x)["text"][:400] for x in lines])
-        (root / "manifest.json").write_text(json.dumps(
-            {"demo_version": DEMO_VERSION, "settings": json.loads(json.dumps(asdict(settings)))}))
+        (root / "manifest.json").write_text(
+            json.dumps(
+                {"demo_version": DEMO_VERSION, "settings": json.loads(json.dumps(asdict(settings)))}
+            )
+        )
     out = tmp_path / "precision"
-    result = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "precision.yaml"),
-                                      "--limit", "40", "--out", str(out),
-                                      "ranking.resamples=100"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(ROOT / "configs" / "precision.yaml"),
+            "--limit",
+            "40",
+            "--out",
+            str(out),
+            "ranking.resamples=100",
+        ],
+    )
     results = json.loads((out / "results.json").read_text())
     assert result.exit_code == (0 if results["gates"]["passed"] else 3), result.output
     rows = {r["label"]: r for r in results["ranking"]["leaderboard"]}
     assert set(rows) == {"bfloat16", "float16", "noise-floor"}
     assert results["reference"]["path"] == str((root / "reference").resolve())
-    assert rows["bfloat16"]["size"]["memory_bytes"] * 2 == \
-        results["reference"]["parameters"] * 4  # same model, half the bytes per parameter
+    assert (
+        rows["bfloat16"]["size"]["memory_bytes"] * 2 == results["reference"]["parameters"] * 4
+    )  # same model, half the bytes per parameter
     assert all(0 < r["value"] < 0.1 for r in rows.values())
+
+
+def test_llama_cpp_windowing_resamples_chunks(tiny_pair, tmp_path):
+    """One stream of text has one document; its chunks are the bootstrap's units instead."""
+    from lmkl.experiment_runner import run_experiment
+
+    text = "\n".join(json.loads(x)["text"] for x in tiny_pair["heldout"].read_text().splitlines())
+    (tmp_path / "stream.txt").write_text(text[:2500])
+    config = tmp_path / "lc.yaml"
+    config.write_text(f"""
+name: lc
+reference: {{model: {tiny_pair["reference"]}, device: cpu}}
+candidates: [{{label: small, model: {tiny_pair["candidate"]}, device: cpu}}]
+datasets: [{{source: {tmp_path / "stream.txt"}}}]
+windowing: {{mode: llama-cpp, context_length: 32}}
+ranking: {{resamples: 200}}
+output: {{dir: {tmp_path / "run"}, save_tokens: false}}
+""")
+    outcome = run_experiment(load_config(config))
+    ranking = outcome.results["ranking"]
+    chunks = outcome.results["datasets"][0]["data"]["windows"]
+    assert ranking["unit"] == "chunk" and ranking["units"] == chunks > 5
+    low, high = ranking["leaderboard"][0]["ci"]
+    assert low < ranking["leaderboard"][0]["value"] < high
+    assert not (tmp_path / "run" / "datasets" / "stream.txt" / "tokens.parquet").exists()
+    assert (tmp_path / "run" / "datasets" / "stream.txt" / "results.json").exists()

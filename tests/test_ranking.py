@@ -23,8 +23,9 @@ def synthetic(seed: int, docs: list[int], means: list[float], noise: float = 0.3
     rng = np.random.default_rng(seed)
     doc_index = np.repeat(np.arange(len(docs)), docs)
     doc_effect = rng.normal(0, 0.2, len(docs))[doc_index]
-    values = np.stack([np.abs(m + doc_effect + rng.normal(0, noise, doc_index.size))
-                       for m in means])
+    values = np.stack(
+        [np.abs(m + doc_effect + rng.normal(0, noise, doc_index.size)) for m in means]
+    )
     return values, doc_index
 
 
@@ -39,7 +40,7 @@ def loop_bootstrap(values, doc_index, strata, weights, resamples, seed, average)
         picked = []
         for s, n in enumerate(strata):
             lo = offsets[s]
-            picked.append([lo + min(int(x * n), n - 1) for x in u[lo:lo + n]])
+            picked.append([lo + min(int(x * n), n - 1) for x in u[lo : lo + n]])
         for k, v in enumerate(values):
             if average == "micro":
                 tokens = np.concatenate([by_doc[d] for part in picked for d in part])
@@ -101,7 +102,8 @@ def test_token_bootstrap_would_be_too_narrow():
     wider than a naive token-level standard error suggests."""
     values, doc_index = synthetic(5, [200] * 10, [1.0], noise=0.05)
     samples = Bootstrap([10], resamples=500, seed=0).run(
-        [DocSums.from_tokens(values[0], doc_index, 10)])[:, 0]
+        [DocSums.from_tokens(values[0], doc_index, 10)]
+    )[:, 0]
     naive_se = values[0].std(ddof=1) / math.sqrt(values[0].size)
     assert samples.std(ddof=1) > 3 * naive_se
 
@@ -111,10 +113,16 @@ def test_rank_pairs_flips_and_noise_floor_against_loops():
     values, doc_index = synthetic(3, list(range(3, 12)), [0.50, 0.52, 0.9])
     values[1, 5] = np.nan  # a non-finite token of candidate 1 only: pairs drop it for both
     noise = np.abs(np.random.default_rng(9).normal(0, 0.01, doc_index.size))
-    data = RankingInput(labels=["a", "b", "c"], values=values, doc_index=doc_index,
-                        strata=strata, dataset_labels=["d"], weights=[1.0],
-                        info=[{"parameters": 30}, {"parameters": 10}, {"parameters": 20}],
-                        noise_floor=noise)
+    data = RankingInput(
+        labels=["a", "b", "c"],
+        values=values,
+        doc_index=doc_index,
+        strata=strata,
+        dataset_labels=["d"],
+        weights=[1.0],
+        info=[{"parameters": 30}, {"parameters": 10}, {"parameters": 20}],
+        noise_floor=noise,
+    )
     out = rank(data, "kl.mean", False, resamples=300, seed=11)
     board = [r for r in out["leaderboard"] if r["kind"] == "candidate"]
     means = [np.nanmean(v) for v in values]
@@ -136,8 +144,9 @@ def test_rank_pairs_flips_and_noise_floor_against_loops():
     diffs = np.array(diffs)
     lo, hi = np.quantile(diffs, [0.025, 0.975])
     assert board[0]["vs_next"]["ci"] == pytest.approx([lo, hi], rel=1e-9)
-    assert board[0]["vs_next"]["flip_share"] == pytest.approx(np.mean(np.sign(diffs)
-                                                                      != np.sign(diff)))
+    assert board[0]["vs_next"]["flip_share"] == pytest.approx(
+        np.mean(np.sign(diffs) != np.sign(diff))
+    )
     # The noise floor is its own row and every candidate is compared with it.
     floor = [r for r in out["leaderboard"] if r["kind"] == "noise_floor"]
     assert len(floor) == 1 and floor[0]["value"] == pytest.approx(noise.mean())

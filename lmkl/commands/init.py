@@ -14,12 +14,16 @@ DEFAULT_EXAMPLE = "precision"
 
 @friendly_errors
 def init(
-    name: Annotated[str, typer.Argument(
-        help="Example to copy (see --list); precision runs offline on the demo models.")
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Example to copy (see --list); precision runs offline on the demo models."
+        ),
     ] = DEFAULT_EXAMPLE,
     list_: Annotated[bool, typer.Option("--list", help="List the shipped examples.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write it "
-                                             "(default: ./NAME.yaml).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where to write it (default: ./NAME.yaml).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Copy a shipped example config (default: precision) into the current directory."""
@@ -28,8 +32,10 @@ def init(
 
     if list_:
         for example in example_names():
-            stdout.print(f"[bold]{example:14}[/bold] {example_summary(example_text(example))}",
-                         highlight=False)
+            stdout.print(
+                f"[bold]{example:14}[/bold] {example_summary(example_text(example))}",
+                highlight=False,
+            )
         return
     text = example_text(name)
     target = out or Path(f"{name.removesuffix('.yaml')}.yaml")

@@ -23,11 +23,18 @@ from lmkl.commands.common import (
     stdout,
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML (`lmkl init --list` shows "
-                                           "examples).", show_default=False)]
-OverridesArg = Annotated[list[str] | None, typer.Argument(
-    help="key.path=value overrides with YAML-typed values, e.g. compute.batch_size=4 "
-    "candidates.0.dtype=float16.", show_default=False)]
+ConfigArg = Annotated[
+    Path,
+    typer.Argument(help="Experiment YAML (`lmkl init --list` shows examples).", show_default=False),
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="key.path=value overrides with YAML-typed values, e.g. compute.batch_size=4 "
+        "candidates.0.dtype=float16.",
+        show_default=False,
+    ),
+]
 
 
 class DatasetProgress:
@@ -64,13 +71,13 @@ class DatasetProgress:
         self.close()
 
 
-def load_with_options(config: Path, overrides: list[str] | None,
-                      settings: dict[str, Any]) -> Any:
+def load_with_options(config: Path, overrides: list[str] | None, settings: dict[str, Any]) -> Any:
     """The validated config: YAML, then overrides, then dedicated options (command line wins)."""
     from lmkl.experiment import load_config
 
-    return load_config(config, overrides or [], {k: v for k, v in settings.items()
-                                                 if v is not None})
+    return load_config(
+        config, overrides or [], {k: v for k, v in settings.items() if v is not None}
+    )
 
 
 @friendly_errors
@@ -78,12 +85,24 @@ def run(
     config: ConfigArg,
     overrides: OverridesArg = None,
     out: OutOpt = None,
-    limit: Annotated[int | None, typer.Option(
-        "--limit", min=1, help="Score at most N tokens per dataset (sets compute.max_tokens): "
-        "a quick trial.", rich_help_panel=OUTPUT)] = None,
-    dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Validate, load tokenizers only, check compatibility and print the "
-        "plan (models, datasets, token counts).", rich_help_panel=OUTPUT)] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit",
+            min=1,
+            help="Score at most N tokens per dataset (sets compute.max_tokens): a quick trial.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Validate, load tokenizers only, check compatibility and print the "
+            "plan (models, datasets, token counts).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = False,
     fail_above: FailAboveOpt = None,
     fail_below: FailBelowOpt = None,
     overwrite: OverwriteOpt = False,
@@ -103,9 +122,11 @@ def run(
 
     above = parse_gate_options(fail_above or [], "--fail-above")
     below = parse_gate_options(fail_below or [], "--fail-below")
-    settings: dict[str, Any] = {"output.dir": str(out) if out else None,
-                                "compute.max_tokens": limit,
-                                "output.overwrite": True if overwrite else None}
+    settings: dict[str, Any] = {
+        "output.dir": str(out) if out else None,
+        "compute.max_tokens": limit,
+        "output.overwrite": True if overwrite else None,
+    }
     cfg = load_with_options(config, overrides, settings)
     if above or below:
         cfg = cfg.model_copy(update={"gates": cfg.gates.merged(above, below)})

@@ -14,14 +14,21 @@ from lmkl.commands.run import OverridesArg, load_with_options
 
 @friendly_errors
 def validate(
-    config: Annotated[Path | None, typer.Argument(help="Experiment YAML to check.",
-                                                  show_default=False)] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment YAML to check.", show_default=False)
+    ] = None,
     overrides: OverridesArg = None,
-    check_models: Annotated[bool, typer.Option(
-        "--check-models", help="Also load every tokenizer and model config (no weights) and "
-        "check that the tokenizers match.")] = False,
-    schema: Annotated[bool, typer.Option(
-        "--schema", help="Print the config's JSON Schema and exit.")] = False,
+    check_models: Annotated[
+        bool,
+        typer.Option(
+            "--check-models",
+            help="Also load every tokenizer and model config (no weights) and "
+            "check that the tokenizers match.",
+        ),
+    ] = False,
+    schema: Annotated[
+        bool, typer.Option("--schema", help="Print the config's JSON Schema and exit.")
+    ] = False,
     offline: OfflineOpt = False,
 ) -> None:
     """Check CONFIG against the schema and list every problem at once (exit 2 if any)."""
@@ -42,19 +49,23 @@ def validate(
     limits = len(cfg.gates.fail_above) + len(cfg.gates.fail_below)
     if limits:
         extras.append(f"{limits} gate{'s' if limits != 1 else ''}")
-    stdout.print(f"{config}: valid: '{cfg.name}', {len(cfg.candidates)} candidate"
-                 f"{'s' if len(cfg.candidates) != 1 else ''}, {len(cfg.datasets)} dataset"
-                 f"{'s' if len(cfg.datasets) != 1 else ''}"
-                 + (f", {', '.join(extras)}" if extras else ""), highlight=False)
+    stdout.print(
+        f"{config}: valid: '{cfg.name}', {len(cfg.candidates)} candidate"
+        f"{'s' if len(cfg.candidates) != 1 else ''}, {len(cfg.datasets)} dataset"
+        f"{'s' if len(cfg.datasets) != 1 else ''}" + (f", {', '.join(extras)}" if extras else ""),
+        highlight=False,
+    )
     if check_models:
         from lmkl.experiment_runner import check_models as check
         from lmkl.experiment_runner import resolve_demo_values
 
         rows = check(resolve_demo_values(cfg))
         for row in rows:
-            stdout.print(f"  {row['role']:9} {row['label']}: {row['architecture']}, tokenizer "
-                         f"{row['tokenizer_size']} tokens, max positions {row['max_positions']}",
-                         highlight=False)
+            stdout.print(
+                f"  {row['role']:9} {row['label']}: {row['architecture']}, tokenizer "
+                f"{row['tokenizer_size']} tokens, max positions {row['max_positions']}",
+                highlight=False,
+            )
         stdout.print("models: tokenizers match and the context length fits")
 
 
