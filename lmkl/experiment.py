@@ -427,6 +427,9 @@ def load_config(
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of an experiment config (draft 2020-12, as pydantic writes it)."""
     schema = ExperimentConfig.model_json_schema()
+    # ``noise_floor: true`` is accepted as short for ``{enabled: true}`` (see NoiseFloorSpec).
+    floor = schema["properties"]["noise_floor"]
+    schema["properties"]["noise_floor"] = {"anyOf": [{"type": "boolean"}, floor]}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "lmkl experiment"
     return schema

@@ -155,6 +155,11 @@ def print_experiment(results: dict[str, Any], console: Console | None = None) ->
         console.print(datasets_table(results))
     for series in ranking.get("checkpoints", []):
         console.print(checkpoints_table(series, ranking["metric"]))
+    if ranking["units"] < 20:
+        console.print(
+            f"[yellow]note:[/yellow] only {ranking['units']} {ranking['unit']}s: the bootstrap "
+            "CIs are rough; score more documents for firm conclusions"
+        )
     pareto = ranking["pareto"]
     console.print(
         f"Pareto-optimal ({pareto['size'].replace('_', ' ')} vs {ranking['metric']}):"

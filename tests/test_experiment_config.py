@@ -223,7 +223,9 @@ def test_json_schema_export():
     schema = json_schema()
     assert schema["additionalProperties"] is False
     assert {"name", "reference", "candidates", "datasets"} <= set(schema["required"])
-    assert "gates" in schema["properties"] and "noise_floor" in schema["properties"]
+    assert "gates" in schema["properties"]
+    assert {"type": "boolean"} in schema["properties"]["noise_floor"]["anyOf"]
+    assert "mode" in schema["$defs"]["ExperimentWindows"]["properties"]
     result = CliRunner().invoke(app, ["validate", "--schema"])
     assert result.exit_code == 0
     assert json.loads(result.stdout)["title"] == "lmkl experiment"
