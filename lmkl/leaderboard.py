@@ -55,7 +55,7 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
     conf = f"{100 * ranking['confidence']:.0f}%"
     reference = results["reference"].get("label", "reference")
     table = Table(
-        title=f"Leaderboard: {ranking['metric']} vs reference {reference} "
+        title=f"Leaderboard: {ranking['metric']} vs reference P = {reference} "
         f"({ranking['direction']}; {conf} CI, bootstrap over {ranking['units']} "
         f"{ranking['unit']}s)",
         title_justify="left",
@@ -63,11 +63,11 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
     rows = ranking["leaderboard"]
     has_meta = any(r.get("group") is not None or r.get("step") is not None for r in rows)
     table.add_column("#", justify="right")
-    table.add_column("candidate", style="bold")
+    table.add_column("candidate", style="bold", no_wrap=True)
     if has_meta:
         table.add_column("group / step")
-    table.add_column(ranking["metric"], justify="right")
-    table.add_column(f"{conf} CI", justify="right")
+    table.add_column(ranking["metric"], justify="right", no_wrap=True)
+    table.add_column(f"{conf} CI", justify="right", no_wrap=True)
     table.add_column(size_key.replace("_", " "), justify="right")
     table.add_column("Pareto", justify="center")
     table.add_column("Δ next [CI]", justify="right")
@@ -83,10 +83,10 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
             row["label"],
             *([meta] if has_meta else []),
             _num(row["value"]),
-            _ci(row["ci"]),
+            _ci(row["ci"], 3),
             _size(row.get("size"), size_key),
             "★" if row.get("pareto") else "",
-            f"{_num(nxt['diff'])} {_ci(nxt['ci'])}" if nxt else "",
+            f"{_num(nxt['diff'], 3)} {_ci(nxt['ci'], 3)}" if nxt else "",
             _pct(nxt["flip_share"]) if nxt else "",
         ]
         if noise_rows:
@@ -101,7 +101,7 @@ def datasets_table(results: dict[str, Any]) -> Table:
     """The ranking metric per dataset, with micro (by token) and macro (by dataset) averages."""
     ranking = results["ranking"]
     table = Table(title=f"{ranking['metric']} by dataset", title_justify="left")
-    table.add_column("candidate", style="bold")
+    table.add_column("candidate", style="bold", no_wrap=True)
     names = list(ranking["by_dataset"][0]["datasets"]) if ranking["by_dataset"] else []
     for name in names:
         table.add_column(name, justify="right")
