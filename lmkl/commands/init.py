@@ -35,6 +35,7 @@ def init(
             stdout.print(
                 f"[bold]{example:14}[/bold] {example_summary(example_text(example))}",
                 highlight=False,
+                soft_wrap=True,
             )
         return
     text = example_text(name)
@@ -43,7 +44,9 @@ def init(
         raise OutputError(f"'{target}' already exists", "pass --force to replace it, or --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
-    stdout.print(f"wrote {target}; edit it, then: lmkl run {target}", highlight=False)
+    stdout.print(
+        f"wrote {target}; edit it, then: lmkl run {target}", highlight=False, soft_wrap=True
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -54,6 +54,7 @@ def validate(
         f"{'s' if len(cfg.candidates) != 1 else ''}, {len(cfg.datasets)} dataset"
         f"{'s' if len(cfg.datasets) != 1 else ''}" + (f", {', '.join(extras)}" if extras else ""),
         highlight=False,
+        soft_wrap=True,
     )
     if check_models:
         from lmkl.experiment_runner import check_models as check
@@ -65,6 +66,7 @@ def validate(
                 f"  {row['role']:9} {row['label']}: {row['architecture']}, tokenizer "
                 f"{row['tokenizer_size']} tokens, max positions {row['max_positions']}",
                 highlight=False,
+                soft_wrap=True,
             )
         stdout.print("models: tokenizers match and the context length fits")
 
