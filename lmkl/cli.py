@@ -5,6 +5,7 @@ Usage::
     lmkl demo                                   # offline end-to-end example
     lmkl compare REFERENCE CANDIDATE --data held_out.jsonl --out runs/x
     lmkl report runs/x                          # self-contained HTML report
+    lmkl run configs/precision.yaml             # a YAML experiment: many candidates, ranked
 
 ``lmkl --help`` stays instant: torch and transformers are imported inside command bodies only.
 """
@@ -16,7 +17,7 @@ from typing import Annotated
 import typer
 
 from lmkl import __version__
-from lmkl.commands import compare, demo, inspect, report
+from lmkl.commands import compare, demo, init, inspect, report, run, validate
 
 app = typer.Typer(
     name="lmkl",
@@ -28,7 +29,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (compare, demo, report, inspect):
+for module in (compare, demo, run, validate, init, report, inspect):
     module.register(app)
 
 

@@ -72,9 +72,13 @@ class ResumeError(LmklError):
 
 
 class GateFailure(LmklError):
-    """One or more candidates failed a quality gate."""
+    """One or more candidates failed a quality gate; ``problems`` has one line per candidate."""
 
     exit_code = EXIT_GATE
+
+    def __init__(self, message: str, hint: str | None = None, problems: list[str] | None = None):
+        super().__init__(message, hint)
+        self.problems = problems or []
 
 
 class Interrupted(LmklError):

@@ -297,11 +297,14 @@ def run_comparison(
     resume: bool = False,
     progress: ProgressCallback | None = None,
     log: LogCallback | None = None,
+    models: tuple[LoadedModel, list[LoadedModel]] | None = None,
 ) -> RunOutcome:
     """Compare ``candidates`` with ``reference`` on ``data`` and write a run directory.
 
     Returns the run directory and its results (also in ``results.json``). Raises
-    :class:`lmkl.errors.LmklError` subclasses for anything the user can fix.
+    :class:`lmkl.errors.LmklError` subclasses for anything the user can fix. ``models``: the
+    reference and candidates already loaded from these specs (an experiment loads them once
+    for all its datasets); None loads them here.
     """
     log = log or (lambda _msg: None)
     if not candidates:
@@ -329,7 +332,7 @@ def run_comparison(
         # Data first: a wrong path should not wait for a large model to load.
         log(f"reading data {data.source}")
         corpus = load_corpus(data)
-        ref_model, cand_models = load_models(reference, candidates, log)
+        ref_model, cand_models = models or load_models(reference, candidates, log)
         check_context_length([ref_model, *cand_models], windows)
         vocab_size, padded = shared_vocab_size([ref_model, *cand_models])
         chunk = compute.chunk_size(vocab_size)

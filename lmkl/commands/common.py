@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from lmkl.errors import EXIT_RUNTIME, ConfigError, LmklError, LmklWarning
+from lmkl.errors import EXIT_RUNTIME, ConfigError, GateFailure, LmklError, LmklWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,7 +32,7 @@ def report_error(exc: BaseException) -> int:
     """Print one line (plus a fix) for ``exc`` and return the exit code to use."""
     if isinstance(exc, LmklError):
         stderr.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
-        if isinstance(exc, ConfigError):
+        if isinstance(exc, ConfigError | GateFailure):
             for problem in exc.problems:
                 stderr.print(f"  {problem}", highlight=False, soft_wrap=True)
         if exc.hint:
@@ -185,6 +185,12 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --
                                          rich_help_panel=OUTPUT)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run directory.",
                                         rich_help_panel=OUTPUT)]
+FailAboveOpt = Annotated[list[str] | None, typer.Option(
+    "--fail-above", metavar="METRIC=VALUE", help="Exit 3 if a candidate's metric is above VALUE, "
+    "e.g. kl.mean=0.05 or kl.p99=2 (repeatable).", rich_help_panel=OUTPUT)]
+FailBelowOpt = Annotated[list[str] | None, typer.Option(
+    "--fail-below", metavar="METRIC=VALUE", help="Exit 3 if a candidate's metric is below VALUE, "
+    "e.g. top1_agreement=0.9 (repeatable).", rich_help_panel=OUTPUT)]
 
 
 class TokenProgress:

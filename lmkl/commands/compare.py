@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,6 +19,8 @@ from lmkl.commands.common import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    FailAboveOpt,
+    FailBelowOpt,
     MaxSamplesOpt,
     MaxTokensOpt,
     MemoryOpt,
@@ -74,11 +76,18 @@ def compare(
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
+    fail_above: FailAboveOpt = None,
+    fail_below: FailBelowOpt = None,
 ) -> None:
     """Compare CANDIDATE with REFERENCE token by token: KL both ways, JSD, PPL, agreement."""
     apply_offline(offline)
     from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
     from lmkl.errors import UsageError
+    from lmkl.gates import gates_from_mapping, gates_report, parse_gate_options, raise_for_failures
+
+    # Parsed before any work so that a bad gate is a usage error (exit 2), not a late surprise.
+    gates = gates_from_mapping(parse_gate_options(fail_above or [], "--fail-above"),
+                               parse_gate_options(fail_below or [], "--fail-below"))
 
     if data is None:
         raise UsageError("no data given", "pass --data FILE_OR_DATASET")
@@ -97,7 +106,10 @@ def compare(
                           memory_budget_mb=memory_budget, max_tokens=max_tokens,
                           temperature=temperature)
     output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
-    run_and_show(ref_spec, [cand_spec], data_spec, window_spec, compute, output, resume, quiet)
+    outcome = run_and_show(ref_spec, [cand_spec], data_spec, window_spec, compute, output,
+                           resume, quiet)
+    if gates:  # results are already written; exit 3 with one line per failing candidate
+        raise_for_failures(gates_report(outcome.results["candidates"], gates), 1)
 
 
 def _window_spec(cls: type, windowing: WindowingMode, context_length: int,
@@ -114,7 +126,7 @@ def _window_spec(cls: type, windowing: WindowingMode, context_length: int,
 
 
 def run_and_show(ref_spec, cand_specs, data_spec, window_spec, compute, output, resume: bool,
-                 quiet: bool) -> None:
+                 quiet: bool) -> Any:
     """Run a comparison with a progress bar, then print the summary and the run directory."""
     from lmkl.display import print_summary
     from lmkl.runner import run_comparison
@@ -127,6 +139,7 @@ def run_and_show(ref_spec, cand_specs, data_spec, window_spec, compute, output, 
         stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
     else:
         stdout.print(str(outcome.path))
+    return outcome
 
 
 def register(app: typer.Typer) -> None:

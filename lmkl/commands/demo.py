@@ -7,7 +7,6 @@ the English reference text that every CPython ships (``pydoc_data``), then compa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -25,12 +24,9 @@ from lmkl.commands.common import (
 
 def demo_cache_dir() -> Path:
     """``$LMKL_CACHE_DIR/demo`` if set, else the user cache directory (platformdirs)."""
-    root = os.environ.get("LMKL_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "demo"
-    from platformdirs import user_cache_dir
+    from lmkl.toy import demo_cache_dir as cache_dir  # one definition, shared with demo: names
 
-    return Path(user_cache_dir("lmkl")) / "demo"
+    return cache_dir()
 
 
 @friendly_errors
