@@ -35,10 +35,15 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 def check_messages(value: Any, row: int) -> list[Message]:
     """Validate one row of a ``messages`` column: a non-empty list of {role, content} dicts."""
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str)
-        and isinstance(m.get("content"), str)
-        for m in value
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
     )
     if not ok:
         raise DataError(
@@ -70,22 +75,27 @@ def render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: b
         )
     except Exception as exc:  # jinja raises TemplateError and friends for bad conversations
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"the chat template cannot render a conversation: {first}",
-                        "check the roles and order of the messages") from exc
+        raise DataError(
+            f"the chat template cannot render a conversation: {first}",
+            "check the roles and order of the messages",
+        ) from exc
 
 
 def encode_prompt(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     """Token ids of a conversation plus the generation prompt, ready for the assistant to reply."""
     require_chat_template(tokenizer)
     if messages[-1]["role"] == "assistant":
-        raise DataError("a chat prompt ends with an assistant message",
-                        "end each prompt conversation with a user (or system) turn")
+        raise DataError(
+            "a chat prompt ends with an assistant message",
+            "end each prompt conversation with a user (or system) turn",
+        )
     text = render(tokenizer, messages, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[Message], full: str) -> list[tuple[int,
-                                                                                          int]]:
+def assistant_spans(
+    tokenizer: Any, messages: Sequence[Message], full: str
+) -> list[tuple[int, int]]:
     """Character spans ``[start, end)`` of the assistant turns in ``full`` (incremental renders)."""
     spans = []
     for i, message in enumerate(messages):
@@ -127,8 +137,10 @@ def encode_chat(
         )
         if list(out["input_ids"]) == ids:
             return ids, sizes, [bool(v) for v in out["assistant_masks"]]
-    spans = [(len(full[:s].encode()), len(full[:e].encode()))
-             for s, e in assistant_spans(tokenizer, messages, full)]
+    spans = [
+        (len(full[:s].encode()), len(full[:e].encode()))
+        for s, e in assistant_spans(tokenizer, messages, full)
+    ]
     mask = []
     end = 0
     for size in sizes:

@@ -98,13 +98,16 @@ class SampleSpec(StrictModel):
     top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens only (0 = off).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = off).")
     direction: Literal["forward", "reverse"] = Field(
-        "forward", description="forward: sample from the reference, estimate KL(P‖Q); reverse: "
-        "sample from the candidate, estimate KL(Q‖P).")
+        "forward",
+        description="forward: sample from the reference, estimate KL(P‖Q); reverse: "
+        "sample from the candidate, estimate KL(Q‖P).",
+    )
     seed: int = Field(0, ge=0, description="Seed of the per-continuation generators.")
     batch_size: int = Field(16, ge=1, description="Continuations sampled and scored together.")
     stop_token_ids: list[int] = Field(
         default_factory=list,
-        description="Extra stop tokens besides the tokenizer's and generation config's EOS.")
+        description="Extra stop tokens besides the tokenizer's and generation config's EOS.",
+    )
 
     @property
     def exact(self) -> bool:
@@ -245,8 +248,9 @@ def sample_continuations(
     done = [False] * n
     for step in range(spec.max_new_tokens):
         lp = sampling_log_probs(logits[:, :vocab_size], spec.temperature, spec.top_k, spec.top_p)
-        uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64)
-                                for g in generators])
+        uniforms = torch.stack(
+            [torch.rand((), generator=g, dtype=torch.float64) for g in generators]
+        )
         drawn = draw_tokens(lp, uniforms)
         chosen_lp = lp.gather(-1, drawn[:, None]).squeeze(-1).double().cpu().tolist()
         for b, token in enumerate(drawn.cpu().tolist()):
@@ -310,15 +314,16 @@ def score_continuations(
         stop = start + chunk_size
         ref_logits = reference.logits(hidden[0][start:stop])[..., :vocab_size]
         cand_logits = candidate.logits(hidden[1][start:stop])[..., :vocab_size]
-        metrics = token_metrics(ref_logits, cand_logits.to(ref_logits.device),
-                                targets_t[start:stop])
+        metrics = token_metrics(
+            ref_logits, cand_logits.to(ref_logits.device), targets_t[start:stop]
+        )
         parts.append({k: v.cpu() for k, v in metrics.items()})
     merged = {k: torch.cat([part[k] for part in parts]).numpy() for k in parts[0]}
     out = []
     offset = 0
     for cont in continuations:
         n = len(cont.token_ids)
-        out.append({k: v[offset:offset + n] for k, v in merged.items()})
+        out.append({k: v[offset : offset + n] for k, v in merged.items()})
         offset += n
     return out
 
@@ -451,7 +456,8 @@ def summarize_samples(table: dict[str, np.ndarray], spec: SampleSpec) -> dict[st
         "estimand": (
             f"{target} between the two models' distributions over continuations (stopped at a "
             f"stop token or after {spec.max_new_tokens} tokens), averaged over prompts"
-            if spec.exact else f"E_(y~S)[…] under the tempered/truncated sampler S; not {target}"
+            if spec.exact
+            else f"E_(y~S)[…] under the tempered/truncated sampler S; not {target}"
         ),
         "exact_sampling": spec.exact,
         "biased": not spec.exact,
@@ -569,9 +575,21 @@ def run_sample_kl(
             )
 
     total = len(prompts) * spec.num_samples
-    per_sample: dict[str, list[Any]] = {k: [] for k in (
-        "prompt_id", "sample_id", "seed", "tokens", "stopped", "log_p", "log_q", "log_sampling",
-        "kl_sum", "reverse_kl_sum")}
+    per_sample: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "prompt_id",
+            "sample_id",
+            "seed",
+            "tokens",
+            "stopped",
+            "log_p",
+            "log_q",
+            "log_sampling",
+            "kl_sum",
+            "reverse_kl_sum",
+        )
+    }
     token_columns: dict[str, list[np.ndarray]] = {}
     texts: list[dict[str, Any]] = []
     log_ratios: list[np.ndarray] = []  # ℓ_t = log s − log o per token (s: the sampler)
@@ -582,14 +600,26 @@ def run_sample_kl(
         for start in range(0, spec.num_samples, spec.batch_size):
             sample_ids = list(range(start, min(start + spec.batch_size, spec.num_samples)))
             t0 = time.perf_counter()
-            conts = sample_continuations(sampler, prompt, doc.doc_id, sample_ids, spec,
-                                         vocab_size, stops)
-            scored = score_continuations(ref_model, cand_model, prompt, conts, vocab_size,
-                                         chunk, pad_id)
+            conts = sample_continuations(
+                sampler, prompt, doc.doc_id, sample_ids, spec, vocab_size, stops
+            )
+            scored = score_continuations(
+                ref_model, cand_model, prompt, conts, vocab_size, chunk, pad_id
+            )
             seconds += time.perf_counter() - t0
             for cont, metrics in zip(conts, scored, strict=True):
-                _collect(per_sample, token_columns, texts, cont, metrics, tokenizer, prompt,
-                         doc, special, len(per_sample["prompt_id"]))
+                _collect(
+                    per_sample,
+                    token_columns,
+                    texts,
+                    cont,
+                    metrics,
+                    tokenizer,
+                    prompt,
+                    doc,
+                    special,
+                    len(per_sample["prompt_id"]),
+                )
                 nll_p = metrics["nll_reference"].astype(np.float64)
                 nll_q = metrics["nll_candidate"].astype(np.float64)
                 log_ratios.append(nll_q - nll_p if forward else nll_p - nll_q)
@@ -607,9 +637,13 @@ def run_sample_kl(
     metrics = summarize(token_table)
     head = sampled["estimators"]["exact_per_step"]
     metrics["sequence_kl"] = {
-        "target": sampled["target"], "estimator": "exact_per_step",
-        "mean": head["mean"], "se": head["se"], "ci95": head["ci95"],
-        "se_prompts": head["se_prompts"], "per_token": head["per_token"],
+        "target": sampled["target"],
+        "estimator": "exact_per_step",
+        "mean": head["mean"],
+        "se": head["se"],
+        "ci95": head["ci95"],
+        "se_prompts": head["se_prompts"],
+        "per_token": head["per_token"],
         "biased": sampled["biased"],
     }
     metrics["sampled_kl"] = sampled
@@ -628,11 +662,16 @@ def run_sample_kl(
         "kind": "sample-kl",
         "token_level": True,
         "reference": ref_model.description,
-        "candidates": [{"label": cand_model.label, "model": cand_model.description,
-                        "metrics": metrics}],
-        "sampling": spec.model_dump() | {
-            "sampler": sampler.label, "exact": spec.exact, "stop_token_ids": sorted(stops),
-            "vocab_size": vocab_size, "padded_vocab": padded,
+        "candidates": [
+            {"label": cand_model.label, "model": cand_model.description, "metrics": metrics}
+        ],
+        "sampling": spec.model_dump()
+        | {
+            "sampler": sampler.label,
+            "exact": spec.exact,
+            "stop_token_ids": sorted(stops),
+            "vocab_size": vocab_size,
+            "padded_vocab": padded,
         },
         "data": corpus.description | {"prompts": len(prompts)},
         "compute": config["compute"] | {"chunk_tokens": chunk},
@@ -653,10 +692,18 @@ def run_sample_kl(
     return SampleOutcome(path=run_dir.path, results=results)
 
 
-def _collect(per_sample: dict[str, list[Any]], token_columns: dict[str, list[np.ndarray]],
-             texts: list[dict[str, Any]], cont: Continuation, metrics: dict[str, np.ndarray],
-             tokenizer: Any, prompt: Sequence[int], doc: Any, special: set[int],
-             index: int) -> None:
+def _collect(
+    per_sample: dict[str, list[Any]],
+    token_columns: dict[str, list[np.ndarray]],
+    texts: list[dict[str, Any]],
+    cont: Continuation,
+    metrics: dict[str, np.ndarray],
+    tokenizer: Any,
+    prompt: Sequence[int],
+    doc: Any,
+    special: set[int],
+    index: int,
+) -> None:
     n = len(cont.token_ids)
     nll_p = metrics["nll_reference"].astype(np.float64)
     nll_q = metrics["nll_candidate"].astype(np.float64)
@@ -682,11 +729,13 @@ def _collect(per_sample: dict[str, list[Any]], token_columns: dict[str, list[np.
     }
     for key, value in columns.items():
         token_columns.setdefault(key, []).append(value)
-    texts.append({
-        "prompt_id": cont.prompt_id,
-        "sample_id": cont.sample_id,
-        "prompt": doc.text,
-        "continuation": tokenizer.decode(cont.token_ids),
-        "token_ids": cont.token_ids,
-        "stopped": cont.stopped,
-    })
+    texts.append(
+        {
+            "prompt_id": cont.prompt_id,
+            "sample_id": cont.sample_id,
+            "prompt": doc.text,
+            "continuation": tokenizer.decode(cont.token_ids),
+            "token_ids": cont.token_ids,
+            "stopped": cont.stopped,
+        }
+    )

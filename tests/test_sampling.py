@@ -24,14 +24,16 @@ from lmkl.sampling import (
     sequence_estimators,
 )
 
-PROMPTS = ["The \"assert\" statement", "Suspend the execution of", "A list is"]
+PROMPTS = ['The "assert" statement', "Suspend the execution of", "A list is"]
 
 
 @pytest.fixture(scope="module")
 def hf_models(tiny_pair):
     tok = AutoTokenizer.from_pretrained(tiny_pair["reference"])
-    models = [AutoModelForCausalLM.from_pretrained(tiny_pair[k], dtype=torch.float32).eval()
-              for k in ("reference", "candidate")]
+    models = [
+        AutoModelForCausalLM.from_pretrained(tiny_pair[k], dtype=torch.float32).eval()
+        for k in ("reference", "candidate")
+    ]
     return tok, models
 
 
@@ -70,7 +72,7 @@ def exhaustive_two_token_kl(hf_models, prompt: str, stops: set[int]) -> tuple[fl
     tok, (ref, cand) = hf_models
     x = tok(prompt)["input_ids"]
     lp1, lq1 = (log_softmax64(m, [x])[0] for m in (ref, cand))
-    seconds = [x + [y] for y in range(512)]
+    seconds = [[*x, y] for y in range(512)]
     lp2, lq2 = log_softmax64(ref, seconds), log_softmax64(cand, seconds)
     go_on = np.array([y not in stops for y in range(512)], dtype=float)
     forward = kl64(lp1, lq1) + np.sum(np.exp(lp1) * go_on * kl64(lp2, lq2))
@@ -85,9 +87,16 @@ def test_estimators_match_exhaustive_truth(tiny_pair, hf_models, tmp_path, direc
     # The reference's likeliest first token is made a stop token, so stopping is exercised.
     first = log_softmax64(ref, [tok(prompts[0])["input_ids"]])[0]
     stop = int(first.argmax())
-    results = run(tiny_pair, prompts_file(tmp_path / "p.jsonl", prompts), tmp_path / "run",
-                  num_samples=1500, max_new_tokens=2, batch_size=500, direction=direction,
-                  stop_token_ids=[stop])
+    results = run(
+        tiny_pair,
+        prompts_file(tmp_path / "p.jsonl", prompts),
+        tmp_path / "run",
+        num_samples=1500,
+        max_new_tokens=2,
+        batch_size=500,
+        direction=direction,
+        stop_token_ids=[stop],
+    )
     truths = [exhaustive_two_token_kl(hf_models, p, {stop, tok.eos_token_id}) for p in prompts]
     truth = float(np.mean([t[0 if direction == "forward" else 1] for t in truths]))
     block = results["candidates"][0]["metrics"]["sampled_kl"]
@@ -104,12 +113,18 @@ def test_estimators_match_exhaustive_truth(tiny_pair, hf_models, tmp_path, direc
 
 
 def test_longer_continuations_estimators_agree(tiny_pair, tmp_path):
-    results = run(tiny_pair, prompts_file(tmp_path / "p.jsonl", PROMPTS), tmp_path / "run",
-                  num_samples=96, max_new_tokens=8, batch_size=96)
+    results = run(
+        tiny_pair,
+        prompts_file(tmp_path / "p.jsonl", PROMPTS),
+        tmp_path / "run",
+        num_samples=96,
+        max_new_tokens=8,
+        batch_size=96,
+    )
     est = results["candidates"][0]["metrics"]["sampled_kl"]["estimators"]
     names = ("exact_per_step", "k1", "k3")
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             gap = abs(est[a]["mean"] - est[b]["mean"])
             assert gap <= 3 * math.hypot(est[a]["se"], est[b]["se"]), (a, b, est[a], est[b])
     seq = results["candidates"][0]["metrics"]["sequence_kl"]
@@ -121,8 +136,9 @@ def test_longer_continuations_estimators_agree(tiny_pair, tmp_path):
 def small_run(tiny_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("small-run")
     prompts = prompts_file(root / "p.jsonl", PROMPTS[:2])
-    results = run(tiny_pair, prompts, root / "run", num_samples=6, max_new_tokens=10,
-                  batch_size=4, seed=7)
+    results = run(
+        tiny_pair, prompts, root / "run", num_samples=6, max_new_tokens=10, batch_size=4, seed=7
+    )
     return root, prompts, results
 
 
@@ -136,8 +152,10 @@ def test_per_step_values_match_independent_float64(small_run, hf_models):
     prompt = tok(PROMPTS[sample["prompt_id"]])["input_ids"]
     seq = prompt + sample["token_ids"]
     with torch.no_grad():
-        lp, lq = (special.log_softmax(m(torch.tensor([seq])).logits[0, :, :512].double().numpy(),
-                                      -1) for m in (ref, cand))
+        lp, lq = (
+            special.log_softmax(m(torch.tensor([seq])).logits[0, :, :512].double().numpy(), -1)
+            for m in (ref, cand)
+        )
     steps = range(len(prompt) - 1, len(seq) - 1)
     want_kl = np.array([kl64(lp[t], lq[t]) for t in steps])
     want_nll_p = np.array([-lp[t, seq[t + 1]] for t in steps])
@@ -147,8 +165,9 @@ def test_per_step_values_match_independent_float64(small_run, hf_models):
     np.testing.assert_allclose(rows.nll_reference.to_numpy(), want_nll_p, atol=1e-5)
     np.testing.assert_allclose(rows.nll_candidate.to_numpy(), want_nll_q, atol=1e-5)
     samples = pq.read_table(root / "run" / "samples.parquet").to_pandas()
-    row = samples[(samples.prompt_id == sample["prompt_id"])
-                  & (samples.sample_id == sample["sample_id"])].iloc[0]
+    row = samples[
+        (samples.prompt_id == sample["prompt_id"]) & (samples.sample_id == sample["sample_id"])
+    ].iloc[0]
     assert row.exact_per_step == pytest.approx(want_kl.sum(), abs=1e-4)
     assert row.k1 == pytest.approx(want_nll_q.sum() - want_nll_p.sum(), abs=1e-4)
     assert row.log_sampling == pytest.approx(-want_nll_p.sum(), abs=1e-3)  # sampled from P
@@ -156,13 +175,17 @@ def test_per_step_values_match_independent_float64(small_run, hf_models):
 
 def test_seeded_runs_are_reproducible(tiny_pair, small_run):
     root, prompts, first = small_run
-    again = run(tiny_pair, prompts, root / "again", num_samples=6, max_new_tokens=10,
-                batch_size=4, seed=7)
-    other = run(tiny_pair, prompts, root / "other", num_samples=6, max_new_tokens=10,
-                batch_size=4, seed=8)
-    text = {name: [json.loads(x)["token_ids"] for x in
-                   (root / name / "samples.jsonl").read_text().splitlines()]
-            for name in ("run", "again", "other")}
+    again = run(
+        tiny_pair, prompts, root / "again", num_samples=6, max_new_tokens=10, batch_size=4, seed=7
+    )
+    run(tiny_pair, prompts, root / "other", num_samples=6, max_new_tokens=10, batch_size=4, seed=8)
+    text = {
+        name: [
+            json.loads(x)["token_ids"]
+            for x in (root / name / "samples.jsonl").read_text().splitlines()
+        ]
+        for name in ("run", "again", "other")
+    }
     assert text["run"] == text["again"]
     assert text["run"] != text["other"]
     est = first["candidates"][0]["metrics"]["sampled_kl"]["estimators"]
@@ -172,8 +195,15 @@ def test_seeded_runs_are_reproducible(tiny_pair, small_run):
 def test_stop_tokens_end_continuations(tiny_pair, hf_models, tmp_path):
     tok, _ = hf_models
     stop = tok.convert_tokens_to_ids("e")  # a frequent token, so many continuations stop early
-    results = run(tiny_pair, prompts_file(tmp_path / "p.jsonl", PROMPTS), tmp_path / "run",
-                  num_samples=8, max_new_tokens=12, batch_size=8, stop_token_ids=[stop])
+    results = run(
+        tiny_pair,
+        prompts_file(tmp_path / "p.jsonl", PROMPTS),
+        tmp_path / "run",
+        num_samples=8,
+        max_new_tokens=12,
+        batch_size=8,
+        stop_token_ids=[stop],
+    )
     lines = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert any(s["stopped"] for s in lines) and not all(s["stopped"] for s in lines)
     for s in lines:
@@ -193,8 +223,13 @@ def test_stop_tokens_end_continuations(tiny_pair, hf_models, tmp_path):
 def test_sampling_log_probs_against_numpy():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 40, generator=gen, dtype=torch.float64) * 2
-    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 6, 1.0),
-                                      (1.0, 0, 0.6), (2.0, 10, 0.8)):
+    for temperature, top_k, top_p in (
+        (1.0, 0, 1.0),
+        (0.7, 0, 1.0),
+        (1.3, 6, 1.0),
+        (1.0, 0, 0.6),
+        (2.0, 10, 0.8),
+    ):
         got = sampling_log_probs(logits, temperature, top_k, top_p).numpy()
         for row, out in zip(logits.numpy(), got, strict=True):
             x = row / temperature
@@ -239,11 +274,24 @@ def test_sequence_estimators_formulas():
 
 def test_cli_truncated_sampling_is_flagged(tiny_pair, tmp_path):
     prompts = prompts_file(tmp_path / "p.jsonl", PROMPTS[:2])
-    result = CliRunner().invoke(app, [
-        "sample-kl", str(tiny_pair["reference"]), str(tiny_pair["candidate"]),
-        "--prompts", str(prompts), "-n", "4", "--max-new-tokens", "6", "--top-k", "5",
-        "--out", str(tmp_path / "run"),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample-kl",
+            str(tiny_pair["reference"]),
+            str(tiny_pair["candidate"]),
+            "--prompts",
+            str(prompts),
+            "-n",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--top-k",
+            "5",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "NOT KL(P‖Q)" in result.output.replace("\n", " ")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -259,15 +307,26 @@ def test_cli_truncated_sampling_is_flagged(tiny_pair, tmp_path):
     assert metrics["counts"]["documents"] == 2 and metrics["counts"]["windows"] == 8
     samples = pq.read_table(tmp_path / "run" / "samples.parquet")
     assert samples.num_rows == 8
-    assert {"k1", "k2", "k3", "k3_sequence", "exact_per_step", "log_p", "log_q",
-            "log_sampling", "stopped", "tokens"} <= set(samples.column_names)
+    assert {
+        "k1",
+        "k2",
+        "k3",
+        "k3_sequence",
+        "exact_per_step",
+        "log_p",
+        "log_q",
+        "log_sampling",
+        "stopped",
+        "tokens",
+    } <= set(samples.column_names)
     # With top-k = 5 every sampled token was among the reference's 5 likeliest.
     tokens = pq.read_table(tmp_path / "run" / "tokens.parquet").to_pandas()
     assert len(tokens) == int(samples["tokens"].to_numpy().sum())
 
 
 def test_cli_needs_prompts(tiny_pair):
-    result = CliRunner().invoke(app, ["sample-kl", str(tiny_pair["reference"]),
-                                      str(tiny_pair["candidate"])])
+    result = CliRunner().invoke(
+        app, ["sample-kl", str(tiny_pair["reference"]), str(tiny_pair["candidate"])]
+    )
     assert result.exit_code == 2
     assert "--prompts" in result.output
