@@ -60,7 +60,7 @@ from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, StrictMode
 from lmkl.divergence import TOKEN_METRIC_NAMES, token_metrics
 from lmkl.errors import DataError, UsageError
 from lmkl.models import LoadedModel, shared_vocab_size
-from lmkl.stats import summarize
+from lmkl.stats import ratio_mean_se, summarize
 
 ProgressCallback = Callable[[int, int], None]
 LogCallback = Callable[[str], None]
@@ -397,14 +397,7 @@ def estimator_summary(
     mean = float(means_a.mean()) if means_a.size else math.nan
     se = float(math.sqrt(np.sum(ses_a**2)) / len(unique)) if len(unique) else math.nan
     se_prompts = _mean_se(means_a)[1] if means_a.size > 1 else math.nan
-    total_tokens = float(tokens.sum())
-    ratio = float(values.sum() / total_tokens) if total_tokens > 0 else math.nan
-    n = values.size
-    if n > 1 and np.isfinite(values).all() and total_tokens > 0:
-        resid = values - ratio * tokens
-        ratio_se = float(math.sqrt(np.sum(resid**2) / (n * (n - 1))) / tokens.mean())
-    else:
-        ratio_se = math.nan
+    ratio, ratio_se = ratio_mean_se(values, tokens)
     ci = [mean - 1.96 * se, mean + 1.96 * se] if math.isfinite(se) else [math.nan, math.nan]
     return {
         "mean": mean,
