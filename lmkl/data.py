@@ -411,6 +411,9 @@ def make_windows(
             )
         return windows
     windows = document_windows(corpus, tokenizer, spec, max_tokens)
+    if not windows and corpus.score_on == "assistant":
+        raise DataError(f"no assistant message to score in {len(corpus.documents)} conversations",
+                        "check the roles in the messages, or pass --score-on all")
     if not windows:
         raise DataError(
             f"no document has two or more tokens ({len(corpus.documents)} documents read)",

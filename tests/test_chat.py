@@ -190,3 +190,21 @@ def test_chat_prompt_ends_with_the_generation_prompt(chat_reference):
     assert tok.decode(ids) == "<s>user\nWhat is a list?</s><s>assistant\n"
     with pytest.raises(DataError, match="ends with an assistant"):
         encode_prompt(tok, conversations()[1])
+
+
+def test_conversations_without_assistant_turns_are_an_error(chat_reference, tiny_pair, tmp_path):
+    data = tmp_path / "users.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hello"}]}) + "\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            str(chat_reference),
+            str(tiny_pair["candidate"]),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert result.exit_code == 1 and "no assistant message" in result.output
