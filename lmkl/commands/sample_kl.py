@@ -244,7 +244,11 @@ def print_sample_summary(results: dict[str, Any]) -> None:
         title_justify="left",
     )
     for column in ("estimator", "mean ± se", "95% CI", "se (prompts)", "per token", "unbiased"):
-        table.add_column(column, justify="left" if column == "estimator" else "right")
+        table.add_column(
+            column,
+            justify="left" if column == "estimator" else "right",
+            no_wrap=column == "estimator",
+        )
     for name, est in block["estimators"].items():
         lo, hi = est["ci95"]
         table.add_row(
