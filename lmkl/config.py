@@ -56,6 +56,11 @@ class DataSpec(StrictModel):
     max_samples: int | None = Field(None, gt=0, description="Use only the first N documents.")
     label: str | None = Field(None, description="Name shown in tables; defaults to the source.")
     weight: float = Field(1.0, gt=0, description="Weight in multi-dataset averages.")
+    score_on: Literal["all", "assistant"] | None = Field(
+        None,
+        description="Chat data (a messages column): score only the assistant tokens (default) "
+        "or all tokens of the rendered conversation. Plain text is always scored whole.",
+    )
 
     @property
     def display_name(self) -> str:

@@ -19,6 +19,7 @@ Two windowing protocols (see README, "Windowing"):
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ from lmkl.errors import DataError
 
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
                  ".parquet": "parquet"}
+#: Column read as chat conversations when there is no ``text`` column.
+CHAT_FIELD = "messages"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Document:
 
     doc_id: int
     text: str
+    #: A chat conversation (list of {role, content}) rendered with the chat template instead.
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -49,6 +54,8 @@ class Corpus:
     description: dict[str, Any]
     #: The raw text for llama-cpp windowing (a .txt file read whole; else documents joined by \n).
     stream_text: str
+    #: Which targets of chat documents are scored: "assistant" tokens or "all".
+    score_on: str = "all"
 
 
 @dataclass
@@ -57,7 +64,9 @@ class Window:
 
     ``input_ids[j]`` for ``j >= first_target`` are the scored targets; the logits that predict
     them are at window indices ``j - 1``. ``offset`` is the position of ``input_ids[0]`` in the
-    document (or in the concatenated stream for llama-cpp windowing).
+    document (or in the concatenated stream for llama-cpp windowing). ``score_mask``, when set
+    (chat data scored on assistant tokens), has one flag per target ``j >= first_target`` and
+    only flagged targets are scored; ``target_bytes`` always has one entry per target.
     """
 
     window_id: int
@@ -66,9 +75,12 @@ class Window:
     first_target: int
     offset: int
     target_bytes: list[int] = field(default_factory=list)
+    score_mask: list[bool] | None = None
 
     @property
     def num_targets(self) -> int:
+        if self.score_mask is not None:
+            return sum(self.score_mask)
         return len(self.input_ids) - self.first_target
 
 
@@ -87,8 +99,7 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
         dataset = _pick_split(dataset, spec)
         texts = _column(dataset, spec)
         fingerprint = getattr(dataset, "_fingerprint", None) or _hash_texts(texts)
-        docs = [Document(i, t) for i, t in enumerate(texts)]
-        return docs, "\n".join(texts), str(fingerprint)
+        return *_documents(texts), str(fingerprint)
 
     suffix = path.suffix.lower()
     if suffix not in LOCAL_FORMATS:
@@ -126,7 +137,7 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
             f"check that the file is valid {suffix[1:]}",
         ) from exc
     texts = _column(dataset, spec)
-    return [Document(i, t) for i, t in enumerate(texts)], "\n".join(texts), fingerprint
+    return *_documents(texts), fingerprint
 
 
 @contextmanager
@@ -160,9 +171,11 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
-def _hash_texts(texts: list[str]) -> str:
+def _hash_texts(texts: list[Any]) -> str:
     digest = hashlib.sha256()
     for text in texts:
+        if not isinstance(text, str):  # chat messages
+            text = json.dumps(text, sort_keys=True, ensure_ascii=False)
         digest.update(text.encode())
         digest.update(b"\0")
     return digest.hexdigest()
@@ -188,8 +201,28 @@ def _pick_split(dataset: Any, spec: DataSpec) -> Any:
                     "choose one with --split")
 
 
-def _column(dataset: Any, spec: DataSpec) -> list[str]:
+def _documents(values: list[Any]) -> tuple[list[Document], str]:
+    """Documents and the joined stream text from a column of strings or of chat messages."""
+    if values and isinstance(values[0], list):
+        from lmkl.chat import check_messages
+
+        docs = []
+        for i, value in enumerate(values):
+            messages = check_messages(value, i)
+            plain = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+            docs.append(Document(i, plain, messages=messages))
+        return docs, ""
+    return [Document(i, t) for i, t in enumerate(values)], "\n".join(values)
+
+
+def _column(dataset: Any, spec: DataSpec) -> list[Any]:
+    """The text column's values: strings, or chat conversations (lists of {role, content}).
+
+    A ``messages`` column is used when the text field is the default ``text`` and absent.
+    """
     names = list(dataset.column_names)
+    if spec.text_field == "text" and "text" not in names and CHAT_FIELD in names:
+        spec = spec.model_copy(update={"text_field": CHAT_FIELD})
     if spec.text_field not in names:
         raise DataError(
             f"text field '{spec.text_field}' not found; the data has: {', '.join(names) or 'none'}",
@@ -198,6 +231,8 @@ def _column(dataset: Any, spec: DataSpec) -> list[str]:
     if spec.max_samples:
         dataset = dataset.select(range(min(spec.max_samples, len(dataset))))
     values = dataset[spec.text_field]
+    if values and isinstance(values[0], list):
+        return values
     if values and not isinstance(values[0], str | type(None)):
         raise DataError(
             f"field '{spec.text_field}' holds {type(values[0]).__name__}, not text",
@@ -225,6 +260,11 @@ def load_corpus(spec: DataSpec) -> Corpus:
         # Only a .txt file still has all its paragraphs here; its stream shrinks to match.
         docs = docs[: spec.max_samples]
         stream = "\n\n".join(d.text for d in docs)
+    chat = any(d.messages is not None for d in docs)
+    if spec.score_on == "assistant" and not chat:
+        raise DataError("--score-on assistant needs chat data, but the data is plain text",
+                        "pass data with a messages column (role/content), or drop --score-on")
+    score_on = (spec.score_on or "assistant") if chat else "all"
     description = {
         "source": source,
         "kind": kind,
@@ -234,8 +274,11 @@ def load_corpus(spec: DataSpec) -> Corpus:
         "max_samples": spec.max_samples,
         "fingerprint": fingerprint,
         "documents": len(docs),
+        "format": "chat" if chat else "text",
+        "score_on": score_on,
     }
-    return Corpus(documents=docs, description=description, stream_text=stream)
+    return Corpus(documents=docs, description=description, stream_text=stream,
+                  score_on=score_on)
 
 
 def _read_hub(spec: DataSpec) -> tuple[list[Document], str, str]:
@@ -252,20 +295,22 @@ def _read_hub(spec: DataSpec) -> tuple[list[Document], str, str]:
     dataset = _pick_split(dataset, spec)
     texts = _column(dataset, spec)
     fingerprint = getattr(dataset, "_fingerprint", None) or _hash_texts(texts)
-    return [Document(i, t) for i, t in enumerate(texts)], "\n".join(texts), str(fingerprint)
+    return *_documents(texts), str(fingerprint)
 
 
-def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+def _encode(tokenizer: Any, text: str,
+            add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
     """Token ids with the tokenizer's normal special tokens, and the UTF-8 bytes each covers.
 
     A token's bytes are those of the text from the end of the previous token to its own end, so
     the bytes of all tokens add up to the text's size (special tokens cover none).
+    ``add_special_tokens=False`` is for text that already holds them (rendered chat templates).
     """
     try:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
     except (NotImplementedError, ValueError, TypeError):
-        enc = tokenizer(text, add_special_tokens=True)
+        enc = tokenizer(text, add_special_tokens=add_special_tokens)
         offsets = None
     ids = list(enc["input_ids"])
     if offsets is None:
@@ -294,18 +339,48 @@ def document_windows(
     for doc in corpus.documents:
         if budget <= 0:
             break
-        ids, sizes = _encode(tokenizer, doc.text)
+        if doc.messages is None:
+            ids, sizes = _encode(tokenizer, doc.text)
+            mask = None
+        else:
+            from lmkl.chat import encode_chat
+
+            ids, sizes, mask = encode_chat(tokenizer, doc.messages, corpus.score_on)
         for begin, first, end in _sliding_spans(len(ids), n, stride):
-            take = int(min(end - (begin + first), budget))
-            if take <= 0:
-                break
-            end = begin + first + take
+            window_mask = None if mask is None else mask[begin + first:end]
+            if window_mask is not None:
+                if not any(window_mask):
+                    continue
+                end = _end_after_scored(window_mask, begin + first, budget)
+                window_mask = window_mask[: end - begin - first]
+                take = sum(window_mask)
+            else:
+                take = int(min(end - (begin + first), budget))
+                if take <= 0:
+                    break
+                end = begin + first + take
             windows.append(Window(
                 window_id=len(windows), doc_id=doc.doc_id, input_ids=ids[begin:end],
                 first_target=first, offset=begin, target_bytes=sizes[begin + first:end],
+                score_mask=window_mask,
             ))
             budget -= take
+            if budget <= 0:
+                break
     return windows
+
+
+def _end_after_scored(mask: list[bool], first: int, budget: float) -> int:
+    """End index (exclusive) that keeps at most ``budget`` scored targets and no unscored tail."""
+    kept = 0
+    last = -1
+    for j, scored in enumerate(mask):
+        if scored:
+            if kept >= budget:
+                break
+            kept += 1
+            last = j
+    return first + last + 1
 
 
 def _sliding_spans(length: int, n: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -328,6 +403,9 @@ def llama_cpp_windows(
 ) -> list[Window]:
     """Windows for ``llama-cpp`` mode; see the module docstring."""
     n = spec.context_length
+    if any(d.messages is not None for d in corpus.documents):
+        raise DataError("llama-cpp windowing needs plain text, but the data holds chat messages",
+                        "use --windowing documents for chat data")
     ids, sizes = _encode(tokenizer, corpus.stream_text)
     first = n // 2 + 1  # first predicted position in each chunk
     windows: list[Window] = []
@@ -363,6 +441,9 @@ def make_windows(
             )
         return windows
     windows = document_windows(corpus, tokenizer, spec, max_tokens)
+    if not windows and corpus.score_on == "assistant":
+        raise DataError(f"no assistant message to score in {len(corpus.documents)} conversations",
+                        "check the roles in the messages, or pass --score-on all")
     if not windows:
         raise DataError(
             f"no document has two or more tokens ({len(corpus.documents)} documents read)",

@@ -221,12 +221,13 @@ def gaussian_kl(
     sigma1: ArrayLike | float,
     mu2: ArrayLike | float,
     sigma2: ArrayLike | float,
-) -> float | np.ndarray:
-    """Closed-form ``KL(N(μ1, σ1²) ‖ N(μ2, σ2²))`` in nats.
+) -> float:
+    """Closed-form ``KL(N(μ1, σ1²) ‖ N(μ2, σ2²))`` in nats (the first Gaussian is P).
 
-    ``ln(σ2/σ1) + (σ1² + (μ1 − μ2)²) / (2σ2²) − ½``. Arrays are treated as the independent
-    coordinates of a diagonal multivariate Gaussian and their KLs are summed (KL is additive over
-    independent products). ``σ`` are standard deviations, not variances, and must be > 0.
+    ``ln(σ2/σ1) + (σ1² + (μ1 − μ2)²) / (2σ2²) − ½``. Arrays (NumPy or CPU torch) are treated as
+    the independent coordinates of a diagonal multivariate Gaussian and their KLs are summed (KL
+    is additive over independent products); scalars broadcast. ``σ`` are standard deviations, not
+    variances, and must be > 0. Computed in float64; returns a Python float.
     """
     m1, s1, m2, s2 = (np.asarray(v, dtype=np.float64) for v in (mu1, sigma1, mu2, sigma2))
     if np.any(s1 <= 0) or np.any(s2 <= 0):

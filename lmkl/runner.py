@@ -84,7 +84,12 @@ def make_batches(windows: list[Window], batch_size: int, pad_id: int) -> Iterato
             n = len(window.input_ids)
             ids[r, :n] = torch.tensor(window.input_ids, dtype=torch.long)
             mask[r, :n] = 1
-            js = range(window.first_target, n)
+            js: range | list[int] = range(window.first_target, n)
+            target_bytes = window.target_bytes
+            if window.score_mask is not None:  # chat data: only the assistant targets
+                js = [j for j, keep in zip(js, window.score_mask, strict=True) if keep]
+                target_bytes = [b for b, keep in zip(target_bytes, window.score_mask,
+                                                     strict=True) if keep]
             rows.extend([r] * len(js))
             cols.extend(j - 1 for j in js)
             targets.extend(window.input_ids[j] for j in js)
@@ -92,7 +97,7 @@ def make_batches(windows: list[Window], batch_size: int, pad_id: int) -> Iterato
             meta["doc_id"].extend([window.doc_id] * len(js))
             meta["position"].extend(window.offset + j for j in js)
             meta["window_pos"].extend(js)
-            meta["bytes"].extend(window.target_bytes)
+            meta["bytes"].extend(target_bytes)
         yield Batch(
             windows=group,
             input_ids=ids,

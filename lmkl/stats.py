@@ -210,3 +210,22 @@ def to_json_safe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return to_json_safe(value.item())
     return value
+
+
+def ratio_mean_se(numerators: np.ndarray, denominators: np.ndarray) -> tuple[float, float]:
+    """``Σ x / Σ w`` over units (e.g. documents) and its delta-method standard error.
+
+    ``se = sqrt(Σ (x_i − R w_i)² / (n(n−1))) / mean(w)``: the usual ratio-estimator error when
+    the units, not the tokens or bytes inside them, are the independent draws.
+    """
+    x = np.asarray(numerators, dtype=np.float64)
+    w = np.asarray(denominators, dtype=np.float64)
+    total = float(w.sum())
+    if x.size == 0 or total <= 0:
+        return math.nan, math.nan
+    ratio = float(x.sum() / total)
+    n = x.size
+    if n < 2 or not np.isfinite(x).all():
+        return ratio, math.nan
+    resid = x - ratio * w
+    return ratio, float(math.sqrt(np.sum(resid**2) / (n * (n - 1))) / w.mean())

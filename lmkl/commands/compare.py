@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
 
 from lmkl.commands.common import (
+    DATA,
+    MODELS,
     AdapterOpt,
     AllowPickleOpt,
     AttnOpt,
@@ -45,6 +48,19 @@ from lmkl.commands.common import (
 )
 
 
+class ScoreOn(str, Enum):
+    all = "all"
+    assistant = "assistant"
+
+
+ScoreOnOpt = Annotated[ScoreOn | None, typer.Option(
+    "--score-on", help="Chat data (a messages column): score the assistant tokens (default) or "
+    "all tokens of the rendered conversation.", rich_help_panel=DATA)]
+DifferentTokenizersOpt = Annotated[bool, typer.Option(
+    "--different-tokenizers", help="The models have different tokenizers: compare bits per "
+    "byte on the same text instead (no token-level KL).", rich_help_panel=MODELS)]
+
+
 @friendly_errors
 def compare(
     reference: Annotated[str, typer.Argument(help="Reference model P: hub id or local directory.")],
@@ -53,6 +69,7 @@ def compare(
     split: SplitOpt = None,
     dataset_config: DatasetConfigOpt = None,
     text_field: TextFieldOpt = "text",
+    score_on: ScoreOnOpt = None,
     max_samples: MaxSamplesOpt = None,
     max_tokens: MaxTokensOpt = None,
     context_length: ContextOpt = 512,
@@ -68,6 +85,7 @@ def compare(
     adapter: AdapterOpt = None,
     allow_pickle: AllowPickleOpt = False,
     offline: OfflineOpt = False,
+    different_tokenizers: DifferentTokenizersOpt = False,
     batch_size: BatchOpt = 8,
     chunk_tokens: ChunkOpt = None,
     memory_budget: MemoryOpt = 1024,
@@ -100,12 +118,21 @@ def compare(
         ref_spec = ref_spec.model_copy(update={"label": "reference"})
         cand_spec = cand_spec.model_copy(update={"label": "candidate"})
     data_spec = DataSpec(source=data, split=split, dataset_config=dataset_config,
-                         text_field=text_field, max_samples=max_samples)
+                         text_field=text_field, max_samples=max_samples,
+                         score_on=score_on.value if score_on else None)
     window_spec = _window_spec(WindowSpec, windowing, context_length, stride)
     compute = ComputeSpec(batch_size=batch_size, chunk_tokens=chunk_tokens,
                           memory_budget_mb=memory_budget, max_tokens=max_tokens,
                           temperature=temperature)
     output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
+    if different_tokenizers:
+        if gates:
+            raise UsageError("--fail-above/--fail-below need token-level metrics, which "
+                             "--different-tokenizers does not compute",
+                             "drop the gates or compare models that share a tokenizer")
+        run_bytes_and_show(ref_spec, cand_spec, data_spec, window_spec, compute, output, resume,
+                           quiet)
+        return
     outcome = run_and_show(ref_spec, [cand_spec], data_spec, window_spec, compute, output,
                            resume, quiet)
     if gates:  # results are already written; exit 3 with one line per failing candidate
@@ -140,6 +167,25 @@ def run_and_show(ref_spec, cand_specs, data_spec, window_spec, compute, output, 
     else:
         stdout.print(str(outcome.path))
     return outcome
+
+
+def run_bytes_and_show(ref_spec, cand_spec, data_spec, window_spec, compute, output,
+                       resume: bool, quiet: bool) -> None:
+    """``--different-tokenizers``: per-byte comparison (no token-level KL), then its summary."""
+    from lmkl.bytes_compare import print_bytes_summary, run_bytes_comparison
+    from lmkl.errors import UsageError
+
+    if resume:
+        raise UsageError("--resume is not supported with --different-tokenizers",
+                         "rerun without --resume")
+    with TokenProgress(quiet) as progress:
+        outcome = run_bytes_comparison(ref_spec, cand_spec, data_spec, window_spec, compute,
+                                       output, progress=progress, log=progress.log)
+    if not quiet:
+        print_bytes_summary(outcome.results, stdout)
+        stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
+    else:
+        stdout.print(str(outcome.path))
 
 
 def register(app: typer.Typer) -> None:
