@@ -18,6 +18,7 @@ TINY_DEMO = toy.DemoSettings(
     seq_len=32,
     batch_size=4,
     max_positions=128,
+    num_threads=1,
     reference=toy.ModelRecipe(arch="llama", hidden_size=32, num_layers=1, num_heads=2, steps=3),
     candidate=toy.ModelRecipe(arch="gpt2", hidden_size=16, num_layers=1, num_heads=2, steps=2),
 )
@@ -119,7 +120,9 @@ def test_training_lowers_loss_and_is_deterministic(tokenizer) -> None:
     runs = []
     for _ in range(2):
         model = toy.build_model("llama", len(tokenizer), 32, 1, 2, seed=0)
-        losses = toy.train_model(model, stream, 25, seq_len=32, batch_size=4, lr=1e-2, seed=0)
+        losses = toy.train_model(
+            model, stream, 25, seq_len=32, batch_size=4, lr=1e-2, seed=0, num_threads=1
+        )
         assert not model.training
         runs.append(losses)
     losses = runs[0]
@@ -131,11 +134,11 @@ def test_training_lowers_loss_and_is_deterministic(tokenizer) -> None:
 def test_tiny_pair_loads_and_differs(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start = time.perf_counter()
+    threads = torch.get_num_threads()
     ref_dir, cand_dir = toy.build_tiny_pair(
         tmp_path, steps=10, candidate_arch="gpt2", candidate_padded_vocab=520
     )
-    assert time.perf_counter() - start < 20
+    assert torch.get_num_threads() == threads  # the 1-thread training is undone
     assert (tmp_path / "heldout.jsonl").is_file()
     ref = AutoModelForCausalLM.from_pretrained(ref_dir)
     cand = AutoModelForCausalLM.from_pretrained(cand_dir)
@@ -151,48 +154,63 @@ def test_tiny_pair_loads_and_differs(tmp_path: Path) -> None:
     assert torch.isfinite(kl).all() and kl.mean() > 0.01
 
 
-def test_demo_assets_build_then_reuse(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[toy.DemoAssets, float, list[str]]:
+    """One tiny demo build shared by the tests below: (assets, seconds, progress messages)."""
+    cache = tmp_path_factory.mktemp("demo-cache")
     messages: list[str] = []
     start = time.perf_counter()
-    assets = toy.build_demo_assets(tmp_path, settings=TINY_DEMO, progress=messages.append)
-    first = time.perf_counter() - start
+    assets = toy.build_demo_assets(cache, settings=TINY_DEMO, progress=messages.append)
+    return assets, time.perf_counter() - start, messages
+
+
+def test_demo_assets_layout(demo_build) -> None:
+    assets, _, messages = demo_build
     assert messages
     manifest = json.loads((assets.root / "manifest.json").read_text())
-    assert manifest["demo_version"] == toy.DEMO_VERSION
     assert manifest == assets.manifest
-    texts = list(toy.iter_heldout(assets.heldout_path))
-    assert texts == toy.demo_corpus()[1]
+    assert manifest["demo_version"] == toy.DEMO_VERSION
+    assert manifest["settings"]["reference"]["arch"] == "llama"
+    assert list(toy.iter_heldout(assets.heldout_path)) == toy.demo_corpus()[1]
     for d in (assets.reference_dir, assets.candidate_dir):
         assert (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
     assert assets.tokenizer_dir in (assets.reference_dir, assets.candidate_dir)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
-
-    mtime = (assets.root / "manifest.json").stat().st_mtime_ns
-    start = time.perf_counter()
-    again = toy.build_demo_assets(tmp_path, settings=TINY_DEMO, progress=messages.append)
-    assert time.perf_counter() - start < min(0.5, first)
-    assert again == assets
-    assert (assets.root / "manifest.json").stat().st_mtime_ns == mtime
-
-    # Without a manifest the build counts as incomplete and is redone.
-    (assets.root / "manifest.json").unlink()
-    rebuilt = toy.build_demo_assets(tmp_path, settings=TINY_DEMO)
-    assert rebuilt.root == assets.root and (rebuilt.root / "manifest.json").is_file()
-
-    forced = toy.build_demo_assets(tmp_path, settings=TINY_DEMO, force=True)
-    assert forced.root == assets.root
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in assets.root.parent.iterdir() if p.name.startswith(".")]  # no temp
 
 
-def test_demo_assets_load_offline(tmp_path: Path) -> None:
+def test_demo_assets_load_offline(demo_build) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assets = toy.build_demo_assets(tmp_path, settings=TINY_DEMO)
+    assets = demo_build[0]
     for d in (assets.reference_dir, assets.candidate_dir):
         model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
         assert model.config.vocab_size == len(tok) == TINY_DEMO.vocab_size
         assert tok("x")["input_ids"][0] == tok.bos_token_id
+
+
+def test_demo_assets_reuse_is_instant(demo_build) -> None:
+    assets, first, _ = demo_build
+    mtime = (assets.root / "manifest.json").stat().st_mtime_ns
+    messages: list[str] = []
+    start = time.perf_counter()
+    again = toy.build_demo_assets(assets.root.parent, settings=TINY_DEMO, progress=messages.append)
+    assert time.perf_counter() - start < min(1.0, first)
+    assert again == assets and not messages
+    assert (assets.root / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_demo_assets_rebuild(tmp_path: Path) -> None:
+    assets = toy.build_demo_assets(tmp_path, settings=TINY_DEMO)
+    # Without its manifest a build counts as incomplete (e.g. killed) and is redone.
+    (assets.root / "manifest.json").unlink()
+    rebuilt = toy.build_demo_assets(tmp_path, settings=TINY_DEMO)
+    assert rebuilt.root == assets.root and (rebuilt.root / "manifest.json").is_file()
+    # force rebuilds a complete one, replacing it in place.
+    (assets.root / "marker").write_text("old build")
+    forced = toy.build_demo_assets(tmp_path, settings=TINY_DEMO, force=True)
+    assert forced.root == assets.root and not (assets.root / "marker").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [assets.root.name]
 
 
 def test_settings_change_the_cache_key() -> None:
