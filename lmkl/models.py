@@ -54,6 +54,7 @@ def quiet_hf_logging() -> None:
 
     # huggingface_hub logs every network retry; lmkl reports the final failure in one line.
     huggingface_hub.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.set_verbosity_error()

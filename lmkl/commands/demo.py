@@ -39,9 +39,10 @@ def demo(
     """Build two small models offline (cached) and compare them: the whole job in one command."""
     from lmkl.commands.compare import run_and_show
     from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
-    from lmkl.models import set_offline
+    from lmkl.models import quiet_hf_logging, set_offline
 
     set_offline(True)  # the demo never needs the network
+    quiet_hf_logging()  # lmkl reports the build's progress itself
     from lmkl.toy import build_demo_assets
 
     cache = demo_cache_dir()
