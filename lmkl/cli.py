@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from lmkl import __version__
-from lmkl.commands import compare, demo
+from lmkl.commands import cache, compare, demo
 
 app = typer.Typer(
     name="lmkl",
@@ -27,7 +27,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (compare, demo):
+for module in (compare, demo, cache):
     module.register(app)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -13,12 +14,15 @@ from lmkl.commands.common import (
     BatchOpt,
     CandDTypeOpt,
     ChunkOpt,
+    CompileOpt,
     ContextOpt,
     DataOpt,
     DatasetConfigOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
+    MaxBatchTokensOpt,
     MaxSamplesOpt,
     MaxTokensOpt,
     MemoryOpt,
@@ -45,7 +49,9 @@ from lmkl.commands.common import (
 
 @friendly_errors
 def compare(
-    reference: Annotated[str, typer.Argument(help="Reference model P: hub id or local directory.")],
+    ctx: typer.Context,
+    reference: Annotated[str, typer.Argument(
+        help="Reference model P: hub id, local directory, or a reference cache (`lmkl cache`).")],
     candidate: Annotated[str, typer.Argument(help="Candidate model Q: hub id or local directory.")],
     data: DataOpt = None,
     split: SplitOpt = None,
@@ -60,6 +66,7 @@ def compare(
     reference_dtype: RefDTypeOpt = None,
     candidate_dtype: CandDTypeOpt = None,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     attn_implementation: AttnOpt = None,
@@ -67,9 +74,11 @@ def compare(
     allow_pickle: AllowPickleOpt = False,
     offline: OfflineOpt = False,
     batch_size: BatchOpt = 8,
+    max_batch_tokens: MaxBatchTokensOpt = None,
     chunk_tokens: ChunkOpt = None,
     memory_budget: MemoryOpt = 1024,
     temperature: TemperatureOpt = 1.0,
+    compile: CompileOpt = True,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
@@ -77,13 +86,16 @@ def compare(
 ) -> None:
     """Compare CANDIDATE with REFERENCE token by token: KL both ways, JSD, PPL, agreement."""
     apply_offline(offline)
+    from lmkl.cache import is_cache_dir
     from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
     from lmkl.errors import UsageError
 
-    if data is None:
+    cached = is_cache_dir(reference)
+    if data is None and not cached:
         raise UsageError("no data given", "pass --data FILE_OR_DATASET")
     common = {"revision": revision, "device": device, "trust_remote_code": trust_remote_code,
-              "attn_implementation": attn_implementation, "allow_pickle": allow_pickle}
+              "attn_implementation": attn_implementation, "allow_pickle": allow_pickle,
+              "device_map": device_map}
     ref_spec = ModelSpec(model=reference, dtype=(reference_dtype or dtype).value, **common)
     cand_spec = ModelSpec(model=candidate, dtype=(candidate_dtype or dtype).value,
                           adapter=adapter, **common)
@@ -91,13 +103,24 @@ def compare(
         ref_spec = ref_spec.model_copy(update={"label": "reference"})
         cand_spec = cand_spec.model_copy(update={"label": "candidate"})
     data_spec = DataSpec(source=data, split=split, dataset_config=dataset_config,
-                         text_field=text_field, max_samples=max_samples)
+                         text_field=text_field, max_samples=max_samples) if data else None
     window_spec = _window_spec(WindowSpec, windowing, context_length, stride)
+    if cached and not _given(ctx, "context_length", "stride", "windowing"):
+        window_spec = None  # a reference cache holds its windows; given ones must match them
     compute = ComputeSpec(batch_size=batch_size, chunk_tokens=chunk_tokens,
                           memory_budget_mb=memory_budget, max_tokens=max_tokens,
-                          temperature=temperature)
+                          temperature=temperature, max_batch_tokens=max_batch_tokens,
+                          compile=compile)
     output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
     run_and_show(ref_spec, [cand_spec], data_spec, window_spec, compute, output, resume, quiet)
+
+
+def _given(ctx: typer.Context, *names: str) -> bool:
+    """Whether any of these options was set explicitly (not left at its default)."""
+    from click.core import ParameterSource
+
+    return any(ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+               for name in names)
 
 
 def _window_spec(cls: type, windowing: WindowingMode, context_length: int,
@@ -117,11 +140,16 @@ def run_and_show(ref_spec, cand_specs, data_spec, window_spec, compute, output, 
                  quiet: bool) -> None:
     """Run a comparison with a progress bar, then print the summary and the run directory."""
     from lmkl.display import print_summary
+    from lmkl.distributed import env_world_size
     from lmkl.runner import run_comparison
 
-    with TokenProgress(quiet) as progress:
+    # Under torchrun/accelerate only rank 0 shows progress and the summary.
+    main = env_world_size() <= 1 or os.environ.get("RANK", "0") == "0"
+    with TokenProgress(quiet or not main) as progress:
         outcome = run_comparison(ref_spec, cand_specs, data_spec, window_spec, compute, output,
                                  resume=resume, progress=progress, log=progress.log)
+    if not outcome.is_main:
+        return
     if not quiet:
         print_summary(outcome.results, stdout)
         stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
