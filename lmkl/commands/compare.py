@@ -117,10 +117,9 @@ def compare(
 
 def _given(ctx: typer.Context, *names: str) -> bool:
     """Whether any of these options was set explicitly (not left at its default)."""
-    from click.core import ParameterSource
-
-    return any(ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
-               for name in names)
+    # Compared by name: typer vendors its own copy of click's ParameterSource enum.
+    return any(getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in
+               ("DEFAULT", "DEFAULT_MAP") for name in names)
 
 
 def _window_spec(cls: type, windowing: WindowingMode, context_length: int,
