@@ -797,7 +797,7 @@ def run_cached_comparison(
         vocab_size = cache.vocab_size
         padded = bool(cache.manifest["vocab"]["padded"])
         done = completed_indices(run_dir)
-        seconds = 0.0
+        seconds = cpu_seconds = 0.0
         scored_now = real_slots = padded_slots = 0
         loaded: list[Any] = []
         chunk = 0
@@ -820,7 +820,7 @@ def run_cached_comparison(
             try:
                 for b in todo:
                     batch = groups[b]
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     if cache.mode == "topk":
                         per_candidate, worst = score_batch_topk(
                             batch, cache, model, vocab_size, chunk, compute.temperature,
@@ -831,6 +831,7 @@ def run_cached_comparison(
                             batch, cache, [model], vocab_size, chunk, compute.temperature,
                             compute.worst_k, kernel=kernel, reference_rows=rows)
                     seconds += time.perf_counter() - t0
+                    cpu_seconds += time.process_time() - c0
                     real_slots += int(batch.attention_mask.sum())
                     padded_slots += batch.attention_mask.numel()
                     scored_now += batch.targets.numel()
@@ -853,8 +854,8 @@ def run_cached_comparison(
                 torch.cuda.empty_cache()
 
         totals = gather_parts(shard, run_dir, n_batches * len(candidates), {
-            "seconds": seconds, "scored_now": scored_now, "real_slots": real_slots,
-            "padded_slots": padded_slots})
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "scored_now": scored_now,
+            "real_slots": real_slots, "padded_slots": padded_slots})
 
         def finish() -> dict[str, Any]:
             assert totals is not None
@@ -868,6 +869,7 @@ def run_cached_comparison(
             results["compute"]["kernel"] = sorted(backends)[0] if len(backends) == 1 else (
                 sorted(backends))
             results["throughput"]["processes"] = shard.world_size
+            results["throughput"]["cpu_seconds"] = totals["cpu_seconds"]
             results["reference_cache"] = cache.summary()
             if cache.mode == "topk":
                 _add_bounds(run_dir, results)

@@ -63,7 +63,7 @@ def temporaries_per_token(compiled: bool) -> int:
     Two are the reference and candidate logits themselves; the eager fused path adds its
     temporaries, the compiled kernel none (one more row of slack for dtype casts).
     """
-    return 3 if compiled else 9
+    return 3 if compiled else 11
 
 
 def _stack(values: dict[str, torch.Tensor]) -> torch.Tensor:

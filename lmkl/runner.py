@@ -133,6 +133,19 @@ def make_batches(windows: list[Window], batch_size: int, pad_id: int, *,
         )
 
 
+@dataclass
+class _Top:
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def _top5(logits: torch.Tensor, temperature: float) -> _Top:
+    """The five most likely tokens and their log-probabilities (no full log-softmax)."""
+    x = logits.float() / temperature
+    top = x.topk(min(5, x.shape[-1]), -1)
+    return _Top(values=top.values - x.logsumexp(-1, keepdim=True), indices=top.indices)
+
+
 class WorstTracker:
     """Keeps the ``k`` highest-KL positions of one batch with both models' top-5 next tokens."""
 
@@ -151,13 +164,13 @@ class WorstTracker:
         take = min(self.k, kl.numel())
         values, idx = finite_kl.topk(take)
         keep = values >= 0
+        if len(self.entries) >= self.k:
+            # Only rows that beat the current k-th worst can enter: skip the rest's top-5.
+            keep &= values > self.entries[0][0]
         values, idx = values[keep], idx[keep]
         if idx.numel() == 0:
             return
-        lp = torch.log_softmax(ref_logits[idx].float() / temperature, -1)
-        lq = torch.log_softmax(cand_logits[idx].float() / temperature, -1)
-        k5 = min(5, lp.shape[-1])
-        p_top, q_top = lp.topk(k5, -1), lq.topk(k5, -1)
+        p_top, q_top = _top5(ref_logits[idx], temperature), _top5(cand_logits[idx], temperature)
         for n, (value, i) in enumerate(zip(values.tolist(), idx.tolist(), strict=True)):
             entry = {
                 "row": index_offset + i,
@@ -463,7 +476,7 @@ def _run_live(
 
     done = completed_indices(run_dir)
     done_tokens = scored_now = 0
-    seconds = 0.0
+    seconds = cpu_seconds = 0.0
     padded_slots = real_slots = 0
     n_batches = 0
     try:
@@ -475,11 +488,12 @@ def _run_live(
             if index in done:
                 done_tokens += batch.targets.numel()
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             per_candidate, worst = score_batch(batch, ref_model, cand_models, vocab_size, chunk,
                                                compute.temperature, compute.worst_k,
                                                kernel=kernel)
             seconds += time.perf_counter() - t0
+            cpu_seconds += time.process_time() - c0
             real_slots += int(batch.attention_mask.sum())
             padded_slots += batch.attention_mask.numel()
             _save_batch(run_dir, index, batch, per_candidate, worst)
@@ -495,8 +509,8 @@ def _run_live(
         ) from exc
 
     totals = gather_parts(shard, run_dir, n_batches, {
-        "seconds": seconds, "scored_now": scored_now, "real_slots": real_slots,
-        "padded_slots": padded_slots})
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "scored_now": scored_now,
+        "real_slots": real_slots, "padded_slots": padded_slots})
 
     def finish() -> dict[str, Any]:
         assert totals is not None
@@ -508,6 +522,9 @@ def _run_live(
         )
         results["compute"]["kernel"] = kernel.backend
         results["throughput"]["processes"] = shard.world_size
+        # CPU time of the scoring (all threads, all ranks): steadier than wall time on a
+        # shared machine.
+        results["throughput"]["cpu_seconds"] = totals["cpu_seconds"]
         worst_entries = _collect_worst(run_dir, window_list, ref_model.tokenizer, compute.worst_k)
         run_dir.finalize(results, worst_entries)
         return results

@@ -153,8 +153,8 @@ def test_topk_bounds_hold_against_float64_kl(k, sharp, tail_values):
 
 
 def test_topk_bounds_with_masked_candidate_tokens():
-    lp, lq, order, top, log_tail, entropy = random_case(4, 50, 5, seed=9, sharp=2.0)
-    tail_token = [j for j in range(50) if j not in order[0]][0]
+    _, lq, order, top, log_tail, entropy = random_case(4, 50, 5, seed=9, sharp=2.0)
+    tail_token = next(j for j in range(50) if j not in order[0])
     lq[0, tail_token] = -np.inf   # candidate masks a tail token: upper bound becomes +inf
     lq[1, order[1, 0]] = -np.inf  # candidate masks the reference's top token: KL is +inf
     lower, upper, _ = topk_kl_bounds(
