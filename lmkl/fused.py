@@ -106,7 +106,7 @@ def _core_compiled(
     return torch.stack([
         kl, rkl, jsd, hp, hq, -lp_x, -lq_x, lq_x.exp() - lp_x.exp(),
         (top_a == top_b).squeeze(-1).float(), (rank < top_k).float(),
-        (max_a - lse_a).squeeze(-1).exp(),
+        (max_a - lse_a).squeeze(-1).exp(), lse_a.squeeze(-1), lse_b.squeeze(-1),
     ])
 
 
@@ -139,9 +139,13 @@ def _core_eager(
     t = targets[:, None]
     lp_x = lp.gather(-1, t).squeeze(-1)
     lq_x = lq.gather(-1, t).squeeze(-1)
+    # log-normalisers (lp = a - lse), read off at each row's top token: no extra sweep.
+    lse_a = a.gather(-1, top_p[:, None]).squeeze(-1).float() - max_lp
+    lse_b = b.gather(-1, top_q[:, None]).squeeze(-1).float() - lq.gather(
+        -1, top_q[:, None]).squeeze(-1)
     return torch.stack([
         kl, rkl, jsd, hp, hq, -lp_x, -lq_x, lq_x.exp() - lp_x.exp(),
-        (top_p == top_q).float(), (rank < top_k).float(), max_lp.exp(),
+        (top_p == top_q).float(), (rank < top_k).float(), max_lp.exp(), lse_a, lse_b,
     ])
 
 
@@ -150,8 +154,10 @@ def _finish(
     temperature: float, vocab: int, top_k: int,
 ) -> dict[str, torch.Tensor]:
     """Unstack, and recompute rows with any non-finite result exactly (see the module doc)."""
-    redo = ~torch.isfinite(stacked).all(0)
+    n_metrics = len(TOKEN_METRIC_NAMES)
+    redo = ~torch.isfinite(stacked[:n_metrics]).all(0)
     out = {name: stacked[i] for i, name in enumerate(TOKEN_METRIC_NAMES)}
+    out["lse_reference"], out["lse_candidate"] = stacked[n_metrics], stacked[n_metrics + 1]
     nonfinite = torch.zeros(stacked.shape[1], dtype=torch.bool, device=stacked.device)
     if bool(redo.any()):
         rows = redo.nonzero().squeeze(-1)
@@ -161,6 +167,9 @@ def _finish(
         for name in TOKEN_METRIC_NAMES:
             out[name][rows] = exact[name].to(out[name].device)
         nonfinite[rows] = exact["nonfinite"].to(nonfinite.device)
+        for key, logits in (("lse_reference", ref), ("lse_candidate", cand)):
+            scaled = logits[rows, :vocab].float() / temperature
+            out[key][rows] = torch.logsumexp(scaled, -1).to(out[key].device)
     out["nonfinite"] = nonfinite
     return out
 
@@ -189,6 +198,9 @@ def token_metrics_fused(
 ) -> dict[str, torch.Tensor]:
     """:func:`lmkl.divergence.token_metrics` (same names, values and flags), computed faster.
 
+    Also returns ``lse_reference``/``lse_candidate``, each row's log-normaliser of the
+    (temperature-scaled) logits, so callers get log-probabilities of a few tokens without
+    another sweep (float64 inputs, handled by ``token_metrics``, come without them).
     ``vocab_size`` slices wider (padded) logit rows inside the computation, without a copy.
     float64 inputs are handed to ``token_metrics`` unchanged (they ask for float64 math).
     """

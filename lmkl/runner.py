@@ -139,11 +139,16 @@ class _Top:
     indices: torch.Tensor
 
 
-def _top5(logits: torch.Tensor, temperature: float) -> _Top:
-    """The five most likely tokens and their log-probabilities (no full log-softmax)."""
-    x = logits.float() / temperature
-    top = x.topk(min(5, x.shape[-1]), -1)
-    return _Top(values=top.values - x.logsumexp(-1, keepdim=True), indices=top.indices)
+def _top5(logits: torch.Tensor, temperature: float, lse: torch.Tensor | None = None) -> _Top:
+    """The five most likely tokens and their log-probabilities (no full log-softmax).
+
+    ``lse``: the rows' log-normalisers when already known (the fused kernel returns them).
+    """
+    top = logits.float().topk(min(5, logits.shape[-1]), -1)
+    values = top.values / temperature
+    if lse is None:
+        lse = (logits.float() / temperature).logsumexp(-1)
+    return _Top(values=values - lse[:, None], indices=top.indices)
 
 
 class WorstTracker:
@@ -156,7 +161,7 @@ class WorstTracker:
 
     def offer(
         self, kl: torch.Tensor, ref_logits: torch.Tensor, cand_logits: torch.Tensor,
-        index_offset: int, temperature: float,
+        index_offset: int, temperature: float, lse: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if self.k == 0:
             return
@@ -170,7 +175,8 @@ class WorstTracker:
         values, idx = values[keep], idx[keep]
         if idx.numel() == 0:
             return
-        p_top, q_top = _top5(ref_logits[idx], temperature), _top5(cand_logits[idx], temperature)
+        p_top = _top5(ref_logits[idx], temperature, None if lse is None else lse[0][idx])
+        q_top = _top5(cand_logits[idx], temperature, None if lse is None else lse[1][idx])
         for n, (value, i) in enumerate(zip(values.tolist(), idx.tolist(), strict=True)):
             entry = {
                 "row": index_offset + i,
@@ -237,9 +243,12 @@ def score_batch(
             cand_logits = candidate.logits(cand_rows[i][start:stop]).to(ref_logits.device)
             metrics = kernel(ref_logits, cand_logits, chunk_targets, temperature=temperature,
                              vocab_size=vocab_size)
+            lse = (metrics["lse_reference"], metrics["lse_candidate"]) if (
+                "lse_reference" in metrics) else None
             trackers[i].offer(metrics["kl"], ref_logits[..., :vocab_size],
-                              cand_logits[..., :vocab_size], start, temperature)
-            chunks[i].append({k: v.cpu() for k, v in metrics.items()})
+                              cand_logits[..., :vocab_size], start, temperature, lse=lse)
+            chunks[i].append({k: v.cpu() for k, v in metrics.items()
+                              if not k.startswith("lse_")})
             del cand_logits
         del ref_logits
     per_candidate: dict[str, dict[str, np.ndarray]] = {}

@@ -70,6 +70,9 @@ def test_fused_equals_token_metrics_with_special_rows(vocab):
     assert got["nonfinite"][[3, 4, 5]].all() and not got["nonfinite"][[0, 1, 2, 6]].any()
     assert math.isinf(float(got["kl"][2])) and math.isfinite(float(got["reverse_kl"][2]))
     assert not torch.isnan(got["kl"][~got["nonfinite"]]).any()
+    # The log-normalisers come along (the worst-position report uses them).
+    for key, logits in (("lse_reference", ref), ("lse_candidate", cand)):
+        assert torch.allclose(got[key], torch.logsumexp(logits, -1), atol=1e-5, equal_nan=True)
 
 
 def test_fused_matches_float64_scipy():
@@ -123,4 +126,6 @@ def test_compiled_kernel_equals_token_metrics():
         ref, cand, targets = ref[:n], cand[:n], targets[:n]
         got = kernel(ref, cand, targets, temperature=1.3)
         assert_same(got, token_metrics(ref, cand, targets, temperature=1.3))
+        assert torch.allclose(got["lse_candidate"], torch.logsumexp(cand / 1.3, -1), atol=1e-5,
+                              equal_nan=True)
     assert kernel.backend == "compiled"
