@@ -62,8 +62,7 @@ FORMAT_VERSION = 1
 TAIL_VALUES = 64
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
-                 "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def is_cache_dir(path: str | Path) -> bool:
@@ -176,8 +175,9 @@ def topk_kl_bounds(
     dpi = torch.where(no_tail, zero, p_tail * (log_tail - log_q_tail))
     lower_dpi = top_part + dpi
     upper = top_part + tail_plogp - s_min
-    slack = 1e-6 * (1.0 + top_part.abs().nan_to_num(0.0, 0.0, 0.0)
-                    + tail_plogp.abs().nan_to_num(0.0, 0.0, 0.0))
+    slack = 1e-6 * (
+        1.0 + top_part.abs().nan_to_num(0.0, 0.0, 0.0) + tail_plogp.abs().nan_to_num(0.0, 0.0, 0.0)
+    )
     lower = (torch.maximum(lower_entropy, lower_dpi) - slack).clamp(min=0.0)
     upper = torch.maximum(upper + slack, lower)
     return lower, upper, top_part
@@ -206,13 +206,21 @@ def _data_key(spec: DataSpec) -> dict[str, Any]:
     path = Path(source).expanduser()
     if path.exists():
         source = str(path.resolve())
-    return {"source": source, "split": spec.split, "dataset_config": spec.dataset_config,
-            "text_field": spec.text_field, "max_samples": spec.max_samples}
+    return {
+        "source": source,
+        "split": spec.split,
+        "dataset_config": spec.dataset_config,
+        "text_field": spec.text_field,
+        "max_samples": spec.max_samples,
+    }
 
 
 def _window_key(spec: WindowSpec) -> dict[str, Any]:
-    return {"windowing": spec.windowing, "context_length": spec.context_length,
-            "stride": spec.effective_stride}
+    return {
+        "windowing": spec.windowing,
+        "context_length": spec.context_length,
+        "stride": spec.effective_stride,
+    }
 
 
 @dataclass
@@ -251,9 +259,14 @@ class ReferenceCache:
     def summary(self) -> dict[str, Any]:
         """Where the reference's numbers come from (for results.json)."""
         m = self.manifest
-        return {"path": str(self.path.resolve()), "mode": self.mode, "top_k": self.top_k,
-                "created": m["created"], "bytes_per_token": m["bytes"]["per_token"],
-                "row_bytes_per_token": m["bytes"]["row_per_token"]}
+        return {
+            "path": str(self.path.resolve()),
+            "mode": self.mode,
+            "top_k": self.top_k,
+            "created": m["created"],
+            "bytes_per_token": m["bytes"]["per_token"],
+            "row_bytes_per_token": m["bytes"]["row_per_token"],
+        }
 
     @property
     def vocab_size(self) -> int:
@@ -268,8 +281,9 @@ class ReferenceCache:
         return self._tokenizer
 
     # -- settings ------------------------------------------------------------------------------
-    def settings(self, data: DataSpec | None, windows: WindowSpec | None,
-                 compute: ComputeSpec) -> CacheSettings:
+    def settings(
+        self, data: DataSpec | None, windows: WindowSpec | None, compute: ComputeSpec
+    ) -> CacheSettings:
         """The cache's own settings, refusing (one line) any given setting that differs."""
         m = self.manifest
         cached_data = DataSpec(**m["data_spec"])
@@ -278,33 +292,43 @@ class ReferenceCache:
         if data is not None:
             ours = _data_key(data)
             theirs = _data_key(cached_data) | {"source": m["data"]["source"]}
-            diff = [f"{k}: {ours[k]!r} vs cached {theirs[k]!r}" for k in ours
-                    if ours[k] != theirs[k]]
+            diff = [
+                f"{k}: {ours[k]!r} vs cached {theirs[k]!r}" for k in ours if ours[k] != theirs[k]
+            ]
             if diff:
                 raise UsageError(f"data differs from the reference cache's ({diff[0]})", fix)
             corpus = load_corpus(data)
             if corpus.description["fingerprint"] != m["data"]["fingerprint"]:
                 raise DataError(
                     f"data '{data.source}' changed since the reference cache was built "
-                    "(content fingerprint differs)", "rebuild the cache from the current data")
+                    "(content fingerprint differs)",
+                    "rebuild the cache from the current data",
+                )
         if windows is not None:
             ours, theirs = _window_key(windows), _window_key(cached_windows)
-            diff = [f"{k}: {ours[k]!r} vs cached {theirs[k]!r}" for k in ours
-                    if ours[k] != theirs[k]]
+            diff = [
+                f"{k}: {ours[k]!r} vs cached {theirs[k]!r}" for k in ours if ours[k] != theirs[k]
+            ]
             if diff:
-                raise UsageError(f"window settings differ from the reference cache's "
-                                 f"({diff[0]})", fix)
+                raise UsageError(
+                    f"window settings differ from the reference cache's ({diff[0]})", fix
+                )
         cached_max = m["compute"]["max_tokens"]
         if compute.max_tokens is not None and compute.max_tokens != cached_max:
-            raise UsageError(f"--max-tokens {compute.max_tokens} differs from the reference "
-                             f"cache's ({cached_max})", fix)
+            raise UsageError(
+                f"--max-tokens {compute.max_tokens} differs from the reference "
+                f"cache's ({cached_max})",
+                fix,
+            )
         if self.mode == "topk" and compute.temperature != m["compute"]["temperature"]:
             raise UsageError(
                 f"temperature {compute.temperature} differs from the top-k cache's "
                 f"({m['compute']['temperature']}); its log-probabilities are fixed",
-                "use the cache's temperature, or an exact cache (no --top-k)")
-        return CacheSettings(cached_data, cached_windows,
-                             compute.model_copy(update={"max_tokens": cached_max}))
+                "use the cache's temperature, or an exact cache (no --top-k)",
+            )
+        return CacheSettings(
+            cached_data, cached_windows, compute.model_copy(update={"max_tokens": cached_max})
+        )
 
     def check_tokenizer(self, tokenizer: Any, label: str) -> None:
         """Refuse a candidate whose tokenizer differs from the cached reference's (one line)."""
@@ -314,7 +338,8 @@ class ReferenceCache:
             check_tokenizers_match(self.tokenizer, tokenizer, (self.label, label))
         except TokenizerMismatchError as exc:
             raise TokenizerMismatchError(
-                f"{exc.message} (reference cache {self.path})", exc.hint) from None
+                f"{exc.message} (reference cache {self.path})", exc.hint
+            ) from None
 
     # -- windows and rows ----------------------------------------------------------------------
     def windows(self) -> list[Window]:
@@ -324,11 +349,14 @@ class ReferenceCache:
 
             table = pq.read_table(self.path / "windows.parquet").to_pydict()
             self._windows = [
-                Window(window_id=int(table["window_id"][i]), doc_id=int(table["doc_id"][i]),
-                       input_ids=list(table["input_ids"][i]),
-                       first_target=int(table["first_target"][i]),
-                       offset=int(table["offset"][i]),
-                       target_bytes=list(table["target_bytes"][i]))
+                Window(
+                    window_id=int(table["window_id"][i]),
+                    doc_id=int(table["doc_id"][i]),
+                    input_ids=list(table["input_ids"][i]),
+                    first_target=int(table["first_target"][i]),
+                    offset=int(table["offset"][i]),
+                    target_bytes=list(table["target_bytes"][i]),
+                )
                 for i in range(len(table["window_id"]))
             ]
             starts, total = {}, 0
@@ -342,14 +370,24 @@ class ReferenceCache:
         """Row numbers in the cache of the scored tokens of ``windows``, in batch order."""
         self.windows()
         assert self._starts is not None
-        return np.concatenate([
-            np.arange(self._starts[w.window_id], self._starts[w.window_id] + w.num_targets)
-            for w in windows
-        ]) if windows else np.zeros(0, dtype=np.int64)
+        return (
+            np.concatenate(
+                [
+                    np.arange(self._starts[w.window_id], self._starts[w.window_id] + w.num_targets)
+                    for w in windows
+                ]
+            )
+            if windows
+            else np.zeros(0, dtype=np.int64)
+        )
 
     def _array(self, name: str, dtype: str, width: int) -> np.ndarray:
-        return np.memmap(self.path / name, dtype=_NP_DTYPES.get(dtype, dtype), mode="r",
-                         shape=(self.num_tokens, width))
+        return np.memmap(
+            self.path / name,
+            dtype=_NP_DTYPES.get(dtype, dtype),
+            mode="r",
+            shape=(self.num_tokens, width),
+        )
 
     def rows(self, windows: list[Window], device: torch.device | None = None) -> torch.Tensor:
         """Exact mode: the reference rows (hidden states or logits) of these windows' tokens."""
@@ -369,10 +407,14 @@ class ReferenceCache:
         ids = self._array("topk_ids.bin", "int32", k)[index]
         logprobs = self._array("topk_logprobs.bin", "float32", k)[index]
         if not hasattr(self, "_stats"):
-            self._stats = pq.read_table(self.path / "tokens.parquet", columns=[
-                "log_tail", "entropy_reference", "nll_reference", "nonfinite_reference"])
-        out = {"ids": torch.from_numpy(np.ascontiguousarray(ids)).long(),
-               "logprobs": torch.from_numpy(np.ascontiguousarray(logprobs))}
+            self._stats = pq.read_table(
+                self.path / "tokens.parquet",
+                columns=["log_tail", "entropy_reference", "nll_reference", "nonfinite_reference"],
+            )
+        out = {
+            "ids": torch.from_numpy(np.ascontiguousarray(ids)).long(),
+            "logprobs": torch.from_numpy(np.ascontiguousarray(logprobs)),
+        }
         for name in ("log_tail", "entropy_reference", "nll_reference", "nonfinite_reference"):
             column = self._stats[name].to_numpy(zero_copy_only=False)[index]
             out[name] = torch.from_numpy(np.ascontiguousarray(column))
@@ -397,28 +439,34 @@ class ReferenceCache:
         info = self.manifest["head"]
         tensors = load_file(str(self.path / "head.safetensors"))
         weight = tensors["weight"]
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in tensors,
-                                 dtype=weight.dtype)
+        linear = torch.nn.Linear(
+            weight.shape[1], weight.shape[0], bias="bias" in tensors, dtype=weight.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(weight)
             if "bias" in tensors:
                 linear.bias.copy_(tensors["bias"])
         linear.eval()
-        return OutputHead(linear=linear, softcap=info["softcap"], scale=info["scale"],
-                          divide_by=info["divide_by"])
+        return OutputHead(
+            linear=linear, softcap=info["softcap"], scale=info["scale"], divide_by=info["divide_by"]
+        )
 
 
 def open_cache(path: str | Path) -> ReferenceCache:
     """Open a reference cache, checking its format (one-line error otherwise)."""
     root = Path(str(path)).expanduser()
     if not is_cache_dir(root):
-        raise UsageError(f"'{path}' is not an lmkl reference cache (no {MANIFEST})",
-                         "build one with `lmkl cache REFERENCE --data ... --out DIR`")
+        raise UsageError(
+            f"'{path}' is not an lmkl reference cache (no {MANIFEST})",
+            "build one with `lmkl cache REFERENCE --data ... --out DIR`",
+        )
     manifest = json.loads((root / MANIFEST).read_text())
     if manifest.get("version") != FORMAT_VERSION:
-        raise UsageError(f"reference cache '{path}' has format version "
-                         f"{manifest.get('version')}; this lmkl reads {FORMAT_VERSION}",
-                         "rebuild the cache with this lmkl version")
+        raise UsageError(
+            f"reference cache '{path}' has format version "
+            f"{manifest.get('version')}; this lmkl reads {FORMAT_VERSION}",
+            "rebuild the cache with this lmkl version",
+        )
     return ReferenceCache(root, manifest)
 
 
@@ -430,11 +478,14 @@ def open_cache(path: str | Path) -> ReferenceCache:
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise OutputError(f"'{out}' already exists",
-                              "pass --overwrite to replace it, or choose another --out")
+            raise OutputError(
+                f"'{out}' already exists", "pass --overwrite to replace it, or choose another --out"
+            )
         if not is_cache_dir(out):
-            raise OutputError(f"'{out}' is not empty and is not an lmkl cache; refusing to "
-                              "delete it", "choose an empty or new --out directory")
+            raise OutputError(
+                f"'{out}' is not empty and is not an lmkl cache; refusing to delete it",
+                "choose an empty or new --out directory",
+            )
 
 
 @torch.inference_mode()
@@ -491,29 +542,44 @@ def build_cache(
         rows_dtype = _torch_dtype_name(next(model.model.parameters()).dtype)
         arrays: dict[str, np.memmap] = {}
         if mode == "exact":
-            width = (model.model.get_output_embeddings().weight.shape[1] if kind == "hidden"
-                     else model.logits_width)
-            arrays["rows"] = np.memmap(tmp / "rows.bin", dtype=_NP_DTYPES[rows_dtype],
-                                       mode="w+", shape=(max(total, 1), width))
+            width = (
+                model.model.get_output_embeddings().weight.shape[1]
+                if kind == "hidden"
+                else model.logits_width
+            )
+            arrays["rows"] = np.memmap(
+                tmp / "rows.bin",
+                dtype=_NP_DTYPES[rows_dtype],
+                mode="w+",
+                shape=(max(total, 1), width),
+            )
         else:
             k = min(int(top_k or 0), vocab_size)
-            arrays["ids"] = np.memmap(tmp / "topk_ids.bin", dtype=np.int32, mode="w+",
-                                      shape=(max(total, 1), k))
-            arrays["logprobs"] = np.memmap(tmp / "topk_logprobs.bin", dtype=np.float32,
-                                           mode="w+", shape=(max(total, 1), k))
-        stats = {name: np.full(total, np.nan, dtype=np.float32) for name in
-                 ("log_tail", "entropy_reference", "nll_reference", "reference_top1_prob")}
+            arrays["ids"] = np.memmap(
+                tmp / "topk_ids.bin", dtype=np.int32, mode="w+", shape=(max(total, 1), k)
+            )
+            arrays["logprobs"] = np.memmap(
+                tmp / "topk_logprobs.bin", dtype=np.float32, mode="w+", shape=(max(total, 1), k)
+            )
+        stats = {
+            name: np.full(total, np.nan, dtype=np.float32)
+            for name in ("log_tail", "entropy_reference", "nll_reference", "reference_top1_prob")
+        }
         nonfinite = np.zeros(total, dtype=bool)
         pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         chunk = compute.chunk_size(vocab_size, 6)
         done = 0
         t0 = time.perf_counter()
         try:
-            for batch in make_batches(window_list, compute.batch_size, pad_id,
-                                      max_batch_tokens=compute.max_batch_tokens):
-                index = np.concatenate([np.arange(start_of[w.window_id],
-                                                  start_of[w.window_id] + w.num_targets)
-                                        for w in batch.windows])
+            for batch in make_batches(
+                window_list, compute.batch_size, pad_id, max_batch_tokens=compute.max_batch_tokens
+            ):
+                index = np.concatenate(
+                    [
+                        np.arange(start_of[w.window_id], start_of[w.window_id] + w.num_targets)
+                        for w in batch.windows
+                    ]
+                )
                 rows = model_rows(model, batch)
                 if mode == "exact":
                     values = rows.detach().cpu()
@@ -522,10 +588,11 @@ def build_cache(
                     arrays["rows"][index] = values.numpy()
                 else:
                     for s in range(0, index.size, chunk):
-                        logits = model.logits(rows[s:s + chunk])[..., :vocab_size].float()
-                        part = _topk_stats(logits, batch.targets[s:s + chunk], k,
-                                           compute.temperature)
-                        idx = index[s:s + chunk]
+                        logits = model.logits(rows[s : s + chunk])[..., :vocab_size].float()
+                        part = _topk_stats(
+                            logits, batch.targets[s : s + chunk], k, compute.temperature
+                        )
+                        idx = index[s : s + chunk]
                         arrays["ids"][idx] = part["ids"].numpy()
                         arrays["logprobs"][idx] = part["logprobs"].numpy()
                         for name in stats:
@@ -535,15 +602,17 @@ def build_cache(
                 if progress:
                     progress(done, total)
         except KeyboardInterrupt as exc:
-            raise Interrupted("interrupted while building the cache; nothing was written",
-                              "run the command again") from exc
+            raise Interrupted(
+                "interrupted while building the cache; nothing was written", "run the command again"
+            ) from exc
         seconds = time.perf_counter() - t0
         for array in arrays.values():
             array.flush()
         del arrays
 
-        meta: dict[str, list[Any]] = {k: [] for k in ("window_id", "doc_id", "position",
-                                                      "window_pos", "token_id", "bytes")}
+        meta: dict[str, list[Any]] = {
+            k: [] for k in ("window_id", "doc_id", "position", "window_pos", "token_id", "bytes")
+        }
         for w in window_list:
             js = range(w.first_target, len(w.input_ids))
             meta["window_id"].extend([w.window_id] * len(js))
@@ -556,15 +625,21 @@ def build_cache(
         token_columns.update(stats)
         token_columns["nonfinite_reference"] = nonfinite
         pq.write_table(pa.table(token_columns), tmp / "tokens.parquet")
-        pq.write_table(pa.table({
-            "window_id": [w.window_id for w in window_list],
-            "doc_id": [w.doc_id for w in window_list],
-            "input_ids": pa.array([w.input_ids for w in window_list], pa.list_(pa.int32())),
-            "first_target": [w.first_target for w in window_list],
-            "offset": [w.offset for w in window_list],
-            "target_bytes": pa.array([w.target_bytes for w in window_list],
-                                     pa.list_(pa.int32())),
-        }), tmp / "windows.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "window_id": [w.window_id for w in window_list],
+                    "doc_id": [w.doc_id for w in window_list],
+                    "input_ids": pa.array([w.input_ids for w in window_list], pa.list_(pa.int32())),
+                    "first_target": [w.first_target for w in window_list],
+                    "offset": [w.offset for w in window_list],
+                    "target_bytes": pa.array(
+                        [w.target_bytes for w in window_list], pa.list_(pa.int32())
+                    ),
+                }
+            ),
+            tmp / "windows.parquet",
+        )
 
         head_info = None
         if mode == "exact" and kind == "hidden":
@@ -574,10 +649,14 @@ def build_cache(
             if getattr(linear, "bias", None) is not None:
                 tensors["bias"] = linear.bias.detach().cpu().contiguous().clone()
             save_file(tensors, str(tmp / "head.safetensors"))
-            head_info = {"softcap": model.head.softcap, "scale": model.head.scale,
-                         "divide_by": model.head.divide_by,
-                         "shape": list(tensors["weight"].shape), "dtype": rows_dtype,
-                         "bias": "bias" in tensors}
+            head_info = {
+                "softcap": model.head.softcap,
+                "scale": model.head.scale,
+                "divide_by": model.head.divide_by,
+                "shape": list(tensors["weight"].shape),
+                "dtype": rows_dtype,
+                "bias": "bias" in tensors,
+            }
 
         if mode == "exact":
             row_bytes = int(np.dtype(_NP_DTYPES[rows_dtype]).itemsize * width)
@@ -595,31 +674,43 @@ def build_cache(
             "mode": mode,
             "top_k": k if mode == "topk" else None,
             "reference": model.description,
-            "tokenizer": {"fingerprint": _tokenizer_fingerprint(model.tokenizer),
-                          "size": len(model.tokenizer), "adds_bos": adds_bos},
-            "vocab": {"size": vocab_size, "logits_width": model.logits_width,
-                      "padded": padded},
+            "tokenizer": {
+                "fingerprint": _tokenizer_fingerprint(model.tokenizer),
+                "size": len(model.tokenizer),
+                "adds_bos": adds_bos,
+            },
+            "vocab": {"size": vocab_size, "logits_width": model.logits_width, "padded": padded},
             "rows": rows_info,
             "head": head_info,
             "data_spec": data.model_dump(),
             "data": corpus.description,
             "window_spec": windows.model_dump(),
             "windowing": _window_key(windows) | {"adds_bos": adds_bos},
-            "compute": {"max_tokens": compute.max_tokens, "temperature": compute.temperature,
-                        "batch_size": compute.batch_size,
-                        "max_batch_tokens": compute.max_batch_tokens},
-            "counts": {"documents": len({w.doc_id for w in window_list}),
-                       "windows": len(window_list), "tokens": total},
-            "bytes": {"row_per_token": row_bytes, "total": total_bytes,
-                      "per_token": total_bytes / max(total, 1)},
+            "compute": {
+                "max_tokens": compute.max_tokens,
+                "temperature": compute.temperature,
+                "batch_size": compute.batch_size,
+                "max_batch_tokens": compute.max_batch_tokens,
+            },
+            "counts": {
+                "documents": len({w.doc_id for w in window_list}),
+                "windows": len(window_list),
+                "tokens": total,
+            },
+            "bytes": {
+                "row_per_token": row_bytes,
+                "total": total_bytes,
+                "per_token": total_bytes / max(total, 1),
+            },
             "seconds": seconds,
             "created": started.isoformat(),
             "versions": _versions(),
         }
         from lmkl.stats import to_json_safe
 
-        (tmp / MANIFEST).write_text(json.dumps(to_json_safe(manifest), indent=2,
-                                               allow_nan=False, default=str) + "\n")
+        (tmp / MANIFEST).write_text(
+            json.dumps(to_json_safe(manifest), indent=2, allow_nan=False, default=str) + "\n"
+        )
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -629,8 +720,9 @@ def build_cache(
     return manifest
 
 
-def _topk_stats(logits: torch.Tensor, targets: torch.Tensor, k: int,
-                temperature: float) -> dict[str, torch.Tensor]:
+def _topk_stats(
+    logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float
+) -> dict[str, torch.Tensor]:
     """Top-k log-probs and ids, log tail mass, entropy, target NLL and top-1 prob per row."""
     from lmkl.divergence import nonfinite_rows
 
@@ -645,10 +737,15 @@ def _topk_stats(logits: torch.Tensor, targets: torch.Tensor, k: int,
     del plogp, p
     log_tail = lp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
     nll = -lp.gather(-1, targets.to(lp.device).long()[:, None]).squeeze(-1)
-    out = {"ids": top.indices.int().cpu(), "logprobs": top.values.float().cpu(),
-           "log_tail": log_tail.float().cpu(), "entropy_reference": entropy.float().cpu(),
-           "nll_reference": nll.float().cpu(),
-           "reference_top1_prob": top.values[:, 0].exp().float().cpu(), "nonfinite": bad.cpu()}
+    out = {
+        "ids": top.indices.int().cpu(),
+        "logprobs": top.values.float().cpu(),
+        "log_tail": log_tail.float().cpu(),
+        "entropy_reference": entropy.float().cpu(),
+        "nll_reference": nll.float().cpu(),
+        "reference_top1_prob": top.values[:, 0].exp().float().cpu(),
+        "nonfinite": bad.cpu(),
+    }
     for name in ("log_tail", "entropy_reference", "nll_reference", "reference_top1_prob"):
         out[name][out["nonfinite"]] = float("nan")
     return out
@@ -661,8 +758,13 @@ def _topk_stats(logits: torch.Tensor, targets: torch.Tensor, k: int,
 
 @torch.inference_mode()
 def score_batch_topk(
-    batch: Any, cache: ReferenceCache, candidate: Any, vocab_size: int, chunk_size: int,
-    temperature: float, worst_k: int,
+    batch: Any,
+    cache: ReferenceCache,
+    candidate: Any,
+    vocab_size: int,
+    chunk_size: int,
+    temperature: float,
+    worst_k: int,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[dict[str, Any]]]]:
     """Per-token metrics of one candidate against a top-k cache: exact ones, and KL bounds."""
     from lmkl.divergence import nonfinite_rows
@@ -682,8 +784,13 @@ def score_batch_topk(
         lq = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
         ids = ref["ids"][start:stop].to(lq.device)
         lp_top = ref["logprobs"][start:stop].to(lq.device)
-        lower, upper, _ = topk_kl_bounds(lp_top, ids, ref["log_tail"][start:stop].to(lq.device),
-                                         ref["entropy_reference"][start:stop].to(lq.device), lq)
+        lower, upper, _ = topk_kl_bounds(
+            lp_top,
+            ids,
+            ref["log_tail"][start:stop].to(lq.device),
+            ref["entropy_reference"][start:stop].to(lq.device),
+            lq,
+        )
         q = lq.exp()
         hq = -torch.where(torch.isneginf(lq), torch.zeros_like(lq), q * lq).sum(-1)
         tgt = targets[start:stop].to(lq.device).long()[:, None]
@@ -693,7 +800,9 @@ def score_batch_topk(
         rank = (lq > lq.gather(-1, ref_top[:, None])).sum(-1)
         nan = torch.full_like(lower, math.nan)
         out = {
-            "kl": nan, "reverse_kl": nan, "jsd": nan,
+            "kl": nan,
+            "reverse_kl": nan,
+            "jsd": nan,
             "entropy_reference": ref["entropy_reference"][start:stop].to(lq.device),
             "entropy_candidate": hq,
             "nll_reference": nll_p,
@@ -719,13 +828,26 @@ def score_batch_topk(
             for n, (value, i) in enumerate(zip(values.tolist(), idx.tolist(), strict=True)):
                 if value < 0:
                     continue
-                worst.append((value, {
-                    "row": start + i, "kl": value, "kl_upper": float(out["kl_upper"][i]),
-                    "reference_top5": list(zip(ids[i, :5].tolist(),
-                                               lp_top[i, :5].exp().tolist(), strict=True)),
-                    "candidate_top5": list(zip(q_top.indices[n].tolist(),
-                                               q_top.values[n].exp().tolist(), strict=True)),
-                }))
+                worst.append(
+                    (
+                        value,
+                        {
+                            "row": start + i,
+                            "kl": value,
+                            "kl_upper": float(out["kl_upper"][i]),
+                            "reference_top5": list(
+                                zip(ids[i, :5].tolist(), lp_top[i, :5].exp().tolist(), strict=True)
+                            ),
+                            "candidate_top5": list(
+                                zip(
+                                    q_top.indices[n].tolist(),
+                                    q_top.values[n].exp().tolist(),
+                                    strict=True,
+                                )
+                            ),
+                        },
+                    )
+                )
         del logits, lq, q
     metrics = {name: torch.cat([p[name] for p in parts]).numpy() for name in parts[0]}
     worst.sort(key=lambda t: -t[0])
@@ -777,21 +899,31 @@ def run_cached_comparison(
         cache.check_tokenizer(load_tokenizer(spec), spec.display_name)
     config = resolved_config(reference, candidates, settings.data, settings.windows, compute)
     config["reference_cache"] = cache.summary()
-    out_path = Path(output.dir) if output.dir else default_run_dir(
-        reference.model_copy(update={"label": cache.label}), candidates)
+    out_path = (
+        Path(output.dir)
+        if output.dir
+        else default_run_dir(reference.model_copy(update={"label": cache.label}), candidates)
+    )
     shard = init_shard()
     try:
-        run_dir = open_shared_run_dir(shard, out_path, config, resume=resume,
-                                      overwrite=output.overwrite)
+        out_path = shard.broadcast(out_path)  # a default name holds a time stamp: use rank 0's
+        run_dir = open_shared_run_dir(
+            shard, out_path, config, resume=resume, overwrite=output.overwrite
+        )
         if cache.mode == "topk":
             run_dir.schema = BOUNDS_SCHEMA
         started = _dt.datetime.now(_dt.timezone.utc)
         torch.manual_seed(compute.seed)
         window_list = cache.windows()
         pad_id = cache.tokenizer.pad_token_id
-        groups = list(make_batches(window_list, compute.batch_size,
-                                   pad_id if pad_id is not None else 0,
-                                   max_batch_tokens=compute.max_batch_tokens))
+        groups = list(
+            make_batches(
+                window_list,
+                compute.batch_size,
+                pad_id if pad_id is not None else 0,
+                max_batch_tokens=compute.max_batch_tokens,
+            )
+        )
         n_batches = len(groups)
         total_targets = cache.num_tokens
         vocab_size = cache.vocab_size
@@ -804,15 +936,20 @@ def run_cached_comparison(
         backends = set()
         for ci, spec in enumerate(candidates):
             spec = spec.model_copy(update={"device": device_for_rank(spec.device, shard)})
-            todo = [b for b in range(n_batches)
-                    if shard.owns(ci * n_batches + b) and ci * n_batches + b not in done]
+            todo = [
+                b
+                for b in range(n_batches)
+                if shard.owns(ci * n_batches + b) and ci * n_batches + b not in done
+            ]
             log(f"loading candidate {spec.model}")
             model = load_model(spec, resolve_device(spec.device))
             check_context_length([model], settings.windows)
             if model.logits_width < vocab_size:
                 raise TokenizerMismatchError(
                     f"{model.label} has {model.logits_width} output rows but the cached "
-                    f"reference compares {vocab_size} tokens", "use models with one vocabulary")
+                    f"reference compares {vocab_size} tokens",
+                    "use models with one vocabulary",
+                )
             padded = padded or model.logits_width != len(cache.tokenizer)
             kernel, chunk = make_kernel(compute, vocab_size, total_targets, log)
             if cache.mode == "topk":
@@ -823,13 +960,27 @@ def run_cached_comparison(
                     t0, c0 = time.perf_counter(), time.process_time()
                     if cache.mode == "topk":
                         per_candidate, worst = score_batch_topk(
-                            batch, cache, model, vocab_size, chunk, compute.temperature,
-                            compute.worst_k)
+                            batch,
+                            cache,
+                            model,
+                            vocab_size,
+                            chunk,
+                            compute.temperature,
+                            compute.worst_k,
+                        )
                     else:
                         rows = cache.rows(batch.windows, model.device)
                         per_candidate, worst = score_batch(
-                            batch, cache, [model], vocab_size, chunk, compute.temperature,
-                            compute.worst_k, kernel=kernel, reference_rows=rows)
+                            batch,
+                            cache,
+                            [model],
+                            vocab_size,
+                            chunk,
+                            compute.temperature,
+                            compute.worst_k,
+                            kernel=kernel,
+                            reference_rows=rows,
+                        )
                     seconds += time.perf_counter() - t0
                     cpu_seconds += time.process_time() - c0
                     real_slots += int(batch.attention_mask.sum())
@@ -837,9 +988,10 @@ def run_cached_comparison(
                     scored_now += batch.targets.numel()
                     _save_batch(run_dir, ci * n_batches + b, batch, per_candidate, worst)
                     if progress and shard.is_main:
-                        progress(min(total_targets * len(candidates),
-                                     scored_now * shard.world_size),
-                                 total_targets * len(candidates))
+                        progress(
+                            min(total_targets * len(candidates), scored_now * shard.world_size),
+                            total_targets * len(candidates),
+                        )
             except KeyboardInterrupt as exc:
                 raise Interrupted(
                     f"interrupted; completed parts are kept in {run_dir.path}",
@@ -853,28 +1005,50 @@ def run_cached_comparison(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-        totals = gather_parts(shard, run_dir, n_batches * len(candidates), {
-            "seconds": seconds, "cpu_seconds": cpu_seconds, "scored_now": scored_now,
-            "real_slots": real_slots, "padded_slots": padded_slots})
+        totals = gather_parts(
+            shard,
+            run_dir,
+            n_batches * len(candidates),
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "scored_now": scored_now,
+                "real_slots": real_slots,
+                "padded_slots": padded_slots,
+            },
+        )
 
         def finish() -> dict[str, Any]:
             assert totals is not None
             ended = _dt.datetime.now(_dt.timezone.utc)
             corpus = Corpus(documents=[], description=cache.manifest["data"], stream_text="")
             results = _build_results(
-                run_dir, config, cache, loaded, corpus, window_list, settings.windows,
-                vocab_size, padded, chunk, totals["seconds"],
-                int(totals["scored_now"]) // max(len(candidates), 1), started, ended,
-                int(totals["real_slots"]), int(totals["padded_slots"]))
-            results["compute"]["kernel"] = sorted(backends)[0] if len(backends) == 1 else (
-                sorted(backends))
+                run_dir,
+                config,
+                cache,
+                loaded,
+                corpus,
+                window_list,
+                settings.windows,
+                vocab_size,
+                padded,
+                chunk,
+                totals["seconds"],
+                int(totals["scored_now"]) // max(len(candidates), 1),
+                started,
+                ended,
+                int(totals["real_slots"]),
+                int(totals["padded_slots"]),
+            )
+            results["compute"]["kernel"] = (
+                sorted(backends)[0] if len(backends) == 1 else (sorted(backends))
+            )
             results["throughput"]["processes"] = shard.world_size
             results["throughput"]["cpu_seconds"] = totals["cpu_seconds"]
             results["reference_cache"] = cache.summary()
             if cache.mode == "topk":
                 _add_bounds(run_dir, results)
-            worst_entries = _collect_worst(run_dir, window_list, cache.tokenizer,
-                                           compute.worst_k)
+            worst_entries = _collect_worst(run_dir, window_list, cache.tokenizer, compute.worst_k)
             run_dir.finalize(results, worst_entries)
             return results
 
@@ -908,5 +1082,5 @@ def _add_bounds(run_dir: Any, results: dict[str, Any]) -> None:
             "lower": distribution(lower),
             "upper": distribution(upper),
             "note": "compact (top-k) reference cache: KL(P‖Q) is only known to lie in "
-                    "[lower, upper] per token; means and quantiles of the bounds bound the KL's",
+            "[lower, upper] per token; means and quantiles of the bounds bound the KL's",
         }

@@ -103,8 +103,11 @@ def _portable(error: BaseException) -> tuple[type[LmklError], str, str | None]:
     """How the other ranks re-raise rank 0's error: class, message and hint (picklable)."""
     if not isinstance(error, LmklError):
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        return LmklError, f"rank 0 failed: {type(error).__name__}: {first}", (
-            "see rank 0's message")
+        return (
+            LmklError,
+            f"rank 0 failed: {type(error).__name__}: {first}",
+            ("see rank 0's message"),
+        )
     return type(error), error.message, error.hint
 
 
@@ -139,8 +142,7 @@ def init_shard() -> Shard:
         raise UsageError("this torch build has no torch.distributed", "run with one process")
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo", init_method="env://", rank=rank,
-                                world_size=world)
+        dist.init_process_group(backend="gloo", init_method="env://", rank=rank, world_size=world)
         owns = True
         group = None
     elif dist.get_backend() == "gloo":
@@ -148,8 +150,9 @@ def init_shard() -> Shard:
     else:
         # Object collectives on NCCL would need CUDA tensors; a gloo side group avoids that.
         group = dist.new_group(backend="gloo")
-    return Shard(rank=rank, world_size=world, local_rank=local_rank, _group=group,
-                 _owns_process_group=owns)
+    return Shard(
+        rank=rank, world_size=world, local_rank=local_rank, _group=group, _owns_process_group=owns
+    )
 
 
 def device_for_rank(device: str, shard: Shard) -> str:

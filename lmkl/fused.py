@@ -71,8 +71,12 @@ def _stack(values: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _core_compiled(
-    ref: torch.Tensor, cand: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
-    vocab: int, top_k: int,
+    ref: torch.Tensor,
+    cand: torch.Tensor,
+    targets: torch.Tensor,
+    inv_temperature: float,
+    vocab: int,
+    top_k: int,
 ) -> torch.Tensor:
     """All metrics as a ``[len(TOKEN_METRIC_NAMES), N]`` tensor, written for Inductor to fuse.
 
@@ -103,16 +107,32 @@ def _core_compiled(
     t = targets[:, None]
     lp_x = lp.gather(-1, t).squeeze(-1)
     lq_x = lq.gather(-1, t).squeeze(-1)
-    return torch.stack([
-        kl, rkl, jsd, hp, hq, -lp_x, -lq_x, lq_x.exp() - lp_x.exp(),
-        (top_a == top_b).squeeze(-1).float(), (rank < top_k).float(),
-        (max_a - lse_a).squeeze(-1).exp(), lse_a.squeeze(-1), lse_b.squeeze(-1),
-    ])
+    return torch.stack(
+        [
+            kl,
+            rkl,
+            jsd,
+            hp,
+            hq,
+            -lp_x,
+            -lq_x,
+            lq_x.exp() - lp_x.exp(),
+            (top_a == top_b).squeeze(-1).float(),
+            (rank < top_k).float(),
+            (max_a - lse_a).squeeze(-1).exp(),
+            lse_a.squeeze(-1),
+            lse_b.squeeze(-1),
+        ]
+    )
 
 
 def _core_eager(
-    ref: torch.Tensor, cand: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
-    vocab: int, top_k: int,
+    ref: torch.Tensor,
+    cand: torch.Tensor,
+    targets: torch.Tensor,
+    inv_temperature: float,
+    vocab: int,
+    top_k: int,
 ) -> torch.Tensor:
     """The same values as :func:`_core_compiled` with few, reused ``[N, V]`` temporaries."""
     a = ref[:, :vocab]
@@ -142,16 +162,35 @@ def _core_eager(
     # log-normalisers (lp = a - lse), read off at each row's top token: no extra sweep.
     lse_a = a.gather(-1, top_p[:, None]).squeeze(-1).float() - max_lp
     lse_b = b.gather(-1, top_q[:, None]).squeeze(-1).float() - lq.gather(
-        -1, top_q[:, None]).squeeze(-1)
-    return torch.stack([
-        kl, rkl, jsd, hp, hq, -lp_x, -lq_x, lq_x.exp() - lp_x.exp(),
-        (top_p == top_q).float(), (rank < top_k).float(), max_lp.exp(), lse_a, lse_b,
-    ])
+        -1, top_q[:, None]
+    ).squeeze(-1)
+    return torch.stack(
+        [
+            kl,
+            rkl,
+            jsd,
+            hp,
+            hq,
+            -lp_x,
+            -lq_x,
+            lq_x.exp() - lp_x.exp(),
+            (top_p == top_q).float(),
+            (rank < top_k).float(),
+            max_lp.exp(),
+            lse_a,
+            lse_b,
+        ]
+    )
 
 
 def _finish(
-    stacked: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, targets: torch.Tensor,
-    temperature: float, vocab: int, top_k: int,
+    stacked: torch.Tensor,
+    ref: torch.Tensor,
+    cand: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    vocab: int,
+    top_k: int,
 ) -> dict[str, torch.Tensor]:
     """Unstack, and recompute rows with any non-finite result exactly (see the module doc)."""
     n_metrics = len(TOKEN_METRIC_NAMES)
@@ -161,8 +200,13 @@ def _finish(
     nonfinite = torch.zeros(stacked.shape[1], dtype=torch.bool, device=stacked.device)
     if bool(redo.any()):
         rows = redo.nonzero().squeeze(-1)
-        exact = token_metrics(ref[rows, :vocab], cand[rows, :vocab], targets[rows],
-                              temperature=temperature, top_k=top_k)
+        exact = token_metrics(
+            ref[rows, :vocab],
+            cand[rows, :vocab],
+            targets[rows],
+            temperature=temperature,
+            top_k=top_k,
+        )
         out = {name: value.clone() for name, value in out.items()}
         for name in TOKEN_METRIC_NAMES:
             out[name][rows] = exact[name].to(out[name].device)
@@ -174,15 +218,21 @@ def _finish(
     return out
 
 
-def _check(ref: torch.Tensor, cand: torch.Tensor, temperature: float,
-           vocab: int | None = None) -> None:
+def _check(
+    ref: torch.Tensor, cand: torch.Tensor, temperature: float, vocab: int | None = None
+) -> None:
     # Widths may differ (padded heads) as long as both cover the compared vocabulary.
     width = vocab or ref.shape[-1]
-    if (ref.dim() != 2 or cand.dim() != 2 or ref.shape[0] != cand.shape[0]
-            or min(ref.shape[-1], cand.shape[-1]) < width
-            or (vocab is None and ref.shape != cand.shape)):
-        raise ValueError(f"logit shapes differ or are not [N, V]: {tuple(ref.shape)} vs "
-                         f"{tuple(cand.shape)}")
+    if (
+        ref.dim() != 2
+        or cand.dim() != 2
+        or ref.shape[0] != cand.shape[0]
+        or min(ref.shape[-1], cand.shape[-1]) < width
+        or (vocab is None and ref.shape != cand.shape)
+    ):
+        raise ValueError(
+            f"logit shapes differ or are not [N, V]: {tuple(ref.shape)} vs {tuple(cand.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
@@ -208,12 +258,17 @@ def token_metrics_fused(
     vocab = vocab_size or reference_logits.shape[-1]
     targets = targets.to(reference_logits.device).long()
     if reference_logits.dtype == torch.float64 or reference_logits.shape[0] == 0:
-        return token_metrics(reference_logits[:, :vocab], candidate_logits[:, :vocab], targets,
-                             temperature=temperature, top_k=top_k)
-    stacked = _core_eager(reference_logits, candidate_logits, targets, 1.0 / temperature, vocab,
-                          top_k)
-    return _finish(stacked, reference_logits, candidate_logits, targets, temperature, vocab,
-                   top_k)
+        return token_metrics(
+            reference_logits[:, :vocab],
+            candidate_logits[:, :vocab],
+            targets,
+            temperature=temperature,
+            top_k=top_k,
+        )
+    stacked = _core_eager(
+        reference_logits, candidate_logits, targets, 1.0 / temperature, vocab, top_k
+    )
+    return _finish(stacked, reference_logits, candidate_logits, targets, temperature, vocab, top_k)
 
 
 class MetricsKernel:
@@ -229,8 +284,14 @@ class MetricsKernel:
     _compiled_fn: Callable[..., torch.Tensor] | None = None
     _lock = threading.Lock()
 
-    def __init__(self, *, compile: bool = True, expected_elements: int | None = None,
-                 top_k: int = 5, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        compile: bool = True,
+        expected_elements: int | None = None,
+        top_k: int = 5,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         threshold = int(os.environ.get("LMKL_COMPILE_MIN_ELEMENTS", COMPILE_MIN_ELEMENTS))
         self.top_k = top_k
         self.log = log or (lambda _msg: None)
@@ -242,14 +303,25 @@ class MetricsKernel:
         #: compiled kernel, so that a fallback to eager keeps to the same memory budget.
         self.eager_rows: int | None = None
 
-    def _eager(self, ref: torch.Tensor, cand: torch.Tensor, targets: torch.Tensor,
-               temperature: float, vocab_size: int | None) -> dict[str, torch.Tensor]:
+    def _eager(
+        self,
+        ref: torch.Tensor,
+        cand: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float,
+        vocab_size: int | None,
+    ) -> dict[str, torch.Tensor]:
         # Chunks sized for the compiled kernel are split so the eager temporaries fit as well.
         step = self.eager_rows or ref.shape[0]
         parts = [
-            token_metrics_fused(ref[s:s + step], cand[s:s + step], targets[s:s + step],
-                                temperature=temperature, top_k=self.top_k,
-                                vocab_size=vocab_size)
+            token_metrics_fused(
+                ref[s : s + step],
+                cand[s : s + step],
+                targets[s : s + step],
+                temperature=temperature,
+                top_k=self.top_k,
+                vocab_size=vocab_size,
+            )
             for s in range(0, max(ref.shape[0], 1), max(step, 1))
         ]
         if len(parts) == 1:
@@ -264,13 +336,17 @@ class MetricsKernel:
             return cls._compiled_fn
 
     def __call__(
-        self, reference_logits: torch.Tensor, candidate_logits: torch.Tensor,
-        targets: torch.Tensor, *, temperature: float = 1.0, vocab_size: int | None = None,
+        self,
+        reference_logits: torch.Tensor,
+        candidate_logits: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        vocab_size: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Metrics for ``[N, V']`` logit rows (``V' >= vocab_size``); see :func:`token_metrics`."""
         if not self.use_compile or reference_logits.dtype == torch.float64:
-            return self._eager(reference_logits, candidate_logits, targets, temperature,
-                               vocab_size)
+            return self._eager(reference_logits, candidate_logits, targets, temperature, vocab_size)
         _check(reference_logits, candidate_logits, temperature, vocab_size)
         vocab = vocab_size or reference_logits.shape[-1]
         targets = targets.to(reference_logits.device).long()
@@ -290,11 +366,18 @@ class MetricsKernel:
             self.use_compile = False
             self.backend = "eager"
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            warnings.warn(f"torch.compile unavailable ({message}); using the eager fused KL",
-                          stacklevel=2)
+            warnings.warn(
+                f"torch.compile unavailable ({message}); using the eager fused KL", stacklevel=2
+            )
             self.log(f"torch.compile failed ({message}); using the eager fused KL")
-            return self(reference_logits, candidate_logits, targets, temperature=temperature,
-                        vocab_size=vocab_size)
+            return self(
+                reference_logits,
+                candidate_logits,
+                targets,
+                temperature=temperature,
+                vocab_size=vocab_size,
+            )
         stacked = stacked[:, :n]
-        return _finish(stacked, reference_logits, candidate_logits, targets, temperature, vocab,
-                       self.top_k)
+        return _finish(
+            stacked, reference_logits, candidate_logits, targets, temperature, vocab, self.top_k
+        )

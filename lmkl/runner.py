@@ -453,6 +453,7 @@ def run_comparison(
     out_path = Path(output.dir) if output.dir else default_run_dir(reference, candidates)
     shard = init_shard()
     try:
+        out_path = shard.broadcast(out_path)  # a default name holds a time stamp: use rank 0's
         return _run_live(shard, reference, candidates, data, windows, compute, output, config,
                          out_path, resume, progress, log)
     finally:

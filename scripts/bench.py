@@ -76,8 +76,13 @@ def make_tokenizer(vocab: int) -> Any:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def make_model(path: Path, vocab: int, shape: dict[str, int], seed: int, tokenizer: Any) -> Path:
@@ -87,10 +92,17 @@ def make_model(path: Path, vocab: int, shape: dict[str, int], seed: int, tokeniz
     if (path / "config.json").exists():
         return path
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=shape["hidden"], intermediate_size=shape["mlp"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"], max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=vocab,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["mlp"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
         rms_norm_eps=1e-5,
     )
     torch.manual_seed(seed)
@@ -103,8 +115,7 @@ def make_model(path: Path, vocab: int, shape: dict[str, int], seed: int, tokeniz
     return path
 
 
-def make_data(path: Path, vocab: int, docs: int, words: int, seed: int,
-              vary: bool = False) -> Path:
+def make_data(path: Path, vocab: int, docs: int, words: int, seed: int, vary: bool = False) -> Path:
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -127,8 +138,9 @@ def build_assets(work: Path, pairs: list[str], tokens: int) -> dict[str, Any]:
             "reference": make_model(root / "reference", spec["vocab"], spec["reference"], 1, tok),
             "candidate": make_model(root / "candidate", spec["vocab"], spec["candidate"], 2, tok),
             # 255 words + BOS = one 256-token window per document
-            "data": make_data(root / f"data-{tokens}.jsonl", spec["vocab"], tokens // 256, 255,
-                              seed=3),
+            "data": make_data(
+                root / f"data-{tokens}.jsonl", spec["vocab"], tokens // 256, 255, seed=3
+            ),
         }
     return assets
 
@@ -153,8 +165,9 @@ def batches(path: Path, data: Path, batch_size: int = 8) -> list[Any]:
     from lmkl.runner import make_batches
 
     tok = AutoTokenizer.from_pretrained(path)
-    windows = make_windows(load_corpus(DataSpec(source=str(data))), tok,
-                           WindowSpec(context_length=256), True)
+    windows = make_windows(
+        load_corpus(DataSpec(source=str(data))), tok, WindowSpec(context_length=256), True
+    )
     return list(make_batches(windows, batch_size, 2))
 
 
@@ -166,8 +179,9 @@ def forward_only(models: list[Any], batch_list: list[Any]) -> tuple[float, float
     with torch.inference_mode():
         for batch in batch_list:
             for model in models:
-                _ = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          use_cache=False).logits
+                _ = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -179,16 +193,31 @@ def naive(models: list[Any], batch_list: list[Any]) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for batch in batch_list:
-            lp, lq = (F.log_softmax(m(input_ids=batch.input_ids,
-                                      attention_mask=batch.attention_mask,
-                                      use_cache=False).logits.float(), -1) for m in models)
+            lp, lq = (
+                F.log_softmax(
+                    m(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        use_cache=False,
+                    ).logits.float(),
+                    -1,
+                )
+                for m in models
+            )
             kl = F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
             float(kl[batch.attention_mask.bool()].mean())
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def lmkl_run(reference: Path | str, candidates: list[Path], data: Path | None, out: Path,
-             compile: bool = True, log: Any = None, **compute: Any) -> dict[str, Any]:
+def lmkl_run(
+    reference: Path | str,
+    candidates: list[Path],
+    data: Path | None,
+    out: Path,
+    compile: bool = True,
+    log: Any = None,
+    **compute: Any,
+) -> dict[str, Any]:
     from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
     from lmkl.runner import run_comparison
 
@@ -219,6 +248,82 @@ def warm_compile(vocab: int) -> float:
     if kernel.backend != "compiled":
         print("warning: torch.compile unavailable; lmkl runs eager", file=sys.stderr)
     return time.perf_counter() - t0
+
+
+def _core_without_jsd(ref: Any, cand: Any, targets: Any, vocab: int) -> Any:
+    """Diagnostic only: the fused kernel minus the JSD (whose log(p + q) is one more
+    transcendental per vocabulary entry), to show what that metric costs."""
+    import torch
+
+    a, b = ref[:, :vocab].float(), cand[:, :vocab].float()
+    max_a, top_a = a.max(-1, keepdim=True)
+    max_b, top_b = b.max(-1, keepdim=True)
+    lse_a = max_a + torch.log(torch.exp(a - max_a).sum(-1, keepdim=True))
+    lse_b = max_b + torch.log(torch.exp(b - max_b).sum(-1, keepdim=True))
+    lp, lq = a - lse_a, b - lse_b
+    p, q = torch.exp(lp), torch.exp(lq)
+    d = lp - lq
+    rank = (b > b.gather(-1, top_a)).sum(-1)
+    return torch.stack(
+        [
+            (p * d).sum(-1),
+            (-(q * d)).sum(-1),
+            -(p * lp).sum(-1),
+            -(q * lq).sum(-1),
+            rank.float(),
+            (top_a == top_b).squeeze(-1).float(),
+        ]
+    )
+
+
+def breakdown(paths: dict[str, Path], vocab: int) -> dict[str, float]:
+    """CPU seconds of each stage of lmkl's scoring on warm models, beside the full forwards."""
+    import torch
+
+    from lmkl.config import ComputeSpec, ModelSpec
+    from lmkl.models import load_model
+    from lmkl.runner import WorstTracker, make_kernel, model_rows
+
+    cpu = torch.device("cpu")
+    ref = load_model(ModelSpec(model=str(paths["reference"])), cpu)
+    cand = load_model(ModelSpec(model=str(paths["candidate"])), cpu)
+    batch_list = batches(paths["reference"], paths["data"])
+    tokens = sum(b.targets.numel() for b in batch_list)
+    kernel, chunk = make_kernel(ComputeSpec(), vocab, tokens, lambda _m: None)
+    no_jsd = torch.compile(_core_without_jsd, dynamic=False)
+    forward_only([ref.model, cand.model], batch_list)  # warm up
+    out = dict.fromkeys(
+        ("decoders", "output_layers", "fused_kernel", "worst_tracking", "kernel_without_jsd"), 0.0
+    )
+    out["forward_only"] = forward_only([ref.model, cand.model], batch_list)[1]
+
+    @contextlib.contextmanager
+    def timed(key: str) -> Any:
+        c0 = time.process_time()
+        yield
+        out[key] += time.process_time() - c0
+
+    with torch.inference_mode():
+        for batch in batch_list:
+            with timed("decoders"):
+                rr, cr = model_rows(ref, batch), model_rows(cand, batch)
+            tracker = WorstTracker(50)
+            for s in range(0, batch.targets.numel(), chunk):
+                with timed("output_layers"):
+                    la, lb = ref.logits(rr[s : s + chunk]), cand.logits(cr[s : s + chunk])
+                t = batch.targets[s : s + chunk]
+                with timed("fused_kernel"):
+                    m = kernel(la, lb, t, vocab_size=vocab)
+                with timed("worst_tracking"):
+                    tracker.offer(
+                        m["kl"], la, lb, s, 1.0, lse=(m["lse_reference"], m["lse_candidate"])
+                    )
+                no_jsd(la, lb, t, vocab)  # the first call compiles; the second is timed
+                with timed("kernel_without_jsd"):
+                    no_jsd(la, lb, t, vocab)
+    out["chunk_tokens"] = chunk
+    out["tokens"] = tokens
+    return out
 
 
 def best(fn: Any, repeat: int) -> float:
@@ -277,9 +382,11 @@ def memory_child(mode: str, pair: Path, data: Path, out: Path) -> None:
             with torch.inference_mode():
                 for batch in batch_list:
                     for m in models:
-                        _ = m.model(input_ids=batch.input_ids,
-                                    attention_mask=batch.attention_mask,
-                                    use_cache=False).last_hidden_state
+                        _ = m.model(
+                            input_ids=batch.input_ids,
+                            attention_mask=batch.attention_mask,
+                            use_cache=False,
+                        ).last_hidden_state
         elif mode == "naive":
             naive(models, batch_list)
         elif mode == "forward":
@@ -290,9 +397,22 @@ def memory_child(mode: str, pair: Path, data: Path, out: Path) -> None:
 def measure_memory(mode: str, pair: Path, data: Path, work: Path) -> int:
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, __file__, "--memory-child", mode, "--pair", str(pair), "--data",
-         str(data), "--workdir", str(work)],
-        env=env, capture_output=True, text=True)
+        [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            mode,
+            "--pair",
+            str(pair),
+            "--data",
+            str(data),
+            "--workdir",
+            str(work),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode:
         raise RuntimeError(f"memory run '{mode}' failed: {result.stderr[-2000:]}")
     return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_rss"])
@@ -316,16 +436,20 @@ def bench_pair(name: str, assets: dict[str, Any], work: Path, repeat: int) -> di
     for _ in range(repeat):  # interleaved, so that load changes hit all three alike
         fwd.append(forward_only(models, batch_list))
         nai.append(naive(models, batch_list))
-        runs.append(lmkl_run(paths["reference"], [paths["candidate"]], paths["data"],
-                             work / f"{name}-run"))
+        runs.append(
+            lmkl_run(paths["reference"], [paths["candidate"]], paths["data"], work / f"{name}-run")
+        )
     del models
+    print(f"[{name}] stage breakdown", file=sys.stderr)
+    stages = breakdown(paths, vocab)
     run = min(runs, key=lambda r: r["throughput"]["seconds"])
     lmkl_s = run["throughput"]["seconds"]
     lmkl_cpu = min(r["throughput"]["cpu_seconds"] for r in runs)
     fwd_s, fwd_cpu = min(w for w, _ in fwd), min(c for _, c in fwd)
     nai_s, nai_cpu = min(w for w, _ in nai), min(c for _, c in nai)
     params = {k: run[k]["parameters"] for k in ("reference",)} | {
-        "candidate": run["candidates"][0]["model"]["parameters"]}
+        "candidate": run["candidates"][0]["model"]["parameters"]
+    }
     return {
         "vocab": vocab,
         "parameters": params,
@@ -337,8 +461,11 @@ def bench_pair(name: str, assets: dict[str, Any], work: Path, repeat: int) -> di
         "forward_only_cpu_s": fwd_cpu,
         "naive_cpu_s": nai_cpu,
         "lmkl_cpu_s": lmkl_cpu,
-        "all_wall_s": {"forward_only": [w for w, _ in fwd], "naive": [w for w, _ in nai],
-                       "lmkl": [r["throughput"]["seconds"] for r in runs]},
+        "all_wall_s": {
+            "forward_only": [w for w, _ in fwd],
+            "naive": [w for w, _ in nai],
+            "lmkl": [r["throughput"]["seconds"] for r in runs],
+        },
         "lmkl_end_to_end_s": run["wall_seconds"],
         "compile_s": compile_s,
         "kernel": run["compute"]["kernel"],
@@ -350,42 +477,62 @@ def bench_pair(name: str, assets: dict[str, Any], work: Path, repeat: int) -> di
         "ratio_vs_forward_incl_compile": (lmkl_s + compile_s) / fwd_s,
         "naive_vs_forward": nai_s / fwd_s,
         "tokens_per_s": run["throughput"]["tokens_per_s"],
+        "stages_cpu_s": stages,
         "kl_mean": run["candidates"][0]["metrics"]["kl"]["mean"],
     }
 
 
-def bench_cache(name: str, assets: dict[str, Any], work: Path, n: int,
-                tokens: int) -> dict[str, Any]:
+def bench_cache(
+    name: str, assets: dict[str, Any], work: Path, n: int, tokens: int
+) -> dict[str, Any]:
     """N candidates: one live run with N candidates vs a cache then N runs against it."""
     from lmkl.cache import build_cache
     from lmkl.config import ComputeSpec, DataSpec, ModelSpec, WindowSpec
 
     paths = dict(assets[name])
-    paths["data"] = make_data(paths["reference"].parent / f"data-cache-{tokens}.jsonl",
-                              PAIRS[name]["vocab"], max(tokens // 256, 1), 255, seed=4)
+    paths["data"] = make_data(
+        paths["reference"].parent / f"data-cache-{tokens}.jsonl",
+        PAIRS[name]["vocab"],
+        max(tokens // 256, 1),
+        255,
+        seed=4,
+    )
     cands = [paths["candidate"]] * n
     print(f"[{name}] {n} candidates: live, then cache + {n} cached runs", file=sys.stderr)
     live = lmkl_run(paths["reference"], cands, paths["data"], work / f"{name}-live-n")
-    single = lmkl_run(paths["reference"], [paths["candidate"]], paths["data"],
-                      work / f"{name}-live-1")
+    single = lmkl_run(
+        paths["reference"], [paths["candidate"]], paths["data"], work / f"{name}-live-1"
+    )
     t0 = time.perf_counter()
-    manifest = build_cache(ModelSpec(model=str(paths["reference"])),
-                           DataSpec(source=str(paths["data"])), WindowSpec(context_length=256),
-                           ComputeSpec(batch_size=8), work / f"{name}-cache", overwrite=True)
+    manifest = build_cache(
+        ModelSpec(model=str(paths["reference"])),
+        DataSpec(source=str(paths["data"])),
+        WindowSpec(context_length=256),
+        ComputeSpec(batch_size=8),
+        work / f"{name}-cache",
+        overwrite=True,
+    )
     cache_build = time.perf_counter() - t0
     cached_scoring = []
     for i in range(n):
-        result = lmkl_run(work / f"{name}-cache", [paths["candidate"]], None,
-                          work / f"{name}-cached-{i}")
+        result = lmkl_run(
+            work / f"{name}-cache", [paths["candidate"]], None, work / f"{name}-cached-{i}"
+        )
         cached_scoring.append(result["throughput"]["seconds"])
     t_topk = time.perf_counter()
-    topk = build_cache(ModelSpec(model=str(paths["reference"])),
-                       DataSpec(source=str(paths["data"])), WindowSpec(context_length=256),
-                       ComputeSpec(batch_size=8), work / f"{name}-cache-top32", overwrite=True,
-                       top_k=32)
+    topk = build_cache(
+        ModelSpec(model=str(paths["reference"])),
+        DataSpec(source=str(paths["data"])),
+        WindowSpec(context_length=256),
+        ComputeSpec(batch_size=8),
+        work / f"{name}-cache-top32",
+        overwrite=True,
+        top_k=32,
+    )
     topk_build = time.perf_counter() - t_topk
-    topk_run = lmkl_run(work / f"{name}-cache-top32", [paths["candidate"]], None,
-                        work / f"{name}-topk-run")
+    topk_run = lmkl_run(
+        work / f"{name}-cache-top32", [paths["candidate"]], None, work / f"{name}-topk-run"
+    )
     bounds = topk_run["candidates"][0]["metrics"]["kl_bounds"]
     return {
         "pair": name,
@@ -426,8 +573,9 @@ def padding(assets: dict[str, Any], work: Path) -> dict[str, Any]:
     name = next(iter(assets))
     tok = AutoTokenizer.from_pretrained(assets[name]["reference"])
     data = make_data(work / "varied.jsonl", PAIRS[name]["vocab"], 256, 1000, seed=7, vary=True)
-    windows = make_windows(load_corpus(DataSpec(source=str(data))), tok,
-                           WindowSpec(context_length=512), True)
+    windows = make_windows(
+        load_corpus(DataSpec(source=str(data))), tok, WindowSpec(context_length=512), True
+    )
 
     def efficiency(**kw: Any) -> float:
         real = slots = 0
@@ -436,9 +584,12 @@ def padding(assets: dict[str, Any], work: Path) -> dict[str, Any]:
             slots += b.attention_mask.numel()
         return real / slots
 
-    return {"documents": 256, "lengths": "16..1000 words, context 512",
-            "batch_size_8": efficiency(), "max_batch_tokens_4096": efficiency(
-                max_batch_tokens=4096)}
+    return {
+        "documents": 256,
+        "lengths": "16..1000 words, context 512",
+        "batch_size_8": efficiency(),
+        "max_batch_tokens_4096": efficiency(max_batch_tokens=4096),
+    }
 
 
 def memory(assets: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -450,9 +601,12 @@ def memory(assets: dict[str, Any], work: Path) -> dict[str, Any]:
         print(f"[memory] {mode}", file=sys.stderr)
         out[mode] = measure_memory(mode, pair, data, work)
     extra = {m: out[m] - out["floor"] for m in out if m != "floor"}
-    return {"peak_rss": out, "extra_over_floor": extra,
-            "lmkl_extra_vs_naive_extra": extra["lmkl"] / extra["naive"],
-            "lmkl_eager_extra_vs_naive_extra": extra["lmkl-eager"] / extra["naive"]}
+    return {
+        "peak_rss": out,
+        "extra_over_floor": extra,
+        "lmkl_extra_vs_naive_extra": extra["lmkl"] / extra["naive"],
+        "lmkl_eager_extra_vs_naive_extra": extra["lmkl-eager"] / extra["naive"],
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -470,22 +624,41 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     targets = {"v49k": ("≤ 1.10", "≤ 1.0"), "v128k": ("≤ 1.20", "≤ 0.4")}
     for name, r in report["pairs"].items():
-        label = ("135M/81M Llama, V=49,152" if name == "v49k"
-                 else "256-wide 2-layer pair, V=128,256")
+        label = "135M/81M Llama, V=49,152" if name == "v49k" else "256-wide 2-layer pair, V=128,256"
         tf, tn = targets[name]
         lines.append(
             f"| {label} | {r['tokens_in']} | {f(r['forward_only_s'])} | {f(r['naive_s'])} | "
             f"{f(r['lmkl_s'])} | **{f(r['ratio_vs_forward'])}** ({tf}) | "
             f"**{f(r['ratio_vs_naive'])}** ({tn}) | {f(r['cpu_ratio_vs_forward'])} / "
-            f"{f(r['cpu_ratio_vs_naive'])} | {r['tokens_per_s']:,.0f} |")
+            f"{f(r['cpu_ratio_vs_naive'])} | {r['tokens_per_s']:,.0f} |"
+        )
     lines.append("")
-    lines.append("Seconds are the fastest of the repeats (wall clock); the CPU-time ratios "
-                 "(process CPU seconds, all threads) are steadier when other jobs share the "
-                 "cores. ")
-    lines.append("lmkl time is scoring time (model loading excluded, like the baselines); the "
-                 "fused kernel is compiled once per process and vocabulary beforehand: " +
-                 ", ".join(f"{n}: {f(r['compile_s'], 1)} s" for n, r in
-                           report["pairs"].items()) + ".")
+    lines.append(
+        "Seconds are the fastest of the repeats (wall clock); the CPU-time ratios "
+        "(process CPU seconds, all threads) are steadier when other jobs share the "
+        "cores. "
+    )
+    lines.append(
+        "lmkl time is scoring time (model loading excluded, like the baselines); the "
+        "fused kernel is compiled once per process and vocabulary beforehand: "
+        + ", ".join(f"{n}: {f(r['compile_s'], 1)} s" for n, r in report["pairs"].items())
+        + "."
+    )
+    lines += [
+        "",
+        "Where lmkl's time goes (CPU seconds on warm models, all batches):",
+        "",
+        "| case | forward-only | decoders | output layers | fused KL kernel "
+        "(without JSD) | worst positions |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["pairs"].items():
+        st = r["stages_cpu_s"]
+        lines.append(
+            f"| {name} | {f(st['forward_only'])} | {f(st['decoders'])} | "
+            f"{f(st['output_layers'])} | {f(st['fused_kernel'])} "
+            f"({f(st['kernel_without_jsd'])}) | {f(st['worst_tracking'])} |"
+        )
     if "memory" in report:
         m = report["memory"]
         gib = 2**30
@@ -494,15 +667,20 @@ def markdown(report: dict[str, Any]) -> str:
             "| peak RSS, V=128,256, 2048 tokens, batch 8 | GiB | extra over decoder floor |",
             "|---|---:|---:|",
         ]
-        for mode, label in (("floor", "decoders only (floor)"), ("forward", "forward-only"),
-                            ("naive", "naive script"), ("lmkl", "lmkl (compiled kernel)"),
-                            ("lmkl-eager", "lmkl --no-compile")):
+        for mode, label in (
+            ("floor", "decoders only (floor)"),
+            ("forward", "forward-only"),
+            ("naive", "naive script"),
+            ("lmkl", "lmkl (compiled kernel)"),
+            ("lmkl-eager", "lmkl --no-compile"),
+        ):
             extra = m["extra_over_floor"].get(mode, 0)
-            lines.append(f"| {label} | {f(m['peak_rss'][mode] / gib)} | "
-                         f"{f(extra / gib)} GiB |")
+            lines.append(f"| {label} | {f(m['peak_rss'][mode] / gib)} | {f(extra / gib)} GiB |")
         lines.append("")
-        lines.append(f"lmkl extra / naive extra: **{f(m['lmkl_extra_vs_naive_extra'])}** "
-                     f"(--no-compile: {f(m['lmkl_eager_extra_vs_naive_extra'])}; target ≤ 0.20)")
+        lines.append(
+            f"lmkl extra / naive extra: **{f(m['lmkl_extra_vs_naive_extra'])}** "
+            f"(--no-compile: {f(m['lmkl_eager_extra_vs_naive_extra'])}; target ≤ 0.20)"
+        )
     if "cache" in report:
         c = report["cache"]
         lines += [
@@ -529,9 +707,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"{f(c['exact_kl_mean'], 4)}.",
         ]
     p = report["padding"]
-    lines += ["", f"Padding efficiency ({p['documents']} documents of {p['lengths']}): "
-              f"batches of 8 consecutive windows {f(p['batch_size_8'], 3)}; "
-              f"`--max-batch-tokens 4096` {f(p['max_batch_tokens_4096'], 3)}."]
+    lines += [
+        "",
+        f"Padding efficiency ({p['documents']} documents of {p['lengths']}): "
+        f"batches of 8 consecutive windows {f(p['batch_size_8'], 3)}; "
+        f"`--max-batch-tokens 4096` {f(p['max_batch_tokens_4096'], 3)}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -579,12 +760,14 @@ def main() -> None:
         assets = build_assets(work, pairs, tokens)
         report["pairs"] = {
             name: bench_pair(name, assets, work, repeat if name == "v128k" else max(1, repeat - 1))
-            for name in pairs}
+            for name in pairs
+        }
         report["padding"] = padding(assets, work)
         if "v128k" in assets:
             report["memory"] = memory(assets, work)
-        report["cache"] = bench_cache(pairs[0], assets, work, args.candidates,
-                                      tokens if args.quick else tokens // 2)
+        report["cache"] = bench_cache(
+            pairs[0], assets, work, args.candidates, tokens if args.quick else tokens // 2
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

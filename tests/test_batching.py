@@ -11,8 +11,14 @@ from lmkl.runner import make_batches, run_comparison, window_groups
 
 
 def window(i: int, n: int) -> Window:
-    return Window(window_id=i, doc_id=i, input_ids=list(range(1, n + 1)), first_target=1,
-                  offset=0, target_bytes=[1] * (n - 1))
+    return Window(
+        window_id=i,
+        doc_id=i,
+        input_ids=list(range(1, n + 1)),
+        first_target=1,
+        offset=0,
+        target_bytes=[1] * (n - 1),
+    )
 
 
 def test_token_budget_groups_cover_every_window_once():
@@ -43,15 +49,20 @@ def test_sorted_batches_give_the_same_values(tiny_pair, small_jsonl, tmp_path):
         return run_comparison(
             ModelSpec(model=str(tiny_pair["reference"]), label="ref"),
             [ModelSpec(model=str(tiny_pair["candidate"]), label="cand")],
-            DataSpec(source=str(small_jsonl)), WindowSpec(context_length=40, stride=10),
-            ComputeSpec(compile=False, **compute), OutputSpec(dir=str(tmp_path / out)))
+            DataSpec(source=str(small_jsonl)),
+            WindowSpec(context_length=40, stride=10),
+            ComputeSpec(compile=False, max_tokens=400, **compute),
+            OutputSpec(dir=str(tmp_path / out)),
+        )
 
     a = run("a", batch_size=4)
     b = run("b", max_batch_tokens=90, chunk_tokens=13)
-    ta = pq.read_table(a.path / "tokens.parquet").sort_by([("doc_id", "ascending"),
-                                                           ("position", "ascending")])
-    tb = pq.read_table(b.path / "tokens.parquet").sort_by([("doc_id", "ascending"),
-                                                           ("position", "ascending")])
+    ta = pq.read_table(a.path / "tokens.parquet").sort_by(
+        [("doc_id", "ascending"), ("position", "ascending")]
+    )
+    tb = pq.read_table(b.path / "tokens.parquet").sort_by(
+        [("doc_id", "ascending"), ("position", "ascending")]
+    )
     assert ta["token_id"].equals(tb["token_id"])
     for name in ("kl", "reverse_kl", "jsd", "nll_reference", "nll_candidate", "delta_p"):
         assert np.abs(ta[name].to_numpy() - tb[name].to_numpy()).max() <= 1e-5, name

@@ -23,16 +23,41 @@ def lmkl_compare(tiny_pair, data: Path, out: Path, processes: int) -> subprocess
         "HF_DATASETS_OFFLINE": "1",
     }
     env.pop("WORLD_SIZE", None)
-    args = ["compare", str(tiny_pair["reference"]), str(tiny_pair["candidate"]),
-            "--data", str(data), "-c", "48", "--stride", "24", "--max-batch-tokens", "100",
-            "--chunk-tokens", "40", "--no-compile", "--out", str(out), "-q"]
+    args = [
+        "compare",
+        str(tiny_pair["reference"]),
+        str(tiny_pair["candidate"]),
+        "--data",
+        str(data),
+        "-c",
+        "48",
+        "--stride",
+        "24",
+        "--max-batch-tokens",
+        "100",
+        "--chunk-tokens",
+        "40",
+        "--no-compile",
+        "--out",
+        str(out),
+        "-q",
+    ]
     if processes == 1:
         command = [sys.executable, "-m", "lmkl", *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={processes}", "-m", "lmkl", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
-                          cwd=str(out.parent))
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "lmkl",
+            *args,
+        ]
+    return subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, cwd=str(out.parent)
+    )
 
 
 def test_two_processes_equal_one(tiny_pair, small_jsonl, tmp_path):

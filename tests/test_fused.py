@@ -19,12 +19,12 @@ def logits_with_special_rows(n: int, vocab: int, seed: int) -> tuple[torch.Tenso
     ref = torch.randn(n, vocab, generator=gen) * 3
     cand = ref + torch.randn(n, vocab, generator=gen)
     targets = torch.randint(0, vocab, (n,), generator=gen)
-    ref[1, 7] = -math.inf          # reference masks a token: its terms are 0
-    cand[2, 9] = -math.inf         # candidate masks a token the reference allows: KL = +inf
-    ref[3, :] = -math.inf          # not a distribution
-    cand[4, 2] = math.nan          # broken logits
-    ref[5, 1] = math.inf           # broken logits
-    ref[6, 20:] = -200.0           # far tails that underflow in both (0 * log 0 territory)
+    ref[1, 7] = -math.inf  # reference masks a token: its terms are 0
+    cand[2, 9] = -math.inf  # candidate masks a token the reference allows: KL = +inf
+    ref[3, :] = -math.inf  # not a distribution
+    cand[4, 2] = math.nan  # broken logits
+    ref[5, 1] = math.inf  # broken logits
+    ref[6, 20:] = -200.0  # far tails that underflow in both (0 * log 0 territory)
     cand[6, 20:] = -260.0
     return ref, cand, targets
 
@@ -48,8 +48,9 @@ def float64_metrics(ref: np.ndarray, cand: np.ndarray, x: int) -> dict[str, floa
     }
 
 
-def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
-                tol: float = 1e-5) -> None:
+def assert_same(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float = 1e-5
+) -> None:
     assert torch.equal(got["nonfinite"], want["nonfinite"])
     for name in TOKEN_METRIC_NAMES:
         a, b = got[name], want[name]
@@ -79,8 +80,7 @@ def test_fused_matches_float64_scipy():
     ref, cand, targets = logits_with_special_rows(24, 1000, seed=1)
     got = token_metrics_fused(ref, cand, targets)
     for i in (0, 7, 8, 15, 23):  # ordinary rows, computed by the fast path
-        want = float64_metrics(ref[i].double().numpy(), cand[i].double().numpy(),
-                               int(targets[i]))
+        want = float64_metrics(ref[i].double().numpy(), cand[i].double().numpy(), int(targets[i]))
         for name, value in want.items():
             assert abs(float(got[name][i]) - value) <= 1e-5, (name, i)
 
@@ -117,8 +117,10 @@ def test_eager_kernel_splits_rows_without_changing_values():
     assert small.backend == "eager" and not small.use_compile
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("cc") is None,
+    reason="torch.compile on CPU needs a C++ compiler",
+)
 def test_compiled_kernel_equals_token_metrics():
     kernel = MetricsKernel(compile=True)
     for n, seed in ((23, 11), (9, 12), (1, 13)):  # one graph serves every row count
@@ -126,6 +128,7 @@ def test_compiled_kernel_equals_token_metrics():
         ref, cand, targets = ref[:n], cand[:n], targets[:n]
         got = kernel(ref, cand, targets, temperature=1.3)
         assert_same(got, token_metrics(ref, cand, targets, temperature=1.3))
-        assert torch.allclose(got["lse_candidate"], torch.logsumexp(cand / 1.3, -1), atol=1e-5,
-                              equal_nan=True)
+        assert torch.allclose(
+            got["lse_candidate"], torch.logsumexp(cand / 1.3, -1), atol=1e-5, equal_nan=True
+        )
     assert kernel.backend == "compiled"
