@@ -74,7 +74,7 @@ def _core_compiled(
     ref: torch.Tensor,
     cand: torch.Tensor,
     targets: torch.Tensor,
-    inv_temperature: float,
+    inv_temperature: torch.Tensor,
     vocab: int,
     top_k: int,
 ) -> torch.Tensor:
@@ -83,11 +83,10 @@ def _core_compiled(
     Elementwise expressions are recomputed rather than stored: fused, they cost nothing in
     memory and little in time, whereas in eager mode each would be an ``[N, V]`` tensor.
     """
-    a = ref[:, :vocab].float()
-    b = cand[:, :vocab].float()
-    if inv_temperature != 1.0:
-        a = a * inv_temperature
-        b = b * inv_temperature
+    # The temperature is a tensor, not a constant: no recompilation per temperature (x 1.0 is
+    # exact, and fused it costs nothing).
+    a = ref[:, :vocab].float() * inv_temperature
+    b = cand[:, :vocab].float() * inv_temperature
     max_a, top_a = a.max(-1, keepdim=True)
     max_b, top_b = b.max(-1, keepdim=True)
     lse_a = max_a + torch.log(torch.exp(a - max_a).sum(-1, keepdim=True))
@@ -361,7 +360,8 @@ class MetricsKernel:
         try:
             for tensor in (ref, cand, tgt):
                 torch._dynamo.mark_dynamic(tensor, 0)
-            stacked = self._compiled()(ref, cand, tgt, 1.0 / temperature, vocab, self.top_k)
+            inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32, device=ref.device)
+            stacked = self._compiled()(ref, cand, tgt, inv_t, vocab, self.top_k)
         except Exception as exc:  # compilation can fail in many ways; eager is always right
             self.use_compile = False
             self.backend = "eager"
