@@ -17,7 +17,17 @@ from typing import Annotated
 import typer
 
 from lmkl import __version__
-from lmkl.commands import compare, demo, init, inspect, report, run, sample_kl, validate
+from lmkl.commands import (
+    cache,
+    compare,
+    demo,
+    init,
+    inspect,
+    report,
+    run,
+    sample_kl,
+    validate,
+)
 
 app = typer.Typer(
     name="lmkl",
@@ -29,7 +39,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (compare, demo, run, validate, init, sample_kl, report, inspect):
+for module in (compare, demo, run, validate, init, cache, sample_kl, report, inspect):
     module.register(app)
 
 

@@ -29,6 +29,11 @@ class ModelSpec(StrictModel):
     revision: str | None = Field(None, description="Hub branch, tag or commit.")
     dtype: DTypeName = Field("auto", description="Weights dtype; auto = the checkpoint's own.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    device_map: str | None = Field(
+        None,
+        description="Spread one model over several devices (Hugging Face device_map, e.g. "
+        "'auto'; needs accelerate). Overrides device.",
+    )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint (off: it is arbitrary code)."
     )
@@ -101,6 +106,12 @@ class ComputeSpec(StrictModel):
     """Batching, memory and numerical settings."""
 
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Sort windows by length and fill each batch up to this many (padded) tokens "
+        "instead of batch_size consecutive windows.",
+    )
     chunk_tokens: int | None = Field(
         None,
         ge=1,
@@ -114,13 +125,21 @@ class ComputeSpec(StrictModel):
     temperature: float = Field(1.0, gt=0, description="Compare softened distributions p^(1/T).")
     worst_k: int = Field(50, ge=0, description="Worst positions kept with top-5 tokens for reports.")
     seed: int = Field(0, description="Seed for anything random (bootstrap, sampling).")
+    compile: bool = Field(
+        True,
+        description="torch.compile the fused KL kernel when the run is big enough for it to pay "
+        "(falls back to eager if compilation fails).",
+    )
 
-    def chunk_size(self, vocab_size: int) -> int:
-        """Tokens per KL chunk: explicit, else as many as fit the memory budget."""
+    def chunk_size(self, vocab_size: int, temporaries: int = 10) -> int:
+        """Tokens per KL chunk: explicit, else as many as fit the memory budget.
+
+        ``temporaries`` is the number of float32 ``[chunk, V]`` rows alive per token in the KL
+        stage (see :func:`lmkl.fused.temporaries_per_token`).
+        """
         if self.chunk_tokens:
             return self.chunk_tokens
-        # ~10 float32 [chunk, V] temporaries live at once in token_metrics.
-        per_token = 10 * 4 * vocab_size
+        per_token = temporaries * 4 * vocab_size
         return max(1, min(4096, (self.memory_budget_mb * 2**20) // per_token))
 
 

@@ -46,6 +46,10 @@ def summary_table(results: dict[str, Any]) -> Table:
     row("KL(P‖Q) median", lambda m: fmt(m["kl"]["median"]))
     row("KL(P‖Q) p99 / p99.9", lambda m: f"{fmt(m['kl']['p99'])} / {fmt(m['kl']['p999'])}")
     row("KL(P‖Q) max", lambda m: fmt(m["kl"]["max"]))
+    if any("kl_bounds" in c["metrics"] for c in results["candidates"]):
+        # Compact (top-k) reference cache: only a guaranteed interval is known.
+        row("KL(P‖Q) mean in", lambda m: f"[{fmt(m['kl_bounds']['lower']['mean'])}, "
+            f"{fmt(m['kl_bounds']['upper']['mean'])}]" if "kl_bounds" in m else "–")
     row("KL(Q‖P) mean ± se", lambda m: pm(m["reverse_kl"]))
     row("JSD mean ± se", lambda m: pm(m["jsd"]))
     row("PPL(P) / PPL(Q)",

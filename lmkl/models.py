@@ -378,6 +378,9 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedMod
         kwargs["use_safetensors"] = True
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.device_map:
+        # accelerate places the layers; inputs go to the device of the input embeddings.
+        kwargs["device_map"] = spec.device_map
     source = str(Path(spec.model).expanduser()) if local else spec.model
     try:
         with warnings.catch_warnings():
@@ -388,7 +391,10 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedMod
 
     if spec.adapter:
         model = _apply_adapter(model, spec)
-    model.to(device)
+    if spec.device_map:
+        device = model.get_input_embeddings().weight.device
+    else:
+        model.to(device)
     model.eval()
 
     loaded = LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=device, head=None)

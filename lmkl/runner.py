@@ -25,8 +25,10 @@ import torch
 import lmkl
 from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 from lmkl.data import Corpus, Window, load_corpus, make_windows
-from lmkl.divergence import TOKEN_METRIC_NAMES, token_metrics
+from lmkl.distributed import Shard, device_for_rank, init_shard
+from lmkl.divergence import TOKEN_METRIC_NAMES
 from lmkl.errors import Interrupted, ResumeError, UsageError
+from lmkl.fused import MetricsKernel, temporaries_per_token
 from lmkl.interrupt import GracefulStop
 from lmkl.models import (
     LoadedModel,
@@ -50,6 +52,8 @@ class RunOutcome:
 
     path: Path
     results: dict[str, Any]
+    #: False on the other ranks of a multi-process run (only rank 0 reports).
+    is_main: bool = True
 
 
 @dataclass
@@ -67,13 +71,39 @@ class Batch:
     meta: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def make_batches(windows: list[Window], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Group consecutive windows, right-pad them and index their scored positions.
+def window_groups(windows: list[Window], batch_size: int,
+                  max_batch_tokens: int | None = None) -> Iterator[list[Window]]:
+    """The windows of each batch, in batch order.
+
+    Without ``max_batch_tokens``: ``batch_size`` consecutive windows per batch. With it: windows
+    sorted by length (longest first, ties by window order) and each batch filled while
+    ``windows x longest length <= max_batch_tokens`` (at least one window), which keeps padding
+    small when lengths vary. Deterministic, so every process of a multi-process run and every
+    resumed run sees the same batches.
+    """
+    if max_batch_tokens is None:
+        for start in range(0, len(windows), batch_size):
+            yield windows[start:start + batch_size]
+        return
+    ordered = sorted(windows, key=lambda w: -len(w.input_ids))
+    group: list[Window] = []
+    for window in ordered:
+        width = len(group[0].input_ids) if group else len(window.input_ids)
+        if group and (len(group) + 1) * width > max_batch_tokens:
+            yield group
+            group = []
+        group.append(window)
+    if group:
+        yield group
+
+
+def make_batches(windows: list[Window], batch_size: int, pad_id: int, *,
+                 max_batch_tokens: int | None = None) -> Iterator[Batch]:
+    """Group windows (see :func:`window_groups`), right-pad them and index their scored positions.
 
     Right padding keeps every real token's position id and causal context unchanged.
     """
-    for start in range(0, len(windows), batch_size):
-        group = windows[start:start + batch_size]
+    for group in window_groups(windows, batch_size, max_batch_tokens):
         width = max(len(w.input_ids) for w in group)
         ids = torch.full((len(group), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -109,6 +139,24 @@ def make_batches(windows: list[Window], batch_size: int, pad_id: int) -> Iterato
         )
 
 
+@dataclass
+class _Top:
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def _top5(logits: torch.Tensor, temperature: float, lse: torch.Tensor | None = None) -> _Top:
+    """The five most likely tokens and their log-probabilities (no full log-softmax).
+
+    ``lse``: the rows' log-normalisers when already known (the fused kernel returns them).
+    """
+    top = logits.float().topk(min(5, logits.shape[-1]), -1)
+    values = top.values / temperature
+    if lse is None:
+        lse = (logits.float() / temperature).logsumexp(-1)
+    return _Top(values=values - lse[:, None], indices=top.indices)
+
+
 class WorstTracker:
     """Keeps the ``k`` highest-KL positions of one batch with both models' top-5 next tokens."""
 
@@ -119,7 +167,7 @@ class WorstTracker:
 
     def offer(
         self, kl: torch.Tensor, ref_logits: torch.Tensor, cand_logits: torch.Tensor,
-        index_offset: int, temperature: float,
+        index_offset: int, temperature: float, lse: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if self.k == 0:
             return
@@ -127,13 +175,14 @@ class WorstTracker:
         take = min(self.k, kl.numel())
         values, idx = finite_kl.topk(take)
         keep = values >= 0
+        if len(self.entries) >= self.k:
+            # Only rows that beat the current k-th worst can enter: skip the rest's top-5.
+            keep &= values > self.entries[0][0]
         values, idx = values[keep], idx[keep]
         if idx.numel() == 0:
             return
-        lp = torch.log_softmax(ref_logits[idx].float() / temperature, -1)
-        lq = torch.log_softmax(cand_logits[idx].float() / temperature, -1)
-        k5 = min(5, lp.shape[-1])
-        p_top, q_top = lp.topk(k5, -1), lq.topk(k5, -1)
+        p_top = _top5(ref_logits[idx], temperature, None if lse is None else lse[0][idx])
+        q_top = _top5(cand_logits[idx], temperature, None if lse is None else lse[1][idx])
         for n, (value, i) in enumerate(zip(values.tolist(), idx.tolist(), strict=True)):
             entry = {
                 "row": index_offset + i,
@@ -154,6 +203,17 @@ class WorstTracker:
         return [e for _, _, e in sorted(self.entries, key=lambda t: (-t[0], -t[1]))]
 
 
+def model_rows(model: LoadedModel, batch: Batch) -> torch.Tensor:
+    """``[targets, H]`` final hidden states (or logits rows) of ``model`` at the scored positions.
+
+    The decoder runs once on the padded batch; padding and unscored positions are dropped before
+    the output layer, which is applied later a chunk at a time.
+    """
+    device = model.device
+    hidden = model.hidden_states(batch.input_ids.to(device), batch.attention_mask.to(device))
+    return hidden[batch.rows.to(hidden.device), batch.cols.to(hidden.device)]
+
+
 @torch.inference_mode()
 def score_batch(
     batch: Batch,
@@ -163,38 +223,48 @@ def score_batch(
     chunk_size: int,
     temperature: float,
     worst_k: int,
+    *,
+    kernel: MetricsKernel | None = None,
+    reference_rows: torch.Tensor | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[dict[str, Any]]]]:
-    """Per-token metrics for every candidate on one batch, and each candidate's worst positions."""
-    device = reference.device
-    ref_hidden = reference.hidden_states(batch.input_ids.to(device),
-                                         batch.attention_mask.to(device))
-    ref_rows = ref_hidden[batch.rows.to(device), batch.cols.to(device)]
-    del ref_hidden
+    """Per-token metrics for every candidate on one batch, and each candidate's worst positions.
+
+    Every decoder runs once; then, per chunk of tokens, the reference's logits are computed once
+    and compared with each candidate's by ``kernel`` (the fused metrics; eager if not given).
+    ``reference_rows`` supplies the reference's rows directly (a reference cache); then
+    ``reference`` only needs ``logits(rows)``.
+    """
+    kernel = kernel or MetricsKernel(compile=False)
+    ref_rows = model_rows(reference, batch) if reference_rows is None else reference_rows
+    cand_rows = [model_rows(candidate, batch) for candidate in candidates]
     targets = batch.targets
+    trackers = [WorstTracker(worst_k) for _ in candidates]
+    chunks: list[list[dict[str, torch.Tensor]]] = [[] for _ in candidates]
+    for start in range(0, targets.numel(), chunk_size):
+        stop = start + chunk_size
+        # Full-width rows: the kernel slices padded heads to vocab_size without a copy.
+        ref_logits = _overflow_as_nan(reference.logits(ref_rows[start:stop]))
+        chunk_targets = targets[start:stop].to(ref_logits.device)
+        for i, candidate in enumerate(candidates):
+            cand_logits = _overflow_as_nan(candidate.logits(cand_rows[i][start:stop]))
+            cand_logits = cand_logits.to(ref_logits.device)
+            metrics = kernel(ref_logits, cand_logits, chunk_targets, temperature=temperature,
+                             vocab_size=vocab_size)
+            lse = (metrics["lse_reference"], metrics["lse_candidate"]) if (
+                "lse_reference" in metrics) else None
+            trackers[i].offer(metrics["kl"], ref_logits[..., :vocab_size],
+                              cand_logits[..., :vocab_size], start, temperature, lse=lse)
+            chunks[i].append({k: v.cpu() for k, v in metrics.items()
+                              if not k.startswith("lse_")})
+            del cand_logits
+        del ref_logits
     per_candidate: dict[str, dict[str, np.ndarray]] = {}
     worst: dict[str, list[dict[str, Any]]] = {}
-    for candidate in candidates:
-        cdev = candidate.device
-        cand_hidden = candidate.hidden_states(batch.input_ids.to(cdev),
-                                              batch.attention_mask.to(cdev))
-        cand_rows = cand_hidden[batch.rows.to(cdev), batch.cols.to(cdev)]
-        del cand_hidden
-        tracker = WorstTracker(worst_k)
-        chunks: list[dict[str, torch.Tensor]] = []
-        for start in range(0, targets.numel(), chunk_size):
-            stop = start + chunk_size
-            ref_logits = reference.logits(ref_rows[start:stop])[..., :vocab_size]
-            cand_logits = candidate.logits(cand_rows[start:stop])[..., :vocab_size]
-            cand_logits = cand_logits.to(ref_logits.device)
-            ref_logits, cand_logits = _overflow_as_nan(ref_logits), _overflow_as_nan(cand_logits)
-            metrics = token_metrics(ref_logits, cand_logits, targets[start:stop],
-                                    temperature=temperature)
-            tracker.offer(metrics["kl"], ref_logits, cand_logits, start, temperature)
-            chunks.append({k: v.cpu() for k, v in metrics.items()})
+    for i, candidate in enumerate(candidates):
         per_candidate[candidate.label] = {
-            name: torch.cat([c[name] for c in chunks]).numpy() for name in chunks[0]
+            name: torch.cat([c[name] for c in chunks[i]]).numpy() for name in chunks[i][0]
         }
-        worst[candidate.label] = tracker.result()
+        worst[candidate.label] = trackers[i].result()
     return per_candidate, worst
 
 
@@ -212,8 +282,13 @@ def _overflow_as_nan(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(overflow[:, None], torch.full_like(logits, float("nan")), logits)
 
 
-def _batch_table(batch: Batch, per_candidate: dict[str, dict[str, np.ndarray]]) -> Any:
+def _batch_table(batch: Batch, per_candidate: dict[str, dict[str, np.ndarray]],
+                 schema: Any = None) -> Any:
     import pyarrow as pa
+
+    from lmkl.store import TOKEN_SCHEMA
+
+    schema = schema or TOKEN_SCHEMA
 
     tables = []
     n = batch.targets.numel()
@@ -224,8 +299,8 @@ def _batch_table(batch: Batch, per_candidate: dict[str, dict[str, np.ndarray]]) 
             "nonfinite": metrics["nonfinite"],
             **batch.meta,
         }
-        columns.update({name: metrics[name] for name in TOKEN_METRIC_NAMES})
-        tables.append(tokens_table(columns))
+        columns.update({name: metrics[name] for name in schema.names if name in metrics})
+        tables.append(tokens_table(columns, schema))
     return pa.concat_tables(tables)
 
 
@@ -291,11 +366,90 @@ def check_context_length(models: list[LoadedModel], windows: WindowSpec) -> None
             )
 
 
+def make_kernel(compute: ComputeSpec, vocab_size: int, tokens: int,
+                log: LogCallback) -> tuple[MetricsKernel, int]:
+    """The metrics kernel for a run and its chunk size (tokens per KL chunk).
+
+    Chunks are sized for the path that will run (the compiled kernel needs fewer temporaries);
+    an eager fallback splits them further so the memory budget holds either way.
+    """
+    kernel = MetricsKernel(compile=compute.compile, expected_elements=tokens * vocab_size,
+                           log=log)
+    chunk = compute.chunk_size(vocab_size, temporaries_per_token(kernel.use_compile))
+    if kernel.use_compile and not compute.chunk_tokens:
+        kernel.eager_rows = compute.chunk_size(vocab_size, temporaries_per_token(False))
+    return kernel, chunk
+
+
+def completed_indices(run_dir: RunDirectory) -> set[int]:
+    """Indices of the parts already written (any subset, e.g. from other ranks)."""
+    return {int(p.stem.split("-")[-1]) for p in run_dir.completed_parts()}
+
+
+def open_shared_run_dir(shard: Shard, path: Path, config: dict[str, Any], *, resume: bool,
+                        overwrite: bool, log: LogCallback | None = None) -> RunDirectory:
+    """Rank 0 creates (or checks, on resume) the run directory; the other ranks then join it."""
+    if resume:
+        shard.on_main(_open_for_resume, path, config, log or (lambda _msg: None))
+    else:
+        shard.on_main(_create_run_dir, path, config, None, overwrite)
+    run_dir = RunDirectory(path)
+    run_dir.parts_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _create_run_dir(path: Path, config: dict[str, Any], identity: dict[str, Any] | None,
+                    overwrite: bool) -> None:
+    run_dir = RunDirectory.create(path, overwrite=overwrite)
+    run_dir.write_config(config)
+    if identity is not None:
+        run_dir.write_progress(identity)
+
+
+def gather_parts(shard: Shard, run_dir: RunDirectory, n_parts: int,
+                 counters: dict[str, float]) -> dict[str, float] | None:
+    """Bring every rank's parts into rank 0's run directory; sum the ranks' counters there.
+
+    On a shared filesystem nothing moves; otherwise the parts rank 0 cannot see are sent to it.
+    Returns the summed counters on rank 0 (``seconds`` is the slowest rank's), ``None`` elsewhere.
+    """
+    if not shard.distributed:
+        return counters
+    shard.barrier()
+    present = completed_indices(run_dir) if shard.is_main else set()
+    missing = shard.broadcast(sorted(set(range(n_parts)) - present))
+    payload = {}
+    for index in missing:
+        part = run_dir.part_path(index)
+        if shard.owns(index) and part.exists():
+            worst = run_dir.parts_dir / f"worst-{index:06d}.json"
+            payload[index] = (part.read_bytes(),
+                              worst.read_bytes() if worst.exists() else None)
+    gathered = shard.gather((payload, counters))
+    if gathered is None:
+        return None
+    from lmkl.store import atomic_path
+
+    totals: dict[str, float] = {}
+    for rank_payload, rank_counters in gathered:
+        for index, (part_bytes, worst_bytes) in sorted(rank_payload.items()):
+            if worst_bytes is not None:
+                with atomic_path(run_dir.parts_dir / f"worst-{index:06d}.json") as tmp:
+                    tmp.write_bytes(worst_bytes)
+            with atomic_path(run_dir.part_path(index)) as tmp:
+                tmp.write_bytes(part_bytes)
+        for key, value in rank_counters.items():
+            totals[key] = max(totals.get(key, 0.0), value) if key == "seconds" else (
+                totals.get(key, 0.0) + value)
+    totals["world_size"] = shard.world_size
+    return totals
+
+
 def run_comparison(
     reference: ModelSpec,
     candidates: list[ModelSpec],
-    data: DataSpec,
-    windows: WindowSpec,
+    data: DataSpec | None,
+    windows: WindowSpec | None,
     compute: ComputeSpec,
     output: OutputSpec,
     *,
@@ -305,6 +459,11 @@ def run_comparison(
     models: tuple[LoadedModel, list[LoadedModel]] | None = None,
 ) -> RunOutcome:
     """Compare ``candidates`` with ``reference`` on ``data`` and write a run directory.
+
+    ``reference.model`` may be a reference cache directory (``lmkl cache``); ``data`` and
+    ``windows`` may then be ``None`` (the cache holds the tokens) and must otherwise match it.
+    Under ``torchrun``/``accelerate launch`` the batches are shared out over the processes and
+    rank 0 writes one run directory identical to a single-process run.
 
     Returns the run directory and its results (also in ``results.json``). Raises
     :class:`lmkl.errors.LmklError` subclasses for anything the user can fix. ``models``: the
@@ -321,92 +480,140 @@ def run_comparison(
         raise UsageError("--resume needs the run directory to continue",
                          "pass --resume --out DIR with the directory of the interrupted run")
     candidates = _unique_labels(candidates)
+    from lmkl.cache import is_cache_dir
+
+    if is_cache_dir(reference.model):
+        from lmkl.cache import run_cached_comparison
+
+        return run_cached_comparison(reference, candidates, data, windows, compute, output,
+                                     resume=resume, progress=progress, log=log)
+    if data is None:
+        raise UsageError("no data given", "pass --data FILE_OR_DATASET")
+    windows = windows or WindowSpec()
     config = resolved_config(reference, candidates, data, windows, compute)
     out_path = Path(output.dir) if output.dir else default_run_dir(reference, candidates)
+    shard = init_shard()
+    try:
+        out_path = shard.broadcast(out_path)  # a default name holds a time stamp: use rank 0's
+        return _run_live(shard, reference, candidates, data, windows, compute, output, config,
+                         out_path, resume, progress, log, models)
+    finally:
+        shard.close()
+
+
+def _run_live(
+    shard: Shard, reference: ModelSpec, candidates: list[ModelSpec], data: DataSpec,
+    windows: WindowSpec, compute: ComputeSpec, output: OutputSpec, config: dict[str, Any],
+    out_path: Path, resume: bool, progress: ProgressCallback | None, log: LogCallback,
+    models: tuple[LoadedModel, list[LoadedModel]] | None = None,
+) -> RunOutcome:
     # Check the output before loading models (which can take minutes), but create the directory
     # only once models and data are known to be usable, so a typo leaves nothing behind.
     run_dir: RunDirectory | None = None
     if resume:
-        run_dir = _open_for_resume(out_path, config, log)
+        shard.on_main(_open_for_resume, out_path, config, log)
+        run_dir = RunDirectory(out_path)
     else:
         RunDirectory.check_new(out_path, overwrite=output.overwrite)
-
     started = _dt.datetime.now(_dt.timezone.utc)
     torch.manual_seed(compute.seed)
     try:
         # Data first: a wrong path should not wait for a large model to load.
         log(f"reading data {data.source}")
         corpus = load_corpus(data)
-        ref_model, cand_models = models or load_models(reference, candidates, log)
+        if models is None:
+            on_rank = [s.model_copy(update={"device": device_for_rank(s.device, shard)})
+                       for s in (reference, *candidates)]
+            models = load_models(on_rank[0], on_rank[1:], log)
+        ref_model, cand_models = models
         check_context_length([ref_model, *cand_models], windows)
         vocab_size, padded = shared_vocab_size([ref_model, *cand_models])
-        chunk = compute.chunk_size(vocab_size)
 
         window_list = make_windows(corpus, ref_model.tokenizer, windows,
                                    tokenizer_adds_bos(ref_model.tokenizer), compute.max_tokens)
         total_targets = sum(w.num_targets for w in window_list)
-        part_targets = [sum(w.num_targets for w in window_list[i:i + compute.batch_size])
-                        for i in range(0, len(window_list), compute.batch_size)]
+        kernel, chunk = make_kernel(compute, vocab_size, total_targets * len(cand_models), log)
+        part_targets = [sum(w.num_targets for w in group) for group in
+                        window_groups(window_list, compute.batch_size, compute.max_batch_tokens)]
         identity = run_identity([ref_model, *cand_models], corpus, window_list, part_targets)
         pad_id = ref_model.tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else 0
 
         if run_dir is None:
-            run_dir = RunDirectory.create(out_path, overwrite=output.overwrite)
-            run_dir.write_config(config)
-            run_dir.write_progress(identity)
+            shard.on_main(_create_run_dir, out_path, config, identity, output.overwrite)
+            run_dir = RunDirectory(out_path)
             done_parts: set[int] = set()
         else:
-            done_parts = _resumable_parts(run_dir, identity, part_targets, len(cand_models), log)
+            done_parts = shard.on_main(_resumable_parts, run_dir, identity, part_targets,
+                                       len(cand_models), log)
     except KeyboardInterrupt as exc:
         raise Interrupted("interrupted before any token was scored",
                           "rerun the command" + (" with --resume" if resume else "")) from exc
 
     done_tokens = scored_now = 0
-    seconds = 0.0
+    seconds = cpu_seconds = 0.0
     padded_slots = real_slots = 0
     try:
         with GracefulStop(lambda name: log(f"{name}: finishing the current part, then stopping "
                                            "(press Ctrl-C again to stop at once)")) as stop:
-            for index, batch in enumerate(make_batches(window_list, compute.batch_size, pad_id)):
+            for index, batch in enumerate(make_batches(window_list, compute.batch_size, pad_id,
+                                                       max_batch_tokens=compute.max_batch_tokens)):
+                if not shard.owns(index):
+                    continue
                 if index in done_parts:
                     done_tokens += batch.targets.numel()
                     continue
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 per_candidate, worst = score_batch(batch, ref_model, cand_models, vocab_size,
-                                                   chunk, compute.temperature, compute.worst_k)
+                                                   chunk, compute.temperature, compute.worst_k,
+                                                   kernel=kernel)
                 seconds += time.perf_counter() - t0
+                cpu_seconds += time.process_time() - c0
                 real_slots += int(batch.attention_mask.sum())
                 padded_slots += batch.attention_mask.numel()
                 _save_batch(run_dir, index, batch, per_candidate, worst)
                 done_tokens += batch.targets.numel()
                 scored_now += batch.targets.numel()
-                if progress:
-                    progress(done_tokens, total_targets)
-                if stop.requested and done_tokens < total_targets:
+                if progress and shard.is_main:
+                    progress(min(done_tokens * shard.world_size, total_targets), total_targets)
+                if stop.requested and index < len(part_targets) - 1:
                     raise Interrupted(
                         f"stopped ({stop.signal_name}) after {done_tokens} of {total_targets} "
                         f"tokens; {len(run_dir.completed_indices())} completed parts are kept in "
                         f"{run_dir.path}",
                         f"continue with the same command plus --resume --out {run_dir.path}",
                     )
-
-            ended = _dt.datetime.now(_dt.timezone.utc)
-            results = _build_results(
-                run_dir, config, ref_model, cand_models, corpus, window_list, windows, vocab_size,
-                padded, chunk, seconds, scored_now, started, ended, real_slots, padded_slots,
-            )
-            results["provenance"]["resumed_parts"] = len(done_parts)
-            worst_entries = _collect_worst(run_dir, window_list, ref_model.tokenizer,
-                                           compute.worst_k)
-            run_dir.finalize(results, worst_entries)
     except KeyboardInterrupt as exc:
         raise Interrupted(
             f"interrupted after {done_tokens} of {total_targets} tokens; "
             f"{len(run_dir.completed_indices())} completed parts are kept in {run_dir.path}",
             f"continue with the same command plus --resume --out {run_dir.path}",
         ) from exc
-    return RunOutcome(path=run_dir.path, results=results)
+
+    totals = gather_parts(shard, run_dir, len(part_targets), {
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "scored_now": scored_now,
+        "real_slots": real_slots, "padded_slots": padded_slots})
+
+    def finish() -> dict[str, Any]:
+        assert totals is not None
+        ended = _dt.datetime.now(_dt.timezone.utc)
+        results = _build_results(
+            run_dir, config, ref_model, cand_models, corpus, window_list, windows, vocab_size,
+            padded, chunk, totals["seconds"], int(totals["scored_now"]), started, ended,
+            int(totals["real_slots"]), int(totals["padded_slots"]),
+        )
+        results["compute"]["kernel"] = kernel.backend
+        results["throughput"]["processes"] = shard.world_size
+        # CPU time of the scoring (all threads, all ranks): steadier than wall time on a
+        # shared machine.
+        results["throughput"]["cpu_seconds"] = totals["cpu_seconds"]
+        results["provenance"]["resumed_parts"] = len(done_parts)
+        worst_entries = _collect_worst(run_dir, window_list, ref_model.tokenizer, compute.worst_k)
+        run_dir.finalize(results, worst_entries)
+        return results
+
+    results = shard.on_main(finish)
+    return RunOutcome(path=run_dir.path, results=results, is_main=shard.is_main)
 
 
 def run_identity(models: list[LoadedModel], corpus: Corpus, windows: list[Window],
@@ -519,7 +726,7 @@ def _save_batch(run_dir: RunDirectory, index: int, batch: Batch,
         for label, entries in worst.items()
     }
     # The worst file goes first: a part counts as complete only once its parquet file exists.
-    run_dir.write_part(index, _batch_table(batch, per_candidate), worst=enriched)
+    run_dir.write_part(index, _batch_table(batch, per_candidate, run_dir.schema), worst=enriched)
 
 
 def _collect_worst(run_dir: RunDirectory, windows: list[Window], tokenizer: Any,

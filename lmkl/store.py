@@ -95,6 +95,13 @@ def _writing(run_dir: Path, what: str) -> Iterator[None]:
         ) from exc
 
 
+#: tokens.parquet of a comparison against a compact (top-k) reference cache: the exact KL is not
+#: known there, so ``kl``/``reverse_kl``/``jsd`` are null and a guaranteed interval is stored.
+BOUNDS_SCHEMA = pa.schema(
+    [*TOKEN_SCHEMA, ("kl_lower", pa.float32()), ("kl_upper", pa.float32())]
+)
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success fsync it and rename it into place."""
@@ -135,17 +142,17 @@ def write_yaml(path: Path, obj: Any) -> None:
         tmp.write_text(yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
 
 
-def tokens_table(columns: dict[str, Any]) -> pa.Table:
+def tokens_table(columns: dict[str, Any], schema: pa.Schema = TOKEN_SCHEMA) -> pa.Table:
     """A table in :data:`TOKEN_SCHEMA` from per-token arrays; NaN metrics become nulls."""
     arrays = []
-    for field in TOKEN_SCHEMA:
+    for field in schema:
         values = columns[field.name]
         if pa.types.is_floating(field.type):
             values = np.asarray(values, dtype=np.float32)
             arrays.append(pa.array(values, type=field.type, mask=np.isnan(values)))
         else:
             arrays.append(pa.array(values, type=field.type))
-    return pa.Table.from_arrays(arrays, schema=TOKEN_SCHEMA)
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 class RunDirectory:
@@ -154,6 +161,8 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._completed: set[int] | None = None  # listed once, then kept up to date
+        #: Columns of the per-token parts and of tokens.parquet.
+        self.schema = TOKEN_SCHEMA
 
     @property
     def parts_dir(self) -> Path:
@@ -299,17 +308,17 @@ class RunDirectory:
     def read_parts(self) -> pa.Table:
         parts = self.completed_parts()
         if not parts:
-            return TOKEN_SCHEMA.empty_table()
-        return pa.concat_tables([pq.read_table(p, schema=TOKEN_SCHEMA) for p in parts])
+            return self.schema.empty_table()
+        return pa.concat_tables([pq.read_table(p, schema=self.schema) for p in parts])
 
     def finalize(self, results: dict[str, Any], worst: list[dict[str, Any]]) -> Path:
         """Merge parts into tokens.parquet, write worst.json and results.json, drop the parts."""
         parts = self.completed_parts()
         with _writing(self.path, "the final results"):
             with (atomic_path(self.path / "tokens.parquet") as tmp,
-                  pq.ParquetWriter(tmp, TOKEN_SCHEMA) as writer):
+                  pq.ParquetWriter(tmp, self.schema) as writer):
                 for part in parts:
-                    writer.write_table(pq.read_table(part, schema=TOKEN_SCHEMA))
+                    writer.write_table(pq.read_table(part, schema=self.schema))
             _test_hold("finalize", 0)
             write_json(self.path / "worst.json", worst)
             # results.json last: its presence marks the run as finished.

@@ -174,6 +174,15 @@ ChunkOpt = Annotated[int | None, typer.Option("--chunk-tokens", min=1,
 MemoryOpt = Annotated[int, typer.Option("--memory-budget", min=16,
                                         help="MiB for the KL stage's temporaries.",
                                         rich_help_panel=COMPUTE)]
+MaxBatchTokensOpt = Annotated[int | None, typer.Option(
+    "--max-batch-tokens", min=1, help="Sort windows by length and fill each batch up to this many "
+    "padded tokens (instead of --batch-size consecutive windows).", rich_help_panel=COMPUTE)]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile/--no-compile", help="torch.compile the fused KL kernel on large runs (falls back "
+    "to eager if compilation fails).", rich_help_panel=COMPUTE)]
+DeviceMapOpt = Annotated[str | None, typer.Option(
+    "--device-map", help="Spread each model over the available devices (e.g. 'auto'; needs "
+    "accelerate).", rich_help_panel=MODELS)]
 TemperatureOpt = Annotated[float, typer.Option(min=1e-6,
                                                help="Compare softened distributions (1 = as is).",
                                                rich_help_panel=COMPUTE)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from typing import Annotated, Any
 
@@ -16,14 +17,17 @@ from lmkl.commands.common import (
     BatchOpt,
     CandDTypeOpt,
     ChunkOpt,
+    CompileOpt,
     ContextOpt,
     DataOpt,
     DatasetConfigOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
     FailAboveOpt,
     FailBelowOpt,
+    MaxBatchTokensOpt,
     MaxSamplesOpt,
     MaxTokensOpt,
     MemoryOpt,
@@ -63,7 +67,9 @@ DifferentTokenizersOpt = Annotated[bool, typer.Option(
 
 @friendly_errors
 def compare(
-    reference: Annotated[str, typer.Argument(help="Reference model P: hub id or local directory.")],
+    ctx: typer.Context,
+    reference: Annotated[str, typer.Argument(
+        help="Reference model P: hub id, local directory, or a reference cache (`lmkl cache`).")],
     candidate: Annotated[str, typer.Argument(help="Candidate model Q: hub id or local directory.")],
     data: DataOpt = None,
     split: SplitOpt = None,
@@ -79,6 +85,7 @@ def compare(
     reference_dtype: RefDTypeOpt = None,
     candidate_dtype: CandDTypeOpt = None,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     attn_implementation: AttnOpt = None,
@@ -87,9 +94,11 @@ def compare(
     offline: OfflineOpt = False,
     different_tokenizers: DifferentTokenizersOpt = False,
     batch_size: BatchOpt = 8,
+    max_batch_tokens: MaxBatchTokensOpt = None,
     chunk_tokens: ChunkOpt = None,
     memory_budget: MemoryOpt = 1024,
     temperature: TemperatureOpt = 1.0,
+    compile: CompileOpt = True,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
@@ -99,6 +108,7 @@ def compare(
 ) -> None:
     """Compare CANDIDATE with REFERENCE token by token: KL both ways, JSD, PPL, agreement."""
     apply_offline(offline)
+    from lmkl.cache import is_cache_dir
     from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
     from lmkl.errors import UsageError
     from lmkl.gates import gates_from_mapping, gates_report, parse_gate_options, raise_for_failures
@@ -107,10 +117,12 @@ def compare(
     gates = gates_from_mapping(parse_gate_options(fail_above or [], "--fail-above"),
                                parse_gate_options(fail_below or [], "--fail-below"))
 
-    if data is None:
+    cached = is_cache_dir(reference)
+    if data is None and not cached:
         raise UsageError("no data given", "pass --data FILE_OR_DATASET")
     common = {"revision": revision, "device": device, "trust_remote_code": trust_remote_code,
-              "attn_implementation": attn_implementation, "allow_pickle": allow_pickle}
+              "attn_implementation": attn_implementation, "allow_pickle": allow_pickle,
+              "device_map": device_map}
     ref_spec = ModelSpec(model=reference, dtype=(reference_dtype or dtype).value, **common)
     cand_spec = ModelSpec(model=candidate, dtype=(candidate_dtype or dtype).value,
                           adapter=adapter, **common)
@@ -119,11 +131,14 @@ def compare(
         cand_spec = cand_spec.model_copy(update={"label": "candidate"})
     data_spec = DataSpec(source=data, split=split, dataset_config=dataset_config,
                          text_field=text_field, max_samples=max_samples,
-                         score_on=score_on.value if score_on else None)
+                         score_on=score_on.value if score_on else None) if data else None
     window_spec = _window_spec(WindowSpec, windowing, context_length, stride)
+    if cached and not _given(ctx, "context_length", "stride", "windowing"):
+        window_spec = None  # a reference cache holds its windows; given ones must match them
     compute = ComputeSpec(batch_size=batch_size, chunk_tokens=chunk_tokens,
                           memory_budget_mb=memory_budget, max_tokens=max_tokens,
-                          temperature=temperature)
+                          temperature=temperature, max_batch_tokens=max_batch_tokens,
+                          compile=compile)
     output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
     if different_tokenizers:
         if gates:
@@ -135,8 +150,15 @@ def compare(
         return
     outcome = run_and_show(ref_spec, [cand_spec], data_spec, window_spec, compute, output,
                            resume, quiet)
-    if gates:  # results are already written; exit 3 with one line per failing candidate
+    if gates and outcome is not None:  # results are written; exit 3, one line per failure
         raise_for_failures(gates_report(outcome.results["candidates"], gates), 1)
+
+
+def _given(ctx: typer.Context, *names: str) -> bool:
+    """Whether any of these options was set explicitly (not left at its default)."""
+    # Compared by name: typer vendors its own copy of click's ParameterSource enum.
+    return any(getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in
+               ("DEFAULT", "DEFAULT_MAP") for name in names)
 
 
 def _window_spec(cls: type, windowing: WindowingMode, context_length: int,
@@ -156,11 +178,16 @@ def run_and_show(ref_spec, cand_specs, data_spec, window_spec, compute, output, 
                  quiet: bool) -> Any:
     """Run a comparison with a progress bar, then print the summary and the run directory."""
     from lmkl.display import print_summary
+    from lmkl.distributed import env_world_size
     from lmkl.runner import run_comparison
 
-    with TokenProgress(quiet) as progress:
+    # Under torchrun/accelerate only rank 0 shows progress and the summary.
+    main = env_world_size() <= 1 or os.environ.get("RANK", "0") == "0"
+    with TokenProgress(quiet or not main) as progress:
         outcome = run_comparison(ref_spec, cand_specs, data_spec, window_spec, compute, output,
                                  resume=resume, progress=progress, log=progress.log)
+    if not outcome.is_main:
+        return None
     if not quiet:
         print_summary(outcome.results, stdout)
         stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
