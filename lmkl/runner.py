@@ -383,6 +383,7 @@ def make_kernel(compute: ComputeSpec, vocab_size: int, tokens: int,
 
 def completed_indices(run_dir: RunDirectory) -> set[int]:
     """Indices of the parts already written (any subset, e.g. from other ranks)."""
+    run_dir.rescan()
     return {int(p.stem.split("-")[-1]) for p in run_dir.completed_parts()}
 
 
@@ -441,6 +442,7 @@ def gather_parts(shard: Shard, run_dir: RunDirectory, n_parts: int,
         for key, value in rank_counters.items():
             totals[key] = max(totals.get(key, 0.0), value) if key == "seconds" else (
                 totals.get(key, 0.0) + value)
+    run_dir.rescan()  # parts received from other ranks were written behind its back
     totals["world_size"] = shard.world_size
     return totals
 

@@ -261,6 +261,10 @@ class RunDirectory:
         except (OSError, ValueError, TypeError):
             return {}
 
+    def rescan(self) -> None:
+        """Forget the cached listing: other processes (ranks) may have added parts."""
+        self._completed = None
+
     def completed_indices(self) -> list[int]:
         """Indices of the parts whose file is in place (a part is complete once it exists)."""
         if self._completed is None:
