@@ -516,7 +516,9 @@ def _run_live(
         shard.on_main(_open_for_resume, out_path, config, log)
         run_dir = RunDirectory(out_path)
     else:
-        RunDirectory.check_new(out_path, overwrite=output.overwrite)
+        # Rank 0 checks; the collective also keeps a fast rank 0 from creating the directory
+        # before a slow rank has looked at it.
+        shard.on_main(RunDirectory.check_new, out_path, overwrite=output.overwrite)
     started = _dt.datetime.now(_dt.timezone.utc)
     torch.manual_seed(compute.seed)
     try:
