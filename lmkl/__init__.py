@@ -1,4 +1,4 @@
-"""lmkl: compare causal language models by the exact KL divergence of their next-token distributions.
+"""lmkl: compare causal LMs by the exact KL divergence of their next-token distributions.
 
 The library is usable without the CLI::
 

@@ -22,7 +22,7 @@ class StrictModel(BaseModel):
 
 
 class ModelSpec(StrictModel):
-    """Where a model comes from and how to load it (lm-evaluation-harness names where they exist)."""
+    """Where a model comes from and how to load it (lm-evaluation-harness option names)."""
 
     model: str = Field(description="Hub id (org/name) or local directory.")
     label: str | None = Field(None, description="Name shown in tables; defaults to the model.")
@@ -123,7 +123,9 @@ class ComputeSpec(StrictModel):
     )
     max_tokens: int | None = Field(None, gt=0, description="Stop after this many scored tokens.")
     temperature: float = Field(1.0, gt=0, description="Compare softened distributions p^(1/T).")
-    worst_k: int = Field(50, ge=0, description="Worst positions kept with top-5 tokens for reports.")
+    worst_k: int = Field(
+        50, ge=0, description="Worst positions kept with top-5 tokens for reports."
+    )
     seed: int = Field(0, description="Seed for anything random (bootstrap, sampling).")
     compile: bool = Field(
         True,

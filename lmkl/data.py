@@ -30,8 +30,13 @@ from typing import Any
 from lmkl.config import DataSpec, WindowSpec
 from lmkl.errors import DataError
 
-LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
-                 ".parquet": "parquet"}
+LOCAL_FORMATS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 #: Column read as chat conversations when there is no ``text`` column.
 CHAT_FIELD = "messages"
 
@@ -110,8 +115,9 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read data file '{path}': {exc.strerror}",
-                        "check the path and its permissions") from exc
+        raise DataError(
+            f"cannot read data file '{path}': {exc.strerror}", "check the path and its permissions"
+        ) from exc
     fingerprint = hashlib.sha256(raw).hexdigest()
     if not raw.strip():
         raise DataError(f"data file '{path}' is empty", "pass a file that holds text")
@@ -119,8 +125,10 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DataError(f"'{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
-                            "re-encode the file as UTF-8") from exc
+            raise DataError(
+                f"'{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                "re-encode the file as UTF-8",
+            ) from exc
         # Documents are paragraphs separated by blank lines; the stream keeps every byte.
         paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text)]
         docs = [Document(i, p) for i, p in enumerate(paragraphs)]
@@ -190,15 +198,19 @@ def _pick_split(dataset: Any, spec: DataSpec) -> Any:
     splits = list(dataset.keys())
     if spec.split:
         if spec.split not in dataset:
-            raise DataError(f"split '{spec.split}' not found; available: {', '.join(splits)}",
-                            f"pass --split {splits[0]}")
+            raise DataError(
+                f"split '{spec.split}' not found; available: {', '.join(splits)}",
+                f"pass --split {splits[0]}",
+            )
         return dataset[spec.split]
     if len(splits) == 1:
         return dataset[splits[0]]
     if "test" in dataset:
         return dataset["test"]
-    raise DataError(f"dataset has several splits ({', '.join(splits)}) and none is 'test'",
-                    "choose one with --split")
+    raise DataError(
+        f"dataset has several splits ({', '.join(splits)}) and none is 'test'",
+        "choose one with --split",
+    )
 
 
 def _documents(values: list[Any]) -> tuple[list[Document], str]:
@@ -262,8 +274,10 @@ def load_corpus(spec: DataSpec) -> Corpus:
         stream = "\n\n".join(d.text for d in docs)
     chat = any(d.messages is not None for d in docs)
     if spec.score_on == "assistant" and not chat:
-        raise DataError("--score-on assistant needs chat data, but the data is plain text",
-                        "pass data with a messages column (role/content), or drop --score-on")
+        raise DataError(
+            "--score-on assistant needs chat data, but the data is plain text",
+            "pass data with a messages column (role/content), or drop --score-on",
+        )
     score_on = (spec.score_on or "assistant") if chat else "all"
     description = {
         "source": source,
@@ -277,8 +291,7 @@ def load_corpus(spec: DataSpec) -> Corpus:
         "format": "chat" if chat else "text",
         "score_on": score_on,
     }
-    return Corpus(documents=docs, description=description, stream_text=stream,
-                  score_on=score_on)
+    return Corpus(documents=docs, description=description, stream_text=stream, score_on=score_on)
 
 
 def _read_hub(spec: DataSpec) -> tuple[list[Document], str, str]:
@@ -298,8 +311,9 @@ def _read_hub(spec: DataSpec) -> tuple[list[Document], str, str]:
     return *_documents(texts), str(fingerprint)
 
 
-def _encode(tokenizer: Any, text: str,
-            add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+def _encode(
+    tokenizer: Any, text: str, add_special_tokens: bool = True
+) -> tuple[list[int], list[int]]:
     """Token ids with the tokenizer's normal special tokens, and the UTF-8 bytes each covers.
 
     A token's bytes are those of the text from the end of the previous token to its own end, so
@@ -347,7 +361,7 @@ def document_windows(
 
             ids, sizes, mask = encode_chat(tokenizer, doc.messages, corpus.score_on)
         for begin, first, end in _sliding_spans(len(ids), n, stride):
-            window_mask = None if mask is None else mask[begin + first:end]
+            window_mask = None if mask is None else mask[begin + first : end]
             if window_mask is not None:
                 if not any(window_mask):
                     continue
@@ -359,11 +373,17 @@ def document_windows(
                 if take <= 0:
                     break
                 end = begin + first + take
-            windows.append(Window(
-                window_id=len(windows), doc_id=doc.doc_id, input_ids=ids[begin:end],
-                first_target=first, offset=begin, target_bytes=sizes[begin + first:end],
-                score_mask=window_mask,
-            ))
+            windows.append(
+                Window(
+                    window_id=len(windows),
+                    doc_id=doc.doc_id,
+                    input_ids=ids[begin:end],
+                    first_target=first,
+                    offset=begin,
+                    target_bytes=sizes[begin + first : end],
+                    score_mask=window_mask,
+                )
+            )
             budget -= take
             if budget <= 0:
                 break
@@ -398,14 +418,19 @@ def _sliding_spans(length: int, n: int, stride: int) -> Iterator[tuple[int, int,
 
 
 def llama_cpp_windows(
-    corpus: Corpus, tokenizer: Any, spec: WindowSpec, adds_bos: bool,
+    corpus: Corpus,
+    tokenizer: Any,
+    spec: WindowSpec,
+    adds_bos: bool,
     max_tokens: int | None = None,
 ) -> list[Window]:
     """Windows for ``llama-cpp`` mode; see the module docstring."""
     n = spec.context_length
     if any(d.messages is not None for d in corpus.documents):
-        raise DataError("llama-cpp windowing needs plain text, but the data holds chat messages",
-                        "use --windowing documents for chat data")
+        raise DataError(
+            "llama-cpp windowing needs plain text, but the data holds chat messages",
+            "use --windowing documents for chat data",
+        )
     ids, sizes = _encode(tokenizer, corpus.stream_text)
     first = n // 2 + 1  # first predicted position in each chunk
     windows: list[Window] = []
@@ -414,20 +439,29 @@ def llama_cpp_windows(
         if budget <= 0:
             break
         start = chunk * n
-        chunk_ids = ids[start:start + n]
+        chunk_ids = ids[start : start + n]
         if adds_bos:
             chunk_ids[0] = tokenizer.bos_token_id
         take = int(min(n - first, budget))
-        windows.append(Window(
-            window_id=chunk, doc_id=0, input_ids=chunk_ids[: first + take], first_target=first,
-            offset=start, target_bytes=sizes[start + first:start + first + take],
-        ))
+        windows.append(
+            Window(
+                window_id=chunk,
+                doc_id=0,
+                input_ids=chunk_ids[: first + take],
+                first_target=first,
+                offset=start,
+                target_bytes=sizes[start + first : start + first + take],
+            )
+        )
         budget -= take
     return windows
 
 
 def make_windows(
-    corpus: Corpus, tokenizer: Any, spec: WindowSpec, adds_bos: bool,
+    corpus: Corpus,
+    tokenizer: Any,
+    spec: WindowSpec,
+    adds_bos: bool,
     max_tokens: int | None = None,
 ) -> list[Window]:
     """Windows for the protocol in ``spec``; raises :class:`DataError` if nothing can be scored."""
@@ -442,8 +476,10 @@ def make_windows(
         return windows
     windows = document_windows(corpus, tokenizer, spec, max_tokens)
     if not windows and corpus.score_on == "assistant":
-        raise DataError(f"no assistant message to score in {len(corpus.documents)} conversations",
-                        "check the roles in the messages, or pass --score-on all")
+        raise DataError(
+            f"no assistant message to score in {len(corpus.documents)} conversations",
+            "check the roles in the messages, or pass --score-on all",
+        )
     if not windows:
         raise DataError(
             f"no document has two or more tokens ({len(corpus.documents)} documents read)",

@@ -21,7 +21,7 @@ def fmt(value: Any, digits: int = 4) -> str:
         return f"{value:,}"
     if abs(value) >= 1e4:
         return f"{value:,.0f}"
-    if value != 0 and abs(value) < 10 ** -digits:
+    if value != 0 and abs(value) < 10**-digits:
         return f"{value:.{digits - 1}e}"
     return f"{value:.{digits}f}"
 
@@ -48,21 +48,37 @@ def summary_table(results: dict[str, Any]) -> Table:
     row("KL(P‖Q) max", lambda m: fmt(m["kl"]["max"]))
     if any("kl_bounds" in c["metrics"] for c in results["candidates"]):
         # Compact (top-k) reference cache: only a guaranteed interval is known.
-        row("KL(P‖Q) mean in", lambda m: f"[{fmt(m['kl_bounds']['lower']['mean'])}, "
-            f"{fmt(m['kl_bounds']['upper']['mean'])}]" if "kl_bounds" in m else "–")
+        row(
+            "KL(P‖Q) mean in",
+            lambda m: (
+                f"[{fmt(m['kl_bounds']['lower']['mean'])}, {fmt(m['kl_bounds']['upper']['mean'])}]"
+                if "kl_bounds" in m
+                else "–"
+            ),
+        )
     row("KL(Q‖P) mean ± se", lambda m: pm(m["reverse_kl"]))
     row("JSD mean ± se", lambda m: pm(m["jsd"]))
-    row("PPL(P) / PPL(Q)",
-        lambda m: f"{fmt(m['ppl']['reference'], 3)} / {fmt(m['ppl']['candidate'], 3)}")
+    row(
+        "PPL(P) / PPL(Q)",
+        lambda m: f"{fmt(m['ppl']['reference'], 3)} / {fmt(m['ppl']['candidate'], 3)}",
+    )
     row("PPL ratio Q/P", lambda m: fmt(m["ppl"]["ratio"]))
     row("mean ln(PPL(Q)/PPL(P))", lambda m: pm(m["ln_ppl_ratio"]))
-    row("bits/byte P / Q", lambda m: f"{fmt(m['bits_per_byte']['reference'])} / "
-        f"{fmt(m['bits_per_byte']['candidate'])}")
+    row(
+        "bits/byte P / Q",
+        lambda m: (
+            f"{fmt(m['bits_per_byte']['reference'])} / {fmt(m['bits_per_byte']['candidate'])}"
+        ),
+    )
     row("top-1 agreement", lambda m: _pct(m["top1_agreement"]))
     row("P's top-1 in Q's top-5", lambda m: _pct(m["top1_in_top5"]))
     row("Δp mean ± se (RMS)", lambda m: f"{pm(m['delta_p'])} ({fmt(m['delta_p']['rms'])})")
-    row("tokens (non-finite, inf KL)", lambda m: f"{m['counts']['tokens']:,} "
-        f"({m['counts']['nonfinite']}, {m['counts']['infinite']})")
+    row(
+        "tokens (non-finite, inf KL)",
+        lambda m: (
+            f"{m['counts']['tokens']:,} ({m['counts']['nonfinite']}, {m['counts']['infinite']})"
+        ),
+    )
     return table
 
 
@@ -80,9 +96,11 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     throughput = results.get("throughput", {})
     tps = throughput.get("tokens_per_s")
     if tps:
-        console.print(f"[dim]{fmt(tps, 1)} tokens/s over {fmt(throughput['seconds'], 1)} s of "
-                      f"scoring; padding efficiency {fmt(throughput.get('padding_efficiency'), 3)}"
-                      "[/dim]")
+        console.print(
+            f"[dim]{fmt(tps, 1)} tokens/s over {fmt(throughput['seconds'], 1)} s of "
+            f"scoring; padding efficiency {fmt(throughput.get('padding_efficiency'), 3)}"
+            "[/dim]"
+        )
     for cand in results.get("candidates", []):
         counts = cand["metrics"]["counts"]
         if counts.get("nonfinite"):

@@ -128,8 +128,9 @@ def kl_divergence(
     """
     p_t, from_numpy = _as_tensor(p_logits)
     q_t, _ = _as_tensor(q_logits)
-    return _out(_kl_from_log_probs(log_probs(p_t, temperature), log_probs(q_t, temperature)),
-                from_numpy)
+    return _out(
+        _kl_from_log_probs(log_probs(p_t, temperature), log_probs(q_t, temperature)), from_numpy
+    )
 
 
 def reverse_kl_divergence(
@@ -167,7 +168,7 @@ def generalized_jsd(
 def js_divergence(
     p_logits: ArrayLike, q_logits: ArrayLike, temperature: float = 1.0
 ) -> torch.Tensor | np.ndarray:
-    """Jensen-Shannon divergence (β = ½) in nats: symmetric, in ``[0, ln 2]``; its root is a metric."""
+    """Jensen-Shannon divergence (β = ½) in nats: symmetric, in ``[0, ln 2]``; √JSD is a metric."""
     p_t, from_numpy = _as_tensor(p_logits)
     q_t, _ = _as_tensor(q_logits)
     lp, lq = log_probs(p_t, temperature), log_probs(q_t, temperature)

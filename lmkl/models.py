@@ -76,7 +76,9 @@ def resolve_device(device: str) -> torch.device:
             f"unknown device '{device}'", "use auto, cpu, cuda, cuda:N or mps"
         ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device '{device}' requested but CUDA is not available", "use --device cpu")
+        raise UsageError(
+            f"device '{device}' requested but CUDA is not available", "use --device cpu"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UsageError(
             f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA devices)",
@@ -91,7 +93,8 @@ def _is_local(spec: ModelSpec) -> bool:
 
 def _weight_files(directory: Path) -> list[Path]:
     return sorted(
-        p for p in directory.iterdir()
+        p
+        for p in directory.iterdir()
         if p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES)
     )
 
@@ -121,8 +124,12 @@ def _check_pickle_policy(spec: ModelSpec, directory: Path) -> None:
 
 def _looks_like_path(name: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything else with a separator is meant as a path."""
-    return (name.startswith(("/", "./", "../", "~", "\\")) or name.count("/") > 1
-            or name.endswith("/") or (len(name) > 1 and name[1] == ":"))
+    return (
+        name.startswith(("/", "./", "../", "~", "\\"))
+        or name.count("/") > 1
+        or name.endswith("/")
+        or (len(name) > 1 and name[1] == ":")
+    )
 
 
 def _check_source(spec: ModelSpec) -> None:
@@ -130,8 +137,10 @@ def _check_source(spec: ModelSpec) -> None:
     directory = Path(spec.model).expanduser()
     if not directory.exists():
         if _looks_like_path(spec.model):
-            raise ModelLoadError(f"model directory '{spec.model}' does not exist",
-                                 "check the path (a hub id looks like org/name)")
+            raise ModelLoadError(
+                f"model directory '{spec.model}' does not exist",
+                "check the path (a hub id looks like org/name)",
+            )
         return
     if not directory.is_dir():
         raise ModelLoadError(
@@ -165,11 +174,14 @@ def _translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLo
             "use a safetensors checkpoint, or pass --allow-pickle if you trust its source",
         )
     if _is_local(spec):
-        return ModelLoadError(f"cannot load {what} from '{spec.model}': {first}",
-                              "check that the directory holds a complete saved model")
+        return ModelLoadError(
+            f"cannot load {what} from '{spec.model}': {first}",
+            "check that the directory holds a complete saved model",
+        )
     hub_constants = sys.modules.get("huggingface_hub.constants")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or bool(
-        getattr(hub_constants, "HF_HUB_OFFLINE", False))
+        getattr(hub_constants, "HF_HUB_OFFLINE", False)
+    )
     if isinstance(exc, OSError | ValueError) and (
         "not a local folder" in lowered
         or "does not appear to have" in lowered
@@ -180,8 +192,10 @@ def _translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLo
         or "can't load" in lowered
         or "not found" in lowered
     ):
-        where = "is not a local directory and is not in the offline hub cache" if offline else (
-            "is not a local directory and could not be fetched from the hub"
+        where = (
+            "is not a local directory and is not in the offline hub cache"
+            if offline
+            else ("is not a local directory and could not be fetched from the hub")
         )
         return ModelLoadError(
             f"{what} '{spec.model}' {where}",
@@ -291,7 +305,9 @@ def _make_head(model: Any) -> OutputHead | None:
         linear=linear,
         softcap=float(softcap) if softcap else None,
         scale=float(scale) if isinstance(scale, int | float) and scale != 1 else None,
-        divide_by=float(divide_by) if isinstance(divide_by, int | float) and divide_by != 1 else None,
+        divide_by=float(divide_by)
+        if isinstance(divide_by, int | float) and divide_by != 1
+        else None,
     )
 
 
@@ -431,8 +447,9 @@ def _apply_adapter(model: Any, spec: ModelSpec) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = PeftModel.from_pretrained(model, str(adapter_dir) if adapter_dir.exists()
-                                              else spec.adapter)
+            model = PeftModel.from_pretrained(
+                model, str(adapter_dir) if adapter_dir.exists() else spec.adapter
+            )
     except Exception as exc:
         text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         if "size mismatch" in str(exc) or "not found in the base model" in str(exc):
@@ -441,12 +458,18 @@ def _apply_adapter(model: Any, spec: ModelSpec) -> Any:
                 f"adapter '{spec.adapter}' does not fit model '{spec.model}'{made_for}: {reason}",
                 "apply the adapter to the base model it was trained on",
             ) from exc
-        raise ModelLoadError(f"cannot load adapter '{spec.adapter}'{made_for}: {text}",
-                             "check the adapter path") from exc
+        raise ModelLoadError(
+            f"cannot load adapter '{spec.adapter}'{made_for}: {text}", "check the adapter path"
+        ) from exc
     if made_for:
         # Shapes fit, so it may be a renamed copy of the right base; say so, do not refuse.
-        warnings.warn(LmklWarning(f"adapter '{spec.adapter}' was made for '{base_name}' and is "
-                                  f"applied to '{spec.model}'"), stacklevel=2)
+        warnings.warn(
+            LmklWarning(
+                f"adapter '{spec.adapter}' was made for '{base_name}' and is "
+                f"applied to '{spec.model}'"
+            ),
+            stacklevel=2,
+        )
     # Merging gives a plain model whose forward (and decoder/head split) is the adapted one.
     return model.merge_and_unload()
 
@@ -482,9 +505,7 @@ def describe_model(loaded: LoadedModel, source: str, local: bool) -> dict[str, A
     else:
         info["revision"] = loaded.spec.revision
         info["resolved_revision"] = getattr(model.config, "_commit_hash", None)
-        info["bytes_on_disk"] = int(
-            sum(p.numel() * p.element_size() for p in model.parameters())
-        )
+        info["bytes_on_disk"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
     return info
 
 

@@ -71,8 +71,9 @@ class Batch:
     meta: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def window_groups(windows: list[Window], batch_size: int,
-                  max_batch_tokens: int | None = None) -> Iterator[list[Window]]:
+def window_groups(
+    windows: list[Window], batch_size: int, max_batch_tokens: int | None = None
+) -> Iterator[list[Window]]:
     """The windows of each batch, in batch order.
 
     Without ``max_batch_tokens``: ``batch_size`` consecutive windows per batch. With it: windows
@@ -83,7 +84,7 @@ def window_groups(windows: list[Window], batch_size: int,
     """
     if max_batch_tokens is None:
         for start in range(0, len(windows), batch_size):
-            yield windows[start:start + batch_size]
+            yield windows[start : start + batch_size]
         return
     ordered = sorted(windows, key=lambda w: -len(w.input_ids))
     group: list[Window] = []
@@ -97,8 +98,9 @@ def window_groups(windows: list[Window], batch_size: int,
         yield group
 
 
-def make_batches(windows: list[Window], batch_size: int, pad_id: int, *,
-                 max_batch_tokens: int | None = None) -> Iterator[Batch]:
+def make_batches(
+    windows: list[Window], batch_size: int, pad_id: int, *, max_batch_tokens: int | None = None
+) -> Iterator[Batch]:
     """Group windows (see :func:`window_groups`), right-pad them and index their scored positions.
 
     Right padding keeps every real token's position id and causal context unchanged.
@@ -108,8 +110,9 @@ def make_batches(windows: list[Window], batch_size: int, pad_id: int, *,
         ids = torch.full((len(group), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         rows, cols, targets = [], [], []
-        meta: dict[str, list[Any]] = {k: [] for k in
-                                      ("window_id", "doc_id", "position", "window_pos", "bytes")}
+        meta: dict[str, list[Any]] = {
+            k: [] for k in ("window_id", "doc_id", "position", "window_pos", "bytes")
+        }
         for r, window in enumerate(group):
             n = len(window.input_ids)
             ids[r, :n] = torch.tensor(window.input_ids, dtype=torch.long)
@@ -118,8 +121,9 @@ def make_batches(windows: list[Window], batch_size: int, pad_id: int, *,
             target_bytes = window.target_bytes
             if window.score_mask is not None:  # chat data: only the assistant targets
                 js = [j for j, keep in zip(js, window.score_mask, strict=True) if keep]
-                target_bytes = [b for b, keep in zip(target_bytes, window.score_mask,
-                                                     strict=True) if keep]
+                target_bytes = [
+                    b for b, keep in zip(target_bytes, window.score_mask, strict=True) if keep
+                ]
             rows.extend([r] * len(js))
             cols.extend(j - 1 for j in js)
             targets.extend(window.input_ids[j] for j in js)
@@ -166,8 +170,13 @@ class WorstTracker:
         self._counter = 0
 
     def offer(
-        self, kl: torch.Tensor, ref_logits: torch.Tensor, cand_logits: torch.Tensor,
-        index_offset: int, temperature: float, lse: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self,
+        kl: torch.Tensor,
+        ref_logits: torch.Tensor,
+        cand_logits: torch.Tensor,
+        index_offset: int,
+        temperature: float,
+        lse: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if self.k == 0:
             return
@@ -187,10 +196,12 @@ class WorstTracker:
             entry = {
                 "row": index_offset + i,
                 "kl": value,
-                "reference_top5": list(zip(p_top.indices[n].tolist(),
-                                           p_top.values[n].exp().tolist(), strict=True)),
-                "candidate_top5": list(zip(q_top.indices[n].tolist(),
-                                           q_top.values[n].exp().tolist(), strict=True)),
+                "reference_top5": list(
+                    zip(p_top.indices[n].tolist(), p_top.values[n].exp().tolist(), strict=True)
+                ),
+                "candidate_top5": list(
+                    zip(q_top.indices[n].tolist(), q_top.values[n].exp().tolist(), strict=True)
+                ),
             }
             self._counter += 1
             item = (value, -self._counter, entry)
@@ -248,14 +259,27 @@ def score_batch(
         for i, candidate in enumerate(candidates):
             cand_logits = _overflow_as_nan(candidate.logits(cand_rows[i][start:stop]))
             cand_logits = cand_logits.to(ref_logits.device)
-            metrics = kernel(ref_logits, cand_logits, chunk_targets, temperature=temperature,
-                             vocab_size=vocab_size)
-            lse = (metrics["lse_reference"], metrics["lse_candidate"]) if (
-                "lse_reference" in metrics) else None
-            trackers[i].offer(metrics["kl"], ref_logits[..., :vocab_size],
-                              cand_logits[..., :vocab_size], start, temperature, lse=lse)
-            chunks[i].append({k: v.cpu() for k, v in metrics.items()
-                              if not k.startswith("lse_")})
+            metrics = kernel(
+                ref_logits,
+                cand_logits,
+                chunk_targets,
+                temperature=temperature,
+                vocab_size=vocab_size,
+            )
+            lse = (
+                (metrics["lse_reference"], metrics["lse_candidate"])
+                if ("lse_reference" in metrics)
+                else None
+            )
+            trackers[i].offer(
+                metrics["kl"],
+                ref_logits[..., :vocab_size],
+                cand_logits[..., :vocab_size],
+                start,
+                temperature,
+                lse=lse,
+            )
+            chunks[i].append({k: v.cpu() for k, v in metrics.items() if not k.startswith("lse_")})
             del cand_logits
         del ref_logits
     per_candidate: dict[str, dict[str, np.ndarray]] = {}
@@ -282,8 +306,9 @@ def _overflow_as_nan(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(overflow[:, None], torch.full_like(logits, float("nan")), logits)
 
 
-def _batch_table(batch: Batch, per_candidate: dict[str, dict[str, np.ndarray]],
-                 schema: Any = None) -> Any:
+def _batch_table(
+    batch: Batch, per_candidate: dict[str, dict[str, np.ndarray]], schema: Any = None
+) -> Any:
     import pyarrow as pa
 
     from lmkl.store import TOKEN_SCHEMA
@@ -327,7 +352,10 @@ def default_run_dir(reference: ModelSpec, candidates: list[ModelSpec]) -> Path:
 
 
 def resolved_config(
-    reference: ModelSpec, candidates: list[ModelSpec], data: DataSpec, windows: WindowSpec,
+    reference: ModelSpec,
+    candidates: list[ModelSpec],
+    data: DataSpec,
+    windows: WindowSpec,
     compute: ComputeSpec,
 ) -> dict[str, Any]:
     """The options that determine a run's numbers (output location excluded)."""
@@ -341,7 +369,9 @@ def resolved_config(
 
 
 def load_models(
-    reference_spec: ModelSpec, candidate_specs: list[ModelSpec], log: LogCallback,
+    reference_spec: ModelSpec,
+    candidate_specs: list[ModelSpec],
+    log: LogCallback,
 ) -> tuple[LoadedModel, list[LoadedModel]]:
     """Load the reference and candidates, checking each candidate's tokenizer before its weights."""
     log(f"loading reference {reference_spec.model}")
@@ -366,15 +396,15 @@ def check_context_length(models: list[LoadedModel], windows: WindowSpec) -> None
             )
 
 
-def make_kernel(compute: ComputeSpec, vocab_size: int, tokens: int,
-                log: LogCallback) -> tuple[MetricsKernel, int]:
+def make_kernel(
+    compute: ComputeSpec, vocab_size: int, tokens: int, log: LogCallback
+) -> tuple[MetricsKernel, int]:
     """The metrics kernel for a run and its chunk size (tokens per KL chunk).
 
     Chunks are sized for the path that will run (the compiled kernel needs fewer temporaries);
     an eager fallback splits them further so the memory budget holds either way.
     """
-    kernel = MetricsKernel(compile=compute.compile, expected_elements=tokens * vocab_size,
-                           log=log)
+    kernel = MetricsKernel(compile=compute.compile, expected_elements=tokens * vocab_size, log=log)
     chunk = compute.chunk_size(vocab_size, temporaries_per_token(kernel.use_compile))
     if kernel.use_compile and not compute.chunk_tokens:
         kernel.eager_rows = compute.chunk_size(vocab_size, temporaries_per_token(False))
@@ -387,8 +417,15 @@ def completed_indices(run_dir: RunDirectory) -> set[int]:
     return {int(p.stem.split("-")[-1]) for p in run_dir.completed_parts()}
 
 
-def open_shared_run_dir(shard: Shard, path: Path, config: dict[str, Any], *, resume: bool,
-                        overwrite: bool, log: LogCallback | None = None) -> RunDirectory:
+def open_shared_run_dir(
+    shard: Shard,
+    path: Path,
+    config: dict[str, Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    log: LogCallback | None = None,
+) -> RunDirectory:
     """Rank 0 creates (or checks, on resume) the run directory; the other ranks then join it."""
     if resume:
         shard.on_main(_open_for_resume, path, config, log or (lambda _msg: None))
@@ -399,16 +436,18 @@ def open_shared_run_dir(shard: Shard, path: Path, config: dict[str, Any], *, res
     return run_dir
 
 
-def _create_run_dir(path: Path, config: dict[str, Any], identity: dict[str, Any] | None,
-                    overwrite: bool) -> None:
+def _create_run_dir(
+    path: Path, config: dict[str, Any], identity: dict[str, Any] | None, overwrite: bool
+) -> None:
     run_dir = RunDirectory.create(path, overwrite=overwrite)
     run_dir.write_config(config)
     if identity is not None:
         run_dir.write_progress(identity)
 
 
-def gather_parts(shard: Shard, run_dir: RunDirectory, n_parts: int,
-                 counters: dict[str, float]) -> dict[str, float] | None:
+def gather_parts(
+    shard: Shard, run_dir: RunDirectory, n_parts: int, counters: dict[str, float]
+) -> dict[str, float] | None:
     """Bring every rank's parts into rank 0's run directory; sum the ranks' counters there.
 
     On a shared filesystem nothing moves; otherwise the parts rank 0 cannot see are sent to it.
@@ -424,8 +463,7 @@ def gather_parts(shard: Shard, run_dir: RunDirectory, n_parts: int,
         part = run_dir.part_path(index)
         if shard.owns(index) and part.exists():
             worst = run_dir.parts_dir / f"worst-{index:06d}.json"
-            payload[index] = (part.read_bytes(),
-                              worst.read_bytes() if worst.exists() else None)
+            payload[index] = (part.read_bytes(), worst.read_bytes() if worst.exists() else None)
     gathered = shard.gather((payload, counters))
     if gathered is None:
         return None
@@ -440,8 +478,11 @@ def gather_parts(shard: Shard, run_dir: RunDirectory, n_parts: int,
             with atomic_path(run_dir.part_path(index)) as tmp:
                 tmp.write_bytes(part_bytes)
         for key, value in rank_counters.items():
-            totals[key] = max(totals.get(key, 0.0), value) if key == "seconds" else (
-                totals.get(key, 0.0) + value)
+            totals[key] = (
+                max(totals.get(key, 0.0), value)
+                if key == "seconds"
+                else (totals.get(key, 0.0) + value)
+            )
     run_dir.rescan()  # parts received from other ranks were written behind its back
     totals["world_size"] = shard.world_size
     return totals
@@ -476,19 +517,32 @@ def run_comparison(
     if not candidates:
         raise UsageError("no candidate model given", "name at least one candidate")
     if resume and output.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other",
-                         "pass --resume to continue the run, or --overwrite to replace it")
+        raise UsageError(
+            "--resume and --overwrite contradict each other",
+            "pass --resume to continue the run, or --overwrite to replace it",
+        )
     if resume and not output.dir:
-        raise UsageError("--resume needs the run directory to continue",
-                         "pass --resume --out DIR with the directory of the interrupted run")
+        raise UsageError(
+            "--resume needs the run directory to continue",
+            "pass --resume --out DIR with the directory of the interrupted run",
+        )
     candidates = _unique_labels(candidates)
     from lmkl.cache import is_cache_dir
 
     if is_cache_dir(reference.model):
         from lmkl.cache import run_cached_comparison
 
-        return run_cached_comparison(reference, candidates, data, windows, compute, output,
-                                     resume=resume, progress=progress, log=log)
+        return run_cached_comparison(
+            reference,
+            candidates,
+            data,
+            windows,
+            compute,
+            output,
+            resume=resume,
+            progress=progress,
+            log=log,
+        )
     if data is None:
         raise UsageError("no data given", "pass --data FILE_OR_DATASET")
     windows = windows or WindowSpec()
@@ -497,16 +551,38 @@ def run_comparison(
     shard = init_shard()
     try:
         out_path = shard.broadcast(out_path)  # a default name holds a time stamp: use rank 0's
-        return _run_live(shard, reference, candidates, data, windows, compute, output, config,
-                         out_path, resume, progress, log, models)
+        return _run_live(
+            shard,
+            reference,
+            candidates,
+            data,
+            windows,
+            compute,
+            output,
+            config,
+            out_path,
+            resume,
+            progress,
+            log,
+            models,
+        )
     finally:
         shard.close()
 
 
 def _run_live(
-    shard: Shard, reference: ModelSpec, candidates: list[ModelSpec], data: DataSpec,
-    windows: WindowSpec, compute: ComputeSpec, output: OutputSpec, config: dict[str, Any],
-    out_path: Path, resume: bool, progress: ProgressCallback | None, log: LogCallback,
+    shard: Shard,
+    reference: ModelSpec,
+    candidates: list[ModelSpec],
+    data: DataSpec,
+    windows: WindowSpec,
+    compute: ComputeSpec,
+    output: OutputSpec,
+    config: dict[str, Any],
+    out_path: Path,
+    resume: bool,
+    progress: ProgressCallback | None,
+    log: LogCallback,
     models: tuple[LoadedModel, list[LoadedModel]] | None = None,
 ) -> RunOutcome:
     # Check the output before loading models (which can take minutes), but create the directory
@@ -526,19 +602,28 @@ def _run_live(
         log(f"reading data {data.source}")
         corpus = load_corpus(data)
         if models is None:
-            on_rank = [s.model_copy(update={"device": device_for_rank(s.device, shard)})
-                       for s in (reference, *candidates)]
+            on_rank = [
+                s.model_copy(update={"device": device_for_rank(s.device, shard)})
+                for s in (reference, *candidates)
+            ]
             models = load_models(on_rank[0], on_rank[1:], log)
         ref_model, cand_models = models
         check_context_length([ref_model, *cand_models], windows)
         vocab_size, padded = shared_vocab_size([ref_model, *cand_models])
 
-        window_list = make_windows(corpus, ref_model.tokenizer, windows,
-                                   tokenizer_adds_bos(ref_model.tokenizer), compute.max_tokens)
+        window_list = make_windows(
+            corpus,
+            ref_model.tokenizer,
+            windows,
+            tokenizer_adds_bos(ref_model.tokenizer),
+            compute.max_tokens,
+        )
         total_targets = sum(w.num_targets for w in window_list)
         kernel, chunk = make_kernel(compute, vocab_size, total_targets * len(cand_models), log)
-        part_targets = [sum(w.num_targets for w in group) for group in
-                        window_groups(window_list, compute.batch_size, compute.max_batch_tokens)]
+        part_targets = [
+            sum(w.num_targets for w in group)
+            for group in window_groups(window_list, compute.batch_size, compute.max_batch_tokens)
+        ]
         identity = run_identity([ref_model, *cand_models], corpus, window_list, part_targets)
         pad_id = ref_model.tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else 0
@@ -548,29 +633,49 @@ def _run_live(
             run_dir = RunDirectory(out_path)
             done_parts: set[int] = set()
         else:
-            done_parts = shard.on_main(_resumable_parts, run_dir, identity, part_targets,
-                                       len(cand_models), log)
+            done_parts = shard.on_main(
+                _resumable_parts, run_dir, identity, part_targets, len(cand_models), log
+            )
     except KeyboardInterrupt as exc:
-        raise Interrupted("interrupted before any token was scored",
-                          "rerun the command" + (" with --resume" if resume else "")) from exc
+        raise Interrupted(
+            "interrupted before any token was scored",
+            "rerun the command" + (" with --resume" if resume else ""),
+        ) from exc
 
     done_tokens = scored_now = 0
     seconds = cpu_seconds = 0.0
     padded_slots = real_slots = 0
     try:
-        with GracefulStop(lambda name: log(f"{name}: finishing the current part, then stopping "
-                                           "(press Ctrl-C again to stop at once)")) as stop:
-            for index, batch in enumerate(make_batches(window_list, compute.batch_size, pad_id,
-                                                       max_batch_tokens=compute.max_batch_tokens)):
+        with GracefulStop(
+            lambda name: log(
+                f"{name}: finishing the current part, then stopping "
+                "(press Ctrl-C again to stop at once)"
+            )
+        ) as stop:
+            for index, batch in enumerate(
+                make_batches(
+                    window_list,
+                    compute.batch_size,
+                    pad_id,
+                    max_batch_tokens=compute.max_batch_tokens,
+                )
+            ):
                 if not shard.owns(index):
                     continue
                 if index in done_parts:
                     done_tokens += batch.targets.numel()
                     continue
                 t0, c0 = time.perf_counter(), time.process_time()
-                per_candidate, worst = score_batch(batch, ref_model, cand_models, vocab_size,
-                                                   chunk, compute.temperature, compute.worst_k,
-                                                   kernel=kernel)
+                per_candidate, worst = score_batch(
+                    batch,
+                    ref_model,
+                    cand_models,
+                    vocab_size,
+                    chunk,
+                    compute.temperature,
+                    compute.worst_k,
+                    kernel=kernel,
+                )
                 seconds += time.perf_counter() - t0
                 cpu_seconds += time.process_time() - c0
                 real_slots += int(batch.attention_mask.sum())
@@ -594,17 +699,39 @@ def _run_live(
             f"continue with the same command plus --resume --out {run_dir.path}",
         ) from exc
 
-    totals = gather_parts(shard, run_dir, len(part_targets), {
-        "seconds": seconds, "cpu_seconds": cpu_seconds, "scored_now": scored_now,
-        "real_slots": real_slots, "padded_slots": padded_slots})
+    totals = gather_parts(
+        shard,
+        run_dir,
+        len(part_targets),
+        {
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
+            "scored_now": scored_now,
+            "real_slots": real_slots,
+            "padded_slots": padded_slots,
+        },
+    )
 
     def finish() -> dict[str, Any]:
         assert totals is not None
         ended = _dt.datetime.now(_dt.timezone.utc)
         results = _build_results(
-            run_dir, config, ref_model, cand_models, corpus, window_list, windows, vocab_size,
-            padded, chunk, totals["seconds"], int(totals["scored_now"]), started, ended,
-            int(totals["real_slots"]), int(totals["padded_slots"]),
+            run_dir,
+            config,
+            ref_model,
+            cand_models,
+            corpus,
+            window_list,
+            windows,
+            vocab_size,
+            padded,
+            chunk,
+            totals["seconds"],
+            int(totals["scored_now"]),
+            started,
+            ended,
+            int(totals["real_slots"]),
+            int(totals["padded_slots"]),
         )
         results["compute"]["kernel"] = kernel.backend
         results["throughput"]["processes"] = shard.world_size
@@ -620,8 +747,9 @@ def _run_live(
     return RunOutcome(path=run_dir.path, results=results, is_main=shard.is_main)
 
 
-def run_identity(models: list[LoadedModel], corpus: Corpus, windows: list[Window],
-                 part_targets: list[int]) -> dict[str, Any]:
+def run_identity(
+    models: list[LoadedModel], corpus: Corpus, windows: list[Window], part_targets: list[int]
+) -> dict[str, Any]:
     """What a run's numbers are computed from, beyond its options: kept to validate a resume.
 
     Model weights are identified by their content hash (local) or resolved revision (hub), the
@@ -629,8 +757,10 @@ def run_identity(models: list[LoadedModel], corpus: Corpus, windows: list[Window
     """
     identity = {
         "lmkl": lmkl.__version__,
-        "models": [[m.label, m.description.get("weights_sha256")
-                    or m.description.get("resolved_revision")] for m in models],
+        "models": [
+            [m.label, m.description.get("weights_sha256") or m.description.get("resolved_revision")]
+            for m in models
+        ],
         "data_fingerprint": corpus.description.get("fingerprint"),
         "windows": len(windows),
         "tokens": sum(part_targets),
@@ -646,15 +776,18 @@ def _open_for_resume(path: Path, config: dict[str, Any], log: LogCallback) -> Ru
         raise ResumeError(f"run '{path}' is already complete", "nothing to resume")
     config_path = path / "config.yaml"
     if not config_path.exists():
-        raise ResumeError(f"'{path}' holds no started run to resume",
-                          "drop --resume to start a new run")
+        raise ResumeError(
+            f"'{path}' holds no started run to resume", "drop --resume to start a new run"
+        )
     import yaml
 
     try:
         previous = yaml.safe_load(config_path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise ResumeError(f"cannot read '{config_path}' of the run to resume",
-                          "start a new run with another --out") from exc
+        raise ResumeError(
+            f"cannot read '{config_path}' of the run to resume",
+            "start a new run with another --out",
+        ) from exc
     current = json.loads(json.dumps(config))
     if not isinstance(previous, dict) or previous != current:
         previous = previous if isinstance(previous, dict) else {}
@@ -680,8 +813,13 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if old != new else []
 
 
-def _resumable_parts(run_dir: RunDirectory, identity: dict[str, Any], part_targets: list[int],
-                     n_candidates: int, log: LogCallback) -> set[int]:
+def _resumable_parts(
+    run_dir: RunDirectory,
+    identity: dict[str, Any],
+    part_targets: list[int],
+    n_candidates: int,
+    log: LogCallback,
+) -> set[int]:
     """The completed parts that can be kept; refuse parts computed from other inputs."""
     previous = run_dir.read_progress().get("identity")
     if previous is not None and previous != identity:
@@ -713,18 +851,25 @@ def _resumable_parts(run_dir: RunDirectory, identity: dict[str, Any], part_targe
     return done
 
 
-def _save_batch(run_dir: RunDirectory, index: int, batch: Batch,
-                per_candidate: dict[str, dict[str, np.ndarray]],
-                worst: dict[str, list[dict[str, Any]]]) -> None:
+def _save_batch(
+    run_dir: RunDirectory,
+    index: int,
+    batch: Batch,
+    per_candidate: dict[str, dict[str, np.ndarray]],
+    worst: dict[str, list[dict[str, Any]]],
+) -> None:
     # Worst rows are stored with window ids and window positions so they survive a resume.
     row_meta = batch.meta
     enriched = {
         label: [
-            {**e, "window_id": int(row_meta["window_id"][e["row"]]),
-             "window_pos": int(row_meta["window_pos"][e["row"]]),
-             "doc_id": int(row_meta["doc_id"][e["row"]]),
-             "position": int(row_meta["position"][e["row"]]),
-             "token_id": int(batch.targets[e["row"]])}
+            {
+                **e,
+                "window_id": int(row_meta["window_id"][e["row"]]),
+                "window_pos": int(row_meta["window_pos"][e["row"]]),
+                "doc_id": int(row_meta["doc_id"][e["row"]]),
+                "position": int(row_meta["position"][e["row"]]),
+                "token_id": int(batch.targets[e["row"]]),
+            }
             for e in entries
         ]
         for label, entries in worst.items()
@@ -733,8 +878,9 @@ def _save_batch(run_dir: RunDirectory, index: int, batch: Batch,
     run_dir.write_part(index, _batch_table(batch, per_candidate, run_dir.schema), worst=enriched)
 
 
-def _collect_worst(run_dir: RunDirectory, windows: list[Window], tokenizer: Any,
-                   k: int) -> list[dict[str, Any]]:
+def _collect_worst(
+    run_dir: RunDirectory, windows: list[Window], tokenizer: Any, k: int
+) -> list[dict[str, Any]]:
     merged: dict[str, list[dict[str, Any]]] = {}
     for index in run_dir.completed_indices():
         worst_path = run_dir.worst_path(index)
@@ -744,26 +890,37 @@ def _collect_worst(run_dir: RunDirectory, windows: list[Window], tokenizer: Any,
     by_id = {w.window_id: w for w in windows}
     out = []
     for label, entries in merged.items():
-        entries.sort(key=lambda e: (-(float("inf") if e["kl"] == "inf" else e["kl"]),
-                                    e["window_id"], e["window_pos"]))
+        entries.sort(
+            key=lambda e: (
+                -(float("inf") if e["kl"] == "inf" else e["kl"]),
+                e["window_id"],
+                e["window_pos"],
+            )
+        )
         for e in entries[:k]:
             window = by_id[e["window_id"]]
             j = e["window_pos"]
-            context_ids = window.input_ids[max(0, j - 48):j]
-            out.append({
-                "candidate": label,
-                "doc_id": e["doc_id"],
-                "window_id": e["window_id"],
-                "position": e["position"],
-                "kl": e["kl"],
-                "token_id": e["token_id"],
-                "token": tokenizer.decode([e["token_id"]]),
-                "context": tokenizer.decode(context_ids, skip_special_tokens=True),
-                "reference_top5": [{"token_id": i, "token": tokenizer.decode([i]), "prob": p}
-                                   for i, p in e["reference_top5"]],
-                "candidate_top5": [{"token_id": i, "token": tokenizer.decode([i]), "prob": p}
-                                   for i, p in e["candidate_top5"]],
-            })
+            context_ids = window.input_ids[max(0, j - 48) : j]
+            out.append(
+                {
+                    "candidate": label,
+                    "doc_id": e["doc_id"],
+                    "window_id": e["window_id"],
+                    "position": e["position"],
+                    "kl": e["kl"],
+                    "token_id": e["token_id"],
+                    "token": tokenizer.decode([e["token_id"]]),
+                    "context": tokenizer.decode(context_ids, skip_special_tokens=True),
+                    "reference_top5": [
+                        {"token_id": i, "token": tokenizer.decode([i]), "prob": p}
+                        for i, p in e["reference_top5"]
+                    ],
+                    "candidate_top5": [
+                        {"token_id": i, "token": tokenizer.decode([i]), "prob": p}
+                        for i, p in e["candidate_top5"]
+                    ],
+                }
+            )
     return out
 
 
@@ -799,18 +956,30 @@ def _versions() -> dict[str, str]:
 
 
 def _build_results(
-    run_dir: RunDirectory, config: dict[str, Any], reference: LoadedModel,
-    candidates: list[LoadedModel], corpus: Corpus, windows: list[Window], window_spec: WindowSpec,
-    vocab_size: int, padded: bool, chunk: int, seconds: float, scored_now: int,
+    run_dir: RunDirectory,
+    config: dict[str, Any],
+    reference: LoadedModel,
+    candidates: list[LoadedModel],
+    corpus: Corpus,
+    windows: list[Window],
+    window_spec: WindowSpec,
+    vocab_size: int,
+    padded: bool,
+    chunk: int,
+    seconds: float,
+    scored_now: int,
     started: _dt.datetime,
-    ended: _dt.datetime, real_slots: int, padded_slots: int,
+    ended: _dt.datetime,
+    real_slots: int,
+    padded_slots: int,
 ) -> dict[str, Any]:
     table = run_dir.read_parts()
     entries = []
     for cand in candidates:
         columns = candidate_columns(table, cand.label)
-        entries.append({"label": cand.label, "model": cand.description,
-                        "metrics": summarize(columns)})
+        entries.append(
+            {"label": cand.label, "model": cand.description, "metrics": summarize(columns)}
+        )
     scored = sum(w.num_targets for w in windows)
     return {
         "schema_version": 1,
@@ -820,14 +989,17 @@ def _build_results(
         "windowing": {
             "mode": window_spec.windowing,
             "context_length": window_spec.context_length,
-            "stride": window_spec.effective_stride if window_spec.windowing == "documents"
+            "stride": window_spec.effective_stride
+            if window_spec.windowing == "documents"
             else None,
             "adds_bos": tokenizer_adds_bos(reference.tokenizer),
             "vocab_size": vocab_size,
             "padded_vocab": padded,
             "vocab_note": (
                 f"output layers wider than the tokenizer; logits sliced to its {vocab_size} "
-                "tokens before the softmax" if padded else None
+                "tokens before the softmax"
+                if padded
+                else None
             ),
         },
         "compute": config["compute"] | {"chunk_tokens": chunk},
@@ -842,7 +1014,8 @@ def _build_results(
             # Timed over scoring only (model loading and file writing excluded).
             "seconds": seconds,
             "tokens_per_s": scored_now / seconds if seconds > 0 else None,
-            "candidate_tokens_per_s": scored_now * len(candidates) / seconds if seconds > 0
+            "candidate_tokens_per_s": scored_now * len(candidates) / seconds
+            if seconds > 0
             else None,
             "padding_efficiency": real_slots / padded_slots if padded_slots else None,
         },

@@ -97,21 +97,24 @@ def confidence_buckets(kl: np.ndarray, top1_prob: np.ndarray) -> list[dict[str, 
     """Mean and median KL by the reference's top-1 probability (where the reference is sure)."""
     rows = []
     edges = np.asarray([lo for lo, _ in CONFIDENCE_BUCKETS] + [np.inf])
-    index = np.clip(np.searchsorted(edges, top1_prob, side="right") - 1, 0,
-                    len(CONFIDENCE_BUCKETS) - 1)
+    index = np.clip(
+        np.searchsorted(edges, top1_prob, side="right") - 1, 0, len(CONFIDENCE_BUCKETS) - 1
+    )
     for i, (lo, hi) in enumerate(CONFIDENCE_BUCKETS):
         values = kl[index == i]
         mean, se = mean_se(values)
-        rows.append({
-            "bucket": f"[{lo:.2f}, {hi:.2f}{']' if hi == 1.0 else ')'}",
-            "low": lo,
-            "high": hi,
-            "tokens": int(values.size),
-            "share": float(values.size / max(kl.size, 1)),
-            "kl_mean": mean,
-            "kl_se": se,
-            "kl_median": quantiles(values, [0.5])[0],
-        })
+        rows.append(
+            {
+                "bucket": f"[{lo:.2f}, {hi:.2f}{']' if hi == 1.0 else ')'}",
+                "low": lo,
+                "high": hi,
+                "tokens": int(values.size),
+                "share": float(values.size / max(kl.size, 1)),
+                "kl_mean": mean,
+                "kl_se": se,
+                "kl_median": quantiles(values, [0.5])[0],
+            }
+        )
     return rows
 
 

@@ -97,9 +97,7 @@ def _writing(run_dir: Path, what: str) -> Iterator[None]:
 
 #: tokens.parquet of a comparison against a compact (top-k) reference cache: the exact KL is not
 #: known there, so ``kl``/``reverse_kl``/``jsd`` are null and a guaranteed interval is stored.
-BOUNDS_SCHEMA = pa.schema(
-    [*TOKEN_SCHEMA, ("kl_lower", pa.float32()), ("kl_upper", pa.float32())]
-)
+BOUNDS_SCHEMA = pa.schema([*TOKEN_SCHEMA, ("kl_lower", pa.float32()), ("kl_upper", pa.float32())])
 
 
 @contextmanager
@@ -172,8 +170,9 @@ class RunDirectory:
     def check_new(path: Path, overwrite: bool = False) -> None:
         """Fail early (before models load) if ``path`` cannot hold a new run; changes nothing."""
         if path.exists() and not path.is_dir():
-            raise OutputError(f"output path '{path}' is a file, not a directory",
-                              "choose another --out directory")
+            raise OutputError(
+                f"output path '{path}' is a file, not a directory", "choose another --out directory"
+            )
         if path.exists() and not _is_empty(path):
             if not overwrite:
                 raise OutputError(
@@ -197,8 +196,10 @@ class RunDirectory:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            raise OutputError(f"cannot write to output directory '{path}': {exc.strerror}",
-                              "choose a writable --out directory") from exc
+            raise OutputError(
+                f"cannot write to output directory '{path}': {exc.strerror}",
+                "choose a writable --out directory",
+            ) from exc
         finally:
             for directory in missing:
                 try:
@@ -215,8 +216,10 @@ class RunDirectory:
                 shutil.rmtree(path)  # check_new allowed it: --overwrite of an lmkl run
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot prepare output directory '{path}': {exc.strerror}",
-                              "choose a writable --out directory") from exc
+            raise OutputError(
+                f"cannot prepare output directory '{path}': {exc.strerror}",
+                "choose a writable --out directory",
+            ) from exc
         return cls(path)
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -319,8 +322,10 @@ class RunDirectory:
         """Merge parts into tokens.parquet, write worst.json and results.json, drop the parts."""
         parts = self.completed_parts()
         with _writing(self.path, "the final results"):
-            with (atomic_path(self.path / "tokens.parquet") as tmp,
-                  pq.ParquetWriter(tmp, self.schema) as writer):
+            with (
+                atomic_path(self.path / "tokens.parquet") as tmp,
+                pq.ParquetWriter(tmp, self.schema) as writer,
+            ):
                 for part in parts:
                     writer.write_table(pq.read_table(part, schema=self.schema))
             _test_hold("finalize", 0)
@@ -347,8 +352,10 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     """Read a finished run's results.json."""
     path = Path(run_dir) / "results.json"
     if not path.exists():
-        raise OutputError(f"'{run_dir}' has no results.json (not a finished lmkl run)",
-                          "pass the directory that `lmkl compare` or `lmkl run` wrote")
+        raise OutputError(
+            f"'{run_dir}' has no results.json (not a finished lmkl run)",
+            "pass the directory that `lmkl compare` or `lmkl run` wrote",
+        )
     return json.loads(path.read_text())
 
 

@@ -40,24 +40,34 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def padded_candidate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Qwen2-style candidate with the same tokenizer but a head padded to 640 rows."""
     root = tmp_path_factory.mktemp("padded")
-    return build_tiny_model(root / "qwen2-padded", arch="qwen2", hidden_size=32, num_layers=1,
-                            num_heads=2, steps=15, seed=3, padded_vocab=640)
+    return build_tiny_model(
+        root / "qwen2-padded",
+        arch="qwen2",
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        steps=15,
+        seed=3,
+        padded_vocab=640,
+    )
 
 
 @pytest.fixture(scope="session")
 def gpt2_candidate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A GPT-2-style candidate sharing the tiny tokenizer."""
     root = tmp_path_factory.mktemp("gpt2")
-    return build_tiny_model(root / "gpt2", arch="gpt2", hidden_size=32, num_layers=1,
-                            num_heads=2, steps=15, seed=4)
+    return build_tiny_model(
+        root / "gpt2", arch="gpt2", hidden_size=32, num_layers=1, num_heads=2, steps=15, seed=4
+    )
 
 
 @pytest.fixture(scope="session")
 def other_tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model whose tokenizer has a different vocabulary (size 384)."""
     root = tmp_path_factory.mktemp("other-tok")
-    return build_tiny_model(root / "other", vocab_size=384, hidden_size=32, num_layers=1,
-                            num_heads=2, steps=0)
+    return build_tiny_model(
+        root / "other", vocab_size=384, hidden_size=32, num_layers=1, num_heads=2, steps=0
+    )
 
 
 @pytest.fixture

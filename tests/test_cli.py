@@ -17,57 +17,124 @@ runner = CliRunner()
 def test_version_and_help_are_instant_and_import_no_torch():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and __version__ in result.output
-    code = ("import sys, lmkl.cli; assert 'torch' not in sys.modules; "
-            "assert 'transformers' not in sys.modules")
+    code = (
+        "import sys, lmkl.cli; assert 'torch' not in sys.modules; "
+        "assert 'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_compare_end_to_end(tiny_pair, small_jsonl, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["compare", str(tiny_pair["reference"]),
-                                 str(tiny_pair["candidate"]), "--data", str(small_jsonl),
-                                 "--out", str(out), "-c", "64", "--max-tokens", "300"])
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            str(tiny_pair["reference"]),
+            str(tiny_pair["candidate"]),
+            "--data",
+            str(small_jsonl),
+            "--out",
+            str(out),
+            "-c",
+            "64",
+            "--max-tokens",
+            "300",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "KL(P‖Q) mean ± se" in result.output
     results = json.loads((out / "results.json").read_text())
     assert results["candidates"][0]["metrics"]["counts"]["tokens"] == 300
     assert (out / "tokens.parquet").exists() and (out / "config.yaml").exists()
     # Refuses to overwrite, with a one-line error and exit code 1.
-    again = runner.invoke(app, ["compare", str(tiny_pair["reference"]),
-                                str(tiny_pair["candidate"]), "--data", str(small_jsonl),
-                                "--out", str(out)])
+    again = runner.invoke(
+        app,
+        [
+            "compare",
+            str(tiny_pair["reference"]),
+            str(tiny_pair["candidate"]),
+            "--data",
+            str(small_jsonl),
+            "--out",
+            str(out),
+        ],
+    )
     assert again.exit_code == 1
     assert "already holds a run" in again.output and "Traceback" not in again.output
 
 
 def test_missing_model_is_one_line_error(tiny_pair, small_jsonl, tmp_path):
-    result = runner.invoke(app, ["compare", str(tiny_pair["reference"]),
-                                 str(tmp_path / "nope"), "--data", str(small_jsonl),
-                                 "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            str(tiny_pair["reference"]),
+            str(tmp_path / "nope"),
+            "--data",
+            str(small_jsonl),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 1
     assert "error:" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()  # a run that fails on its inputs leaves nothing
 
 
 def test_no_data_is_usage_error(tiny_pair, tmp_path):
-    result = runner.invoke(app, ["compare", str(tiny_pair["reference"]),
-                                 str(tiny_pair["candidate"]), "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            str(tiny_pair["reference"]),
+            str(tiny_pair["candidate"]),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 2
     assert "--data" in result.output
 
 
 def test_bad_stride_is_usage_error(tiny_pair, small_jsonl, tmp_path):
-    result = runner.invoke(app, ["compare", str(tiny_pair["reference"]),
-                                 str(tiny_pair["candidate"]), "--data", str(small_jsonl),
-                                 "-c", "16", "--stride", "16", "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            str(tiny_pair["reference"]),
+            str(tiny_pair["candidate"]),
+            "--data",
+            str(small_jsonl),
+            "-c",
+            "16",
+            "--stride",
+            "16",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 2
     assert "stride" in result.output
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lmkl", "compare", str(tmp_path / "a"),
-                           str(tmp_path / "b"), "--data", str(tmp_path / "x.jsonl"),
-                           "--out", str(tmp_path / "o"), "--offline"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmkl",
+            "compare",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--data",
+            str(tmp_path / "x.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--offline",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "error:" in proc.stderr

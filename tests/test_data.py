@@ -16,7 +16,7 @@ class WordTokenizer:
     """Whitespace 'tokenizer': token id = index of the word + 10, BOS = 1, with offsets."""
 
     bos_token_id = 1
-    all_special_ids = [1]
+    all_special_ids = (1,)
 
     def __init__(self, add_bos: bool = True) -> None:
         self.add_bos = add_bos
@@ -41,16 +41,20 @@ def words(n: int) -> str:
 
 
 def scored_positions(windows):
-    return [(w.doc_id, w.offset + j) for w in windows for j in range(w.first_target,
-                                                                     len(w.input_ids))]
+    return [
+        (w.doc_id, w.offset + j) for w in windows for j in range(w.first_target, len(w.input_ids))
+    ]
 
 
-@pytest.mark.parametrize(("length", "n", "stride"), [(5, 8, 4), (8, 8, 4), (9, 8, 4), (30, 8, 3),
-                                                     (30, 8, 7), (100, 16, 1)])
+@pytest.mark.parametrize(
+    ("length", "n", "stride"),
+    [(5, 8, 4), (8, 8, 4), (9, 8, 4), (30, 8, 3), (30, 8, 7), (100, 16, 1)],
+)
 def test_documents_windowing_scores_every_token_once(length, n, stride):
     tok = WordTokenizer()
-    windows = make_windows(corpus(words(length - 1)), tok, WindowSpec(context_length=n,
-                                                                      stride=stride), True)
+    windows = make_windows(
+        corpus(words(length - 1)), tok, WindowSpec(context_length=n, stride=stride), True
+    )
     positions = scored_positions(windows)
     assert positions == [(0, p) for p in range(1, length)]  # in order, each once
     for w in windows:
@@ -70,16 +74,18 @@ def test_documents_windowing_exact_spans():
 
 def test_max_tokens_cuts_exactly():
     tok = WordTokenizer()
-    windows = make_windows(corpus(words(30), words(30)), tok, WindowSpec(context_length=8),
-                           True, max_tokens=40)
+    windows = make_windows(
+        corpus(words(30), words(30)), tok, WindowSpec(context_length=8), True, max_tokens=40
+    )
     assert sum(w.num_targets for w in windows) == 40
 
 
 def test_llama_cpp_windowing_positions_for_known_stream():
     tok = WordTokenizer()
     text = words(40)  # 41 tokens with BOS
-    windows = make_windows(corpus(text), tok, WindowSpec(windowing="llama-cpp",
-                                                         context_length=10), True)
+    windows = make_windows(
+        corpus(text), tok, WindowSpec(windowing="llama-cpp", context_length=10), True
+    )
     assert len(windows) == 4  # 41 // 10, the tail of 1 token dropped
     for chunk, w in enumerate(windows):
         assert w.offset == 10 * chunk
@@ -93,15 +99,20 @@ def test_llama_cpp_windowing_positions_for_known_stream():
 
 def test_llama_cpp_without_bos_keeps_first_token():
     tok = WordTokenizer(add_bos=False)
-    windows = make_windows(corpus(words(20)), tok, WindowSpec(windowing="llama-cpp",
-                                                              context_length=10), False)
+    windows = make_windows(
+        corpus(words(20)), tok, WindowSpec(windowing="llama-cpp", context_length=10), False
+    )
     assert windows[1].input_ids[0] == 20  # token 10 of the stream, untouched
 
 
 def test_llama_cpp_too_short_text():
     with pytest.raises(DataError, match="fewer than 64 tokens"):
-        make_windows(corpus(words(10)), WordTokenizer(), WindowSpec(windowing="llama-cpp",
-                                                                    context_length=64), True)
+        make_windows(
+            corpus(words(10)),
+            WordTokenizer(),
+            WindowSpec(windowing="llama-cpp", context_length=64),
+            True,
+        )
 
 
 def test_target_bytes_add_up_to_text():
@@ -116,8 +127,7 @@ def test_txt_is_split_into_paragraphs_but_stream_is_byte_exact(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(raw.encode())
     loaded = load_corpus(DataSpec(source=str(path)))
-    assert [d.text for d in loaded.documents] == ["first para\nline two", "second para",
-                                                  "third"]
+    assert [d.text for d in loaded.documents] == ["first para\nline two", "second para", "third"]
     assert loaded.stream_text == raw
 
 

@@ -61,8 +61,9 @@ def test_token_metrics_match_scipy_float64():
     got = D.token_metrics(ref, cand, targets)
     want = ref_metrics(ref.numpy(), cand.numpy(), targets.numpy())
     for name in D.TOKEN_METRIC_NAMES:
-        np.testing.assert_allclose(got[name].numpy(), want[name], atol=1e-5, rtol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got[name].numpy(), want[name], atol=1e-5, rtol=1e-5, err_msg=name
+        )
     assert not got["nonfinite"].any()
 
 
@@ -129,22 +130,28 @@ def test_library_functions_against_scipy_with_numpy_inputs():
     np.testing.assert_allclose(D.generalized_jsd(a, b, beta=1.0), D.kl_divergence(b, a))
     # The scaled generalized JSD tends to the KLs at the end points.
     small = 1e-4
-    np.testing.assert_allclose(D.generalized_jsd(a, b, beta=small) / (small * (1 - small)),
-                               D.kl_divergence(a, b), rtol=1e-2)
+    np.testing.assert_allclose(
+        D.generalized_jsd(a, b, beta=small) / (small * (1 - small)),
+        D.kl_divergence(a, b),
+        rtol=1e-2,
+    )
 
 
-@pytest.mark.parametrize(("m1", "s1", "m2", "s2"), [(0, 1, 0, 1), (0.5, 1.3, -1, 0.7),
-                                                    (2, 0.2, 0, 3)])
+@pytest.mark.parametrize(
+    ("m1", "s1", "m2", "s2"), [(0, 1, 0, 1), (0.5, 1.3, -1, 0.7), (2, 0.2, 0, 3)]
+)
 def test_gaussian_kl_matches_numerical_integral(m1, s1, m2, s2):
     def integrand(x):
-        return stats.norm.pdf(x, m1, s1) * (stats.norm.logpdf(x, m1, s1)
-                                            - stats.norm.logpdf(x, m2, s2))
+        return stats.norm.pdf(x, m1, s1) * (
+            stats.norm.logpdf(x, m1, s1) - stats.norm.logpdf(x, m2, s2)
+        )
 
     want, _ = quad(integrand, m1 - 12 * s1, m1 + 12 * s1, limit=200)
     assert D.gaussian_kl(m1, s1, m2, s2) == pytest.approx(want, abs=1e-8)
     # Diagonal multivariate: sum over coordinates.
-    assert D.gaussian_kl([m1, m1], [s1, s1], [m2, m2], [s2, s2]) == pytest.approx(2 * want,
-                                                                                  abs=1e-7)
+    assert D.gaussian_kl([m1, m1], [s1, s1], [m2, m2], [s2, s2]) == pytest.approx(
+        2 * want, abs=1e-7
+    )
 
 
 def _log_space_kl(lp: np.ndarray, lq: np.ndarray) -> float:
@@ -156,7 +163,8 @@ def _log_space_kl(lp: np.ndarray, lq: np.ndarray) -> float:
 
 
 logit_rows = arrays(
-    np.float32, st.tuples(st.integers(1, 4), st.integers(1, 12)),
+    np.float32,
+    st.tuples(st.integers(1, 4), st.integers(1, 12)),
     elements=st.one_of(st.floats(-1e4, 1e4, width=32), st.just(float("-inf"))),
 )
 
@@ -164,8 +172,13 @@ logit_rows = arrays(
 @settings(max_examples=150, deadline=None)
 @given(logit_rows, st.data())
 def test_properties_on_extreme_logits(ref, data):
-    cand = data.draw(arrays(np.float32, ref.shape, elements=st.one_of(
-        st.floats(-1e4, 1e4, width=32), st.just(float("-inf")))))
+    cand = data.draw(
+        arrays(
+            np.float32,
+            ref.shape,
+            elements=st.one_of(st.floats(-1e4, 1e4, width=32), st.just(float("-inf"))),
+        )
+    )
     targets = torch.zeros(ref.shape[0], dtype=torch.long)
     got = D.token_metrics(torch.from_numpy(ref), torch.from_numpy(cand), targets)
     bad = np.isneginf(ref).all(-1) | np.isneginf(cand).all(-1)

@@ -17,8 +17,17 @@ from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 from lmkl.errors import DataError, OutputError, TokenizerMismatchError
 from lmkl.runner import run_comparison
 
-METRICS = ["kl", "reverse_kl", "jsd", "entropy_reference", "entropy_candidate", "nll_reference",
-           "nll_candidate", "delta_p", "reference_top1_prob"]
+METRICS = [
+    "kl",
+    "reverse_kl",
+    "jsd",
+    "entropy_reference",
+    "entropy_candidate",
+    "nll_reference",
+    "nll_candidate",
+    "delta_p",
+    "reference_top1_prob",
+]
 
 
 def run(tiny_pair, data: Path, out: Path, candidate: Path | None = None, **compute):
@@ -33,15 +42,18 @@ def run(tiny_pair, data: Path, out: Path, candidate: Path | None = None, **compu
     )
 
 
-def float64_reference(tiny_pair, data: Path, candidate: Path | None = None,
-                      context: int = 64, stride: int = 32) -> dict[tuple[int, int], dict]:
+def float64_reference(
+    tiny_pair, data: Path, candidate: Path | None = None, context: int = 64, stride: int = 32
+) -> dict[tuple[int, int], dict]:
     """Per (doc, position): metrics from each model's own full forward, in float64 SciPy.
 
     Windows are rebuilt here from the documented rule, one window per forward, no padding.
     """
     tok = AutoTokenizer.from_pretrained(tiny_pair["reference"])
-    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
-              for p in (tiny_pair["reference"], candidate or tiny_pair["candidate"])]
+    models = [
+        AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+        for p in (tiny_pair["reference"], candidate or tiny_pair["candidate"])
+    ]
     vocab = len(tok)
     out = {}
     for doc_id, line in enumerate(data.read_text().splitlines()):
@@ -52,8 +64,10 @@ def float64_reference(tiny_pair, data: Path, candidate: Path | None = None,
             begin = max(0, end - context)
             window = torch.tensor([ids[begin:end]])
             with torch.no_grad():
-                lp, lq = (special.log_softmax(m(window).logits[0, :, :vocab].double().numpy(), -1)
-                          for m in models)
+                lp, lq = (
+                    special.log_softmax(m(window).logits[0, :, :vocab].double().numpy(), -1)
+                    for m in models
+                )
             for pos in range(scored, end):
                 j = pos - begin - 1
                 p, q = np.exp(lp[j]), np.exp(lq[j])
@@ -107,7 +121,8 @@ def test_per_token_values_match_float64_reference(tiny_pair, small_jsonl, tmp_pa
     total_bytes = sum(len(t.encode()) for t in texts)
     assert metrics["bits_per_byte"]["bytes"] == total_bytes  # BOS is scored-from, so every byte
     assert metrics["bits_per_byte"]["reference"] == pytest.approx(
-        nll_p.sum() / total_bytes / math.log(2), rel=1e-5)
+        nll_p.sum() / total_bytes / math.log(2), rel=1e-5
+    )
     assert metrics["counts"]["tokens"] == len(want)
     assert metrics["counts"]["documents"] == 3
 
@@ -115,10 +130,12 @@ def test_per_token_values_match_float64_reference(tiny_pair, small_jsonl, tmp_pa
 def test_batch_size_chunking_and_padding_do_not_change_values(tiny_pair, small_jsonl, tmp_path):
     a = run(tiny_pair, small_jsonl, tmp_path / "a", batch_size=1, chunk_tokens=1000)
     b = run(tiny_pair, small_jsonl, tmp_path / "b", batch_size=4, chunk_tokens=7)
-    ta = pq.read_table(a.path / "tokens.parquet").sort_by([("doc_id", "ascending"),
-                                                           ("position", "ascending")])
-    tb = pq.read_table(b.path / "tokens.parquet").sort_by([("doc_id", "ascending"),
-                                                           ("position", "ascending")])
+    ta = pq.read_table(a.path / "tokens.parquet").sort_by(
+        [("doc_id", "ascending"), ("position", "ascending")]
+    )
+    tb = pq.read_table(b.path / "tokens.parquet").sort_by(
+        [("doc_id", "ascending"), ("position", "ascending")]
+    )
     assert ta["token_id"].to_pylist() == tb["token_id"].to_pylist()
     for name in METRICS:
         diff = np.abs(ta[name].to_numpy() - tb[name].to_numpy()).max()
@@ -145,8 +162,9 @@ def test_padded_head_is_sliced_to_tokenizer(tiny_pair, padded_candidate, small_j
 
 
 def test_gpt2_candidate(tiny_pair, gpt2_candidate, small_jsonl, tmp_path):
-    outcome = run(tiny_pair, small_jsonl, tmp_path / "gpt2", candidate=gpt2_candidate,
-                  max_tokens=200)
+    outcome = run(
+        tiny_pair, small_jsonl, tmp_path / "gpt2", candidate=gpt2_candidate, max_tokens=200
+    )
     metrics = outcome.results["candidates"][0]["metrics"]
     assert metrics["counts"]["tokens"] == 200
     assert metrics["kl"]["mean"] > 0
@@ -181,8 +199,12 @@ def test_llama_cpp_windowing_scores_second_half(tiny_pair, tmp_path):
     text = "\n".join(json.loads(x)["text"] for x in tiny_pair["heldout"].read_text().splitlines())
     data = tmp_path / "stream.txt"
     data.write_text(text[:6000])
-    outcome = run(tiny_pair, data, tmp_path / "lc", windows=WindowSpec(windowing="llama-cpp",
-                                                                       context_length=32))
+    outcome = run(
+        tiny_pair,
+        data,
+        tmp_path / "lc",
+        windows=WindowSpec(windowing="llama-cpp", context_length=32),
+    )
     table = pq.read_table(outcome.path / "tokens.parquet").to_pylist()
     tok = AutoTokenizer.from_pretrained(tiny_pair["reference"])
     n_tokens = len(tok(data.read_text())["input_ids"])

@@ -15,8 +15,9 @@ def test_quantiles_match_numpy_linear():
     rng = np.random.default_rng(0)
     values = rng.exponential(size=1001)
     probs = [0.0, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0]
-    np.testing.assert_allclose(stats.quantiles(values, probs), np.quantile(values, probs),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        stats.quantiles(values, probs), np.quantile(values, probs), rtol=1e-12
+    )
 
 
 def test_quantiles_propagate_infinity_without_nan():
@@ -59,9 +60,22 @@ def test_confidence_buckets_partition_tokens():
 
 def test_summarize_excludes_nonfinite_rows():
     n = 6
-    cols = {name: np.arange(1, n + 1, dtype=float) / 10 for name in
-            ("kl", "reverse_kl", "jsd", "entropy_reference", "entropy_candidate", "nll_reference",
-             "nll_candidate", "delta_p", "top1_agree", "top1_in_top5", "reference_top1_prob")}
+    cols = {
+        name: np.arange(1, n + 1, dtype=float) / 10
+        for name in (
+            "kl",
+            "reverse_kl",
+            "jsd",
+            "entropy_reference",
+            "entropy_candidate",
+            "nll_reference",
+            "nll_candidate",
+            "delta_p",
+            "top1_agree",
+            "top1_in_top5",
+            "reference_top1_prob",
+        )
+    }
     cols["kl"][2] = np.nan
     cols["nonfinite"] = np.array([False, False, True, False, False, False])
     cols["bytes"] = np.full(n, 3)
@@ -70,10 +84,17 @@ def test_summarize_excludes_nonfinite_rows():
     metrics = stats.summarize(cols)
     keep = ~cols["nonfinite"]
     assert metrics["kl"]["mean"] == pytest.approx(cols["kl"][keep].mean())
-    assert metrics["counts"] == {"documents": 2, "windows": 3, "tokens": 5, "nonfinite": 1,
-                                 "nonfinite_share": pytest.approx(1 / 6), "infinite": 0}
+    assert metrics["counts"] == {
+        "documents": 2,
+        "windows": 3,
+        "tokens": 5,
+        "nonfinite": 1,
+        "nonfinite_share": pytest.approx(1 / 6),
+        "infinite": 0,
+    }
     assert metrics["bits_per_byte"]["reference"] == pytest.approx(
-        cols["nll_reference"][keep].sum() / 15 / math.log(2))
+        cols["nll_reference"][keep].sum() / 15 / math.log(2)
+    )
 
 
 def test_json_safe():
