@@ -208,3 +208,30 @@ def test_conversations_without_assistant_turns_are_an_error(chat_reference, tiny
         ],
     )
     assert result.exit_code == 1 and "no assistant message" in result.output
+
+
+def test_shipped_chat_config_runs_end_to_end(chat_reference, tiny_pair, tmp_path):
+    """configs/chat.yaml as shipped, with only the models swapped for the offline tiny pair."""
+    config = CHAT_DATA.parent / "chat.yaml"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(config),
+            f"reference.model={chat_reference}",
+            "reference.dtype=float32",
+            f"candidates.0.model={tiny_pair['candidate']}",
+            "candidates.0.dtype=float32",
+            f"datasets.0.source={CHAT_DATA}",
+            "windowing.context_length=256",
+            "windowing.stride=128",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    tok = AutoTokenizer.from_pretrained(chat_reference)
+    want = sum(len(assistant_tokens(tok, m)) for m in conversations())
+    assert results["candidates"][0]["metrics"]["counts"]["tokens"] == want
