@@ -250,6 +250,23 @@ class ExperimentConfig(StrictModel):
                 raise ValueError(f"two datasets are both named '{name}'; give them distinct labels")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_cache(cls, data: Any) -> Any:
+        """``reference: {cache: DIR}`` names a reference cache (``lmkl cache``) as the reference.
+
+        It is a :class:`ModelSpec` whose ``model`` is the cache directory; the runner recognises
+        the cache by its manifest and uses its stored hidden states instead of a live model.
+        """
+        if isinstance(data, dict) and isinstance(data.get("reference"), dict):
+            reference = dict(data["reference"])
+            if "cache" in reference:
+                if "model" in reference:
+                    raise ValueError("reference: give either 'model' or 'cache', not both")
+                reference["model"] = reference.pop("cache")
+                data = {**data, "reference": reference}
+        return data
+
     @model_validator(mode="after")
     def _copy_seed(self) -> ExperimentConfig:
         if "seed" not in self.compute.model_fields_set and self.compute.seed != self.seed:

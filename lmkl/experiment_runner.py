@@ -383,6 +383,16 @@ def run_experiment(
     windows = config.windows()
     compute: ComputeSpec = config.compute
     models = None
+    from lmkl.cache import is_cache_dir
+
+    # A reference cache holds its own tokens and hidden states: the runner loads only the
+    # candidates then, one dataset at a time (the cache refuses data that differs from its own).
+    cached_reference = is_cache_dir(config.reference.model)
+    if cached_reference and config.noise_floor.enabled:
+        raise ConfigError(
+            "noise_floor needs the live reference model, not a reference cache",
+            "set noise_floor: false, or give reference.model instead of reference.cache",
+        )
     sub_results: list[dict[str, Any]] = []
     for data in config.datasets:
         name = dataset_dir_name(data)
@@ -391,7 +401,7 @@ def run_experiment(
             log(f"{name}: already complete")
             sub_results.append(load_results(sub))
             continue
-        if models is None:
+        if models is None and not cached_reference:
             models = load_models(config.reference, specs, log)
             if config.noise_floor.enabled:
                 log("loading the noise-floor copy of the reference")

@@ -272,3 +272,28 @@ def test_cli_cache_then_compare_without_data(tiny_pair, small_jsonl, tmp_path):
     assert result.exit_code == 2
     assert "differ from the reference cache" in result.output
     assert open_cache(cache_dir).num_tokens == 120
+
+
+def test_yaml_experiment_accepts_a_reference_cache(built, tmp_path):
+    """``reference: {cache: DIR}`` in YAML: only the candidate loads; numbers equal the live run."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from lmkl.cli import app
+
+    config = {
+        "name": "cached",
+        "reference": {"cache": str(built["root"] / "exact"), "label": "ref"},
+        "candidates": [{"model": built["cand"].model, "label": "cand", "dtype": "float32"}],
+        "datasets": [{"source": str(built["data"])}],
+        "windowing": {"mode": "documents", "context_length": 48, "stride": 24},
+        "compute": {"batch_size": 3, "chunk_tokens": 50, "compile": False},
+    }
+    path = tmp_path / "cached.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    live_kl = built["live"].results["candidates"][0]["metrics"]["kl"]["mean"]
+    assert results["candidates"][0]["metrics"]["kl"]["mean"] == pytest.approx(live_kl, abs=1e-7)
