@@ -146,7 +146,8 @@ def test_properties_the_seed_gets_wrong(a1, b1, a2, b2, lam):
     p1, q1, p2, q2 = (special.softmax(x) for x in (a1, b1, a2, b2))
     kl1, kl2 = float(D.kl_divergence(a1, b1)), float(D.kl_divergence(a2, b2))
     assert kl1 >= 0
-    assert float(D.total_variation(a1, b1)) <= math.sqrt(kl1 / 2) + 1e-12
+    # Pinsker; the slack is on the KL scale, where float64 rounding lives (about 1e-16).
+    assert float(D.total_variation(a1, b1)) <= math.sqrt((kl1 + 1e-14) / 2)
     mix_p, mix_q = lam * p1 + (1 - lam) * p2, lam * q1 + (1 - lam) * q2
     joint = float(D.kl_divergence(np.log(mix_p), np.log(mix_q)))
     assert joint <= lam * kl1 + (1 - lam) * kl2 + 1e-12
