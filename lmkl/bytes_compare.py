@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -208,7 +207,7 @@ def run_bytes_comparison(
 
     from lmkl.data import load_corpus
     from lmkl.models import load_model, resolve_device
-    from lmkl.runner import RunOutcome, _unique_labels, _versions, default_run_dir
+    from lmkl.runner import RunOutcome, _unique_labels, default_run_dir, run_provenance
     from lmkl.store import RunDirectory, atomic_path, write_json
 
     log = log or (lambda _msg: None)
@@ -321,13 +320,7 @@ def run_bytes_comparison(
             "prefix_tokens": {m.label: prefix_token(m.tokenizer) for m in models},
         },
         "compute": config["compute"],
-        "provenance": {
-            "versions": _versions(),
-            "started": started.isoformat(),
-            "ended": ended.isoformat(),
-            "options": config,
-            "host": platform.node(),
-        },
+        "provenance": run_provenance(config, started, ended),
         "throughput": {
             "seconds": seconds,
             "tokens_per_s": total / seconds if seconds > 0 else None,

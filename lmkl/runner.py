@@ -955,6 +955,19 @@ def _versions() -> dict[str, str]:
     }
 
 
+def run_provenance(
+    config: dict[str, Any], started: _dt.datetime, ended: _dt.datetime
+) -> dict[str, Any]:
+    """The ``provenance`` block of results.json: versions, times, full options, host."""
+    return {
+        "versions": _versions(),
+        "started": started.isoformat(),
+        "ended": ended.isoformat(),
+        "options": config,
+        "host": platform.node(),
+    }
+
+
 def _build_results(
     run_dir: RunDirectory,
     config: dict[str, Any],
@@ -1003,13 +1016,7 @@ def _build_results(
             ),
         },
         "compute": config["compute"] | {"chunk_tokens": chunk},
-        "provenance": {
-            "versions": _versions(),
-            "started": started.isoformat(),
-            "ended": ended.isoformat(),
-            "options": config,
-            "host": platform.node(),
-        },
+        "provenance": run_provenance(config, started, ended),
         "throughput": {
             # Timed over scoring only (model loading and file writing excluded).
             "seconds": seconds,

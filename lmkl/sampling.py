@@ -45,7 +45,6 @@ import datetime as _dt
 import inspect
 import json
 import math
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -526,7 +525,7 @@ def run_sample_kl(
     import pyarrow.parquet as pq
 
     from lmkl.data import load_corpus
-    from lmkl.runner import _unique_labels, _versions, default_run_dir, load_models
+    from lmkl.runner import _unique_labels, default_run_dir, load_models, run_provenance
     from lmkl.store import RunDirectory, atomic_path, tokens_table, write_json
 
     log = log or (lambda _msg: None)
@@ -668,13 +667,7 @@ def run_sample_kl(
         },
         "data": corpus.description | {"prompts": len(prompts)},
         "compute": config["compute"] | {"chunk_tokens": chunk},
-        "provenance": {
-            "versions": _versions(),
-            "started": started.isoformat(),
-            "ended": ended.isoformat(),
-            "options": config,
-            "host": platform.node(),
-        },
+        "provenance": run_provenance(config, started, ended),
         "throughput": {
             "seconds": seconds,
             "samples_per_s": done / seconds if seconds > 0 else None,
