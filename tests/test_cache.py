@@ -15,23 +15,12 @@ from typer.testing import CliRunner
 from lmkl.cache import build_cache, is_cache_dir, open_cache, topk_kl_bounds
 from lmkl.cli import app
 from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+from lmkl.divergence import TOKEN_METRIC_NAMES
 from lmkl.errors import TokenizerMismatchError, UsageError
 from lmkl.runner import run_comparison
 
 WINDOWS = WindowSpec(context_length=48, stride=24)
-EXACT = [
-    "kl",
-    "reverse_kl",
-    "jsd",
-    "entropy_reference",
-    "entropy_candidate",
-    "nll_reference",
-    "nll_candidate",
-    "delta_p",
-    "top1_agree",
-    "top1_in_top5",
-    "reference_top1_prob",
-]
+EXACT = list(TOKEN_METRIC_NAMES)  # every per-token metric is exact with an exact cache
 
 
 @pytest.fixture(scope="module")

@@ -369,3 +369,29 @@ class TokenProgress:
     def __exit__(self, *exc: Any) -> None:
         if self._progress:
             self._progress.__exit__(*exc)
+
+
+def model_pair(
+    reference: str,
+    candidate: str,
+    dtype: DType,
+    reference_dtype: DType | None,
+    candidate_dtype: DType | None,
+    adapter: str | None = None,
+    **common: Any,
+) -> tuple[Any, Any]:
+    """Reference and candidate ModelSpecs from the shared model options.
+
+    Per-model dtypes override ``dtype``; the adapter applies to the candidate only. Two models
+    with the same display name are relabelled ``reference``/``candidate`` so tables stay readable.
+    """
+    from lmkl.config import ModelSpec
+
+    ref_spec = ModelSpec(model=reference, dtype=(reference_dtype or dtype).value, **common)
+    cand_spec = ModelSpec(
+        model=candidate, dtype=(candidate_dtype or dtype).value, adapter=adapter, **common
+    )
+    if ref_spec.display_name == cand_spec.display_name:
+        ref_spec = ref_spec.model_copy(update={"label": "reference"})
+        cand_spec = cand_spec.model_copy(update={"label": "candidate"})
+    return ref_spec, cand_spec

@@ -48,6 +48,7 @@ from lmkl.commands.common import (
     WindowingOpt,
     apply_offline,
     friendly_errors,
+    model_pair,
     stdout,
 )
 
@@ -125,7 +126,7 @@ def compare(
     """Compare CANDIDATE with REFERENCE token by token: KL both ways, JSD, PPL, agreement."""
     apply_offline(offline)
     from lmkl.cache import is_cache_dir
-    from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+    from lmkl.config import ComputeSpec, DataSpec, OutputSpec, WindowSpec
     from lmkl.errors import UsageError
     from lmkl.gates import gates_from_mapping, gates_report, parse_gate_options, raise_for_failures
 
@@ -146,13 +147,9 @@ def compare(
         "allow_pickle": allow_pickle,
         "device_map": device_map,
     }
-    ref_spec = ModelSpec(model=reference, dtype=(reference_dtype or dtype).value, **common)
-    cand_spec = ModelSpec(
-        model=candidate, dtype=(candidate_dtype or dtype).value, adapter=adapter, **common
+    ref_spec, cand_spec = model_pair(
+        reference, candidate, dtype, reference_dtype, candidate_dtype, adapter, **common
     )
-    if ref_spec.display_name == cand_spec.display_name:
-        ref_spec = ref_spec.model_copy(update={"label": "reference"})
-        cand_spec = cand_spec.model_copy(update={"label": "candidate"})
     data_spec = (
         DataSpec(
             source=data,

@@ -31,6 +31,7 @@ from lmkl.commands.common import (
     TrustOpt,
     apply_offline,
     friendly_errors,
+    model_pair,
     stderr,
     stdout,
 )
@@ -165,7 +166,7 @@ def sample_kl(
     per-step sum, with standard errors over samples and over prompts.
     """
     apply_offline(offline)
-    from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec
+    from lmkl.config import ComputeSpec, DataSpec, OutputSpec
     from lmkl.errors import UsageError
     from lmkl.sampling import SampleSpec, run_sample_kl
 
@@ -178,11 +179,9 @@ def sample_kl(
         "attn_implementation": attn_implementation,
         "allow_pickle": allow_pickle,
     }
-    ref_spec = ModelSpec(model=reference, dtype=(reference_dtype or dtype).value, **common)
-    cand_spec = ModelSpec(model=candidate, dtype=(candidate_dtype or dtype).value, **common)
-    if ref_spec.display_name == cand_spec.display_name:
-        ref_spec = ref_spec.model_copy(update={"label": "reference"})
-        cand_spec = cand_spec.model_copy(update={"label": "candidate"})
+    ref_spec, cand_spec = model_pair(
+        reference, candidate, dtype, reference_dtype, candidate_dtype, **common
+    )
     data_spec = DataSpec(
         source=prompts,
         split=split,
