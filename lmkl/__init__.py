@@ -2,8 +2,8 @@
 
 The library is usable without the CLI::
 
-    from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
-    from lmkl.runner import run_comparison
+    from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+    from lmkl.engine.runner import run_comparison
 
     outcome = run_comparison(
         ModelSpec(model="path/or/hub-id-of-reference"),

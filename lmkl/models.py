@@ -1,4 +1,4 @@
-"""Load causal LMs and tokenizers from a :class:`~lmkl.config.ModelSpec`; check they are comparable.
+"""Load causal LMs and tokenizers from a :class:`~lmkl.specs.ModelSpec`; check they are comparable.
 
 Besides loading, this module splits a causal LM into its decoder (hidden states) and its output
 layer (hidden → logits, with the model's own post-processing such as final-logit soft-capping), so
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from lmkl.config import ModelSpec
 from lmkl.errors import LmklWarning, ModelLoadError, TokenizerMismatchError, UsageError
+from lmkl.specs import ModelSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -154,8 +154,8 @@ def build_assets(work: Path, pairs: list[str], tokens: int) -> dict[str, Any]:
 def load_as_lmkl(path: Path) -> Any:
     import torch
 
-    from lmkl.config import ModelSpec
     from lmkl.models import load_model
+    from lmkl.specs import ModelSpec
 
     return load_model(ModelSpec(model=str(path)), torch.device("cpu"))
 
@@ -163,9 +163,9 @@ def load_as_lmkl(path: Path) -> Any:
 def batches(path: Path, data: Path, batch_size: int = 8) -> list[Any]:
     from transformers import AutoTokenizer
 
-    from lmkl.config import DataSpec, WindowSpec
-    from lmkl.data import load_corpus, make_windows
-    from lmkl.runner import make_batches
+    from lmkl.data.corpus import load_corpus, make_windows
+    from lmkl.engine.runner import make_batches
+    from lmkl.specs import DataSpec, WindowSpec
 
     tok = AutoTokenizer.from_pretrained(path)
     windows = make_windows(
@@ -221,8 +221,8 @@ def lmkl_run(
     log: Any = None,
     **compute: Any,
 ) -> dict[str, Any]:
-    from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
-    from lmkl.runner import run_comparison
+    from lmkl.engine.runner import run_comparison
+    from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
     t0 = time.perf_counter()
     outcome = run_comparison(
@@ -242,7 +242,7 @@ def warm_compile(vocab: int) -> float:
     """Compile the fused kernel for this vocabulary (what a run's first chunk pays once)."""
     import torch
 
-    from lmkl.fused import MetricsKernel
+    from lmkl.scoring.fused import MetricsKernel
 
     kernel = MetricsKernel(compile=True)
     t0 = time.perf_counter()
@@ -283,8 +283,8 @@ def breakdown(paths: dict[str, Path], vocab: int) -> dict[str, float]:
     """CPU seconds of each stage of lmkl's scoring on warm models, beside the full forwards."""
     import torch
 
-    from lmkl.config import ComputeSpec
-    from lmkl.runner import WorstTracker, make_kernel, model_rows
+    from lmkl.engine.runner import WorstTracker, make_kernel, model_rows
+    from lmkl.specs import ComputeSpec
 
     ref, cand = load_as_lmkl(paths["reference"]), load_as_lmkl(paths["candidate"])
     batch_list = batches(paths["reference"], paths["data"])
@@ -364,7 +364,7 @@ def memory_child(mode: str, pair: Path, data: Path, out: Path) -> None:
     import pyarrow.parquet  # noqa: F401
     import torch
 
-    import lmkl.runner  # noqa: F401
+    import lmkl.engine.runner  # noqa: F401
 
     ref, cand = pair / "reference", pair / "candidate"
     if mode == "lmkl" or mode == "lmkl-eager":
@@ -511,8 +511,8 @@ def bench_cache(
     name: str, assets: dict[str, Any], work: Path, n: int, tokens: int
 ) -> dict[str, Any]:
     """N candidates: one live run with N candidates vs a cache then N runs against it."""
-    from lmkl.cache import build_cache
-    from lmkl.config import ComputeSpec, DataSpec, ModelSpec, WindowSpec
+    from lmkl.refcache.cache import build_cache
+    from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
 
     paths = dict(assets[name])
     paths["data"] = make_data(
@@ -591,9 +591,9 @@ def padding(assets: dict[str, Any], work: Path) -> dict[str, Any]:
     """Padding efficiency of consecutive batches vs length-sorted token-budget batches."""
     from transformers import AutoTokenizer
 
-    from lmkl.config import DataSpec, WindowSpec
-    from lmkl.data import load_corpus, make_windows
-    from lmkl.runner import make_batches
+    from lmkl.data.corpus import load_corpus, make_windows
+    from lmkl.engine.runner import make_batches
+    from lmkl.specs import DataSpec, WindowSpec
 
     name = next(iter(assets))
     tok = AutoTokenizer.from_pretrained(assets[name]["reference"])

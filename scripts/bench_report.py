@@ -1,7 +1,7 @@
 """Benchmark: how long `lmkl report` takes on a large run (target: 1M tokens in < 30 s, 2 cores).
 
 Synthesises a valid run directory (results.json + tokens.parquet + worst.json, see
-lmkl/synthetic.py), then times the real command line (`lmkl report RUN --format html`, a fresh
+tests/synthetic.py), then times the real command line (`lmkl report RUN --format html`, a fresh
 process: imports included) and, in-process, each phase (reading + aggregation, figures, HTML).
 Wall time depends on what else runs on the machine, so CPU time and the load average are
 recorded too.
@@ -28,8 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the synthetic-run builder lives with the test fixtures
 
-from lmkl.synthetic import SyntheticCandidate, synthesize_run  # noqa: E402
+from synthetic import SyntheticCandidate, synthesize_run  # noqa: E402
 
 TARGET_SECONDS = 30.0
 
@@ -94,9 +95,9 @@ def main() -> None:
             }
 
         # In-process phases (imports already paid).
-        from lmkl.plots import make_plots
-        from lmkl.render import render_html
-        from lmkl.report import build_report
+        from lmkl.report.model import build_report
+        from lmkl.report.plots import make_plots
+        from lmkl.report.render import render_html
 
         t0 = time.perf_counter()
         report = build_report([run_dir])

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from lmkl.toy import build_tiny_model, build_tiny_pair
+from tiny_models import build_tiny_model, build_tiny_pair
 
 
 @pytest.fixture(autouse=True)

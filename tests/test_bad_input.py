@@ -234,7 +234,7 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
-    from lmkl.toy import build_model
+    from lmkl.demo.assets import build_model
 
     root = tmp_path_factory.mktemp("adapters")
     out = {}

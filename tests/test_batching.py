@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
-from lmkl.data import Window
-from lmkl.runner import make_batches, run_comparison, window_groups
+from lmkl.data.corpus import Window
+from lmkl.engine.runner import make_batches, run_comparison, window_groups
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
 
 def window(i: int, n: int) -> Window:

@@ -12,12 +12,12 @@ import torch
 from scipy import special
 from typer.testing import CliRunner
 
-from lmkl.cache import build_cache, is_cache_dir, open_cache, topk_kl_bounds
 from lmkl.cli import app
-from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
-from lmkl.divergence import TOKEN_METRIC_NAMES
+from lmkl.engine.runner import run_comparison
 from lmkl.errors import TokenizerMismatchError, UsageError
-from lmkl.runner import run_comparison
+from lmkl.refcache.cache import build_cache, is_cache_dir, open_cache, topk_kl_bounds
+from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
 WINDOWS = WindowSpec(context_length=48, stride=24)
 EXACT = list(TOKEN_METRIC_NAMES)  # every per-token metric is exact with an exact cache

@@ -12,11 +12,11 @@ import pytest
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from lmkl.chat import encode_chat, encode_prompt
 from lmkl.cli import app
-from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+from lmkl.data.chat import encode_chat, encode_prompt
+from lmkl.engine.runner import run_comparison
 from lmkl.errors import DataError
-from lmkl.runner import run_comparison
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
 CHAT_DATA = Path(__file__).resolve().parents[1] / "configs" / "chat.jsonl"
 

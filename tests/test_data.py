@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from lmkl.config import DataSpec, WindowSpec
-from lmkl.data import Corpus, Document, load_corpus, make_windows
+from lmkl.data.corpus import Corpus, Document, load_corpus, make_windows
 from lmkl.errors import DataError
+from lmkl.specs import DataSpec, WindowSpec
 
 
 class WordTokenizer:

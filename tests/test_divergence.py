@@ -1,4 +1,4 @@
-"""lmkl.divergence against float64 SciPy references and known values."""
+"""lmkl.scoring.divergence against float64 SciPy references and known values."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import special, stats
 from scipy.integrate import quad
 
-from lmkl import divergence as D
+from lmkl.scoring import divergence as D
 
 SEED_P = np.array([0.1, 0.2, 0.3, 0.4])
 SEED_Q = np.array([0.2, 0.2, 0.3, 0.3])

@@ -1,4 +1,4 @@
-"""The public divergence library (lmkl.divergence) beyond token_metrics: SciPy and exact values."""
+"""The divergence library (lmkl.scoring.divergence) beyond token_metrics: SciPy, exact values."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import special, stats
 from scipy.spatial import distance
 
-from lmkl import divergence as D
+from lmkl.scoring import divergence as D
 
 
 def rows(seed: int, n: int = 6, v: int = 30, scale: float = 2.0) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,16 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from lmkl.analysis.gates import (
+    Gate,
+    evaluate_gates,
+    metric_paths,
+    normalize_metric_path,
+    parse_gate_options,
+)
 from lmkl.cli import app
 from lmkl.errors import ConfigError, UsageError
-from lmkl.experiment import (
+from lmkl.experiment.schema import (
     ExperimentConfig,
     apply_overrides,
     example_names,
@@ -19,7 +26,6 @@ from lmkl.experiment import (
     json_schema,
     load_config,
 )
-from lmkl.gates import Gate, evaluate_gates, metric_paths, normalize_metric_path, parse_gate_options
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from lmkl import models as models_module
 from lmkl.cli import app
-from lmkl.experiment import load_config
-from lmkl.experiment_runner import perturb_weights, plan_experiment
+from lmkl.experiment.run import perturb_weights, plan_experiment
+from lmkl.experiment.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 3
@@ -89,7 +89,7 @@ def ran(study):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(models_module.LoadedModel, "hidden_states", counting_hidden)
         mp.setattr(models_module, "load_model", counting_load)
-        mp.setattr("lmkl.runner.load_model", counting_load)
+        mp.setattr("lmkl.engine.runner.load_model", counting_load)
         result = CliRunner().invoke(
             app,
             [
@@ -253,7 +253,7 @@ def test_dry_run_plans_without_loading_weights(study, ran, monkeypatch):
         raise AssertionError("a dry run must not load weights")
 
     monkeypatch.setattr(models_module, "load_model", no_weights)
-    monkeypatch.setattr("lmkl.runner.load_model", no_weights)
+    monkeypatch.setattr("lmkl.engine.runner.load_model", no_weights)
     plan = plan_experiment(load_config(study["config"], [f"compute.batch_size={BATCH}"]))
     for row in plan["datasets"]:
         scored = pq.read_table(ran["out"] / "datasets" / row["label"] / "tokens.parquet")
@@ -328,7 +328,8 @@ def test_compare_accepts_gates(tiny_pair, small_jsonl, tmp_path):
 
 def test_precision_example_runs_on_demo_names(tiny_pair, tmp_path):
     """configs/precision.yaml end to end, its demo: names resolved to a prepared demo cache."""
-    from lmkl.toy import DEMO_VERSION, DemoSettings, demo_cache_dir
+    from lmkl.demo.assets import DEMO_VERSION, DemoSettings
+    from lmkl.demo.names import demo_cache_dir
 
     settings = DemoSettings()
     root = demo_cache_dir() / f"demo-v{DEMO_VERSION}-{settings.key()}"
@@ -368,7 +369,7 @@ def test_precision_example_runs_on_demo_names(tiny_pair, tmp_path):
 
 def test_llama_cpp_windowing_resamples_chunks(tiny_pair, tmp_path):
     """One stream of text has one document; its chunks are the bootstrap's units instead."""
-    from lmkl.experiment_runner import run_experiment
+    from lmkl.experiment.run import run_experiment
 
     text = "\n".join(json.loads(x)["text"] for x in tiny_pair["heldout"].read_text().splitlines())
     (tmp_path / "stream.txt").write_text(text[:2500])

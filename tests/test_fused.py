@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import special
 
-from lmkl.divergence import TOKEN_METRIC_NAMES, token_metrics
-from lmkl.fused import MetricsKernel, token_metrics_fused
+from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
+from lmkl.scoring.fused import MetricsKernel, token_metrics_fused
 
 
 def logits_with_special_rows(n: int, vocab: int, seed: int) -> tuple[torch.Tensor, ...]:

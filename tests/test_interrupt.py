@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from runtools import assert_same_run, compare_args, invoke, spawn, wait_for_hold
 
-from lmkl import store
+from lmkl.engine import rundir as store
+from lmkl.engine.interrupt import GracefulStop, stop_requested
+from lmkl.engine.rundir import RunDirectory, tokens_table
 from lmkl.errors import EXIT_INTERRUPTED
-from lmkl.interrupt import GracefulStop, stop_requested
-from lmkl.store import RunDirectory, tokens_table
 
 
 @pytest.fixture(scope="module")

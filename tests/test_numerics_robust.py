@@ -23,9 +23,9 @@ from runtools import invoke
 from scipy import special
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmkl import divergence as D
-from lmkl.config import DataSpec, WindowSpec
-from lmkl.data import load_corpus, make_windows
+from lmkl.data.corpus import load_corpus, make_windows
+from lmkl.scoring import divergence as D
+from lmkl.specs import DataSpec, WindowSpec
 
 EXTREME = st.one_of(st.floats(-1e4, 1e4), st.just(-math.inf))
 
@@ -283,7 +283,7 @@ def test_float16_negative_overflow_is_not_taken_for_a_mask():
     # Only -inf entries: in float16 that is overflow (flagged); in float32 a deliberate mask.
     logits = torch.tensor([[1.0, -7e4, 2.0], [1.0, -3.0, 2.0]])
     ref = torch.tensor([[1.0, 0.5, 2.0], [1.0, 0.5, 2.0]])
-    from lmkl.runner import _overflow_as_nan
+    from lmkl.engine.runner import _overflow_as_nan
 
     half = _overflow_as_nan(logits.half())
     assert torch.isnan(half[0]).all() and torch.isfinite(half[1]).all()

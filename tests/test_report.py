@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from synthetic import SyntheticCandidate, synthesize_run
 from typer.testing import CliRunner
 
 from lmkl.cli import app
-from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
-from lmkl.plots import (
+from lmkl.engine.runner import run_comparison
+from lmkl.report.model import build_report, confidence_clause, pareto_front
+from lmkl.report.plots import (
     kl_by_confidence,
     kl_by_position,
     kl_by_step,
@@ -26,11 +28,9 @@ from lmkl.plots import (
     make_plots,
     size_vs_kl,
 )
-from lmkl.plots import ppl_ratio as ppl_plot
-from lmkl.render import md_escape, render_html, render_markdown, write_report
-from lmkl.report import build_report, confidence_clause, pareto_front
-from lmkl.runner import run_comparison
-from lmkl.synthetic import SyntheticCandidate, synthesize_run
+from lmkl.report.plots import ppl_ratio as ppl_plot
+from lmkl.report.render import md_escape, render_html, render_markdown, write_report
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
 runner = CliRunner()
 XSS = "<script>document.title='pwned'</script><img src=x onerror=alert(1)> & done"
@@ -141,7 +141,7 @@ def test_kl_by_position_plot_data(real_run):
 
 def test_kl_by_position_bins_long_windows():
     report_tokens = {"a": _tokens(window_pos=np.arange(1000) % 500, kl=np.arange(1000.0))}
-    from lmkl.report import kl_by_position as aggregate
+    from lmkl.report.model import kl_by_position as aggregate
 
     out = aggregate(report_tokens, max_bins=64)
     width = out["bin_width"]
@@ -155,7 +155,7 @@ def test_kl_by_position_bins_long_windows():
 
 
 def _tokens(window_pos, kl):
-    from lmkl.report import CandidateTokens
+    from lmkl.report.model import CandidateTokens
 
     n = len(kl)
     zeros = np.zeros(n, dtype=np.int64)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import SyntheticCandidate, synthesize_run
 
-from lmkl.render import write_report
-from lmkl.synthetic import SyntheticCandidate, synthesize_run
+from lmkl.report.render import write_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='img'\">"

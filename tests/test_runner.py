@@ -13,9 +13,9 @@ import torch
 from scipy import special
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+from lmkl.engine.runner import run_comparison
 from lmkl.errors import DataError, OutputError, TokenizerMismatchError
-from lmkl.runner import run_comparison
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
 METRICS = [
     "kl",

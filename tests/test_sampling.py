@@ -15,14 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from lmkl.cli import app
-from lmkl.config import ComputeSpec, DataSpec, ModelSpec, OutputSpec
-from lmkl.sampling import (
+from lmkl.engine.sampling import (
     SampleSpec,
     draw_tokens,
     run_sample_kl,
     sampling_log_probs,
     sequence_estimators,
 )
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec
 
 PROMPTS = ['The "assert" statement', "Suspend the execution of", "A list is"]
 

@@ -13,7 +13,7 @@ import torch
 from runtools import invoke
 from safetensors.torch import load_file
 
-from lmkl.config import ModelSpec
+from lmkl.specs import ModelSpec
 
 LMKL = Path(__file__).resolve().parents[1] / "lmkl"
 

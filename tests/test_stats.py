@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from lmkl import stats
+from lmkl.analysis import stats
 
 
 def test_quantiles_match_numpy_linear():

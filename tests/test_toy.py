@@ -1,4 +1,4 @@
-"""Tests for lmkl.toy: the offline tokenizer, toy models, training loop and demo cache."""
+"""Tests for lmkl.demo.assets: the offline tokenizer, toy models, training loop and demo cache."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 
-from lmkl import toy
+from lmkl.demo import assets as toy
 
 TEXT = "Hello  world.\n\tdef f(x):  return x ** 2  # café 漢字 🙂 — ok\n"
 
@@ -26,7 +27,7 @@ TINY_DEMO = toy.DemoSettings(
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return toy.tiny_tokenizer()
+    return tiny_models.tiny_tokenizer()
 
 
 def test_demo_corpus_split_is_deterministic_and_disjoint() -> None:
@@ -62,7 +63,7 @@ def test_tokenizer_round_trips_and_gives_offsets(tokenizer) -> None:
 
 
 def test_tokenizer_is_deterministic() -> None:
-    texts = toy.tiny_corpus()[0][:10]
+    texts = tiny_models.tiny_corpus()[0][:10]
     a, b = toy.train_tokenizer(texts, 300), toy.train_tokenizer(texts, 300)
     assert a.get_vocab() == b.get_vocab()
     assert a(TEXT)["input_ids"] == b(TEXT)["input_ids"]
@@ -115,7 +116,7 @@ def test_tie_word_embeddings_defaults() -> None:
 
 
 def test_training_lowers_loss_and_is_deterministic(tokenizer) -> None:
-    stream = toy.encode_stream(tokenizer, toy.tiny_corpus()[0])
+    stream = toy.encode_stream(tokenizer, tiny_models.tiny_corpus()[0])
     assert stream[0] == tokenizer.bos_token_id
     runs = []
     for _ in range(2):
@@ -135,7 +136,7 @@ def test_tiny_pair_loads_and_differs(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     threads = torch.get_num_threads()
-    ref_dir, cand_dir = toy.build_tiny_pair(
+    ref_dir, cand_dir = tiny_models.build_tiny_pair(
         tmp_path, steps=10, candidate_arch="gpt2", candidate_padded_vocab=520
     )
     assert torch.get_num_threads() == threads  # the 1-thread training is undone

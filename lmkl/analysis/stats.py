@@ -1,0 +1,235 @@
+"""Summary statistics from per-token columns (NumPy, float64, no Python loops over tokens).
+
+Conventions: standard errors are ``std(ddof=1)/sqrt(n)`` over tokens (as llama.cpp reports them;
+tokens of one document are correlated, so the bootstrap in the ranking treats documents as the
+unit). Quantiles are exact with linear interpolation between order statistics (NumPy's default
+"linear" method), extended so that ``+inf`` values (a candidate giving zero probability where the
+reference does not) propagate instead of turning into NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+QUANTILES: dict[str, float] = {
+    "median": 0.5,
+    "p90": 0.90,
+    "p95": 0.95,
+    "p99": 0.99,
+    "p999": 0.999,
+}
+
+#: Reference top-1 probability buckets: [lo, hi), the last one closed at 1.
+CONFIDENCE_BUCKETS: tuple[tuple[float, float], ...] = (
+    (0.0, 0.25),
+    (0.25, 0.5),
+    (0.5, 0.75),
+    (0.75, 0.95),
+    (0.95, 1.0),
+)
+
+
+def quantiles(values: np.ndarray, probs: list[float]) -> list[float]:
+    """Linear-interpolation quantiles of ``values`` that may contain ``+inf`` (no NaN allowed)."""
+    if values.size == 0:
+        return [math.nan] * len(probs)
+    ordered = np.sort(values.astype(np.float64))
+    out = []
+    for prob in probs:
+        h = (ordered.size - 1) * prob
+        lo, hi = math.floor(h), math.ceil(h)
+        weight = h - lo
+        a, b = ordered[lo], ordered[hi]
+        if weight == 0 or a == b:
+            out.append(float(a))
+        elif math.isinf(b):
+            out.append(math.inf)
+        else:
+            out.append(float(a + (b - a) * weight))
+    return out
+
+
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error (``nan`` se for fewer than two values)."""
+    n = values.size
+    if n == 0:
+        return math.nan, math.nan
+    values = values.astype(np.float64)
+    if np.isinf(values).any():
+        return float(values.mean()), math.inf
+    mean = float(values.mean())
+    se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return mean, se
+
+
+def distribution(values: np.ndarray) -> dict[str, Any]:
+    """``mean``, ``se``, quantiles, ``max``, ``min`` and the count of infinite values."""
+    values = values.astype(np.float64)
+    mean, se = mean_se(values)
+    summary: dict[str, Any] = {"mean": mean, "se": se}
+    summary.update(zip(QUANTILES, quantiles(values, list(QUANTILES.values())), strict=True))
+    summary["max"] = float(values.max()) if values.size else math.nan
+    summary["min"] = float(values.min()) if values.size else math.nan
+    infinite = np.isinf(values)
+    summary["infinite"] = int(infinite.sum())
+    if infinite.any():
+        finite = values[~infinite]
+        summary["mean_finite"] = float(finite.mean()) if finite.size else math.nan
+    return summary
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation over entries finite in both (nan if undefined)."""
+    keep = np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 2:
+        return math.nan
+    x, y = a[keep].astype(np.float64), b[keep].astype(np.float64)
+    if x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def confidence_buckets(kl: np.ndarray, top1_prob: np.ndarray) -> list[dict[str, Any]]:
+    """Mean and median KL by the reference's top-1 probability (where the reference is sure)."""
+    rows = []
+    edges = np.asarray([lo for lo, _ in CONFIDENCE_BUCKETS] + [np.inf])
+    index = np.clip(
+        np.searchsorted(edges, top1_prob, side="right") - 1, 0, len(CONFIDENCE_BUCKETS) - 1
+    )
+    for i, (lo, hi) in enumerate(CONFIDENCE_BUCKETS):
+        values = kl[index == i]
+        mean, se = mean_se(values)
+        rows.append(
+            {
+                "bucket": f"[{lo:.2f}, {hi:.2f}{']' if hi == 1.0 else ')'}",
+                "low": lo,
+                "high": hi,
+                "tokens": int(values.size),
+                "share": float(values.size / max(kl.size, 1)),
+                "kl_mean": mean,
+                "kl_se": se,
+                "kl_median": quantiles(values, [0.5])[0],
+            }
+        )
+    return rows
+
+
+def summarize(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The ``metrics`` object of results.json for one candidate, from its per-token columns.
+
+    ``columns`` holds the per-token arrays of :data:`~lmkl.scoring.divergence.TOKEN_METRIC_NAMES`
+    plus
+    ``nonfinite`` (bool), ``bytes`` (UTF-8 bytes per token), ``doc_id`` and ``window_id``.
+    """
+    nonfinite = np.asarray(columns["nonfinite"], dtype=bool)
+    keep = ~nonfinite
+
+    def col(name: str) -> np.ndarray:
+        return np.asarray(columns[name], dtype=np.float64)[keep]
+
+    kl, nll_p, nll_q = col("kl"), col("nll_reference"), col("nll_candidate")
+    mean_nll_p, mean_nll_q = (float(v.mean()) if v.size else math.nan for v in (nll_p, nll_q))
+    ppl_p, ppl_q = _exp(mean_nll_p), _exp(mean_nll_q)
+    ln_ratio_mean, ln_ratio_se = mean_se(nll_q - nll_p)
+    dp = col("delta_p")
+    dp_mean, dp_se = mean_se(dp)
+    agree_mean, agree_se = mean_se(col("top1_agree"))
+    top5_mean, top5_se = mean_se(col("top1_in_top5"))
+    total_bytes = float(np.asarray(columns["bytes"], dtype=np.float64)[keep].sum())
+    doc_ids = np.asarray(columns["doc_id"])
+    window_ids = np.asarray(columns["window_id"])
+    return {
+        "kl": distribution(kl),
+        "reverse_kl": distribution(col("reverse_kl")),
+        "jsd": distribution(col("jsd")),
+        "entropy": {
+            "reference": _mean(col("entropy_reference")),
+            "candidate": _mean(col("entropy_candidate")),
+        },
+        "nll": {"reference": mean_nll_p, "candidate": mean_nll_q},
+        "ppl": {
+            "reference": ppl_p,
+            "candidate": ppl_q,
+            "ratio": ppl_q / ppl_p if ppl_p and math.isfinite(ppl_p) else math.nan,
+        },
+        "ln_ppl_ratio": {"mean": ln_ratio_mean, "se": ln_ratio_se},
+        "nll_correlation": correlation(nll_p, nll_q),
+        "bits_per_byte": {
+            "reference": _bpb(nll_p, total_bytes),
+            "candidate": _bpb(nll_q, total_bytes),
+            "bytes": int(total_bytes),
+        },
+        "delta_p": {
+            "mean": dp_mean,
+            "se": dp_se,
+            "rms": float(np.sqrt(np.mean(dp**2))) if dp.size else math.nan,
+        },
+        "top1_agreement": {"mean": agree_mean, "se": agree_se},
+        "top1_in_top5": {"mean": top5_mean, "se": top5_se},
+        "kl_by_confidence": confidence_buckets(kl, col("reference_top1_prob")),
+        "counts": {
+            "documents": int(np.unique(doc_ids).size),
+            "windows": int(np.unique(window_ids).size),
+            "tokens": int(keep.sum()),
+            "nonfinite": int(nonfinite.sum()),
+            "nonfinite_share": float(nonfinite.mean()) if nonfinite.size else 0.0,
+            "infinite": int(np.isinf(kl).sum()),
+        },
+    }
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else math.nan
+
+
+def _exp(x: float) -> float:
+    if not math.isfinite(x):
+        return x
+    return math.exp(x) if x < 700 else math.inf
+
+
+def _bpb(nll: np.ndarray, total_bytes: float) -> float:
+    """Bits per byte: −Σ log-likelihood / (Σ bytes · ln 2)."""
+    if total_bytes <= 0 or nll.size == 0:
+        return math.nan
+    return float(nll.sum() / total_bytes / math.log(2))
+
+
+def to_json_safe(value: Any) -> Any:
+    """Replace non-finite floats for strict JSON: ``+inf`` → ``"inf"``, NaN → ``None``."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {k: to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return to_json_safe(value.item())
+    return value
+
+
+def ratio_mean_se(numerators: np.ndarray, denominators: np.ndarray) -> tuple[float, float]:
+    """``Σ x / Σ w`` over units (e.g. documents) and its delta-method standard error.
+
+    ``se = sqrt(Σ (x_i − R w_i)² / (n(n−1))) / mean(w)``: the usual ratio-estimator error when
+    the units, not the tokens or bytes inside them, are the independent draws.
+    """
+    x = np.asarray(numerators, dtype=np.float64)
+    w = np.asarray(denominators, dtype=np.float64)
+    total = float(w.sum())
+    if x.size == 0 or total <= 0:
+        return math.nan, math.nan
+    ratio = float(x.sum() / total)
+    n = x.size
+    if n < 2 or not np.isfinite(x).all():
+        return ratio, math.nan
+    resid = x - ratio * w
+    return ratio, float(math.sqrt(np.sum(resid**2) / (n * (n - 1))) / w.mean())

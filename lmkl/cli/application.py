@@ -1,0 +1,59 @@
+"""The ``lmkl`` command line: a thin Typer layer over the library.
+
+Usage::
+
+    lmkl demo                                   # offline end-to-end example
+    lmkl compare REFERENCE CANDIDATE --data held_out.jsonl --out runs/x
+    lmkl report runs/x                          # self-contained HTML report
+    lmkl run configs/precision.yaml             # a YAML experiment: many candidates, ranked
+
+``lmkl --help`` stays instant: torch and transformers are imported inside command bodies only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lmkl import __version__
+from lmkl.cli.commands import (
+    cache,
+    compare,
+    demo,
+    init,
+    inspect,
+    report,
+    run,
+    sample_kl,
+    validate,
+)
+
+app = typer.Typer(
+    name="lmkl",
+    help="Compare causal language models by the exact KL divergence of their next-token "
+    "distributions. KL(P‖Q): P is the reference, Q the candidate, in nats.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+for module in (compare, demo, run, validate, init, cache, sample_kl, report, inspect):
+    module.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lmkl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """lmkl: exact token-level KL between causal LMs (reference P, candidate Q)."""

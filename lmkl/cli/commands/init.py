@@ -1,0 +1,53 @@
+"""``lmkl init [NAME]``: copy a shipped example experiment to edit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmkl.cli.common import friendly_errors, stdout
+
+DEFAULT_EXAMPLE = "precision"
+
+
+@friendly_errors
+def init(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Example to copy (see --list); precision runs offline on the demo models."
+        ),
+    ] = DEFAULT_EXAMPLE,
+    list_: Annotated[bool, typer.Option("--list", help="List the shipped examples.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where to write it (default: ./NAME.yaml).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Copy a shipped example config (default: precision) into the current directory."""
+    from lmkl.errors import OutputError
+    from lmkl.experiment.schema import example_names, example_summary, example_text
+
+    if list_:
+        for example in example_names():
+            stdout.print(
+                f"[bold]{example:14}[/bold] {example_summary(example_text(example))}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        return
+    text = example_text(name)
+    target = out or Path(f"{name.removesuffix('.yaml')}.yaml")
+    if target.exists() and not force:
+        raise OutputError(f"'{target}' already exists", "pass --force to replace it, or --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    stdout.print(
+        f"wrote {target}; edit it, then: lmkl run {target}", highlight=False, soft_wrap=True
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)

@@ -1,0 +1,364 @@
+"""The run directory: what a run writes, how, and how other tools read it back.
+
+Layout (a contract; see README, "Run directory")::
+
+    RUN_DIR/
+      config.yaml      resolved options of the run
+      results.json     summary statistics, provenance, throughput (written last)
+      tokens.parquet   one row per scored token and candidate
+      worst.json       the worst positions with both models' top-5 next tokens (for reports)
+      parts/           durable per-batch parts while the run is in progress (removed at the end)
+      progress.json    how many parts are complete (while in progress)
+
+Every file is written atomically (temporary file, fsync, rename), so a killed run never leaves a
+half-written file under its final name. A part counts as complete once ``part-NNNNNN.parquet``
+exists; its ``worst-NNNNNN.json`` is written just before it. ``--resume`` removes what a killed
+write can leave behind (``.*.tmp`` files, a worst file without its part) and recomputes from the
+first missing part. A failed write (full disk, unwritable directory) becomes an
+:class:`~lmkl.errors.OutputError` naming the directory; completed parts stay valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from lmkl.analysis.stats import to_json_safe
+from lmkl.errors import OutputError
+from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
+
+SCHEMA_VERSION = 1
+
+#: Column types of tokens.parquet. Metrics are float32 (their own precision) and null where the
+#: logits were not finite.
+TOKEN_SCHEMA = pa.schema(
+    [
+        ("candidate", pa.string()),
+        ("doc_id", pa.int64()),
+        ("window_id", pa.int64()),
+        ("position", pa.int64()),
+        ("window_pos", pa.int32()),
+        ("token_id", pa.int32()),
+        ("bytes", pa.int32()),
+        ("nonfinite", pa.bool_()),
+    ]
+    + [(name, pa.float32()) for name in TOKEN_METRIC_NAMES]
+)
+
+
+#: Test-only hook: ``LMKL_TEST_HOLD=POINT:INDEX`` freezes the process at a named point of a write
+#: (``part-written``: part N's temporary file is complete but not renamed, its worst file exists;
+#: ``part-done``: part N is in place, progress.json not yet updated; ``finalize:0``: tokens.parquet
+#: is written, results.json not yet), printing ``lmkl-test-hold POINT:INDEX`` to stderr, so a test
+#: can SIGKILL it there. A graceful stop request (first Ctrl-C) releases the hold. Never set it in
+#: real use.
+TEST_HOLD_ENV = "LMKL_TEST_HOLD"
+_PART_RE = re.compile(r"^part-(\d{6})\.parquet$")
+
+
+def _test_hold(point: str, index: int = 0) -> None:
+    if os.environ.get(TEST_HOLD_ENV) != f"{point}:{index}":
+        return
+    from lmkl.engine.interrupt import stop_requested
+
+    print(f"lmkl-test-hold {point}:{index}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 300  # never hang forever if the test that set it died
+    while not stop_requested() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@contextmanager
+def _writing(run_dir: Path, what: str) -> Iterator[None]:
+    """Turn an OSError while writing ``what`` (full disk, permissions) into one clear line."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise OutputError(
+            f"cannot write {what} in '{run_dir}': {reason}; completed parts are kept",
+            "free disk space or fix the directory's permissions, then rerun the same command "
+            f"with --resume --out {run_dir}",
+        ) from exc
+
+
+#: tokens.parquet of a comparison against a compact (top-k) reference cache: the exact KL is not
+#: known there, so ``kl``/``reverse_kl``/``jsd`` are null and a guaranteed interval is stored.
+BOUNDS_SCHEMA = pa.schema([*TOKEN_SCHEMA, ("kl_lower", pa.float32()), ("kl_upper", pa.float32())])
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success fsync it and rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with tmp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write strict JSON (non-finite floats become ``"inf"``/``null``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(to_json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_yaml(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
+
+
+def tokens_table(columns: dict[str, Any], schema: pa.Schema = TOKEN_SCHEMA) -> pa.Table:
+    """A table in :data:`TOKEN_SCHEMA` from per-token arrays; NaN metrics become nulls."""
+    arrays = []
+    for field in schema:
+        values = columns[field.name]
+        if pa.types.is_floating(field.type):
+            values = np.asarray(values, dtype=np.float32)
+            arrays.append(pa.array(values, type=field.type, mask=np.isnan(values)))
+        else:
+            arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class RunDirectory:
+    """Creates and fills one run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._completed: set[int] | None = None  # listed once, then kept up to date
+        #: Columns of the per-token parts and of tokens.parquet.
+        self.schema = TOKEN_SCHEMA
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.path / "parts"
+
+    @staticmethod
+    def check_new(path: Path, overwrite: bool = False) -> None:
+        """Fail early (before models load) if ``path`` cannot hold a new run; changes nothing."""
+        if path.exists() and not path.is_dir():
+            raise OutputError(
+                f"output path '{path}' is a file, not a directory", "choose another --out directory"
+            )
+        if path.exists() and not _is_empty(path):
+            if not overwrite:
+                raise OutputError(
+                    f"output directory '{path}' already holds a run",
+                    "pass --overwrite to replace it, --resume to continue it, or another --out",
+                )
+            if not (path / "config.yaml").exists() and not (path / "results.json").exists():
+                raise OutputError(
+                    f"'{path}' is not empty and is not an lmkl run; refusing to delete it",
+                    "choose an empty or new --out directory",
+                )
+        # Probe writability, then remove whatever the probe created.
+        missing = []
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            missing.append(existing)
+            existing = existing.parent
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".lmkl-write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write to output directory '{path}': {exc.strerror}",
+                "choose a writable --out directory",
+            ) from exc
+        finally:
+            for directory in missing:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+
+    @classmethod
+    def create(cls, path: Path, overwrite: bool = False) -> RunDirectory:
+        """Prepare ``path`` for a new run; replace an existing run only with ``overwrite``."""
+        cls.check_new(path, overwrite)
+        try:
+            if path.exists() and not _is_empty(path):
+                shutil.rmtree(path)  # check_new allowed it: --overwrite of an lmkl run
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot prepare output directory '{path}': {exc.strerror}",
+                "choose a writable --out directory",
+            ) from exc
+        return cls(path)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        with _writing(self.path, "config.yaml"):
+            write_yaml(self.path / "config.yaml", config)
+
+    def part_path(self, index: int) -> Path:
+        return self.parts_dir / f"part-{index:06d}.parquet"
+
+    def worst_path(self, index: int) -> Path:
+        return self.parts_dir / f"worst-{index:06d}.json"
+
+    def write_part(self, index: int, table: pa.Table, worst: Any = None) -> None:
+        """Write part ``index`` durably (its worst positions first), then update progress.json."""
+        with _writing(self.path, f"part {index}"):
+            if worst is not None:
+                write_json(self.worst_path(index), worst)
+            with atomic_path(self.part_path(index)) as tmp:
+                pq.write_table(table, tmp)
+                _test_hold("part-written", index)
+            self._completed = set(self.completed_indices()) | {index}
+            _test_hold("part-done", index)
+            self.write_progress()
+
+    def write_progress(self, identity: dict[str, Any] | None = None) -> None:
+        """Record the completed parts (and, once, what the run is computed from) in progress.json.
+
+        ``identity`` (data fingerprint, model hashes, window count...) is kept from the first
+        call so that ``--resume`` can refuse to mix parts computed from other inputs.
+        """
+        progress = self.read_progress()
+        if identity is not None:
+            progress["identity"] = identity
+        progress["completed_parts"] = len(self.completed_indices())
+        with _writing(self.path, "progress.json"):
+            write_json(self.path / "progress.json", progress)
+
+    def read_progress(self) -> dict[str, Any]:
+        path = self.path / "progress.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def rescan(self) -> None:
+        """Forget the cached listing: other processes (ranks) may have added parts."""
+        self._completed = None
+
+    def completed_indices(self) -> list[int]:
+        """Indices of the parts whose file is in place (a part is complete once it exists)."""
+        if self._completed is None:
+            if not self.parts_dir.exists():
+                return []
+            found = (_PART_RE.match(p.name) for p in self.parts_dir.iterdir())
+            self._completed = {int(m.group(1)) for m in found if m}
+        return sorted(self._completed)
+
+    def part_rows(self, index: int) -> int | None:
+        """Row count of a complete part from its footer, or None if the file is unreadable."""
+        try:
+            return int(pq.read_metadata(self.part_path(index)).num_rows)
+        except Exception:  # a damaged file: the caller recomputes the part
+            return None
+
+    def remove_part(self, index: int) -> None:
+        if self._completed is not None:
+            self._completed.discard(index)
+        self.part_path(index).unlink(missing_ok=True)
+        self.worst_path(index).unlink(missing_ok=True)
+
+    def clean_incomplete(self) -> list[str]:
+        """Remove what a killed write leaves: temporary files and worst files without a part."""
+        removed = []
+        for directory in (self.path, self.parts_dir):
+            if not directory.is_dir():
+                continue
+            for path in directory.iterdir():
+                if path.is_file() and (_is_temporary(path.name)):
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
+        done = set(self.completed_indices())
+        if self.parts_dir.is_dir():
+            for path in self.parts_dir.glob("worst-*.json"):
+                index = path.stem.removeprefix("worst-")
+                if not index.isdigit() or int(index) not in done:
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
+        return sorted(removed)
+
+    def completed_parts(self) -> list[Path]:
+        return [self.part_path(i) for i in self.completed_indices()]
+
+    def read_parts(self) -> pa.Table:
+        parts = self.completed_parts()
+        if not parts:
+            return self.schema.empty_table()
+        return pa.concat_tables([pq.read_table(p, schema=self.schema) for p in parts])
+
+    def finalize(self, results: dict[str, Any], worst: list[dict[str, Any]]) -> Path:
+        """Merge parts into tokens.parquet, write worst.json and results.json, drop the parts."""
+        parts = self.completed_parts()
+        with _writing(self.path, "the final results"):
+            with (
+                atomic_path(self.path / "tokens.parquet") as tmp,
+                pq.ParquetWriter(tmp, self.schema) as writer,
+            ):
+                for part in parts:
+                    writer.write_table(pq.read_table(part, schema=self.schema))
+            _test_hold("finalize", 0)
+            write_json(self.path / "worst.json", worst)
+            # results.json last: its presence marks the run as finished.
+            write_json(self.path / "results.json", results)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self._completed = None
+        (self.path / "progress.json").unlink(missing_ok=True)
+        return self.path / "results.json"
+
+
+def _is_temporary(name: str) -> bool:
+    """Files lmkl writes only transiently: atomic-write temporaries and the writability probe."""
+    return (name.startswith(".") and name.endswith(".tmp")) or name == ".lmkl-write-test"
+
+
+def _is_empty(path: Path) -> bool:
+    """No entries except leftovers of an interrupted write (which hold no results)."""
+    return all(_is_temporary(p.name) for p in path.iterdir())
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    """Read a finished run's results.json."""
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        raise OutputError(
+            f"'{run_dir}' has no results.json (not a finished lmkl run)",
+            "pass the directory that `lmkl compare` or `lmkl run` wrote",
+        )
+    return json.loads(path.read_text())
+
+
+def load_tokens(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a finished run's tokens.parquet (optionally only some columns)."""
+    return pq.read_table(Path(run_dir) / "tokens.parquet", columns=columns)

@@ -1,0 +1,727 @@
+"""Sampled sequence-level KL, the seed's "expectation form": ``KL(P‖Q) = E_{y~P}[log P/Q (y)]``.
+
+For every prompt ``x``, ``num_samples`` continuations ``y = y_1 .. y_T`` are drawn from the
+reference P (``direction="forward"``; from the candidate Q for ``"reverse"``, which estimates
+``KL(Q‖P)``), each ending at a stop token (EOS) or after ``max_new_tokens`` tokens. Each
+continuation is then scored teacher-forced under both models (one forward each), giving per
+token ``log p(y_t | x, y<t)``, ``log q(y_t | x, y<t)`` and the exact per-step divergence
+``KL_t = KL(P(·|x, y<t) ‖ Q(·|x, y<t))`` over the whole vocabulary.
+
+The estimand is the KL between the two models' distributions over continuations
+(``KL(P(Y|x) ‖ Q(Y|x))`` for ``Y`` stopped at EOS or at ``max_new_tokens``), in **nats per
+continuation**, averaged over prompts. By the chain rule it equals ``E_{y~P}[Σ_t KL_t]``.
+With ``ℓ_t = log p(y_t|·) − log q(y_t|·)`` and ``r_t = exp(−ℓ_t)`` (= q/p of the sampled token),
+the estimators, per sampled continuation, are:
+
+``k1 = Σ_t ℓ_t = log P(y) − log Q(y)``
+    **unbiased** for the sequence KL; its variance grows with the length.
+``k2 = ½ (log P(y) − log Q(y))²``
+    **biased** (it estimates ½E[(log P/Q)²], which is close to KL only when P ≈ Q); low variance
+    and never negative. Reported for comparison with RL practice, not as a KL estimate.
+``k3_sequence = (R − 1) − log R`` with ``R = Q(y)/P(y) = exp(−k1)``
+    **unbiased** (``E_P[R] = 1``) and never negative, but ``R`` is a product over tokens, so its
+    variance can explode for long continuations.
+``k3 = Σ_t [(r_t − 1) − log r_t]`` (per token, summed)
+    per token, ``E[(r_t − 1) − log r_t | y<t] = KL_t``: an **unbiased** estimate of the per-step KL
+    at the visited prefix (``E[r_t | y<t] = 1``). Summed over the continuation (whether a step
+    happens depends only on ``y<t``), it is **unbiased** for the sequence KL, each term ``≥ 0``.
+``exact_per_step = Σ_t KL_t`` (Rao-Blackwellised)
+    replaces each sampled ``ℓ_t`` by its conditional expectation ``KL_t``: **unbiased**, and its
+    variance is never larger than k1's; usually by far the lowest. This is the headline number.
+
+Sampling with ``temperature ≠ 1``, ``top_k`` or ``top_p`` draws from a distribution S ≠ P. The
+continuations are still scored under the **untruncated** P and Q, so every estimator then
+estimates an expectation under S (e.g. ``E_{y~S}[log P(y) − log Q(y)]``), which is **not**
+``KL(P‖Q)`` and can even be negative. Results are then flagged ``biased: true`` with a warning;
+top-k/top-p remove tokens from S's support, so no reweighting could recover ``KL(P‖Q)`` from them.
+
+Sampling is seeded per continuation (one ``torch.Generator`` per (seed, prompt, sample), inverse-
+CDF draws in float64), so the draws of one continuation do not depend on the others.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from lmkl.analysis.stats import ratio_mean_se, summarize
+from lmkl.errors import DataError, UsageError
+from lmkl.models import LoadedModel, shared_vocab_size
+from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, StrictModel
+
+ProgressCallback = Callable[[int, int], None]
+LogCallback = Callable[[str], None]
+
+#: Estimators reported, in display order.
+ESTIMATORS: tuple[str, ...] = ("exact_per_step", "k1", "k3", "k3_sequence", "k2")
+
+#: Whether each estimator is unbiased for the sequence KL when sampling from P itself.
+UNBIASED: dict[str, bool] = {
+    "exact_per_step": True,
+    "k1": True,
+    "k3": True,
+    "k3_sequence": True,
+    "k2": False,
+}
+
+ESTIMATOR_DESCRIPTIONS: dict[str, str] = {
+    "exact_per_step": "Σ_t KL(P(·|y<t)‖Q(·|y<t)) along the sampled path (Rao-Blackwellised)",
+    "k1": "log P(y) − log Q(y)",
+    "k3": "Σ_t (r_t − 1) − log r_t, r_t = q(y_t|y<t)/p(y_t|y<t)",
+    "k3_sequence": "(R − 1) − log R, R = Q(y)/P(y)",
+    "k2": "½ (log P(y) − log Q(y))² (biased)",
+}
+
+SAMPLES_FILE = "samples.parquet"
+TEXT_FILE = "samples.jsonl"
+
+
+class SampleSpec(StrictModel):
+    """How continuations are sampled (all of it recorded in the results)."""
+
+    num_samples: int = Field(16, ge=2, description="Continuations per prompt (>= 2 for an se).")
+    max_new_tokens: int = Field(64, ge=1, description="Stop a continuation after this many tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 = sample from P).")
+    top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens only (0 = off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = off).")
+    direction: Literal["forward", "reverse"] = Field(
+        "forward",
+        description="forward: sample from the reference, estimate KL(P‖Q); reverse: "
+        "sample from the candidate, estimate KL(Q‖P).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the per-continuation generators.")
+    batch_size: int = Field(16, ge=1, description="Continuations sampled and scored together.")
+    stop_token_ids: list[int] = Field(
+        default_factory=list,
+        description="Extra stop tokens besides the tokenizer's and generation config's EOS.",
+    )
+
+    @property
+    def exact(self) -> bool:
+        """Whether the sampling distribution is the model's own (no temperature or truncation)."""
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def sampling_log_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Log-probabilities ``[B, V]`` of the distribution actually sampled from.
+
+    Order: divide by ``temperature``, keep the ``top_k`` largest logits (ties at the k-th value
+    are kept), then keep the smallest set of most likely tokens whose mass reaches ``top_p``;
+    removed tokens get ``-inf``. With the defaults this is ``log_softmax(logits)``.
+    """
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if temperature != 1.0:
+        x = x / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = x.topk(top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, -math.inf)
+    lp = torch.log_softmax(x, dim=-1)
+    if top_p < 1.0:
+        sorted_lp, order = lp.sort(dim=-1, descending=True)
+        probs = sorted_lp.exp()
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= top_p  # the first token always stays (mass_before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        lp = torch.log_softmax(lp.masked_fill(drop, -math.inf), dim=-1)
+    return lp
+
+
+def draw_tokens(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws: one token per row of ``log_probs`` for each uniform in ``[0, 1)``.
+
+    The CDF is accumulated in float64 (except on MPS), so tokens of tiny probability are drawn
+    at their own rate; a token of probability zero is never drawn.
+    """
+    dtype = torch.float32 if log_probs.device.type == "mps" else torch.float64
+    cdf = log_probs.to(dtype).exp().cumsum(-1)
+    u = uniforms.to(device=log_probs.device, dtype=dtype)[:, None] * cdf[:, -1:]
+    index = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return index.clamp_max(log_probs.shape[-1] - 1)
+
+
+def sample_seed(seed: int, prompt_id: int, sample_id: int) -> int:
+    """The seed of one continuation's generator, derived from the run seed (reproducible)."""
+    state = np.random.SeedSequence([seed, prompt_id, sample_id])
+    return int(state.generate_state(1, np.uint64)[0])
+
+
+def stop_ids(model: LoadedModel, extra: Sequence[int] = ()) -> set[int]:
+    """Stop tokens: the tokenizer's EOS, the generation config's EOS ids and ``extra``."""
+    ids = set(extra)
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.add(int(eos))
+    config = getattr(model.model, "generation_config", None)
+    value = getattr(config, "eos_token_id", None) if config is not None else None
+    if isinstance(value, int):
+        ids.add(value)
+    elif isinstance(value, list | tuple):
+        ids.update(int(v) for v in value)
+    return ids
+
+
+@dataclass
+class Continuation:
+    """One sampled continuation of a prompt."""
+
+    prompt_id: int
+    sample_id: int
+    seed: int
+    token_ids: list[int]
+    #: True when it ended with a stop token (which is part of ``token_ids`` and scored).
+    stopped: bool
+    #: log S(y) under the distribution actually sampled from (= log P(y) when sampling is exact,
+    #: up to the cached-vs-full forward rounding).
+    sampling_logprob: float
+
+
+def _cache_argument(module: Any) -> str:
+    """transformers >= 5 calls the KV cache ``cache``; earlier versions ``past_key_values``."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _next_logits(loaded: LoadedModel, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    """Logits ``[B, V]`` at the last position of ``ids`` given ``cache``, and the new cache."""
+    if loaded.head is not None:
+        base = loaded.model.base_model
+        kwargs = {_cache_argument(base): cache} if cache is not None else {}
+        out = base(input_ids=ids, use_cache=True, **kwargs)
+        logits = loaded.head(out.last_hidden_state[:, -1])
+    else:
+        model = loaded.model
+        params = inspect.signature(model.forward).parameters
+        kwargs = {_cache_argument(model): cache} if cache is not None else {}
+        if "logits_to_keep" in params:
+            kwargs["logits_to_keep"] = 1
+        out = model(input_ids=ids, use_cache=True, **kwargs)
+        logits = out.logits[:, -1]
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = getattr(out, "past_key_values", None)
+    return logits, new_cache
+
+
+@torch.inference_mode()
+def sample_continuations(
+    sampler: LoadedModel,
+    prompt_ids: Sequence[int],
+    prompt_id: int,
+    sample_ids: Sequence[int],
+    spec: SampleSpec,
+    vocab_size: int,
+    stops: set[int],
+) -> list[Continuation]:
+    """Sample one continuation of ``prompt_ids`` per entry of ``sample_ids`` from ``sampler``.
+
+    Uses the KV cache; a continuation ends after its first stop token or ``max_new_tokens``.
+    Only the first ``vocab_size`` logits (the real vocabulary) are sampled from.
+    """
+    n = len(sample_ids)
+    seeds = [sample_seed(spec.seed, prompt_id, s) for s in sample_ids]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    device = sampler.device
+    ids = torch.tensor([list(prompt_ids)] * n, dtype=torch.long, device=device)
+    logits, cache = _next_logits(sampler, ids, None)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprob = [0.0] * n
+    done = [False] * n
+    for step in range(spec.max_new_tokens):
+        lp = sampling_log_probs(logits[:, :vocab_size], spec.temperature, spec.top_k, spec.top_p)
+        uniforms = torch.stack(
+            [torch.rand((), generator=g, dtype=torch.float64) for g in generators]
+        )
+        drawn = draw_tokens(lp, uniforms)
+        chosen_lp = lp.gather(-1, drawn[:, None]).squeeze(-1).double().cpu().tolist()
+        for b, token in enumerate(drawn.cpu().tolist()):
+            if done[b]:
+                continue
+            tokens[b].append(token)
+            logprob[b] += chosen_lp[b]
+            done[b] = token in stops
+        if all(done) or step == spec.max_new_tokens - 1:
+            break
+        # Finished rows keep decoding (their tokens are ignored) so the batch stays rectangular.
+        logits, cache = _next_logits(sampler, drawn[:, None].to(device), cache)
+    return [
+        Continuation(prompt_id, s, seed, toks, bool(toks) and toks[-1] in stops, lp_sum)
+        for s, seed, toks, lp_sum in zip(sample_ids, seeds, tokens, logprob, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def score_continuations(
+    reference: LoadedModel,
+    candidate: LoadedModel,
+    prompt_ids: Sequence[int],
+    continuations: Sequence[Continuation],
+    vocab_size: int,
+    chunk_size: int,
+    pad_id: int,
+) -> list[dict[str, np.ndarray]]:
+    """Teacher-forced per-token metrics of each continuation (see :func:`token_metrics`).
+
+    One forward per model over ``prompt + continuation`` (right-padded); logits are built only at
+    the continuation's positions, ``chunk_size`` rows at a time, with temperature 1 (the models'
+    own distributions, whatever the sampling used).
+    """
+    p = len(prompt_ids)
+    width = p + max(len(c.token_ids) for c in continuations)
+    ids = torch.full((len(continuations), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, cols, targets = [], [], []
+    for r, cont in enumerate(continuations):
+        seq = list(prompt_ids) + cont.token_ids
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+        rows.extend([r] * len(cont.token_ids))
+        cols.extend(range(p - 1, p - 1 + len(cont.token_ids)))
+        targets.extend(cont.token_ids)
+    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+    hidden = []
+    for model in (reference, candidate):
+        h = model.hidden_states(ids.to(model.device), mask.to(model.device))
+        hidden.append(h[rows_t.to(model.device), cols_t.to(model.device)])
+        del h
+    targets_t = torch.tensor(targets)
+    parts: list[dict[str, torch.Tensor]] = []
+    for start in range(0, len(targets), chunk_size):
+        stop = start + chunk_size
+        ref_logits = reference.logits(hidden[0][start:stop])[..., :vocab_size]
+        cand_logits = candidate.logits(hidden[1][start:stop])[..., :vocab_size]
+        metrics = token_metrics(
+            ref_logits, cand_logits.to(ref_logits.device), targets_t[start:stop]
+        )
+        parts.append({k: v.cpu() for k, v in metrics.items()})
+    merged = {k: torch.cat([part[k] for part in parts]).numpy() for k in parts[0]}
+    out = []
+    offset = 0
+    for cont in continuations:
+        n = len(cont.token_ids)
+        out.append({k: v[offset : offset + n] for k, v in merged.items()})
+        offset += n
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators and their summaries (NumPy, float64)
+# --------------------------------------------------------------------------------------------
+
+
+def sequence_estimators(
+    log_ratios: Sequence[np.ndarray], exact_kls: Sequence[np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per-continuation estimators from per-token ``ℓ_t`` and exact per-step KLs.
+
+    ``log_ratios[i][t] = log s(y_t|·) − log o(y_t|·)`` where s is the model sampled from and o
+    the other one; ``exact_kls[i][t] = KL(S(·|y<t) ‖ O(·|y<t))``. See the module docstring for
+    what each estimator estimates and which are unbiased. ``+inf`` (a sampled token the other
+    model gives probability zero) propagates; it is never turned into NaN.
+    """
+    k1 = np.array([np.sum(lr, dtype=np.float64) for lr in log_ratios])
+    with np.errstate(over="ignore", invalid="ignore"):
+        k3 = np.array([np.sum(_k3_terms(np.asarray(lr, dtype=np.float64))) for lr in log_ratios])
+        k3_sequence = _k3_terms(k1)
+    return {
+        "exact_per_step": np.array([np.sum(kl, dtype=np.float64) for kl in exact_kls]),
+        "k1": k1,
+        "k3": k3,
+        "k3_sequence": k3_sequence,
+        "k2": 0.5 * k1**2,
+    }
+
+
+def _k3_terms(log_ratio: np.ndarray) -> np.ndarray:
+    """``(r − 1) − log r`` with ``r = exp(−ℓ)``; ``expm1`` keeps it accurate for small ``ℓ``.
+
+    ``ℓ = +inf`` (r = 0) gives ``+inf``; a huge negative ``ℓ`` overflows r to ``+inf``, which is
+    the estimator's true (enormous) value.
+    """
+    return np.expm1(-log_ratio) + log_ratio
+
+
+def _mean_se(values: np.ndarray) -> tuple[float, float]:
+    n = values.size
+    if n == 0:
+        return math.nan, math.nan
+    mean = float(values.mean())
+    if not np.isfinite(values).all():
+        return mean, math.nan if np.isnan(values).any() else math.inf
+    return mean, float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+
+
+def estimator_summary(
+    prompt_ids: np.ndarray, values: np.ndarray, tokens: np.ndarray
+) -> dict[str, Any]:
+    """Overall mean over prompts (each prompt weighted equally) with two standard errors.
+
+    * ``se``: Monte-Carlo error over samples for *these* prompts, ``sqrt(Σ_j se_j²) / J`` from
+      the per-prompt standard errors (stratified by prompt); ``ci95 = mean ± 1.96 se``.
+    * ``se_prompts``: ``std(prompt means) / sqrt(J)``, the error when the prompts are themselves
+      a sample of a larger prompt population (includes between-prompt variation).
+    * ``per_token``: ``Σ value / Σ tokens`` over all continuations (nats per generated token),
+      with a delta-method se over continuations.
+    """
+    unique = np.unique(prompt_ids)
+    means, ses = [], []
+    for pid in unique:
+        m, s = _mean_se(values[prompt_ids == pid])
+        means.append(m)
+        ses.append(s)
+    means_a, ses_a = np.asarray(means), np.asarray(ses)
+    mean = float(means_a.mean()) if means_a.size else math.nan
+    se = float(math.sqrt(np.sum(ses_a**2)) / len(unique)) if len(unique) else math.nan
+    se_prompts = _mean_se(means_a)[1] if means_a.size > 1 else math.nan
+    ratio, ratio_se = ratio_mean_se(values, tokens)
+    ci = [mean - 1.96 * se, mean + 1.96 * se] if math.isfinite(se) else [math.nan, math.nan]
+    return {
+        "mean": mean,
+        "se": se,
+        "ci95": ci,
+        "se_prompts": se_prompts,
+        "per_token": {"mean": ratio, "se": ratio_se},
+    }
+
+
+def summarize_samples(table: dict[str, np.ndarray], spec: SampleSpec) -> dict[str, Any]:
+    """The ``sampled_kl`` block of results.json from per-continuation columns."""
+    prompt_ids = np.asarray(table["prompt_id"])
+    tokens = np.asarray(table["tokens"], dtype=np.float64)
+    estimators = {}
+    for name in ESTIMATORS:
+        block = estimator_summary(prompt_ids, np.asarray(table[name], dtype=np.float64), tokens)
+        block["unbiased"] = UNBIASED[name] and spec.exact
+        block["description"] = ESTIMATOR_DESCRIPTIONS[name]
+        estimators[name] = block
+    per_prompt = []
+    for pid in np.unique(prompt_ids):
+        sel = prompt_ids == pid
+        entry: dict[str, Any] = {
+            "prompt_id": int(pid),
+            "samples": int(sel.sum()),
+            "mean_tokens": float(tokens[sel].mean()),
+            "stopped_share": float(np.asarray(table["stopped"])[sel].mean()),
+        }
+        for name in ESTIMATORS:
+            m, s = _mean_se(np.asarray(table[name], dtype=np.float64)[sel])
+            entry[name] = {"mean": m, "se": s}
+        per_prompt.append(entry)
+    forward = spec.direction == "forward"
+    target = "KL(P‖Q)" if forward else "KL(Q‖P)"
+    sampler = "the reference P" if forward else "the candidate Q"
+    warning = None
+    if not spec.exact:
+        warning = (
+            f"sampling used temperature={spec.temperature}, top_k={spec.top_k}, "
+            f"top_p={spec.top_p}, so continuations come from a distribution S other than "
+            f"{sampler}: every estimate here is an expectation under S, NOT {target}"
+        )
+    return {
+        "target": target,
+        "direction": spec.direction,
+        "sampler": "reference" if forward else "candidate",
+        "units": "nats per continuation (per_token: nats per generated token)",
+        "estimand": (
+            f"{target} between the two models' distributions over continuations (stopped at a "
+            f"stop token or after {spec.max_new_tokens} tokens), averaged over prompts"
+            if spec.exact
+            else f"E_(y~S)[…] under the tempered/truncated sampler S; not {target}"
+        ),
+        "exact_sampling": spec.exact,
+        "biased": not spec.exact,
+        "warning": warning,
+        "headline": "exact_per_step",
+        "estimators": estimators,
+        "counts": {
+            "prompts": len(per_prompt),
+            "samples": int(prompt_ids.size),
+            "tokens": int(tokens.sum()),
+            "stopped": int(np.asarray(table["stopped"]).sum()),
+        },
+        "per_prompt": per_prompt,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleOutcome:
+    """What a finished sample-kl run produced."""
+
+    path: Path
+    results: dict[str, Any]
+
+
+def encode_prompts(corpus: Any, tokenizer: Any) -> list[list[int]]:
+    """Token ids of each prompt: text with the tokenizer's special tokens, or a chat prompt."""
+    from lmkl.data.chat import encode_prompt
+
+    prompts = []
+    for doc in corpus.documents:
+        if doc.messages is not None:
+            ids = encode_prompt(tokenizer, doc.messages)
+        else:
+            ids = list(tokenizer(doc.text, add_special_tokens=True)["input_ids"])
+        if not ids:
+            raise DataError(
+                f"prompt {doc.doc_id} is empty and the tokenizer adds no BOS token, so there is "
+                "nothing to condition on",
+                "drop empty prompts from the data",
+            )
+        prompts.append(ids)
+    return prompts
+
+
+def _token_bytes(tokenizer: Any, ids: Sequence[int], special: set[int]) -> list[int]:
+    return [0 if i in special else len(tokenizer.decode([i]).encode()) for i in ids]
+
+
+def run_sample_kl(
+    reference: ModelSpec,
+    candidate: ModelSpec,
+    data: DataSpec,
+    spec: SampleSpec,
+    compute: ComputeSpec,
+    output: OutputSpec,
+    *,
+    progress: ProgressCallback | None = None,
+    log: LogCallback | None = None,
+) -> SampleOutcome:
+    """Sample continuations, score them under both models and write a run directory.
+
+    The directory holds ``results.json`` (``candidates[0].metrics`` has the usual per-token
+    summary over the sampled tokens plus ``sequence_kl`` and ``sampled_kl``), ``tokens.parquet``
+    (one row per sampled token), ``samples.parquet`` (one row per continuation),
+    ``samples.jsonl`` (the generated text) and ``config.yaml``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmkl.data.corpus import load_corpus
+    from lmkl.engine.rundir import RunDirectory, atomic_path, tokens_table, write_json
+    from lmkl.engine.runner import _unique_labels, default_run_dir, load_models, run_provenance
+
+    log = log or (lambda _msg: None)
+    reference, candidate = _unique_labels([reference, candidate])
+    config = {
+        "command": "sample-kl",
+        "reference": reference.model_dump(),
+        "candidates": [candidate.model_dump()],
+        "data": data.model_dump(),
+        "sampling": spec.model_dump(),
+        "compute": compute.model_dump(),
+    }
+    out_path = Path(output.dir) if output.dir else default_run_dir(reference, [candidate])
+    run_dir = RunDirectory.create(out_path, overwrite=output.overwrite)
+    run_dir.write_config(config)
+    started = _dt.datetime.now(_dt.timezone.utc)
+
+    ref_model, (cand_model,) = load_models(reference, [candidate], log)
+    vocab_size, padded = shared_vocab_size([ref_model, cand_model])
+    chunk = compute.chunk_size(vocab_size)
+    forward = spec.direction == "forward"
+    sampler = ref_model if forward else cand_model
+    stops = stop_ids(sampler, spec.stop_token_ids)
+    tokenizer = ref_model.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    special = set(getattr(tokenizer, "all_special_ids", []))
+
+    log(f"reading prompts {data.source}")
+    corpus = load_corpus(data)
+    prompts = encode_prompts(corpus, tokenizer)
+    for model in (ref_model, cand_model):
+        limit = model.max_positions
+        longest = max(len(p) for p in prompts) + spec.max_new_tokens
+        if limit is not None and longest > limit:
+            raise UsageError(
+                f"the longest prompt plus --max-new-tokens is {longest} tokens, more than "
+                f"{model.label}'s maximum of {limit} positions",
+                "use shorter prompts or a smaller --max-new-tokens",
+            )
+
+    total = len(prompts) * spec.num_samples
+    per_sample: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "prompt_id",
+            "sample_id",
+            "seed",
+            "tokens",
+            "stopped",
+            "log_p",
+            "log_q",
+            "log_sampling",
+            "kl_sum",
+            "reverse_kl_sum",
+        )
+    }
+    token_columns: dict[str, list[np.ndarray]] = {}
+    texts: list[dict[str, Any]] = []
+    log_ratios: list[np.ndarray] = []  # ℓ_t = log s − log o per token (s: the sampler)
+    exact_kls: list[np.ndarray] = []  # KL(S_t ‖ O_t) per token
+    seconds = 0.0
+    done = 0
+    for doc, prompt in zip(corpus.documents, prompts, strict=True):
+        for start in range(0, spec.num_samples, spec.batch_size):
+            sample_ids = list(range(start, min(start + spec.batch_size, spec.num_samples)))
+            t0 = time.perf_counter()
+            conts = sample_continuations(
+                sampler, prompt, doc.doc_id, sample_ids, spec, vocab_size, stops
+            )
+            scored = score_continuations(
+                ref_model, cand_model, prompt, conts, vocab_size, chunk, pad_id
+            )
+            seconds += time.perf_counter() - t0
+            for cont, metrics in zip(conts, scored, strict=True):
+                _collect(
+                    per_sample,
+                    token_columns,
+                    texts,
+                    cont,
+                    metrics,
+                    tokenizer,
+                    prompt,
+                    doc,
+                    special,
+                    len(per_sample["prompt_id"]),
+                )
+                nll_p = metrics["nll_reference"].astype(np.float64)
+                nll_q = metrics["nll_candidate"].astype(np.float64)
+                log_ratios.append(nll_q - nll_p if forward else nll_p - nll_q)
+                exact_kls.append(metrics["kl" if forward else "reverse_kl"])
+            done += len(conts)
+            if progress:
+                progress(done, total)
+
+    cols = {k: np.asarray(v) for k, v in per_sample.items()}
+    cols.update(sequence_estimators(log_ratios, exact_kls))
+    sampled = summarize_samples(cols, spec)
+
+    token_table = {k: np.concatenate(v) for k, v in token_columns.items()}
+    token_table["candidate"] = np.asarray([cand_model.label] * token_table["token_id"].size)
+    metrics = summarize(token_table)
+    head = sampled["estimators"]["exact_per_step"]
+    metrics["sequence_kl"] = {
+        "target": sampled["target"],
+        "estimator": "exact_per_step",
+        "mean": head["mean"],
+        "se": head["se"],
+        "ci95": head["ci95"],
+        "se_prompts": head["se_prompts"],
+        "per_token": head["per_token"],
+        "biased": sampled["biased"],
+    }
+    metrics["sampled_kl"] = sampled
+
+    with atomic_path(run_dir.path / "tokens.parquet") as tmp:
+        pq.write_table(tokens_table(token_table), tmp)
+    sample_schema_cols = {"candidate": [cand_model.label] * cols["tokens"].size, **cols}
+    with atomic_path(run_dir.path / SAMPLES_FILE) as tmp:
+        pq.write_table(pa.table(sample_schema_cols), tmp)
+    with atomic_path(run_dir.path / TEXT_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+
+    ended = _dt.datetime.now(_dt.timezone.utc)
+    results = {
+        "schema_version": 1,
+        "kind": "sample-kl",
+        "token_level": True,
+        "reference": ref_model.description,
+        "candidates": [
+            {"label": cand_model.label, "model": cand_model.description, "metrics": metrics}
+        ],
+        "sampling": spec.model_dump()
+        | {
+            "sampler": sampler.label,
+            "exact": spec.exact,
+            "stop_token_ids": sorted(stops),
+            "vocab_size": vocab_size,
+            "padded_vocab": padded,
+        },
+        "data": corpus.description | {"prompts": len(prompts)},
+        "compute": config["compute"] | {"chunk_tokens": chunk},
+        "provenance": run_provenance(config, started, ended),
+        "throughput": {
+            "seconds": seconds,
+            "samples_per_s": done / seconds if seconds > 0 else None,
+            "tokens_per_s": float(cols["tokens"].sum()) / seconds if seconds > 0 else None,
+        },
+    }
+    write_json(run_dir.path / "results.json", results)
+    return SampleOutcome(path=run_dir.path, results=results)
+
+
+def _collect(
+    per_sample: dict[str, list[Any]],
+    token_columns: dict[str, list[np.ndarray]],
+    texts: list[dict[str, Any]],
+    cont: Continuation,
+    metrics: dict[str, np.ndarray],
+    tokenizer: Any,
+    prompt: Sequence[int],
+    doc: Any,
+    special: set[int],
+    index: int,
+) -> None:
+    n = len(cont.token_ids)
+    nll_p = metrics["nll_reference"].astype(np.float64)
+    nll_q = metrics["nll_candidate"].astype(np.float64)
+    per_sample["prompt_id"].append(cont.prompt_id)
+    per_sample["sample_id"].append(cont.sample_id)
+    per_sample["seed"].append(cont.seed)
+    per_sample["tokens"].append(n)
+    per_sample["stopped"].append(cont.stopped)
+    per_sample["log_p"].append(-float(nll_p.sum()))
+    per_sample["log_q"].append(-float(nll_q.sum()))
+    per_sample["log_sampling"].append(cont.sampling_logprob)
+    per_sample["kl_sum"].append(float(metrics["kl"].astype(np.float64).sum()))
+    per_sample["reverse_kl_sum"].append(float(metrics["reverse_kl"].astype(np.float64).sum()))
+    columns = {
+        "doc_id": np.full(n, cont.prompt_id, dtype=np.int64),
+        "window_id": np.full(n, index, dtype=np.int64),
+        "position": np.arange(n, dtype=np.int64),
+        "window_pos": np.arange(len(prompt), len(prompt) + n, dtype=np.int64),
+        "token_id": np.asarray(cont.token_ids, dtype=np.int64),
+        "bytes": np.asarray(_token_bytes(tokenizer, cont.token_ids, special), dtype=np.int64),
+        "nonfinite": metrics["nonfinite"],
+        **{name: metrics[name] for name in TOKEN_METRIC_NAMES},
+    }
+    for key, value in columns.items():
+        token_columns.setdefault(key, []).append(value)
+    texts.append(
+        {
+            "prompt_id": cont.prompt_id,
+            "sample_id": cont.sample_id,
+            "prompt": doc.text,
+            "continuation": tokenizer.decode(cont.token_ids),
+            "token_ids": cont.token_ids,
+            "stopped": cont.stopped,
+        }
+    )

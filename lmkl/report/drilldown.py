@@ -1,0 +1,283 @@
+"""Terminal drill-down into one run (``lmkl inspect``): a document coloured by per-token KL and
+the worst positions with both models' top-5 next tokens.
+
+All data text is put into rich ``Text`` objects (never parsed as markup), so a document
+containing ``[bold]`` or control-like text prints as itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from lmkl.errors import UsageError
+from lmkl.report.model import (
+    CandidateTokens,
+    RunInfo,
+    TokenNamer,
+    load_run,
+    num,
+    read_candidate_tokens,
+    visible,
+    worst_entries,
+)
+
+#: Styles from calm to alarming; thresholds are the candidate's own median, p90 and p99 KL.
+LEVEL_STYLES = ("default", "yellow", "bold dark_orange", "bold white on red3")
+LEVEL_NAMES = ("≤ median", "median–p90", "p90–p99", "> p99")
+
+
+@dataclass
+class DocumentView:
+    """The scored tokens of one document for one candidate, in order."""
+
+    doc_id: int
+    positions: np.ndarray
+    token_ids: np.ndarray
+    kl: np.ndarray
+    texts: list[str]
+    first_shown: int
+    total: int
+
+
+def pick_candidate(run: RunInfo, label: str | None) -> str:
+    """The candidate label to inspect (the first one by default)."""
+    labels = [str(c.get("label")) for c in run.results.get("candidates", [])]
+    if not labels:
+        raise UsageError(f"run '{run.path}' has no candidates", "pass another run directory")
+    if label is None:
+        return labels[0]
+    if label not in labels:
+        raise UsageError(
+            f"no candidate '{label}' in run '{run.path}'", "use one of: " + ", ".join(labels)
+        )
+    return label
+
+
+def thresholds(run: RunInfo, label: str) -> tuple[float, float, float]:
+    entry = next(c for c in run.results["candidates"] if c.get("label") == label)
+    kl = entry.get("metrics", {}).get("kl", {})
+    return num(kl.get("median")), num(kl.get("p90")), num(kl.get("p99"))
+
+
+def level(value: float, cuts: tuple[float, float, float]) -> int:
+    """0..3: which of the candidate's KL quantile bands ``value`` falls in (NaN → 0)."""
+    if math.isnan(value):
+        return 0
+    return int(sum(value > c for c in cuts if math.isfinite(c)))
+
+
+def document_view(
+    run: RunInfo,
+    label: str,
+    doc_id: int,
+    namer: TokenNamer,
+    max_tokens: int = 400,
+    focus: int | None = None,
+) -> DocumentView:
+    """Read one document's rows of tokens.parquet (pushed-down filter), ordered by position.
+
+    When the document has more than ``max_tokens`` scored tokens, a slice of that many around
+    ``focus`` (a position; default the document's highest-KL token) is kept.
+    """
+    path = run.path / "tokens.parquet"
+    if not path.exists():
+        raise UsageError(f"run '{run.path}' has no tokens.parquet", "rerun the comparison")
+    table = pq.read_table(
+        path,
+        columns=["position", "token_id", "kl"],
+        filters=[("candidate", "=", label), ("doc_id", "=", int(doc_id))],
+    )
+    if table.num_rows == 0:
+        docs = pq.read_table(path, columns=["doc_id"], filters=[("candidate", "=", label)])
+        ids = pc.unique(docs["doc_id"]).to_numpy()
+        span = f"{ids.min()}–{ids.max()}" if ids.size else "none"
+        raise UsageError(
+            f"document {doc_id} has no scored tokens for candidate '{label}'",
+            f"pass --doc with a document id in {span}",
+        )
+    positions = table["position"].to_numpy()
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    token_ids = table["token_id"].to_numpy()[order]
+    kl = pc.fill_null(table["kl"], math.nan).to_numpy().astype(np.float64)[order]
+    total = positions.size
+    start = 0
+    if total > max_tokens:
+        finite = np.where(np.isfinite(kl), kl, -1.0)
+        centre = (
+            int(np.searchsorted(positions, focus))
+            if focus is not None
+            else int(np.argmax(np.where(np.isposinf(kl), np.inf, finite)))
+        )
+        start = int(np.clip(centre - max_tokens // 2, 0, total - max_tokens))
+        positions, token_ids, kl = (
+            a[start : start + max_tokens] for a in (positions, token_ids, kl)
+        )
+    return DocumentView(
+        doc_id=int(doc_id),
+        positions=positions,
+        token_ids=token_ids,
+        kl=kl,
+        texts=namer.many(token_ids.tolist()),
+        first_shown=start,
+        total=total,
+    )
+
+
+def render_document(view: DocumentView, cuts: tuple[float, float, float], readable: bool) -> Text:
+    """The document's text with each token coloured by its KL band."""
+    text = Text()
+    if view.first_shown > 0:
+        text.append("… ", style="dim")
+    for token, value in zip(view.texts, view.kl, strict=True):
+        shown = token if readable else f"⟨{token}⟩"
+        text.append(shown, style=LEVEL_STYLES[level(float(value), cuts)])
+    if view.first_shown + view.positions.size < view.total:
+        text.append(" …", style="dim")
+    return text
+
+
+def legend(cuts: tuple[float, float, float]) -> Text:
+    text = Text("colour = per-token KL(P‖Q): ", style="dim")
+    bounds = [
+        f"≤ {cuts[0]:.3g}",
+        f"{cuts[0]:.3g}–{cuts[1]:.3g}",
+        f"{cuts[1]:.3g}–{cuts[2]:.3g}",
+        f"> {cuts[2]:.3g}",
+    ]
+    for style, name, bound in zip(LEVEL_STYLES, LEVEL_NAMES, bounds, strict=True):
+        text.append(f" {name} ({bound}) ", style=style)
+        text.append(" ")
+    return text
+
+
+def documents_table(tokens: CandidateTokens, n: int = 8) -> Table:
+    """The documents with the highest mean KL (bincount over doc ids)."""
+    keep = tokens.finite
+    docs = tokens.doc_id[keep]
+    counts = np.bincount(docs)
+    sums = np.bincount(docs, weights=tokens.kl[keep])
+    present = np.flatnonzero(counts)
+    means = sums[present] / counts[present]
+    order = present[np.argsort(-means, kind="stable")[:n]]
+    table = Table(title="documents with the highest mean KL", title_justify="left")
+    for name in ("doc", "tokens", "mean KL", "max KL"):
+        table.add_column(name, justify="right")
+    maxima = np.full(counts.size, -np.inf)
+    np.maximum.at(maxima, docs, tokens.kl[keep])
+    for d in order:
+        table.add_row(str(d), f"{counts[d]:,}", f"{sums[d] / counts[d]:.4f}", f"{maxima[d]:.4f}")
+    return table
+
+
+def _top5(items: list[dict[str, Any]]) -> Text:
+    text = Text()
+    for i, item in enumerate(items):
+        if i:
+            text.append(", ")
+        style = "bold red" if item.get("is_target") else ""
+        text.append(visible(str(item.get("token", "")), 14), style=style or None)
+        prob = item.get("prob", math.nan)
+        text.append(f" {100 * prob:.0f}%" if math.isfinite(prob) else " –", style="dim")
+    return text
+
+
+def worst_table(entries: list[dict[str, Any]], label: str) -> Table:
+    """The worst positions: KL, where, the context ending in the divergent token, both top-5s."""
+    table = Table(
+        title=f"worst {len(entries)} tokens of {label} (next token in red; top-5 "
+        "entries in bold red are the actual token)",
+        title_justify="left",
+        show_lines=True,
+    )
+    table.add_column("#", justify="right")
+    table.add_column("KL", justify="right", style="bold")
+    table.add_column("doc:pos", justify="right")
+    table.add_column("context → next token", ratio=3)
+    table.add_column("reference top-5", ratio=2)
+    table.add_column("candidate top-5", ratio=2)
+    for rank, e in enumerate(entries, 1):
+        context = str(e.get("context") or "").replace("\n", "↵ ")
+        context = ("…" + context[-90:]) if len(context) > 90 else context
+        cell = Text(context)
+        cell.append(visible(str(e.get("token") or "")), style="bold white on red3")
+        kl = e.get("kl", math.nan)
+        table.add_row(
+            str(rank),
+            f"{kl:.3f}" if math.isfinite(kl) else "inf",
+            f"{e.get('doc_id')}:{e.get('position')}",
+            cell,
+            _top5(e.get("reference_top5") or []),
+            _top5(e.get("candidate_top5") or []),
+        )
+    return table
+
+
+def inspect_run(
+    run_dir: Path,
+    *,
+    doc: int | None = None,
+    worst: int = 10,
+    candidate: str | None = None,
+    max_tokens: int = 400,
+    console: Console | None = None,
+) -> None:
+    """Print the drill-down of one run to ``console``."""
+    console = console or Console()
+    run = load_run(Path(run_dir))
+    label = pick_candidate(run, candidate)
+    cuts = thresholds(run, label)
+    namer = TokenNamer([run])
+    tokens = read_candidate_tokens(run.path, [label]).get(label)
+    entries = worst_entries(run, label, max(worst, 1), tokens)
+    head = Text()
+    head.append(f"{label}", style="bold")
+    head.append(f" (candidate) vs {run.reference_label} (reference) · {run.path}", style="dim")
+    parts: list[Any] = [head]
+    if tokens is not None and doc is None:
+        parts.append(documents_table(tokens))
+    focus = None
+    if doc is None:
+        if entries:
+            doc, focus = int(entries[0]["doc_id"]), int(entries[0]["position"])
+        elif tokens is not None and tokens.kl.size:
+            doc = int(tokens.doc_id[int(np.nanargmax(tokens.kl))])
+    if doc is not None and tokens is not None:
+        view = document_view(run, label, doc, namer, max_tokens=max_tokens, focus=focus)
+        shown = view.positions.size
+        title = Text(f"document {view.doc_id}: ", style="bold")
+        title.append(
+            f"{shown:,} of {view.total:,} scored tokens"
+            + (f" (from token {view.positions[0]})" if view.first_shown else ""),
+            style="dim",
+        )
+        if namer.source != "tokenizer":
+            title.append(
+                " · token strings: "
+                + ("worst.json where known, else ids" if namer.source == "worst.json" else "ids"),
+                style="dim",
+            )
+        parts += [
+            Text(""),
+            title,
+            legend(cuts),
+            render_document(view, cuts, readable=namer.source == "tokenizer"),
+        ]
+    if worst > 0:
+        parts += [
+            Text(""),
+            worst_table(entries[:worst], label)
+            if entries
+            else Text("no worst positions stored (worst.json)", style="dim"),
+        ]
+    console.print(Group(*parts))

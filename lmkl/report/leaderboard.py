@@ -1,0 +1,238 @@
+"""Terminal rendering of an experiment with rich: leaderboard, datasets, checkpoints, plan.
+
+Nothing is computed here; everything comes from the experiment's results.json (or the dry-run
+plan).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from lmkl.report.terminal import fmt, summary_table
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if isinstance(value, str):  # "inf" from to_json_safe
+        return value
+    return fmt(value, digits)
+
+
+def _ci(ci: list[Any] | None, digits: int = 4) -> str:
+    if not ci:
+        return "–"
+    return f"[{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
+
+
+def _size(size: dict[str, Any] | None, key: str) -> str:
+    if not size or size.get(key) is None:
+        return "–"
+    value = float(size[key])
+    if key == "parameters":
+        for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+            if value >= scale:
+                return f"{value / scale:.3g}{unit}"
+        return f"{value:.0f}"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def _pct(value: Any) -> str:
+    if not isinstance(value, float) or math.isnan(value):
+        return "–"
+    return f"{100 * value:.1f}%"
+
+
+def leaderboard_table(results: dict[str, Any]) -> Table:
+    """Rank, candidate, metric with CI, size, Pareto mark, paired difference with the next."""
+    ranking = results["ranking"]
+    size_key = ranking["pareto"]["size"]
+    conf = f"{100 * ranking['confidence']:.0f}%"
+    reference = results["reference"].get("label", "reference")
+    table = Table(
+        title=f"Leaderboard: {ranking['metric']} vs reference P = {reference} "
+        f"({ranking['direction']}; {conf} CI, bootstrap over {ranking['units']} "
+        f"{ranking['unit']}s)",
+        title_justify="left",
+    )
+    rows = ranking["leaderboard"]
+    has_meta = any(r.get("group") is not None or r.get("step") is not None for r in rows)
+    table.add_column("#", justify="right")
+    table.add_column("candidate", style="bold", no_wrap=True)
+    if has_meta:
+        table.add_column("group / step")
+    table.add_column(ranking["metric"], justify="right", no_wrap=True)
+    table.add_column(f"{conf} CI", justify="right", no_wrap=True)
+    table.add_column(size_key.replace("_", " "), justify="right")
+    table.add_column("Pareto", justify="center")
+    table.add_column("Δ next [CI]", justify="right")
+    table.add_column("flips", justify="right")
+    noise_rows = [r for r in rows if r["kind"] == "noise_floor"]
+    if noise_rows:
+        table.add_column("> noise", justify="center")
+    for row in rows:
+        meta = " / ".join(str(x) for x in (row.get("group"), row.get("step")) if x is not None)
+        nxt = row.get("vs_next")
+        cells = [
+            str(row["rank"]) if row["rank"] is not None else "",
+            row["label"],
+            *([meta] if has_meta else []),
+            _num(row["value"]),
+            _ci(row["ci"], 3),
+            _size(row.get("size"), size_key),
+            "★" if row.get("pareto") else "",
+            f"{_num(nxt['diff'], 3)} {_ci(nxt['ci'], 3)}" if nxt else "",
+            _pct(nxt["flip_share"]) if nxt else "",
+        ]
+        if noise_rows:
+            vs = row.get("vs_noise_floor")
+            cells.append(("yes" if vs["distinguishable"] else "[yellow]no[/yellow]") if vs else "")
+        style = "dim" if row["kind"] == "noise_floor" else None
+        table.add_row(*cells, style=style)
+    return table
+
+
+def datasets_table(results: dict[str, Any]) -> Table:
+    """The ranking metric per dataset, with micro (by token) and macro (by dataset) averages."""
+    ranking = results["ranking"]
+    table = Table(title=f"{ranking['metric']} by dataset", title_justify="left")
+    table.add_column("candidate", style="bold", no_wrap=True)
+    names = list(ranking["by_dataset"][0]["datasets"]) if ranking["by_dataset"] else []
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("micro", justify="right")
+    table.add_column("macro", justify="right")
+    for row in ranking["by_dataset"]:
+        table.add_row(
+            row["label"],
+            *(_num(row["datasets"][n]) for n in names),
+            _num(row["micro"]),
+            _num(row["macro"]),
+        )
+    return table
+
+
+def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
+    """One checkpoint series: metric, KL and PPL by step, best step marked."""
+    group = series["group"] or "checkpoints"
+    table = Table(
+        title=f"{group}: by training step (best: step {series['best']['step']})",
+        title_justify="left",
+    )
+    for name in ("step", "candidate", metric, "KL mean", "PPL(Q)", "PPL ratio", "best"):
+        table.add_column(name, justify="right" if name != "candidate" else "left")
+    for point in series["points"]:
+        table.add_row(
+            str(point["step"]),
+            point["label"],
+            _num(point["value"]),
+            _num(point["kl_mean"]),
+            _num(point["ppl_candidate"], 3),
+            _num(point["ppl_ratio"]),
+            "★" if point["step"] == series["best"]["step"] else "",
+        )
+    return table
+
+
+def print_experiment(results: dict[str, Any], console: Console | None = None) -> None:
+    """Everything a person needs to choose: summary, leaderboard, datasets, checkpoints, gates."""
+    console = console or Console()
+    console.print(summary_table(results))
+    console.print(leaderboard_table(results))
+    ranking = results["ranking"]
+    console.print(
+        "[dim]Δ next: this candidate's value minus the next one's on identical tokens, "
+        "with its paired-bootstrap CI; flips: share of resamples where their order "
+        "reverses. ★: Pareto-optimal (no other candidate is both smaller and "
+        "closer).[/dim]"
+    )
+    if len(results.get("datasets", [])) > 1:
+        console.print(datasets_table(results))
+    for series in ranking.get("checkpoints", []):
+        console.print(checkpoints_table(series, ranking["metric"]))
+    if ranking["units"] < 20:
+        console.print(
+            f"[yellow]note:[/yellow] only {ranking['units']} {ranking['unit']}s: the bootstrap "
+            "CIs are rough; score more documents for firm conclusions"
+        )
+    pareto = ranking["pareto"]
+    console.print(
+        f"Pareto-optimal ({pareto['size'].replace('_', ' ')} vs {ranking['metric']}):"
+        f" {', '.join(pareto['labels']) or '–'}"
+    )
+    gates = results.get("gates") or {}
+    limits = len(gates.get("fail_above", {})) + len(gates.get("fail_below", {}))
+    if limits:
+        if gates["passed"]:
+            console.print(
+                f"[green]gates: every candidate passes {limits} gate"
+                f"{'s' if limits != 1 else ''}[/green]"
+            )
+        else:
+            for failure in gates["failures"]:
+                console.print(f"[red]gate failed:[/red] {failure['reason']}", highlight=False)
+
+
+def plan_tables(plan: dict[str, Any]) -> list[Table]:
+    """The dry-run plan: models and datasets with token counts."""
+    models = Table(
+        title=f"Plan for '{plan['name']}': models (tokenizers checked)", title_justify="left"
+    )
+    for name in (
+        "role",
+        "label",
+        "model",
+        "dtype",
+        "device",
+        "group/step",
+        "architecture",
+        "max pos",
+    ):
+        models.add_column(name)
+    for m in plan["models"]:
+        meta = " / ".join(str(x) for x in (m["group"], m["step"]) if x is not None)
+        models.add_row(
+            m["role"],
+            m["label"],
+            m["model"],
+            m["dtype"],
+            m["device"],
+            meta,
+            m["architecture"] or "–",
+            fmt(m["max_positions"]),
+        )
+    if plan["noise_floor"]:
+        models.add_row(
+            "noise floor", "noise-floor", "(reference + seeded weight noise)", "", "", "", "", ""
+        )
+    data = Table(
+        title="Datasets (tokens scored with the reference tokenizer)", title_justify="left"
+    )
+    for name in ("dataset", "source", "weight", "documents", "windows", "tokens", "batches"):
+        data.add_column(name, justify="left" if name in ("dataset", "source") else "right")
+    for d in plan["datasets"]:
+        data.add_row(
+            d["label"],
+            d["source"],
+            fmt(d["weight"], 2),
+            fmt(d["documents"]),
+            fmt(d["windows"]),
+            fmt(d["tokens"]),
+            fmt(d["batches"]),
+        )
+    data.add_row(
+        "total",
+        "",
+        "",
+        "",
+        "",
+        fmt(plan["total_tokens"]),
+        fmt(plan["reference_batches"]),
+        style="bold",
+    )
+    return [models, data]

@@ -1,0 +1,642 @@
+"""Write a :class:`lmkl.report.model.Report` as HTML, Markdown, JSON or a terminal table.
+
+HTML is one self-contained file: figures are embedded as base64 PNG, the CSS is inline, there is
+no JavaScript and no reference to any network resource; a Content-Security-Policy forbids
+scripts and remote loads as a second line of defence. All text from the data (document contexts,
+token strings, labels, paths) goes through Jinja2's HTML autoescaping; Markdown output escapes it
+for Markdown. Markdown writes its figures as PNG files in a folder beside the ``.md`` file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import lmkl
+from lmkl.engine.rundir import atomic_path
+from lmkl.report.model import (
+    Z95,
+    CandidateView,
+    Report,
+    build_report,
+    confidence_profile,
+    higher_is_better,
+    num,
+    visible,
+)
+from lmkl.report.terminal import fmt
+
+FORMATS = ("html", "md", "json", "table")
+
+
+# --------------------------------------------------------------------------------------------
+# Number formatting shared by every format
+
+
+def fnum(value: Any, digits: int = 4) -> str:
+    """``display.fmt`` for values that may be ``"inf"`` strings or None."""
+    value = num(value) if not isinstance(value, int) or isinstance(value, bool) else value
+    return fmt(value, digits)
+
+
+def pm(obj: dict[str, Any] | None, key: str = "mean", digits: int = 4) -> str:
+    obj = obj or {}
+    se = num(obj.get("se"))
+    text = fnum(obj.get(key), digits)
+    return text if not math.isfinite(se) else f"{text} ± {fnum(se, digits)}"
+
+
+def pct(obj: dict[str, Any] | None) -> str:
+    obj = obj or {}
+    mean, se = num(obj.get("mean")), num(obj.get("se"))
+    if not math.isfinite(mean):
+        return "–"
+    return f"{100 * mean:.2f}%" + (f" ± {100 * se:.2f}%" if math.isfinite(se) else "")
+
+
+def ci95(obj: dict[str, Any] | None, digits: int = 4) -> str:
+    obj = obj or {}
+    mean, se = num(obj.get("mean")), num(obj.get("se"))
+    if not (math.isfinite(mean) and math.isfinite(se)):
+        return "–"
+    return f"[{fnum(mean - Z95 * se, digits)}, {fnum(mean + Z95 * se, digits)}]"
+
+
+def human_size(value: float, unit: str = "") -> str:
+    if not math.isfinite(value):
+        return "–"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}{unit}"
+    return f"{value:.0f}{unit and ' ' + unit.strip()}"
+
+
+def _pair(m: dict[str, Any], family: str, a: str, b: str, digits: int = 4) -> str:
+    obj = m.get(family) or {}
+    return f"{fnum(obj.get(a), digits)} / {fnum(obj.get(b), digits)}"
+
+
+#: The full statistics table: (row name, getter over a candidate's metrics).
+STAT_ROWS: tuple[tuple[str, Any], ...] = (
+    ("KL(P‖Q) mean ± se", lambda m: pm(m.get("kl"))),
+    ("KL(P‖Q) mean, 95% CI", lambda m: ci95(m.get("kl"))),
+    ("KL(P‖Q) median", lambda m: fnum((m.get("kl") or {}).get("median"))),
+    ("KL(P‖Q) p90 / p95", lambda m: _pair(m, "kl", "p90", "p95")),
+    ("KL(P‖Q) p99 / p99.9", lambda m: _pair(m, "kl", "p99", "p999")),
+    ("KL(P‖Q) min / max", lambda m: _pair(m, "kl", "min", "max")),
+    ("KL(Q‖P) mean ± se", lambda m: pm(m.get("reverse_kl"))),
+    ("KL(Q‖P) median / p99", lambda m: _pair(m, "reverse_kl", "median", "p99")),
+    ("JSD mean ± se", lambda m: pm(m.get("jsd"))),
+    ("JSD median / p99", lambda m: _pair(m, "jsd", "median", "p99")),
+    ("PPL(P) / PPL(Q)", lambda m: _pair(m, "ppl", "reference", "candidate", 3)),
+    ("PPL(Q) / PPL(P)", lambda m: fnum((m.get("ppl") or {}).get("ratio"))),
+    ("mean ln(PPL(Q)/PPL(P)) ± se", lambda m: pm(m.get("ln_ppl_ratio"))),
+    ("NLL correlation P, Q", lambda m: fnum(m.get("nll_correlation"))),
+    ("bits/byte P / Q", lambda m: _pair(m, "bits_per_byte", "reference", "candidate")),
+    ("entropy P / Q (nats)", lambda m: _pair(m, "entropy", "reference", "candidate")),
+    ("Δp = q(x) − p(x), mean ± se", lambda m: pm(m.get("delta_p"))),
+    ("Δp RMS", lambda m: fnum((m.get("delta_p") or {}).get("rms"))),
+    ("top-1 agreement ± se", lambda m: pct(m.get("top1_agreement"))),
+    ("P's top-1 in Q's top-5 ± se", lambda m: pct(m.get("top1_in_top5"))),
+    (
+        "documents / windows",
+        lambda m: (
+            f"{fnum((m.get('counts') or {}).get('documents'))} / "
+            f"{fnum((m.get('counts') or {}).get('windows'))}"
+        ),
+    ),
+    ("scored tokens", lambda m: fnum((m.get("counts") or {}).get("tokens"))),
+    (
+        "non-finite logits / infinite KL",
+        lambda m: (
+            f"{fnum((m.get('counts') or {}).get('nonfinite'))}"
+            f" / {fnum((m.get('counts') or {}).get('infinite'))}"
+        ),
+    ),
+)
+
+
+def stat_rows(report: Report) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "cells": [getter(c.metrics) for c in report.candidates]}
+        for name, getter in STAT_ROWS
+    ]
+
+
+def leaderboard(report: Report) -> list[dict[str, Any]]:
+    """Compact rows, best first by the sort metric."""
+    rows = []
+    for rank, c in enumerate(report.candidates, 1):
+        m = c.metrics
+        boot = report.ranking_ci(c)
+        rows.append(
+            {
+                "rank": rank,
+                "key": c.key,
+                "color": c.color,
+                "run": c.run.name,
+                "reference": c.run.reference_label,
+                "sort_value": fnum(c.value(report.sort_by)),
+                "kl": pm(m.get("kl")),
+                "kl_ci": ci95(m.get("kl")),
+                "kl_median": fnum((m.get("kl") or {}).get("median")),
+                "kl_p99": fnum((m.get("kl") or {}).get("p99")),
+                "top1": pct(m.get("top1_agreement")),
+                "ppl_ratio": fnum((m.get("ppl") or {}).get("ratio")),
+                "size": human_size(c.params)
+                if math.isfinite(c.params)
+                else human_size(c.bytes_on_disk, "B"),
+                "boot": f"[{fnum(boot[0])}, {fnum(boot[1])}]" if boot else None,
+                "group": c.group,
+                "step": None if not math.isfinite(c.step) else int(c.step),
+            }
+        )
+    return rows
+
+
+def _share(value: float) -> str:
+    return f"{100 * value:.1f}%" if math.isfinite(value) else "–"
+
+
+def confidence_rows(report: Report) -> list[dict[str, Any]]:
+    """One row per confidence bucket, one cell per candidate: mean / median KL, share of KL."""
+    profiles = [confidence_profile(c.metrics) for c in report.candidates]
+    first = next((p for p in profiles if p), [])
+    rows = []
+    for i, bucket in enumerate(first):
+        cells = []
+        for profile in profiles:
+            b = profile[i] if i < len(profile) else None
+            cells.append(
+                {
+                    "mean": fnum(b["kl_mean"]) if b else "–",
+                    "median": fnum(b["kl_median"]) if b else "–",
+                    "kl_share": _share(b["kl_share"]) if b else "–",
+                    "share": _share(b["share"]) if b else "–",
+                }
+            )
+        shares = {c["share"] for c in cells}
+        rows.append(
+            {
+                "bucket": bucket["bucket"],
+                "tokens": fnum(bucket["tokens"]),
+                "share": shares.pop() if len(shares) == 1 else "varies",
+                "cells": cells,
+            }
+        )
+    return rows
+
+
+def reading_items(report: Report) -> list[dict[str, str]]:
+    """Reading lines split into a leading candidate name (shown bold) and the rest."""
+    keys = sorted((c.key for c in report.candidates), key=len, reverse=True)
+    items = []
+    for line in report.reading:
+        subject = next((k for k in keys if line.startswith(k + " ")), "")
+        items.append({"subject": subject, "rest": line[len(subject) :]})
+    return items
+
+
+def _context_tail(text: str, limit: int = 320) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[-limit:]
+    space = cut.find(" ")
+    return "…" + (cut[space + 1 :] if 0 <= space < 40 else cut)
+
+
+def worst_cards(report: Report) -> list[dict[str, Any]]:
+    """Per candidate, its worst positions ready for display (raw strings; templates escape)."""
+    out = []
+    for c in report.candidates:
+        entries = []
+        for rank, e in enumerate(report.worst.get(c.key, []), 1):
+
+            def side(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                return [
+                    {
+                        "token": visible(i.get("token") or "", 24),
+                        "prob": i["prob"],
+                        "prob_text": f"{100 * i['prob']:.1f}%" if math.isfinite(i["prob"]) else "–",
+                        "width": f"{max(0.0, min(1.0, i['prob'])) * 100:.1f}"
+                        if math.isfinite(i["prob"])
+                        else "0",
+                        "is_target": i["is_target"],
+                    }
+                    for i in items
+                ]
+
+            entries.append(
+                {
+                    "rank": rank,
+                    "kl": fnum(e.get("kl")),
+                    "doc_id": e.get("doc_id"),
+                    "position": e.get("position"),
+                    "context": _context_tail(str(e.get("context") or "")),
+                    # Whitespace-only tokens would be invisible when highlighted: show them marked.
+                    "token": token
+                    if (token := str(e.get("token") or "")).strip()
+                    else visible(token),
+                    "token_visible": visible(str(e.get("token") or ""), 40),
+                    "p_token": f"{100 * e['p_token']:.1f}%" if "p_token" in e else None,
+                    "q_token": f"{100 * e['q_token']:.2f}%" if "q_token" in e else None,
+                    "reference_top5": side(e.get("reference_top5") or []),
+                    "candidate_top5": side(e.get("candidate_top5") or []),
+                }
+            )
+        out.append({"key": c.key, "color": c.color, "entries": entries})
+    return out
+
+
+def token_tables(report: Report) -> list[dict[str, Any]]:
+    out = []
+    for c in report.candidates:
+        table = report.tokens.get(c.key)
+        if not table:
+            continue
+
+        def rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [
+                {
+                    "token": visible(r.get("token", f"#{r['token_id']}"), 28),
+                    "token_id": r["token_id"],
+                    "count": fnum(r["count"]),
+                    "total": fnum(r["total_kl"]),
+                    "mean": fnum(r["mean_kl"]),
+                    "share": f"{100 * r['share_of_kl']:.1f}%"
+                    if math.isfinite(r["share_of_kl"])
+                    else "–",
+                    "infinite": r["infinite"],
+                }
+                for r in items
+            ]
+
+        out.append(
+            {
+                "key": c.key,
+                "color": c.color,
+                "by_total": rows(table["by_total"]),
+                "by_mean": rows(table["by_mean"]),
+                "min_count": table["min_count"],
+            }
+        )
+    return out
+
+
+def difference_blocks(report: Report) -> list[dict[str, Any]]:
+    blocks = []
+    for d in report.differences:
+        metrics = []
+        for r in d["metrics"]:
+            significant = math.isfinite(r["z"]) and abs(r["z"]) >= Z95
+            metrics.append(
+                {
+                    "metric": r["metric"],
+                    "a": fnum(r["a"]),
+                    "b": fnum(r["b"]),
+                    "delta": "–" if not math.isfinite(r["delta"]) else f"{r['delta']:+.4g}",
+                    "z": "–" if not math.isfinite(r["z"]) else f"{r['z']:.1f}",
+                    "significant": significant,
+                }
+            )
+        paired = d.get("paired")
+        blocks.append(
+            {
+                "label": d["label"],
+                "a": d["a"],
+                "b": d["b"],
+                "run_a": d["run_a"],
+                "run_b": d["run_b"],
+                "changes": [
+                    {"setting": c["setting"], "a": _short_value(c["a"]), "b": _short_value(c["b"])}
+                    for c in d["changes"]
+                ],
+                "metrics": metrics,
+                "paired": None
+                if not paired
+                else {
+                    "tokens": fnum(paired["tokens"]),
+                    "coverage": f"{100 * paired['coverage_a']:.1f}% / "
+                    f"{100 * paired['coverage_b']:.1f}%",
+                    "mean_delta": f"{paired['mean_delta']:+.4g} ± {fnum(paired['se'])}",
+                    "max_abs_delta": fnum(paired["max_abs_delta"]),
+                    "identical": f"{100 * paired['identical_share']:.1f}%",
+                    "b_higher": f"{100 * paired['b_higher_share']:.1f}%",
+                    "correlation": fnum(paired["correlation"]),
+                },
+            }
+        )
+    return blocks
+
+
+def _short_value(value: Any, limit: int = 60) -> str:
+    text = "–" if value is None else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def provenance(report: Report) -> list[dict[str, Any]]:
+    rows = []
+    for run in report.runs:
+        r = run.results
+        prov = r.get("provenance", {}) or {}
+        data = r.get("data", {}) or {}
+        win = r.get("windowing", {}) or {}
+        thr = r.get("throughput", {}) or {}
+        ref = r.get("reference", {}) or {}
+        versions = prov.get("versions", {}) or {}
+        rows.append(
+            {
+                "name": run.name,
+                "path": str(run.path),
+                "reference": f"{ref.get('label', '?')} ({ref.get('model', '?')}, "
+                f"{ref.get('dtype', '?')}, {human_size(num(ref.get('parameters')))} "
+                "params)",
+                "candidates": ", ".join(
+                    f"{c.get('label')} ({(c.get('model') or {}).get('dtype', '?')})"
+                    for c in r.get("candidates", [])
+                ),
+                "data": f"{data.get('source', '?')} ({fnum(data.get('documents'))} documents, "
+                f"{fnum(data.get('scored_tokens'))} scored tokens)",
+                "windowing": f"{win.get('mode', '?')}, context {win.get('context_length', '?')}"
+                + (f", stride {win['stride']}" if win.get("stride") else ""),
+                "vocab_note": win.get("vocab_note"),
+                "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+                "time": f"{_when(prov.get('started'))} → {_when(prov.get('ended'))}",
+                "throughput": f"{fnum(thr.get('tokens_per_s'), 1)} tokens/s over "
+                f"{fnum(thr.get('seconds'), 1)} s"
+                if thr.get("tokens_per_s")
+                else "–",
+            }
+        )
+    return rows
+
+
+def _when(stamp: Any) -> str:
+    """An ISO timestamp as ``2026-01-31 12:00:00 UTC`` (unchanged if it does not parse)."""
+    try:
+        moment = _dt.datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return str(stamp or "?")
+    return moment.strftime("%Y-%m-%d %H:%M:%S ") + (moment.tzname() or "")
+
+
+def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[str, Any]:
+    multi_run = len(report.runs) > 1
+    return {
+        "title": report.title,
+        "version": lmkl.__version__,
+        "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),
+        "runs": [{"name": r.name, "path": str(r.path)} for r in report.runs],
+        "multi_run": multi_run,
+        "multi_reference": len({r.reference_label for r in report.runs}) > 1,
+        "reading": report.reading,
+        "reading_items": reading_items(report),
+        "notes": report.notes,
+        "sort_by": report.sort_by,
+        "sort_direction": "higher is closer"
+        if higher_is_better(report.sort_by)
+        else "lower is closer",
+        "ranking_metric": report.ranking_metric(),
+        "has_boot": any(report.ranking_ci(c) for c in report.candidates),
+        "candidates": [{"key": c.key, "color": c.color} for c in report.candidates],
+        "leaderboard": leaderboard(report),
+        "stat_rows": stat_rows(report),
+        "confidence_rows": confidence_rows(report),
+        "plots": [
+            {"name": p.name, "title": p.title, "caption": p.caption, "src": images[p.name]}
+            for p in plots
+        ],
+        "worst": worst_cards(report),
+        "tokens": token_tables(report),
+        "token_source": {
+            "tokenizer": "decoded with the reference's tokenizer",
+            "worst.json": "strings from worst.json where known, else ids",
+            "ids": "token ids (no tokenizer available)",
+        }[report.token_source],
+        "differences": difference_blocks(report),
+        "provenance": provenance(report),
+        "steps": report.steps(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Writers
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def md_escape(value: Any) -> str:
+    """Text safe inside Markdown (tables included): no markup, no raw HTML, one line."""
+    text = str(value).replace("&", "&amp;").replace("\r", " ").replace("\n", " ↵ ")
+    return _MD_SPECIAL.sub(r"\\\1", text).replace("<", "&lt;").replace(">", "&gt;")
+
+
+def md_code_block(text: str) -> str:
+    """A fenced code block that ``text`` cannot close (fence longer than any backtick run)."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def _environment() -> Any:
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(
+        loader=PackageLoader("lmkl.report", "templates"),
+        # Autoescape HTML templates only; Markdown escapes explicitly with the `md` filter.
+        autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["md"] = md_escape
+    env.filters["md_code"] = md_code_block
+    return env
+
+
+def render_html(report: Report, plots: list[Any]) -> str:
+    """The report as one self-contained HTML page."""
+    images = {p.name: p.data_uri() for p in plots}
+    template = _environment().get_template("report.html.j2")
+    return template.render(**_context(report, plots, images))
+
+
+def render_markdown(report: Report, plots: list[Any], asset_dir: str) -> str:
+    """The report as Markdown; figures referenced as ``asset_dir/<name>.png``."""
+    images = {p.name: f"{asset_dir}/{p.name}.png" for p in plots}
+    template = _environment().get_template("report.md.j2")
+    return template.render(**_context(report, plots, images))
+
+
+def print_table(report: Report, console: Any) -> None:
+    """The report in the terminal with rich: reading, leaderboard, statistics, drill-down."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(f"[bold]lmkl report[/bold]: {escape(report.title)}")
+    for line in report.reading:
+        console.print(f"  • {escape(line)}", soft_wrap=False)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    board = Table(title=f"Leaderboard (sorted by {report.sort_by})", title_justify="left")
+    multi = len(report.runs) > 1
+    for name in (
+        "#",
+        "candidate",
+        *(("run",) if multi else ()),
+        "KL mean ± se",
+        "95% CI",
+        "median",
+        "p99",
+        "top-1 agree",
+        "PPL ratio",
+        "size",
+    ):
+        board.add_column(name, justify="left" if name in ("candidate", "run") else "right")
+    for row in leaderboard(report):
+        board.add_row(
+            str(row["rank"]),
+            f"[{row['color']}]■[/] {escape(row['key'])}",
+            *((escape(row["run"]),) if multi else ()),
+            row["kl"],
+            row["kl_ci"],
+            row["kl_median"],
+            row["kl_p99"],
+            row["top1"],
+            row["ppl_ratio"],
+            row["size"],
+        )
+    console.print(board)
+    stats = Table(title="All statistics (nats)", title_justify="left")
+    stats.add_column("metric", style="bold")
+    for c in report.candidates:
+        stats.add_column(escape(c.key), justify="right")
+    for row in stat_rows(report):
+        stats.add_row(row["name"], *row["cells"])
+    console.print(stats)
+    for card in token_tables(report):
+        table = Table(
+            title=f"{escape(card['key'])}: tokens with the most total KL", title_justify="left"
+        )
+        for name in ("token", "id", "count", "total KL", "share", "mean KL"):
+            table.add_column(name, justify="left" if name == "token" else "right")
+        for r in card["by_total"][:10]:
+            table.add_row(
+                escape(r["token"]),
+                str(r["token_id"]),
+                r["count"],
+                r["total"],
+                r["share"],
+                r["mean"],
+            )
+        console.print(table)
+    for block in difference_blocks(report):
+        table = Table(
+            title=f"{escape(block['label'])}: {escape(block['a'])} → {escape(block['b'])}",
+            title_justify="left",
+        )
+        for name in ("metric", "a", "b", "Δ", "z"):
+            table.add_column(name, justify="left" if name == "metric" else "right")
+        for r in block["metrics"]:
+            style = "bold" if r["significant"] else ""
+            table.add_row(r["metric"], r["a"], r["b"], r["delta"], r["z"], style=style)
+        console.print(table)
+        for ch in block["changes"]:
+            console.print(
+                f"  changed {escape(ch['setting'])}: {escape(ch['a'])} → {escape(ch['b'])}"
+            )
+    console.print("[dim]drill down into single tokens with `lmkl inspect RUN_DIR`[/dim]")
+
+
+def default_output(run_dirs: list[Path], fmt_name: str) -> Path | None:
+    """Where a report goes without ``--out``: inside a single run, else the current folder."""
+    if fmt_name in ("json", "table"):
+        return None
+    suffix = ".html" if fmt_name == "html" else ".md"
+    if len(run_dirs) == 1:
+        return Path(run_dirs[0]) / f"report{suffix}"
+    return Path(f"lmkl-report{suffix}")
+
+
+def write_report(
+    run_dirs: list[Path],
+    fmt_name: str = "html",
+    out: Path | None = None,
+    *,
+    sort_by: str = "kl.mean",
+    worst_n: int = 10,
+    console: Any = None,
+) -> Path | None:
+    """Build the report of ``run_dirs`` and write it; returns the file written (None: stdout)."""
+    if fmt_name not in FORMATS:
+        from lmkl.errors import UsageError
+
+        raise UsageError(f"unknown report format '{fmt_name}'", "use html, md, json or table")
+    report = build_report([Path(p) for p in run_dirs], sort_by=sort_by, worst_n=worst_n)
+    out = Path(out) if out else default_output(run_dirs, fmt_name)
+    if fmt_name == "json":
+        text = json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n"
+        if out is None:
+            if console is None:
+                print(text, end="")
+            else:
+                console.out(text, end="", highlight=False)
+            return None
+        _write_text(out, text)
+        return out
+    if fmt_name == "table":
+        if out is None:
+            from rich.console import Console
+
+            print_table(report, console or Console())
+            return None
+        from rich.console import Console
+
+        with atomic_path(out) as tmp, tmp.open("w") as handle:
+            print_table(report, Console(file=handle, width=140, color_system=None))
+        return out
+    from lmkl.report.plots import make_plots
+
+    plots = make_plots(report)
+    assert out is not None
+    if fmt_name == "html":
+        _write_text(out, render_html(report, plots))
+        return out
+    asset_name = f"{out.stem}_files"
+    asset_dir = out.parent / asset_name
+    asset_dir.mkdir(parents=True, exist_ok=True)
+    for plot in plots:
+        with atomic_path(asset_dir / f"{plot.name}.png") as tmp:
+            tmp.write_bytes(plot.png)
+    _write_text(out, render_markdown(report, plots, asset_name))
+    return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    from lmkl.errors import OutputError
+
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write report '{path}': {exc.strerror}", "choose a writable --out path"
+        ) from exc
+
+
+__all__ = [
+    "FORMATS",
+    "CandidateView",
+    "default_output",
+    "md_escape",
+    "print_table",
+    "render_html",
+    "render_markdown",
+    "write_report",
+]
