@@ -3,7 +3,7 @@
 The library is usable without the CLI::
 
     from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
-    from lmkl.engine.runner import run_comparison
+    from lmkl.engine.token_compare import run_comparison
 
     outcome = run_comparison(
         ModelSpec(model="path/or/hub-id-of-reference"),

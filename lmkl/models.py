@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lmkl.errors import LmklWarning, ModelLoadError, TokenizerMismatchError, UsageError
-from lmkl.specs import ModelSpec
+from lmkl.specs import ModelSpec, WindowSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -154,7 +154,7 @@ def _check_source(spec: ModelSpec) -> None:
         )
 
 
-def _translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLoadError:
+def translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLoadError:
     text = str(exc)
     lowered = text.lower()
     first = text.splitlines()[0][:200] if text else type(exc).__name__
@@ -217,7 +217,7 @@ def load_tokenizer(spec: ModelSpec) -> Any:
                 source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
             )
     except Exception as exc:  # transformers raises many types; translate them to one line
-        raise _translate_load_error(spec, exc, "tokenizer") from exc
+        raise translate_load_error(spec, exc, "tokenizer") from exc
 
 
 def _tokenizer_source(spec: ModelSpec) -> str:
@@ -403,7 +403,7 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedMod
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
-        raise _translate_load_error(spec, exc, "model") from exc
+        raise translate_load_error(spec, exc, "model") from exc
 
     if spec.adapter:
         model = _apply_adapter(model, spec)
@@ -444,11 +444,14 @@ def _apply_adapter(model: Any, spec: ModelSpec) -> Any:
             base_name = None
         if base_name and not _same_model_name(base_name, spec.model):
             made_for = f" (it was made for '{base_name}')"
+    _check_adapter_policy(spec, adapter_dir)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = PeftModel.from_pretrained(
-                model, str(adapter_dir) if adapter_dir.exists() else spec.adapter
+                model,
+                str(adapter_dir) if adapter_dir.exists() else spec.adapter,
+                revision=None if adapter_dir.exists() else spec.adapter_revision,
             )
     except Exception as exc:
         text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -474,6 +477,79 @@ def _apply_adapter(model: Any, spec: ModelSpec) -> Any:
     return model.merge_and_unload()
 
 
+def _adapter_files(directory: Path) -> list[Path]:
+    return sorted(
+        p for p in directory.iterdir() if p.is_file() and p.name.startswith("adapter_model")
+    )
+
+
+def _check_adapter_policy(spec: ModelSpec, directory: Path) -> None:
+    """A local adapter with only pickle weights is refused unless pickle files are allowed."""
+    if not directory.is_dir():
+        return
+    files = _adapter_files(directory)
+    if files and not any(p.suffix == ".safetensors" for p in files) and not spec.allow_pickle:
+        raise ModelLoadError(
+            f"adapter '{spec.adapter}' has only pickle weight files ({files[0].name}); loading "
+            "them can execute arbitrary code",
+            "convert the adapter to safetensors, or pass --allow-pickle if you trust its source",
+        )
+
+
+def adapter_fingerprint(spec: ModelSpec) -> str | None:
+    """Content hash of a local adapter (config and weights); None for none or a hub adapter."""
+    if not spec.adapter:
+        return None
+    directory = Path(spec.adapter).expanduser()
+    if not directory.is_dir():
+        return None
+    files = _adapter_files(directory) + sorted(directory.glob("adapter_config.json"))
+    return fingerprint_files(files) if files else None
+
+
+def weights_identity(spec: ModelSpec) -> dict[str, Any]:
+    """What pins ``spec``'s weights, read without loading them (for run identities).
+
+    Local directories: a content hash of the weight files. Hub models: the commit the
+    revision resolves to (from the config, which is small). Plus the adapter's hash.
+    """
+    _check_source(spec)
+    info: dict[str, Any] = {"model": spec.model, "revision": spec.revision}
+    if _is_local(spec):
+        directory = Path(spec.model).expanduser()
+        _check_pickle_policy(spec, directory)
+        files = _weight_files(directory)
+        if not files:
+            raise ModelLoadError(
+                f"model directory '{spec.model}' holds no weight files",
+                "pass a directory written by save_pretrained (config.json + weights)",
+            )
+        info["weights_sha256"] = fingerprint_files(files)
+    else:
+        info["resolved_revision"] = getattr(model_config(spec), "_commit_hash", None)
+    if spec.adapter:
+        _check_adapter_policy(spec, Path(spec.adapter).expanduser())
+        info["adapter_sha256"] = adapter_fingerprint(spec)
+        info["adapter_revision"] = spec.adapter_revision
+    return info
+
+
+def model_config(spec: ModelSpec) -> Any:
+    """The model's transformers config (no weights); one-line errors."""
+    from transformers import AutoConfig
+
+    _check_source(spec)
+    source = str(Path(spec.model).expanduser()) if _is_local(spec) else spec.model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.from_pretrained(
+                source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            )
+    except Exception as exc:  # transformers raises many types; one line for the user
+        raise translate_load_error(spec, exc, "model config") from exc
+
+
 def _same_model_name(a: str, b: str) -> bool:
     return a.rstrip("/").split("/")[-1] == b.rstrip("/").split("/")[-1]
 
@@ -494,6 +570,7 @@ def describe_model(loaded: LoadedModel, source: str, local: bool) -> dict[str, A
         "tokenizer_size": len(loaded.tokenizer),
         "split_head": loaded.head is not None,
         "adapter": loaded.spec.adapter,
+        "adapter_sha256": adapter_fingerprint(loaded.spec),
         "group": loaded.spec.group,
         "step": loaded.spec.step,
     }
@@ -560,6 +637,18 @@ def shared_vocab_size(models: list[LoadedModel]) -> tuple[int, bool]:
             "compare models with the same output vocabulary",
         )
     return tokenizer_size, any(w != tokenizer_size for w in widths)
+
+
+def check_context_length(models: list[LoadedModel], windows: WindowSpec) -> None:
+    """Refuse (one line) a context length longer than any model's position limit."""
+    for model in models:
+        limit = model.max_positions
+        if limit is not None and windows.context_length > limit:
+            raise UsageError(
+                f"context length {windows.context_length} exceeds {model.label}'s maximum of "
+                f"{limit} positions",
+                f"pass --context-length {limit} or less",
+            )
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:

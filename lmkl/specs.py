@@ -39,6 +39,9 @@ class ModelSpec(StrictModel):
     )
     attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2...")
     adapter: str | None = Field(None, description="PEFT adapter applied on top (needs lmkl[peft]).")
+    adapter_revision: str | None = Field(
+        None, description="Hub branch, tag or commit of the adapter (when it is a hub id)."
+    )
     allow_pickle: bool = Field(
         False, description="Allow pickle-based weight files (.bin/.pt), which can run code on load."
     )

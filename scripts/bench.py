@@ -163,8 +163,9 @@ def load_as_lmkl(path: Path) -> Any:
 def batches(path: Path, data: Path, batch_size: int = 8) -> list[Any]:
     from transformers import AutoTokenizer
 
-    from lmkl.data.corpus import load_corpus, make_windows
-    from lmkl.engine.runner import make_batches
+    from lmkl.data.corpus import load_corpus
+    from lmkl.data.windows import make_windows
+    from lmkl.scoring.batches import make_batches
     from lmkl.specs import DataSpec, WindowSpec
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -221,7 +222,7 @@ def lmkl_run(
     log: Any = None,
     **compute: Any,
 ) -> dict[str, Any]:
-    from lmkl.engine.runner import run_comparison
+    from lmkl.engine.token_compare import run_comparison
     from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
     t0 = time.perf_counter()
@@ -283,7 +284,8 @@ def breakdown(paths: dict[str, Path], vocab: int) -> dict[str, float]:
     """CPU seconds of each stage of lmkl's scoring on warm models, beside the full forwards."""
     import torch
 
-    from lmkl.engine.runner import WorstTracker, make_kernel, model_rows
+    from lmkl.scoring.batches import model_rows
+    from lmkl.scoring.token_scoring import WorstTracker, make_kernel
     from lmkl.specs import ComputeSpec
 
     ref, cand = load_as_lmkl(paths["reference"]), load_as_lmkl(paths["candidate"])
@@ -364,7 +366,7 @@ def memory_child(mode: str, pair: Path, data: Path, out: Path) -> None:
     import pyarrow.parquet  # noqa: F401
     import torch
 
-    import lmkl.engine.runner  # noqa: F401
+    import lmkl.engine.token_compare  # noqa: F401
 
     ref, cand = pair / "reference", pair / "candidate"
     if mode == "lmkl" or mode == "lmkl-eager":
@@ -511,7 +513,7 @@ def bench_cache(
     name: str, assets: dict[str, Any], work: Path, n: int, tokens: int
 ) -> dict[str, Any]:
     """N candidates: one live run with N candidates vs a cache then N runs against it."""
-    from lmkl.refcache.cache import build_cache
+    from lmkl.refcache.build import build_cache
     from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
 
     paths = dict(assets[name])
@@ -591,8 +593,9 @@ def padding(assets: dict[str, Any], work: Path) -> dict[str, Any]:
     """Padding efficiency of consecutive batches vs length-sorted token-budget batches."""
     from transformers import AutoTokenizer
 
-    from lmkl.data.corpus import load_corpus, make_windows
-    from lmkl.engine.runner import make_batches
+    from lmkl.data.corpus import load_corpus
+    from lmkl.data.windows import make_windows
+    from lmkl.scoring.batches import make_batches
     from lmkl.specs import DataSpec, WindowSpec
 
     name = next(iter(assets))

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 import lmkl
 from lmkl.analysis.stats import summarize
+from lmkl.engine.results import SCHEMA_VERSION
 from lmkl.engine.rundir import TOKEN_SCHEMA, tokens_table, write_json
 
 WORDS = (
@@ -203,7 +204,7 @@ def synthesize_run(
     ended = _dt.datetime.now(_dt.timezone.utc)
     n_docs = int(layout["doc_id"].max()) + 1
     results = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "reference": {
             "label": "reference",
             "model": "synthetic/reference",

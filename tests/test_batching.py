@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmkl.data.corpus import Window
-from lmkl.engine.runner import make_batches, run_comparison, window_groups
+from lmkl.data.windows import Window
+from lmkl.engine.token_compare import run_comparison
+from lmkl.scoring.batches import make_batches, window_groups
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
 

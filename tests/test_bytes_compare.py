@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from lmkl.cli import app
+from lmkl.engine.results import SCHEMA_VERSION
 
 CONTEXT, STRIDE = 64, 32
 
@@ -76,7 +77,7 @@ def test_per_byte_comparison_matches_float64(tiny_pair, other_tokenizer_model, t
     assert result.exit_code == 0, result.output
     assert "no token-level KL was computed" in " ".join(result.output.split())
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["token_level"] is False and results["schema_version"] == 1
+    assert results["token_level"] is False and results["schema_version"] == SCHEMA_VERSION
     metrics = results["candidates"][0]["metrics"]
     assert "kl" not in metrics and metrics["token_level"] is False
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from lmkl.cli import app
 from lmkl.data.chat import encode_chat, encode_prompt
-from lmkl.engine.runner import run_comparison
+from lmkl.engine.token_compare import run_comparison
 from lmkl.errors import DataError
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 

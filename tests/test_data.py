@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from lmkl.data.corpus import Corpus, Document, load_corpus, make_windows
+from lmkl.data.corpus import Corpus, Document, load_corpus
+from lmkl.data.windows import make_windows
 from lmkl.errors import DataError
 from lmkl.specs import DataSpec, WindowSpec
 

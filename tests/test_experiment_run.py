@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from lmkl import models as models_module
 from lmkl.cli import app
+from lmkl.engine.results import SCHEMA_VERSION
 from lmkl.experiment.run import perturb_weights, plan_experiment
 from lmkl.experiment.schema import load_config
 
@@ -89,7 +90,7 @@ def ran(study):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(models_module.LoadedModel, "hidden_states", counting_hidden)
         mp.setattr(models_module, "load_model", counting_load)
-        mp.setattr("lmkl.engine.runner.load_model", counting_load)
+        mp.setattr("lmkl.engine.token_compare.load_model", counting_load)
         result = CliRunner().invoke(
             app,
             [
@@ -221,7 +222,7 @@ def test_noise_floor_row_and_sub_runs_keep_the_core_contract(ran):
     assert all(r["vs_noise_floor"]["distinguishable"] for r in students)
     for dataset in ("a", "b"):
         sub = json.loads((out / "datasets" / dataset / "results.json").read_text())
-        assert sub["schema_version"] == 1
+        assert sub["schema_version"] == SCHEMA_VERSION
         assert [c["label"] for c in sub["candidates"]] == ["small", "gpt2", "bf16", "noise-floor"]
         assert (out / "datasets" / dataset / "config.yaml").exists()
     assert [d["dir"] for d in results["datasets"]] == ["datasets/a", "datasets/b"]
@@ -253,7 +254,7 @@ def test_dry_run_plans_without_loading_weights(study, ran, monkeypatch):
         raise AssertionError("a dry run must not load weights")
 
     monkeypatch.setattr(models_module, "load_model", no_weights)
-    monkeypatch.setattr("lmkl.engine.runner.load_model", no_weights)
+    monkeypatch.setattr("lmkl.engine.token_compare.load_model", no_weights)
     plan = plan_experiment(load_config(study["config"], [f"compute.batch_size={BATCH}"]))
     for row in plan["datasets"]:
         scored = pq.read_table(ran["out"] / "datasets" / row["label"] / "tokens.parquet")

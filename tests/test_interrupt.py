@@ -175,7 +175,7 @@ def test_clean_incomplete_removes_only_leftovers(tmp_path):
     run = RunDirectory.create(tmp_path / "run")
     run.write_config({"a": 1})
     run.write_progress({"x": 1})
-    run.write_part(0, _table(3), worst={"c": []})
+    run.write_part(0, _table(3), sidecar={"c": []})
     (run.parts_dir / ".part-000001.parquet.abc.tmp").write_bytes(b"PAR1")
     (run.parts_dir / "worst-000001.json").write_text("{}")
     (run.path / ".tokens.parquet.xyz.tmp").write_bytes(b"")
@@ -186,7 +186,7 @@ def test_clean_incomplete_removes_only_leftovers(tmp_path):
         "worst-000001.json",
     ]
     assert run.completed_indices() == [0] and run.part_rows(0) == 3
-    assert run.worst_path(0).exists()
+    assert run.sidecar_path(0).exists()
     assert run.read_progress() == {"identity": {"x": 1}, "completed_parts": 1}
     # A damaged part is reported as unreadable (the runner recomputes it).
     run.part_path(1).write_bytes(b"garbage")

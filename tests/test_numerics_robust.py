@@ -23,7 +23,8 @@ from runtools import invoke
 from scipy import special
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmkl.data.corpus import load_corpus, make_windows
+from lmkl.data.corpus import load_corpus
+from lmkl.data.windows import make_windows
 from lmkl.scoring import divergence as D
 from lmkl.specs import DataSpec, WindowSpec
 
@@ -283,11 +284,11 @@ def test_float16_negative_overflow_is_not_taken_for_a_mask():
     # Only -inf entries: in float16 that is overflow (flagged); in float32 a deliberate mask.
     logits = torch.tensor([[1.0, -7e4, 2.0], [1.0, -3.0, 2.0]])
     ref = torch.tensor([[1.0, 0.5, 2.0], [1.0, 0.5, 2.0]])
-    from lmkl.engine.runner import _overflow_as_nan
+    from lmkl.scoring.token_scoring import overflow_as_nan as overflow_as_nan
 
-    half = _overflow_as_nan(logits.half())
+    half = overflow_as_nan(logits.half())
     assert torch.isnan(half[0]).all() and torch.isfinite(half[1]).all()
     got = D.token_metrics(ref, half.float(), torch.zeros(2, dtype=torch.long))
     assert got["nonfinite"].tolist() == [True, False]
-    masked = _overflow_as_nan(torch.tensor([[1.0, -math.inf, 2.0]]))
+    masked = overflow_as_nan(torch.tensor([[1.0, -math.inf, 2.0]]))
     assert torch.isneginf(masked[0, 1])  # float32: kept as a mask (KL = +inf where p > 0)

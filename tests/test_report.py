@@ -18,7 +18,7 @@ from synthetic import SyntheticCandidate, synthesize_run
 from typer.testing import CliRunner
 
 from lmkl.cli import app
-from lmkl.engine.runner import run_comparison
+from lmkl.engine.token_compare import run_comparison
 from lmkl.report.model import build_report, confidence_clause, pareto_front
 from lmkl.report.plots import (
     kl_by_confidence,

@@ -13,7 +13,7 @@ import torch
 from scipy import special
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmkl.engine.runner import run_comparison
+from lmkl.engine.token_compare import run_comparison
 from lmkl.errors import DataError, OutputError, TokenizerMismatchError
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 

@@ -15,13 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from lmkl.cli import app
-from lmkl.engine.sampling import (
-    SampleSpec,
-    draw_tokens,
-    run_sample_kl,
-    sampling_log_probs,
-    sequence_estimators,
-)
+from lmkl.engine.results import SCHEMA_VERSION
+from lmkl.engine.sample_kl import run_sample_kl
+from lmkl.engine.sampling import SampleSpec, draw_tokens, sampling_log_probs, sequence_estimators
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec
 
 PROMPTS = ['The "assert" statement', "Suspend the execution of", "A list is"]
@@ -295,7 +291,7 @@ def test_cli_truncated_sampling_is_flagged(tiny_pair, tmp_path):
     assert result.exit_code == 0, result.output
     assert "NOT KL(P‖Q)" in result.output.replace("\n", " ")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["schema_version"] == 1 and results["kind"] == "sample-kl"
+    assert results["schema_version"] == SCHEMA_VERSION and results["kind"] == "sample-kl"
     assert results["sampling"]["top_k"] == 5 and results["sampling"]["exact"] is False
     metrics = results["candidates"][0]["metrics"]
     block = metrics["sampled_kl"]

@@ -122,11 +122,11 @@ def encode_chat(
     ``mask[j]`` says whether token ``j`` belongs to an assistant turn; the caller scores the
     target at ``j`` only when it does.
     """
-    from lmkl.data.corpus import _encode
+    from lmkl.data.tokenize import encode_text
 
     require_chat_template(tokenizer)
     full = render(tokenizer, messages, add_generation_prompt=False)
-    ids, sizes = _encode(tokenizer, full, add_special_tokens=False)
+    ids, sizes = encode_text(tokenizer, full, add_special_tokens=False)
     if score_on == "all":
         return ids, sizes, None
     if not any(m["role"] == "assistant" for m in messages):

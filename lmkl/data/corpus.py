@@ -1,19 +1,7 @@
-"""Read text, tokenize it and cut it into scored windows.
+"""Read text into documents: local files, ``save_to_disk`` folders and hub datasets.
 
-Two windowing protocols (see README, "Windowing"):
-
-``documents`` (default)
-    Each document is tokenized with the tokenizer's normal special tokens. A document of at most
-    ``context_length`` tokens is one window. A longer one is covered by sliding windows that advance
-    by ``stride`` tokens, so that every token after the first is scored exactly once and has at
-    least ``context_length - stride`` tokens of left context (except near the document start).
-
-``llama-cpp``
-    llama.cpp's ``llama-perplexity`` protocol, so numbers can sit beside its KLD tables: the whole
-    text is tokenized once (a ``.txt`` file is read whole, byte for byte); it is cut into
-    non-overlapping chunks of ``N`` tokens (the short tail dropped); each chunk's first token is
-    overwritten with BOS when the tokenizer adds one; logits at chunk positions ``N/2 .. N-2`` are
-    scored, i.e. the tokens at positions ``N/2+1 .. N-1`` are predicted.
+Each document keeps its text (or chat ``messages``); the corpus carries a content fingerprint
+that run identities and reference caches use to notice changed data.
 """
 
 from __future__ import annotations
@@ -23,12 +11,12 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmkl.errors import DataError
-from lmkl.specs import DataSpec, WindowSpec
+from lmkl.specs import DataSpec
 
 LOCAL_FORMATS = {
     ".txt": "text",
@@ -61,32 +49,6 @@ class Corpus:
     stream_text: str
     #: Which targets of chat documents are scored: "assistant" tokens or "all".
     score_on: str = "all"
-
-
-@dataclass
-class Window:
-    """One model input and the positions in it whose next token is scored.
-
-    ``input_ids[j]`` for ``j >= first_target`` are the scored targets; the logits that predict
-    them are at window indices ``j - 1``. ``offset`` is the position of ``input_ids[0]`` in the
-    document (or in the concatenated stream for llama-cpp windowing). ``score_mask``, when set
-    (chat data scored on assistant tokens), has one flag per target ``j >= first_target`` and
-    only flagged targets are scored; ``target_bytes`` always has one entry per target.
-    """
-
-    window_id: int
-    doc_id: int
-    input_ids: list[int]
-    first_target: int
-    offset: int
-    target_bytes: list[int] = field(default_factory=list)
-    score_mask: list[bool] | None = None
-
-    @property
-    def num_targets(self) -> int:
-        if self.score_mask is not None:
-            return sum(self.score_mask)
-        return len(self.input_ids) - self.first_target
 
 
 def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
@@ -309,180 +271,3 @@ def _read_hub(spec: DataSpec) -> tuple[list[Document], str, str]:
     texts = _column(dataset, spec)
     fingerprint = getattr(dataset, "_fingerprint", None) or _hash_texts(texts)
     return *_documents(texts), str(fingerprint)
-
-
-def _encode(
-    tokenizer: Any, text: str, add_special_tokens: bool = True
-) -> tuple[list[int], list[int]]:
-    """Token ids with the tokenizer's normal special tokens, and the UTF-8 bytes each covers.
-
-    A token's bytes are those of the text from the end of the previous token to its own end, so
-    the bytes of all tokens add up to the text's size (special tokens cover none).
-    ``add_special_tokens=False`` is for text that already holds them (rendered chat templates).
-    """
-    try:
-        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-    except (NotImplementedError, ValueError, TypeError):
-        enc = tokenizer(text, add_special_tokens=add_special_tokens)
-        offsets = None
-    ids = list(enc["input_ids"])
-    if offsets is None:
-        special = set(getattr(tokenizer, "all_special_ids", []))
-        sizes = [0 if i in special else len(tokenizer.decode([i]).encode()) for i in ids]
-        return ids, sizes
-    sizes = []
-    prev_end = 0
-    for start, end in offsets:
-        if end <= start and start == 0 and end == 0:
-            sizes.append(0)
-            continue
-        end = max(end, prev_end)
-        sizes.append(len(text[prev_end:end].encode()))
-        prev_end = end
-    return ids, sizes
-
-
-def document_windows(
-    corpus: Corpus, tokenizer: Any, spec: WindowSpec, max_tokens: int | None = None
-) -> list[Window]:
-    """Windows for ``documents`` mode; see the module docstring."""
-    n, stride = spec.context_length, spec.effective_stride
-    windows: list[Window] = []
-    budget = max_tokens if max_tokens is not None else float("inf")
-    for doc in corpus.documents:
-        if budget <= 0:
-            break
-        if doc.messages is None:
-            ids, sizes = _encode(tokenizer, doc.text)
-            mask = None
-        else:
-            from lmkl.data.chat import encode_chat
-
-            ids, sizes, mask = encode_chat(tokenizer, doc.messages, corpus.score_on)
-        for begin, first, end in _sliding_spans(len(ids), n, stride):
-            window_mask = None if mask is None else mask[begin + first : end]
-            if window_mask is not None:
-                if not any(window_mask):
-                    continue
-                end = _end_after_scored(window_mask, begin + first, budget)
-                window_mask = window_mask[: end - begin - first]
-                take = sum(window_mask)
-            else:
-                take = int(min(end - (begin + first), budget))
-                if take <= 0:
-                    break
-                end = begin + first + take
-            windows.append(
-                Window(
-                    window_id=len(windows),
-                    doc_id=doc.doc_id,
-                    input_ids=ids[begin:end],
-                    first_target=first,
-                    offset=begin,
-                    target_bytes=sizes[begin + first : end],
-                    score_mask=window_mask,
-                )
-            )
-            budget -= take
-            if budget <= 0:
-                break
-    return windows
-
-
-def _end_after_scored(mask: list[bool], first: int, budget: float) -> int:
-    """End index (exclusive) that keeps at most ``budget`` scored targets and no unscored tail."""
-    kept = 0
-    last = -1
-    for j, scored in enumerate(mask):
-        if scored:
-            if kept >= budget:
-                break
-            kept += 1
-            last = j
-    return first + last + 1
-
-
-def _sliding_spans(length: int, n: int, stride: int) -> Iterator[tuple[int, int, int]]:
-    """``(begin, first_target_in_window, end)`` triples covering targets ``1 .. length-1`` once."""
-    if length < 2:
-        return
-    end = min(n, length)
-    yield 0, 1, end
-    scored_until = end
-    while scored_until < length:
-        end = min(scored_until + stride, length)
-        begin = max(0, end - n)
-        yield begin, scored_until - begin, end
-        scored_until = end
-
-
-def llama_cpp_windows(
-    corpus: Corpus,
-    tokenizer: Any,
-    spec: WindowSpec,
-    adds_bos: bool,
-    max_tokens: int | None = None,
-) -> list[Window]:
-    """Windows for ``llama-cpp`` mode; see the module docstring."""
-    n = spec.context_length
-    if any(d.messages is not None for d in corpus.documents):
-        raise DataError(
-            "llama-cpp windowing needs plain text, but the data holds chat messages",
-            "use --windowing documents for chat data",
-        )
-    ids, sizes = _encode(tokenizer, corpus.stream_text)
-    first = n // 2 + 1  # first predicted position in each chunk
-    windows: list[Window] = []
-    budget = max_tokens if max_tokens is not None else float("inf")
-    for chunk in range(len(ids) // n):
-        if budget <= 0:
-            break
-        start = chunk * n
-        chunk_ids = ids[start : start + n]
-        if adds_bos:
-            chunk_ids[0] = tokenizer.bos_token_id
-        take = int(min(n - first, budget))
-        windows.append(
-            Window(
-                window_id=chunk,
-                doc_id=0,
-                input_ids=chunk_ids[: first + take],
-                first_target=first,
-                offset=start,
-                target_bytes=sizes[start + first : start + first + take],
-            )
-        )
-        budget -= take
-    return windows
-
-
-def make_windows(
-    corpus: Corpus,
-    tokenizer: Any,
-    spec: WindowSpec,
-    adds_bos: bool,
-    max_tokens: int | None = None,
-) -> list[Window]:
-    """Windows for the protocol in ``spec``; raises :class:`DataError` if nothing can be scored."""
-    if spec.windowing == "llama-cpp":
-        windows = llama_cpp_windows(corpus, tokenizer, spec, adds_bos, max_tokens)
-        if not windows:
-            raise DataError(
-                f"the text has fewer than {spec.context_length} tokens, so llama-cpp windowing "
-                "has no complete chunk to score",
-                "use more text or a smaller --context-length",
-            )
-        return windows
-    windows = document_windows(corpus, tokenizer, spec, max_tokens)
-    if not windows and corpus.score_on == "assistant":
-        raise DataError(
-            f"no assistant message to score in {len(corpus.documents)} conversations",
-            "check the roles in the messages, or pass --score-on all",
-        )
-    if not windows:
-        raise DataError(
-            f"no document has two or more tokens ({len(corpus.documents)} documents read)",
-            "check --text-field and that the data is not empty",
-        )
-    return windows

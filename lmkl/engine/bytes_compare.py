@@ -25,26 +25,51 @@ Reported, in results.json (``token_level: false``):
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from lmkl.analysis.stats import mean_se, ratio_mean_se
-from lmkl.data.corpus import Corpus, Window, _encode, _sliding_spans
+from lmkl.data.corpus import Corpus, load_corpus
+from lmkl.data.tokenize import encode_text
+from lmkl.data.windows import Window, sliding_spans
+from lmkl.engine.distributed import Shard, device_for_rank
+from lmkl.engine.identity import run_identity
+from lmkl.engine.loop import LogCallback, Part, Plan, ProgressCallback, RunOutcome, Summary
+from lmkl.engine.loop import execute as execute_kind
+from lmkl.engine.rundir import RunDirectory
+from lmkl.engine.token_compare import default_run_dir, unique_labels
 from lmkl.errors import DataError, ModelLoadError, UsageError
-from lmkl.models import LoadedModel, shared_vocab_size, tokenizer_adds_bos
+from lmkl.models import (
+    LoadedModel,
+    check_context_length,
+    load_model,
+    resolve_device,
+    shared_vocab_size,
+    tokenizer_adds_bos,
+)
+from lmkl.scoring.batches import make_batch, window_groups
+from lmkl.scoring.divergence import log_probs, outside_vocabulary
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
-ProgressCallback = Callable[[int, int], None]
-LogCallback = Callable[[str], None]
+#: Columns of a per-byte comparison's parts: one row per scored token of either model.
+PART_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("doc_id", pa.int64()),
+        ("nll", pa.float64()),
+        ("bytes", pa.int64()),
+    ]
+)
+
 
 DOCUMENTS_FILE = "documents.parquet"
+
 
 NO_KL_NOTE = (
     "The models use different tokenizers, so no token-level KL was computed (next-token "
@@ -76,10 +101,10 @@ def document_windows(corpus: Corpus, model: LoadedModel, spec: WindowSpec) -> li
         )
     windows: list[Window] = []
     for doc in corpus.documents:
-        ids, sizes = _encode(tokenizer, doc.text)
+        ids, sizes = encode_text(tokenizer, doc.text)
         if prefix is not None:
             ids, sizes = [prefix, *ids], [0, *sizes]
-        for begin, first, end in _sliding_spans(
+        for begin, first, end in sliding_spans(
             len(ids), spec.context_length, spec.effective_stride
         ):
             windows.append(
@@ -93,44 +118,6 @@ def document_windows(corpus: Corpus, model: LoadedModel, spec: WindowSpec) -> li
                 )
             )
     return windows
-
-
-@torch.inference_mode()
-def document_nll(
-    model: LoadedModel,
-    windows: list[Window],
-    num_docs: int,
-    compute: ComputeSpec,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per document: total NLL (nats, float64), scored tokens, and bytes those tokens cover."""
-    from lmkl.engine.runner import make_batches
-
-    vocab, _ = shared_vocab_size([model])
-    chunk = compute.chunk_size(vocab)
-    pad_id = model.tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else 0
-    nll = np.zeros(num_docs)
-    tokens = np.zeros(num_docs, dtype=np.int64)
-    covered = np.zeros(num_docs, dtype=np.int64)
-    for batch in make_batches(windows, compute.batch_size, pad_id):
-        dev = model.device
-        hidden = model.hidden_states(batch.input_ids.to(dev), batch.attention_mask.to(dev))
-        rows = hidden[batch.rows.to(dev), batch.cols.to(dev)]
-        del hidden
-        values = []
-        for start in range(0, rows.shape[0], chunk):
-            logits = model.logits(rows[start : start + chunk])[..., :vocab].float()
-            lp = torch.log_softmax(logits, dim=-1)
-            target = batch.targets[start : start + chunk].to(lp.device)
-            values.append(-lp.gather(-1, target[:, None]).squeeze(-1).double().cpu())
-        doc_ids = batch.meta["doc_id"]
-        np.add.at(nll, doc_ids, torch.cat(values).numpy())
-        np.add.at(tokens, doc_ids, 1)
-        np.add.at(covered, doc_ids, batch.meta["bytes"])
-        if progress:
-            progress(int(batch.targets.numel()))
-    return nll, tokens, covered
 
 
 def summarize_bytes(
@@ -185,6 +172,187 @@ def _with_ci(mean: float, se: float) -> dict[str, Any]:
     }
 
 
+@torch.inference_mode()
+def token_nll(model: LoadedModel, batch: Any, vocab_size: int, chunk: int) -> np.ndarray:
+    """``−log p(target)`` of every scored token of ``batch`` in float64 (+inf outside the head)."""
+    dev = model.device
+    hidden = model.hidden_states(batch.input_ids.to(dev), batch.attention_mask.to(dev))
+    rows = hidden[batch.rows.to(dev), batch.cols.to(dev)]
+    del hidden
+    targets, outside = outside_vocabulary(batch.targets, vocab_size)
+    values = []
+    for start in range(0, rows.shape[0], chunk):
+        lp = log_probs(model.logits(rows[start : start + chunk])[..., :vocab_size].float())
+        target = targets[start : start + chunk].to(lp.device)
+        values.append(-lp.gather(-1, target[:, None]).squeeze(-1).double().cpu())
+    nll = torch.cat(values).numpy() if values else np.zeros(0)
+    nll[outside.numpy()] = math.inf
+    return nll
+
+
+class BytesComparison:
+    """The ``bytes-compare`` run kind: per-byte likelihoods of two models with own tokenizers.
+
+    Part ``m x batches_m + b`` is model ``m`` (reference, candidate) on its batch ``b``; each
+    part holds one row per scored token (document, NLL in nats, bytes covered).
+    """
+
+    kind = "bytes-compare"
+    token_level = False
+
+    def __init__(
+        self,
+        reference: ModelSpec,
+        candidate: ModelSpec,
+        data: DataSpec,
+        windows: WindowSpec,
+        compute: ComputeSpec,
+    ) -> None:
+        if windows.windowing != "documents":
+            raise UsageError(
+                "--different-tokenizers works on documents, not llama-cpp chunks "
+                "(chunks of N tokens hold different text for different tokenizers)",
+                "use --windowing documents",
+            )
+        if compute.max_tokens is not None:
+            raise UsageError(
+                "--max-tokens counts tokens, which differ between the two tokenizers",
+                "limit the data with --max-samples instead",
+            )
+        self.reference, self.candidate = unique_labels([reference, candidate])
+        self.data, self.windows, self.compute = data, windows, compute
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "command": "compare --different-tokenizers",
+            "reference": self.reference.model_dump(),
+            "candidates": [self.candidate.model_dump()],
+            "data": self.data.model_dump(),
+            "windowing": self.windows.model_dump() | {"stride": self.windows.effective_stride},
+            "compute": self.compute.model_dump(),
+        }
+
+    def default_dir(self) -> Path:
+        return default_run_dir(self.reference.display_name, [self.candidate])
+
+    def prepare(self, shard: Shard, log: LogCallback) -> Plan:
+        self.shard = shard
+        log(f"reading data {self.data.source}")
+        corpus = load_corpus(self.data)
+        if any(d.messages is not None for d in corpus.documents):
+            raise DataError(
+                "chat data cannot be compared across tokenizers: each model's chat "
+                "template would render different text",
+                "pass plain text, or models that share a tokenizer",
+            )
+        self.corpus_description = corpus.description
+        self.num_docs = max((d.doc_id for d in corpus.documents), default=-1) + 1
+        self.doc_bytes = np.zeros(self.num_docs, dtype=np.int64)
+        for doc in corpus.documents:
+            self.doc_bytes[doc.doc_id] = len(doc.text.encode())
+        if not self.doc_bytes.any():
+            raise DataError("the data holds no text", "check --text-field and the data file")
+        self.models = []
+        for spec in (self.reference, self.candidate):
+            spec = spec.model_copy(update={"device": device_for_rank(spec.device, shard)})
+            log(f"loading {spec.model}")
+            self.models.append(load_model(spec, resolve_device(spec.device)))
+        check_context_length(self.models, self.windows)
+        self.units: list[tuple[int, list[Window]]] = []
+        for m, model in enumerate(self.models):
+            windows = document_windows(corpus, model, self.windows)
+            for group in window_groups(windows, self.compute.batch_size):
+                self.units.append((m, group))
+        rows = [sum(w.num_targets for w in group) for _, group in self.units]
+        identity = run_identity(
+            [(m.label, m.description) for m in self.models],
+            corpus.description.get("fingerprint"),
+            rows,
+        )
+        return Plan(part_rows=rows, identity=identity, schema=PART_SCHEMA, sidecar="nll")
+
+    def score(self, index: int) -> Part:
+        m, group = self.units[index]
+        model = self.models[m]
+        vocab, _ = shared_vocab_size([model])
+        pad_id = model.tokenizer.pad_token_id
+        batch = make_batch(group, pad_id if pad_id is not None else 0)
+        nll = token_nll(model, batch, vocab, self.compute.chunk_size(vocab))
+        table = pa.table(
+            {
+                "model": [model.label] * len(nll),
+                "doc_id": batch.meta["doc_id"],
+                "nll": nll,
+                "bytes": batch.meta["bytes"],
+            },
+            schema=PART_SCHEMA,
+        )
+        return Part(table=table, counters={"tokens": len(nll)})
+
+    def summarize(self, run_dir: RunDirectory, totals: dict[str, float]) -> Summary:
+        import pyarrow.compute as pc
+
+        table = run_dir.read_parts()
+        per_model = []
+        for model in self.models:
+            rows = table.filter(pc.equal(table["model"], model.label))
+            doc_ids = rows["doc_id"].to_numpy()
+            nll = np.zeros(self.num_docs)
+            tokens = np.zeros(self.num_docs, dtype=np.int64)
+            covered = np.zeros(self.num_docs, dtype=np.int64)
+            np.add.at(nll, doc_ids, rows["nll"].to_numpy())
+            np.add.at(tokens, doc_ids, 1)
+            np.add.at(covered, doc_ids, rows["bytes"].to_numpy())
+            per_model.append((nll, tokens, covered))
+        (nll_p, tok_p, cov_p), (nll_q, tok_q, cov_q) = per_model
+        metrics = summarize_bytes(nll_p, nll_q, self.doc_bytes, tok_p, tok_q)
+        metrics["uncovered_bytes"] = {
+            m.label: int(self.doc_bytes.sum() - cov.sum())
+            for m, cov in zip(self.models, (cov_p, cov_q), strict=True)
+        }
+        documents = pa.table(
+            {
+                "doc_id": np.arange(self.num_docs),
+                "bytes": self.doc_bytes,
+                "nll_reference": nll_p,
+                "nll_candidate": nll_q,
+                "tokens_reference": tok_p,
+                "tokens_candidate": tok_q,
+                "bytes_covered_reference": cov_p,
+                "bytes_covered_candidate": cov_q,
+            }
+        )
+        ref_model, cand_model = self.models
+        body = {
+            "note": NO_KL_NOTE,
+            "reference": ref_model.description,
+            "candidates": [
+                {"label": cand_model.label, "model": cand_model.description, "metrics": metrics}
+            ],
+            "data": self.corpus_description,
+            "windowing": {
+                "mode": "documents",
+                "context_length": self.windows.context_length,
+                "stride": self.windows.effective_stride,
+                "prefix_tokens": {m.label: prefix_token(m.tokenizer) for m in self.models},
+            },
+            "compute": self.compute.model_dump(),
+        }
+        seconds = totals["seconds"]
+        tokens = totals.get("tokens", 0.0)
+        throughput = {
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "processes": self.shard.world_size,
+        }
+        return Summary(
+            body=body,
+            throughput=throughput,
+            files={DOCUMENTS_FILE: lambda path: pq.write_table(documents, path)},
+            merge_parts_as=None,
+        )
+
+
 def run_bytes_comparison(
     reference: ModelSpec,
     candidate: ModelSpec,
@@ -193,179 +361,14 @@ def run_bytes_comparison(
     compute: ComputeSpec,
     output: OutputSpec,
     *,
+    resume: bool = False,
     progress: ProgressCallback | None = None,
     log: LogCallback | None = None,
-) -> Any:
+) -> RunOutcome:
     """Compare two models with different tokenizers per byte; write a run directory.
 
     Writes ``results.json`` (``token_level: false``), ``documents.parquet`` (one row per document:
-    bytes, each model's NLL, tokens and covered bytes) and ``config.yaml``. Returns a
-    :class:`lmkl.engine.runner.RunOutcome`.
+    bytes, each model's NLL, tokens and covered bytes) and ``config.yaml``.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from lmkl.data.corpus import load_corpus
-    from lmkl.engine.rundir import RunDirectory, atomic_path, write_json
-    from lmkl.engine.runner import RunOutcome, _unique_labels, default_run_dir, run_provenance
-    from lmkl.models import load_model, resolve_device
-
-    log = log or (lambda _msg: None)
-    if windows.windowing != "documents":
-        raise UsageError(
-            "--different-tokenizers works on documents, not llama-cpp chunks "
-            "(chunks of N tokens hold different text for different tokenizers)",
-            "use --windowing documents",
-        )
-    if compute.max_tokens is not None:
-        raise UsageError(
-            "--max-tokens counts tokens, which differ between the two tokenizers",
-            "limit the data with --max-samples instead",
-        )
-    reference, candidate = _unique_labels([reference, candidate])
-    config = {
-        "command": "compare --different-tokenizers",
-        "reference": reference.model_dump(),
-        "candidates": [candidate.model_dump()],
-        "data": data.model_dump(),
-        "windowing": windows.model_dump() | {"stride": windows.effective_stride},
-        "compute": compute.model_dump(),
-    }
-    out_path = Path(output.dir) if output.dir else default_run_dir(reference, [candidate])
-    run_dir = RunDirectory.create(out_path, overwrite=output.overwrite)
-    run_dir.write_config(config)
-    started = _dt.datetime.now(_dt.timezone.utc)
-
-    models = []
-    for spec in (reference, candidate):
-        log(f"loading {spec.model}")
-        models.append(load_model(spec, resolve_device(spec.device)))
-    for model in models:
-        limit = model.max_positions
-        if limit is not None and windows.context_length > limit:
-            raise UsageError(
-                f"context length {windows.context_length} exceeds {model.label}'s "
-                f"maximum of {limit} positions",
-                f"pass --context-length {limit}",
-            )
-    log(f"reading data {data.source}")
-    corpus = load_corpus(data)
-    if any(d.messages is not None for d in corpus.documents):
-        raise DataError(
-            "chat data cannot be compared across tokenizers: each model's chat "
-            "template would render different text",
-            "pass plain text, or models that share a tokenizer",
-        )
-    num_docs = max((d.doc_id for d in corpus.documents), default=-1) + 1
-    doc_bytes = np.zeros(num_docs, dtype=np.int64)
-    for doc in corpus.documents:
-        doc_bytes[doc.doc_id] = len(doc.text.encode())
-    if not doc_bytes.any():
-        raise DataError("the data holds no text", "check --text-field and the data file")
-
-    all_windows = [document_windows(corpus, m, windows) for m in models]
-    total = sum(w.num_targets for ws in all_windows for w in ws)
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
-
-    t0 = time.perf_counter()
-    per_model = [
-        document_nll(m, ws, num_docs, compute, advance)
-        for m, ws in zip(models, all_windows, strict=True)
-    ]
-    seconds = time.perf_counter() - t0
-    (nll_p, tok_p, cov_p), (nll_q, tok_q, cov_q) = per_model
-    metrics = summarize_bytes(nll_p, nll_q, doc_bytes, tok_p, tok_q)
-    uncovered = {
-        m.label: int(doc_bytes.sum() - cov.sum())
-        for m, cov in zip(models, (cov_p, cov_q), strict=True)
-    }
-    metrics["uncovered_bytes"] = uncovered
-
-    table = pa.table(
-        {
-            "doc_id": np.arange(num_docs),
-            "bytes": doc_bytes,
-            "nll_reference": nll_p,
-            "nll_candidate": nll_q,
-            "tokens_reference": tok_p,
-            "tokens_candidate": tok_q,
-            "bytes_covered_reference": cov_p,
-            "bytes_covered_candidate": cov_q,
-        }
-    )
-    with atomic_path(run_dir.path / DOCUMENTS_FILE) as tmp:
-        pq.write_table(table, tmp)
-    ended = _dt.datetime.now(_dt.timezone.utc)
-    ref_model, cand_model = models
-    results = {
-        "schema_version": 1,
-        "kind": "bytes-compare",
-        "token_level": False,
-        "note": NO_KL_NOTE,
-        "reference": ref_model.description,
-        "candidates": [
-            {"label": cand_model.label, "model": cand_model.description, "metrics": metrics}
-        ],
-        "data": corpus.description,
-        "windowing": {
-            "mode": "documents",
-            "context_length": windows.context_length,
-            "stride": windows.effective_stride,
-            "prefix_tokens": {m.label: prefix_token(m.tokenizer) for m in models},
-        },
-        "compute": config["compute"],
-        "provenance": run_provenance(config, started, ended),
-        "throughput": {
-            "seconds": seconds,
-            "tokens_per_s": total / seconds if seconds > 0 else None,
-        },
-    }
-    write_json(run_dir.path / "results.json", results)
-    return RunOutcome(path=run_dir.path, results=results)
-
-
-def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
-    """A rich table of the per-byte comparison, with the no-token-level-KL statement."""
-    from rich.table import Table
-
-    from lmkl.report.terminal import fmt
-
-    cand = results["candidates"][0]
-    m = cand["metrics"]
-    ref_label = results["reference"]["label"]
-    table = Table(
-        title=f"per-byte comparison: {ref_label} (P) vs {cand['label']} (Q), different tokenizers",
-        title_justify="left",
-    )
-    table.add_column("metric", style="bold")
-    for name in ("P", "Q", "Q − P ± se", "95% CI"):
-        table.add_column(name, justify="right")
-    for title, block in (
-        ("bits per byte", m["bits_per_byte"]),
-        ("log-likelihood per byte (nats, per-doc mean)", m["ll_per_byte"]),
-    ):
-        d = block["difference"]
-        table.add_row(
-            title,
-            fmt(block["reference"]),
-            fmt(block["candidate"]),
-            f"{fmt(d['mean'])} ± {fmt(d['se'])}",
-            f"[{fmt(d['ci95'][0])}, {fmt(d['ci95'][1])}]",
-        )
-    table.add_row(
-        "tokens per byte",
-        fmt(m["tokens_per_byte"]["reference"]),
-        fmt(m["tokens_per_byte"]["candidate"]),
-        "",
-        "",
-    )
-    console.print(table)
-    counts = m["counts"]
-    console.print(f"[dim]{counts['documents']} documents, {counts['bytes']:,} bytes[/dim]")
-    console.print(f"[bold yellow]note:[/bold yellow] {results['note']}", highlight=False)
+    comparison = BytesComparison(reference, candidate, data, windows, compute)
+    return execute_kind(comparison, output, resume=resume, progress=progress, log=log)

@@ -3,19 +3,22 @@
 Layout (a contract; see README, "Run directory")::
 
     RUN_DIR/
+      .lmkl-run        marker: lmkl wrote this directory (kind, version; identity once finished)
       config.yaml      resolved options of the run
       results.json     summary statistics, provenance, throughput (written last)
       tokens.parquet   one row per scored token and candidate
       worst.json       the worst positions with both models' top-5 next tokens (for reports)
-      parts/           durable per-batch parts while the run is in progress (removed at the end)
-      progress.json    how many parts are complete (while in progress)
+      parts/           durable parts while the run is in progress (removed at the end)
+      progress.json    completed parts and the run identity (while in progress)
 
-Every file is written atomically (temporary file, fsync, rename), so a killed run never leaves a
+Run kinds add their own files (``documents.parquet`` for per-byte comparisons, ``samples.*``
+for sampled KL; an experiment keeps one run directory per dataset under ``datasets/``).
+
+Every file is written atomically (:mod:`lmkl.files`), so a killed run never leaves a
 half-written file under its final name. A part counts as complete once ``part-NNNNNN.parquet``
-exists; its ``worst-NNNNNN.json`` is written just before it. ``--resume`` removes what a killed
-write can leave behind (``.*.tmp`` files, a worst file without its part) and recomputes from the
-first missing part. A failed write (full disk, unwritable directory) becomes an
-:class:`~lmkl.errors.OutputError` naming the directory; completed parts stay valid.
+exists; its sidecar (``worst-NNNNNN.json``) is written just before it. ``--resume`` removes what
+a killed write can leave behind and recomputes from the first missing part. ``--overwrite``
+deletes only a directory that carries the marker and holds nothing lmkl did not write.
 """
 
 from __future__ import annotations
@@ -25,9 +28,8 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,33 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
-from lmkl.analysis.stats import to_json_safe
+import lmkl
 from lmkl.errors import OutputError
+from lmkl.files import atomic_path, write_json, write_yaml
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
 
-SCHEMA_VERSION = 1
+#: The file that marks a directory as written by lmkl (and so as one ``--overwrite`` may delete).
+MARKER = ".lmkl-run"
+#: Entries lmkl writes in a run directory; anything else makes ``--overwrite`` refuse.
+RUN_FILES = frozenset(
+    {
+        MARKER,
+        "config.yaml",
+        "results.json",
+        "tokens.parquet",
+        "worst.json",
+        "progress.json",
+        "parts",
+        "documents.parquet",
+        "samples.parquet",
+        "samples.jsonl",
+        "report.html",
+        "report.md",
+        "report_files",
+        "datasets",
+    }
+)
 
 #: Column types of tokens.parquet. Metrics are float32 (their own precision) and null where the
 #: logits were not finite.
@@ -67,6 +89,8 @@ TOKEN_SCHEMA = pa.schema(
 #: can SIGKILL it there. A graceful stop request (first Ctrl-C) releases the hold. Never set it in
 #: real use.
 TEST_HOLD_ENV = "LMKL_TEST_HOLD"
+
+
 _PART_RE = re.compile(r"^part-(\d{6})\.parquet$")
 
 
@@ -100,46 +124,6 @@ def _writing(run_dir: Path, what: str) -> Iterator[None]:
 BOUNDS_SCHEMA = pa.schema([*TOKEN_SCHEMA, ("kl_lower", pa.float32()), ("kl_upper", pa.float32())])
 
 
-@contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success fsync it and rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically write strict JSON (non-finite floats become ``"inf"``/``null``)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(to_json_safe(obj), indent=2, allow_nan=False) + "\n")
-
-
-def write_yaml(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
-
-
 def tokens_table(columns: dict[str, Any], schema: pa.Schema = TOKEN_SCHEMA) -> pa.Table:
     """A table in :data:`TOKEN_SCHEMA` from per-token arrays; NaN metrics become nulls."""
     arrays = []
@@ -153,14 +137,43 @@ def tokens_table(columns: dict[str, Any], schema: pa.Schema = TOKEN_SCHEMA) -> p
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _is_temporary(name: str) -> bool:
+    """Files lmkl writes only transiently: atomic-write temporaries and the writability probe."""
+    return (name.startswith(".") and name.endswith(".tmp")) or name == ".lmkl-write-test"
+
+
+def _is_empty(path: Path) -> bool:
+    """No entries except leftovers of an interrupted write (which hold no results)."""
+    return all(_is_temporary(p.name) for p in path.iterdir())
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Entries of a run directory that lmkl did not write (``datasets/*`` checked as runs)."""
+    found = []
+    for entry in sorted(path.iterdir()):
+        if _is_temporary(entry.name):
+            continue
+        if entry.name not in RUN_FILES:
+            found.append(entry.name)
+        elif entry.name == "datasets" and entry.is_dir():
+            for sub in sorted(entry.iterdir()):
+                if not sub.is_dir() or not (sub / MARKER).is_file():
+                    found.append(f"datasets/{sub.name}")
+                else:
+                    found += [f"datasets/{sub.name}/{n}" for n in foreign_entries(sub)]
+    return found
+
+
 class RunDirectory:
     """Creates and fills one run directory."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, schema: pa.Schema | None = None, sidecar: str = "worst") -> None:
         self.path = path
         self._completed: set[int] | None = None  # listed once, then kept up to date
         #: Columns of the per-token parts and of tokens.parquet.
-        self.schema = TOKEN_SCHEMA
+        self.schema = schema or TOKEN_SCHEMA
+        #: Name stem of each part's JSON sidecar (``worst`` for comparisons).
+        self.sidecar = sidecar
 
     @property
     def parts_dir(self) -> Path:
@@ -168,7 +181,11 @@ class RunDirectory:
 
     @staticmethod
     def check_new(path: Path, overwrite: bool = False) -> None:
-        """Fail early (before models load) if ``path`` cannot hold a new run; changes nothing."""
+        """Fail early (before models load) if ``path`` cannot hold a new run; changes nothing.
+
+        An existing non-empty directory is replaced only with ``overwrite``, only if it carries
+        lmkl's marker, and only if it holds nothing but files lmkl writes.
+        """
         if path.exists() and not path.is_dir():
             raise OutputError(
                 f"output path '{path}' is a file, not a directory", "choose another --out directory"
@@ -179,10 +196,18 @@ class RunDirectory:
                     f"output directory '{path}' already holds a run",
                     "pass --overwrite to replace it, --resume to continue it, or another --out",
                 )
-            if not (path / "config.yaml").exists() and not (path / "results.json").exists():
+            if not (path / MARKER).is_file():
                 raise OutputError(
-                    f"'{path}' is not empty and is not an lmkl run; refusing to delete it",
-                    "choose an empty or new --out directory",
+                    f"'{path}' is not empty and is not an lmkl run (no {MARKER} marker); "
+                    "refusing to delete it",
+                    "choose an empty or new --out directory (or delete it yourself)",
+                )
+            foreign = foreign_entries(path)
+            if foreign:
+                raise OutputError(
+                    f"'{path}' holds files lmkl did not write ({', '.join(foreign[:3])}); "
+                    "refusing to delete it",
+                    "move those files away, or choose another --out directory",
                 )
         # Probe writability, then remove whatever the probe created.
         missing = []
@@ -208,8 +233,8 @@ class RunDirectory:
                     break
 
     @classmethod
-    def create(cls, path: Path, overwrite: bool = False) -> RunDirectory:
-        """Prepare ``path`` for a new run; replace an existing run only with ``overwrite``."""
+    def create(cls, path: Path, overwrite: bool = False, kind: str = "compare") -> RunDirectory:
+        """Prepare ``path`` for a new run of ``kind`` (writes the marker first)."""
         cls.check_new(path, overwrite)
         try:
             if path.exists() and not _is_empty(path):
@@ -220,7 +245,22 @@ class RunDirectory:
                 f"cannot prepare output directory '{path}': {exc.strerror}",
                 "choose a writable --out directory",
             ) from exc
-        return cls(path)
+        run_dir = cls(path)
+        run_dir.write_marker({"kind": kind})
+        return run_dir
+
+    def write_marker(self, fields: dict[str, Any]) -> None:
+        """Write (or update) the marker: lmkl's version, the run kind, and ``fields``."""
+        marker = self.read_marker() | {"lmkl": lmkl.__version__} | fields
+        with _writing(self.path, MARKER):
+            write_json(self.path / MARKER, marker)
+
+    def read_marker(self) -> dict[str, Any]:
+        try:
+            value = json.loads((self.path / MARKER).read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
 
     def write_config(self, config: dict[str, Any]) -> None:
         with _writing(self.path, "config.yaml"):
@@ -229,20 +269,24 @@ class RunDirectory:
     def part_path(self, index: int) -> Path:
         return self.parts_dir / f"part-{index:06d}.parquet"
 
-    def worst_path(self, index: int) -> Path:
-        return self.parts_dir / f"worst-{index:06d}.json"
+    def sidecar_path(self, index: int) -> Path:
+        return self.parts_dir / f"{self.sidecar}-{index:06d}.json"
 
-    def write_part(self, index: int, table: pa.Table, worst: Any = None) -> None:
-        """Write part ``index`` durably (its worst positions first), then update progress.json."""
+    def write_part(self, index: int, table: pa.Table, sidecar: Any = None) -> None:
+        """Write part ``index`` durably (its sidecar first), then update progress.json."""
         with _writing(self.path, f"part {index}"):
-            if worst is not None:
-                write_json(self.worst_path(index), worst)
+            if sidecar is not None:
+                write_json(self.sidecar_path(index), sidecar)
             with atomic_path(self.part_path(index)) as tmp:
                 pq.write_table(table, tmp)
                 _test_hold("part-written", index)
             self._completed = set(self.completed_indices()) | {index}
             _test_hold("part-done", index)
             self.write_progress()
+
+    def read_sidecar(self, index: int) -> Any:
+        path = self.sidecar_path(index)
+        return json.loads(path.read_text()) if path.exists() else None
 
     def write_progress(self, identity: dict[str, Any] | None = None) -> None:
         """Record the completed parts (and, once, what the run is computed from) in progress.json.
@@ -288,10 +332,10 @@ class RunDirectory:
         if self._completed is not None:
             self._completed.discard(index)
         self.part_path(index).unlink(missing_ok=True)
-        self.worst_path(index).unlink(missing_ok=True)
+        self.sidecar_path(index).unlink(missing_ok=True)
 
     def clean_incomplete(self) -> list[str]:
-        """Remove what a killed write leaves: temporary files and worst files without a part."""
+        """Remove what a killed write leaves: temporary files and sidecars without a part."""
         removed = []
         for directory in (self.path, self.parts_dir):
             if not directory.is_dir():
@@ -302,8 +346,8 @@ class RunDirectory:
                     removed.append(path.name)
         done = set(self.completed_indices())
         if self.parts_dir.is_dir():
-            for path in self.parts_dir.glob("worst-*.json"):
-                index = path.stem.removeprefix("worst-")
+            for path in self.parts_dir.glob("*-*.json"):
+                index = path.stem.rpartition("-")[2]
                 if not index.isdigit() or int(index) not in done:
                     path.unlink(missing_ok=True)
                     removed.append(path.name)
@@ -318,19 +362,35 @@ class RunDirectory:
             return self.schema.empty_table()
         return pa.concat_tables([pq.read_table(p, schema=self.schema) for p in parts])
 
-    def finalize(self, results: dict[str, Any], worst: list[dict[str, Any]]) -> Path:
-        """Merge parts into tokens.parquet, write worst.json and results.json, drop the parts."""
+    def finalize(
+        self,
+        results: dict[str, Any],
+        files: dict[str, Callable[[Path], None]],
+        *,
+        merge_parts_as: str | None = "tokens.parquet",
+        identity: dict[str, Any] | None = None,
+    ) -> Path:
+        """Merge the parts (into ``merge_parts_as``), write ``files`` and results.json, tidy up.
+
+        ``files`` maps a file name to a function writing it at a given (temporary) path. The
+        marker then records the run identity, so a finished run can be checked before reuse;
+        results.json is written last and marks the run as finished.
+        """
         parts = self.completed_parts()
         with _writing(self.path, "the final results"):
-            with (
-                atomic_path(self.path / "tokens.parquet") as tmp,
-                pq.ParquetWriter(tmp, self.schema) as writer,
-            ):
-                for part in parts:
-                    writer.write_table(pq.read_table(part, schema=self.schema))
+            if merge_parts_as is not None:
+                with (
+                    atomic_path(self.path / merge_parts_as) as tmp,
+                    pq.ParquetWriter(tmp, self.schema) as writer,
+                ):
+                    for part in parts:
+                        writer.write_table(pq.read_table(part, schema=self.schema))
             _test_hold("finalize", 0)
-            write_json(self.path / "worst.json", worst)
-            # results.json last: its presence marks the run as finished.
+            for name, write in files.items():
+                with atomic_path(self.path / name) as tmp:
+                    write(tmp)
+            if identity is not None:
+                self.write_marker({"identity": identity})
             write_json(self.path / "results.json", results)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         self._completed = None
@@ -338,27 +398,38 @@ class RunDirectory:
         return self.path / "results.json"
 
 
-def _is_temporary(name: str) -> bool:
-    """Files lmkl writes only transiently: atomic-write temporaries and the writability probe."""
-    return (name.startswith(".") and name.endswith(".tmp")) or name == ".lmkl-write-test"
-
-
-def _is_empty(path: Path) -> bool:
-    """No entries except leftovers of an interrupted write (which hold no results)."""
-    return all(_is_temporary(p.name) for p in path.iterdir())
-
-
 def load_results(run_dir: Path) -> dict[str, Any]:
-    """Read a finished run's results.json."""
+    """Read a finished run's results.json (one-line errors for a missing or damaged file)."""
     path = Path(run_dir) / "results.json"
     if not path.exists():
         raise OutputError(
             f"'{run_dir}' has no results.json (not a finished lmkl run)",
             "pass the directory that `lmkl compare` or `lmkl run` wrote",
         )
-    return json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise OutputError(
+            f"cannot read '{path}': it is damaged or not JSON",
+            "rerun the comparison to write it again",
+        ) from exc
+    if not isinstance(results, dict):
+        raise OutputError(f"'{path}' is not an lmkl results file", "rerun the comparison")
+    return results
 
 
-def load_tokens(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """Read a finished run's tokens.parquet (optionally only some columns)."""
-    return pq.read_table(Path(run_dir) / "tokens.parquet", columns=columns)
+def load_tokens(run_dir: Path, columns: list[str] | None = None, **kwargs: Any) -> pa.Table:
+    """Read a finished run's tokens.parquet (optionally only some columns or rows)."""
+    path = Path(run_dir) / "tokens.parquet"
+    if not path.exists():
+        raise OutputError(
+            f"'{run_dir}' has no tokens.parquet (the run kept no per-token results)",
+            "rerun the comparison (experiments: output.save_tokens: true)",
+        )
+    try:
+        return pq.read_table(path, columns=columns, **kwargs)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(
+            f"cannot read '{path}': the file is damaged ({str(exc).splitlines()[0][:120]})",
+            "rerun the comparison to write it again",
+        ) from exc

@@ -41,25 +41,21 @@ CDF draws in float64), so the draws of one continuation do not depend on the oth
 
 from __future__ import annotations
 
-import datetime as _dt
 import inspect
-import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from lmkl.analysis.stats import ratio_mean_se, summarize
-from lmkl.errors import DataError, UsageError
-from lmkl.models import LoadedModel, shared_vocab_size
-from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
-from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, StrictModel
+from lmkl.analysis.stats import ratio_mean_se
+from lmkl.errors import DataError
+from lmkl.models import LoadedModel
+from lmkl.scoring.divergence import token_metrics
+from lmkl.specs import StrictModel
 
 ProgressCallback = Callable[[int, int], None]
 LogCallback = Callable[[str], None]
@@ -467,16 +463,8 @@ def summarize_samples(table: dict[str, np.ndarray], spec: SampleSpec) -> dict[st
 
 
 # --------------------------------------------------------------------------------------------
-# Driver
+# Prompts
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SampleOutcome:
-    """What a finished sample-kl run produced."""
-
-    path: Path
-    results: dict[str, Any]
 
 
 def encode_prompts(corpus: Any, tokenizer: Any) -> list[list[int]]:
@@ -499,229 +487,5 @@ def encode_prompts(corpus: Any, tokenizer: Any) -> list[list[int]]:
     return prompts
 
 
-def _token_bytes(tokenizer: Any, ids: Sequence[int], special: set[int]) -> list[int]:
+def token_bytes(tokenizer: Any, ids: Sequence[int], special: set[int]) -> list[int]:
     return [0 if i in special else len(tokenizer.decode([i]).encode()) for i in ids]
-
-
-def run_sample_kl(
-    reference: ModelSpec,
-    candidate: ModelSpec,
-    data: DataSpec,
-    spec: SampleSpec,
-    compute: ComputeSpec,
-    output: OutputSpec,
-    *,
-    progress: ProgressCallback | None = None,
-    log: LogCallback | None = None,
-) -> SampleOutcome:
-    """Sample continuations, score them under both models and write a run directory.
-
-    The directory holds ``results.json`` (``candidates[0].metrics`` has the usual per-token
-    summary over the sampled tokens plus ``sequence_kl`` and ``sampled_kl``), ``tokens.parquet``
-    (one row per sampled token), ``samples.parquet`` (one row per continuation),
-    ``samples.jsonl`` (the generated text) and ``config.yaml``.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from lmkl.data.corpus import load_corpus
-    from lmkl.engine.rundir import RunDirectory, atomic_path, tokens_table, write_json
-    from lmkl.engine.runner import _unique_labels, default_run_dir, load_models, run_provenance
-
-    log = log or (lambda _msg: None)
-    reference, candidate = _unique_labels([reference, candidate])
-    config = {
-        "command": "sample-kl",
-        "reference": reference.model_dump(),
-        "candidates": [candidate.model_dump()],
-        "data": data.model_dump(),
-        "sampling": spec.model_dump(),
-        "compute": compute.model_dump(),
-    }
-    out_path = Path(output.dir) if output.dir else default_run_dir(reference, [candidate])
-    run_dir = RunDirectory.create(out_path, overwrite=output.overwrite)
-    run_dir.write_config(config)
-    started = _dt.datetime.now(_dt.timezone.utc)
-
-    ref_model, (cand_model,) = load_models(reference, [candidate], log)
-    vocab_size, padded = shared_vocab_size([ref_model, cand_model])
-    chunk = compute.chunk_size(vocab_size)
-    forward = spec.direction == "forward"
-    sampler = ref_model if forward else cand_model
-    stops = stop_ids(sampler, spec.stop_token_ids)
-    tokenizer = ref_model.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    special = set(getattr(tokenizer, "all_special_ids", []))
-
-    log(f"reading prompts {data.source}")
-    corpus = load_corpus(data)
-    prompts = encode_prompts(corpus, tokenizer)
-    for model in (ref_model, cand_model):
-        limit = model.max_positions
-        longest = max(len(p) for p in prompts) + spec.max_new_tokens
-        if limit is not None and longest > limit:
-            raise UsageError(
-                f"the longest prompt plus --max-new-tokens is {longest} tokens, more than "
-                f"{model.label}'s maximum of {limit} positions",
-                "use shorter prompts or a smaller --max-new-tokens",
-            )
-
-    total = len(prompts) * spec.num_samples
-    per_sample: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "prompt_id",
-            "sample_id",
-            "seed",
-            "tokens",
-            "stopped",
-            "log_p",
-            "log_q",
-            "log_sampling",
-            "kl_sum",
-            "reverse_kl_sum",
-        )
-    }
-    token_columns: dict[str, list[np.ndarray]] = {}
-    texts: list[dict[str, Any]] = []
-    log_ratios: list[np.ndarray] = []  # ℓ_t = log s − log o per token (s: the sampler)
-    exact_kls: list[np.ndarray] = []  # KL(S_t ‖ O_t) per token
-    seconds = 0.0
-    done = 0
-    for doc, prompt in zip(corpus.documents, prompts, strict=True):
-        for start in range(0, spec.num_samples, spec.batch_size):
-            sample_ids = list(range(start, min(start + spec.batch_size, spec.num_samples)))
-            t0 = time.perf_counter()
-            conts = sample_continuations(
-                sampler, prompt, doc.doc_id, sample_ids, spec, vocab_size, stops
-            )
-            scored = score_continuations(
-                ref_model, cand_model, prompt, conts, vocab_size, chunk, pad_id
-            )
-            seconds += time.perf_counter() - t0
-            for cont, metrics in zip(conts, scored, strict=True):
-                _collect(
-                    per_sample,
-                    token_columns,
-                    texts,
-                    cont,
-                    metrics,
-                    tokenizer,
-                    prompt,
-                    doc,
-                    special,
-                    len(per_sample["prompt_id"]),
-                )
-                nll_p = metrics["nll_reference"].astype(np.float64)
-                nll_q = metrics["nll_candidate"].astype(np.float64)
-                log_ratios.append(nll_q - nll_p if forward else nll_p - nll_q)
-                exact_kls.append(metrics["kl" if forward else "reverse_kl"])
-            done += len(conts)
-            if progress:
-                progress(done, total)
-
-    cols = {k: np.asarray(v) for k, v in per_sample.items()}
-    cols.update(sequence_estimators(log_ratios, exact_kls))
-    sampled = summarize_samples(cols, spec)
-
-    token_table = {k: np.concatenate(v) for k, v in token_columns.items()}
-    token_table["candidate"] = np.asarray([cand_model.label] * token_table["token_id"].size)
-    metrics = summarize(token_table)
-    head = sampled["estimators"]["exact_per_step"]
-    metrics["sequence_kl"] = {
-        "target": sampled["target"],
-        "estimator": "exact_per_step",
-        "mean": head["mean"],
-        "se": head["se"],
-        "ci95": head["ci95"],
-        "se_prompts": head["se_prompts"],
-        "per_token": head["per_token"],
-        "biased": sampled["biased"],
-    }
-    metrics["sampled_kl"] = sampled
-
-    with atomic_path(run_dir.path / "tokens.parquet") as tmp:
-        pq.write_table(tokens_table(token_table), tmp)
-    sample_schema_cols = {"candidate": [cand_model.label] * cols["tokens"].size, **cols}
-    with atomic_path(run_dir.path / SAMPLES_FILE) as tmp:
-        pq.write_table(pa.table(sample_schema_cols), tmp)
-    with atomic_path(run_dir.path / TEXT_FILE) as tmp:
-        tmp.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
-
-    ended = _dt.datetime.now(_dt.timezone.utc)
-    results = {
-        "schema_version": 1,
-        "kind": "sample-kl",
-        "token_level": True,
-        "reference": ref_model.description,
-        "candidates": [
-            {"label": cand_model.label, "model": cand_model.description, "metrics": metrics}
-        ],
-        "sampling": spec.model_dump()
-        | {
-            "sampler": sampler.label,
-            "exact": spec.exact,
-            "stop_token_ids": sorted(stops),
-            "vocab_size": vocab_size,
-            "padded_vocab": padded,
-        },
-        "data": corpus.description | {"prompts": len(prompts)},
-        "compute": config["compute"] | {"chunk_tokens": chunk},
-        "provenance": run_provenance(config, started, ended),
-        "throughput": {
-            "seconds": seconds,
-            "samples_per_s": done / seconds if seconds > 0 else None,
-            "tokens_per_s": float(cols["tokens"].sum()) / seconds if seconds > 0 else None,
-        },
-    }
-    write_json(run_dir.path / "results.json", results)
-    return SampleOutcome(path=run_dir.path, results=results)
-
-
-def _collect(
-    per_sample: dict[str, list[Any]],
-    token_columns: dict[str, list[np.ndarray]],
-    texts: list[dict[str, Any]],
-    cont: Continuation,
-    metrics: dict[str, np.ndarray],
-    tokenizer: Any,
-    prompt: Sequence[int],
-    doc: Any,
-    special: set[int],
-    index: int,
-) -> None:
-    n = len(cont.token_ids)
-    nll_p = metrics["nll_reference"].astype(np.float64)
-    nll_q = metrics["nll_candidate"].astype(np.float64)
-    per_sample["prompt_id"].append(cont.prompt_id)
-    per_sample["sample_id"].append(cont.sample_id)
-    per_sample["seed"].append(cont.seed)
-    per_sample["tokens"].append(n)
-    per_sample["stopped"].append(cont.stopped)
-    per_sample["log_p"].append(-float(nll_p.sum()))
-    per_sample["log_q"].append(-float(nll_q.sum()))
-    per_sample["log_sampling"].append(cont.sampling_logprob)
-    per_sample["kl_sum"].append(float(metrics["kl"].astype(np.float64).sum()))
-    per_sample["reverse_kl_sum"].append(float(metrics["reverse_kl"].astype(np.float64).sum()))
-    columns = {
-        "doc_id": np.full(n, cont.prompt_id, dtype=np.int64),
-        "window_id": np.full(n, index, dtype=np.int64),
-        "position": np.arange(n, dtype=np.int64),
-        "window_pos": np.arange(len(prompt), len(prompt) + n, dtype=np.int64),
-        "token_id": np.asarray(cont.token_ids, dtype=np.int64),
-        "bytes": np.asarray(_token_bytes(tokenizer, cont.token_ids, special), dtype=np.int64),
-        "nonfinite": metrics["nonfinite"],
-        **{name: metrics[name] for name in TOKEN_METRIC_NAMES},
-    }
-    for key, value in columns.items():
-        token_columns.setdefault(key, []).append(value)
-    texts.append(
-        {
-            "prompt_id": cont.prompt_id,
-            "sample_id": cont.sample_id,
-            "prompt": doc.text,
-            "continuation": tokenizer.decode(cont.token_ids),
-            "token_ids": cont.token_ids,
-            "stopped": cont.stopped,
-        }
-    )

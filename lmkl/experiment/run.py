@@ -1,7 +1,7 @@
 """Execute an :class:`~.schema.ExperimentConfig`: every dataset, every candidate, ranked.
 
 The models are loaded **once** and reused for every dataset. Each dataset is a sub-run of
-:func:`~lmkl.engine.runner.run_comparison`, which runs the reference once per batch and shares its hidden
+:func:`~lmkl.engine.token_compare.run_comparison`, which runs the reference once per batch and shares its hidden
 states with every candidate, so all candidates are scored on identical tokens. The run directory
 (a contract, see README "YAML experiments → run directory")::
 
@@ -196,6 +196,7 @@ def check_models(config: ExperimentConfig, log: LogCallback | None = None) -> li
     Returns one row per model for the plan. Raises the core's one-line errors on a mismatch.
     """
     from lmkl.models import check_tokenizers_match, load_tokenizer
+    from lmkl.models import model_config as load_model_config
 
     log = log or (lambda _m: None)
     rows = []
@@ -210,7 +211,7 @@ def check_models(config: ExperimentConfig, log: LogCallback | None = None) -> li
             check_tokenizers_match(
                 ref_tok, tokenizer, (config.reference.display_name, spec.display_name)
             )
-        model_config = _model_config(spec)
+        model_config = load_model_config(spec)
         text = model_config.get_text_config() if model_config is not None else None
         limit = None
         for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -245,31 +246,11 @@ def check_models(config: ExperimentConfig, log: LogCallback | None = None) -> li
     return rows
 
 
-def _model_config(spec: ModelSpec) -> Any:
-    import warnings
-
-    from transformers import AutoConfig
-
-    from lmkl.models import _translate_load_error
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoConfig.from_pretrained(
-                str(Path(spec.model).expanduser())
-                if Path(spec.model).expanduser().exists()
-                else spec.model,
-                revision=spec.revision,
-                trust_remote_code=spec.trust_remote_code,
-            )
-    except Exception as exc:  # transformers raises many types; one line for the user
-        raise _translate_load_error(spec, exc, "model config") from exc
-
-
 def plan_experiment(config: ExperimentConfig, log: LogCallback | None = None) -> dict[str, Any]:
     """What ``lmkl run --dry-run`` prints: models (tokenizers checked), datasets and the tokens
     each will score with the reference tokenizer. Loads no weights."""
-    from lmkl.data.corpus import load_corpus, make_windows
+    from lmkl.data.corpus import load_corpus
+    from lmkl.data.windows import make_windows
     from lmkl.models import load_tokenizer, tokenizer_adds_bos
 
     log = log or (lambda _m: None)
@@ -329,22 +310,33 @@ def _comparable(config_dump: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _open_root(path: Path, config: ExperimentConfig, resume: bool) -> None:
+def _check_root(path: Path, config: ExperimentConfig, resume: bool) -> None:
+    """Check the experiment's directory (new, or the one to resume); change nothing."""
     import yaml
 
-    from lmkl.engine.rundir import RunDirectory, write_yaml
+    from lmkl.engine.rundir import RunDirectory
 
-    dump = json.loads(config.model_dump_json())
     if not resume:
-        RunDirectory.create(path, overwrite=config.output.overwrite)
-        write_yaml(path / "config.yaml", dump)
+        RunDirectory.check_new(path, overwrite=config.output.overwrite)
         return
     config_path = path / "config.yaml"
     if not config_path.exists():
         raise ResumeError(
             f"'{path}' holds no started experiment to resume", "drop --resume to start a new run"
         )
-    previous = yaml.safe_load(config_path.read_text())
+    try:
+        previous = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ResumeError(
+            f"cannot read '{config_path}' of the experiment to resume",
+            "start a new run with another --out",
+        ) from exc
+    if not isinstance(previous, dict):
+        raise ResumeError(
+            f"'{config_path}' of the experiment to resume holds no config (empty or not a mapping)",
+            "start a new run with another --out",
+        )
+    dump = json.loads(config.model_dump_json())
     if _comparable(previous) != _comparable(dump):
         changed = sorted(k for k in dump if previous.get(k) != dump[k] and k != "output")
         raise ResumeError(
@@ -352,6 +344,13 @@ def _open_root(path: Path, config: ExperimentConfig, resume: bool) -> None:
             f"({', '.join(changed) or 'output'})",
             "resume with the original config, or start a new run with another --out",
         )
+
+
+def _create_root(path: Path, config: ExperimentConfig) -> None:
+    from lmkl.engine.rundir import RunDirectory
+
+    run_dir = RunDirectory.create(path, overwrite=config.output.overwrite, kind="experiment")
+    run_dir.write_config(json.loads(config.model_dump_json()))
 
 
 def run_experiment(
@@ -366,15 +365,16 @@ def run_experiment(
     Gates are evaluated and recorded in results.json but not raised here: the caller decides
     (the CLI raises :class:`lmkl.errors.GateFailure` after printing).
     """
-    from lmkl.engine.rundir import load_results, write_json
-    from lmkl.engine.runner import load_models, run_comparison
+    from lmkl.data.corpus import load_corpus
+    from lmkl.engine.token_compare import load_models, run_comparison
+    from lmkl.files import write_json
 
     log = log or (lambda _m: None)
     config = resolve_demo_values(config, log)
     root = Path(config.output.dir) if config.output.dir else default_run_dir(config)
     if resume and (root / "results.json").exists() and (root / "config.yaml").exists():
         raise ResumeError(f"experiment '{root}' is already complete", "nothing to resume")
-    _open_root(root, config, resume)
+    _check_root(root, config, resume)
     started = _dt.datetime.now(_dt.timezone.utc)
 
     specs = [*config.candidates]
@@ -383,7 +383,7 @@ def run_experiment(
     windows = config.windows()
     compute: ComputeSpec = config.compute
     models = None
-    from lmkl.refcache.cache import is_cache_dir
+    from lmkl.refcache.format import is_cache_dir
 
     # A reference cache holds its own tokens and hidden states: the runner loads only the
     # candidates then, one dataset at a time (the cache refuses data that differs from its own).
@@ -393,21 +393,22 @@ def run_experiment(
             "noise_floor needs the live reference model, not a reference cache",
             "set noise_floor: false, or give reference.model instead of reference.cache",
         )
+    # Everything is checked before the directory is created (or an old one replaced): every
+    # dataset reads, and the models load (once, for all datasets).
+    for data in config.datasets:
+        log(f"reading data {data.source}")
+        load_corpus(data)
+    if not cached_reference:
+        models = load_models(config.reference, specs, log)
+        if config.noise_floor.enabled:
+            log("loading the noise-floor copy of the reference")
+            models[1].append(load_noise_floor(config.reference, config.noise_floor, config.seed))
+    if not resume:
+        _create_root(root, config)
     sub_results: list[dict[str, Any]] = []
     for data in config.datasets:
         name = dataset_dir_name(data)
         sub = root / "datasets" / name
-        if resume and (sub / "results.json").exists():
-            log(f"{name}: already complete")
-            sub_results.append(load_results(sub))
-            continue
-        if models is None and not cached_reference:
-            models = load_models(config.reference, specs, log)
-            if config.noise_floor.enabled:
-                log("loading the noise-floor copy of the reference")
-                models[1].append(
-                    load_noise_floor(config.reference, config.noise_floor, config.seed)
-                )
         try:
             outcome = run_comparison(
                 config.reference,
@@ -417,6 +418,8 @@ def run_experiment(
                 compute,
                 OutputSpec(dir=str(sub), overwrite=False),
                 resume=resume and (sub / "config.yaml").exists(),
+                # A finished dataset is reused only after its identity is checked.
+                reuse_finished=True,
                 progress=(lambda done, total, _n=data.display_name: progress(_n, done, total))
                 if progress
                 else None,
@@ -451,7 +454,7 @@ def _candidate_tokens(sub: Path, label: str) -> dict[str, np.ndarray]:
     """One candidate's per-token columns of a sub-run, sorted by (window, position)."""
     import pyarrow.parquet as pq
 
-    from lmkl.engine.runner import candidate_columns
+    from lmkl.engine.token_compare import candidate_columns
 
     table = pq.read_table(sub / "tokens.parquet", filters=[("candidate", "==", label)])
     columns = candidate_columns(table, label)
@@ -496,7 +499,8 @@ def combine(
     from lmkl.analysis.gates import gates_report, metric_value
     from lmkl.analysis.ranking import RankingInput, rank
     from lmkl.analysis.stats import summarize
-    from lmkl.engine.runner import _versions
+    from lmkl.engine.results import SCHEMA_VERSION
+    from lmkl.environment import versions as _versions
 
     names = [dataset_dir_name(d) for d in config.datasets]
     subs = [root / "datasets" / n for n in names]
@@ -624,7 +628,7 @@ def combine(
         )
     first = sub_results[0]
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "kind": "experiment",
         "name": config.name,
         "description": config.description,

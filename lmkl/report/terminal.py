@@ -112,3 +112,42 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     note = results.get("windowing", {}).get("vocab_note")
     if note:
         console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
+    """A rich table of the per-byte comparison, with the no-token-level-KL statement."""
+    from rich.table import Table
+
+    cand = results["candidates"][0]
+    m = cand["metrics"]
+    ref_label = results["reference"]["label"]
+    table = Table(
+        title=f"per-byte comparison: {ref_label} (P) vs {cand['label']} (Q), different tokenizers",
+        title_justify="left",
+    )
+    table.add_column("metric", style="bold")
+    for name in ("P", "Q", "Q − P ± se", "95% CI"):
+        table.add_column(name, justify="right")
+    for title, block in (
+        ("bits per byte", m["bits_per_byte"]),
+        ("log-likelihood per byte (nats, per-doc mean)", m["ll_per_byte"]),
+    ):
+        d = block["difference"]
+        table.add_row(
+            title,
+            fmt(block["reference"]),
+            fmt(block["candidate"]),
+            f"{fmt(d['mean'])} ± {fmt(d['se'])}",
+            f"[{fmt(d['ci95'][0])}, {fmt(d['ci95'][1])}]",
+        )
+    table.add_row(
+        "tokens per byte",
+        fmt(m["tokens_per_byte"]["reference"]),
+        fmt(m["tokens_per_byte"]["candidate"]),
+        "",
+        "",
+    )
+    console.print(table)
+    counts = m["counts"]
+    console.print(f"[dim]{counts['documents']} documents, {counts['bytes']:,} bytes[/dim]")
+    console.print(f"[bold yellow]note:[/bold yellow] {results['note']}", highlight=False)

@@ -37,12 +37,15 @@ __all__ = [
     "TOKEN_METRIC_NAMES",
     "cross_entropy",
     "entropy",
+    "entropy_from_log_probs",
     "gaussian_kl",
     "generalized_jsd",
+    "in_top_k",
     "js_divergence",
     "kl_divergence",
     "log_probs",
     "nonfinite_rows",
+    "outside_vocabulary",
     "reverse_kl_divergence",
     "token_metrics",
     "total_variation",
@@ -195,10 +198,11 @@ def entropy(logits: ArrayLike, temperature: float = 1.0) -> torch.Tensor | np.nd
     """Shannon entropy ``H(P) = −Σ p log p`` in nats over the last axis."""
     t, from_numpy = _as_tensor(logits)
     lp = log_probs(t, temperature)
-    return _out(_entropy_from_log_probs(lp), from_numpy)
+    return _out(entropy_from_log_probs(lp), from_numpy)
 
 
-def _entropy_from_log_probs(lp: torch.Tensor) -> torch.Tensor:
+def entropy_from_log_probs(lp: torch.Tensor) -> torch.Tensor:
+    """``−Σ p log p`` from log-probabilities (``0 · log 0`` counts as 0)."""
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     return -torch.where(torch.isneginf(lp), zero, lp.exp() * lp).sum(-1)
 
@@ -214,7 +218,7 @@ def cross_entropy(
     p_t, from_numpy = _as_tensor(p_logits)
     q_t, _ = _as_tensor(q_logits)
     lp, lq = log_probs(p_t, temperature), log_probs(q_t, temperature)
-    return _out(_entropy_from_log_probs(lp) + _kl_from_log_probs(lp, lq), from_numpy)
+    return _out(entropy_from_log_probs(lp) + _kl_from_log_probs(lp, lq), from_numpy)
 
 
 def gaussian_kl(
@@ -237,10 +241,41 @@ def gaussian_kl(
     return float(per_dim.sum())
 
 
+def in_top_k(log_probs_q: torch.Tensor, token: torch.Tensor, k: int) -> torch.Tensor:
+    """Whether ``token`` (per row) is among Q's ``k`` most likely tokens (ties favour it)."""
+    rank = (log_probs_q > log_probs_q.gather(-1, token[:, None])).sum(-1)
+    return rank < min(k, log_probs_q.shape[-1])
+
+
 def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
     """Boolean ``[...]`` mask of rows that are not a distribution: any NaN/+inf, or all ``-inf``."""
     bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
     return bad | torch.isneginf(logits).all(-1)
+
+
+def outside_vocabulary(targets: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets safe to gather (ids ``>= vocab_size`` replaced by 0) and the mask of those ids.
+
+    A tokenizer can list more tokens than an output layer has rows; such a target has
+    probability 0 under the model (see :func:`zero_probability_targets`), never an out-of-range
+    gather (a device assert on CUDA).
+    """
+    outside = targets >= vocab_size
+    return torch.where(outside, torch.zeros_like(targets), targets), outside
+
+
+def zero_probability_targets(metrics: dict[str, torch.Tensor], outside: torch.Tensor) -> None:
+    """In place: targets outside both models' vocabulary have p(x) = q(x) = 0.
+
+    So ``nll_reference = nll_candidate = +inf`` and ``delta_p = 0``; the distributions (KL, JSD,
+    entropies, agreement) do not depend on the target and keep their values.
+    """
+    if not bool(outside.any()):
+        return
+    rows = outside.to(metrics["nll_reference"].device)
+    for name in ("nll_reference", "nll_candidate"):
+        metrics[name][rows] = math.inf
+    metrics["delta_p"][rows] = 0.0
 
 
 def token_metrics(
@@ -294,8 +329,8 @@ def token_metrics(
         "kl": _kl_from_log_probs(lp, lq),
         "reverse_kl": _kl_from_log_probs(lq, lp),
         "jsd": _jsd_from_log_probs(lp, lq),
-        "entropy_reference": _entropy_from_log_probs(lp),
-        "entropy_candidate": _entropy_from_log_probs(lq),
+        "entropy_reference": entropy_from_log_probs(lp),
+        "entropy_candidate": entropy_from_log_probs(lq),
         "nll_reference": -lp_x,
         "nll_candidate": -lq_x,
         "delta_p": lq_x.exp() - lp_x.exp(),

@@ -86,7 +86,7 @@ def cache(
     apply_offline(offline)
     from lmkl.cli.commands.compare import _window_spec
     from lmkl.errors import UsageError
-    from lmkl.refcache.cache import build_cache
+    from lmkl.refcache.build import build_cache
     from lmkl.report.terminal import fmt
     from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
 

@@ -132,7 +132,7 @@ def compare(
         raise_for_failures,
     )
     from lmkl.errors import UsageError
-    from lmkl.refcache.cache import is_cache_dir
+    from lmkl.refcache.format import is_cache_dir
     from lmkl.specs import ComputeSpec, DataSpec, OutputSpec, WindowSpec
 
     # Parsed before any work so that a bad gate is a usage error (exit 2), not a late surprise.
@@ -226,7 +226,7 @@ def run_and_show(
 ) -> Any:
     """Run a comparison with a progress bar, then print the summary and the run directory."""
     from lmkl.engine.distributed import env_world_size
-    from lmkl.engine.runner import run_comparison
+    from lmkl.engine.token_compare import run_comparison
     from lmkl.report.terminal import print_summary
 
     # Under torchrun/accelerate only rank 0 shows progress and the summary.
@@ -257,21 +257,22 @@ def run_bytes_and_show(
     ref_spec, cand_spec, data_spec, window_spec, compute, output, resume: bool, quiet: bool
 ) -> None:
     """``--different-tokenizers``: per-byte comparison (no token-level KL), then its summary."""
-    from lmkl.engine.bytes_compare import print_bytes_summary, run_bytes_comparison
+    from lmkl.engine.bytes_compare import run_bytes_comparison
     from lmkl.errors import UsageError
+    from lmkl.report.terminal import print_bytes_summary
+    from lmkl.specs import WindowSpec
 
-    if resume:
-        raise UsageError(
-            "--resume is not supported with --different-tokenizers", "rerun without --resume"
-        )
+    if data_spec is None:
+        raise UsageError("no data given", "pass --data FILE_OR_DATASET")
     with TokenProgress(quiet) as progress:
         outcome = run_bytes_comparison(
             ref_spec,
             cand_spec,
             data_spec,
-            window_spec,
+            window_spec or WindowSpec(),
             compute,
             output,
+            resume=resume,
             progress=progress,
             log=progress.log,
         )

@@ -24,6 +24,7 @@ from lmkl.cli.common import (
     OverwriteOpt,
     QuietOpt,
     RefDTypeOpt,
+    ResumeOpt,
     RevisionOpt,
     SplitOpt,
     TextFieldOpt,
@@ -157,6 +158,7 @@ def sample_kl(
     memory_budget: MemoryOpt = 1024,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Estimate sequence-level KL by sampling continuations (the "expectation form").
@@ -166,7 +168,8 @@ def sample_kl(
     per-step sum, with standard errors over samples and over prompts.
     """
     apply_offline(offline)
-    from lmkl.engine.sampling import SampleSpec, run_sample_kl
+    from lmkl.engine.sample_kl import run_sample_kl
+    from lmkl.engine.sampling import SampleSpec
     from lmkl.errors import UsageError
     from lmkl.specs import ComputeSpec, DataSpec, OutputSpec
 
@@ -218,6 +221,7 @@ def sample_kl(
             spec,
             compute,
             output,
+            resume=resume,
             progress=progress,
             log=progress.log,
         )

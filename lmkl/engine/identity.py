@@ -1,0 +1,75 @@
+"""What a run's numbers are computed from, beyond its options: checked before any resume or reuse.
+
+The identity names every model by its weights (content hash of local files, resolved hub
+commit, adapter hash), the data by its content fingerprint, the tokens by their count and how
+they are split into parts, and lmkl's version (windowing may change with it). ``--resume``
+refuses parts computed from another identity, and refuses parts with no identity recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import lmkl
+from lmkl.errors import ResumeError
+
+
+def model_identity(description: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a model description that pin its weights (never all ``None``)."""
+    keys = ("weights_sha256", "resolved_revision", "weights_files", "adapter_sha256")
+    pinned = {k: description.get(k) for k in keys if description.get(k) is not None}
+    if not pinned.get("weights_sha256") and not pinned.get("resolved_revision"):
+        # A hub model without a commit hash and without known files: its name and revision are
+        # all there is; say so explicitly instead of recording None.
+        pinned["unpinned"] = [description.get("model"), description.get("revision")]
+    pinned["dtype"] = description.get("dtype")
+    return pinned
+
+
+def run_identity(
+    models: Iterable[tuple[str, dict[str, Any]]],
+    data_fingerprint: str | None,
+    part_sizes: list[int],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The identity of a run: ``models`` as (label, description) pairs, data, parts, extras."""
+    identity = {
+        "lmkl": lmkl.__version__,
+        "models": [[label, model_identity(desc)] for label, desc in models],
+        "data_fingerprint": data_fingerprint,
+        "parts": len(part_sizes),
+        "part_sizes": list(part_sizes),
+        **extra,
+    }
+    return json.loads(json.dumps(identity))
+
+
+def check_identity(recorded: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+    """Refuse (one line) when ``recorded`` is missing or differs from ``current``."""
+    if recorded is None:
+        raise ResumeError(
+            f"cannot resume '{where}': it records no run identity, so its parts cannot be "
+            "checked against the current models and data",
+            "start a new run with another --out (or --overwrite)",
+        )
+    if recorded != current:
+        changed = sorted(
+            k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k)
+        )
+        raise ResumeError(
+            f"cannot resume '{where}': its inputs changed since it started ({', '.join(changed)})",
+            "restore the original model and data files (and lmkl version), or start a new run "
+            "with another --out",
+        )
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the options that differ (``compute.batch_size``, ``candidates``...)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [prefix.rstrip(".")] if old != new else []

@@ -1,0 +1,551 @@
+"""Token-level comparison (``lmkl compare``): candidates against a reference, token by token.
+
+Per batch of windows the reference's rows come from one of three reference sources: a live model
+(its decoder runs **once** per batch and its hidden states are shared by every candidate), an
+exact reference cache (the stored hidden states and output layer: the same numbers), or a
+compact top-k cache (KL reported as a guaranteed interval). Logits are made a chunk of tokens at
+a time, so the KL stage holds at most ``chunk x vocab`` float32 values per model.
+
+With a live reference all candidates are loaded together and part ``b`` is batch ``b``. With a
+cache only one model is ever in memory: candidates are loaded one at a time and part
+``c x batches + b`` is candidate ``c`` on batch ``b``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from lmkl.analysis.stats import distribution, summarize
+from lmkl.data.corpus import load_corpus
+from lmkl.data.windows import Window, make_windows
+from lmkl.engine.distributed import Shard, device_for_rank
+from lmkl.engine.identity import run_identity
+from lmkl.engine.loop import LogCallback, Part, Plan, ProgressCallback, RunOutcome, Summary
+from lmkl.engine.loop import execute as execute_kind
+from lmkl.engine.rundir import BOUNDS_SCHEMA, TOKEN_SCHEMA, RunDirectory, tokens_table
+from lmkl.errors import TokenizerMismatchError, UsageError
+from lmkl.files import write_json
+from lmkl.models import (
+    LoadedModel,
+    check_context_length,
+    check_tokenizers_match,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    shared_vocab_size,
+    tokenizer_adds_bos,
+    weights_identity,
+)
+from lmkl.refcache.format import ReferenceCache, is_cache_dir, open_cache
+from lmkl.scoring.batches import Batch, make_batch, window_groups
+from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
+from lmkl.scoring.token_scoring import make_kernel, score_batch
+from lmkl.scoring.topk import score_batch_topk
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+
+#: Tokens of left context kept with each worst position in worst.json.
+WORST_CONTEXT_TOKENS = 48
+
+
+def unique_labels(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """The specs with repeated display names made unique (``name``, ``name-2``, ...)."""
+    seen: dict[str, int] = {}
+    out = []
+    for spec in specs:
+        label = spec.display_name
+        if label in seen:
+            seen[label] += 1
+            spec = spec.model_copy(update={"label": f"{label}-{seen[label]}"})
+        else:
+            seen[label] = 1
+        out.append(spec)
+    return out
+
+
+def default_run_dir(reference_label: str, candidates: list[ModelSpec]) -> Path:
+    """``runs/<reference>-vs-<candidate>[-and-N]-<time>``."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{reference_label}-vs-{candidates[0].display_name}"
+    if len(candidates) > 1:
+        name += f"-and-{len(candidates) - 1}"
+    return Path("runs") / f"{name}-{stamp}"
+
+
+def resolved_config(
+    reference: ModelSpec,
+    candidates: list[ModelSpec],
+    data: DataSpec,
+    windows: WindowSpec,
+    compute: ComputeSpec,
+) -> dict[str, Any]:
+    """The options that determine a run's numbers (output location excluded)."""
+    return {
+        "reference": reference.model_dump(),
+        "candidates": [c.model_dump() for c in candidates],
+        "data": data.model_dump(),
+        "windowing": windows.model_dump() | {"stride": windows.effective_stride},
+        "compute": compute.model_dump(),
+    }
+
+
+def load_models(
+    reference_spec: ModelSpec, candidate_specs: list[ModelSpec], log: LogCallback
+) -> tuple[LoadedModel, list[LoadedModel]]:
+    """Load the reference and candidates, checking each candidate's tokenizer before its weights."""
+    log(f"loading reference {reference_spec.model}")
+    reference = load_model(reference_spec, resolve_device(reference_spec.device))
+    candidates = []
+    for spec in candidate_specs:
+        tokenizer = load_tokenizer(spec)
+        check_tokenizers_match(reference.tokenizer, tokenizer, (reference.label, spec.display_name))
+        log(f"loading candidate {spec.model}")
+        candidates.append(load_model(spec, resolve_device(spec.device)))
+    return reference, candidates
+
+
+def candidate_columns(table: pa.Table, label: str) -> dict[str, np.ndarray]:
+    """The per-token columns of one candidate as NumPy arrays (nulls → NaN)."""
+    import pyarrow.compute as pc
+
+    rows = table.filter(pc.equal(table["candidate"], label))
+    out: dict[str, np.ndarray] = {}
+    for name in rows.column_names:
+        if name == "candidate":
+            continue
+        column = rows[name]
+        if name in TOKEN_METRIC_NAMES:
+            out[name] = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+def batch_table(
+    batch: Batch, per_candidate: dict[str, dict[str, np.ndarray]], schema: pa.Schema
+) -> pa.Table:
+    """One part's rows: every candidate's per-token metrics with the batch's token metadata."""
+    tables = []
+    n = batch.targets.numel()
+    for label, metrics in per_candidate.items():
+        columns: dict[str, Any] = {
+            "candidate": [label] * n,
+            "token_id": batch.targets.numpy(),
+            "nonfinite": metrics["nonfinite"],
+            **batch.meta,
+        }
+        columns.update({name: metrics[name] for name in schema.names if name in metrics})
+        tables.append(tokens_table(columns, schema))
+    return pa.concat_tables(tables)
+
+
+class TokenComparison:
+    """The ``compare`` run kind (see the module docstring)."""
+
+    kind = "compare"
+    token_level = True
+
+    def __init__(
+        self,
+        reference: ModelSpec,
+        candidates: list[ModelSpec],
+        data: DataSpec | None,
+        windows: WindowSpec | None,
+        compute: ComputeSpec,
+        *,
+        models: tuple[LoadedModel, list[LoadedModel]] | None = None,
+    ) -> None:
+        if not candidates:
+            raise UsageError("no candidate model given", "name at least one candidate")
+        self.reference = reference
+        self.candidates = unique_labels(candidates)
+        self.cache: ReferenceCache | None = None
+        if is_cache_dir(reference.model):
+            self.cache = open_cache(reference.model)
+            settings = self.cache.settings(data, windows, compute)
+            data, windows, compute = settings.data, settings.windows, settings.compute
+        elif data is None:
+            raise UsageError("no data given", "pass --data FILE_OR_DATASET")
+        assert data is not None
+        self.data = data
+        self.windows = windows or WindowSpec()
+        self.compute = compute
+        self._given_models = models
+        self._loaded: dict[str, LoadedModel] = {}
+        self._descriptions: dict[str, dict[str, Any]] = {}
+
+    # -- what the run is -------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        config = resolved_config(
+            self.reference, self.candidates, self.data, self.windows, self.compute
+        )
+        if self.cache is not None:
+            config["reference_cache"] = self.cache.summary()
+        return config
+
+    def default_dir(self) -> Path:
+        label = self.cache.label if self.cache is not None else self.reference.display_name
+        return default_run_dir(label, self.candidates)
+
+    @property
+    def topk(self) -> bool:
+        return self.cache is not None and self.cache.mode == "topk"
+
+    # -- prepare ---------------------------------------------------------------------------------
+    def prepare(self, shard: Shard, log: LogCallback) -> Plan:
+        torch.manual_seed(self.compute.seed)
+        self.shard = shard
+        if self.cache is None:
+            models = self._prepare_live(shard, log)
+            groups = [[m.label for m in models]]
+            identity_models = [(m.label, m.description) for m in (self.ref_model, *models)]
+            fingerprint = self.corpus_description.get("fingerprint")
+        else:
+            self._prepare_cached(log)
+            groups = [[c.display_name] for c in self.candidates]
+            identity_models = [(self.cache.label, self.cache.manifest["reference"])] + [
+                (c.display_name, self._descriptions[c.display_name]) for c in self.candidates
+            ]
+            fingerprint = self.cache.manifest["data"].get("fingerprint")
+        self.groups = groups
+        self.window_groups = list(
+            window_groups(self.window_list, self.compute.batch_size, self.compute.max_batch_tokens)
+        )
+        targets = [sum(w.num_targets for w in group) for group in self.window_groups]
+        part_rows = [t * len(group) for group in groups for t in targets]
+        identity = run_identity(
+            identity_models,
+            fingerprint,
+            part_rows,
+            windows=len(self.window_list),
+            tokens=sum(targets),
+            reference_cache=self.cache.summary()["created"] if self.cache else None,
+        )
+        return Plan(
+            part_rows=part_rows,
+            identity=identity,
+            schema=BOUNDS_SCHEMA if self.topk else TOKEN_SCHEMA,
+            part_work=[t for _ in groups for t in targets],
+        )
+
+    def _prepare_live(self, shard: Shard, log: LogCallback) -> list[LoadedModel]:
+        # Data first: a wrong path should not wait for a large model to load.
+        log(f"reading data {self.data.source}")
+        corpus = load_corpus(self.data)
+        self.corpus_description = corpus.description
+        if self._given_models is None:
+            on_rank = [
+                s.model_copy(update={"device": device_for_rank(s.device, shard)})
+                for s in (self.reference, *self.candidates)
+            ]
+            self._given_models = load_models(on_rank[0], on_rank[1:], log)
+        self.ref_model, cand_models = self._given_models
+        check_context_length([self.ref_model, *cand_models], self.windows)
+        self.vocab_size, self.padded = shared_vocab_size([self.ref_model, *cand_models])
+        self.tokenizer = self.ref_model.tokenizer
+        self.window_list = make_windows(
+            corpus,
+            self.tokenizer,
+            self.windows,
+            tokenizer_adds_bos(self.tokenizer),
+            self.compute.max_tokens,
+        )
+        total = sum(w.num_targets for w in self.window_list)
+        self.kernel, self.chunk = make_kernel(
+            self.compute, self.vocab_size, total * len(cand_models), log
+        )
+        self._loaded = {m.label: m for m in cand_models}
+        self._descriptions = {m.label: m.description for m in cand_models}
+        return cand_models
+
+    def _prepare_cached(self, log: LogCallback) -> None:
+        cache = self.cache
+        assert cache is not None
+        self.tokenizer = cache.tokenizer
+        for spec in self.candidates:
+            cache.check_tokenizer(load_tokenizer(spec), spec.display_name)
+            # Weights are pinned (and checked to exist) now; they load when their turn comes.
+            self._descriptions[spec.display_name] = weights_identity(spec)
+        self.window_list = cache.windows()
+        self.corpus_description = cache.manifest["data"]
+        self.vocab_size = cache.vocab_size
+        self.padded = bool(cache.manifest["vocab"]["padded"])
+        self.kernel, self.chunk = make_kernel(self.compute, self.vocab_size, cache.num_tokens, log)
+        if self.topk:
+            self.chunk = self.compute.chunk_size(self.vocab_size, 8)
+
+    # -- score -----------------------------------------------------------------------------------
+    def _models_of(self, group: list[str]) -> list[LoadedModel]:
+        """The group's candidates, loading a cached run's next candidate (one at a time)."""
+        missing = [label for label in group if label not in self._loaded]
+        if missing:
+            self._loaded.clear()  # one model in memory: free the previous candidate first
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            for label in missing:
+                spec = next(c for c in self.candidates if c.display_name == label)
+                spec = spec.model_copy(update={"device": device_for_rank(spec.device, self.shard)})
+                model = load_model(spec, resolve_device(spec.device))
+                check_context_length([model], self.windows)
+                if model.logits_width < self.vocab_size:
+                    raise TokenizerMismatchError(
+                        f"{model.label} has {model.logits_width} output rows but the cached "
+                        f"reference compares {self.vocab_size} tokens",
+                        "use models with one vocabulary",
+                    )
+                self.padded = self.padded or model.logits_width != len(self.tokenizer)
+                self._loaded[label] = model
+        return [self._loaded[label] for label in group]
+
+    def score(self, index: int) -> Part:
+        group, b = divmod(index, len(self.window_groups))
+        models = self._models_of(self.groups[group])
+        pad_id = self.tokenizer.pad_token_id
+        batch = make_batch(self.window_groups[b], pad_id if pad_id is not None else 0)
+        temperature, worst_k = self.compute.temperature, self.compute.worst_k
+        if self.cache is None:
+            per_candidate, worst = score_batch(
+                batch,
+                self.ref_model,
+                models,
+                self.vocab_size,
+                self.chunk,
+                temperature,
+                worst_k,
+                kernel=self.kernel,
+            )
+        elif self.topk:
+            per_candidate, worst = score_batch_topk(
+                batch,
+                self.cache.topk(batch.windows),
+                models[0],
+                self.vocab_size,
+                self.chunk,
+                temperature,
+                worst_k,
+            )
+        else:
+            per_candidate, worst = score_batch(
+                batch,
+                self.cache,
+                models,
+                self.vocab_size,
+                self.chunk,
+                temperature,
+                worst_k,
+                kernel=self.kernel,
+                reference_rows=self.cache.rows(batch.windows, models[0].device),
+            )
+        schema = BOUNDS_SCHEMA if self.topk else TOKEN_SCHEMA
+        n = batch.targets.numel()
+        return Part(
+            table=batch_table(batch, per_candidate, schema),
+            sidecar={
+                "worst": _locate_worst(batch, worst),
+                "models": {m.label: m.description for m in models},
+                "padded": self.padded,
+            },
+            counters={
+                "tokens": n,
+                "candidate_tokens": n * len(models),
+                "real_slots": int(batch.attention_mask.sum()),
+                "padded_slots": batch.attention_mask.numel(),
+            },
+        )
+
+    # -- summarize -------------------------------------------------------------------------------
+    def summarize(self, run_dir: RunDirectory, totals: dict[str, float]) -> Summary:
+        sidecars = [run_dir.read_sidecar(i) or {} for i in run_dir.completed_indices()]
+        descriptions = dict(self._descriptions)
+        padded = self.padded
+        for sidecar in sidecars:
+            descriptions.update(sidecar.get("models", {}))
+            padded = padded or bool(sidecar.get("padded"))
+        table = run_dir.read_parts()
+        entries = []
+        for spec in self.candidates:
+            label = spec.display_name
+            entry = {
+                "label": label,
+                "model": descriptions[label],
+                "metrics": summarize(candidate_columns(table, label)),
+            }
+            if self.topk:
+                entry["metrics"]["kl_bounds"] = _bounds(table, label)
+            entries.append(entry)
+        scored = sum(w.num_targets for w in self.window_list)
+        reference = self.cache.description if self.cache else self.ref_model.description
+        body: dict[str, Any] = {
+            "reference": reference,
+            "candidates": entries,
+            "data": self.corpus_description
+            | {"windows": len(self.window_list), "scored_tokens": scored},
+            "windowing": {
+                "mode": self.windows.windowing,
+                "context_length": self.windows.context_length,
+                "stride": self.windows.effective_stride
+                if self.windows.windowing == "documents"
+                else None,
+                "adds_bos": tokenizer_adds_bos(self.tokenizer),
+                "vocab_size": self.vocab_size,
+                "padded_vocab": padded,
+                "vocab_note": (
+                    f"output layers wider than the tokenizer; logits sliced to its "
+                    f"{self.vocab_size} tokens before the softmax"
+                    if padded
+                    else None
+                ),
+            },
+            "compute": self.compute.model_dump()
+            | {
+                "chunk_tokens": self.chunk,
+                "kernel": "topk-bounds" if self.topk else self.kernel.backend,
+            },
+        }
+        if self.cache is not None:
+            body["reference_cache"] = self.cache.summary()
+        seconds = totals["seconds"]
+        n_cands = len(self.candidates)
+        tokens = totals.get("candidate_tokens", 0.0) / n_cands
+        throughput = {
+            # Timed over scoring only (model loading and file writing excluded).
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "candidate_tokens_per_s": tokens * n_cands / seconds if seconds > 0 else None,
+            "padding_efficiency": totals["real_slots"] / totals["padded_slots"]
+            if totals.get("padded_slots")
+            else None,
+            "processes": self.shard.world_size,
+            # CPU time of the scoring (all threads, all ranks): steadier than wall time on a
+            # shared machine.
+            "cpu_seconds": totals["cpu_seconds"],
+        }
+        worst = _collect_worst(sidecars, self.window_list, self.tokenizer, self.compute.worst_k)
+        return Summary(
+            body=body,
+            throughput=throughput,
+            files={"worst.json": lambda path: write_json(path, worst)},
+        )
+
+
+def _locate_worst(
+    batch: Batch, worst: dict[str, list[dict[str, Any]]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Worst rows with window ids and window positions, so that they survive a resume."""
+    meta = batch.meta
+    return {
+        label: [
+            {
+                **e,
+                "window_id": int(meta["window_id"][e["row"]]),
+                "window_pos": int(meta["window_pos"][e["row"]]),
+                "doc_id": int(meta["doc_id"][e["row"]]),
+                "position": int(meta["position"][e["row"]]),
+                "token_id": int(batch.targets[e["row"]]),
+            }
+            for e in entries
+        ]
+        for label, entries in worst.items()
+    }
+
+
+def _kl_key(value: Any) -> float:
+    return float("inf") if value == "inf" else float(value)
+
+
+def _collect_worst(
+    sidecars: list[dict[str, Any]], windows: list[Window], tokenizer: Any, k: int
+) -> list[dict[str, Any]]:
+    """The ``k`` worst positions per candidate over all parts, with decoded context."""
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for sidecar in sidecars:
+        for label, entries in sidecar.get("worst", {}).items():
+            merged.setdefault(label, []).extend(entries)
+    by_id = {w.window_id: w for w in windows}
+    out = []
+    for label, entries in merged.items():
+        entries.sort(key=lambda e: (-_kl_key(e["kl"]), e["window_id"], e["window_pos"]))
+        for e in entries[:k]:
+            window = by_id[e["window_id"]]
+            j = e["window_pos"]
+            context_ids = window.input_ids[max(0, j - WORST_CONTEXT_TOKENS) : j]
+            entry = {
+                "candidate": label,
+                "doc_id": e["doc_id"],
+                "window_id": e["window_id"],
+                "position": e["position"],
+                "kl": _kl_key(e["kl"]),
+                "token_id": e["token_id"],
+                "token": tokenizer.decode([e["token_id"]]),
+                "context": tokenizer.decode(context_ids, skip_special_tokens=True),
+                "reference_top5": [
+                    {"token_id": i, "token": tokenizer.decode([i]), "prob": p}
+                    for i, p in e["reference_top5"]
+                ],
+                "candidate_top5": [
+                    {"token_id": i, "token": tokenizer.decode([i]), "prob": p}
+                    for i, p in e["candidate_top5"]
+                ],
+            }
+            if "kl_upper" in e:
+                entry["kl_upper"] = _kl_key(e["kl_upper"])
+            out.append(entry)
+    return out
+
+
+def _bounds(table: pa.Table, label: str) -> dict[str, Any]:
+    """Summaries of the per-token KL bounds (their means and quantiles bound the KL's)."""
+    import pyarrow.compute as pc
+
+    rows = table.filter(pc.equal(table["candidate"], label))
+    keep = ~rows["nonfinite"].to_numpy(zero_copy_only=False)
+    lower = rows["kl_lower"].to_numpy(zero_copy_only=False).astype(np.float64)[keep]
+    upper = rows["kl_upper"].to_numpy(zero_copy_only=False).astype(np.float64)[keep]
+    return {
+        "lower": distribution(lower),
+        "upper": distribution(upper),
+        "note": "compact (top-k) reference cache: KL(P‖Q) is only known to lie in "
+        "[lower, upper] per token; means and quantiles of the bounds bound the KL's",
+    }
+
+
+def run_comparison(
+    reference: ModelSpec,
+    candidates: list[ModelSpec],
+    data: DataSpec | None,
+    windows: WindowSpec | None,
+    compute: ComputeSpec,
+    output: OutputSpec,
+    *,
+    resume: bool = False,
+    reuse_finished: bool = False,
+    progress: ProgressCallback | None = None,
+    log: LogCallback | None = None,
+    models: tuple[LoadedModel, list[LoadedModel]] | None = None,
+) -> RunOutcome:
+    """Compare ``candidates`` with ``reference`` on ``data`` and write a run directory.
+
+    ``reference.model`` may be a reference cache directory (``lmkl cache``); ``data`` and
+    ``windows`` may then be ``None`` (the cache holds the tokens) and must otherwise match it.
+    Under ``torchrun``/``accelerate launch`` the parts are shared out over the processes and
+    rank 0 writes one run directory identical to a single-process run. ``models``: the
+    reference and candidates already loaded from these specs (an experiment loads them once for
+    all its datasets). Raises :class:`lmkl.errors.LmklError` subclasses for anything the user
+    can fix.
+    """
+    comparison = TokenComparison(reference, candidates, data, windows, compute, models=models)
+    return execute_kind(
+        comparison,
+        output,
+        resume=resume,
+        reuse_finished=reuse_finished,
+        progress=progress,
+        log=log,
+    )

@@ -1,0 +1,70 @@
+"""Durable file writes: every file lmkl writes appears complete under its final name or not at all.
+
+A write goes to a temporary file beside the target, is fsync-ed, renamed into place and the
+directory entry fsync-ed, so a killed process or a power cut never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmkl.analysis.stats import to_json_safe
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success fsync it and rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with tmp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write strict JSON (non-finite floats become ``"inf"``/``null``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(to_json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_yaml(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` and every directory (before renaming ``root`` into place)."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(root)
