@@ -1,21 +1,29 @@
 """lmkl: compare causal LMs by the exact KL divergence of their next-token distributions.
 
-The library is usable without the CLI::
+The library is usable without the CLI (see :mod:`lmkl.api`)::
 
-    from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
-    from lmkl.engine.token_compare import run_comparison
+    import lmkl
 
-    outcome = run_comparison(
-        ModelSpec(model="path/or/hub-id-of-reference"),
-        [ModelSpec(model="path/or/hub-id-of-candidate")],
-        DataSpec(source="held_out.jsonl"),
-        WindowSpec(context_length=512),
-        ComputeSpec(batch_size=8),
-        OutputSpec(dir="runs/my-compare"),
-    )
-    print(outcome.results["candidates"][0]["metrics"]["kl"]["mean"])
+    run = lmkl.compare("path/or/hub-id-of-reference", "path/or/hub-id-of-candidate",
+                       data="held_out.jsonl", out="runs/my-compare")
+    print(run.metrics()["kl"]["mean"])
+    run = lmkl.open_run("runs/my-compare")
 
-KL(P‖Q) always means reference P, candidate Q, in nats.
+KL(P‖Q) always means reference P, candidate Q, in nats. ``import lmkl`` stays light: the API
+(and torch) is imported on first use.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["Run", "__version__", "compare", "open_run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("compare", "open_run", "Run"):
+        from lmkl import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'lmkl' has no attribute {name!r}")

@@ -30,8 +30,8 @@ GateKind = Literal["fail_above", "fail_below"]
 def metric_paths() -> tuple[str, ...]:
     """Every dotted path to a number in a candidate's ``metrics`` object (lists excluded).
 
-    Derived from :func:`~lmkl.analysis.stats.summarize` on a few synthetic tokens, so it always matches
-    what the summary really holds.
+    Derived from :func:`~lmkl.analysis.stats.summarize` on a few synthetic tokens, so it always
+    matches what the summary really holds.
     """
     from lmkl.analysis.stats import summarize
     from lmkl.scoring.divergence import TOKEN_METRIC_NAMES

@@ -134,7 +134,10 @@ def summarize(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
     kl, nll_p, nll_q = col("kl"), col("nll_reference"), col("nll_candidate")
     mean_nll_p, mean_nll_q = (float(v.mean()) if v.size else math.nan for v in (nll_p, nll_q))
     ppl_p, ppl_q = _exp(mean_nll_p), _exp(mean_nll_q)
-    ln_ratio_mean, ln_ratio_se = mean_se(nll_q - nll_p)
+    # A target both models give probability 0 (e.g. outside both output layers) says nothing
+    # about their ratio: inf - inf is excluded and counted, never a NaN mean.
+    both_zero = np.isposinf(nll_p) & np.isposinf(nll_q)
+    ln_ratio_mean, ln_ratio_se = mean_se(nll_q[~both_zero] - nll_p[~both_zero])
     dp = col("delta_p")
     dp_mean, dp_se = mean_se(dp)
     agree_mean, agree_se = mean_se(col("top1_agree"))
@@ -156,7 +159,12 @@ def summarize(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
             "candidate": ppl_q,
             "ratio": ppl_q / ppl_p if ppl_p and math.isfinite(ppl_p) else math.nan,
         },
-        "ln_ppl_ratio": {"mean": ln_ratio_mean, "se": ln_ratio_se},
+        "ln_ppl_ratio": {
+            "mean": ln_ratio_mean,
+            "se": ln_ratio_se,
+            # tokens left out: probability 0 under both models (+inf - +inf has no value)
+            "excluded_zero_probability": int(both_zero.sum()),
+        },
         "nll_correlation": correlation(nll_p, nll_q),
         "bits_per_byte": {
             "reference": _bpb(nll_p, total_bytes),

@@ -119,6 +119,11 @@ def env_world_size() -> int:
         return 1
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its launch (or launched alone), from the environment."""
+    return env_world_size() <= 1 or os.environ.get("RANK", "0") == "0"
+
+
 def init_shard() -> Shard:
     """The :class:`Shard` for this process, joining the launcher's process group if there is one.
 

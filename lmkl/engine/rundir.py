@@ -164,6 +164,13 @@ def foreign_entries(path: Path) -> list[str]:
     return found
 
 
+def _is_legacy_run(path: Path) -> bool:
+    """A run written before the marker existed: its config plus results or parts, and nothing
+    but files lmkl writes (a project folder that merely holds a config.yaml is not one)."""
+    has_output = (path / "results.json").is_file() or (path / "parts").is_dir()
+    return (path / "config.yaml").is_file() and has_output and not foreign_entries(path)
+
+
 class RunDirectory:
     """Creates and fills one run directory."""
 
@@ -196,7 +203,7 @@ class RunDirectory:
                     f"output directory '{path}' already holds a run",
                     "pass --overwrite to replace it, --resume to continue it, or another --out",
                 )
-            if not (path / MARKER).is_file():
+            if not (path / MARKER).is_file() and not _is_legacy_run(path):
                 raise OutputError(
                     f"'{path}' is not empty and is not an lmkl run (no {MARKER} marker); "
                     "refusing to delete it",

@@ -1,8 +1,9 @@
 """Execute an :class:`~.schema.ExperimentConfig`: every dataset, every candidate, ranked.
 
 The models are loaded **once** and reused for every dataset. Each dataset is a sub-run of
-:func:`~lmkl.engine.token_compare.run_comparison`, which runs the reference once per batch and shares its hidden
-states with every candidate, so all candidates are scored on identical tokens. The run directory
+:func:`~lmkl.engine.token_compare.run_comparison`, which runs the reference once per batch and
+shares its hidden states with every candidate, so all candidates are scored on identical tokens.
+The run directory
 (a contract, see README "YAML experiments → run directory")::
 
     RUN_DIR/

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from lmkl.engine.rundir import load_tokens
 from lmkl.errors import UsageError
 from lmkl.report.model import (
     CandidateTokens,
@@ -92,13 +92,13 @@ def document_view(
     path = run.path / "tokens.parquet"
     if not path.exists():
         raise UsageError(f"run '{run.path}' has no tokens.parquet", "rerun the comparison")
-    table = pq.read_table(
-        path,
+    table = load_tokens(
+        run.path,
         columns=["position", "token_id", "kl"],
         filters=[("candidate", "=", label), ("doc_id", "=", int(doc_id))],
     )
     if table.num_rows == 0:
-        docs = pq.read_table(path, columns=["doc_id"], filters=[("candidate", "=", label)])
+        docs = load_tokens(run.path, columns=["doc_id"], filters=[("candidate", "=", label)])
         ids = pc.unique(docs["doc_id"]).to_numpy()
         span = f"{ids.min()}–{ids.max()}" if ids.size else "none"
         raise UsageError(

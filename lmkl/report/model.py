@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmkl.analysis.stats import to_json_safe
+from lmkl.engine.rundir import load_tokens
 from lmkl.errors import OutputError, UsageError
 
 #: Columns of tokens.parquet the report reads (the others are not needed for any view).
@@ -262,9 +263,15 @@ def read_candidate_tokens(run_dir: Path, labels: Iterable[str]) -> dict[str, Can
     path = Path(run_dir) / "tokens.parquet"
     if not path.exists():
         return {}
-    available = set(pq.read_schema(path).names)
+    try:
+        available = set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(
+            f"cannot read '{path}': the file is damaged ({str(exc).splitlines()[0][:120]})",
+            "rerun the comparison to write it again",
+        ) from exc
     columns = [c for c in REPORT_COLUMNS if c in available]
-    table = pq.read_table(path, columns=columns)
+    table = load_tokens(Path(run_dir), columns=columns)
     # One array first: chunks encoded separately could carry different dictionaries.
     encoded = pc.dictionary_encode(table["candidate"].combine_chunks())
     codes = encoded.indices.to_numpy(zero_copy_only=False)

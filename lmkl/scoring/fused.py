@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from lmkl.errors import LmklWarning
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
 
 __all__ = [
@@ -367,7 +368,8 @@ class MetricsKernel:
             self.backend = "eager"
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             warnings.warn(
-                f"torch.compile unavailable ({message}); using the eager fused KL", stacklevel=2
+                LmklWarning(f"torch.compile unavailable ({message}); using the eager fused KL"),
+                stacklevel=2,
             )
             self.log(f"torch.compile failed ({message}); using the eager fused KL")
             return self(

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from lmkl.cli.common import (
+from lmkl.cli.funnel import friendly_errors
+from lmkl.cli.options import (
     AllowPickleOpt,
     AttnOpt,
     BatchOpt,
@@ -30,14 +31,14 @@ from lmkl.cli.common import (
     StrideOpt,
     TemperatureOpt,
     TextFieldOpt,
-    TokenProgress,
     TrustOpt,
     WindowingMode,
     WindowingOpt,
     apply_offline,
-    friendly_errors,
-    stdout,
+    window_spec,
 )
+from lmkl.cli.options import data_spec as build_data_spec
+from lmkl.cli.output import TokenProgress, stdout
 
 
 @friendly_errors
@@ -84,14 +85,10 @@ def cache(
 ) -> None:
     """Run REFERENCE once over DATA and store what later comparisons need (`compare CACHE CAND`)."""
     apply_offline(offline)
-    from lmkl.cli.commands.compare import _window_spec
-    from lmkl.errors import UsageError
     from lmkl.refcache.build import build_cache
     from lmkl.report.terminal import fmt
-    from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
+    from lmkl.specs import ComputeSpec, ModelSpec
 
-    if data is None:
-        raise UsageError("no data given", "pass --data FILE_OR_DATASET")
     spec = ModelSpec(
         model=reference,
         dtype=dtype.value,
@@ -102,14 +99,8 @@ def cache(
         attn_implementation=attn_implementation,
         allow_pickle=allow_pickle,
     )
-    data_spec = DataSpec(
-        source=data,
-        split=split,
-        dataset_config=dataset_config,
-        text_field=text_field,
-        max_samples=max_samples,
-    )
-    window_spec = _window_spec(WindowSpec, windowing, context_length, stride)
+    data_spec = build_data_spec(data, split, dataset_config, text_field, max_samples)
+    windows = window_spec(windowing, context_length, stride)
     compute = ComputeSpec(
         batch_size=batch_size,
         max_batch_tokens=max_batch_tokens,
@@ -121,7 +112,7 @@ def cache(
         manifest = build_cache(
             spec,
             data_spec,
-            window_spec,
+            windows,
             compute,
             out,
             top_k=top_k,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from lmkl.cli.common import (
+from lmkl.cli.funnel import friendly_errors
+from lmkl.cli.options import (
     DATA,
     MODELS,
     AdapterOpt,
@@ -42,15 +42,16 @@ from lmkl.cli.common import (
     StrideOpt,
     TemperatureOpt,
     TextFieldOpt,
-    TokenProgress,
     TrustOpt,
     WindowingMode,
     WindowingOpt,
     apply_offline,
-    friendly_errors,
+    given,
     model_pair,
-    stdout,
+    window_spec,
 )
+from lmkl.cli.options import data_spec as build_data_spec
+from lmkl.cli.output import TokenProgress, show_run
 
 
 class ScoreOn(str, Enum):
@@ -125,15 +126,18 @@ def compare(
 ) -> None:
     """Compare CANDIDATE with REFERENCE token by token: KL both ways, JSD, PPL, agreement."""
     apply_offline(offline)
+    import lmkl.api
     from lmkl.analysis.gates import (
         gates_from_mapping,
         gates_report,
         parse_gate_options,
         raise_for_failures,
     )
+    from lmkl.engine.distributed import is_main_process
     from lmkl.errors import UsageError
     from lmkl.refcache.format import is_cache_dir
-    from lmkl.specs import ComputeSpec, DataSpec, OutputSpec, WindowSpec
+    from lmkl.report.terminal import print_bytes_summary, print_summary
+    from lmkl.specs import ComputeSpec
 
     # Parsed before any work so that a bad gate is a usage error (exit 2), not a late surprise.
     gates = gates_from_mapping(
@@ -142,8 +146,6 @@ def compare(
     )
 
     cached = is_cache_dir(reference)
-    if data is None and not cached:
-        raise UsageError("no data given", "pass --data FILE_OR_DATASET")
     common = {
         "revision": revision,
         "device": device,
@@ -156,20 +158,20 @@ def compare(
         reference, candidate, dtype, reference_dtype, candidate_dtype, adapter, **common
     )
     data_spec = (
-        DataSpec(
-            source=data,
-            split=split,
-            dataset_config=dataset_config,
-            text_field=text_field,
-            max_samples=max_samples,
-            score_on=score_on.value if score_on else None,
+        None
+        if data is None and cached
+        else build_data_spec(
+            data,
+            split,
+            dataset_config,
+            text_field,
+            max_samples,
+            score_on.value if score_on else None,
         )
-        if data
-        else None
     )
-    window_spec = _window_spec(WindowSpec, windowing, context_length, stride)
-    if cached and not _given(ctx, "context_length", "stride", "windowing"):
-        window_spec = None  # a reference cache holds its windows; given ones must match them
+    windows = window_spec(windowing, context_length, stride)
+    if cached and not given(ctx, "context_length", "stride", "windowing"):
+        windows = None  # a reference cache holds its windows; given ones must match them
     compute = ComputeSpec(
         batch_size=batch_size,
         chunk_tokens=chunk_tokens,
@@ -179,108 +181,32 @@ def compare(
         max_batch_tokens=max_batch_tokens,
         compile=compile,
     )
-    output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
-    if different_tokenizers:
-        if gates:
-            raise UsageError(
-                "--fail-above/--fail-below need token-level metrics, which "
-                "--different-tokenizers does not compute",
-                "drop the gates or compare models that share a tokenizer",
-            )
-        run_bytes_and_show(
-            ref_spec, cand_spec, data_spec, window_spec, compute, output, resume, quiet
+    if different_tokenizers and gates:
+        raise UsageError(
+            "--fail-above/--fail-below need token-level metrics, which "
+            "--different-tokenizers does not compute",
+            "drop the gates or compare models that share a tokenizer",
         )
-        return
-    outcome = run_and_show(
-        ref_spec, [cand_spec], data_spec, window_spec, compute, output, resume, quiet
-    )
-    if gates and outcome is not None:  # results are written; exit 3, one line per failure
-        raise_for_failures(gates_report(outcome.results["candidates"], gates), 1)
-
-
-def _given(ctx: typer.Context, *names: str) -> bool:
-    """Whether any of these options was set explicitly (not left at its default)."""
-    # Compared by name: typer vendors its own copy of click's ParameterSource enum.
-    return any(
-        getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
-        for name in names
-    )
-
-
-def _window_spec(
-    cls: type, windowing: WindowingMode, context_length: int, stride: int | None
-) -> object:
-    from pydantic import ValidationError
-
-    from lmkl.errors import UsageError
-
-    try:
-        return cls(windowing=windowing.value, context_length=context_length, stride=stride)
-    except ValidationError as exc:
-        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise UsageError(message, "adjust --stride or --context-length") from None
-
-
-def run_and_show(
-    ref_spec, cand_specs, data_spec, window_spec, compute, output, resume: bool, quiet: bool
-) -> Any:
-    """Run a comparison with a progress bar, then print the summary and the run directory."""
-    from lmkl.engine.distributed import env_world_size
-    from lmkl.engine.token_compare import run_comparison
-    from lmkl.report.terminal import print_summary
-
     # Under torchrun/accelerate only rank 0 shows progress and the summary.
-    main = env_world_size() <= 1 or os.environ.get("RANK", "0") == "0"
-    with TokenProgress(quiet or not main) as progress:
-        outcome = run_comparison(
+    with TokenProgress(quiet or not is_main_process()) as progress:
+        run = lmkl.api.compare(
             ref_spec,
-            cand_specs,
+            [cand_spec],
             data_spec,
-            window_spec,
-            compute,
-            output,
+            windows=windows,
+            compute=compute,
+            out=out,
+            overwrite=overwrite,
             resume=resume,
+            different_tokenizers=different_tokenizers,
             progress=progress,
             log=progress.log,
         )
-    if not outcome.is_main:
-        return None
-    if not quiet:
-        print_summary(outcome.results, stdout)
-        stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
-    else:
-        stdout.print(str(outcome.path))
-    return outcome
-
-
-def run_bytes_and_show(
-    ref_spec, cand_spec, data_spec, window_spec, compute, output, resume: bool, quiet: bool
-) -> None:
-    """``--different-tokenizers``: per-byte comparison (no token-level KL), then its summary."""
-    from lmkl.engine.bytes_compare import run_bytes_comparison
-    from lmkl.errors import UsageError
-    from lmkl.report.terminal import print_bytes_summary
-    from lmkl.specs import WindowSpec
-
-    if data_spec is None:
-        raise UsageError("no data given", "pass --data FILE_OR_DATASET")
-    with TokenProgress(quiet) as progress:
-        outcome = run_bytes_comparison(
-            ref_spec,
-            cand_spec,
-            data_spec,
-            window_spec or WindowSpec(),
-            compute,
-            output,
-            resume=resume,
-            progress=progress,
-            log=progress.log,
-        )
-    if not quiet:
-        print_bytes_summary(outcome.results, stdout)
-        stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
-    else:
-        stdout.print(str(outcome.path))
+    if not run.is_main:
+        return
+    show_run(run, quiet, print_bytes_summary if different_tokenizers else print_summary)
+    if gates:  # results are written; exit 3, one line per failure
+        raise_for_failures(gates_report(run.results["candidates"], gates), 1)
 
 
 def register(app: typer.Typer) -> None:

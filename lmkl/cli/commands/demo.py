@@ -12,14 +12,9 @@ from typing import Annotated
 
 import typer
 
-from lmkl.cli.common import (
-    OutOpt,
-    OverwriteOpt,
-    QuietOpt,
-    friendly_errors,
-    stderr,
-    stdout,
-)
+from lmkl.cli.funnel import friendly_errors
+from lmkl.cli.options import OutOpt, OverwriteOpt, QuietOpt
+from lmkl.cli.output import TokenProgress, show_run, stderr, stdout
 
 
 @friendly_errors
@@ -30,37 +25,37 @@ def demo(
     quiet: QuietOpt = False,
 ) -> None:
     """Build two small models offline (cached) and compare them: the whole job in one command."""
-    from lmkl.cli.commands.compare import run_and_show
+    import lmkl.api
     from lmkl.models import quiet_hf_logging, set_offline
-    from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+    from lmkl.report.terminal import print_summary
+    from lmkl.specs import DataSpec, ModelSpec
 
     set_offline(True)  # the demo never needs the network
     quiet_hf_logging()  # lmkl reports the build's progress itself
     from lmkl.demo.assets import build_demo_assets
     from lmkl.demo.names import demo_cache_dir
 
-    cache = demo_cache_dir()
-
     def say(message: str) -> None:
         if not quiet:
             stderr.print(f"[dim]{message}[/dim]")
 
-    assets = build_demo_assets(cache, force=rebuild, progress=say)
-    run_dir = out or Path("runs") / "demo"
-    run_and_show(
-        ModelSpec(model=str(assets.reference_dir), label="reference", device="cpu"),
-        [ModelSpec(model=str(assets.candidate_dir), label="student", device="cpu")],
-        DataSpec(source=str(assets.heldout_path), label="pydoc-heldout"),
-        WindowSpec(context_length=256, stride=128),
-        ComputeSpec(batch_size=8),
-        OutputSpec(dir=str(run_dir), overwrite=overwrite or out is None),
-        resume=False,
-        quiet=quiet,
-    )
+    assets = build_demo_assets(demo_cache_dir(), force=rebuild, progress=say)
+    with TokenProgress(quiet) as progress:
+        run = lmkl.api.compare(
+            ModelSpec(model=str(assets.reference_dir), label="reference", device="cpu"),
+            [ModelSpec(model=str(assets.candidate_dir), label="student", device="cpu")],
+            DataSpec(source=str(assets.heldout_path), label="pydoc-heldout"),
+            out=out or Path("runs") / "demo",
+            overwrite=overwrite or out is None,
+            context_length=256,
+            stride=128,
+            batch_size=8,
+            progress=progress,
+            log=progress.log,
+        )
+    show_run(run, quiet, print_summary)
     # End with the report people would rather look at: one self-contained HTML page.
-    from lmkl.report.render import write_report
-
-    report_path = write_report([run_dir], "html", Path(run_dir) / "report.html")
+    report_path = run.report()
     stdout.print(
         str(report_path) if quiet else f"report: [bold]{report_path}[/bold]",
         highlight=False,

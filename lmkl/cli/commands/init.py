@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from lmkl.cli.common import friendly_errors, stdout
+from lmkl.cli.funnel import friendly_errors
+from lmkl.cli.output import stdout
 
 DEFAULT_EXAMPLE = "precision"
 

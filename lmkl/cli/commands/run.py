@@ -2,82 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from lmkl.cli.common import (
+from lmkl.cli.funnel import friendly_errors
+from lmkl.cli.options import (
     OUTPUT,
+    ConfigArg,
     FailAboveOpt,
     FailBelowOpt,
     OfflineOpt,
     OutOpt,
+    OverridesArg,
     OverwriteOpt,
     QuietOpt,
     ResumeOpt,
-    TokenProgress,
     apply_offline,
-    friendly_errors,
-    stderr,
-    stdout,
+    load_with_options,
 )
-
-ConfigArg = Annotated[
-    Path,
-    typer.Argument(help="Experiment YAML (`lmkl init --list` shows examples).", show_default=False),
-]
-OverridesArg = Annotated[
-    list[str] | None,
-    typer.Argument(
-        help="key.path=value overrides with YAML-typed values, e.g. compute.batch_size=4 "
-        "candidates.0.dtype=float16.",
-        show_default=False,
-    ),
-]
-
-
-class DatasetProgress:
-    """One rich progress bar per dataset (silent when quiet or not a terminal)."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.current: str | None = None
-        self.bar: TokenProgress | None = None
-
-    def __call__(self, dataset: str, done: int, total: int) -> None:
-        if dataset != self.current:
-            self.close()
-            self.current = dataset
-            self.bar = TokenProgress(self.quiet, description=f"scoring {dataset}").__enter__()
-        assert self.bar is not None
-        self.bar(done, total)
-
-    def log(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.log(message)
-        elif not self.quiet and stderr.is_terminal:
-            stderr.print(f"[dim]{message}[/dim]")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-    def __enter__(self) -> DatasetProgress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def load_with_options(config: Path, overrides: list[str] | None, settings: dict[str, Any]) -> Any:
-    """The validated config: YAML, then overrides, then dedicated options (command line wins)."""
-    from lmkl.experiment.schema import load_config
-
-    return load_config(
-        config, overrides or [], {k: v for k, v in settings.items() if v is not None}
-    )
+from lmkl.cli.output import DatasetProgress, stdout
 
 
 @friendly_errors

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from lmkl.cli.common import (
+from lmkl.cli.funnel import friendly_errors
+from lmkl.cli.options import (
     COMPUTE,
     DATA,
     AllowPickleOpt,
@@ -28,14 +29,12 @@ from lmkl.cli.common import (
     RevisionOpt,
     SplitOpt,
     TextFieldOpt,
-    TokenProgress,
     TrustOpt,
     apply_offline,
-    friendly_errors,
     model_pair,
-    stderr,
-    stdout,
 )
+from lmkl.cli.options import data_spec as build_data_spec
+from lmkl.cli.output import TokenProgress, stderr, stdout
 
 SAMPLING = "Sampling"
 
@@ -171,7 +170,7 @@ def sample_kl(
     from lmkl.engine.sample_kl import run_sample_kl
     from lmkl.engine.sampling import SampleSpec
     from lmkl.errors import UsageError
-    from lmkl.specs import ComputeSpec, DataSpec, OutputSpec
+    from lmkl.specs import ComputeSpec, OutputSpec
 
     if prompts is None:
         raise UsageError("no prompts given", "pass --prompts FILE_OR_DATASET")
@@ -185,13 +184,7 @@ def sample_kl(
     ref_spec, cand_spec = model_pair(
         reference, candidate, dtype, reference_dtype, candidate_dtype, **common
     )
-    data_spec = DataSpec(
-        source=prompts,
-        split=split,
-        dataset_config=dataset_config,
-        text_field=text_field,
-        max_samples=max_prompts,
-    )
+    data_spec = build_data_spec(prompts, split, dataset_config, text_field, max_prompts)
     spec = SampleSpec(
         num_samples=num_samples,
         max_new_tokens=max_new_tokens,

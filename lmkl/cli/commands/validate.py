@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from lmkl.cli.commands.run import OverridesArg, load_with_options
-from lmkl.cli.common import OfflineOpt, apply_offline, friendly_errors, stdout
+from lmkl.cli.funnel import friendly_errors
+from lmkl.cli.options import OfflineOpt, OverridesArg, apply_offline, load_with_options
+from lmkl.cli.output import stdout
 
 
 @friendly_errors

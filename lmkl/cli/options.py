@@ -1,101 +1,13 @@
-"""What every command shares: the error funnel, the consoles, option aliases declared once."""
+"""Option declarations every command shares (declared once), and the specs built from them."""
 
 from __future__ import annotations
 
-import errno
-import functools
 import os
-import sys
-import warnings
-from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-
-from lmkl.errors import EXIT_RUNTIME, ConfigError, GateFailure, LmklError, LmklWarning
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-#: Results go to stdout; messages, progress and errors to stderr.
-stdout = Console()
-stderr = Console(stderr=True)
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("LMKL_DEBUG", "") not in ("", "0", "false")
-
-
-def report_error(exc: BaseException) -> int:
-    """Print one line (plus a fix) for ``exc`` and return the exit code to use."""
-    if isinstance(exc, LmklError):
-        stderr.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
-        if isinstance(exc, ConfigError | GateFailure):
-            for problem in exc.problems:
-                stderr.print(f"  {problem}", highlight=False, soft_wrap=True)
-        if exc.hint:
-            stderr.print(f"[bold]fix:[/bold] {exc.hint}", highlight=False, soft_wrap=True)
-        return exc.exit_code
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        stderr.print(
-            "[bold red]error:[/bold red] the disk is full; completed parts are kept",
-            highlight=False,
-        )
-        stderr.print("[bold]fix:[/bold] free space, then rerun with --resume", highlight=False)
-        return EXIT_RUNTIME
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    stderr.print(
-        f"[bold red]error:[/bold red] internal error: {type(exc).__name__}: {first}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    stderr.print(
-        "[bold]fix:[/bold] rerun with LMKL_DEBUG=1 for the traceback and report it", highlight=False
-    )
-    return EXIT_RUNTIME
-
-
-def _show_warning(
-    original: Callable[..., None],
-    message: Warning | str,
-    category: type[Warning],
-    *args: Any,
-    **kwargs: Any,
-) -> None:
-    """lmkl's own warnings as one line (``warning: ...``); others as Python prints them."""
-    if issubclass(category, LmklWarning):
-        stderr.print(
-            f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True
-        )
-    else:
-        original(message, category, *args, **kwargs)
-
-
-def friendly_errors(func: F) -> F:
-    """Turn exceptions into one-line messages and documented exit codes (LMKL_DEBUG=1: raise)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            with warnings.catch_warnings():  # restores showwarning afterwards
-                original = warnings.showwarning
-                warnings.showwarning = functools.partial(_show_warning, original)
-                return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            if debug_enabled():
-                raise
-            stderr.print("[bold red]interrupted[/bold red]")
-            raise typer.Exit(130) from None
-        except Exception as exc:
-            if debug_enabled():
-                raise
-            raise typer.Exit(report_error(exc)) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def apply_offline(offline: bool) -> None:
@@ -104,10 +16,6 @@ def apply_offline(offline: bool) -> None:
         from lmkl.models import set_offline
 
         set_offline(True)
-
-
-def is_interactive(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
 
 
 class DType(str, Enum):
@@ -321,56 +229,6 @@ FailBelowOpt = Annotated[
 ]
 
 
-class TokenProgress:
-    """A rich progress bar with tokens/s on stderr; silent when quiet or not a terminal."""
-
-    def __init__(self, quiet: bool, description: str = "scoring") -> None:
-        self.enabled = is_interactive(quiet)
-        self.description = description
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> TokenProgress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} tok/s"),
-                TimeRemainingColumn(),
-                console=stderr,
-                transient=True,
-            )
-            self._progress.__enter__()
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self._progress:
-            return
-        if self._task is None:
-            self._task = self._progress.add_task(self.description, total=total, rate="–")
-        task = self._progress.tasks[0]
-        elapsed = task.elapsed or 0.0
-        rate = f"{done / elapsed:,.0f}" if elapsed > 0 else "–"
-        self._progress.update(self._task, completed=done, total=total, rate=rate)
-
-    def log(self, message: str) -> None:
-        if self.enabled:
-            stderr.print(f"[dim]{message}[/dim]")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress:
-            self._progress.__exit__(*exc)
-
-
 def model_pair(
     reference: str,
     candidate: str,
@@ -395,3 +253,73 @@ def model_pair(
         ref_spec = ref_spec.model_copy(update={"label": "reference"})
         cand_spec = cand_spec.model_copy(update={"label": "candidate"})
     return ref_spec, cand_spec
+
+
+def window_spec(windowing: WindowingMode, context_length: int, stride: int | None) -> Any:
+    """The WindowSpec of the window options (one-line usage error when they contradict)."""
+    from pydantic import ValidationError
+
+    from lmkl.errors import UsageError
+    from lmkl.specs import WindowSpec
+
+    try:
+        return WindowSpec(windowing=windowing.value, context_length=context_length, stride=stride)
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(message, "adjust --stride or --context-length") from None
+
+
+def data_spec(
+    source: str | None,
+    split: str | None,
+    dataset_config: str | None,
+    text_field: str,
+    max_samples: int | None,
+    score_on: str | None = None,
+) -> Any:
+    """The DataSpec of the data options; a one-line usage error when no data is given."""
+    from lmkl.errors import UsageError
+    from lmkl.specs import DataSpec
+
+    if source is None:
+        raise UsageError("no data given", "pass --data FILE_OR_DATASET")
+    return DataSpec(
+        source=source,
+        split=split,
+        dataset_config=dataset_config,
+        text_field=text_field,
+        max_samples=max_samples,
+        score_on=score_on,
+    )
+
+
+def given(ctx: typer.Context, *names: str) -> bool:
+    """Whether any of these options was set explicitly (not left at its default)."""
+    # Compared by name: typer vendors its own copy of click's ParameterSource enum.
+    return any(
+        getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+        for name in names
+    )
+
+
+ConfigArg = Annotated[
+    Path,
+    typer.Argument(help="Experiment YAML (`lmkl init --list` shows examples).", show_default=False),
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="key.path=value overrides with YAML-typed values, e.g. compute.batch_size=4 "
+        "candidates.0.dtype=float16.",
+        show_default=False,
+    ),
+]
+
+
+def load_with_options(config: Path, overrides: list[str] | None, settings: dict[str, Any]) -> Any:
+    """The validated config: YAML, then overrides, then dedicated options (command line wins)."""
+    from lmkl.experiment.schema import load_config
+
+    return load_config(
+        config, overrides or [], {k: v for k, v in settings.items() if v is not None}
+    )

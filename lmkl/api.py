@@ -1,0 +1,192 @@
+"""The one-call Python API, the engine's face: ``lmkl.compare(...)`` and ``lmkl.open_run(...)``.
+
+Usage::
+
+    import lmkl
+
+    run = lmkl.compare("org/reference", ["org/candidate-int4"], data="held_out.jsonl",
+                       out="runs/int4", context_length=512, dtype="bfloat16")
+    run.metrics()["kl"]["mean"]          # KL(P‖Q) in nats, averaged over tokens
+    run.tokens().to_pandas()             # one row per scored token (tokens.parquet)
+    run.report("int4.html")              # the self-contained HTML report
+
+    run = lmkl.open_run("runs/int4")     # the same object for a finished run
+
+Keyword options are the fields of :class:`~lmkl.specs.ModelSpec` (applied to every model given
+by name), :class:`~lmkl.specs.DataSpec`, :class:`~lmkl.specs.WindowSpec` and
+:class:`~lmkl.specs.ComputeSpec`; spec objects may be passed instead of names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lmkl.errors import UsageError
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+
+_SPECS: tuple[type, ...] = (ModelSpec, DataSpec, WindowSpec, ComputeSpec)
+
+
+class Run:
+    """A finished run directory: its results, per-token rows, worst positions and report."""
+
+    def __init__(self, path: str | Path, results: dict[str, Any] | None = None) -> None:
+        from lmkl.engine.rundir import load_results
+
+        self.path = Path(path)
+        self.results: dict[str, Any] = results if results is not None else load_results(self.path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, kind={self.kind!r}, candidates={self.labels})"
+
+    @property
+    def kind(self) -> str:
+        """``compare``, ``bytes-compare``, ``sample-kl`` or ``experiment``."""
+        return str(self.results.get("kind", "compare"))
+
+    @property
+    def labels(self) -> list[str]:
+        """The candidates' labels, in order."""
+        return [c["label"] for c in self.results.get("candidates", [])]
+
+    def metrics(self, label: str | None = None) -> dict[str, Any]:
+        """The summary metrics of one candidate (default: the first)."""
+        entries = self.results.get("candidates", [])
+        if not entries:
+            raise UsageError(f"run '{self.path}' has no candidates", "open a finished run")
+        if label is None:
+            return entries[0]["metrics"]
+        for entry in entries:
+            if entry["label"] == label:
+                return entry["metrics"]
+        raise UsageError(
+            f"run '{self.path}' has no candidate '{label}'", f"use one of: {', '.join(self.labels)}"
+        )
+
+    def tokens(self, columns: list[str] | None = None, label: str | None = None) -> Any:
+        """tokens.parquet as an Arrow table (``.to_pandas()`` for a DataFrame), optionally one
+        candidate's rows and some columns only."""
+        from lmkl.engine.rundir import load_tokens
+
+        filters = [("candidate", "=", label)] if label is not None else None
+        return load_tokens(self.path, columns=columns, filters=filters)
+
+    def worst(self, label: str | None = None) -> list[dict[str, Any]]:
+        """The worst positions (highest KL) with context and both models' top-5 next tokens."""
+        import json
+
+        path = self.path / "worst.json"
+        entries = json.loads(path.read_text()) if path.exists() else []
+        return [e for e in entries if label is None or e.get("candidate") == label]
+
+    def report(self, path: str | Path | None = None, format: str = "html") -> Path | None:
+        """Write the report (html, md or json; default RUN_DIR/report.html); return its path."""
+        from lmkl.report.render import write_report
+
+        return write_report([self.path], format, Path(path) if path else None)
+
+
+def open_run(path: str | Path) -> Run:
+    """A finished run directory as a :class:`Run` (one-line error if it is not one)."""
+    return Run(path)
+
+
+def _split_options(options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Route keyword options to the spec that declares them (model, data, windows, compute)."""
+    routed: list[dict[str, Any]] = [{} for _ in _SPECS]
+    for key, value in options.items():
+        for i, spec in enumerate(_SPECS):
+            if key in spec.model_fields and key not in ("model", "source", "label"):
+                routed[i][key] = value
+                break
+        else:
+            known = sorted({f for s in _SPECS for f in s.model_fields} - {"model", "source"})
+            raise UsageError(f"unknown option '{key}'", f"use one of: {', '.join(known)}")
+    return routed
+
+
+def _model(value: str | Path | ModelSpec, options: dict[str, Any]) -> ModelSpec:
+    if isinstance(value, ModelSpec):
+        return value
+    return ModelSpec(model=str(value), **options)
+
+
+def compare(
+    reference: str | Path | ModelSpec,
+    candidates: str | Path | ModelSpec | Sequence[str | Path | ModelSpec],
+    data: str | Path | DataSpec | None = None,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    different_tokenizers: bool = False,
+    windows: WindowSpec | None = None,
+    compute: ComputeSpec | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Run:
+    """Compare ``candidates`` with ``reference`` token by token and return the finished run.
+
+    ``reference`` may be a reference cache (``lmkl cache``); ``data`` may then be omitted.
+    ``different_tokenizers=True`` compares two models with different tokenizers per byte
+    instead (no token-level KL). ``windows``/``compute`` take whole spec objects instead of
+    their fields as keywords; ``progress(done, total)`` and ``log(message)`` report as it goes.
+    Raises :class:`lmkl.errors.LmklError` for anything the user can fix; KL(P‖Q) always has the
+    reference as P, in nats.
+    """
+    model_opts, data_opts, window_opts, compute_opts = _split_options(options)
+    cand_list = [candidates] if isinstance(candidates, str | Path | ModelSpec) else list(candidates)
+    ref_spec = _model(reference, model_opts)
+    cand_specs = [_model(c, model_opts) for c in cand_list]
+    data_spec = (
+        data
+        if isinstance(data, DataSpec) or data is None
+        else DataSpec(source=str(data), **data_opts)
+    )
+    if (windows is not None and window_opts) or (compute is not None and compute_opts):
+        raise UsageError(
+            "window or compute options given both as a spec and as keywords",
+            "pass either windows=/compute= or their fields as keywords",
+        )
+    windows = windows or (WindowSpec(**window_opts) if window_opts else None)
+    compute = compute or ComputeSpec(**compute_opts)
+    output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
+    if different_tokenizers:
+        from lmkl.engine.bytes_compare import run_bytes_comparison
+
+        if len(cand_specs) != 1 or data_spec is None:
+            raise UsageError(
+                "a per-byte comparison takes one candidate and data",
+                "pass one candidate and data=...",
+            )
+        outcome = run_bytes_comparison(
+            ref_spec,
+            cand_specs[0],
+            data_spec,
+            windows or WindowSpec(),
+            compute,
+            output,
+            resume=resume,
+            progress=progress,
+            log=log,
+        )
+    else:
+        from lmkl.engine.token_compare import run_comparison
+
+        outcome = run_comparison(
+            ref_spec,
+            cand_specs,
+            data_spec,
+            windows,
+            compute,
+            output,
+            resume=resume,
+            progress=progress,
+            log=log,
+        )
+    run = Run(outcome.path, outcome.results)
+    run.is_main = outcome.is_main  # type: ignore[attr-defined]
+    return run

@@ -1,0 +1,109 @@
+"""What commands print: the two consoles, progress bars, and the summary of a finished run."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+
+#: Results go to stdout; messages, progress and errors to stderr.
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def is_interactive(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+class TokenProgress:
+    """A rich progress bar with tokens/s on stderr; silent when quiet or not a terminal."""
+
+    def __init__(self, quiet: bool, description: str = "scoring") -> None:
+        self.enabled = is_interactive(quiet)
+        self.description = description
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> TokenProgress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} tok/s"),
+                TimeRemainingColumn(),
+                console=stderr,
+                transient=True,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._progress:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task(self.description, total=total, rate="–")
+        task = self._progress.tasks[0]
+        elapsed = task.elapsed or 0.0
+        rate = f"{done / elapsed:,.0f}" if elapsed > 0 else "–"
+        self._progress.update(self._task, completed=done, total=total, rate=rate)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            stderr.print(f"[dim]{message}[/dim]")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress:
+            self._progress.__exit__(*exc)
+
+
+class DatasetProgress:
+    """One rich progress bar per dataset (silent when quiet or not a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.current: str | None = None
+        self.bar: TokenProgress | None = None
+
+    def __call__(self, dataset: str, done: int, total: int) -> None:
+        if dataset != self.current:
+            self.close()
+            self.current = dataset
+            self.bar = TokenProgress(self.quiet, description=f"scoring {dataset}").__enter__()
+        assert self.bar is not None
+        self.bar(done, total)
+
+    def log(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.log(message)
+        elif not self.quiet and stderr.is_terminal:
+            stderr.print(f"[dim]{message}[/dim]")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def __enter__(self) -> DatasetProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def show_run(run: Any, quiet: bool, printer: Any) -> None:
+    """Print a finished run: its summary table (``printer``) and directory, or only the path."""
+    if quiet:
+        stdout.print(str(run.path))
+        return
+    printer(run.results, stdout)
+    stdout.print(f"run directory: [bold]{run.path}[/bold]")
