@@ -9,13 +9,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from lmkl.analysis.gates import (
-    Gate,
-    evaluate_gates,
-    metric_paths,
-    normalize_metric_path,
-    parse_gate_options,
-)
+from lmkl.analysis.gates import Gate, evaluate_gates, parse_gate_options
+from lmkl.analysis.metrics import numeric_paths as metric_paths
+from lmkl.analysis.metrics import resolve as normalize_metric_path
 from lmkl.cli import app
 from lmkl.errors import ConfigError, UsageError
 from lmkl.experiment.schema import (

@@ -13,83 +13,20 @@ Used by ``lmkl run`` (``gates:`` in the YAML plus ``--fail-above/--fail-below``)
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
+from lmkl.analysis.metrics import lookup, resolve
 from lmkl.errors import GateFailure, UsageError
 
 GateKind = Literal["fail_above", "fail_below"]
 
 
-@functools.cache
-def metric_paths() -> tuple[str, ...]:
-    """Every dotted path to a number in a candidate's ``metrics`` object (lists excluded).
-
-    Derived from :func:`~lmkl.analysis.stats.summarize` on a few synthetic tokens, so it always
-    matches what the summary really holds.
-    """
-    from lmkl.analysis.stats import summarize
-    from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
-
-    n = 4
-    columns: dict[str, np.ndarray] = {name: np.linspace(0.1, 0.4, n) for name in TOKEN_METRIC_NAMES}
-    columns |= {
-        "nonfinite": np.zeros(n, bool),
-        "bytes": np.ones(n),
-        "doc_id": np.arange(n),
-        "window_id": np.arange(n),
-    }
-    columns["kl"] = np.array([0.1, 0.2, 0.3, np.inf])  # so that ``mean_finite`` exists too
-    paths: list[str] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for key, sub in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), sub)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            paths.append(prefix)
-
-    walk("", summarize(columns))
-    return tuple(paths)
-
-
-def normalize_metric_path(path: str) -> str:
-    """``top1_agreement`` → ``top1_agreement.mean``; raise ``ValueError`` for unknown paths."""
-    path = path.strip()
-    known = metric_paths()
-    if path in known:
-        return path
-    if f"{path}.mean" in known:
-        return f"{path}.mean"
-    # Suggest the closest names: same first part, or a known first part.
-    head = path.split(".")[0]
-    similar = [p for p in known if p.split(".")[0] == head][:6]
-    tops = sorted({p.split(".")[0] for p in known})
-    hint = (
-        f"known under '{head}': {', '.join(similar)}"
-        if similar
-        else (f"known metrics: {', '.join(tops)}")
-    )
-    raise ValueError(f"unknown metric '{path}' ({hint})")
-
-
 def metric_value(metrics: Mapping[str, Any], path: str) -> float:
-    """The number at ``path`` in a metrics object (``"inf"`` → inf, missing/null → NaN)."""
-    value: Any = metrics
-    for part in normalize_metric_path(path).split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return math.nan
-        value = value[part]
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        return float(value)  # "inf" / "-inf" as written by to_json_safe
-    return float(value)
+    """The number at ``path`` (resolved by the registry) in a metrics object."""
+    return lookup(metrics, resolve(path))
 
 
 @dataclass(frozen=True)
@@ -114,14 +51,8 @@ def gates_from_mapping(
     fail_above: Mapping[str, float] | None, fail_below: Mapping[str, float] | None
 ) -> list[Gate]:
     """Gates from ``{metric: limit}`` maps (paths normalised; unknown ones raise ``ValueError``)."""
-    gates = [
-        Gate(normalize_metric_path(m), "fail_above", float(v))
-        for m, v in (fail_above or {}).items()
-    ]
-    gates += [
-        Gate(normalize_metric_path(m), "fail_below", float(v))
-        for m, v in (fail_below or {}).items()
-    ]
+    gates = [Gate(resolve(m), "fail_above", float(v)) for m, v in (fail_above or {}).items()]
+    gates += [Gate(resolve(m), "fail_below", float(v)) for m, v in (fail_below or {}).items()]
     return gates
 
 
@@ -138,7 +69,7 @@ def parse_gate_options(values: Iterable[str], option: str) -> dict[str, float]:
             problems.append(f"{option} {raw!r}: expected METRIC=VALUE, e.g. kl.mean=0.05")
             continue
         try:
-            path = normalize_metric_path(metric)
+            path = resolve(metric)
         except ValueError as exc:
             problems.append(f"{option} {raw!r}: {exc}")
             continue

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from lmkl.analysis.metrics import lookup
+
 #: Resamples × documents drawn per block (bounds memory: ~8 bytes × this, a few times over).
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -413,9 +415,9 @@ def checkpoint_series(
                     "step": data.info[i]["step"],
                     "label": data.labels[i],
                     "value": float(observed[i]),
-                    "kl_mean": _get(metrics, "kl", "mean"),
-                    "ppl_candidate": _get(metrics, "ppl", "candidate"),
-                    "ppl_ratio": _get(metrics, "ppl", "ratio"),
+                    "kl_mean": lookup(metrics, "kl.mean"),
+                    "ppl_candidate": lookup(metrics, "ppl.candidate"),
+                    "ppl_ratio": lookup(metrics, "ppl.ratio"),
                 }
             )
         best = min(members, key=lambda i: _sort_key(observed[i], higher_is_better))
@@ -431,14 +433,3 @@ def checkpoint_series(
             }
         )
     return out
-
-
-def _get(metrics: dict[str, Any], *keys: str) -> float | None:
-    value: Any = metrics
-    for key in keys:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    if value == "inf":
-        return math.inf
-    return value

@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from lmkl.analysis.metrics import macro_paths, rank_metrics
 from lmkl.errors import ConfigError, Interrupted, ResumeError, UsageError
 from lmkl.experiment.schema import (
     NOISE_FLOOR_LABEL,
-    RANK_METRICS,
     ExperimentConfig,
     NoiseFloorSpec,
     dataset_dir_name,
@@ -49,18 +49,6 @@ LogCallback = Callable[[str], None]
 #: ``(dataset label, tokens done, tokens total)``
 ProgressCallback = Callable[[str, int, int], None]
 
-#: Scalar metrics averaged over datasets (with the datasets' weights) for the macro view.
-MACRO_METRICS = (
-    "kl.mean",
-    "reverse_kl.mean",
-    "jsd.mean",
-    "ln_ppl_ratio.mean",
-    "nll.reference",
-    "nll.candidate",
-    "top1_agreement.mean",
-    "top1_in_top5.mean",
-    "delta_p.mean",
-)
 _ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
 
 
@@ -464,7 +452,7 @@ def _candidate_tokens(sub: Path, label: str) -> dict[str, np.ndarray]:
 
 
 def _rank_values(columns: dict[str, np.ndarray], metric: str) -> np.ndarray:
-    column, _ = RANK_METRICS[metric]
+    column = rank_metrics()[metric].column
     if column == "ln_ppl_ratio":
         values = columns["nll_candidate"] - columns["nll_reference"]
     else:
@@ -563,7 +551,7 @@ def combine(
         }
         per_ds = [_entry(r, cand.label)["metrics"] for r in sub_results]
         entry["macro"] = {
-            m: _weighted([metric_value(x, m) for x in per_ds], weights) for m in MACRO_METRICS
+            m: _weighted([metric_value(x, m) for x in per_ds], weights) for m in macro_paths()
         }
         entry["size"] = _size(first_entry, cand)
         entry["datasets"] = {name: f"datasets/{name}" for name in names}
@@ -603,7 +591,7 @@ def combine(
             noise_floor=noise,
         ),
         metric,
-        RANK_METRICS[metric][1],
+        rank_metrics()[metric].higher_is_better,
         resamples=config.ranking.resamples,
         confidence=config.ranking.confidence,
         seed=config.seed,

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 
+from lmkl.analysis.metrics import rank_metrics
 from lmkl.errors import ConfigError
 from lmkl.specs import (
     ComputeSpec,
@@ -42,29 +43,10 @@ from lmkl.specs import (
 #: Label of the noise-floor row (the reference scored against a perturbed copy of itself).
 NOISE_FLOOR_LABEL = "noise-floor"
 
-#: Metrics a leaderboard can rank by: each is a per-token mean, so a bootstrap over documents
-#: can resample it as a ratio of per-document sums and counts. Value: (token column, higher is
-#: better). ``ln_ppl_ratio.mean`` uses nll_candidate − nll_reference per token.
-RANK_METRICS: dict[str, tuple[str, bool]] = {
-    "kl.mean": ("kl", False),
-    "reverse_kl.mean": ("reverse_kl", False),
-    "jsd.mean": ("jsd", False),
-    "ln_ppl_ratio.mean": ("ln_ppl_ratio", False),
-    "nll.candidate": ("nll_candidate", False),
-    "delta_p.mean": ("delta_p", True),
-    "top1_agreement.mean": ("top1_agree", True),
-    "top1_in_top5.mean": ("top1_in_top5", True),
-}
-RankMetric = Literal[
-    "kl.mean",
-    "reverse_kl.mean",
-    "jsd.mean",
-    "ln_ppl_ratio.mean",
-    "nll.candidate",
-    "delta_p.mean",
-    "top1_agreement.mean",
-    "top1_in_top5.mean",
-]
+#: Metrics a leaderboard can rank by (the registry's metrics with a per-token column): each is
+#: a per-token mean, so a bootstrap over documents can resample it as a ratio of per-document
+#: sums and counts. ``ln_ppl_ratio.mean`` uses nll_candidate − nll_reference per token.
+RankMetric = Literal[tuple(rank_metrics())]  # type: ignore[valid-type]
 SizeKey = Literal["parameters", "disk_bytes", "memory_bytes"]
 
 
@@ -151,7 +133,7 @@ class GateSpec(StrictModel):
     @field_validator("fail_above", "fail_below")
     @classmethod
     def _known_metrics(cls, value: dict[str, float]) -> dict[str, float]:
-        from lmkl.analysis.gates import normalize_metric_path
+        from lmkl.analysis.metrics import resolve as normalize_metric_path
 
         out, problems = {}, []
         for path, limit in value.items():

@@ -20,12 +20,12 @@ from rich.text import Text
 
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import UsageError
+from lmkl.formatting import to_float
 from lmkl.report.model import (
     CandidateTokens,
     RunInfo,
     TokenNamer,
     load_run,
-    num,
     read_candidate_tokens,
     visible,
     worst_entries,
@@ -66,7 +66,7 @@ def pick_candidate(run: RunInfo, label: str | None) -> str:
 def thresholds(run: RunInfo, label: str) -> tuple[float, float, float]:
     entry = next(c for c in run.results["candidates"] if c.get("label") == label)
     kl = entry.get("metrics", {}).get("kl", {})
-    return num(kl.get("median")), num(kl.get("p90")), num(kl.get("p99"))
+    return to_float(kl.get("median")), to_float(kl.get("p90")), to_float(kl.get("p99"))
 
 
 def level(value: float, cuts: tuple[float, float, float]) -> int:

@@ -6,46 +6,20 @@ plan).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from lmkl.report.terminal import fmt, summary_table
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    if isinstance(value, str):  # "inf" from to_json_safe
-        return value
-    return fmt(value, digits)
-
-
-def _ci(ci: list[Any] | None, digits: int = 4) -> str:
-    if not ci:
-        return "–"
-    return f"[{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
+from lmkl.formatting import byte_size, interval, number, parameters, percent
+from lmkl.report.terminal import summary_table
 
 
 def _size(size: dict[str, Any] | None, key: str) -> str:
+    """A candidate's size (parameters or bytes) from a ranking row."""
     if not size or size.get(key) is None:
         return "–"
-    value = float(size[key])
-    if key == "parameters":
-        for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-            if value >= scale:
-                return f"{value / scale:.3g}{unit}"
-        return f"{value:.0f}"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if value >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value:.0f} B"
-
-
-def _pct(value: Any) -> str:
-    if not isinstance(value, float) or math.isnan(value):
-        return "–"
-    return f"{100 * value:.1f}%"
+    return parameters(size[key]) if key == "parameters" else byte_size(size[key])
 
 
 def leaderboard_table(results: dict[str, Any]) -> Table:
@@ -82,12 +56,12 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
             str(row["rank"]) if row["rank"] is not None else "",
             row["label"],
             *([meta] if has_meta else []),
-            _num(row["value"]),
-            _ci(row["ci"], 3),
+            number(row["value"]),
+            interval(row["ci"], 3),
             _size(row.get("size"), size_key),
             "★" if row.get("pareto") else "",
-            f"{_num(nxt['diff'], 3)} {_ci(nxt['ci'], 3)}" if nxt else "",
-            _pct(nxt["flip_share"]) if nxt else "",
+            f"{number(nxt['diff'], 3)} {interval(nxt['ci'], 3)}" if nxt else "",
+            percent(nxt["flip_share"]) if nxt else "",
         ]
         if noise_rows:
             vs = row.get("vs_noise_floor")
@@ -110,9 +84,9 @@ def datasets_table(results: dict[str, Any]) -> Table:
     for row in ranking["by_dataset"]:
         table.add_row(
             row["label"],
-            *(_num(row["datasets"][n]) for n in names),
-            _num(row["micro"]),
-            _num(row["macro"]),
+            *(number(row["datasets"][n]) for n in names),
+            number(row["micro"]),
+            number(row["macro"]),
         )
     return table
 
@@ -130,10 +104,10 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
         table.add_row(
             str(point["step"]),
             point["label"],
-            _num(point["value"]),
-            _num(point["kl_mean"]),
-            _num(point["ppl_candidate"], 3),
-            _num(point["ppl_ratio"]),
+            number(point["value"]),
+            number(point["kl_mean"]),
+            number(point["ppl_candidate"], 3),
+            number(point["ppl_ratio"]),
             "★" if point["step"] == series["best"]["step"] else "",
         )
     return table
@@ -204,7 +178,7 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
             m["device"],
             meta,
             m["architecture"] or "–",
-            fmt(m["max_positions"]),
+            number(m["max_positions"]),
         )
     if plan["noise_floor"]:
         models.add_row(
@@ -219,11 +193,11 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
         data.add_row(
             d["label"],
             d["source"],
-            fmt(d["weight"], 2),
-            fmt(d["documents"]),
-            fmt(d["windows"]),
-            fmt(d["tokens"]),
-            fmt(d["batches"]),
+            number(d["weight"], 2),
+            number(d["documents"]),
+            number(d["windows"]),
+            number(d["tokens"]),
+            number(d["batches"]),
         )
     data.add_row(
         "total",
@@ -231,8 +205,8 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
         "",
         "",
         "",
-        fmt(plan["total_tokens"]),
-        fmt(plan["reference_batches"]),
+        number(plan["total_tokens"]),
+        number(plan["reference_batches"]),
         style="bold",
     )
     return [models, data]

@@ -22,9 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lmkl.analysis import metrics as registry
 from lmkl.analysis.stats import to_json_safe
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import OutputError, UsageError
+from lmkl.formatting import Z95, prose, to_float
+from lmkl.formatting import percent as _percent
 
 #: Columns of tokens.parquet the report reads (the others are not needed for any view).
 REPORT_COLUMNS = (
@@ -36,35 +39,6 @@ REPORT_COLUMNS = (
     "kl",
     "nll_reference",
     "nll_candidate",
-)
-
-#: Metrics where a higher value means closer to the reference (all others: lower is better).
-HIGHER_IS_BETTER = frozenset({"top1_agreement", "top1_in_top5", "nll_correlation"})
-
-#: Metric paths accepted by ``--sort-by`` (a bare family name means its ``.mean``).
-SORTABLE_METRICS = (
-    "kl.mean",
-    "kl.median",
-    "kl.p90",
-    "kl.p95",
-    "kl.p99",
-    "kl.p999",
-    "kl.max",
-    "reverse_kl.mean",
-    "reverse_kl.median",
-    "reverse_kl.p99",
-    "jsd.mean",
-    "jsd.median",
-    "jsd.p99",
-    "ppl.candidate",
-    "ppl.ratio",
-    "ln_ppl_ratio.mean",
-    "nll_correlation",
-    "bits_per_byte.candidate",
-    "delta_p.mean",
-    "delta_p.rms",
-    "top1_agreement.mean",
-    "top1_in_top5.mean",
 )
 
 #: Colours of candidates, in sorted order (matplotlib's tab10, colour-blind friendlier order).
@@ -81,53 +55,17 @@ PALETTE = (
     "#17becf",
 )
 
-Z95 = 1.959963984540054
 
-
-def num(value: Any) -> float:
-    """A results.json number as a float: ``"inf"`` → inf, null/missing → NaN."""
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, int | float):
-        return float(value)
-    return math.nan
-
-
-def metric_value(metrics: dict[str, Any], path: str) -> float:
-    """The value at a dotted ``path`` of a candidate's ``metrics`` (``kl`` means ``kl.mean``)."""
-    node: Any = metrics
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return math.nan
-        node = node[part]
-    if isinstance(node, dict):
-        node = node.get("mean")
-    return num(node)
-
-
-def normalize_metric(path: str) -> str:
-    """Resolve aliases (``kl`` → ``kl.mean``); raise a usage error for unknown metrics."""
-    path = path.strip()
-    if path in SORTABLE_METRICS:
-        return path
-    if f"{path}.mean" in SORTABLE_METRICS:
-        return f"{path}.mean"
-    if path == "nll_correlation":
-        return path
-    raise UsageError(
-        f"unknown metric '{path}' for --sort-by", "use one of: " + ", ".join(SORTABLE_METRICS)
-    )
-
-
-def higher_is_better(path: str) -> bool:
-    return path.split(".")[0] in HIGHER_IS_BETTER
+def normalize_sort_metric(path: str) -> str:
+    """A ``--sort-by`` metric resolved by the registry (``kl`` → ``kl.mean``); usage error if
+    it cannot order candidates."""
+    sortable = registry.sortable_paths()
+    try:
+        return registry.resolve(path, sortable)
+    except ValueError:
+        raise UsageError(
+            f"unknown metric '{path}' for --sort-by", "use one of: " + ", ".join(sortable)
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,15 +135,15 @@ class CandidateView:
 
     @property
     def params(self) -> float:
-        return num(self._meta("params", "parameters"))
+        return to_float(self._meta("params", "parameters"))
 
     @property
     def bytes_on_disk(self) -> float:
-        return num(self._meta("bytes_on_disk"))
+        return to_float(self._meta("bytes_on_disk"))
 
     @property
     def step(self) -> float:
-        return num(self._meta("step"))
+        return to_float(self._meta("step"))
 
     @property
     def group(self) -> str | None:
@@ -213,7 +151,7 @@ class CandidateView:
         return str(group) if group is not None else None
 
     def value(self, path: str) -> float:
-        return metric_value(self.metrics, path)
+        return registry.lookup(self.metrics, path)
 
 
 def _load_json(path: Path, what: str) -> Any:
@@ -481,7 +419,9 @@ def confidence_profile(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     buckets = metrics.get("kl_by_confidence") or []
     # An empty bucket contributes nothing (its mean is NaN, its share 0).
     weights = [
-        0.0 if not num(b.get("tokens")) else num(b.get("share")) * num(b.get("kl_mean"))
+        0.0
+        if not to_float(b.get("tokens"))
+        else to_float(b.get("share")) * to_float(b.get("kl_mean"))
         for b in buckets
     ]
     finite = [w for w in weights if math.isfinite(w)]
@@ -491,13 +431,13 @@ def confidence_profile(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "bucket": bucket.get("bucket", ""),
-                "low": num(bucket.get("low")),
-                "high": num(bucket.get("high")),
-                "tokens": int(num(bucket.get("tokens")) or 0),
-                "share": num(bucket.get("share")),
-                "kl_mean": num(bucket.get("kl_mean")),
-                "kl_se": num(bucket.get("kl_se")),
-                "kl_median": num(bucket.get("kl_median")),
+                "low": to_float(bucket.get("low")),
+                "high": to_float(bucket.get("high")),
+                "tokens": int(to_float(bucket.get("tokens")) or 0),
+                "share": to_float(bucket.get("share")),
+                "kl_mean": to_float(bucket.get("kl_mean")),
+                "kl_se": to_float(bucket.get("kl_se")),
+                "kl_median": to_float(bucket.get("kl_median")),
                 "kl_share": weight / total if total > 0 and math.isfinite(weight) else math.nan,
             }
         )
@@ -691,7 +631,7 @@ class Report:
         for c in self.candidates:
             mean, se = (
                 c.value("ln_ppl_ratio.mean"),
-                num(c.metrics.get("ln_ppl_ratio", {}).get("se")),
+                to_float(c.metrics.get("ln_ppl_ratio", {}).get("se")),
             )
             ratio = c.value("ppl.ratio")
             if not math.isfinite(ratio) and math.isfinite(mean):
@@ -776,34 +716,16 @@ def _plain(value: Any) -> Any:
 
 
 def _ranking_ci(ranking: Any, label: str) -> tuple[float, float] | None:
-    """Best-effort reading of a ``ranking`` section: an entry for ``label`` with a CI."""
-    if isinstance(ranking, dict):
-        entries = next(
-            (
-                ranking[k]
-                for k in ("leaderboard", "entries", "candidates", "table")
-                if isinstance(ranking.get(k), list)
-            ),
-            None,
-        )
-    else:
-        entries = ranking if isinstance(ranking, list) else None
-    for entry in entries or []:
-        if not isinstance(entry, dict) or entry.get("label") != label:
-            continue
-        for key in ("ci", "ci95", "ci_95", "confidence_interval"):
-            pair = entry.get(key)
-            if isinstance(pair, list | tuple) and len(pair) == 2:
-                lo, hi = num(pair[0]), num(pair[1])
+    """The bootstrap CI of ``label`` in an experiment's ranking (``leaderboard[i].ci``)."""
+    if not isinstance(ranking, dict):
+        return None
+    for entry in ranking.get("leaderboard") or []:
+        if isinstance(entry, dict) and entry.get("label") == label:
+            ci = entry.get("ci") or []
+            if len(ci) == 2:
+                lo, hi = to_float(ci[0]), to_float(ci[1])
                 if math.isfinite(lo) and math.isfinite(hi):
                     return lo, hi
-            if isinstance(pair, dict):
-                lo, hi = num(pair.get("low", pair.get("lo"))), num(pair.get("high", pair.get("hi")))
-                if math.isfinite(lo) and math.isfinite(hi):
-                    return lo, hi
-        lo, hi = num(entry.get("ci_low")), num(entry.get("ci_high"))
-        if math.isfinite(lo) and math.isfinite(hi):
-            return lo, hi
     return None
 
 
@@ -820,7 +742,7 @@ def _assign_keys(views: list[CandidateView]) -> None:
 
 
 def _sort_views(views: list[CandidateView], sort_by: str) -> list[CandidateView]:
-    sign = -1.0 if higher_is_better(sort_by) else 1.0
+    sign = -1.0 if registry.higher_is_better(sort_by) else 1.0
 
     def key(item: tuple[int, CandidateView]) -> tuple[int, float, int]:
         index, view = item
@@ -842,7 +764,7 @@ def worst_entries(
 ) -> list[dict[str, Any]]:
     """The ``n`` worst positions of one candidate with p(x) and q(x) of the actual token."""
     entries = [dict(e) for e in run.worst if e.get("candidate") == label]
-    entries.sort(key=lambda e: -num(e.get("kl")))
+    entries.sort(key=lambda e: -to_float(e.get("kl")))
     entries = entries[:n]
     if tokens is not None and entries and tokens.kl.size:
         keys = tokens.keys()
@@ -862,7 +784,7 @@ def worst_entries(
                 e["p_token"] = float(np.exp(-tokens.nll_reference[row]))
                 e["q_token"] = float(np.exp(-tokens.nll_candidate[row]))
     for e in entries:
-        e["kl"] = num(e.get("kl"))
+        e["kl"] = to_float(e.get("kl"))
         token_id = e.get("token_id")
         for side in ("reference_top5", "candidate_top5"):
             items = []
@@ -872,7 +794,7 @@ def worst_entries(
                         {
                             "token_id": item.get("token_id"),
                             "token": item.get("token", ""),
-                            "prob": num(item.get("prob")),
+                            "prob": to_float(item.get("prob")),
                             "is_target": item.get("token_id") == token_id,
                         }
                     )
@@ -953,8 +875,8 @@ def compare_views(a: CandidateView, b: CandidateView) -> dict[str, Any]:
     for path in _DIFF_METRICS:
         va, vb = a.value(path), b.value(path)
         family = path.split(".")[0]
-        se_a = num(a.metrics.get(family, {}).get("se")) if path.endswith(".mean") else math.nan
-        se_b = num(b.metrics.get(family, {}).get("se")) if path.endswith(".mean") else math.nan
+        se_a = to_float(a.metrics.get(family, {}).get("se")) if path.endswith(".mean") else math.nan
+        se_b = to_float(b.metrics.get(family, {}).get("se")) if path.endswith(".mean") else math.nan
         delta = vb - va if math.isfinite(va) and math.isfinite(vb) else math.nan
         se = math.hypot(se_a, se_b) if math.isfinite(se_a) and math.isfinite(se_b) else math.nan
         metrics.append(
@@ -1022,7 +944,7 @@ def build_report(
     """Read run directories and compute every view of the report."""
     if not run_dirs:
         raise UsageError("no run directory given", "pass one or more run directories")
-    sort_by = normalize_metric(sort_by)
+    sort_by = normalize_sort_metric(sort_by)
     runs = [load_run(Path(p)) for p in run_dirs]
     names = [r.name for r in runs]
     for run in runs:
@@ -1083,22 +1005,6 @@ def build_report(
 # Plain-language reading
 
 
-def _pct(value: float, digits: int = 1) -> str:
-    return f"{100 * value:.{digits}f}%"
-
-
-def _num(value: float, digits: int = 3) -> str:
-    if not math.isfinite(value):
-        return "inf" if value > 0 else "n/a"
-    if value == 0:
-        return "0"
-    if abs(value) < 1e-4 or abs(value) >= 1e5:
-        return f"{value:.{max(digits - 1, 1)}e}"
-    return (
-        f"{value:.{digits}g}" if abs(value) < 1 else f"{value:,.{digits}f}".rstrip("0").rstrip(".")
-    )
-
-
 def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
     """Where a candidate's KL comes from, by the reference's confidence (share × mean per bucket).
 
@@ -1140,13 +1046,13 @@ def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
     if kl_share > 0.5 and token_share > 0 and kl_share / token_share < 1.1:
         # Most tokens are of this kind and they carry their share of the KL, no more.
         return (
-            f"most of its KL ({_pct(kl_share, 0)}) comes from {where}, which are "
-            f"{_pct(token_share, 0)} of the tokens"
+            f"most of its KL ({_percent(kl_share, 0)}) comes from {where}, which are "
+            f"{_percent(token_share, 0)} of the tokens"
         )
     verb = "is dominated by" if kl_share > 0.5 else "comes mostly from"
     return (
-        f"its KL {verb} {where}: {_pct(kl_share, 0)} of the total KL on "
-        f"{_pct(token_share, 0)} of the tokens"
+        f"its KL {verb} {where}: {_percent(kl_share, 0)} of the total KL on "
+        f"{_percent(token_share, 0)} of the tokens"
     )
 
 
@@ -1155,17 +1061,20 @@ def plain_reading(report: Report) -> list[str]:
     lines = []
     for c in report.candidates:
         m = c.metrics
-        agree, agree_se = c.value("top1_agreement.mean"), num(m.get("top1_agreement", {}).get("se"))
-        kl, kl_se = c.value("kl.mean"), num(m.get("kl", {}).get("se"))
+        agree = c.value("top1_agreement.mean")
+        agree_se = to_float(m.get("top1_agreement", {}).get("se"))
+        kl, kl_se = c.value("kl.mean"), to_float(m.get("kl", {}).get("se"))
         parts = []
         if math.isfinite(agree):
-            err = f" ± {_pct(Z95 * agree_se)}" if math.isfinite(agree_se) else ""
-            parts.append(f"agrees with the reference's top token on {_pct(agree)}{err} of tokens")
-        if math.isfinite(kl):
-            err = f" ± {_num(Z95 * kl_se, 2)}" if math.isfinite(kl_se) else ""
+            err = f" ± {_percent(Z95 * agree_se)}" if math.isfinite(agree_se) else ""
             parts.append(
-                f"has a mean KL(P‖Q) of {_num(kl)}{err} nats (median "
-                f"{_num(c.value('kl.median'))}, p99 {_num(c.value('kl.p99'))})"
+                f"agrees with the reference's top token on {_percent(agree)}{err} of tokens"
+            )
+        if math.isfinite(kl):
+            err = f" ± {prose(Z95 * kl_se, 2)}" if math.isfinite(kl_se) else ""
+            parts.append(
+                f"has a mean KL(P‖Q) of {prose(kl)}{err} nats (median "
+                f"{prose(c.value('kl.median'))}, p99 {prose(c.value('kl.p99'))})"
             )
         elif kl == math.inf:
             parts.append(
@@ -1180,15 +1089,15 @@ def plain_reading(report: Report) -> list[str]:
         if math.isfinite(ratio):
             sentence += (
                 f". Its perplexity is {ratio:.3g}× the reference's "
-                f"({_num(c.value('ppl.candidate'))} vs {_num(c.value('ppl.reference'))})"
+                f"({prose(c.value('ppl.candidate'))} vs {prose(c.value('ppl.reference'))})"
             )
-        infinite = int(num(m.get("counts", {}).get("infinite")) or 0)
+        infinite = int(to_float(m.get("counts", {}).get("infinite")) or 0)
         if infinite:
             sentence += (
                 f". {infinite:,} token(s) got zero probability from it where the "
                 "reference gave some (KL = inf)"
             )
-        nonfinite = int(num(m.get("counts", {}).get("nonfinite")) or 0)
+        nonfinite = int(to_float(m.get("counts", {}).get("nonfinite")) or 0)
         if nonfinite:
             sentence += f". {nonfinite:,} position(s) had non-finite logits and were excluded"
         lines.append(sentence + ".")
@@ -1196,18 +1105,18 @@ def plain_reading(report: Report) -> list[str]:
         ordered = report.candidates
         metric = report.sort_by
         best = ordered[0]
-        direction = "highest" if higher_is_better(metric) else "lowest"
+        direction = "highest" if registry.higher_is_better(metric) else "lowest"
         text = (
             f"By {metric}, {best.key} is closest to the reference ({direction}: "
-            f"{_num(best.value(metric))})"
+            f"{prose(best.value(metric))})"
         )
         if len(ordered) > 1:
             second = ordered[1]
-            text += f", then {second.key} ({_num(second.value(metric))})"
+            text += f", then {second.key} ({prose(second.value(metric))})"
             if metric.endswith(".mean"):
                 family = metric.split(".")[0]
-                se1 = num(best.metrics.get(family, {}).get("se"))
-                se2 = num(second.metrics.get(family, {}).get("se"))
+                se1 = to_float(best.metrics.get(family, {}).get("se"))
+                se2 = to_float(second.metrics.get(family, {}).get("se"))
                 gap = abs(second.value(metric) - best.value(metric))
                 se = math.hypot(se1, se2) if math.isfinite(se1) and math.isfinite(se2) else 0
                 if se > 0 and gap < Z95 * se:
@@ -1228,8 +1137,8 @@ def plain_reading(report: Report) -> list[str]:
     for diff in report.differences:
         kl_row = next(r for r in diff["metrics"] if r["metric"] == "kl.mean")
         text = (
-            f"{diff['label']} differs between runs: mean KL {_num(kl_row['a'])} in "
-            f"{diff['a']} vs {_num(kl_row['b'])} in {diff['b']}"
+            f"{diff['label']} differs between runs: mean KL {prose(kl_row['a'])} in "
+            f"{diff['a']} vs {prose(kl_row['b'])} in {diff['b']}"
         )
         if math.isfinite(kl_row["z"]):
             text += f" (Δ {kl_row['delta']:+.3g}, z = {kl_row['z']:.1f})"
@@ -1237,7 +1146,7 @@ def plain_reading(report: Report) -> list[str]:
         if paired:
             text += (
                 f"; on the {paired['tokens']:,} tokens both scored, "
-                f"{_pct(paired['identical_share'])} have the same KL (within 1e-6)"
+                f"{_percent(paired['identical_share'])} have the same KL (within 1e-6)"
             )
         changed = [c["setting"] for c in diff["changes"] if not c["setting"].startswith("versions")]
         if changed:

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from lmkl.report.model import Z95, Report
+from lmkl.formatting import Z95
+from lmkl.report.model import Report
 
 #: Figure width in inches and resolution: ~880 px wide, crisp in a 900 px column.
 WIDTH = 8.8

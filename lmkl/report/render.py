@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import lmkl
+from lmkl.analysis.metrics import higher_is_better
 from lmkl.engine.rundir import atomic_path
-from lmkl.report.model import (
+from lmkl.formatting import (
     Z95,
-    CandidateView,
-    Report,
-    build_report,
-    confidence_profile,
-    higher_is_better,
-    num,
-    visible,
+    byte_size,
+    interval,
+    mean_se,
+    normal_interval,
+    number,
+    parameters,
+    percent_se,
 )
-from lmkl.report.terminal import fmt
+from lmkl.report.model import CandidateView, Report, build_report, confidence_profile, visible
 
 FORMATS = ("html", "md", "json", "table")
 
@@ -37,84 +38,46 @@ FORMATS = ("html", "md", "json", "table")
 # Number formatting shared by every format
 
 
-def fnum(value: Any, digits: int = 4) -> str:
-    """``display.fmt`` for values that may be ``"inf"`` strings or None."""
-    value = num(value) if not isinstance(value, int) or isinstance(value, bool) else value
-    return fmt(value, digits)
-
-
-def pm(obj: dict[str, Any] | None, key: str = "mean", digits: int = 4) -> str:
-    obj = obj or {}
-    se = num(obj.get("se"))
-    text = fnum(obj.get(key), digits)
-    return text if not math.isfinite(se) else f"{text} ± {fnum(se, digits)}"
-
-
-def pct(obj: dict[str, Any] | None) -> str:
-    obj = obj or {}
-    mean, se = num(obj.get("mean")), num(obj.get("se"))
-    if not math.isfinite(mean):
-        return "–"
-    return f"{100 * mean:.2f}%" + (f" ± {100 * se:.2f}%" if math.isfinite(se) else "")
-
-
-def ci95(obj: dict[str, Any] | None, digits: int = 4) -> str:
-    obj = obj or {}
-    mean, se = num(obj.get("mean")), num(obj.get("se"))
-    if not (math.isfinite(mean) and math.isfinite(se)):
-        return "–"
-    return f"[{fnum(mean - Z95 * se, digits)}, {fnum(mean + Z95 * se, digits)}]"
-
-
-def human_size(value: float, unit: str = "") -> str:
-    if not math.isfinite(value):
-        return "–"
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g}{suffix}{unit}"
-    return f"{value:.0f}{unit and ' ' + unit.strip()}"
-
-
 def _pair(m: dict[str, Any], family: str, a: str, b: str, digits: int = 4) -> str:
     obj = m.get(family) or {}
-    return f"{fnum(obj.get(a), digits)} / {fnum(obj.get(b), digits)}"
+    return f"{number(obj.get(a), digits)} / {number(obj.get(b), digits)}"
 
 
 #: The full statistics table: (row name, getter over a candidate's metrics).
 STAT_ROWS: tuple[tuple[str, Any], ...] = (
-    ("KL(P‖Q) mean ± se", lambda m: pm(m.get("kl"))),
-    ("KL(P‖Q) mean, 95% CI", lambda m: ci95(m.get("kl"))),
-    ("KL(P‖Q) median", lambda m: fnum((m.get("kl") or {}).get("median"))),
+    ("KL(P‖Q) mean ± se", lambda m: mean_se(m.get("kl"))),
+    ("KL(P‖Q) mean, 95% CI", lambda m: normal_interval(m.get("kl"))),
+    ("KL(P‖Q) median", lambda m: number((m.get("kl") or {}).get("median"))),
     ("KL(P‖Q) p90 / p95", lambda m: _pair(m, "kl", "p90", "p95")),
     ("KL(P‖Q) p99 / p99.9", lambda m: _pair(m, "kl", "p99", "p999")),
     ("KL(P‖Q) min / max", lambda m: _pair(m, "kl", "min", "max")),
-    ("KL(Q‖P) mean ± se", lambda m: pm(m.get("reverse_kl"))),
+    ("KL(Q‖P) mean ± se", lambda m: mean_se(m.get("reverse_kl"))),
     ("KL(Q‖P) median / p99", lambda m: _pair(m, "reverse_kl", "median", "p99")),
-    ("JSD mean ± se", lambda m: pm(m.get("jsd"))),
+    ("JSD mean ± se", lambda m: mean_se(m.get("jsd"))),
     ("JSD median / p99", lambda m: _pair(m, "jsd", "median", "p99")),
     ("PPL(P) / PPL(Q)", lambda m: _pair(m, "ppl", "reference", "candidate", 3)),
-    ("PPL(Q) / PPL(P)", lambda m: fnum((m.get("ppl") or {}).get("ratio"))),
-    ("mean ln(PPL(Q)/PPL(P)) ± se", lambda m: pm(m.get("ln_ppl_ratio"))),
-    ("NLL correlation P, Q", lambda m: fnum(m.get("nll_correlation"))),
+    ("PPL(Q) / PPL(P)", lambda m: number((m.get("ppl") or {}).get("ratio"))),
+    ("mean ln(PPL(Q)/PPL(P)) ± se", lambda m: mean_se(m.get("ln_ppl_ratio"))),
+    ("NLL correlation P, Q", lambda m: number(m.get("nll_correlation"))),
     ("bits/byte P / Q", lambda m: _pair(m, "bits_per_byte", "reference", "candidate")),
     ("entropy P / Q (nats)", lambda m: _pair(m, "entropy", "reference", "candidate")),
-    ("Δp = q(x) − p(x), mean ± se", lambda m: pm(m.get("delta_p"))),
-    ("Δp RMS", lambda m: fnum((m.get("delta_p") or {}).get("rms"))),
-    ("top-1 agreement ± se", lambda m: pct(m.get("top1_agreement"))),
-    ("P's top-1 in Q's top-5 ± se", lambda m: pct(m.get("top1_in_top5"))),
+    ("Δp = q(x) − p(x), mean ± se", lambda m: mean_se(m.get("delta_p"))),
+    ("Δp RMS", lambda m: number((m.get("delta_p") or {}).get("rms"))),
+    ("top-1 agreement ± se", lambda m: percent_se(m.get("top1_agreement"))),
+    ("P's top-1 in Q's top-5 ± se", lambda m: percent_se(m.get("top1_in_top5"))),
     (
         "documents / windows",
         lambda m: (
-            f"{fnum((m.get('counts') or {}).get('documents'))} / "
-            f"{fnum((m.get('counts') or {}).get('windows'))}"
+            f"{number((m.get('counts') or {}).get('documents'))} / "
+            f"{number((m.get('counts') or {}).get('windows'))}"
         ),
     ),
-    ("scored tokens", lambda m: fnum((m.get("counts") or {}).get("tokens"))),
+    ("scored tokens", lambda m: number((m.get("counts") or {}).get("tokens"))),
     (
         "non-finite logits / infinite KL",
         lambda m: (
-            f"{fnum((m.get('counts') or {}).get('nonfinite'))}"
-            f" / {fnum((m.get('counts') or {}).get('infinite'))}"
+            f"{number((m.get('counts') or {}).get('nonfinite'))}"
+            f" / {number((m.get('counts') or {}).get('infinite'))}"
         ),
     ),
 )
@@ -140,17 +103,17 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
                 "color": c.color,
                 "run": c.run.name,
                 "reference": c.run.reference_label,
-                "sort_value": fnum(c.value(report.sort_by)),
-                "kl": pm(m.get("kl")),
-                "kl_ci": ci95(m.get("kl")),
-                "kl_median": fnum((m.get("kl") or {}).get("median")),
-                "kl_p99": fnum((m.get("kl") or {}).get("p99")),
-                "top1": pct(m.get("top1_agreement")),
-                "ppl_ratio": fnum((m.get("ppl") or {}).get("ratio")),
-                "size": human_size(c.params)
+                "sort_value": number(c.value(report.sort_by)),
+                "kl": mean_se(m.get("kl")),
+                "kl_ci": normal_interval(m.get("kl")),
+                "kl_median": number((m.get("kl") or {}).get("median")),
+                "kl_p99": number((m.get("kl") or {}).get("p99")),
+                "top1": percent_se(m.get("top1_agreement")),
+                "ppl_ratio": number((m.get("ppl") or {}).get("ratio")),
+                "size": parameters(c.params)
                 if math.isfinite(c.params)
-                else human_size(c.bytes_on_disk, "B"),
-                "boot": f"[{fnum(boot[0])}, {fnum(boot[1])}]" if boot else None,
+                else byte_size(c.bytes_on_disk),
+                "boot": interval(boot) if boot else None,
                 "group": c.group,
                 "step": None if not math.isfinite(c.step) else int(c.step),
             }
@@ -173,8 +136,8 @@ def confidence_rows(report: Report) -> list[dict[str, Any]]:
             b = profile[i] if i < len(profile) else None
             cells.append(
                 {
-                    "mean": fnum(b["kl_mean"]) if b else "–",
-                    "median": fnum(b["kl_median"]) if b else "–",
+                    "mean": number(b["kl_mean"]) if b else "–",
+                    "median": number(b["kl_median"]) if b else "–",
                     "kl_share": _share(b["kl_share"]) if b else "–",
                     "share": _share(b["share"]) if b else "–",
                 }
@@ -183,7 +146,7 @@ def confidence_rows(report: Report) -> list[dict[str, Any]]:
         rows.append(
             {
                 "bucket": bucket["bucket"],
-                "tokens": fnum(bucket["tokens"]),
+                "tokens": number(bucket["tokens"]),
                 "share": shares.pop() if len(shares) == 1 else "varies",
                 "cells": cells,
             }
@@ -233,7 +196,7 @@ def worst_cards(report: Report) -> list[dict[str, Any]]:
             entries.append(
                 {
                     "rank": rank,
-                    "kl": fnum(e.get("kl")),
+                    "kl": number(e.get("kl")),
                     "doc_id": e.get("doc_id"),
                     "position": e.get("position"),
                     "context": _context_tail(str(e.get("context") or "")),
@@ -264,9 +227,9 @@ def token_tables(report: Report) -> list[dict[str, Any]]:
                 {
                     "token": visible(r.get("token", f"#{r['token_id']}"), 28),
                     "token_id": r["token_id"],
-                    "count": fnum(r["count"]),
-                    "total": fnum(r["total_kl"]),
-                    "mean": fnum(r["mean_kl"]),
+                    "count": number(r["count"]),
+                    "total": number(r["total_kl"]),
+                    "mean": number(r["mean_kl"]),
                     "share": f"{100 * r['share_of_kl']:.1f}%"
                     if math.isfinite(r["share_of_kl"])
                     else "–",
@@ -296,8 +259,8 @@ def difference_blocks(report: Report) -> list[dict[str, Any]]:
             metrics.append(
                 {
                     "metric": r["metric"],
-                    "a": fnum(r["a"]),
-                    "b": fnum(r["b"]),
+                    "a": number(r["a"]),
+                    "b": number(r["b"]),
                     "delta": "–" if not math.isfinite(r["delta"]) else f"{r['delta']:+.4g}",
                     "z": "–" if not math.isfinite(r["z"]) else f"{r['z']:.1f}",
                     "significant": significant,
@@ -319,14 +282,14 @@ def difference_blocks(report: Report) -> list[dict[str, Any]]:
                 "paired": None
                 if not paired
                 else {
-                    "tokens": fnum(paired["tokens"]),
+                    "tokens": number(paired["tokens"]),
                     "coverage": f"{100 * paired['coverage_a']:.1f}% / "
                     f"{100 * paired['coverage_b']:.1f}%",
-                    "mean_delta": f"{paired['mean_delta']:+.4g} ± {fnum(paired['se'])}",
-                    "max_abs_delta": fnum(paired["max_abs_delta"]),
+                    "mean_delta": f"{paired['mean_delta']:+.4g} ± {number(paired['se'])}",
+                    "max_abs_delta": number(paired["max_abs_delta"]),
                     "identical": f"{100 * paired['identical_share']:.1f}%",
                     "b_higher": f"{100 * paired['b_higher_share']:.1f}%",
-                    "correlation": fnum(paired["correlation"]),
+                    "correlation": number(paired["correlation"]),
                 },
             }
         )
@@ -353,21 +316,21 @@ def provenance(report: Report) -> list[dict[str, Any]]:
                 "name": run.name,
                 "path": str(run.path),
                 "reference": f"{ref.get('label', '?')} ({ref.get('model', '?')}, "
-                f"{ref.get('dtype', '?')}, {human_size(num(ref.get('parameters')))} "
+                f"{ref.get('dtype', '?')}, {parameters(ref.get('parameters'))} "
                 "params)",
                 "candidates": ", ".join(
                     f"{c.get('label')} ({(c.get('model') or {}).get('dtype', '?')})"
                     for c in r.get("candidates", [])
                 ),
-                "data": f"{data.get('source', '?')} ({fnum(data.get('documents'))} documents, "
-                f"{fnum(data.get('scored_tokens'))} scored tokens)",
+                "data": f"{data.get('source', '?')} ({number(data.get('documents'))} documents, "
+                f"{number(data.get('scored_tokens'))} scored tokens)",
                 "windowing": f"{win.get('mode', '?')}, context {win.get('context_length', '?')}"
                 + (f", stride {win['stride']}" if win.get("stride") else ""),
                 "vocab_note": win.get("vocab_note"),
                 "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
                 "time": f"{_when(prov.get('started'))} → {_when(prov.get('ended'))}",
-                "throughput": f"{fnum(thr.get('tokens_per_s'), 1)} tokens/s over "
-                f"{fnum(thr.get('seconds'), 1)} s"
+                "throughput": f"{number(thr.get('tokens_per_s'), 1)} tokens/s over "
+                f"{number(thr.get('seconds'), 1)} s"
                 if thr.get("tokens_per_s")
                 else "–",
             }

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """A number for humans: ``inf`` stays ``inf``, missing is ``–``."""
-    if value is None:
-        return "–"
-    if value == "inf" or (isinstance(value, float) and math.isinf(value)):
-        return "inf"
-    if isinstance(value, float) and math.isnan(value):
-        return "–"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if abs(value) >= 1e4:
-        return f"{value:,.0f}"
-    if value != 0 and abs(value) < 10**-digits:
-        return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}f}"
-
-
-def pm(metric: dict[str, Any], key: str = "mean", digits: int = 4) -> str:
-    """``mean ± se`` of a metric object."""
-    return f"{fmt(metric.get(key), digits)} ± {fmt(metric.get('se'), digits)}"
+from lmkl.formatting import interval, mean_se, number, percent_se
 
 
 def summary_table(results: dict[str, Any]) -> Table:
@@ -42,37 +21,37 @@ def summary_table(results: dict[str, Any]) -> Table:
     def row(name: str, getter: Any) -> None:
         table.add_row(name, *(getter(c["metrics"]) for c in results["candidates"]))
 
-    row("KL(P‖Q) mean ± se", lambda m: pm(m["kl"]))
-    row("KL(P‖Q) median", lambda m: fmt(m["kl"]["median"]))
-    row("KL(P‖Q) p99 / p99.9", lambda m: f"{fmt(m['kl']['p99'])} / {fmt(m['kl']['p999'])}")
-    row("KL(P‖Q) max", lambda m: fmt(m["kl"]["max"]))
+    row("KL(P‖Q) mean ± se", lambda m: mean_se(m["kl"]))
+    row("KL(P‖Q) median", lambda m: number(m["kl"]["median"]))
+    row("KL(P‖Q) p99 / p99.9", lambda m: f"{number(m['kl']['p99'])} / {number(m['kl']['p999'])}")
+    row("KL(P‖Q) max", lambda m: number(m["kl"]["max"]))
     if any("kl_bounds" in c["metrics"] for c in results["candidates"]):
         # Compact (top-k) reference cache: only a guaranteed interval is known.
         row(
             "KL(P‖Q) mean in",
             lambda m: (
-                f"[{fmt(m['kl_bounds']['lower']['mean'])}, {fmt(m['kl_bounds']['upper']['mean'])}]"
+                interval([m["kl_bounds"]["lower"]["mean"], m["kl_bounds"]["upper"]["mean"]])
                 if "kl_bounds" in m
                 else "–"
             ),
         )
-    row("KL(Q‖P) mean ± se", lambda m: pm(m["reverse_kl"]))
-    row("JSD mean ± se", lambda m: pm(m["jsd"]))
+    row("KL(Q‖P) mean ± se", lambda m: mean_se(m["reverse_kl"]))
+    row("JSD mean ± se", lambda m: mean_se(m["jsd"]))
     row(
         "PPL(P) / PPL(Q)",
-        lambda m: f"{fmt(m['ppl']['reference'], 3)} / {fmt(m['ppl']['candidate'], 3)}",
+        lambda m: f"{number(m['ppl']['reference'], 3)} / {number(m['ppl']['candidate'], 3)}",
     )
-    row("PPL ratio Q/P", lambda m: fmt(m["ppl"]["ratio"]))
-    row("mean ln(PPL(Q)/PPL(P))", lambda m: pm(m["ln_ppl_ratio"]))
+    row("PPL ratio Q/P", lambda m: number(m["ppl"]["ratio"]))
+    row("mean ln(PPL(Q)/PPL(P))", lambda m: mean_se(m["ln_ppl_ratio"]))
     row(
         "bits/byte P / Q",
         lambda m: (
-            f"{fmt(m['bits_per_byte']['reference'])} / {fmt(m['bits_per_byte']['candidate'])}"
+            f"{number(m['bits_per_byte']['reference'])} / {number(m['bits_per_byte']['candidate'])}"
         ),
     )
-    row("top-1 agreement", lambda m: _pct(m["top1_agreement"]))
-    row("P's top-1 in Q's top-5", lambda m: _pct(m["top1_in_top5"]))
-    row("Δp mean ± se (RMS)", lambda m: f"{pm(m['delta_p'])} ({fmt(m['delta_p']['rms'])})")
+    row("top-1 agreement", lambda m: percent_se(m["top1_agreement"]))
+    row("P's top-1 in Q's top-5", lambda m: percent_se(m["top1_in_top5"]))
+    row("Δp mean ± se (RMS)", lambda m: f"{mean_se(m['delta_p'])} ({number(m['delta_p']['rms'])})")
     row(
         "tokens (non-finite, inf KL)",
         lambda m: (
@@ -82,14 +61,6 @@ def summary_table(results: dict[str, Any]) -> Table:
     return table
 
 
-def _pct(metric: dict[str, Any]) -> str:
-    mean, se = metric.get("mean"), metric.get("se")
-    if not isinstance(mean, float) or math.isnan(mean):
-        return "–"
-    se_text = f" ± {100 * se:.2f}%" if isinstance(se, float) and math.isfinite(se) else ""
-    return f"{100 * mean:.2f}%{se_text}"
-
-
 def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     console.print(summary_table(results))
@@ -97,8 +68,8 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     tps = throughput.get("tokens_per_s")
     if tps:
         console.print(
-            f"[dim]{fmt(tps, 1)} tokens/s over {fmt(throughput['seconds'], 1)} s of "
-            f"scoring; padding efficiency {fmt(throughput.get('padding_efficiency'), 3)}"
+            f"[dim]{number(tps, 1)} tokens/s over {number(throughput['seconds'], 1)} s of "
+            f"scoring; padding efficiency {number(throughput.get('padding_efficiency'), 3)}"
             "[/dim]"
         )
     for cand in results.get("candidates", []):
@@ -135,15 +106,15 @@ def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
         d = block["difference"]
         table.add_row(
             title,
-            fmt(block["reference"]),
-            fmt(block["candidate"]),
-            f"{fmt(d['mean'])} ± {fmt(d['se'])}",
-            f"[{fmt(d['ci95'][0])}, {fmt(d['ci95'][1])}]",
+            number(block["reference"]),
+            number(block["candidate"]),
+            f"{number(d['mean'])} ± {number(d['se'])}",
+            f"[{number(d['ci95'][0])}, {number(d['ci95'][1])}]",
         )
     table.add_row(
         "tokens per byte",
-        fmt(m["tokens_per_byte"]["reference"]),
-        fmt(m["tokens_per_byte"]["candidate"]),
+        number(m["tokens_per_byte"]["reference"]),
+        number(m["tokens_per_byte"]["candidate"]),
         "",
         "",
     )
@@ -151,3 +122,40 @@ def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
     counts = m["counts"]
     console.print(f"[dim]{counts['documents']} documents, {counts['bytes']:,} bytes[/dim]")
     console.print(f"[bold yellow]note:[/bold yellow] {results['note']}", highlight=False)
+
+
+def print_sample_summary(results: dict[str, Any], console: Console) -> None:
+    """A rich table of the estimators, then the warning when sampling was not exact."""
+    from rich.table import Table
+
+    block = results["candidates"][0]["metrics"]["sampled_kl"]
+    counts = block["counts"]
+    table = Table(
+        title=f"sampled {block['target']} over continuations (nats per continuation); "
+        f"{counts['prompts']} prompts × {counts['samples'] // max(counts['prompts'], 1)} "
+        f"samples, {counts['tokens']:,} tokens",
+        title_justify="left",
+    )
+    for column in ("estimator", "mean ± se", "95% CI", "se (prompts)", "per token", "unbiased"):
+        table.add_column(
+            column,
+            justify="left" if column == "estimator" else "right",
+            no_wrap=column == "estimator",
+        )
+    for name, est in block["estimators"].items():
+        lo, hi = est["ci95"]
+        table.add_row(
+            name,
+            f"{number(est['mean'])} ± {number(est['se'])}",
+            f"[{number(lo)}, {number(hi)}]",
+            number(est["se_prompts"]),
+            f"{number(est['per_token']['mean'])}",
+            "yes" if est["unbiased"] else "no",
+        )
+    console.print(table)
+    console.print(
+        f"[dim]{counts['stopped']} of {counts['samples']} continuations ended at a stop "
+        "token; exact_per_step is the headline (unbiased, lowest variance)[/dim]"
+    )
+    if block["warning"]:
+        console.print(f"[bold yellow]warning:[/bold yellow] {block['warning']}", highlight=False)

@@ -85,8 +85,8 @@ def cache(
 ) -> None:
     """Run REFERENCE once over DATA and store what later comparisons need (`compare CACHE CAND`)."""
     apply_offline(offline)
+    from lmkl.formatting import byte_size, number
     from lmkl.refcache.build import build_cache
-    from lmkl.report.terminal import fmt
     from lmkl.specs import ComputeSpec, ModelSpec
 
     spec = ModelSpec(
@@ -127,8 +127,8 @@ def cache(
     mode = "exact" if manifest["mode"] == "exact" else f"top-{manifest['top_k']}"
     stdout.print(
         f"cached {counts['tokens']:,} tokens of {manifest['reference']['label']} ({mode}): "
-        f"{fmt(size['row_per_token'])} row bytes/token, {fmt(size['per_token'], 1)} bytes/token "
-        f"on disk in all ({size['total'] / 2**20:.1f} MiB)"
+        f"{number(size['row_per_token'])} row bytes/token, "
+        f"{number(size['per_token'], 1)} bytes/token on disk in all ({byte_size(size['total'])})"
     )
     stdout.print(
         f"cache directory: [bold]{out}[/bold]  (use it as the reference: "

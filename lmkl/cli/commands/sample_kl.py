@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -170,6 +170,7 @@ def sample_kl(
     from lmkl.engine.sample_kl import run_sample_kl
     from lmkl.engine.sampling import SampleSpec
     from lmkl.errors import UsageError
+    from lmkl.report.terminal import print_sample_summary
     from lmkl.specs import ComputeSpec, OutputSpec
 
     if prompts is None:
@@ -221,47 +222,8 @@ def sample_kl(
     if quiet:
         stdout.print(str(outcome.path))
         return
-    print_sample_summary(outcome.results)
+    print_sample_summary(outcome.results, stdout)
     stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
-
-
-def print_sample_summary(results: dict[str, Any]) -> None:
-    """A rich table of the estimators, then the warning when sampling was not exact."""
-    from rich.table import Table
-
-    from lmkl.report.terminal import fmt
-
-    block = results["candidates"][0]["metrics"]["sampled_kl"]
-    counts = block["counts"]
-    table = Table(
-        title=f"sampled {block['target']} over continuations (nats per continuation); "
-        f"{counts['prompts']} prompts × {counts['samples'] // max(counts['prompts'], 1)} "
-        f"samples, {counts['tokens']:,} tokens",
-        title_justify="left",
-    )
-    for column in ("estimator", "mean ± se", "95% CI", "se (prompts)", "per token", "unbiased"):
-        table.add_column(
-            column,
-            justify="left" if column == "estimator" else "right",
-            no_wrap=column == "estimator",
-        )
-    for name, est in block["estimators"].items():
-        lo, hi = est["ci95"]
-        table.add_row(
-            name,
-            f"{fmt(est['mean'])} ± {fmt(est['se'])}",
-            f"[{fmt(lo)}, {fmt(hi)}]",
-            fmt(est["se_prompts"]),
-            f"{fmt(est['per_token']['mean'])}",
-            "yes" if est["unbiased"] else "no",
-        )
-    stdout.print(table)
-    stdout.print(
-        f"[dim]{counts['stopped']} of {counts['samples']} continuations ended at a stop "
-        "token; exact_per_step is the headline (unbiased, lowest variance)[/dim]"
-    )
-    if block["warning"]:
-        stdout.print(f"[bold yellow]warning:[/bold yellow] {block['warning']}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
