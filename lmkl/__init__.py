@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from lmkl.version import __version__
+
 __all__ = ["Run", "__version__", "compare", "open_run"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 
-import lmkl
+from lmkl.version import __version__
 
 
 def versions() -> dict[str, str]:
@@ -15,7 +15,7 @@ def versions() -> dict[str, str]:
     import transformers
 
     return {
-        "lmkl": lmkl.__version__,
+        "lmkl": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "datasets": datasets.__version__,

@@ -7,6 +7,7 @@ directory entry fsync-ed, so a killed process or a power cut never leaves a half
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,9 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
-
-from lmkl.analysis.stats import to_json_safe
 
 
 @contextmanager
@@ -68,3 +68,20 @@ def fsync_tree(root: Path) -> None:
         elif path.is_dir():
             fsync_dir(path)
     fsync_dir(root)
+
+
+def to_json_safe(value: Any) -> Any:
+    """Replace non-finite floats for strict JSON: ``+inf`` → ``"inf"``, NaN → ``None``."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {k: to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return to_json_safe(value.item())
+    return value

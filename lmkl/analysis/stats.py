@@ -207,23 +207,6 @@ def _bpb(nll: np.ndarray, total_bytes: float) -> float:
     return float(nll.sum() / total_bytes / math.log(2))
 
 
-def to_json_safe(value: Any) -> Any:
-    """Replace non-finite floats for strict JSON: ``+inf`` → ``"inf"``, NaN → ``None``."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, dict):
-        return {k: to_json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return to_json_safe(value.item())
-    return value
-
-
 def ratio_mean_se(numerators: np.ndarray, denominators: np.ndarray) -> tuple[float, float]:
     """``Σ x / Σ w`` over units (e.g. documents) and its delta-method standard error.
 

@@ -16,7 +16,6 @@ from typing import Annotated
 
 import typer
 
-from lmkl import __version__
 from lmkl.cli.commands import (
     cache,
     compare,
@@ -28,6 +27,7 @@ from lmkl.cli.commands import (
     sample_kl,
     validate,
 )
+from lmkl.version import __version__
 
 app = typer.Typer(
     name="lmkl",

@@ -12,8 +12,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-import lmkl
 from lmkl.errors import ResumeError
+from lmkl.version import __version__
 
 
 def model_identity(description: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def run_identity(
 ) -> dict[str, Any]:
     """The identity of a run: ``models`` as (label, description) pairs, data, parts, extras."""
     identity = {
-        "lmkl": lmkl.__version__,
+        "lmkl": __version__,
         "models": [[label, model_identity(desc)] for label, desc in models],
         "data_fingerprint": data_fingerprint,
         "parts": len(part_sizes),

@@ -38,10 +38,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import lmkl
 from lmkl.errors import OutputError
 from lmkl.files import atomic_path, write_json, write_yaml
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
+from lmkl.version import __version__
 
 #: The file that marks a directory as written by lmkl (and so as one ``--overwrite`` may delete).
 MARKER = ".lmkl-run"
@@ -258,7 +258,7 @@ class RunDirectory:
 
     def write_marker(self, fields: dict[str, Any]) -> None:
         """Write (or update) the marker: lmkl's version, the run kind, and ``fields``."""
-        marker = self.read_marker() | {"lmkl": lmkl.__version__} | fields
+        marker = self.read_marker() | {"lmkl": __version__} | fields
         with _writing(self.path, MARKER):
             write_json(self.path / MARKER, marker)
 

@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmkl.analysis.stats import to_json_safe
 from lmkl.data.corpus import load_corpus
 from lmkl.data.windows import make_windows, scored_positions
 from lmkl.environment import versions
 from lmkl.errors import Interrupted, OutputError, UsageError
-from lmkl.files import fsync_dir, fsync_tree
+from lmkl.files import fsync_dir, fsync_tree, to_json_safe
 from lmkl.refcache.format import (
     FORMAT,
     FORMAT_VERSION,

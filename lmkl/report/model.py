@@ -23,9 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmkl.analysis import metrics as registry
-from lmkl.analysis.stats import to_json_safe
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import OutputError, UsageError
+from lmkl.files import to_json_safe
 from lmkl.formatting import Z95, prose, to_float
 from lmkl.formatting import percent as _percent
 

@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import lmkl
 from lmkl.analysis.metrics import higher_is_better
 from lmkl.engine.rundir import atomic_path
 from lmkl.formatting import (
@@ -30,6 +29,7 @@ from lmkl.formatting import (
     percent_se,
 )
 from lmkl.report.model import CandidateView, Report, build_report, confidence_profile, visible
+from lmkl.version import __version__
 
 FORMATS = ("html", "md", "json", "table")
 
@@ -351,7 +351,7 @@ def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[s
     multi_run = len(report.runs) > 1
     return {
         "title": report.title,
-        "version": lmkl.__version__,
+        "version": __version__,
         "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),
         "runs": [{"name": r.name, "path": str(r.path)} for r in report.runs],
         "multi_run": multi_run,

@@ -1,0 +1,58 @@
+"""The package's shape is checked, not hoped for: layers, no private imports, thin commands."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lmkl"
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every ``from lmkl... import ...`` in ``path`` (any depth)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmkl"):
+            out.append((node.module, [alias.name for alias in node.names]))
+    return out
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_import_contracts_hold(monkeypatch):
+    """The [tool.importlinter] contracts of pyproject.toml: layers, no typer in the library, pure
+    divergence math. (``lint-imports`` prints the broken import chains.)"""
+    from importlinter.cli import lint_imports
+
+    monkeypatch.chdir(ROOT)
+    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+
+
+def test_no_private_names_cross_modules():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        here = _module_name(path)
+        for module, names in _imports(path):
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private and module != here:
+                offenders.append(f"{here} imports {', '.join(private)} from {module}")
+    assert not offenders, offenders
+
+
+def test_commands_import_only_the_library_and_cli_helpers():
+    offenders = []
+    for path in sorted((PACKAGE / "cli" / "commands").glob("*.py")):
+        for module, _ in _imports(path):
+            if module.startswith("lmkl.cli.commands"):
+                offenders.append(f"{path.name} imports {module}")
+    assert not offenders, offenders
+
+
+def test_every_subpackage_explains_itself():
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.split()) >= 15, f"{init.parent.name}/__init__.py needs a docstring"
