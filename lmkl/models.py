@@ -269,12 +269,7 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> int | None:
-        config = self.model.config.get_text_config()
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return max_positions(self.model.config)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, T, H]`` final hidden states, or ``[B, T, V]`` logits when the split is off."""
@@ -290,6 +285,37 @@ class LoadedModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for ``[N, H]`` rows of :meth:`hidden_states` (identity when the split is off)."""
         return hidden if self.head is None else self.head(hidden)
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest input a model config allows (None when it states no limit)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_config_fits(spec: ModelSpec, windows: WindowSpec, vocab_size: int) -> None:
+    """Before loading weights: refuse (one line) a model whose config cannot take ``windows``'
+    context or has fewer output rows than ``vocab_size``."""
+    config = model_config(spec)
+    limit = max_positions(config)
+    if limit is not None and windows.context_length > limit:
+        raise UsageError(
+            f"context length {windows.context_length} exceeds {spec.display_name}'s maximum of "
+            f"{limit} positions",
+            f"pass --context-length {limit} or less",
+        )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    width = getattr(text, "vocab_size", None)
+    if isinstance(width, int) and width < vocab_size:
+        raise TokenizerMismatchError(
+            f"{spec.display_name} has {width} output rows but the comparison covers "
+            f"{vocab_size} tokens",
+            "use models with one vocabulary",
+        )
 
 
 def _make_head(model: Any) -> OutputHead | None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from lmkl import files
 from lmkl.analysis import stats
 
 
@@ -98,4 +99,4 @@ def test_summarize_excludes_nonfinite_rows():
 
 
 def test_json_safe():
-    assert stats.to_json_safe({"a": [math.inf, math.nan, 1.0]}) == {"a": ["inf", None, 1.0]}
+    assert files.to_json_safe({"a": [math.inf, math.nan, 1.0]}) == {"a": ["inf", None, 1.0]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from enum import Enum
 from pathlib import Path
@@ -229,30 +230,138 @@ FailBelowOpt = Annotated[
 ]
 
 
-def model_pair(
-    reference: str,
-    candidate: str,
-    dtype: DType,
-    reference_dtype: DType | None,
-    candidate_dtype: DType | None,
-    adapter: str | None = None,
-    **common: Any,
-) -> tuple[Any, Any]:
-    """Reference and candidate ModelSpecs from the shared model options.
+# Option groups: commands declare which groups they take (see :func:`with_options`) instead of
+# repeating the same dozen parameters; the values arrive in the command's ``**options``.
+OptionGroup = dict[str, tuple[Any, Any]]
 
-    Per-model dtypes override ``dtype``; the adapter applies to the candidate only. Two models
-    with the same display name are relabelled ``reference``/``candidate`` so tables stay readable.
+MODEL_OPTIONS: OptionGroup = {
+    "dtype": (DTypeOpt, DType.auto),
+    "device": (DeviceOpt, "auto"),
+    "revision": (RevisionOpt, None),
+    "trust_remote_code": (TrustOpt, False),
+    "attn_implementation": (AttnOpt, None),
+    "allow_pickle": (AllowPickleOpt, False),
+    "offline": (OfflineOpt, False),
+}
+PAIR_OPTIONS: OptionGroup = {
+    "reference_dtype": (RefDTypeOpt, None),
+    "candidate_dtype": (CandDTypeOpt, None),
+}
+DATA_SOURCE_OPTIONS: OptionGroup = {
+    "split": (SplitOpt, None),
+    "dataset_config": (DatasetConfigOpt, None),
+    "text_field": (TextFieldOpt, "text"),
+}
+DATA_OPTIONS: OptionGroup = {
+    "data": (DataOpt, None),
+    **DATA_SOURCE_OPTIONS,
+    "max_samples": (MaxSamplesOpt, None),
+    "max_tokens": (MaxTokensOpt, None),
+}
+WINDOW_OPTIONS: OptionGroup = {
+    "context_length": (ContextOpt, 512),
+    "stride": (StrideOpt, None),
+    "windowing": (WindowingOpt, WindowingMode.documents),
+}
+BATCH_OPTIONS: OptionGroup = {
+    "batch_size": (BatchOpt, 8),
+    "max_batch_tokens": (MaxBatchTokensOpt, None),
+}
+KL_OPTIONS: OptionGroup = {
+    "chunk_tokens": (ChunkOpt, None),
+    "memory_budget": (MemoryOpt, 1024),
+}
+OUTPUT_OPTIONS: OptionGroup = {
+    "out": (OutOpt, None),
+    "overwrite": (OverwriteOpt, False),
+    "resume": (ResumeOpt, False),
+    "quiet": (QuietOpt, False),
+}
+
+
+def with_options(*groups: OptionGroup) -> Any:
+    """Add option groups to a command's signature (after its own parameters).
+
+    The command takes ``**options``; Typer reads the extended signature and passes every
+    option by name. A parameter the command declares itself wins over a group's.
     """
+
+    def decorate(func: Any) -> Any:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        names = {p.name for p in own}
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+            for group in groups
+            for name, (a, d) in group.items()
+            if name not in names
+        ]
+        func.__signature__ = signature.replace(parameters=[*own, *added])
+        # Evaluated annotations (this module uses postponed ones): Typer reads both.
+        func.__annotations__ = {
+            p.name: p.annotation for p in func.__signature__.parameters.values()
+        } | {"return": signature.return_annotation}
+        return func
+
+    return decorate
+
+
+def model_spec(model: str, options: dict[str, Any], **fields: Any) -> Any:
+    """A ModelSpec from the model options (``fields`` override them)."""
     from lmkl.specs import ModelSpec
 
-    ref_spec = ModelSpec(model=reference, dtype=(reference_dtype or dtype).value, **common)
-    cand_spec = ModelSpec(
-        model=candidate, dtype=(candidate_dtype or dtype).value, adapter=adapter, **common
+    values = {
+        "dtype": options["dtype"].value,
+        "device": options["device"],
+        "revision": options["revision"],
+        "trust_remote_code": options["trust_remote_code"],
+        "attn_implementation": options["attn_implementation"],
+        "allow_pickle": options["allow_pickle"],
+        "device_map": options.get("device_map"),
+    }
+    return ModelSpec(model=model, **(values | fields))
+
+
+def model_pair(reference: str, candidate: str, options: dict[str, Any]) -> tuple[Any, Any]:
+    """Reference and candidate ModelSpecs from the shared model options.
+
+    ``--reference-dtype``/``--candidate-dtype`` override ``--dtype``; the adapter applies to the
+    candidate only. Two models with the same display name are relabelled
+    ``reference``/``candidate`` so tables stay readable.
+    """
+    dtype = options["dtype"]
+    ref_spec = model_spec(reference, options, dtype=(options.get("reference_dtype") or dtype).value)
+    cand_spec = model_spec(
+        candidate,
+        options,
+        dtype=(options.get("candidate_dtype") or dtype).value,
+        adapter=options.get("adapter"),
     )
     if ref_spec.display_name == cand_spec.display_name:
         ref_spec = ref_spec.model_copy(update={"label": "reference"})
         cand_spec = cand_spec.model_copy(update={"label": "candidate"})
     return ref_spec, cand_spec
+
+
+def compute_spec(options: dict[str, Any], **fields: Any) -> Any:
+    """A ComputeSpec from whichever compute options the command has (``fields`` override)."""
+    from lmkl.specs import ComputeSpec
+
+    renamed = {"memory_budget": "memory_budget_mb"}
+    values = {
+        renamed.get(name, name): options[name]
+        for name in (
+            "batch_size",
+            "max_batch_tokens",
+            "chunk_tokens",
+            "memory_budget",
+            "max_tokens",
+            "temperature",
+            "compile",
+        )
+        if name in options
+    }
+    return ComputeSpec(**(values | fields))
 
 
 def window_spec(windowing: WindowingMode, context_length: int, stride: int | None) -> Any:
@@ -270,26 +379,21 @@ def window_spec(windowing: WindowingMode, context_length: int, stride: int | Non
 
 
 def data_spec(
-    source: str | None,
-    split: str | None,
-    dataset_config: str | None,
-    text_field: str,
-    max_samples: int | None,
-    score_on: str | None = None,
+    options: dict[str, Any], source: str = "data", samples: str = "max_samples", **fields: Any
 ) -> Any:
     """The DataSpec of the data options; a one-line usage error when no data is given."""
     from lmkl.errors import UsageError
     from lmkl.specs import DataSpec
 
-    if source is None:
-        raise UsageError("no data given", "pass --data FILE_OR_DATASET")
+    if options.get(source) is None:
+        raise UsageError(f"no {source} given", f"pass --{source} FILE_OR_DATASET")
     return DataSpec(
-        source=source,
-        split=split,
-        dataset_config=dataset_config,
-        text_field=text_field,
-        max_samples=max_samples,
-        score_on=score_on,
+        source=options[source],
+        split=options["split"],
+        dataset_config=options["dataset_config"],
+        text_field=options["text_field"],
+        max_samples=options[samples],
+        **fields,
     )
 
 

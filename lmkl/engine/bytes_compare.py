@@ -271,6 +271,9 @@ class BytesComparison:
         )
         return Plan(part_rows=rows, identity=identity, schema=PART_SCHEMA, sidecar="nll")
 
+    def ready(self, index: int) -> None:
+        pass  # both models are loaded by prepare
+
     def score(self, index: int) -> Part:
         m, group = self.units[index]
         model = self.models[m]

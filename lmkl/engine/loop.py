@@ -112,6 +112,10 @@ class RunKind(Protocol):
         """Load and check models and data; raise one-line errors; write nothing."""
         ...
 
+    def ready(self, index: int) -> None:
+        """Get what part ``index`` needs (e.g. load its model); not counted as scoring time."""
+        ...
+
     def score(self, index: int) -> Part:
         """Compute part ``index``."""
         ...
@@ -238,10 +242,14 @@ def _score_parts(
                 if index in done:
                     finished_work += work[index]
                     continue
+                kind.ready(index)
                 t0, c0 = time.perf_counter(), time.process_time()
                 part = kind.score(index)
-                counters["seconds"] += time.perf_counter() - t0
-                counters["cpu_seconds"] += time.process_time() - c0
+                # A kind may time its scoring itself (leaving out e.g. decoding text).
+                counters["seconds"] += part.counters.pop("seconds", time.perf_counter() - t0)
+                counters["cpu_seconds"] += part.counters.pop(
+                    "cpu_seconds", time.process_time() - c0
+                )
                 for key, value in part.counters.items():
                     counters[key] = counters.get(key, 0.0) + value
                 run_dir.write_part(index, part.table, sidecar=part.sidecar)

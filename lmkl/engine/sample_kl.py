@@ -9,6 +9,7 @@ sidecar, one record per continuation (estimator inputs and the generated text).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,15 +148,21 @@ class SampledKL:
             unit="continuations",
         )
 
+    def ready(self, index: int) -> None:
+        pass  # both models are loaded by prepare
+
     def score(self, index: int) -> Part:
         p, sample_ids = self.units[index]
         doc, prompt = self.documents[p], self.prompts[p]
+        t0, c0 = time.perf_counter(), time.process_time()
         conts = sample_continuations(
             self.sampler, prompt, doc.doc_id, sample_ids, self.spec, self.vocab_size, self.stops
         )
         scored = score_continuations(
             self.ref_model, self.cand_model, prompt, conts, self.vocab_size, self.chunk, self.pad_id
         )
+        # Timed: sampling and scoring (not the decoding of text below).
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         forward = self.spec.direction == "forward"
         tables, records = [], []
         for cont, metrics in zip(conts, scored, strict=True):
@@ -205,7 +212,12 @@ class SampledKL:
         return Part(
             table=pa.concat_tables(tables),
             sidecar=records,
-            counters={"samples": len(conts), "tokens": sum(r["tokens"] for r in records)},
+            counters={
+                "samples": len(conts),
+                "tokens": sum(r["tokens"] for r in records),
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+            },
         )
 
     def summarize(self, run_dir: RunDirectory, totals: dict[str, float]) -> Summary:

@@ -34,6 +34,7 @@ from lmkl.errors import TokenizerMismatchError, UsageError
 from lmkl.files import write_json
 from lmkl.models import (
     LoadedModel,
+    check_config_fits,
     check_context_length,
     check_tokenizers_match,
     load_model,
@@ -178,7 +179,10 @@ class TokenComparison:
         self.compute = compute
         self._given_models = models
         self._loaded: dict[str, LoadedModel] = {}
+        #: Descriptions of the candidates this process loaded (results.json's ``model``).
         self._descriptions: dict[str, dict[str, Any]] = {}
+        #: Cached runs: each candidate's weights identity, read before any is loaded.
+        self._probes: dict[str, dict[str, Any]] = {}
 
     # -- what the run is -------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
@@ -210,7 +214,7 @@ class TokenComparison:
             self._prepare_cached(log)
             groups = [[c.display_name] for c in self.candidates]
             identity_models = [(self.cache.label, self.cache.manifest["reference"])] + [
-                (c.display_name, self._descriptions[c.display_name]) for c in self.candidates
+                (c.display_name, self._probes[c.display_name]) for c in self.candidates
             ]
             fingerprint = self.cache.manifest["data"].get("fingerprint")
         self.groups = groups
@@ -268,13 +272,15 @@ class TokenComparison:
         cache = self.cache
         assert cache is not None
         self.tokenizer = cache.tokenizer
+        self.vocab_size = cache.vocab_size
         for spec in self.candidates:
             cache.check_tokenizer(load_tokenizer(spec), spec.display_name)
-            # Weights are pinned (and checked to exist) now; they load when their turn comes.
-            self._descriptions[spec.display_name] = weights_identity(spec)
+            # Checked and pinned now (config, weight files, their hash); the weights load when
+            # the candidate's turn comes, one model at a time.
+            check_config_fits(spec, self.windows, self.vocab_size)
+            self._probes[spec.display_name] = weights_identity(spec)
         self.window_list = cache.windows()
         self.corpus_description = cache.manifest["data"]
-        self.vocab_size = cache.vocab_size
         self.padded = bool(cache.manifest["vocab"]["padded"])
         self.kernel, self.chunk = make_kernel(self.compute, self.vocab_size, cache.num_tokens, log)
         if self.topk:
@@ -302,7 +308,12 @@ class TokenComparison:
                     )
                 self.padded = self.padded or model.logits_width != len(self.tokenizer)
                 self._loaded[label] = model
+                self._descriptions[label] = model.description
         return [self._loaded[label] for label in group]
+
+    def ready(self, index: int) -> None:
+        """Load part ``index``'s candidates (untimed: loading is not scoring)."""
+        self._models_of(self.groups[index // len(self.window_groups)])
 
     def score(self, index: int) -> Part:
         group, b = divmod(index, len(self.window_groups))
@@ -363,11 +374,14 @@ class TokenComparison:
     # -- summarize -------------------------------------------------------------------------------
     def summarize(self, run_dir: RunDirectory, totals: dict[str, float]) -> Summary:
         sidecars = [run_dir.read_sidecar(i) or {} for i in run_dir.completed_indices()]
-        descriptions = dict(self._descriptions)
+        # This process's own descriptions win; others' (ranks, an earlier resumed process) fill
+        # in candidates it never loaded.
+        descriptions: dict[str, dict[str, Any]] = dict(self._probes)
         padded = self.padded
         for sidecar in sidecars:
             descriptions.update(sidecar.get("models", {}))
             padded = padded or bool(sidecar.get("padded"))
+        descriptions.update(self._descriptions)
         table = run_dir.read_parts()
         entries = []
         for spec in self.candidates:

@@ -184,7 +184,7 @@ def check_models(config: ExperimentConfig, log: LogCallback | None = None) -> li
 
     Returns one row per model for the plan. Raises the core's one-line errors on a mismatch.
     """
-    from lmkl.models import check_tokenizers_match, load_tokenizer
+    from lmkl.models import check_tokenizers_match, load_tokenizer, max_positions
     from lmkl.models import model_config as load_model_config
 
     log = log or (lambda _m: None)
@@ -201,13 +201,7 @@ def check_models(config: ExperimentConfig, log: LogCallback | None = None) -> li
                 ref_tok, tokenizer, (config.reference.display_name, spec.display_name)
             )
         model_config = load_model_config(spec)
-        text = model_config.get_text_config() if model_config is not None else None
-        limit = None
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(text, name, None)
-            if isinstance(value, int) and value > 0:
-                limit = value
-                break
+        limit = max_positions(model_config) if model_config is not None else None
         if limit is not None and config.windowing.context_length > limit:
             raise UsageError(
                 f"context length {config.windowing.context_length} exceeds {spec.display_name}'s"
@@ -355,8 +349,9 @@ def run_experiment(
     (the CLI raises :class:`lmkl.errors.GateFailure` after printing).
     """
     from lmkl.data.corpus import load_corpus
-    from lmkl.engine.token_compare import load_models, run_comparison
+    from lmkl.engine.token_compare import TokenComparison, load_models, run_comparison
     from lmkl.files import write_json
+    from lmkl.models import check_context_length
 
     log = log or (lambda _m: None)
     config = resolve_demo_values(config, log)
@@ -387,11 +382,15 @@ def run_experiment(
     for data in config.datasets:
         log(f"reading data {data.source}")
         load_corpus(data)
-    if not cached_reference:
+    if cached_reference:
+        for data in config.datasets:  # the cache refuses data or windows that differ from its own
+            TokenComparison(config.reference, list(run_specs), data, windows, compute)
+    else:
         models = load_models(config.reference, specs, log)
         if config.noise_floor.enabled:
             log("loading the noise-floor copy of the reference")
             models[1].append(load_noise_floor(config.reference, config.noise_floor, config.seed))
+        check_context_length([models[0], *models[1]], windows)
     if not resume:
         _create_root(root, config)
     sub_results: list[dict[str, Any]] = []

@@ -328,16 +328,20 @@ class ReferenceCache:
         ids = self._array("topk_ids.bin", "int32", k)[index]
         logprobs = self._array("topk_logprobs.bin", "float32", k)[index]
         if not hasattr(self, "_stats"):
-            self._stats = pq.read_table(
+            # Read and converted once: every batch then indexes the NumPy columns.
+            table = pq.read_table(
                 self.path / "tokens.parquet",
                 columns=["log_tail", "entropy_reference", "nll_reference", "nonfinite_reference"],
             )
+            self._stats = {
+                name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names
+            }
         out = {
             "ids": torch.from_numpy(np.ascontiguousarray(ids)).long(),
             "logprobs": torch.from_numpy(np.ascontiguousarray(logprobs)),
         }
         for name in ("log_tail", "entropy_reference", "nll_reference", "nonfinite_reference"):
-            column = self._stats[name].to_numpy(zero_copy_only=False)[index]
+            column = self._stats[name][index]
             out[name] = torch.from_numpy(np.ascontiguousarray(column))
         return out
 

@@ -3,71 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from lmkl.cli.funnel import friendly_errors
 from lmkl.cli.options import (
-    AllowPickleOpt,
-    AttnOpt,
-    BatchOpt,
-    ContextOpt,
-    DataOpt,
-    DatasetConfigOpt,
+    BATCH_OPTIONS,
+    DATA_OPTIONS,
+    MODEL_OPTIONS,
+    WINDOW_OPTIONS,
     DeviceMapOpt,
-    DeviceOpt,
-    DType,
-    DTypeOpt,
-    MaxBatchTokensOpt,
-    MaxSamplesOpt,
-    MaxTokensOpt,
     MemoryOpt,
-    OfflineOpt,
     OverwriteOpt,
     QuietOpt,
-    RevisionOpt,
-    SplitOpt,
-    StrideOpt,
     TemperatureOpt,
-    TextFieldOpt,
-    TrustOpt,
-    WindowingMode,
-    WindowingOpt,
     apply_offline,
+    compute_spec,
+    data_spec,
+    model_spec,
     window_spec,
+    with_options,
 )
-from lmkl.cli.options import data_spec as build_data_spec
 from lmkl.cli.output import TokenProgress, stdout
 
 
 @friendly_errors
+@with_options(DATA_OPTIONS, WINDOW_OPTIONS, MODEL_OPTIONS, BATCH_OPTIONS)
 def cache(
     reference: Annotated[str, typer.Argument(help="Reference model P: hub id or local directory.")],
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Cache directory to write.", rich_help_panel="Output"),
     ],
-    data: DataOpt = None,
-    split: SplitOpt = None,
-    dataset_config: DatasetConfigOpt = None,
-    text_field: TextFieldOpt = "text",
-    max_samples: MaxSamplesOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    context_length: ContextOpt = 512,
-    stride: StrideOpt = None,
-    windowing: WindowingOpt = WindowingMode.documents,
-    dtype: DTypeOpt = DType.auto,
-    device: DeviceOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = False,
-    attn_implementation: AttnOpt = None,
-    allow_pickle: AllowPickleOpt = False,
-    offline: OfflineOpt = False,
-    batch_size: BatchOpt = 8,
-    max_batch_tokens: MaxBatchTokensOpt = None,
-    memory_budget: MemoryOpt = 1024,
     top_k: Annotated[
         int | None,
         typer.Option(
@@ -79,39 +47,26 @@ def cache(
             rich_help_panel="Cache",
         ),
     ] = None,
+    device_map: DeviceMapOpt = None,
+    memory_budget: MemoryOpt = 1024,
     temperature: TemperatureOpt = 1.0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    **options: Any,
 ) -> None:
     """Run REFERENCE once over DATA and store what later comparisons need (`compare CACHE CAND`)."""
-    apply_offline(offline)
+    apply_offline(options["offline"])
     from lmkl.formatting import byte_size, number
     from lmkl.refcache.build import build_cache
-    from lmkl.specs import ComputeSpec, ModelSpec
 
-    spec = ModelSpec(
-        model=reference,
-        dtype=dtype.value,
-        device=device,
-        device_map=device_map,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-        allow_pickle=allow_pickle,
-    )
-    data_spec = build_data_spec(data, split, dataset_config, text_field, max_samples)
-    windows = window_spec(windowing, context_length, stride)
-    compute = ComputeSpec(
-        batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
-        memory_budget_mb=memory_budget,
-        max_tokens=max_tokens,
-        temperature=temperature,
-    )
+    spec = model_spec(reference, options | {"device_map": device_map})
+    data = data_spec(options)
+    windows = window_spec(options["windowing"], options["context_length"], options["stride"])
+    compute = compute_spec(options, memory_budget_mb=memory_budget, temperature=temperature)
     with TokenProgress(quiet, "caching") as progress:
         manifest = build_cache(
             spec,
-            data_spec,
+            data,
             windows,
             compute,
             out,

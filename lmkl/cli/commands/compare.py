@@ -3,54 +3,35 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from lmkl.cli.funnel import friendly_errors
 from lmkl.cli.options import (
+    BATCH_OPTIONS,
     DATA,
+    DATA_OPTIONS,
+    KL_OPTIONS,
+    MODEL_OPTIONS,
     MODELS,
+    OUTPUT_OPTIONS,
+    PAIR_OPTIONS,
+    WINDOW_OPTIONS,
     AdapterOpt,
-    AllowPickleOpt,
-    AttnOpt,
-    BatchOpt,
-    CandDTypeOpt,
-    ChunkOpt,
     CompileOpt,
-    ContextOpt,
-    DataOpt,
-    DatasetConfigOpt,
     DeviceMapOpt,
-    DeviceOpt,
-    DType,
-    DTypeOpt,
     FailAboveOpt,
     FailBelowOpt,
-    MaxBatchTokensOpt,
-    MaxSamplesOpt,
-    MaxTokensOpt,
-    MemoryOpt,
-    OfflineOpt,
-    OutOpt,
-    OverwriteOpt,
-    QuietOpt,
-    RefDTypeOpt,
-    ResumeOpt,
-    RevisionOpt,
-    SplitOpt,
-    StrideOpt,
     TemperatureOpt,
-    TextFieldOpt,
-    TrustOpt,
-    WindowingMode,
-    WindowingOpt,
     apply_offline,
+    compute_spec,
+    data_spec,
     given,
     model_pair,
     window_spec,
+    with_options,
 )
-from lmkl.cli.options import data_spec as build_data_spec
 from lmkl.cli.output import TokenProgress, show_run
 
 
@@ -80,6 +61,15 @@ DifferentTokenizersOpt = Annotated[
 
 
 @friendly_errors
+@with_options(
+    DATA_OPTIONS,
+    WINDOW_OPTIONS,
+    MODEL_OPTIONS,
+    PAIR_OPTIONS,
+    BATCH_OPTIONS,
+    KL_OPTIONS,
+    OUTPUT_OPTIONS,
+)
 def compare(
     ctx: typer.Context,
     reference: Annotated[
@@ -89,43 +79,18 @@ def compare(
         ),
     ],
     candidate: Annotated[str, typer.Argument(help="Candidate model Q: hub id or local directory.")],
-    data: DataOpt = None,
-    split: SplitOpt = None,
-    dataset_config: DatasetConfigOpt = None,
-    text_field: TextFieldOpt = "text",
     score_on: ScoreOnOpt = None,
-    max_samples: MaxSamplesOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    context_length: ContextOpt = 512,
-    stride: StrideOpt = None,
-    windowing: WindowingOpt = WindowingMode.documents,
-    dtype: DTypeOpt = DType.auto,
-    reference_dtype: RefDTypeOpt = None,
-    candidate_dtype: CandDTypeOpt = None,
-    device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = False,
-    attn_implementation: AttnOpt = None,
     adapter: AdapterOpt = None,
-    allow_pickle: AllowPickleOpt = False,
-    offline: OfflineOpt = False,
     different_tokenizers: DifferentTokenizersOpt = False,
-    batch_size: BatchOpt = 8,
-    max_batch_tokens: MaxBatchTokensOpt = None,
-    chunk_tokens: ChunkOpt = None,
-    memory_budget: MemoryOpt = 1024,
     temperature: TemperatureOpt = 1.0,
     compile: CompileOpt = True,
-    out: OutOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    quiet: QuietOpt = False,
     fail_above: FailAboveOpt = None,
     fail_below: FailBelowOpt = None,
+    **options: Any,
 ) -> None:
     """Compare CANDIDATE with REFERENCE token by token: KL both ways, JSD, PPL, agreement."""
-    apply_offline(offline)
+    apply_offline(options["offline"])
     import lmkl.api
     from lmkl.analysis.gates import (
         gates_from_mapping,
@@ -137,49 +102,11 @@ def compare(
     from lmkl.errors import UsageError
     from lmkl.refcache.format import is_cache_dir
     from lmkl.report.terminal import print_bytes_summary, print_summary
-    from lmkl.specs import ComputeSpec
 
     # Parsed before any work so that a bad gate is a usage error (exit 2), not a late surprise.
     gates = gates_from_mapping(
         parse_gate_options(fail_above or [], "--fail-above"),
         parse_gate_options(fail_below or [], "--fail-below"),
-    )
-
-    cached = is_cache_dir(reference)
-    common = {
-        "revision": revision,
-        "device": device,
-        "trust_remote_code": trust_remote_code,
-        "attn_implementation": attn_implementation,
-        "allow_pickle": allow_pickle,
-        "device_map": device_map,
-    }
-    ref_spec, cand_spec = model_pair(
-        reference, candidate, dtype, reference_dtype, candidate_dtype, adapter, **common
-    )
-    data_spec = (
-        None
-        if data is None and cached
-        else build_data_spec(
-            data,
-            split,
-            dataset_config,
-            text_field,
-            max_samples,
-            score_on.value if score_on else None,
-        )
-    )
-    windows = window_spec(windowing, context_length, stride)
-    if cached and not given(ctx, "context_length", "stride", "windowing"):
-        windows = None  # a reference cache holds its windows; given ones must match them
-    compute = ComputeSpec(
-        batch_size=batch_size,
-        chunk_tokens=chunk_tokens,
-        memory_budget_mb=memory_budget,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        max_batch_tokens=max_batch_tokens,
-        compile=compile,
     )
     if different_tokenizers and gates:
         raise UsageError(
@@ -187,17 +114,27 @@ def compare(
             "--different-tokenizers does not compute",
             "drop the gates or compare models that share a tokenizer",
         )
+    options |= {"device_map": device_map, "adapter": adapter}
+    ref_spec, cand_spec = model_pair(reference, candidate, options)
+    cached = is_cache_dir(reference)
+    data = None
+    if options["data"] is not None or not cached:
+        data = data_spec(options, score_on=score_on.value if score_on else None)
+    windows = window_spec(options["windowing"], options["context_length"], options["stride"])
+    if cached and not given(ctx, "context_length", "stride", "windowing"):
+        windows = None  # a reference cache holds its windows; given ones must match them
+    quiet = options["quiet"]
     # Under torchrun/accelerate only rank 0 shows progress and the summary.
     with TokenProgress(quiet or not is_main_process()) as progress:
         run = lmkl.api.compare(
             ref_spec,
             [cand_spec],
-            data_spec,
+            data,
             windows=windows,
-            compute=compute,
-            out=out,
-            overwrite=overwrite,
-            resume=resume,
+            compute=compute_spec(options, temperature=temperature, compile=compile),
+            out=options["out"],
+            overwrite=options["overwrite"],
+            resume=options["resume"],
             different_tokenizers=different_tokenizers,
             progress=progress,
             log=progress.log,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -11,30 +11,18 @@ from lmkl.cli.funnel import friendly_errors
 from lmkl.cli.options import (
     COMPUTE,
     DATA,
-    AllowPickleOpt,
-    AttnOpt,
-    CandDTypeOpt,
-    ChunkOpt,
-    DatasetConfigOpt,
-    DeviceOpt,
-    DType,
-    DTypeOpt,
-    MemoryOpt,
-    OfflineOpt,
-    OutOpt,
-    OverwriteOpt,
-    QuietOpt,
-    RefDTypeOpt,
-    ResumeOpt,
-    RevisionOpt,
-    SplitOpt,
-    TextFieldOpt,
-    TrustOpt,
+    DATA_SOURCE_OPTIONS,
+    KL_OPTIONS,
+    MODEL_OPTIONS,
+    OUTPUT_OPTIONS,
+    PAIR_OPTIONS,
     apply_offline,
+    compute_spec,
+    data_spec,
     model_pair,
+    with_options,
 )
-from lmkl.cli.options import data_spec as build_data_spec
-from lmkl.cli.output import TokenProgress, stderr, stdout
+from lmkl.cli.output import TokenProgress, show_run, stderr
 
 SAMPLING = "Sampling"
 
@@ -45,6 +33,7 @@ class Direction(str, Enum):
 
 
 @friendly_errors
+@with_options(DATA_SOURCE_OPTIONS, MODEL_OPTIONS, PAIR_OPTIONS, KL_OPTIONS, OUTPUT_OPTIONS)
 def sample_kl(
     reference: Annotated[str, typer.Argument(help="Reference model P: hub id or local directory.")],
     candidate: Annotated[str, typer.Argument(help="Candidate model Q: hub id or local directory.")],
@@ -58,9 +47,6 @@ def sample_kl(
             rich_help_panel=DATA,
         ),
     ] = None,
-    split: SplitOpt = None,
-    dataset_config: DatasetConfigOpt = None,
-    text_field: TextFieldOpt = "text",
     max_prompts: Annotated[
         int | None,
         typer.Option(
@@ -134,15 +120,6 @@ def sample_kl(
             rich_help_panel=SAMPLING,
         ),
     ] = None,
-    dtype: DTypeOpt = DType.auto,
-    reference_dtype: RefDTypeOpt = None,
-    candidate_dtype: CandDTypeOpt = None,
-    device: DeviceOpt = "auto",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = False,
-    attn_implementation: AttnOpt = None,
-    allow_pickle: AllowPickleOpt = False,
-    offline: OfflineOpt = False,
     batch_size: Annotated[
         int,
         typer.Option(
@@ -153,12 +130,7 @@ def sample_kl(
             rich_help_panel=COMPUTE,
         ),
     ] = 16,
-    chunk_tokens: ChunkOpt = None,
-    memory_budget: MemoryOpt = 1024,
-    out: OutOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    quiet: QuietOpt = False,
+    **options: Any,
 ) -> None:
     """Estimate sequence-level KL by sampling continuations (the "expectation form").
 
@@ -166,26 +138,18 @@ def sample_kl(
     reverse), scores them under both models and reports the estimators k1, k2, k3 and the exact
     per-step sum, with standard errors over samples and over prompts.
     """
-    apply_offline(offline)
+    apply_offline(options["offline"])
     from lmkl.engine.sample_kl import run_sample_kl
     from lmkl.engine.sampling import SampleSpec
-    from lmkl.errors import UsageError
     from lmkl.report.terminal import print_sample_summary
-    from lmkl.specs import ComputeSpec, OutputSpec
+    from lmkl.specs import OutputSpec
 
-    if prompts is None:
-        raise UsageError("no prompts given", "pass --prompts FILE_OR_DATASET")
-    common = {
-        "revision": revision,
-        "device": device,
-        "trust_remote_code": trust_remote_code,
-        "attn_implementation": attn_implementation,
-        "allow_pickle": allow_pickle,
-    }
-    ref_spec, cand_spec = model_pair(
-        reference, candidate, dtype, reference_dtype, candidate_dtype, **common
+    ref_spec, cand_spec = model_pair(reference, candidate, options)
+    data = data_spec(
+        options | {"prompts": prompts, "max_prompts": max_prompts},
+        source="prompts",
+        samples="max_prompts",
     )
-    data_spec = build_data_spec(prompts, split, dataset_config, text_field, max_prompts)
     spec = SampleSpec(
         num_samples=num_samples,
         max_new_tokens=max_new_tokens,
@@ -197,8 +161,11 @@ def sample_kl(
         batch_size=batch_size,
         stop_token_ids=stop_token_id or [],
     )
-    compute = ComputeSpec(chunk_tokens=chunk_tokens, memory_budget_mb=memory_budget, seed=seed)
-    output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
+    compute = compute_spec(options, seed=seed)
+    output = OutputSpec(
+        dir=str(options["out"]) if options["out"] else None, overwrite=options["overwrite"]
+    )
+    quiet = options["quiet"]
     if not spec.exact:
         stderr.print(
             "[bold yellow]warning:[/bold yellow] temperature/top-k/top-p change the "
@@ -211,19 +178,16 @@ def sample_kl(
         outcome = run_sample_kl(
             ref_spec,
             cand_spec,
-            data_spec,
+            data,
             spec,
             compute,
             output,
-            resume=resume,
+            resume=options["resume"],
             progress=progress,
             log=progress.log,
         )
-    if quiet:
-        stdout.print(str(outcome.path))
-        return
-    print_sample_summary(outcome.results, stdout)
-    stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
+    if outcome.is_main:
+        show_run(outcome, quiet, print_sample_summary)
 
 
 def register(app: typer.Typer) -> None:
