@@ -154,39 +154,23 @@ def compare(
     windows = windows or (WindowSpec(**window_opts) if window_opts else None)
     compute = compute or ComputeSpec(**compute_opts)
     output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
+    from lmkl.engine.loop import execute
+
+    kind: Any
     if different_tokenizers:
-        from lmkl.engine.bytes_compare import run_bytes_comparison
+        from lmkl.engine.bytes_compare import BytesComparison
 
         if len(cand_specs) != 1 or data_spec is None:
             raise UsageError(
                 "a per-byte comparison takes one candidate and data",
                 "pass one candidate and data=...",
             )
-        outcome = run_bytes_comparison(
-            ref_spec,
-            cand_specs[0],
-            data_spec,
-            windows or WindowSpec(),
-            compute,
-            output,
-            resume=resume,
-            progress=progress,
-            log=log,
-        )
+        kind = BytesComparison(ref_spec, cand_specs[0], data_spec, windows or WindowSpec(), compute)
     else:
-        from lmkl.engine.token_compare import run_comparison
+        from lmkl.engine.token_compare import TokenComparison
 
-        outcome = run_comparison(
-            ref_spec,
-            cand_specs,
-            data_spec,
-            windows,
-            compute,
-            output,
-            resume=resume,
-            progress=progress,
-            log=log,
-        )
+        kind = TokenComparison(ref_spec, cand_specs, data_spec, windows, compute)
+    outcome = execute(kind, output, resume=resume, progress=progress, log=log)
     run = Run(outcome.path, outcome.results)
     run.is_main = outcome.is_main  # type: ignore[attr-defined]
     return run

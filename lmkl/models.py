@@ -209,15 +209,20 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
     _check_source(spec)
-    source = _tokenizer_source(spec)
+    return _pretrained(AutoTokenizer, spec, _tokenizer_source(spec), "tokenizer")
+
+
+def _pretrained(factory: Any, spec: ModelSpec, source: str, what: str) -> Any:
+    """``factory.from_pretrained(source)`` with the spec's revision and code policy, quietly;
+    any failure becomes one :class:`ModelLoadError` line."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(
+            return factory.from_pretrained(
                 source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
             )
     except Exception as exc:  # transformers raises many types; translate them to one line
-        raise translate_load_error(spec, exc, "tokenizer") from exc
+        raise translate_load_error(spec, exc, what) from exc
 
 
 def _tokenizer_source(spec: ModelSpec) -> str:
@@ -566,14 +571,7 @@ def model_config(spec: ModelSpec) -> Any:
 
     _check_source(spec)
     source = str(Path(spec.model).expanduser()) if _is_local(spec) else spec.model
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoConfig.from_pretrained(
-                source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-            )
-    except Exception as exc:  # transformers raises many types; one line for the user
-        raise translate_load_error(spec, exc, "model config") from exc
+    return _pretrained(AutoConfig, spec, source, "model config")
 
 
 def _same_model_name(a: str, b: str) -> bool:

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from lmkl.cli import app
+from lmkl.engine.loop import execute
 from lmkl.engine.results import SCHEMA_VERSION
-from lmkl.engine.sample_kl import run_sample_kl
+from lmkl.engine.sample_kl import SampledKL
 from lmkl.engine.sampling import SampleSpec, draw_tokens, sampling_log_probs, sequence_estimators
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec
 
@@ -39,14 +40,14 @@ def prompts_file(path: Path, prompts: list[str]) -> Path:
 
 
 def run(tiny_pair, prompts: Path, out: Path, **sampling) -> dict:
-    return run_sample_kl(
+    kind = SampledKL(
         ModelSpec(model=str(tiny_pair["reference"]), label="ref"),
         ModelSpec(model=str(tiny_pair["candidate"]), label="cand"),
         DataSpec(source=str(prompts)),
         SampleSpec(**sampling),
         ComputeSpec(),
-        OutputSpec(dir=str(out)),
-    ).results
+    )
+    return execute(kind, OutputSpec(dir=str(out))).results
 
 
 def log_softmax64(model, ids: list[list[int]]) -> np.ndarray:

@@ -63,10 +63,7 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
                 f"cannot read dataset directory '{path}': {_first_line(exc)}",
                 "pass a directory written by Dataset.save_to_disk, or a data file",
             ) from exc
-        dataset = _pick_split(dataset, spec)
-        texts = _column(dataset, spec)
-        fingerprint = getattr(dataset, "_fingerprint", None) or _hash_texts(texts)
-        return *_documents(texts), str(fingerprint)
+        return _from_dataset(dataset, spec)
 
     suffix = path.suffix.lower()
     if suffix not in LOCAL_FORMATS:
@@ -267,6 +264,11 @@ def _read_hub(spec: DataSpec) -> tuple[list[Document], str, str]:
             f"({_first_line(exc)})",
             "check the path or dataset name; hub datasets need network access or a local cache",
         ) from exc
+    return _from_dataset(dataset, spec)
+
+
+def _from_dataset(dataset: Any, spec: DataSpec) -> tuple[list[Document], str, str]:
+    """Documents, stream text and content fingerprint of a loaded ``datasets`` object."""
     dataset = _pick_split(dataset, spec)
     texts = _column(dataset, spec)
     fingerprint = getattr(dataset, "_fingerprint", None) or _hash_texts(texts)

@@ -62,10 +62,40 @@ def scored_positions(window: Window) -> list[int]:
     return [j for j, keep in zip(js, window.score_mask, strict=True) if keep]
 
 
+def _window(
+    window_id: int,
+    doc_id: int,
+    ids: list[int],
+    sizes: list[int],
+    span: tuple[int, int, int],
+    mask: list[bool] | None = None,
+) -> Window:
+    """The window ``ids[begin:end]`` whose targets from ``begin + first`` on are scored."""
+    begin, first, end = span
+    return Window(
+        window_id=window_id,
+        doc_id=doc_id,
+        input_ids=ids[begin:end],
+        first_target=first,
+        offset=begin,
+        target_bytes=sizes[begin + first : end],
+        score_mask=mask,
+    )
+
+
 def document_windows(
-    corpus: Corpus, tokenizer: Any, spec: WindowSpec, max_tokens: int | None = None
+    corpus: Corpus,
+    tokenizer: Any,
+    spec: WindowSpec,
+    max_tokens: int | None = None,
+    *,
+    prefix: int | None = None,
 ) -> list[Window]:
-    """Windows for ``documents`` mode; see the module docstring."""
+    """Windows for ``documents`` mode; see the module docstring.
+
+    ``prefix``: a token put before each document (covering no bytes), so that its first text
+    token is predicted too (per-byte comparisons with a tokenizer that adds no BOS).
+    """
     n, stride = spec.context_length, spec.effective_stride
     windows: list[Window] = []
     budget = max_tokens if max_tokens is not None else float("inf")
@@ -74,6 +104,8 @@ def document_windows(
             break
         if doc.messages is None:
             ids, sizes = encode_text(tokenizer, doc.text)
+            if prefix is not None:
+                ids, sizes = [prefix, *ids], [0, *sizes]
             mask = None
         else:
             from lmkl.data.chat import encode_chat
@@ -92,17 +124,8 @@ def document_windows(
                 if take <= 0:
                     break
                 end = begin + first + take
-            windows.append(
-                Window(
-                    window_id=len(windows),
-                    doc_id=doc.doc_id,
-                    input_ids=ids[begin:end],
-                    first_target=first,
-                    offset=begin,
-                    target_bytes=sizes[begin + first : end],
-                    score_mask=window_mask,
-                )
-            )
+            span = (begin, first, end)
+            windows.append(_window(len(windows), doc.doc_id, ids, sizes, span, window_mask))
             budget -= take
             if budget <= 0:
                 break
@@ -137,41 +160,26 @@ def sliding_spans(length: int, n: int, stride: int) -> Iterator[tuple[int, int, 
 
 
 def llama_cpp_windows(
-    corpus: Corpus,
-    tokenizer: Any,
-    spec: WindowSpec,
-    adds_bos: bool,
-    max_tokens: int | None = None,
+    ids: list[int], sizes: list[int], n: int, bos: int | None, max_tokens: float
 ) -> list[Window]:
-    """Windows for ``llama-cpp`` mode; see the module docstring."""
-    n = spec.context_length
-    if any(d.messages is not None for d in corpus.documents):
-        raise DataError(
-            "llama-cpp windowing needs plain text, but the data holds chat messages",
-            "use --windowing documents for chat data",
-        )
-    ids, sizes = encode_text(tokenizer, corpus.stream_text)
+    """Windows for ``llama-cpp`` mode over a token stream; see the module docstring.
+
+    ``bos``: the id written over each chunk's first token (None: the tokenizer adds no BOS).
+    """
     first = n // 2 + 1  # first predicted position in each chunk
     windows: list[Window] = []
-    budget = max_tokens if max_tokens is not None else float("inf")
+    budget = max_tokens
     for chunk in range(len(ids) // n):
         if budget <= 0:
             break
         start = chunk * n
         chunk_ids = ids[start : start + n]
-        if adds_bos:
-            chunk_ids[0] = tokenizer.bos_token_id
+        if bos is not None:
+            chunk_ids[0] = bos
         take = int(min(n - first, budget))
-        windows.append(
-            Window(
-                window_id=chunk,
-                doc_id=0,
-                input_ids=chunk_ids[: first + take],
-                first_target=first,
-                offset=start,
-                target_bytes=sizes[start + first : start + first + take],
-            )
-        )
+        window = _window(chunk, 0, chunk_ids, sizes[start:], (0, first, first + take))
+        window.offset = start
+        windows.append(window)
         budget -= take
     return windows
 
@@ -185,7 +193,15 @@ def make_windows(
 ) -> list[Window]:
     """Windows for the protocol in ``spec``; raises :class:`DataError` if nothing can be scored."""
     if spec.windowing == "llama-cpp":
-        windows = llama_cpp_windows(corpus, tokenizer, spec, adds_bos, max_tokens)
+        if any(d.messages is not None for d in corpus.documents):
+            raise DataError(
+                "llama-cpp windowing needs plain text, but the data holds chat messages",
+                "use --windowing documents for chat data",
+            )
+        ids, sizes = encode_text(tokenizer, corpus.stream_text)
+        bos = tokenizer.bos_token_id if adds_bos else None
+        budget = max_tokens if max_tokens is not None else float("inf")
+        windows = llama_cpp_windows(ids, sizes, spec.context_length, bos, budget)
         if not windows:
             raise DataError(
                 f"the text has fewer than {spec.context_length} tokens, so llama-cpp windowing "

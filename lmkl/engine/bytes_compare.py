@@ -26,7 +26,6 @@ Reported, in results.json (``token_level: false``):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,14 +35,13 @@ import torch
 
 from lmkl.analysis.stats import mean_se, ratio_mean_se
 from lmkl.data.corpus import Corpus, load_corpus
-from lmkl.data.tokenize import encode_text
-from lmkl.data.windows import Window, sliding_spans
+from lmkl.data.windows import Window
+from lmkl.data.windows import document_windows as windows_of_documents
 from lmkl.engine.distributed import Shard, device_for_rank
 from lmkl.engine.identity import run_identity
-from lmkl.engine.loop import LogCallback, Part, Plan, ProgressCallback, RunOutcome, Summary
-from lmkl.engine.loop import execute as execute_kind
+from lmkl.engine.loop import LogCallback, Part, Plan, Summary
+from lmkl.engine.pair import PairKind
 from lmkl.engine.rundir import RunDirectory
-from lmkl.engine.token_compare import default_run_dir, unique_labels
 from lmkl.errors import DataError, ModelLoadError, UsageError
 from lmkl.models import (
     LoadedModel,
@@ -55,7 +53,7 @@ from lmkl.models import (
 )
 from lmkl.scoring.batches import make_batch, window_groups
 from lmkl.scoring.divergence import log_probs, outside_vocabulary
-from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
 
 #: Columns of a per-byte comparison's parts: one row per scored token of either model.
 PART_SCHEMA = pa.schema(
@@ -99,25 +97,7 @@ def document_windows(corpus: Corpus, model: LoadedModel, spec: WindowSpec) -> li
             "of each document cannot be predicted and the models would cover different bytes",
             "compare models whose tokenizers define BOS or EOS",
         )
-    windows: list[Window] = []
-    for doc in corpus.documents:
-        ids, sizes = encode_text(tokenizer, doc.text)
-        if prefix is not None:
-            ids, sizes = [prefix, *ids], [0, *sizes]
-        for begin, first, end in sliding_spans(
-            len(ids), spec.context_length, spec.effective_stride
-        ):
-            windows.append(
-                Window(
-                    window_id=len(windows),
-                    doc_id=doc.doc_id,
-                    input_ids=ids[begin:end],
-                    first_target=first,
-                    offset=begin,
-                    target_bytes=sizes[begin + first : end],
-                )
-            )
-    return windows
+    return windows_of_documents(corpus, tokenizer, spec, prefix=prefix)
 
 
 def summarize_bytes(
@@ -190,7 +170,7 @@ def token_nll(model: LoadedModel, batch: Any, vocab_size: int, chunk: int) -> np
     return nll
 
 
-class BytesComparison:
+class BytesComparison(PairKind):
     """The ``bytes-compare`` run kind: per-byte likelihoods of two models with own tokenizers.
 
     Part ``m x batches_m + b`` is model ``m`` (reference, candidate) on its batch ``b``; each
@@ -198,6 +178,7 @@ class BytesComparison:
     """
 
     kind = "bytes-compare"
+    command = "compare --different-tokenizers"
     token_level = False
 
     def __init__(
@@ -219,21 +200,11 @@ class BytesComparison:
                 "--max-tokens counts tokens, which differ between the two tokenizers",
                 "limit the data with --max-samples instead",
             )
-        self.reference, self.candidate = unique_labels([reference, candidate])
-        self.data, self.windows, self.compute = data, windows, compute
+        super().__init__(reference, candidate, data, compute)
+        self.windows = windows
 
-    def options(self) -> dict[str, Any]:
-        return {
-            "command": "compare --different-tokenizers",
-            "reference": self.reference.model_dump(),
-            "candidates": [self.candidate.model_dump()],
-            "data": self.data.model_dump(),
-            "windowing": self.windows.model_dump() | {"stride": self.windows.effective_stride},
-            "compute": self.compute.model_dump(),
-        }
-
-    def default_dir(self) -> Path:
-        return default_run_dir(self.reference.display_name, [self.candidate])
+    def own_options(self) -> dict[str, Any]:
+        return {"windowing": self.windows.model_dump() | {"stride": self.windows.effective_stride}}
 
     def prepare(self, shard: Shard, log: LogCallback) -> Plan:
         self.shard = shard
@@ -270,9 +241,6 @@ class BytesComparison:
             rows,
         )
         return Plan(part_rows=rows, identity=identity, schema=PART_SCHEMA, sidecar="nll")
-
-    def ready(self, index: int) -> None:
-        pass  # both models are loaded by prepare
 
     def score(self, index: int) -> Part:
         m, group = self.units[index]
@@ -354,24 +322,3 @@ class BytesComparison:
             files={DOCUMENTS_FILE: lambda path: pq.write_table(documents, path)},
             merge_parts_as=None,
         )
-
-
-def run_bytes_comparison(
-    reference: ModelSpec,
-    candidate: ModelSpec,
-    data: DataSpec,
-    windows: WindowSpec,
-    compute: ComputeSpec,
-    output: OutputSpec,
-    *,
-    resume: bool = False,
-    progress: ProgressCallback | None = None,
-    log: LogCallback | None = None,
-) -> RunOutcome:
-    """Compare two models with different tokenizers per byte; write a run directory.
-
-    Writes ``results.json`` (``token_level: false``), ``documents.parquet`` (one row per document:
-    bytes, each model's NLL, tokens and covered bytes) and ``config.yaml``.
-    """
-    comparison = BytesComparison(reference, candidate, data, windows, compute)
-    return execute_kind(comparison, output, resume=resume, progress=progress, log=log)

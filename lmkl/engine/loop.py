@@ -281,18 +281,19 @@ def _create(
     run_dir.write_progress(identity)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_run_config(path: Path, what: str = "run") -> dict[str, Any]:
+    """The options in ``path/config.yaml`` of a ``what`` to resume (one-line errors)."""
     config_path = path / "config.yaml"
     try:
         previous = yaml.safe_load(config_path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ResumeError(
-            f"cannot read '{config_path}' of the run to resume",
+            f"cannot read '{config_path}' of the {what} to resume",
             "start a new run with another --out",
         ) from exc
     if not isinstance(previous, dict):
         raise ResumeError(
-            f"'{config_path}' of the run to resume holds no options (empty or not a mapping)",
+            f"'{config_path}' of the {what} to resume holds no options (empty or not a mapping)",
             "start a new run with another --out",
         )
     return previous
@@ -307,7 +308,7 @@ def _check_resumable(path: Path, config: dict[str, Any], reuse_finished: bool) -
         raise ResumeError(
             f"'{path}' holds no started run to resume", "drop --resume to start a new run"
         )
-    previous = _read_config(path)
+    previous = read_run_config(path)
     if previous != config:
         changed = changed_keys(previous, config)
         raise ResumeError(

@@ -407,19 +407,16 @@ class RunDirectory:
 
 def load_results(run_dir: Path) -> dict[str, Any]:
     """Read a finished run's results.json (one-line errors for a missing or damaged file)."""
-    path = Path(run_dir) / "results.json"
-    if not path.exists():
-        raise OutputError(
-            f"'{run_dir}' has no results.json (not a finished lmkl run)",
-            "pass the directory that `lmkl compare` or `lmkl run` wrote",
-        )
+    path = _existing(
+        run_dir,
+        "results.json",
+        "not a finished lmkl run",
+        "pass the directory that `lmkl compare` or `lmkl run` wrote",
+    )
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise OutputError(
-            f"cannot read '{path}': it is damaged or not JSON",
-            "rerun the comparison to write it again",
-        ) from exc
+        raise _damaged(path, exc) from exc
     if not isinstance(results, dict):
         raise OutputError(f"'{path}' is not an lmkl results file", "rerun the comparison")
     return results
@@ -427,16 +424,30 @@ def load_results(run_dir: Path) -> dict[str, Any]:
 
 def load_tokens(run_dir: Path, columns: list[str] | None = None, **kwargs: Any) -> pa.Table:
     """Read a finished run's tokens.parquet (optionally only some columns or rows)."""
-    path = Path(run_dir) / "tokens.parquet"
-    if not path.exists():
-        raise OutputError(
-            f"'{run_dir}' has no tokens.parquet (the run kept no per-token results)",
-            "rerun the comparison (experiments: output.save_tokens: true)",
-        )
+    path = _existing(
+        run_dir,
+        "tokens.parquet",
+        "the run kept no per-token results",
+        "rerun the comparison (experiments: output.save_tokens: true)",
+    )
     try:
         return pq.read_table(path, columns=columns, **kwargs)
     except (OSError, pa.ArrowException) as exc:
-        raise OutputError(
-            f"cannot read '{path}': the file is damaged ({str(exc).splitlines()[0][:120]})",
-            "rerun the comparison to write it again",
-        ) from exc
+        raise _damaged(path, exc) from exc
+
+
+def _existing(run_dir: Path, name: str, why: str, hint: str) -> Path:
+    """``run_dir/name``, or a one-line error saying the run has no such file."""
+    path = Path(run_dir) / name
+    if not path.exists():
+        raise OutputError(f"'{run_dir}' has no {name} ({why})", hint)
+    return path
+
+
+def _damaged(path: Path, exc: BaseException) -> OutputError:
+    """One line for a run file that exists but cannot be read."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+    return OutputError(
+        f"cannot read '{path}': the file is damaged ({reason})",
+        "rerun the comparison to write it again",
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +20,8 @@ from lmkl.analysis.stats import summarize
 from lmkl.data.corpus import load_corpus
 from lmkl.engine.distributed import Shard, device_for_rank
 from lmkl.engine.identity import run_identity
-from lmkl.engine.loop import LogCallback, Part, Plan, ProgressCallback, RunOutcome, Summary
-from lmkl.engine.loop import execute as execute_kind
+from lmkl.engine.loop import LogCallback, Part, Plan, Summary
+from lmkl.engine.pair import PairKind
 from lmkl.engine.rundir import TOKEN_SCHEMA, RunDirectory, tokens_table
 from lmkl.engine.sampling import (
     SAMPLES_FILE,
@@ -36,11 +35,11 @@ from lmkl.engine.sampling import (
     summarize_samples,
     token_bytes,
 )
-from lmkl.engine.token_compare import candidate_columns, default_run_dir, load_models, unique_labels
+from lmkl.engine.token_compare import candidate_columns, load_models
 from lmkl.errors import UsageError
 from lmkl.models import shared_vocab_size
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
-from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec
+from lmkl.specs import ComputeSpec, DataSpec, ModelSpec
 
 #: Per-continuation columns of samples.parquet, in order.
 SAMPLE_COLUMNS = (
@@ -65,10 +64,11 @@ def _floats(values: list[Any], dtype: Any = np.float64) -> np.ndarray:
     )
 
 
-class SampledKL:
+class SampledKL(PairKind):
     """The ``sample-kl`` run kind (see the module docstring)."""
 
     kind = "sample-kl"
+    command = "sample-kl"
     token_level = True
 
     def __init__(
@@ -79,21 +79,11 @@ class SampledKL:
         spec: SampleSpec,
         compute: ComputeSpec,
     ) -> None:
-        self.reference, self.candidate = unique_labels([reference, candidate])
-        self.data, self.spec, self.compute = data, spec, compute
+        super().__init__(reference, candidate, data, compute)
+        self.spec = spec
 
-    def options(self) -> dict[str, Any]:
-        return {
-            "command": "sample-kl",
-            "reference": self.reference.model_dump(),
-            "candidates": [self.candidate.model_dump()],
-            "data": self.data.model_dump(),
-            "sampling": self.spec.model_dump(),
-            "compute": self.compute.model_dump(),
-        }
-
-    def default_dir(self) -> Path:
-        return default_run_dir(self.reference.display_name, [self.candidate])
+    def own_options(self) -> dict[str, Any]:
+        return {"sampling": self.spec.model_dump()}
 
     def prepare(self, shard: Shard, log: LogCallback) -> Plan:
         self.shard = shard
@@ -147,9 +137,6 @@ class SampledKL:
             sidecar="samples",
             unit="continuations",
         )
-
-    def ready(self, index: int) -> None:
-        pass  # both models are loaded by prepare
 
     def score(self, index: int) -> Part:
         p, sample_ids = self.units[index]
@@ -281,26 +268,3 @@ class SampledKL:
                 TEXT_FILE: lambda path: path.write_text(texts, encoding="utf-8"),
             },
         )
-
-
-def run_sample_kl(
-    reference: ModelSpec,
-    candidate: ModelSpec,
-    data: DataSpec,
-    spec: SampleSpec,
-    compute: ComputeSpec,
-    output: OutputSpec,
-    *,
-    resume: bool = False,
-    progress: ProgressCallback | None = None,
-    log: LogCallback | None = None,
-) -> RunOutcome:
-    """Sample continuations, score them under both models and write a run directory.
-
-    The directory holds ``results.json`` (``candidates[0].metrics`` has the usual per-token
-    summary over the sampled tokens plus ``sequence_kl`` and ``sampled_kl``), ``tokens.parquet``
-    (one row per sampled token), ``samples.parquet`` (one row per continuation),
-    ``samples.jsonl`` (the generated text) and ``config.yaml``.
-    """
-    kind = SampledKL(reference, candidate, data, spec, compute)
-    return execute_kind(kind, output, resume=resume, progress=progress, log=log)

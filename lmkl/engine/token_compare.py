@@ -27,7 +27,7 @@ from lmkl.data.corpus import load_corpus
 from lmkl.data.windows import Window, make_windows
 from lmkl.engine.distributed import Shard, device_for_rank
 from lmkl.engine.identity import run_identity
-from lmkl.engine.loop import LogCallback, Part, Plan, ProgressCallback, RunOutcome, Summary
+from lmkl.engine.loop import LogCallback, Part, Plan, RunOutcome, Summary
 from lmkl.engine.loop import execute as execute_kind
 from lmkl.engine.rundir import BOUNDS_SCHEMA, TOKEN_SCHEMA, RunDirectory, tokens_table
 from lmkl.errors import TokenizerMismatchError, UsageError
@@ -321,18 +321,8 @@ class TokenComparison:
         pad_id = self.tokenizer.pad_token_id
         batch = make_batch(self.window_groups[b], pad_id if pad_id is not None else 0)
         temperature, worst_k = self.compute.temperature, self.compute.worst_k
-        if self.cache is None:
-            per_candidate, worst = score_batch(
-                batch,
-                self.ref_model,
-                models,
-                self.vocab_size,
-                self.chunk,
-                temperature,
-                worst_k,
-                kernel=self.kernel,
-            )
-        elif self.topk:
+        if self.topk:
+            assert self.cache is not None
             per_candidate, worst = score_batch_topk(
                 batch,
                 self.cache.topk(batch.windows),
@@ -343,16 +333,22 @@ class TokenComparison:
                 worst_k,
             )
         else:
+            # The live reference runs its decoder here; an exact cache hands over its rows.
+            reference, rows = (
+                (self.ref_model, None)
+                if self.cache is None
+                else (self.cache, self.cache.rows(batch.windows, models[0].device))
+            )
             per_candidate, worst = score_batch(
                 batch,
-                self.cache,
+                reference,
                 models,
                 self.vocab_size,
                 self.chunk,
                 temperature,
                 worst_k,
                 kernel=self.kernel,
-                reference_rows=self.cache.rows(batch.windows, models[0].device),
+                reference_rows=rows,
             )
         schema = BOUNDS_SCHEMA if self.topk else TOKEN_SCHEMA
         n = batch.targets.numel()
@@ -538,11 +534,8 @@ def run_comparison(
     compute: ComputeSpec,
     output: OutputSpec,
     *,
-    resume: bool = False,
-    reuse_finished: bool = False,
-    progress: ProgressCallback | None = None,
-    log: LogCallback | None = None,
     models: tuple[LoadedModel, list[LoadedModel]] | None = None,
+    **run_options: Any,
 ) -> RunOutcome:
     """Compare ``candidates`` with ``reference`` on ``data`` and write a run directory.
 
@@ -551,15 +544,9 @@ def run_comparison(
     Under ``torchrun``/``accelerate launch`` the parts are shared out over the processes and
     rank 0 writes one run directory identical to a single-process run. ``models``: the
     reference and candidates already loaded from these specs (an experiment loads them once for
-    all its datasets). Raises :class:`lmkl.errors.LmklError` subclasses for anything the user
-    can fix.
+    all its datasets). ``run_options`` go to :func:`lmkl.engine.loop.execute` (``resume``,
+    ``reuse_finished``, ``progress``, ``log``). Raises :class:`lmkl.errors.LmklError`
+    subclasses for anything the user can fix.
     """
     comparison = TokenComparison(reference, candidates, data, windows, compute, models=models)
-    return execute_kind(
-        comparison,
-        output,
-        resume=resume,
-        reuse_finished=reuse_finished,
-        progress=progress,
-        log=log,
-    )
+    return execute_kind(comparison, output, **run_options)

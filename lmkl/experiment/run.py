@@ -295,8 +295,7 @@ def _comparable(config_dump: dict[str, Any]) -> dict[str, Any]:
 
 def _check_root(path: Path, config: ExperimentConfig, resume: bool) -> None:
     """Check the experiment's directory (new, or the one to resume); change nothing."""
-    import yaml
-
+    from lmkl.engine.loop import read_run_config
     from lmkl.engine.rundir import RunDirectory
 
     if not resume:
@@ -307,18 +306,7 @@ def _check_root(path: Path, config: ExperimentConfig, resume: bool) -> None:
         raise ResumeError(
             f"'{path}' holds no started experiment to resume", "drop --resume to start a new run"
         )
-    try:
-        previous = yaml.safe_load(config_path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ResumeError(
-            f"cannot read '{config_path}' of the experiment to resume",
-            "start a new run with another --out",
-        ) from exc
-    if not isinstance(previous, dict):
-        raise ResumeError(
-            f"'{config_path}' of the experiment to resume holds no config (empty or not a mapping)",
-            "start a new run with another --out",
-        )
+    previous = read_run_config(path, "experiment")
     dump = json.loads(config.model_dump_json())
     if _comparable(previous) != _comparable(dump):
         changed = sorted(k for k in dump if previous.get(k) != dump[k] and k != "output")

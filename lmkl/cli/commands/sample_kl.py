@@ -16,6 +16,7 @@ from lmkl.cli.options import (
     MODEL_OPTIONS,
     OUTPUT_OPTIONS,
     PAIR_OPTIONS,
+    OptionGroup,
     apply_offline,
     compute_spec,
     data_spec,
@@ -32,8 +33,121 @@ class Direction(str, Enum):
     reverse = "reverse"
 
 
+#: How continuations are sampled (the fields of SampleSpec, as options).
+SAMPLING_OPTIONS: OptionGroup = {
+    "num_samples": (
+        Annotated[
+            int,
+            typer.Option(
+                "--num-samples",
+                "-n",
+                min=2,
+                help="Continuations sampled per prompt.",
+                rich_help_panel=SAMPLING,
+            ),
+        ],
+        16,
+    ),
+    "max_new_tokens": (
+        Annotated[
+            int,
+            typer.Option(
+                "--max-new-tokens",
+                min=1,
+                help="Longest continuation (stops earlier at EOS).",
+                rich_help_panel=SAMPLING,
+            ),
+        ],
+        64,
+    ),
+    "direction": (
+        Annotated[
+            Direction,
+            typer.Option(
+                help="forward: sample from the reference, estimate KL(P‖Q); reverse: sample "
+                "from the candidate, estimate KL(Q‖P).",
+                rich_help_panel=SAMPLING,
+            ),
+        ],
+        Direction.forward,
+    ),
+    "temperature": (
+        Annotated[
+            float,
+            typer.Option(
+                min=1e-6,
+                help="Sampling temperature. ≠ 1 samples from another distribution: the "
+                "estimates are then flagged biased.",
+                rich_help_panel=SAMPLING,
+            ),
+        ],
+        1.0,
+    ),
+    "top_p": (
+        Annotated[
+            float,
+            typer.Option(
+                "--top-p",
+                min=1e-6,
+                max=1.0,
+                help="Nucleus sampling (< 1 flags the estimates biased).",
+                rich_help_panel=SAMPLING,
+            ),
+        ],
+        1.0,
+    ),
+    "top_k": (
+        Annotated[
+            int,
+            typer.Option(
+                "--top-k",
+                min=0,
+                help="Top-k sampling, 0 = off (> 0 flags the estimates biased).",
+                rich_help_panel=SAMPLING,
+            ),
+        ],
+        0,
+    ),
+    "seed": (
+        Annotated[
+            int,
+            typer.Option(
+                min=0, help="Sampling seed (reproducible runs).", rich_help_panel=SAMPLING
+            ),
+        ],
+        0,
+    ),
+    "stop_token_id": (
+        Annotated[
+            list[int] | None,
+            typer.Option(
+                "--stop-token-id",
+                help="Extra stop token id (repeatable); EOS always stops.",
+                rich_help_panel=SAMPLING,
+            ),
+        ],
+        None,
+    ),
+    "batch_size": (
+        Annotated[
+            int,
+            typer.Option(
+                "--batch-size",
+                "-b",
+                min=1,
+                help="Continuations sampled and scored together.",
+                rich_help_panel=COMPUTE,
+            ),
+        ],
+        16,
+    ),
+}
+
+
 @friendly_errors
-@with_options(DATA_SOURCE_OPTIONS, MODEL_OPTIONS, PAIR_OPTIONS, KL_OPTIONS, OUTPUT_OPTIONS)
+@with_options(
+    SAMPLING_OPTIONS, DATA_SOURCE_OPTIONS, MODEL_OPTIONS, PAIR_OPTIONS, KL_OPTIONS, OUTPUT_OPTIONS
+)
 def sample_kl(
     reference: Annotated[str, typer.Argument(help="Reference model P: hub id or local directory.")],
     candidate: Annotated[str, typer.Argument(help="Candidate model Q: hub id or local directory.")],
@@ -53,83 +167,6 @@ def sample_kl(
             "--max-prompts", min=1, help="Use only the first N prompts.", rich_help_panel=DATA
         ),
     ] = None,
-    num_samples: Annotated[
-        int,
-        typer.Option(
-            "--num-samples",
-            "-n",
-            min=2,
-            help="Continuations sampled per prompt.",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = 16,
-    max_new_tokens: Annotated[
-        int,
-        typer.Option(
-            "--max-new-tokens",
-            min=1,
-            help="Longest continuation (stops earlier at EOS).",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = 64,
-    direction: Annotated[
-        Direction,
-        typer.Option(
-            help="forward: sample from the reference, estimate KL(P‖Q); reverse: sample from the "
-            "candidate, estimate KL(Q‖P).",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = Direction.forward,
-    temperature: Annotated[
-        float,
-        typer.Option(
-            min=1e-6,
-            help="Sampling temperature. ≠ 1 samples from another distribution: the "
-            "estimates are then flagged biased.",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = 1.0,
-    top_p: Annotated[
-        float,
-        typer.Option(
-            "--top-p",
-            min=1e-6,
-            max=1.0,
-            help="Nucleus sampling (< 1 flags the estimates biased).",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = 1.0,
-    top_k: Annotated[
-        int,
-        typer.Option(
-            "--top-k",
-            min=0,
-            help="Top-k sampling, 0 = off (> 0 flags the estimates biased).",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = 0,
-    seed: Annotated[
-        int,
-        typer.Option(min=0, help="Sampling seed (reproducible runs).", rich_help_panel=SAMPLING),
-    ] = 0,
-    stop_token_id: Annotated[
-        list[int] | None,
-        typer.Option(
-            "--stop-token-id",
-            help="Extra stop token id (repeatable); EOS always stops.",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size",
-            "-b",
-            min=1,
-            help="Continuations sampled and scored together.",
-            rich_help_panel=COMPUTE,
-        ),
-    ] = 16,
     **options: Any,
 ) -> None:
     """Estimate sequence-level KL by sampling continuations (the "expectation form").
@@ -139,7 +176,8 @@ def sample_kl(
     per-step sum, with standard errors over samples and over prompts.
     """
     apply_offline(options["offline"])
-    from lmkl.engine.sample_kl import run_sample_kl
+    from lmkl.engine.loop import execute
+    from lmkl.engine.sample_kl import SampledKL
     from lmkl.engine.sampling import SampleSpec
     from lmkl.report.terminal import print_sample_summary
     from lmkl.specs import OutputSpec
@@ -150,18 +188,15 @@ def sample_kl(
         source="prompts",
         samples="max_prompts",
     )
+    fields = {name: options[name] for name in SampleSpec.model_fields if name in options}
+    fields |= {"direction": options["direction"].value}
     spec = SampleSpec(
-        num_samples=num_samples,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        direction=direction.value,
-        seed=seed,
-        batch_size=batch_size,
-        stop_token_ids=stop_token_id or [],
+        **fields,
+        stop_token_ids=options["stop_token_id"] or [],
     )
-    compute = compute_spec(options, seed=seed)
+    compute = compute_spec(
+        {k: v for k, v in options.items() if k in KL_OPTIONS}, seed=options["seed"]
+    )
     output = OutputSpec(
         dir=str(options["out"]) if options["out"] else None, overwrite=options["overwrite"]
     )
@@ -175,12 +210,8 @@ def sample_kl(
             highlight=False,
         )
     with TokenProgress(quiet, description="sampling") as progress:
-        outcome = run_sample_kl(
-            ref_spec,
-            cand_spec,
-            data,
-            spec,
-            compute,
+        outcome = execute(
+            SampledKL(ref_spec, cand_spec, data, spec, compute),
             output,
             resume=options["resume"],
             progress=progress,
