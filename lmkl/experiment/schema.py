@@ -420,7 +420,21 @@ def load_config(
         problem = _set_path(raw, key.split("."), value)
         if problem:
             problems.append(f"{key}: {problem}")
+    _sources_beside(raw, Path(path).parent)
     return validate_config(raw, str(path), problems)
+
+
+def _sources_beside(raw: dict[str, Any], config_dir: Path) -> None:
+    """A relative data path that is not found from the working directory but is found beside
+    the config means that file (a config and its data travel together)."""
+    datasets = raw.get("datasets")
+    for entry in datasets if isinstance(datasets, list) else []:
+        source = entry.get("source") if isinstance(entry, dict) else None
+        if not isinstance(source, str) or Path(source).is_absolute() or Path(source).exists():
+            continue
+        beside = config_dir / source
+        if beside.exists():
+            entry["source"] = str(beside)
 
 
 def json_schema() -> dict[str, Any]:
@@ -462,6 +476,20 @@ def example_text(name: str) -> str:
         raise ConfigError(f"no example named '{name}'", f"choose one of: {', '.join(names)}")
     path = resources.files("lmkl.experiment") / "examples" / f"{name.removesuffix('.yaml')}.yaml"
     return path.read_text(encoding="utf-8")
+
+
+def example_data_files(name: str) -> dict[str, str]:
+    """Data files shipped beside example ``name`` that it reads (file name → text)."""
+    from importlib import resources
+
+    root = resources.files("lmkl.experiment") / "examples"
+    raw = yaml.safe_load(example_text(name)) or {}
+    out = {}
+    for entry in raw.get("datasets") or []:
+        source = str(entry.get("source", "")) if isinstance(entry, dict) else ""
+        if source and "/" not in source and (root / source).is_file():
+            out[source] = (root / source).read_text(encoding="utf-8")
+    return out
 
 
 def example_summary(text: str) -> str:

@@ -29,7 +29,12 @@ def init(
 ) -> None:
     """Copy a shipped example config (default: precision) into the current directory."""
     from lmkl.errors import OutputError
-    from lmkl.experiment.schema import example_names, example_summary, example_text
+    from lmkl.experiment.schema import (
+        example_data_files,
+        example_names,
+        example_summary,
+        example_text,
+    )
 
     if list_:
         for example in example_names():
@@ -45,6 +50,10 @@ def init(
         raise OutputError(f"'{target}' already exists", "pass --force to replace it, or --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
+    for filename, data in example_data_files(name).items():  # the data it reads, beside it
+        companion = target.parent / filename
+        if force or not companion.exists():
+            companion.write_text(data, encoding="utf-8")
     stdout.print(
         f"wrote {target}; edit it, then: lmkl run {target}", highlight=False, soft_wrap=True
     )
