@@ -199,12 +199,12 @@ def pareto_front(
     out: list[bool | None] = []
     sign = -1.0 if higher_is_better else 1.0
     for i, (size_i, score_i) in enumerate(zip(sizes, scores, strict=True)):
-        if size_i is None or score_i is None or math.isnan(score_i):
+        if not _known(size_i, score_i):
             out.append(None)
             continue
         dominated = False
         for j, (size_j, score_j) in enumerate(zip(sizes, scores, strict=True)):
-            if j == i or size_j is None or score_j is None or math.isnan(score_j):
+            if j == i or not _known(size_j, score_j):
                 continue
             a, b = sign * score_i, sign * score_j  # lower is better after the sign
             if size_j <= size_i and b <= a and (size_j < size_i or b < a):
@@ -212,6 +212,10 @@ def pareto_front(
                 break
         out.append(not dominated)
     return out
+
+
+def _known(size: float | None, score: float | None) -> bool:
+    return size is not None and score is not None and math.isfinite(size) and not math.isnan(score)
 
 
 @dataclass

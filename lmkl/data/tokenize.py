@@ -22,9 +22,7 @@ def encode_text(
         offsets = None
     ids = list(enc["input_ids"])
     if offsets is None:
-        special = set(getattr(tokenizer, "all_special_ids", []))
-        sizes = [0 if i in special else len(tokenizer.decode([i]).encode()) for i in ids]
-        return ids, sizes
+        return ids, token_bytes(tokenizer, ids)
     sizes = []
     prev_end = 0
     for start, end in offsets:
@@ -35,3 +33,9 @@ def encode_text(
         sizes.append(len(text[prev_end:end].encode()))
         prev_end = end
     return ids, sizes
+
+
+def token_bytes(tokenizer: Any, ids: list[int]) -> list[int]:
+    """UTF-8 bytes of each token decoded on its own (special tokens cover none)."""
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    return [0 if i in special else len(tokenizer.decode([i]).encode()) for i in ids]

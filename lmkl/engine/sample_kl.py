@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from lmkl.analysis.stats import summarize
 from lmkl.data.corpus import load_corpus
+from lmkl.data.tokenize import token_bytes
 from lmkl.engine.distributed import Shard, device_for_rank
 from lmkl.engine.identity import run_identity
 from lmkl.engine.loop import LogCallback, Part, Plan, Summary
@@ -33,7 +34,6 @@ from lmkl.engine.sampling import (
     sequence_estimators,
     stop_ids,
     summarize_samples,
-    token_bytes,
 )
 from lmkl.engine.token_compare import candidate_columns, load_models
 from lmkl.errors import UsageError
@@ -102,7 +102,6 @@ class SampledKL(PairKind):
         self.tokenizer = self.ref_model.tokenizer
         pad_id = self.tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else 0
-        self.special = set(getattr(self.tokenizer, "all_special_ids", []))
         self.documents = corpus.documents
         self.corpus_description = corpus.description
         self.prompts = encode_prompts(corpus, self.tokenizer)
@@ -164,9 +163,7 @@ class SampledKL(PairKind):
                 "position": np.arange(n, dtype=np.int64),
                 "window_pos": np.arange(len(prompt), len(prompt) + n, dtype=np.int64),
                 "token_id": np.asarray(cont.token_ids, dtype=np.int64),
-                "bytes": np.asarray(
-                    token_bytes(self.tokenizer, cont.token_ids, self.special), dtype=np.int64
-                ),
+                "bytes": np.asarray(token_bytes(self.tokenizer, cont.token_ids), dtype=np.int64),
                 "nonfinite": metrics["nonfinite"],
                 **{name: metrics[name] for name in TOKEN_METRIC_NAMES},
             }

@@ -485,7 +485,3 @@ def encode_prompts(corpus: Any, tokenizer: Any) -> list[list[int]]:
             )
         prompts.append(ids)
     return prompts
-
-
-def token_bytes(tokenizer: Any, ids: Sequence[int], special: set[int]) -> list[int]:
-    return [0 if i in special else len(tokenizer.decode([i]).encode()) for i in ids]

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmkl.analysis import metrics as registry
+from lmkl.analysis.ranking import pareto_front as ranking_pareto_front
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import OutputError, UsageError
 from lmkl.files import to_json_safe
@@ -445,23 +446,9 @@ def confidence_profile(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def pareto_front(sizes: list[float], values: list[float]) -> list[bool]:
-    """Points no other point beats (size and value both <=, one strictly <): the Pareto set."""
-    flags = []
-    for i, (s_i, v_i) in enumerate(zip(sizes, values, strict=True)):
-        if not (math.isfinite(s_i) and math.isfinite(v_i)):
-            flags.append(False)
-            continue
-        dominated = any(
-            j != i
-            and math.isfinite(s_j)
-            and math.isfinite(v_j)
-            and s_j <= s_i
-            and v_j <= v_i
-            and (s_j < s_i or v_j < v_i)
-            for j, (s_j, v_j) in enumerate(zip(sizes, values, strict=True))
-        )
-        flags.append(not dominated)
-    return flags
+    """Points no other point beats (size and value both <=, one strictly <): the Pareto set
+    (:func:`lmkl.analysis.ranking.pareto_front` with lower values better; unknown → False)."""
+    return [bool(flag) for flag in ranking_pareto_front(sizes, values, higher_is_better=False)]
 
 
 # --------------------------------------------------------------------------------------------
