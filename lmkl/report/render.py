@@ -26,6 +26,7 @@ from lmkl.formatting import (
     normal_interval,
     number,
     parameters,
+    percent,
     percent_se,
 )
 from lmkl.report.model import CandidateView, Report, build_report, confidence_profile, visible
@@ -121,10 +122,6 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
     return rows
 
 
-def _share(value: float) -> str:
-    return f"{100 * value:.1f}%" if math.isfinite(value) else "–"
-
-
 def confidence_rows(report: Report) -> list[dict[str, Any]]:
     """One row per confidence bucket, one cell per candidate: mean / median KL, share of KL."""
     profiles = [confidence_profile(c.metrics) for c in report.candidates]
@@ -138,8 +135,8 @@ def confidence_rows(report: Report) -> list[dict[str, Any]]:
                 {
                     "mean": number(b["kl_mean"]) if b else "–",
                     "median": number(b["kl_median"]) if b else "–",
-                    "kl_share": _share(b["kl_share"]) if b else "–",
-                    "share": _share(b["share"]) if b else "–",
+                    "kl_share": percent(b["kl_share"]) if b else "–",
+                    "share": percent(b["share"]) if b else "–",
                 }
             )
         shares = {c["share"] for c in cells}
@@ -184,7 +181,7 @@ def worst_cards(report: Report) -> list[dict[str, Any]]:
                     {
                         "token": visible(i.get("token") or "", 24),
                         "prob": i["prob"],
-                        "prob_text": f"{100 * i['prob']:.1f}%" if math.isfinite(i["prob"]) else "–",
+                        "prob_text": percent(i["prob"], 1),
                         "width": f"{max(0.0, min(1.0, i['prob'])) * 100:.1f}"
                         if math.isfinite(i["prob"])
                         else "0",
@@ -230,7 +227,7 @@ def token_tables(report: Report) -> list[dict[str, Any]]:
                     "count": number(r["count"]),
                     "total": number(r["total_kl"]),
                     "mean": number(r["mean_kl"]),
-                    "share": f"{100 * r['share_of_kl']:.1f}%"
+                    "share": percent(r["share_of_kl"], 1)
                     if math.isfinite(r["share_of_kl"])
                     else "–",
                     "infinite": r["infinite"],
@@ -283,12 +280,12 @@ def difference_blocks(report: Report) -> list[dict[str, Any]]:
                 if not paired
                 else {
                     "tokens": number(paired["tokens"]),
-                    "coverage": f"{100 * paired['coverage_a']:.1f}% / "
-                    f"{100 * paired['coverage_b']:.1f}%",
+                    "coverage": f"{percent(paired['coverage_a'])} / "
+                    f"{percent(paired['coverage_b'])}",
                     "mean_delta": f"{paired['mean_delta']:+.4g} ± {number(paired['se'])}",
                     "max_abs_delta": number(paired["max_abs_delta"]),
-                    "identical": f"{100 * paired['identical_share']:.1f}%",
-                    "b_higher": f"{100 * paired['b_higher_share']:.1f}%",
+                    "identical": percent(paired["identical_share"], 1),
+                    "b_higher": percent(paired["b_higher_share"], 1),
                     "correlation": number(paired["correlation"]),
                 },
             }
