@@ -45,6 +45,20 @@ class Metric:
             return formatting.percent(value, 2)
         return formatting.number(value, digits)
 
+    def show(self, metrics: Mapping[str, Any]) -> tuple[str, str]:
+        """``(label, text)`` of this metric in a candidate's metrics: ``mean ± se`` where the
+        summary has a standard error, else the value alone."""
+        family, _, leaf = self.path.rpartition(".")
+        block = metrics.get(family) if leaf == "mean" else None
+        if isinstance(block, Mapping) and block.get("se") is not None:
+            text = (
+                formatting.percent_se(block)
+                if self.style == "percent"
+                else formatting.mean_se(block)
+            )
+            return f"{self.label} ± se", text
+        return self.label, self.format(lookup(metrics, self.path))
+
 
 METRICS: tuple[Metric, ...] = (
     Metric("kl.mean", "KL(P‖Q) mean", column="kl", macro=True),
