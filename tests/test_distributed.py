@@ -7,8 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
+
+from lmkl.engine.distributed import Shard
+from lmkl.engine.loop import gather_parts
+from lmkl.engine.rundir import RunDirectory, tokens_table
+from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +87,53 @@ def test_two_processes_equal_one(tiny_pair, small_jsonl, tmp_path):
     wb = json.loads((tmp_path / "two" / "worst.json").read_text())
     assert wa == wb and wa
     assert not (tmp_path / "two" / "parts").exists()
+
+
+class _RankOneOfTwo(Shard):
+    """Rank 1 of 2 without a process group: collectives answer as rank 0 would."""
+
+    def __init__(self, present_on_main: list[int]) -> None:
+        super().__init__(rank=1, world_size=2)
+        self.present_on_main = present_on_main
+        self.sent: Any = None
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast(self, obj: Any) -> Any:
+        return self.present_on_main
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        self.sent = obj
+        return None
+
+
+def test_a_rank_sends_only_the_parts_it_wrote_in_this_run(tmp_path):
+    """A stale part left in a rank's own directory (no shared filesystem, an earlier attempt)
+    is never merged: rank 0 decides what is done, and ranks send only what they wrote now."""
+    run_dir = RunDirectory(tmp_path / "rank1")
+    table = tokens_table(
+        {
+            "candidate": ["c"],
+            "doc_id": [0],
+            "window_id": [0],
+            "position": [1],
+            "window_pos": [1],
+            "token_id": [5],
+            "bytes": [1],
+            "nonfinite": [False],
+            **{name: [0.5] for name in TOKEN_METRIC_NAMES},
+        }
+    )
+    for index in (1, 3, 5):
+        run_dir.write_part(index, table, sidecar={"worst": {}})
+    shard = _RankOneOfTwo(present_on_main=[0, 2])
+    gather_parts(shard, run_dir, written=[3, 5], counters={"seconds": 1.0})
+    payload, counters = shard.sent
+    assert sorted(payload) == [3, 5], "part 1 is stale: it was not written in this run"
+    assert counters == {"seconds": 1.0}
+    assert payload[3][0] == run_dir.part_path(3).read_bytes()
+    # A part rank 0 already has is not sent again.
+    shard = _RankOneOfTwo(present_on_main=[0, 2, 3])
+    gather_parts(shard, run_dir, written=[3, 5], counters={})
+    assert sorted(shard.sent[0]) == [5]
