@@ -65,21 +65,50 @@ class Run:
             f"run '{self.path}' has no candidate '{label}'", f"use one of: {', '.join(self.labels)}"
         )
 
-    def tokens(self, columns: list[str] | None = None, label: str | None = None) -> Any:
+    def _run_dirs(self, dataset: str | None) -> list[tuple[str | None, Path]]:
+        """The run directories holding per-token files: an experiment's per-dataset sub-runs."""
+        if self.kind != "experiment":
+            return [(None, self.path)]
+        subs = sorted(p for p in (self.path / "datasets").iterdir() if p.is_dir())
+        chosen = [(p.name, p) for p in subs if dataset is None or p.name == dataset]
+        if not chosen:
+            names = ", ".join(p.name for p in subs)
+            raise UsageError(
+                f"experiment '{self.path}' has no dataset '{dataset}'", f"use: {names}"
+            )
+        return chosen
+
+    def tokens(
+        self, columns: list[str] | None = None, label: str | None = None, dataset: str | None = None
+    ) -> Any:
         """tokens.parquet as an Arrow table (``.to_pandas()`` for a DataFrame), optionally one
-        candidate's rows and some columns only."""
+        candidate's rows and some columns only. For an experiment: every dataset's rows with a
+        ``dataset`` column (or one ``dataset``'s)."""
+        import pyarrow as pa
+
         from lmkl.engine.rundir import load_tokens
 
         filters = [("candidate", "=", label)] if label is not None else None
-        return load_tokens(self.path, columns=columns, filters=filters)
+        tables = []
+        for name, path in self._run_dirs(dataset):
+            table = load_tokens(path, columns=columns, filters=filters)
+            if name is not None:
+                table = table.append_column("dataset", pa.array([name] * table.num_rows))
+            tables.append(table)
+        return pa.concat_tables(tables)
 
-    def worst(self, label: str | None = None) -> list[dict[str, Any]]:
-        """The worst positions (highest KL) with context and both models' top-5 next tokens."""
+    def worst(self, label: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
+        """The worst positions (highest KL) with context and both models' top-5 next tokens
+        (an experiment's entries carry their ``dataset``)."""
         import json
 
-        path = self.path / "worst.json"
-        entries = json.loads(path.read_text()) if path.exists() else []
-        return [e for e in entries if label is None or e.get("candidate") == label]
+        out = []
+        for name, path in self._run_dirs(dataset):
+            file = path / "worst.json"
+            for entry in json.loads(file.read_text()) if file.exists() else []:
+                if label is None or entry.get("candidate") == label:
+                    out.append(entry if name is None else entry | {"dataset": name})
+        return out
 
     def report(self, path: str | Path | None = None, format: str = "html") -> Path | None:
         """Write the report (html, md or json; default RUN_DIR/report.html); return its path."""
@@ -93,24 +122,48 @@ def open_run(path: str | Path) -> Run:
     return Run(path)
 
 
+#: ModelSpec fields that apply to the candidates only (the reference is never adapted).
+_CANDIDATE_ONLY = ("adapter", "adapter_revision")
+_NOT_OPTIONS = ("model", "source", "label")
+
+
 def _split_options(options: dict[str, Any]) -> list[dict[str, Any]]:
     """Route keyword options to the spec that declares them (model, data, windows, compute)."""
     routed: list[dict[str, Any]] = [{} for _ in _SPECS]
     for key, value in options.items():
         for i, spec in enumerate(_SPECS):
-            if key in spec.model_fields and key not in ("model", "source", "label"):
+            if key in spec.model_fields and key not in _NOT_OPTIONS:
                 routed[i][key] = value
                 break
         else:
-            known = sorted({f for s in _SPECS for f in s.model_fields} - {"model", "source"})
-            raise UsageError(f"unknown option '{key}'", f"use one of: {', '.join(known)}")
+            known = sorted({f for s in _SPECS for f in s.model_fields} - set(_NOT_OPTIONS))
+            raise UsageError(
+                f"unknown option '{key}'",
+                f"use one of: {', '.join(known)} (labels: pass ModelSpec/DataSpec objects)",
+            )
     return routed
 
 
-def _model(value: str | Path | ModelSpec, options: dict[str, Any]) -> ModelSpec:
-    if isinstance(value, ModelSpec):
-        return value
-    return ModelSpec(model=str(value), **options)
+def _spec(cls: type, given: Any, fields: dict[str, Any], what: str) -> Any:
+    """``given`` if it is a ``cls`` already (keywords for it are then refused), else a ``cls``
+    built from ``fields``; validation problems become one usage error."""
+    from pydantic import ValidationError
+
+    if isinstance(given, cls):
+        if fields:
+            raise UsageError(
+                f"{', '.join(sorted(fields))} given as keywords and {what} as a "
+                f"{cls.__name__}: the keywords would be ignored",
+                f"put them in the {cls.__name__}, or pass {what} by name",
+            )
+        return given
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"]) or what
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        raise UsageError(f"{where}: {message}", f"correct {where} of {what}") from None
 
 
 def compare(
@@ -139,20 +192,35 @@ def compare(
     """
     model_opts, data_opts, window_opts, compute_opts = _split_options(options)
     cand_list = [candidates] if isinstance(candidates, str | Path | ModelSpec) else list(candidates)
-    ref_spec = _model(reference, model_opts)
-    cand_specs = [_model(c, model_opts) for c in cand_list]
-    data_spec = (
-        data
-        if isinstance(data, DataSpec) or data is None
-        else DataSpec(source=str(data), **data_opts)
-    )
-    if (windows is not None and window_opts) or (compute is not None and compute_opts):
+    ref_opts = {k: v for k, v in model_opts.items() if k not in _CANDIDATE_ONLY}
+    if isinstance(reference, ModelSpec):
+        ref_spec = _spec(ModelSpec, reference, ref_opts, "the reference")
+    else:
+        ref_spec = _spec(ModelSpec, None, ref_opts | {"model": str(reference)}, "the reference")
+    cand_specs = [
+        _spec(ModelSpec, c, model_opts, "a candidate")
+        if isinstance(c, ModelSpec)
+        else _spec(ModelSpec, None, model_opts | {"model": str(c)}, "a candidate")
+        for c in cand_list
+    ]
+    if data is None and data_opts:
         raise UsageError(
-            "window or compute options given both as a spec and as keywords",
-            "pass either windows=/compute= or their fields as keywords",
+            f"{', '.join(sorted(data_opts))} given without data",
+            "pass data=... (a reference cache uses its own data: drop them)",
         )
-    windows = windows or (WindowSpec(**window_opts) if window_opts else None)
-    compute = compute or ComputeSpec(**compute_opts)
+    data_spec = (
+        None
+        if data is None
+        else _spec(
+            DataSpec,
+            data,
+            data_opts | ({} if isinstance(data, DataSpec) else {"source": str(data)}),
+            "data",
+        )
+    )
+    if windows is not None or window_opts:
+        windows = _spec(WindowSpec, windows, window_opts, "windows")
+    compute = _spec(ComputeSpec, compute, compute_opts, "compute")
     output = OutputSpec(dir=str(out) if out else None, overwrite=overwrite)
     from lmkl.engine.loop import execute
 

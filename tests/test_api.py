@@ -89,3 +89,55 @@ def test_init_chat_copies_the_data_it_reads(tmp_path, monkeypatch):
     assert (tmp_path / "chat.jsonl").read_text() == example_data_files("chat")["chat.jsonl"]
     config = load_config(tmp_path / "chat.yaml")
     assert Path(config.datasets[0].source).resolve() == (tmp_path / "chat.jsonl").resolve()
+
+
+def test_api_options_are_checked_not_ignored(tiny_pair):
+    ref, cand = tiny_pair["reference"], tiny_pair["candidate"]
+    with pytest.raises(UsageError, match="dtype"):
+        lmkl.compare(ref, cand, data="x.jsonl", dtype="bf16")  # pydantic's error, as one line
+    with pytest.raises(UsageError, match="stride"):
+        lmkl.compare(ref, cand, data="x.jsonl", context_length=64, stride=100)
+    with pytest.raises(UsageError, match="would be ignored"):
+        lmkl.compare(ref, cand, data=lmkl.api.DataSpec(source="x.jsonl"), max_samples=1)
+    with pytest.raises(UsageError, match="would be ignored"):
+        lmkl.compare(lmkl.api.ModelSpec(model=str(ref)), cand, data="x.jsonl", dtype="float16")
+
+
+def test_adapter_keyword_applies_to_the_candidates_only(tiny_pair, small_jsonl, monkeypatch):
+    seen = {}
+
+    def fake_execute(kind, output, **_):
+        seen["reference"], seen["candidates"] = kind.reference, kind.candidates
+        raise UsageError("stop here")
+
+    monkeypatch.setattr("lmkl.engine.loop.execute", fake_execute)
+    with pytest.raises(UsageError, match="stop here"):
+        lmkl.compare(
+            tiny_pair["reference"],
+            tiny_pair["candidate"],
+            data=tiny_pair["heldout"],
+            adapter="lora",
+        )
+    assert seen["reference"].adapter is None
+    assert [c.adapter for c in seen["candidates"]] == ["lora"]
+
+
+def test_report_of_a_per_byte_run(tiny_pair, other_tokenizer_model, small_jsonl, tmp_path):
+    run = lmkl.compare(
+        tiny_pair["reference"],
+        other_tokenizer_model,
+        data=small_jsonl,
+        out=tmp_path / "bytes",
+        different_tokenizers=True,
+        context_length=64,
+    )
+    assert run.kind == "bytes-compare" and run.results["token_level"] is False
+    assert lmkl.open_run(tmp_path / "bytes").report().exists()
+    with pytest.raises(UsageError, match="temperature"):
+        lmkl.compare(
+            tiny_pair["reference"],
+            other_tokenizer_model,
+            data=small_jsonl,
+            different_tokenizers=True,
+            temperature=2.0,
+        )

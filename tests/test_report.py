@@ -493,3 +493,7 @@ def test_infinite_and_nonfinite_tokens_are_reported_not_plotted(tmp_path):
     assert plots["size_vs_kl"].data["keys"] == ["fine"]
     html = render_html(report, list(plots.values()))
     assert "infinite mean KL" in html
+
+
+def test_pareto_front_never_stars_an_infinite_kl():
+    assert pareto_front([1e6, 2e6, 3e6], [float("inf"), 0.2, 0.1]) == [False, True, True]

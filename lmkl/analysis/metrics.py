@@ -81,7 +81,17 @@ METRICS: tuple[Metric, ...] = (
     Metric("nll.candidate", "NLL(Q)", column="nll_candidate", macro=True, sortable=False),
     Metric("nll_correlation", "NLL correlation P/Q", unit="", higher_is_better=True),
     Metric("bits_per_byte.candidate", "bits/byte Q", unit="bits/byte"),
-    Metric("delta_p.mean", "Δp mean", unit="", higher_is_better=True, column="delta_p", macro=True),
+    # Higher Δp = q(x) − p(x) means the candidate puts more mass on the observed token: a ranking
+    # criterion for experiments, but not "closer to the reference", so reports do not sort by it.
+    Metric(
+        "delta_p.mean",
+        "Δp mean",
+        unit="",
+        higher_is_better=True,
+        column="delta_p",
+        macro=True,
+        sortable=False,
+    ),
     Metric("delta_p.rms", "Δp RMS", unit=""),
     Metric(
         "top1_agreement.mean",

@@ -280,7 +280,7 @@ OUTPUT_OPTIONS: OptionGroup = {
 
 
 def with_options(*groups: OptionGroup) -> Any:
-    """Add option groups to a command's signature (after its own parameters).
+    """Add option groups to a command's signature (after its arguments).
 
     The command takes ``**options``; Typer reads the extended signature and passes every
     option by name. A parameter the command declares itself wins over a group's.
@@ -296,7 +296,11 @@ def with_options(*groups: OptionGroup) -> Any:
             for name, (a, d) in group.items()
             if name not in names
         ]
-        func.__signature__ = signature.replace(parameters=[*own, *added])
+        # Arguments first, then the groups (their panels come first in --help, in the order
+        # given), then the command's own options, which join those panels or add their own.
+        leading = [p for p in own if p.default is p.empty]
+        trailing = [p.replace(kind=p.KEYWORD_ONLY) for p in own if p.default is not p.empty]
+        func.__signature__ = signature.replace(parameters=[*leading, *added, *trailing])
         # Evaluated annotations (this module uses postponed ones): Typer reads both.
         func.__annotations__ = {
             p.name: p.annotation for p in func.__signature__.parameters.values()

@@ -177,7 +177,7 @@ def llama_cpp_windows(
         if bos is not None:
             chunk_ids[0] = bos
         take = int(min(n - first, budget))
-        window = _window(chunk, 0, chunk_ids, sizes[start:], (0, first, first + take))
+        window = _window(chunk, 0, chunk_ids, sizes[start : start + n], (0, first, first + take))
         window.offset = start
         windows.append(window)
         budget -= take

@@ -200,6 +200,12 @@ class BytesComparison(PairKind):
                 "--max-tokens counts tokens, which differ between the two tokenizers",
                 "limit the data with --max-samples instead",
             )
+        if compute.temperature != 1.0 or compute.max_batch_tokens is not None:
+            raise UsageError(
+                "--temperature and --max-batch-tokens do not apply to a per-byte comparison "
+                "(it scores each model's own likelihood of the text)",
+                "drop them, or compare models that share a tokenizer",
+            )
         super().__init__(reference, candidate, data, compute)
         self.windows = windows
 

@@ -57,6 +57,12 @@ PALETTE = (
 )
 
 
+def _count(value: Any) -> int:
+    """A count from results.json (0 when missing: a per-byte run counts no KL tokens)."""
+    x = to_float(value)
+    return int(x) if math.isfinite(x) else 0
+
+
 def normalize_sort_metric(path: str) -> str:
     """A ``--sort-by`` metric resolved by the registry (``kl`` → ``kl.mean``); usage error if
     it cannot order candidates."""
@@ -434,7 +440,7 @@ def confidence_profile(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "bucket": bucket.get("bucket", ""),
                 "low": to_float(bucket.get("low")),
                 "high": to_float(bucket.get("high")),
-                "tokens": int(to_float(bucket.get("tokens")) or 0),
+                "tokens": _count(bucket.get("tokens")),
                 "share": to_float(bucket.get("share")),
                 "kl_mean": to_float(bucket.get("kl_mean")),
                 "kl_se": to_float(bucket.get("kl_se")),
@@ -448,7 +454,9 @@ def confidence_profile(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def pareto_front(sizes: list[float], values: list[float]) -> list[bool]:
     """Points no other point beats (size and value both <=, one strictly <): the Pareto set
     (:func:`lmkl.analysis.ranking.pareto_front` with lower values better; unknown → False)."""
-    return [bool(flag) for flag in ranking_pareto_front(sizes, values, higher_is_better=False)]
+    # A candidate with an infinite value (KL = inf) is never on the front.
+    finite = [v if math.isfinite(v) else math.nan for v in values]
+    return [bool(flag) for flag in ranking_pareto_front(sizes, finite, higher_is_better=False)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1078,13 +1086,13 @@ def plain_reading(report: Report) -> list[str]:
                 f". Its perplexity is {ratio:.3g}× the reference's "
                 f"({prose(c.value('ppl.candidate'))} vs {prose(c.value('ppl.reference'))})"
             )
-        infinite = int(to_float(m.get("counts", {}).get("infinite")) or 0)
+        infinite = _count(m.get("counts", {}).get("infinite"))
         if infinite:
             sentence += (
                 f". {infinite:,} token(s) got zero probability from it where the "
                 "reference gave some (KL = inf)"
             )
-        nonfinite = int(to_float(m.get("counts", {}).get("nonfinite")) or 0)
+        nonfinite = _count(m.get("counts", {}).get("nonfinite"))
         if nonfinite:
             sentence += f". {nonfinite:,} position(s) had non-finite logits and were excluded"
         lines.append(sentence + ".")

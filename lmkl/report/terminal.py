@@ -26,7 +26,8 @@ def summary_table(results: dict[str, Any]) -> Table:
         """A row of one registry metric, labelled as the registry declares it."""
         metric = registry.REGISTRY[path]
         shown = [metric.show(c["metrics"]) for c in results["candidates"]]
-        table.add_row(shown[0][0] if shown else metric.label, *(text for _, text in shown))
+        label = max((name for name, _ in shown), key=len, default=metric.label)  # "… ± se"
+        table.add_row(label, *(text for _, text in shown))
 
     metric_row("kl.mean")
     metric_row("kl.median")

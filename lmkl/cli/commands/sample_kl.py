@@ -146,7 +146,7 @@ SAMPLING_OPTIONS: OptionGroup = {
 
 @friendly_errors
 @with_options(
-    SAMPLING_OPTIONS, DATA_SOURCE_OPTIONS, MODEL_OPTIONS, PAIR_OPTIONS, KL_OPTIONS, OUTPUT_OPTIONS
+    DATA_SOURCE_OPTIONS, SAMPLING_OPTIONS, MODEL_OPTIONS, PAIR_OPTIONS, KL_OPTIONS, OUTPUT_OPTIONS
 )
 def sample_kl(
     reference: Annotated[str, typer.Argument(help="Reference model P: hub id or local directory.")],
