@@ -69,7 +69,8 @@ class Run:
         """The run directories holding per-token files: an experiment's per-dataset sub-runs."""
         if self.kind != "experiment":
             return [(None, self.path)]
-        subs = sorted(p for p in (self.path / "datasets").iterdir() if p.is_dir())
+        folder = self.path / "datasets"
+        subs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         chosen = [(p.name, p) for p in subs if dataset is None or p.name == dataset]
         if not chosen:
             names = ", ".join(p.name for p in subs)

@@ -99,15 +99,29 @@ def _weight_files(directory: Path) -> list[Path]:
     )
 
 
+#: Content hashes already computed in this process, keyed by each file's path, inode, size and
+#: change time (a run hashes a checkpoint for its identity before loading it and again to
+#: describe it; any write to a file changes its ctime, which no copy can set back).
+_FINGERPRINTS: dict[tuple[tuple[str, int, int, int], ...], str] = {}
+
+
+def _file_key(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_ctime_ns
+
+
 def fingerprint_files(paths: list[Path]) -> str:
     """SHA-256 over the names and contents of ``paths`` (a content hash of local weights)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(8 * 2**20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    key = tuple(_file_key(p) for p in paths)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(path.name.encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(8 * 2**20), b""):
+                    digest.update(block)
+        _FINGERPRINTS[key] = digest.hexdigest()
+    return _FINGERPRINTS[key]
 
 
 def _check_pickle_policy(spec: ModelSpec, directory: Path) -> None:

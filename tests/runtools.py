@@ -52,6 +52,21 @@ def invoke(args: list[str]) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def check_error(code: int, output: str, expected: int | tuple[int, ...], *fragments: str) -> str:
+    """Exactly one ``error:`` line (plus ``fix:``), no traceback, no internal error, the
+    documented exit code (or one of several); returns the error line."""
+    expected = (expected,) if isinstance(expected, int) else expected
+    assert code in expected, f"exit code {code}, expected {expected}:\n{output}"
+    assert "Traceback" not in output, output
+    assert "internal error" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    assert any(line.startswith("fix:") for line in output.splitlines()), output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
 def spawn(args: list[str], hold: str) -> subprocess.Popen[str]:
     env = dict(
         os.environ,

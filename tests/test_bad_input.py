@@ -11,22 +11,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runtools import invoke
+from runtools import check_error, invoke
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, DistilBertConfig
 
 from lmkl.errors import EXIT_RUNTIME, EXIT_USAGE
-
-
-def check_error(code: int, output: str, expected_code: int, *fragments: str) -> str:
-    """Exactly one ``error:`` line (plus ``fix:``), no traceback, the documented exit code."""
-    assert code == expected_code, output
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, output
-    assert any(line.startswith("fix:") for line in output.splitlines()), output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def compare(

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from runtools import invoke
+from runtools import check_error, invoke
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmkl.analysis.stats import summarize
@@ -59,19 +59,6 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "A list is mutable; a tuple is immutable."},
     ],
 ]
-
-
-def check_error(code: int, output: str, expected_code: int, *fragments: str) -> str:
-    """Exactly one ``error:`` line (plus ``fix:``), no traceback, no internal error."""
-    assert code == expected_code, output
-    assert "Traceback" not in output
-    assert "internal error" not in output, output
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, output
-    assert any(line.startswith("fix:") for line in output.splitlines()), output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def strict_json(path: Path):

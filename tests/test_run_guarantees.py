@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runtools import compare_args, invoke, kill_at
+from runtools import check_error, compare_args, invoke, kill_at
 
 from lmkl.errors import EXIT_RUNTIME, EXIT_USAGE
 
@@ -36,20 +36,6 @@ KINDS = ["compare", "cached", "bytes", "sample-kl", "run"]
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def check_error(code: int, output: str, expected: int | tuple[int, ...], *fragments: str) -> str:
-    """Exactly one ``error:`` line plus a ``fix:`` line, no traceback, the expected exit code."""
-    expected = (expected,) if isinstance(expected, int) else expected
-    assert code in expected, f"exit code {code}, expected {expected}:\n{output}"
-    assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, output
-    assert "internal error" not in errors[0], errors[0]
-    assert any(line.startswith("fix:") for line in output.splitlines()), output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:

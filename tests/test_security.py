@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -132,3 +134,20 @@ def test_source_has_no_eval_exec_pickle_or_unsafe_yaml(path):
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
             assert not (isinstance(node.value, ast.Constant) and node.value.value is True), path
+
+
+def test_weight_hash_is_computed_once_and_follows_every_write(tmp_path):
+    """The identity of local weights: hashed once per process, new after any change to a file."""
+    from lmkl.models import fingerprint_files
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 1000)
+    first = fingerprint_files([weights])
+    assert first == hashlib.sha256(b"model.safetensors" + b"a" * 1000).hexdigest()
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 1000)  # same size; the mtime is put back as a copy would
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (
+        fingerprint_files([weights])
+        == hashlib.sha256(b"model.safetensors" + b"b" * 1000).hexdigest()
+    )

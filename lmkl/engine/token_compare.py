@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from lmkl.analysis.stats import distribution, summarize
-from lmkl.data.corpus import load_corpus
+from lmkl.data.corpus import Corpus, load_corpus
 from lmkl.data.windows import Window, make_windows
 from lmkl.engine.distributed import Shard, device_for_rank
 from lmkl.engine.identity import run_identity
@@ -161,6 +161,7 @@ class TokenComparison:
         compute: ComputeSpec,
         *,
         models: tuple[LoadedModel, list[LoadedModel]] | None = None,
+        corpus: Corpus | None = None,
     ) -> None:
         if not candidates:
             raise UsageError("no candidate model given", "name at least one candidate")
@@ -178,11 +179,14 @@ class TokenComparison:
         self.windows = windows or WindowSpec()
         self.compute = compute
         self._given_models = models
+        self._given_corpus = corpus
         self._loaded: dict[str, LoadedModel] = {}
         #: Descriptions of the candidates this process loaded (results.json's ``model``).
         self._descriptions: dict[str, dict[str, Any]] = {}
         #: Cached runs: each candidate's weights identity, read before any is loaded.
         self._probes: dict[str, dict[str, Any]] = {}
+        #: Groups whose descriptions a sidecar of this process already holds.
+        self._described: set[int] = set()
 
     # -- what the run is -------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
@@ -240,8 +244,11 @@ class TokenComparison:
 
     def _prepare_live(self, shard: Shard, log: LogCallback) -> list[LoadedModel]:
         # Data first: a wrong path should not wait for a large model to load.
-        log(f"reading data {self.data.source}")
-        corpus = load_corpus(self.data)
+        corpus = self._given_corpus
+        if corpus is None:
+            log(f"reading data {self.data.source}")
+            corpus = load_corpus(self.data)
+        self._given_corpus = None  # the windows are all that is needed from here on
         self.corpus_description = corpus.description
         if self._given_models is None:
             on_rank = [
@@ -299,7 +306,8 @@ class TokenComparison:
                 spec = next(c for c in self.candidates if c.display_name == label)
                 spec = spec.model_copy(update={"device": device_for_rank(spec.device, self.shard)})
                 model = load_model(spec, resolve_device(spec.device))
-                check_context_length([model], self.windows)
+                # (Context length and vocabulary were checked from the config in prepare; the
+                # loaded head is checked again because scoring slices it.)
                 if model.logits_width < self.vocab_size:
                     raise TokenizerMismatchError(
                         f"{model.label} has {model.logits_width} output rows but the cached "
@@ -352,11 +360,17 @@ class TokenComparison:
             )
         schema = BOUNDS_SCHEMA if self.topk else TOKEN_SCHEMA
         n = batch.targets.numel()
-        return Part(
+        part = Part(
             table=batch_table(batch, per_candidate, schema),
             sidecar={
                 "worst": _locate_worst(batch, worst),
-                "models": {m.label: m.description for m in models},
+                # Once per group and process: summarize needs them on rank 0 (and on resume)
+                # for candidates it did not load itself.
+                **(
+                    {}
+                    if group in self._described
+                    else {"models": {m.label: m.description for m in models}}
+                ),
                 "padded": self.padded,
             },
             counters={
@@ -366,6 +380,8 @@ class TokenComparison:
                 "padded_slots": batch.attention_mask.numel(),
             },
         )
+        self._described.add(group)
+        return part
 
     # -- summarize -------------------------------------------------------------------------------
     def summarize(self, run_dir: RunDirectory, totals: dict[str, float]) -> Summary:

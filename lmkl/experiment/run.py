@@ -1,10 +1,10 @@
 """Execute an :class:`~.schema.ExperimentConfig`: every dataset, every candidate, ranked.
 
-The models are loaded **once** and reused for every dataset. Each dataset is a sub-run of
-:func:`~lmkl.engine.token_compare.run_comparison`, which runs the reference once per batch and
-shares its hidden states with every candidate, so all candidates are scored on identical tokens.
-The run directory
-(a contract, see README "YAML experiments → run directory")::
+The models are loaded **once** and reused for every dataset. Each dataset is a sub-run: a
+:class:`~lmkl.engine.token_compare.TokenComparison` executed by the engine, which runs the
+reference once per batch and shares its hidden states with every candidate, so all candidates
+are scored on identical tokens. The run directory (a contract, see README "YAML experiments →
+run directory")::
 
     RUN_DIR/
       config.yaml               the resolved experiment config (command line > YAML > defaults)
@@ -337,7 +337,8 @@ def run_experiment(
     (the CLI raises :class:`lmkl.errors.GateFailure` after printing).
     """
     from lmkl.data.corpus import load_corpus
-    from lmkl.engine.token_compare import TokenComparison, load_models, run_comparison
+    from lmkl.engine.loop import execute
+    from lmkl.engine.token_compare import TokenComparison, load_models
     from lmkl.files import write_json
     from lmkl.models import check_context_length
 
@@ -366,32 +367,39 @@ def run_experiment(
             "set noise_floor: false, or give reference.model instead of reference.cache",
         )
     # Everything is checked before the directory is created (or an old one replaced): every
-    # dataset reads, and the models load (once, for all datasets).
-    for data in config.datasets:
-        log(f"reading data {data.source}")
-        load_corpus(data)
+    # dataset reads (the cache checks its own against each), and the models load (once, for all
+    # datasets). The comparisons built here are the ones that run.
     if cached_reference:
-        for data in config.datasets:  # the cache refuses data or windows that differ from its own
+        comparisons = [
             TokenComparison(config.reference, list(run_specs), data, windows, compute)
+            for data in config.datasets
+        ]
     else:
+        corpora = []
+        for data in config.datasets:
+            log(f"reading data {data.source}")
+            corpora.append(load_corpus(data))
         models = load_models(config.reference, specs, log)
         if config.noise_floor.enabled:
             log("loading the noise-floor copy of the reference")
             models[1].append(load_noise_floor(config.reference, config.noise_floor, config.seed))
         check_context_length([models[0], *models[1]], windows)
+        comparisons = [
+            TokenComparison(
+                config.reference, list(run_specs), data, windows, compute, models=models, corpus=c
+            )
+            for data, c in zip(config.datasets, corpora, strict=True)
+        ]
+        del corpora  # each comparison holds its corpus until it has made its windows
     if not resume:
         _create_root(root, config)
     sub_results: list[dict[str, Any]] = []
-    for data in config.datasets:
+    for data, comparison in zip(config.datasets, comparisons, strict=True):
         name = dataset_dir_name(data)
         sub = root / "datasets" / name
         try:
-            outcome = run_comparison(
-                config.reference,
-                list(run_specs),
-                data,
-                windows,
-                compute,
+            outcome = execute(
+                comparison,
                 OutputSpec(dir=str(sub), overwrite=False),
                 resume=resume and (sub / "config.yaml").exists(),
                 # A finished dataset is reused only after its identity is checked.
@@ -400,7 +408,6 @@ def run_experiment(
                 if progress
                 else None,
                 log=log,
-                models=models,
             )
         except Interrupted as exc:  # the hint must name the experiment, not the sub-run
             raise Interrupted(

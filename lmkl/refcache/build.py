@@ -27,27 +27,14 @@ from lmkl.refcache.format import (
     FORMAT_VERSION,
     MANIFEST,
     NP_DTYPES,
+    aside_path,
     is_cache_dir,
+    recover,
     tokenizer_fingerprint,
     torch_dtype_name,
     window_key,
 )
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
-
-
-def _aside(out: Path) -> Path:
-    """Where the previous cache waits while the new one is renamed into place."""
-    return out.parent / f".{out.name}.previous.tmp"
-
-
-def recover(out: Path) -> None:
-    """Finish an install that a killed process left half done (see :func:`install`)."""
-    aside = _aside(out)
-    if aside.is_dir():
-        if is_cache_dir(out):
-            shutil.rmtree(aside, ignore_errors=True)  # the new cache made it: drop the old
-        elif not out.exists():
-            aside.rename(out)  # killed between the two renames: put the old cache back
 
 
 def install(tmp: Path, out: Path) -> None:
@@ -60,7 +47,7 @@ def install(tmp: Path, out: Path) -> None:
     """
     fsync_tree(tmp)
     recover(out)
-    aside = _aside(out)
+    aside = aside_path(out)
     if out.exists():
         out.rename(aside)
     try:

@@ -38,6 +38,7 @@ batches, other process counts) gathers its rows by index.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -377,6 +378,22 @@ class ReferenceCache:
         )
 
 
+def aside_path(out: Path) -> Path:
+    """Where the previous cache waits while the new one is renamed into place."""
+    return out.parent / f".{out.name}.previous.tmp"
+
+
+def recover(out: Path) -> None:
+    """Finish an install that a killed process left half done (see
+    :func:`lmkl.refcache.build.install`)."""
+    aside = aside_path(out)
+    if aside.is_dir():
+        if is_cache_dir(out):
+            shutil.rmtree(aside, ignore_errors=True)  # the new cache made it: drop the old
+        elif not out.exists():
+            aside.rename(out)  # killed between the two renames: put the old cache back
+
+
 #: Manifest entries every reader relies on.
 REQUIRED_KEYS = (
     "mode",
@@ -395,8 +412,6 @@ REQUIRED_KEYS = (
 def open_cache(path: str | Path) -> ReferenceCache:
     """Open a reference cache, checking its format and files (one-line errors otherwise)."""
     root = Path(str(path)).expanduser()
-    from lmkl.refcache.build import recover
-
     recover(root)
     if not is_cache_dir(root):
         raise UsageError(
