@@ -21,6 +21,18 @@ from typing import Any
 import torch
 
 from lmkl.errors import LmklWarning, ModelLoadError, TokenizerMismatchError, UsageError
+from lmkl.quantization import (
+    GGUF_BACKEND,
+    QUANT_EXTRA,
+    check_checkpoint_backend,
+    checkpoint_quantization,
+    gguf_storage,
+    on_the_fly_config,
+    on_the_fly_quantization,
+    quiet_backend_logs,
+    require,
+    weight_storage,
+)
 from lmkl.specs import ModelSpec, WindowSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -48,6 +60,8 @@ def set_offline(offline: bool = True) -> None:
 
 def quiet_hf_logging() -> None:
     """Silence transformers' and datasets' own progress bars and info logs (lmkl has its own)."""
+    # transformers imports every installed quantization backend with its models.
+    quiet_backend_logs()
     import datasets
     import huggingface_hub
     import transformers
@@ -91,6 +105,13 @@ def _is_local(spec: ModelSpec) -> bool:
     return Path(spec.model).expanduser().exists()
 
 
+def _model_files(spec: ModelSpec, directory: Path) -> list[Path]:
+    """The files that hold ``spec``'s weights: its GGUF file, else the directory's weights."""
+    if spec.gguf_file:
+        return [directory / spec.gguf_file]
+    return _weight_files(directory)
+
+
 def _weight_files(directory: Path) -> list[Path]:
     return sorted(
         p
@@ -125,6 +146,8 @@ def fingerprint_files(paths: list[Path]) -> str:
 
 
 def _check_pickle_policy(spec: ModelSpec, directory: Path) -> None:
+    if spec.gguf_file:
+        return  # a GGUF file holds tensors and metadata, never pickled objects
     files = _weight_files(directory)
     if not files:
         return
@@ -161,6 +184,13 @@ def _check_source(spec: ModelSpec) -> None:
             f"model path '{spec.model}' is a file, not a model directory",
             "pass the directory that holds config.json and the weights",
         )
+    if spec.gguf_file:
+        if not (directory / spec.gguf_file).is_file():
+            raise ModelLoadError(
+                f"GGUF file '{spec.gguf_file}' does not exist in '{spec.model}'",
+                "check the file name (ls the directory)",
+            )
+        return  # a GGUF carries its own config and tokenizer
     if not (directory / "config.json").exists():
         raise ModelLoadError(
             f"'{spec.model}' has no config.json, so it is not a Hugging Face model directory",
@@ -172,6 +202,11 @@ def translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLoa
     text = str(exc)
     lowered = text.lower()
     first = text.splitlines()[0][:200] if text else type(exc).__name__
+    if isinstance(exc, ImportError) or "pip install" in lowered:
+        return ModelLoadError(
+            f"cannot load {what} '{spec.model}': a package it needs is missing ({first})",
+            f"install it, e.g. {QUANT_EXTRA}",
+        )
     if "unrecognized configuration class" in lowered or "automodelforcausallm" in lowered:
         return ModelLoadError(
             f"'{spec.model}' is not a causal language model ({text.splitlines()[0][:160]})",
@@ -223,7 +258,32 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
     _check_source(spec)
-    return _pretrained(AutoTokenizer, spec, _tokenizer_source(spec), "tokenizer")
+    tokenizer = _pretrained(AutoTokenizer, spec, _tokenizer_source(spec), "tokenizer")
+    if spec.gguf_file:
+        _set_gguf_special_tokens(tokenizer, spec)
+    return tokenizer
+
+
+_GGUF_SPECIAL = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
+
+
+def _set_gguf_special_tokens(tokenizer: Any, spec: ModelSpec) -> None:
+    """Give a tokenizer built from GGUF metadata the special tokens the file names.
+
+    transformers builds the vocabulary and merges from the file but (5.x) leaves
+    ``bos_token`` and friends unset, which would fail the tokenizer check against the
+    reference; the ids are in the file's ``tokenizer.ggml.*_token_id`` fields.
+    """
+    from gguf import GGUFReader
+    from transformers.utils import cached_file
+
+    path = cached_file(_tokenizer_source(spec), spec.gguf_file, revision=spec.revision)
+    fields = GGUFReader(path).fields
+    for attr, key in _GGUF_SPECIAL.items():
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None and getattr(tokenizer, f"{attr}_token", None) is None:
+            token_id = int(field.parts[field.data[0]][0])
+            setattr(tokenizer, f"{attr}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def _pretrained(factory: Any, spec: ModelSpec, source: str, what: str) -> Any:
@@ -233,10 +293,21 @@ def _pretrained(factory: Any, spec: ModelSpec, source: str, what: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return factory.from_pretrained(
-                source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+                source,
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+                **_gguf_kwargs(spec),
             )
     except Exception as exc:  # transformers raises many types; translate them to one line
         raise translate_load_error(spec, exc, what) from exc
+
+
+def _gguf_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    if not spec.gguf_file:
+        return {}
+    require(GGUF_BACKEND, f"GGUF file '{spec.gguf_file}'")
+    quiet_hf_logging()  # transformers shows a progress bar while it dequantizes
+    return {"gguf_file": spec.gguf_file}
 
 
 def _tokenizer_source(spec: ModelSpec) -> str:
@@ -274,6 +345,9 @@ class LoadedModel:
     device: torch.device
     head: OutputHead | None
     description: dict[str, Any] = field(default_factory=dict)
+    #: Run forwards outside inference mode (under no_grad): optimum-quanto's packed weights
+    #: make views that inference mode refuses ("Cannot set version_counter").
+    no_inference_mode: bool = False
 
     @property
     def label(self) -> str:
@@ -292,6 +366,9 @@ class LoadedModel:
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, T, H]`` final hidden states, or ``[B, T, V]`` logits when the split is off."""
+        if self.no_inference_mode and torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return self.hidden_states(input_ids, attention_mask)
         if self.head is None:
             return self.model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
@@ -303,7 +380,20 @@ class LoadedModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for ``[N, H]`` rows of :meth:`hidden_states` (identity when the split is off)."""
-        return hidden if self.head is None else self.head(hidden)
+        if self.head is None:
+            return hidden
+        if self.no_inference_mode and torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return self.head(hidden)
+        return self.head(hidden)
+
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The model's own full forward (``[B, T, V]`` logits), for probes and references."""
+        if self.no_inference_mode and torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return self.forward_logits(input_ids, attention_mask)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits
 
 
 def max_positions(config: Any) -> int | None:
@@ -364,7 +454,7 @@ def _split_is_exact(loaded: LoadedModel) -> bool:
     ids = torch.randint(0, max(vocab, 1), (1, 8), generator=gen).to(loaded.device)
     mask = torch.ones_like(ids)
     try:
-        full = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        full = loaded.forward_logits(ids, mask).float()
         split = loaded.logits(loaded.hidden_states(ids, mask)).float()
     except Exception:  # any failure of the split path means: do not use it
         return False
@@ -396,10 +486,10 @@ def _is_causal(loaded: LoadedModel) -> bool:
     for ids in (first, second):
         ids = ids.to(loaded.device)
         try:
-            out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            logits = loaded.forward_logits(ids, torch.ones_like(ids))
         except Exception:  # the real run will report a failing forward with its own message
             return True
-        outputs.append(out.logits[0, :4].float())
+        outputs.append(logits[0, :4].float())
     a, b = outputs
     both = torch.isfinite(a) & torch.isfinite(b)
     if not bool(both.any()):
@@ -434,14 +524,16 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedMod
         "revision": spec.revision,
         "trust_remote_code": spec.trust_remote_code,
         "dtype": _resolve_dtype(spec, device),
+        **_gguf_kwargs(spec),
     }
-    if not spec.allow_pickle:
+    if not spec.allow_pickle and not spec.gguf_file:
         kwargs["use_safetensors"] = True
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.device_map:
         # accelerate places the layers; inputs go to the device of the input embeddings.
         kwargs["device_map"] = spec.device_map
+    quantization = _quantization_kwargs(spec, device, kwargs)
     source = str(Path(spec.model).expanduser()) if local else spec.model
     try:
         with warnings.catch_warnings():
@@ -452,13 +544,21 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedMod
 
     if spec.adapter:
         model = _apply_adapter(model, spec)
-    if spec.device_map:
+    if spec.device_map or quantization is not None:
+        # Quantized weights are placed by their backend (bitsandbytes refuses .to()).
         device = model.get_input_embeddings().weight.device
     else:
         model.to(device)
     model.eval()
 
-    loaded = LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=device, head=None)
+    loaded = LoadedModel(
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        head=None,
+        no_inference_mode=quantization is not None and quantization.get("method") == "quanto",
+    )
     loaded.head = _make_head(model)
     if loaded.head is not None and not _split_is_exact(loaded):
         loaded.head = None
@@ -468,8 +568,44 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedMod
             "changes when later tokens change (a bidirectional encoder such as BERT?)",
             "pass a decoder-only language model",
         )
-    loaded.description = describe_model(loaded, source, local)
+    loaded.description = describe_model(loaded, source, local, quantization)
     return loaded
+
+
+def _quantization_kwargs(
+    spec: ModelSpec, device: torch.device, kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Add what quantized loading needs to ``kwargs``; return the quantization's provenance
+    (None for a full-precision model). Backends and devices are checked here, in one line,
+    before transformers raises its own multi-line errors."""
+    if spec.gguf_file:
+        if spec.quantize:
+            raise UsageError(
+                f"{spec.display_name}: a GGUF file is quantized already; quantize: does not apply",
+                "drop quantize: (or --quantize) for GGUF candidates",
+            )
+        if kwargs["dtype"] == "auto":
+            kwargs["dtype"] = torch.float32  # transformers dequantizes GGUF tensors to this
+        if _is_local(spec):
+            return gguf_storage(Path(spec.model).expanduser() / spec.gguf_file)
+        return {"kind": "gguf", "method": "gguf", "scheme": None, "size_source": None}
+    settings = check_checkpoint_backend(model_config(spec), device, spec.display_name)
+    if spec.quantize is not None:
+        if settings is not None:
+            raise UsageError(
+                f"{spec.display_name} is a quantized checkpoint already "
+                f"({settings.get('quant_method')}); quantize: needs full-precision weights",
+                "quantize the full-precision model instead",
+            )
+        kwargs["quantization_config"] = on_the_fly_config(spec.quantize)
+        if kwargs["dtype"] == "auto":
+            kwargs["dtype"] = torch.float32
+        kwargs.setdefault("device_map", str(device))
+        return on_the_fly_quantization(spec.quantize)
+    if settings is not None:
+        kwargs.setdefault("device_map", str(device))
+        return checkpoint_quantization(settings)
+    return None
 
 
 def _apply_adapter(model: Any, spec: ModelSpec) -> Any:
@@ -563,7 +699,7 @@ def weights_identity(spec: ModelSpec) -> dict[str, Any]:
     if _is_local(spec):
         directory = Path(spec.model).expanduser()
         _check_pickle_policy(spec, directory)
-        files = _weight_files(directory)
+        files = _model_files(spec, directory)
         if not files:
             raise ModelLoadError(
                 f"model directory '{spec.model}' holds no weight files",
@@ -572,6 +708,10 @@ def weights_identity(spec: ModelSpec) -> dict[str, Any]:
         info["weights_sha256"] = fingerprint_files(files)
     else:
         info["resolved_revision"] = getattr(model_config(spec), "_commit_hash", None)
+    if spec.gguf_file:
+        info["gguf_file"] = spec.gguf_file
+    if spec.quantize:
+        info["quantize"] = spec.quantize.model_dump()
     if spec.adapter:
         _check_adapter_policy(spec, Path(spec.adapter).expanduser())
         info["adapter_sha256"] = adapter_fingerprint(spec)
@@ -592,10 +732,14 @@ def _same_model_name(a: str, b: str) -> bool:
     return a.rstrip("/").split("/")[-1] == b.rstrip("/").split("/")[-1]
 
 
-def describe_model(loaded: LoadedModel, source: str, local: bool) -> dict[str, Any]:
-    """Provenance of a loaded model: source, resolved revision or content hash, dtype, size."""
+def describe_model(
+    loaded: LoadedModel, source: str, local: bool, quantization: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Provenance of a loaded model: source, resolved revision or content hash, dtype, size,
+    and for a quantized model its method, scheme, bits, group size and real weight bytes."""
     model = loaded.model
-    params = sum(p.numel() for p in model.parameters())
+    storage = weight_storage(model)
+    params = storage["weights"]
     info: dict[str, Any] = {
         "label": loaded.label,
         "model": loaded.spec.model,
@@ -611,9 +755,18 @@ def describe_model(loaded: LoadedModel, source: str, local: bool) -> dict[str, A
         "adapter_sha256": adapter_fingerprint(loaded.spec),
         "group": loaded.spec.group,
         "step": loaded.spec.step,
+        "quantization": None,
+        "weight_bytes": storage["weight_bytes"],
+        "bits_per_weight": storage["bits_per_weight"],
+        "size_source": storage["size_source"],
     }
+    if quantization is not None:
+        sizes = ("weight_bytes", "weights", "bits_per_weight", "size_source")
+        info["quantization"] = {k: v for k, v in quantization.items() if k not in sizes}
+        if quantization.get("weight_bytes") is not None:  # GGUF: the file's tensors, as stored
+            info |= {k: quantization[k] for k in sizes if k != "weights"}
     if local:
-        files = _weight_files(Path(source))
+        files = _model_files(loaded.spec, Path(source))
         info["path"] = str(Path(source).resolve())
         info["weights_sha256"] = fingerprint_files(files) if files else None
         info["bytes_on_disk"] = int(sum(p.stat().st_size for p in files))

@@ -7,7 +7,8 @@ unknown key is an error, never silently ignored.
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,6 +20,91 @@ class StrictModel(BaseModel):
     """Base for every options model: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+QuantMethod = Literal["torchao", "bitsandbytes", "quanto"]
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """What a quantization scheme stores: bits per weight and the group sizes it accepts."""
+
+    bits: int
+    group_sizes: tuple[int, ...] = ()
+    default_group: int | None = None  # None: one scale per output channel (or per tensor)
+    summary: str = ""
+
+
+#: The on-the-fly schemes lmkl knows, per method (built in :mod:`lmkl.quantization`). All of them
+#: run on CPU with the CPU builds of torchao, bitsandbytes and optimum-quanto.
+QUANT_SCHEMES: dict[str, dict[str, QuantScheme]] = {
+    "torchao": {
+        "int8_weight_only": QuantScheme(8, summary="int8 weights, per-channel scales"),
+        "int8_dynamic": QuantScheme(8, summary="int8 weights and per-token int8 activations"),
+        "int4_weight_only": QuantScheme(
+            4, (32, 64, 128, 256), 32, "int4 weights, one scale per group"
+        ),
+        "int8_dynamic_int4": QuantScheme(
+            4, (32, 64, 128, 256), 32, "int4 weights by group, int8 activations"
+        ),
+        "float8_weight_only": QuantScheme(8, summary="float8 (e4m3) weights"),
+    },
+    "bitsandbytes": {
+        "int8": QuantScheme(8, summary="LLM.int8() weights"),
+        "nf4": QuantScheme(4, default_group=64, summary="NormalFloat4, blocks of 64"),
+        "fp4": QuantScheme(4, default_group=64, summary="FP4, blocks of 64"),
+    },
+    "quanto": {
+        "int8": QuantScheme(8, summary="int8 weights, per-channel scales"),
+        "int4": QuantScheme(4, default_group=128, summary="int4 weights, groups of 128"),
+        "int2": QuantScheme(2, default_group=128, summary="int2 weights, groups of 128"),
+        "float8": QuantScheme(8, summary="float8 (e4m3) weights"),
+    },
+}
+
+
+class QuantizeSpec(StrictModel):
+    """Quantize a model while loading it (the candidate is derived from full-precision weights).
+
+    ``scheme`` names a scheme of the method (see :data:`lmkl.quantization.SCHEMES`), e.g.
+    torchao ``int8_weight_only``, ``int4_weight_only``; bitsandbytes ``nf4``; quanto ``int4``.
+    """
+
+    method: QuantMethod = Field(description="torchao, bitsandbytes or quanto.")
+    scheme: str = Field(min_length=1, description="The method's scheme, e.g. int8_weight_only.")
+    group_size: int | None = Field(
+        None, ge=1, description="Weights per scale, for schemes with groups (e.g. 32, 64, 128)."
+    )
+
+    @model_validator(mode="after")
+    def _check_scheme(self) -> QuantizeSpec:
+        schemes = QUANT_SCHEMES[self.method]
+        scheme = schemes.get(self.scheme)
+        if scheme is None:
+            raise ValueError(
+                f"{self.method} has no scheme '{self.scheme}'; known: {', '.join(schemes)}"
+            )
+        if self.group_size is not None and not scheme.group_sizes:
+            raise ValueError(f"{self.method} {self.scheme} has no group size")
+        if self.group_size is not None and self.group_size not in scheme.group_sizes:
+            sizes = ", ".join(map(str, scheme.group_sizes))
+            raise ValueError(f"{self.method} {self.scheme} takes group_size {sizes}")
+        return self
+
+    @property
+    def bits(self) -> int:
+        """Bits per quantized weight, before scales."""
+        return QUANT_SCHEMES[self.method][self.scheme].bits
+
+    @property
+    def effective_group_size(self) -> int | None:
+        """The group size used: the given one, else the scheme's default (None: per channel)."""
+        return self.group_size or QUANT_SCHEMES[self.method][self.scheme].default_group
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. ``torchao-int4_weight_only-g32``."""
+        return f"{self.method}-{self.scheme}" + (f"-g{self.group_size}" if self.group_size else "")
 
 
 class ModelSpec(StrictModel):
@@ -45,13 +131,38 @@ class ModelSpec(StrictModel):
     allow_pickle: bool = Field(
         False, description="Allow pickle-based weight files (.bin/.pt), which can run code on load."
     )
+    gguf_file: str | None = Field(
+        None,
+        description="GGUF file inside the model's directory or hub repo (loaded through "
+        "transformers, dequantized). A model path ending in .gguf sets it by itself.",
+    )
+    quantize: QuantizeSpec | None = Field(
+        None, description="Quantize the weights while loading (method, scheme, group size)."
+    )
     group: str | None = Field(None, description="Free-form group for reports (e.g. 'students').")
     params: int | None = Field(None, ge=0, description="Parameter count, if known in advance.")
     step: int | None = Field(None, ge=0, description="Training step, for checkpoint series.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _split_gguf_path(cls, data: Any) -> Any:
+        # "dir/model-Q4_K_M.gguf" means: the directory, and that file in it (transformers' form).
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, str) and model.lower().endswith(".gguf") and not data.get("gguf_file"):
+            head, _, name = model.rstrip("/").rpartition("/")
+            data = {**data, "model": head or ".", "gguf_file": name}
+        return data
+
     @property
     def display_name(self) -> str:
-        return self.label or self.model.rstrip("/").split("/")[-1] or self.model
+        if self.label:
+            return self.label
+        name = self.model.rstrip("/").split("/")[-1] or self.model
+        if self.gguf_file:
+            name = self.gguf_file.rsplit("/", 1)[-1].removesuffix(".gguf")
+        if self.quantize:
+            name = f"{name}-{self.quantize.name}"
+        return name
 
 
 class DataSpec(StrictModel):

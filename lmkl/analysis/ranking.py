@@ -37,7 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from lmkl.analysis.metrics import lookup
+from lmkl.analysis.metrics import lookup, rank_metrics
+
+#: Sizes a candidate can be placed by on the Pareto front: parameter count, bytes of the weight
+#: files, parameters × dtype bytes, real bytes of the weights as loaded (quantized storage
+#: included), and bits per weight (8 · weight_bytes / weights).
+SIZE_KEYS = ("parameters", "disk_bytes", "memory_bytes", "weight_bytes", "bits_per_weight")
 
 #: Resamples × documents drawn per block (bounds memory: ~8 bytes × this, a few times over).
 _BLOCK_ELEMENTS = 1 << 22
@@ -312,7 +317,7 @@ def rank(
             "value": float(observed[i]),
             "ci": interval(samples[:, i], confidence),
             "se_bootstrap": _nanstd(samples[:, i]),
-            "size": {key: info.get(key) for key in ("parameters", "disk_bytes", "memory_bytes")},
+            "size": {key: info.get(key) for key in SIZE_KEYS},
             "pareto": front[i],
             "vs_next": paired(i, order[r + 1]) if r + 1 < k else None,
         }
@@ -437,3 +442,84 @@ def checkpoint_series(
             }
         )
     return out
+
+
+def metric_values(columns: dict[str, np.ndarray], metric: str) -> np.ndarray:
+    """Per-token values of a rank metric from a candidate's token columns; NaN where the
+    logits were not finite (those tokens are left out of every mean)."""
+    column = rank_metrics()[metric].column
+    if column == "ln_ppl_ratio":
+        values = columns["nll_candidate"] - columns["nll_reference"]
+    else:
+        values = columns[column].astype(np.float64)
+    values = np.asarray(values, dtype=np.float64).copy()
+    values[np.asarray(columns["nonfinite"], dtype=bool)] = np.nan
+    return values
+
+
+def candidate_sizes(model: dict[str, Any], params: int | None = None) -> dict[str, Any]:
+    """The sizes of :data:`SIZE_KEYS` from a model description (results.json ``model``)."""
+    count = params if params is not None else model.get("parameters")
+    itemsize = _ITEMSIZE.get(str(model.get("dtype")))
+    quantized = model.get("quantization") is not None
+    return {
+        "parameters": count,
+        "disk_bytes": model.get("bytes_on_disk"),
+        # parameters × dtype bytes says nothing of a quantized model: its real bytes do.
+        "memory_bytes": model.get("weight_bytes")
+        if quantized
+        else (model.get("parameters") * itemsize if model.get("parameters") and itemsize else None),
+        "weight_bytes": model.get("weight_bytes"),
+        "bits_per_weight": model.get("bits_per_weight"),
+    }
+
+
+_ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
+
+
+def default_size_key(models: Sequence[dict[str, Any]]) -> str:
+    """bits_per_weight when any candidate is quantized (all share one parameter count), else
+    parameters."""
+    if any(m.get("quantization") is not None for m in models):
+        return "bits_per_weight"
+    return "parameters"
+
+
+def rank_one_run(
+    columns: dict[str, dict[str, np.ndarray]],
+    models: dict[str, dict[str, Any]],
+    *,
+    unit_column: str = "doc_id",
+    metric: str = "kl.mean",
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The ``ranking`` of the candidates of one comparison (one dataset): ``columns[label]`` are
+    a candidate's token columns, all on identical tokens; ``models[label]`` its description.
+    Documents (or llama-cpp chunks, ``unit_column="window_id"``) are the bootstrap units."""
+    labels = list(columns)
+    first = columns[labels[0]]
+    _, doc_index = np.unique(first[unit_column], return_inverse=True)
+    n_units = int(doc_index.max()) + 1 if doc_index.size else 0
+    size_key = default_size_key([models[label] for label in labels])
+    info = [
+        {**candidate_sizes(models[label]), "metrics": None, "index": i}
+        for i, label in enumerate(labels)
+    ]
+    return rank(
+        RankingInput(
+            labels=labels,
+            values=np.stack([metric_values(columns[label], metric) for label in labels]),
+            doc_index=doc_index,
+            strata=[n_units],
+            dataset_labels=["data"],
+            weights=[1.0],
+            info=info,
+        ),
+        metric,
+        rank_metrics()[metric].higher_is_better,
+        resamples=resamples,
+        seed=seed,
+        size_key=size_key,
+        unit="chunk" if unit_column == "window_id" else "document",
+    )

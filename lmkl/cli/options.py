@@ -327,24 +327,97 @@ def model_spec(model: str, options: dict[str, Any], **fields: Any) -> Any:
 
 
 def model_pair(reference: str, candidate: str, options: dict[str, Any]) -> tuple[Any, Any]:
-    """Reference and candidate ModelSpecs from the shared model options.
+    """Reference and candidate ModelSpecs from the shared model options (see
+    :func:`model_specs`)."""
+    ref_spec, (cand_spec,) = model_specs(reference, [candidate], options)
+    return ref_spec, cand_spec
+
+
+def model_specs(
+    reference: str,
+    candidates: list[str],
+    options: dict[str, Any],
+    *,
+    labels: list[str] | None = None,
+    gguf_files: list[str] | None = None,
+    quantize: list[str] | None = None,
+) -> tuple[Any, list[Any]]:
+    """The reference's ModelSpec and one per candidate, from the shared model options.
 
     ``--reference-dtype``/``--candidate-dtype`` override ``--dtype``; the adapter applies to the
-    candidate only. Two models with the same display name are relabelled
-    ``reference``/``candidate`` so tables stay readable.
+    named candidates. ``gguf_files`` pairs one GGUF file with each named candidate, in order;
+    each ``quantize`` entry (``method:scheme[:gN]``) adds a candidate quantized from the
+    reference; ``labels`` name the candidates in that order. A candidate whose display name is
+    the reference's is shown as ``candidate`` and the reference as ``reference``.
     """
+    from lmkl.errors import UsageError
+
     dtype = options["dtype"]
     ref_spec = model_spec(reference, options, dtype=(options.get("reference_dtype") or dtype).value)
-    cand_spec = model_spec(
-        candidate,
-        options,
-        dtype=(options.get("candidate_dtype") or dtype).value,
-        adapter=options.get("adapter"),
-    )
-    if ref_spec.display_name == cand_spec.display_name:
+    cand_dtype = (options.get("candidate_dtype") or dtype).value
+    if gguf_files and len(gguf_files) != len(candidates):
+        raise UsageError(
+            f"{len(gguf_files)} --gguf-file values for {len(candidates)} candidates",
+            "give one --gguf-file per candidate, in the candidates' order",
+        )
+    specs = [
+        model_spec(
+            name,
+            options,
+            dtype=cand_dtype,
+            adapter=options.get("adapter"),
+            **({"gguf_file": gguf_files[i]} if gguf_files else {}),
+        )
+        for i, name in enumerate(candidates)
+    ]
+    for entry in quantize or []:
+        q = parse_quantize(entry)
+        specs.append(model_spec(reference, options, dtype=cand_dtype, quantize=q, label=q.name))
+    if labels:
+        if len(labels) > len(specs):
+            raise UsageError(
+                f"{len(labels)} --label values for {len(specs)} candidates",
+                "give at most one --label per candidate, in order",
+            )
+        specs = [
+            s.model_copy(update={"label": labels[i]}) if i < len(labels) else s
+            for i, s in enumerate(specs)
+        ]
+    if len(specs) == 1 and specs[0].display_name == ref_spec.display_name:
+        specs[0] = specs[0].model_copy(update={"label": "candidate"})
+    if any(s.display_name == ref_spec.display_name for s in specs):
         ref_spec = ref_spec.model_copy(update={"label": "reference"})
-        cand_spec = cand_spec.model_copy(update={"label": "candidate"})
-    return ref_spec, cand_spec
+    return ref_spec, specs
+
+
+def parse_quantize(entry: str) -> Any:
+    """``torchao:int8_weight_only`` or ``torchao:int4_weight_only:g32`` as a QuantizeSpec."""
+    from pydantic import ValidationError
+
+    from lmkl.errors import UsageError
+    from lmkl.specs import QUANT_SCHEMES, QuantizeSpec
+
+    parts = entry.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UsageError(
+            f"--quantize '{entry}' is not METHOD:SCHEME[:gGROUP]",
+            "e.g. --quantize torchao:int8_weight_only or --quantize torchao:int4_weight_only:g32",
+        )
+    group = None
+    if len(parts) == 3:
+        digits = parts[2].removeprefix("g")
+        if not digits.isdigit():
+            raise UsageError(
+                f"--quantize '{entry}': group '{parts[2]}' is not a number",
+                "write the group size as g32, g64, g128...",
+            )
+        group = int(digits)
+    try:
+        return QuantizeSpec(method=parts[0], scheme=parts[1], group_size=group)
+    except ValidationError as exc:
+        known = "; ".join(f"{m}: {', '.join(s)}" for m, s in QUANT_SCHEMES.items())
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(f"--quantize '{entry}': {reason}", f"known schemes: {known}") from exc
 
 
 def compute_spec(options: dict[str, Any], **fields: Any) -> Any:

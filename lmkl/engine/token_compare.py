@@ -384,6 +384,25 @@ class TokenComparison:
         return part
 
     # -- summarize -------------------------------------------------------------------------------
+    def _ranking(self, table: Any, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """With several candidates, one leaderboard: ranked by mean KL with document-bootstrap
+        CIs (llama-cpp chunks as units), paired differences and a Pareto set by size."""
+        if len(entries) < 2 or self.topk:
+            return None
+        from lmkl.analysis.ranking import rank_one_run
+
+        columns = {}
+        for entry in entries:
+            cols = candidate_columns(table, entry["label"])
+            order = np.lexsort((cols["window_pos"], cols["window_id"]))
+            columns[entry["label"]] = {k: v[order] for k, v in cols.items()}
+        return rank_one_run(
+            columns,
+            {e["label"]: e["model"] for e in entries},
+            unit_column="window_id" if self.windows.windowing == "llama-cpp" else "doc_id",
+            seed=self.compute.seed,
+        )
+
     def summarize(self, run_dir: RunDirectory, totals: dict[str, float]) -> Summary:
         sidecars = [run_dir.read_sidecar(i) or {} for i in run_dir.completed_indices()]
         # This process's own descriptions win; others' (ranks, an earlier resumed process) fill
@@ -406,6 +425,7 @@ class TokenComparison:
             if self.topk:
                 entry["metrics"]["kl_bounds"] = _bounds(table, label)
             entries.append(entry)
+        ranking = self._ranking(table, entries)
         scored = sum(w.num_targets for w in self.window_list)
         reference = self.cache.description if self.cache else self.ref_model.description
         body: dict[str, Any] = {
@@ -435,6 +455,8 @@ class TokenComparison:
                 "kernel": "topk-bounds" if self.topk else self.kernel.backend,
             },
         }
+        if ranking is not None:
+            body["ranking"] = ranking
         if self.cache is not None:
             body["reference_cache"] = self.cache.summary()
         seconds = totals["seconds"]

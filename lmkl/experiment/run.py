@@ -49,8 +49,6 @@ LogCallback = Callable[[str], None]
 #: ``(dataset label, tokens done, tokens total)``
 ProgressCallback = Callable[[str, int, int], None]
 
-_ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
-
 
 @dataclass
 class ExperimentOutcome:
@@ -445,30 +443,10 @@ def _candidate_tokens(sub: Path, label: str) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in columns.items()}
 
 
-def _rank_values(columns: dict[str, np.ndarray], metric: str) -> np.ndarray:
-    column = rank_metrics()[metric].column
-    if column == "ln_ppl_ratio":
-        values = columns["nll_candidate"] - columns["nll_reference"]
-    else:
-        values = columns[column].astype(np.float64)
-    values = np.asarray(values, dtype=np.float64).copy()
-    values[np.asarray(columns["nonfinite"], dtype=bool)] = np.nan
-    return values
-
-
 def _size(entry: dict[str, Any], spec: ModelSpec | None) -> dict[str, Any]:
-    model = entry.get("model") or {}
-    params = (
-        spec.params if spec is not None and spec.params is not None else model.get("parameters")
-    )
-    itemsize = _ITEMSIZE.get(str(model.get("dtype")))
-    return {
-        "parameters": params,
-        "disk_bytes": model.get("bytes_on_disk"),
-        "memory_bytes": model.get("parameters") * itemsize
-        if model.get("parameters") is not None and itemsize
-        else None,
-    }
+    from lmkl.analysis.ranking import candidate_sizes
+
+    return candidate_sizes(entry.get("model") or {}, spec.params if spec is not None else None)
 
 
 def combine(
@@ -480,7 +458,7 @@ def combine(
 ) -> dict[str, Any]:
     """The top-level results.json from the datasets' sub-runs (see the module docstring)."""
     from lmkl.analysis.gates import gates_report, metric_value
-    from lmkl.analysis.ranking import RankingInput, rank
+    from lmkl.analysis.ranking import RankingInput, metric_values, rank
     from lmkl.analysis.stats import summarize
     from lmkl.engine.results import SCHEMA_VERSION
     from lmkl.environment import versions as _versions
@@ -533,7 +511,7 @@ def combine(
     candidates, values, info = [], [], []
     for i, cand in enumerate(config.candidates):
         cols = pooled(cand.label)
-        values.append(_rank_values(cols, metric))
+        values.append(metric_values(cols, metric))
         first_entry = _entry(sub_results[0], cand.label)
         entry: dict[str, Any] = {
             "label": cand.label,
@@ -565,7 +543,7 @@ def combine(
     noise_entry = None
     if config.noise_floor.enabled:
         cols = pooled(NOISE_FLOOR_LABEL)
-        noise = _rank_values(cols, metric)
+        noise = metric_values(cols, metric)
         noise_entry = {
             "label": NOISE_FLOOR_LABEL,
             **noise_floor_method(config.noise_floor, config.seed),

@@ -47,7 +47,7 @@ NOISE_FLOOR_LABEL = "noise-floor"
 #: a per-token mean, so a bootstrap over documents can resample it as a ratio of per-document
 #: sums and counts. ``ln_ppl_ratio.mean`` uses nll_candidate − nll_reference per token.
 RankMetric = Literal[tuple(rank_metrics())]  # type: ignore[valid-type]
-SizeKey = Literal["parameters", "disk_bytes", "memory_bytes"]
+SizeKey = Literal["parameters", "disk_bytes", "memory_bytes", "weight_bytes", "bits_per_weight"]
 
 
 class CandidateSpec(ModelSpec):
@@ -99,7 +99,10 @@ class RankingSpec(StrictModel):
     size: SizeKey = Field(
         "parameters",
         description="Size used for the Pareto set: parameters, disk_bytes (weight "
-        "files) or memory_bytes (parameters × bytes per parameter of the loaded dtype).",
+        "files), memory_bytes (parameters × bytes per parameter of the loaded dtype; real "
+        "bytes for a quantized model), weight_bytes (real bytes of the weights as loaded or, "
+        "for GGUF, as stored) or bits_per_weight (8 × weight_bytes / weights; the axis of a "
+        "quantization study).",
     )
 
 

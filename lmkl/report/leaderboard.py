@@ -19,6 +19,8 @@ def _size(size: dict[str, Any] | None, key: str) -> str:
     """A candidate's size (parameters or bytes) from a ranking row."""
     if not size or size.get(key) is None:
         return "–"
+    if key == "bits_per_weight":
+        return f"{size[key]:.2f} bpw"
     return parameters(size[key]) if key == "parameters" else byte_size(size[key])
 
 

@@ -1,4 +1,5 @@
-"""``lmkl compare REFERENCE CANDIDATE --data DATA``: one candidate against one reference."""
+"""``lmkl compare REFERENCE CANDIDATE [CANDIDATE ...] --data DATA``: candidates against one
+reference, the reference run once per batch for all of them, one leaderboard at the end."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from lmkl.cli.options import (
     compute_spec,
     data_spec,
     given,
-    model_pair,
+    model_specs,
     window_spec,
     with_options,
 )
@@ -47,6 +48,34 @@ ScoreOnOpt = Annotated[
         help="Chat data (a messages column): score the assistant tokens (default) or "
         "all tokens of the rendered conversation.",
         rich_help_panel=DATA,
+    ),
+]
+LabelOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--label",
+        help="Name of a candidate in tables (repeatable: one per candidate, in order; "
+        "default: from the model name, GGUF file or scheme).",
+        rich_help_panel=MODELS,
+    ),
+]
+GgufFileOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--gguf-file",
+        help="GGUF file in the candidate's directory or hub repo (repeatable: one per "
+        "candidate, in order). A candidate path ending in .gguf needs none.",
+        rich_help_panel=MODELS,
+    ),
+]
+QuantizeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--quantize",
+        help="Add a candidate: the reference quantized while loading, METHOD:SCHEME[:gGROUP] "
+        "(repeatable), e.g. torchao:int8_weight_only, torchao:int4_weight_only:g32, "
+        "bitsandbytes:nf4, quanto:int4. Needs lmkl[quant].",
+        rich_help_panel=MODELS,
     ),
 ]
 DifferentTokenizersOpt = Annotated[
@@ -78,7 +107,17 @@ def compare(
             help="Reference model P: hub id, local directory, or a reference cache (`lmkl cache`)."
         ),
     ],
-    candidate: Annotated[str, typer.Argument(help="Candidate model Q: hub id or local directory.")],
+    candidates: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Candidate models Q: hub ids, local directories or .gguf files (optional with "
+            "--quantize).",
+            show_default=False,
+        ),
+    ] = None,
+    label: LabelOpt = None,
+    gguf_file: GgufFileOpt = None,
+    quantize: QuantizeOpt = None,
     score_on: ScoreOnOpt = None,
     device_map: DeviceMapOpt = None,
     adapter: AdapterOpt = None,
@@ -89,7 +128,7 @@ def compare(
     fail_below: FailBelowOpt = None,
     **options: Any,
 ) -> None:
-    """Compare CANDIDATE with REFERENCE token by token: KL both ways, JSD, PPL, agreement."""
+    """Compare each CANDIDATE with REFERENCE token by token: KL both ways, JSD, PPL, agreement."""
     apply_offline(options["offline"])
     import lmkl.api
     from lmkl.analysis.gates import (
@@ -115,8 +154,24 @@ def compare(
             "drop the gates or compare models that share a tokenizer",
         )
     options |= {"device_map": device_map, "adapter": adapter}
-    ref_spec, cand_spec = model_pair(reference, candidate, options)
+    if not candidates and not quantize:
+        raise UsageError(
+            "no candidate given", "name a candidate model after the reference, or pass --quantize"
+        )
     cached = is_cache_dir(reference)
+    if cached and quantize:
+        raise UsageError(
+            "--quantize derives candidates from the reference model, but the reference is a cache",
+            "pass the reference model itself",
+        )
+    ref_spec, cand_specs = model_specs(
+        reference,
+        candidates or [],
+        options,
+        labels=label,
+        gguf_files=gguf_file,
+        quantize=quantize,
+    )
     data = None
     if options["data"] is not None or not cached:
         data = data_spec(options, score_on=score_on.value if score_on else None)
@@ -128,7 +183,7 @@ def compare(
     with TokenProgress(quiet or not is_main_process()) as progress:
         run = lmkl.api.compare(
             ref_spec,
-            [cand_spec],
+            cand_specs,
             data,
             windows=windows,
             compute=compute_spec(options, temperature=temperature, compile=compile),

@@ -1,0 +1,319 @@
+"""Quantized candidates: build on-the-fly quantization configs, check backends, measure sizes.
+
+Three kinds of quantized model reach lmkl, all through ``transformers``:
+
+* **on the fly**: a full-precision checkpoint quantized while loading
+  (:class:`~lmkl.specs.QuantizeSpec` → a transformers ``quantization_config``);
+* **pre-quantized checkpoints**: ``config.json`` carries a ``quantization_config``
+  (compressed-tensors, GPTQ, AWQ, bitsandbytes, torchao, quanto, FP8...), loaded by the backend
+  package that transformers names for it;
+* **GGUF files**: llama.cpp's format, dequantized by transformers' GGUF loader.
+
+The size axis of a quantization study is the real storage of the weights, not the parameter
+count (the same for every quantization of one model): :func:`weight_storage` adds up the bytes
+of the tensors a quantized model holds (packed data, scales and zero points of tensor
+subclasses included), and :func:`gguf_storage` reads a GGUF file's tensor table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmkl.errors import ModelLoadError
+from lmkl.specs import QUANT_SCHEMES, QuantizeSpec
+
+#: Extra that installs every CPU backend lmkl is tested with.
+QUANT_EXTRA = "pip install 'lmkl[quant]'"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a quantization format needs: an importable package, its pip name, a device."""
+
+    module: str
+    install: str
+    needs_cuda: bool = False
+
+
+#: On-the-fly methods (``quantize: {method: ...}``).
+METHOD_BACKENDS: dict[str, Backend] = {
+    "torchao": Backend("torchao", QUANT_EXTRA),
+    "bitsandbytes": Backend("bitsandbytes", QUANT_EXTRA),
+    "quanto": Backend("optimum.quanto", QUANT_EXTRA),
+}
+
+#: Pre-quantized checkpoints, by ``quantization_config.quant_method``. ``needs_cuda`` marks the
+#: formats whose kernels exist only for NVIDIA GPUs in the backend's current release.
+CHECKPOINT_BACKENDS: dict[str, Backend] = {
+    "compressed-tensors": Backend("compressed_tensors", "pip install compressed-tensors"),
+    "torchao": Backend("torchao", QUANT_EXTRA),
+    "bitsandbytes": Backend("bitsandbytes", QUANT_EXTRA),
+    "quanto": Backend("optimum.quanto", QUANT_EXTRA),
+    "gptq": Backend("gptqmodel", "pip install gptqmodel"),
+    "awq": Backend("gptqmodel", "pip install gptqmodel"),
+    "hqq": Backend("hqq", "pip install hqq"),
+    "fp8": Backend("torch", "a CUDA build of torch", needs_cuda=True),
+    "fbgemm_fp8": Backend("fbgemm_gpu", "pip install fbgemm-gpu", needs_cuda=True),
+    "eetq": Backend("eetq", "pip install eetq", needs_cuda=True),
+    "aqlm": Backend("aqlm", "pip install aqlm", needs_cuda=True),
+    "vptq": Backend("vptq", "pip install vptq", needs_cuda=True),
+    "higgs": Backend("flute", "pip install flute-kernel", needs_cuda=True),
+    "spqr": Backend("spqr_quant", "pip install spqr_quant", needs_cuda=True),
+    "bitnet": Backend("torch", "torch"),
+}
+GGUF_BACKEND = Backend("gguf", "pip install 'lmkl[gguf]'")
+
+
+def package_available(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a broken install
+        return False
+
+
+def require(backend: Backend, what: str) -> None:
+    """One-line :class:`ModelLoadError` naming what to install when ``backend`` is missing."""
+    if not package_available(backend.module):
+        raise ModelLoadError(
+            f"{what} needs the '{backend.module.split('.')[0]}' package, which is not installed",
+            backend.install,
+        )
+
+
+def _check_device(backend: Backend, what: str, device: Any) -> None:
+    if backend.needs_cuda and getattr(device, "type", str(device)) != "cuda":
+        raise ModelLoadError(
+            f"{what} runs only on an NVIDIA GPU (CUDA) and this run is on {device}",
+            "run on a machine with a CUDA GPU (--device cuda), or compare another format",
+        )
+
+
+def quiet_backend_logs() -> None:
+    """Silence the import-time notices of quantization backends (torchao lists every CUDA
+    kernel library it cannot load on a CPU machine; torch warns about torchao's enums)."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "optimum.quanto", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def on_the_fly_config(spec: QuantizeSpec) -> Any:
+    """The transformers ``quantization_config`` that applies ``spec`` while loading."""
+    require(METHOD_BACKENDS[spec.method], f"quantizing with {spec.method}")
+    quiet_backend_logs()
+    import torch
+    import transformers
+
+    group = spec.effective_group_size
+    if spec.method == "torchao":
+        from torchao.quantization import (
+            Float8WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8DynamicActivationIntxWeightConfig,
+            Int8WeightOnlyConfig,
+            IntxWeightOnlyConfig,
+        )
+        from torchao.quantization.granularity import PerGroup
+
+        # int4 through the Intx configs: torchao's Int4WeightOnlyConfig has packed kernels for
+        # CUDA only, while Intx int4 runs everywhere and stores the same 4-bit grid per group.
+        config = {
+            "int8_weight_only": lambda: Int8WeightOnlyConfig(),
+            "int8_dynamic": lambda: Int8DynamicActivationInt8WeightConfig(),
+            "int4_weight_only": lambda: IntxWeightOnlyConfig(
+                weight_dtype=torch.int4, granularity=PerGroup(group)
+            ),
+            "int8_dynamic_int4": lambda: Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int4, weight_granularity=PerGroup(group)
+            ),
+            "float8_weight_only": lambda: Float8WeightOnlyConfig(),
+        }[spec.scheme]()
+        return transformers.TorchAoConfig(config)
+    if spec.method == "bitsandbytes":
+        if spec.scheme == "int8":
+            return transformers.BitsAndBytesConfig(load_in_8bit=True)
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec.scheme,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    return transformers.QuantoConfig(weights=spec.scheme)
+
+
+def check_checkpoint_backend(config: Any, device: Any, name: str) -> dict[str, Any] | None:
+    """For a pre-quantized checkpoint (a ``quantization_config`` in its config): check that its
+    backend is installed and its device is there, before transformers tries; return the
+    quantization settings as a dict (None for a full-precision checkpoint)."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return None
+    settings = quant if isinstance(quant, dict) else quant.to_dict()
+    method = str(settings.get("quant_method", "unknown"))
+    method = method.split(".")[-1].lower().replace("_", "-") if "." in method else method
+    backend = CHECKPOINT_BACKENDS.get(method) or CHECKPOINT_BACKENDS.get(method.replace("-", "_"))
+    what = f"{name} (a {method} checkpoint)"
+    if backend is not None:
+        require(backend, what)
+        _check_device(backend, what, device)
+    quiet_backend_logs()
+    return settings
+
+
+def checkpoint_quantization(settings: dict[str, Any]) -> dict[str, Any]:
+    """Method, bits and group size from a checkpoint's ``quantization_config`` (best effort:
+    each format spells them differently; unknown fields stay None)."""
+    method = str(settings.get("quant_method", "unknown"))
+    bits = settings.get("bits") or settings.get("nbits") or settings.get("w_bit")
+    group = settings.get("group_size") or settings.get("q_group_size")
+    if settings.get("load_in_4bit"):
+        bits, group = 4, settings.get("bnb_4bit_blocksize", 64)
+    elif settings.get("load_in_8bit"):
+        bits = 8
+    weights = settings.get("weights")  # quanto: "int4", "float8"...
+    if bits is None and isinstance(weights, str):
+        bits = _bits_in(weights)
+    # compressed-tensors: config_groups → {group: {weights: {num_bits, group_size, strategy}}}
+    for group_config in (settings.get("config_groups") or {}).values():
+        weight_args = (group_config or {}).get("weights") or {}
+        bits = bits or weight_args.get("num_bits")
+        group = group or weight_args.get("group_size")
+    scheme = settings.get("format") or settings.get("quant_type") or weights
+    if isinstance(scheme, dict):  # torchao: {"default": {"_type": "Int8WeightOnlyConfig", ...}}
+        scheme = next(iter(scheme.values()), {}).get("_type") if scheme else None
+    return {
+        "kind": "checkpoint",
+        "method": method,
+        "scheme": str(scheme) if scheme else None,
+        "bits": int(bits) if isinstance(bits, int | float) else None,
+        "group_size": int(group) if isinstance(group, int | float) and group > 0 else None,
+    }
+
+
+def _bits_in(name: str) -> int | None:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return int(digits) if digits else None
+
+
+def on_the_fly_quantization(spec: QuantizeSpec) -> dict[str, Any]:
+    """The provenance of an on-the-fly quantization, for the model description."""
+    return {
+        "kind": "on-the-fly",
+        "method": spec.method,
+        "scheme": spec.scheme,
+        "bits": spec.bits,
+        "group_size": spec.effective_group_size,
+        "summary": QUANT_SCHEMES[spec.method][spec.scheme].summary,
+    }
+
+
+def _tensor_bytes(tensor: Any, seen: set[int]) -> int:
+    """Bytes a tensor really holds: the inner tensors of a subclass (packed data, scales, zero
+    points), the quantization state of a bitsandbytes parameter; shared storage counted once."""
+    import torch
+
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) is not torch.Tensor:
+        try:
+            names, _ = tensor.__tensor_flatten__()
+        except Exception:  # an odd subclass: count it as a plain tensor
+            names = []
+        if names:
+            return sum(_tensor_bytes(getattr(tensor, n), seen) for n in names)
+    total = 0
+    if isinstance(tensor, torch.Tensor):
+        try:
+            key = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            key = id(tensor)
+        if key not in seen or key == 0:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)  # bitsandbytes 4-bit: absmax, code, offsets
+    if state is not None:
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                total += _tensor_bytes(value, seen)
+            elif hasattr(value, "absmax"):  # nested (double-quantized) state
+                inner = [v for v in vars(value).values() if isinstance(v, torch.Tensor)]
+                total += sum(_tensor_bytes(v, seen) for v in inner)
+    scb = getattr(tensor, "SCB", None)  # bitsandbytes 8-bit: per-row scales
+    if isinstance(scb, torch.Tensor):
+        total += _tensor_bytes(scb, seen)
+    return total
+
+
+def weight_storage(model: Any) -> dict[str, Any]:
+    """Bytes of the weights as loaded, their logical element count, and bits per weight.
+
+    Parameters and buffers are counted (a quantized linear keeps its scales in either); a
+    linear layer's logical size is ``in × out`` whatever its packing, so bits per weight is
+    ``8 · bytes / weights`` over the whole model, like llama.cpp's BPW of a file.
+    """
+    seen: set[int] = set()
+    total_bytes, weights = 0, 0
+    for module in model.modules():
+        rows, cols = getattr(module, "out_features", None), getattr(module, "in_features", None)
+        parameters = dict(module.named_parameters(recurse=False))
+        for name, tensor in [*parameters.items(), *module.named_buffers(recurse=False)]:
+            if tensor is None:
+                continue
+            size = _tensor_bytes(tensor, seen)
+            if size == 0:
+                continue  # shared with a tensor already counted (tied embeddings)
+            total_bytes += size
+            if name == "weight" and isinstance(rows, int) and isinstance(cols, int):
+                weights += rows * cols  # packed 4-bit weights report half their numel
+            elif name in parameters:
+                weights += tensor.numel()
+    return {
+        "weight_bytes": int(total_bytes),
+        "weights": int(weights),
+        "bits_per_weight": 8 * total_bytes / weights if weights else math.nan,
+        "size_source": "tensors in memory",
+    }
+
+
+def gguf_storage(path: Path) -> dict[str, Any]:
+    """A GGUF file's weights as stored: bytes and elements of its tensors, bits per weight, and
+    how many tensors of each type (e.g. ``{"Q4_0": 14, "F32": 5}``)."""
+    require(GGUF_BACKEND, f"GGUF file '{path.name}'")
+    from gguf import GGML_QUANT_SIZES, GGUFReader
+
+    reader = GGUFReader(str(path))
+    stored = sum(int(t.n_bytes) for t in reader.tensors)
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    field = reader.fields.get("general.file_type")
+    file_type = None
+    if field is not None:
+        from gguf import LlamaFileType
+
+        try:
+            file_type = LlamaFileType(int(field.parts[field.data[0]][0])).name
+            file_type = file_type.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            file_type = None
+    main_type = max(
+        (t for t in reader.tensors if len(t.shape) > 1),
+        key=lambda t: int(t.n_elements),
+        default=None,
+    )
+    block = GGML_QUANT_SIZES[main_type.tensor_type][0] if main_type is not None else 1
+    return {
+        "kind": "gguf",
+        "method": "gguf",
+        "scheme": file_type or (main_type.tensor_type.name if main_type else None),
+        "bits": None,  # GGUF types mix bits within a block (K-quants); see bits_per_weight
+        "group_size": block if block > 1 else None,
+        "tensor_types": dict(sorted(types.items())),
+        "weight_bytes": stored,
+        "weights": elements,
+        "bits_per_weight": 8 * stored / elements if elements else math.nan,
+        "size_source": "GGUF tensors",
+    }
