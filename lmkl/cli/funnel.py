@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from lmkl.cli.output import stderr
 from lmkl.errors import EXIT_RUNTIME, ConfigError, GateFailure, LmklError, LmklWarning
@@ -29,12 +30,15 @@ def debug_enabled() -> bool:
 def report_error(exc: BaseException) -> int:
     """Print one line (plus a fix) for ``exc`` and return the exit code to use."""
     if isinstance(exc, LmklError):
-        stderr.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
+        # Messages are plain text: "pip install 'lmkl[quant]'" is not rich markup.
+        stderr.print(
+            f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False, soft_wrap=True
+        )
         if isinstance(exc, ConfigError | GateFailure):
             for problem in exc.problems:
-                stderr.print(f"  {problem}", highlight=False, soft_wrap=True)
+                stderr.print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
         if exc.hint:
-            stderr.print(f"[bold]fix:[/bold] {exc.hint}", highlight=False, soft_wrap=True)
+            stderr.print(f"[bold]fix:[/bold] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         stderr.print(
@@ -45,7 +49,7 @@ def report_error(exc: BaseException) -> int:
         return EXIT_RUNTIME
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     stderr.print(
-        f"[bold red]error:[/bold red] internal error: {type(exc).__name__}: {first}",
+        f"[bold red]error:[/bold red] internal error: {type(exc).__name__}: {escape(first)}",
         highlight=False,
         soft_wrap=True,
     )
@@ -65,7 +69,9 @@ def _show_warning(
     """lmkl's own warnings as one line (``warning: ...``); others as Python prints them."""
     if issubclass(category, LmklWarning):
         stderr.print(
-            f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True
+            f"[bold yellow]warning:[/bold yellow] {escape(str(message))}",
+            highlight=False,
+            soft_wrap=True,
         )
     else:
         original(message, category, *args, **kwargs)

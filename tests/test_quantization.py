@@ -1,0 +1,452 @@
+"""Quantized candidates: GGUF files, on-the-fly quantization, pre-quantized checkpoints, the size
+axis, one-line errors for missing backends and devices, several candidates on the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from gguf_files import write_gguf
+from runtools import check_error, invoke
+from transformers import AutoModelForCausalLM
+
+gguf = pytest.importorskip("gguf")
+
+COMMON = ["--context-length", "64", "--stride", "32", "--batch-size", "4", "--quiet"]
+
+
+def compare(*args: object) -> tuple[int, str]:
+    """``lmkl compare`` in-process with the small-run options."""
+    return invoke(["compare", *(str(a) for a in args), *COMMON])
+
+
+def _kl(run: Path, label: str) -> np.ndarray:
+    table = pq.read_table(run / "tokens.parquet", filters=[("candidate", "==", label)])
+    order = np.lexsort((table["window_pos"].to_numpy(), table["window_id"].to_numpy()))
+    return table["kl"].to_numpy()[order].astype(np.float64)
+
+
+def _entries(run: Path) -> dict[str, dict]:
+    results = json.loads((run / "results.json").read_text())
+    return {c["label"]: c for c in results["candidates"]}
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tiny_pair, tmp_path_factory) -> dict[str, Path]:
+    """The tiny reference as GGUF files of four types, in one directory with the reference."""
+    root = tmp_path_factory.mktemp("gguf")
+    model = shutil.copytree(tiny_pair["reference"], root / "model")
+    return {
+        t: write_gguf(model, model / f"model-{t}.gguf", t) for t in ("F32", "F16", "Q8_0", "Q4_0")
+    }
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tiny_pair, gguf_files, small_jsonl_module, tmp_path_factory) -> Path:
+    """One command ranks four GGUF quantizations of the reference."""
+    out = tmp_path_factory.mktemp("gguf-run") / "run"
+    code, output = compare(
+        tiny_pair["reference"],
+        *(gguf_files[t] for t in ("F32", "F16", "Q8_0", "Q4_0")),
+        "--data",
+        small_jsonl_module,
+        "--out",
+        out,
+    )
+    assert code == 0, output
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_jsonl_module(tiny_pair, tmp_path_factory) -> Path:
+    lines = tiny_pair["heldout"].read_text().splitlines()[:4]
+    path = tmp_path_factory.mktemp("qdata") / "small.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": json.loads(x)["text"][:1200]}) + "\n" for x in lines)
+    )
+    return path
+
+
+def test_gguf_f32_matches_the_original_and_kl_grows_as_bits_shrink(gguf_run):
+    kl = {t: _kl(gguf_run, f"model-{t}") for t in ("F32", "F16", "Q8_0", "Q4_0")}
+    assert kl["F32"].size > 100
+    assert np.abs(kl["F32"]).max() <= 1e-6  # the same weights, read back from GGUF
+    means = [kl[t].mean() for t in ("F32", "F16", "Q8_0", "Q4_0")]
+    assert means[0] < means[1] < means[2] < means[3]
+    assert 0 < means[3] < 0.1
+
+
+def test_gguf_provenance_and_bits_per_weight(gguf_run, gguf_files):
+    entries = _entries(gguf_run)
+    # Q8_0 stores 34 bytes per 32 weights (8.5 bits), Q4_0 18 (4.5), F16 16 bits: the 1-D norms
+    # stay F32 and add a little.
+    expected = {"F32": (32, 32.001), "F16": (16, 16.3), "Q8_0": (8.5, 8.8), "Q4_0": (4.5, 4.8)}
+    for t, (low, high) in expected.items():
+        model = entries[f"model-{t}"]["model"]
+        assert model["quantization"]["method"] == "gguf"
+        assert model["quantization"]["scheme"] == t
+        assert low <= model["bits_per_weight"] <= high, (t, model["bits_per_weight"])
+        assert model["size_source"] == "GGUF tensors"
+        assert model["bytes_on_disk"] == gguf_files[t].stat().st_size
+        assert model["weights_sha256"]
+    assert entries["model-Q4_0"]["model"]["quantization"]["group_size"] == 32
+    ranking = json.loads((gguf_run / "results.json").read_text())["ranking"]
+    assert ranking["pareto"]["size"] == "bits_per_weight"
+    assert ranking["leaderboard"][0]["label"] == "model-F32"
+
+
+def test_gguf_kl_equals_that_of_the_dequantized_weights(
+    tiny_pair, gguf_files, gguf_run, small_jsonl_module, tmp_path
+):
+    """Independent path: dequantize the Q4_0 tensors with NumPy, save them as an ordinary HF
+    checkpoint, compare that: the per-token KL is the GGUF candidate's."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["reference"], dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            data = param.detach().numpy().astype(np.float32)
+            if data.ndim != 2:
+                continue
+            packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q4_0)
+            param.copy_(
+                torch.from_numpy(
+                    gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q4_0).reshape(
+                        data.shape
+                    )
+                )
+            )
+    fake = tmp_path / "fake-q4_0"
+    model.save_pretrained(fake)
+    shutil.copy(tiny_pair["reference"] / "tokenizer.json", fake)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_pair["reference"] / name).exists():
+            shutil.copy(tiny_pair["reference"] / name, fake)
+    out = tmp_path / "run"
+    code, output = compare(
+        str(tiny_pair["reference"]), str(fake), "--data", str(small_jsonl_module), "--out", str(out)
+    )
+    assert code == 0, output
+    np.testing.assert_allclose(_kl(out, "fake-q4_0"), _kl(gguf_run, "model-Q4_0"), atol=1e-6)
+
+
+def test_hub_style_gguf_file_option(tiny_pair, gguf_files, small_jsonl_module, tmp_path):
+    """``--gguf-file NAME`` picks the file inside a directory (the form a hub repo takes)."""
+    directory = gguf_files["Q8_0"].parent
+    out = tmp_path / "run"
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        str(directory),
+        "--gguf-file",
+        "model-Q8_0.gguf",
+        "--label",
+        "q8",
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(out),
+    )
+    assert code == 0, output
+    assert _entries(out)["q8"]["model"]["quantization"]["scheme"] == "Q8_0"
+
+
+def test_gguf_file_count_must_match_the_candidates(tiny_pair, small_jsonl_module, tmp_path):
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        "a",
+        "b",
+        "--gguf-file",
+        "x.gguf",
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(tmp_path / "r"),
+    )
+    check_error(code, output, 2, "--gguf-file")
+
+
+def test_missing_gguf_file_is_one_line(tiny_pair, small_jsonl_module, tmp_path):
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        str(tmp_path / "none-Q4_0.gguf"),
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(tmp_path / "r"),
+    )
+    check_error(code, output, 1, "none-Q4_0")
+
+
+@pytest.fixture(scope="module")
+def on_the_fly_run(tiny_pair, small_jsonl_module, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("otf") / "run"
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        "--quantize",
+        "torchao:int8_weight_only",
+        "--quantize",
+        "torchao:int4_weight_only:g32",
+        "--quantize",
+        "quanto:int4",
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(out),
+    )
+    assert code == 0, output
+    return out
+
+
+def test_on_the_fly_quantization_small_positive_kl_and_provenance(on_the_fly_run):
+    entries = _entries(on_the_fly_run)
+    assert set(entries) == {
+        "torchao-int8_weight_only",
+        "torchao-int4_weight_only-g32",
+        "quanto-int4",
+    }
+    int8 = _kl(on_the_fly_run, "torchao-int8_weight_only").mean()
+    int4 = _kl(on_the_fly_run, "torchao-int4_weight_only-g32").mean()
+    assert 0 < int8 < int4 < 0.05
+    model = entries["torchao-int4_weight_only-g32"]["model"]
+    assert model["quantization"] == {
+        "kind": "on-the-fly",
+        "method": "torchao",
+        "scheme": "int4_weight_only",
+        "bits": 4,
+        "group_size": 32,
+        "summary": "int4 weights, one scale per group",
+    }
+    assert entries["quanto-int4"]["model"]["quantization"]["group_size"] == 128
+    # Real bytes: quantized storage is smaller than the float32 checkpoint.
+    for entry in entries.values():
+        assert entry["model"]["weight_bytes"] < entry["model"]["bytes_on_disk"]
+        assert entry["model"]["bits_per_weight"] < 32
+
+
+def test_on_the_fly_quantization_is_reproducible(
+    tiny_pair, on_the_fly_run, small_jsonl_module, tmp_path
+):
+    out = tmp_path / "again"
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        "--quantize",
+        "torchao:int8_weight_only",
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(out),
+    )
+    assert code == 0, output
+    label = "torchao-int8_weight_only"
+    np.testing.assert_array_equal(_kl(out, label), _kl(on_the_fly_run, label))
+
+
+def test_fp32_weight_storage_counts_every_byte(tiny_pair):
+    from lmkl.quantization import weight_storage
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["reference"], dtype=torch.float32)
+    storage = weight_storage(model)
+    unique = {p.data_ptr(): p for p in model.parameters()}
+    assert storage["weights"] == sum(p.numel() for p in unique.values())
+    assert storage["bits_per_weight"] == pytest.approx(32, abs=0.05)  # + rotary buffers
+
+
+@pytest.fixture(scope="module")
+def bnb_checkpoint(tiny_pair, tmp_path_factory) -> Path:
+    """A pre-quantized checkpoint: the reference in bitsandbytes 8-bit, saved (safetensors)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    out = tmp_path_factory.mktemp("bnb") / "reference-bnb8"
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_pair["reference"],
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        device_map="cpu",
+    )
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_pair["reference"] / name).exists():
+            shutil.copy(tiny_pair["reference"] / name, out)
+    return out
+
+
+def test_pre_quantized_checkpoint(tiny_pair, bnb_checkpoint, small_jsonl_module, tmp_path):
+    config = json.loads((bnb_checkpoint / "config.json").read_text())
+    assert config["quantization_config"]["load_in_8bit"]
+    out = tmp_path / "run"
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        str(bnb_checkpoint),
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(out),
+    )
+    assert code == 0, output
+    entry = _entries(out)["reference-bnb8"]
+    kl = _kl(out, "reference-bnb8")
+    assert 0 < kl.mean() < 0.01
+    quant = entry["model"]["quantization"]
+    assert (quant["kind"], quant["method"], quant["bits"]) == ("checkpoint", "bitsandbytes", 8)
+    reference_bytes = sum(p.stat().st_size for p in tiny_pair["reference"].glob("*.safetensors"))
+    assert entry["model"]["bytes_on_disk"] < reference_bytes
+
+
+def test_missing_backend_for_a_checkpoint_is_one_line(
+    tiny_pair, bnb_checkpoint, small_jsonl_module, tmp_path, monkeypatch
+):
+    import lmkl.quantization
+
+    real = lmkl.quantization.package_available
+    monkeypatch.setattr(
+        lmkl.quantization, "package_available", lambda m: m != "bitsandbytes" and real(m)
+    )
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        str(bnb_checkpoint),
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(tmp_path / "r"),
+    )
+    check_error(code, output, 1, "bitsandbytes")
+    assert "fix: pip install 'lmkl[quant]'" in output
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("missing", "args", "fragment"),
+    [
+        ("torchao", ["--quantize", "torchao:int8_weight_only"], "lmkl[quant]"),
+        ("gguf", ["CANDIDATE_GGUF"], "lmkl[gguf]"),
+    ],
+)
+def test_missing_backend_on_the_fly_or_gguf_is_one_line(
+    tiny_pair, gguf_files, small_jsonl_module, tmp_path, monkeypatch, missing, args, fragment
+):
+    import lmkl.quantization
+
+    real = lmkl.quantization.package_available
+    monkeypatch.setattr(lmkl.quantization, "package_available", lambda m: m != missing and real(m))
+    args = [str(gguf_files["Q8_0"]) if a == "CANDIDATE_GGUF" else a for a in args]
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        *args,
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(tmp_path / "r"),
+    )
+    check_error(code, output, 1, missing)
+    assert f"fix: pip install '{fragment}'" in output
+
+
+def test_gpu_only_format_on_cpu_is_one_line(tiny_pair, small_jsonl_module, tmp_path):
+    checkpoint = shutil.copytree(tiny_pair["reference"], tmp_path / "fp8-model")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        str(checkpoint),
+        "--device",
+        "cpu",
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(tmp_path / "r"),
+    )
+    check_error(code, output, 1, "fp8", "CUDA", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("torchao", "METHOD:SCHEME"),
+        ("torchao:int3", "no scheme 'int3'"),
+        ("torchao:int4_weight_only:g48", "group_size"),
+        ("torchao:int8_weight_only:g32", "no group size"),
+        ("nope:int8", "nope"),
+    ],
+)
+def test_bad_quantize_option_is_a_usage_error(
+    tiny_pair, small_jsonl_module, tmp_path, value, fragment
+):
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        "--quantize",
+        value,
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(tmp_path / "r"),
+    )
+    check_error(code, output, 2, fragment)
+
+
+def test_several_candidates_run_the_reference_once_per_batch(
+    tiny_pair, small_jsonl_module, tmp_path, monkeypatch
+):
+    from lmkl.models import LoadedModel
+
+    calls: dict[str, int] = {}
+    original = LoadedModel.hidden_states
+
+    def counting(self, input_ids, attention_mask):
+        calls[self.label] = calls.get(self.label, 0) + 1
+        return original(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(LoadedModel, "hidden_states", counting)
+    out = tmp_path / "run"
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        str(tiny_pair["candidate"]),
+        str(tiny_pair["candidate"]),
+        "--label",
+        "small",
+        "--label",
+        "small-again",
+        "--quantize",
+        "torchao:int8_weight_only",
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(out),
+    )
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    # Every model runs once per batch: the reference is not rerun for each candidate.
+    assert set(calls) == {"reference", "small", "small-again", "torchao-int8_weight_only"}
+    assert len(set(calls.values())) == 1, calls
+    assert calls["reference"] >= results["data"]["windows"] / 4
+    labels = [c["label"] for c in results["candidates"]]
+    assert labels == ["small", "small-again", "torchao-int8_weight_only"]
+    # The same model twice: identical numbers, side by side in one leaderboard.
+    np.testing.assert_array_equal(_kl(out, "small"), _kl(out, "small-again"))
+    assert len(results["ranking"]["leaderboard"]) == 3
+
+
+def test_too_many_labels_is_a_usage_error(tiny_pair, small_jsonl_module, tmp_path):
+    code, output = compare(
+        str(tiny_pair["reference"]),
+        str(tiny_pair["candidate"]),
+        "--label",
+        "a",
+        "--label",
+        "b",
+        "--data",
+        str(small_jsonl_module),
+        "--out",
+        str(tmp_path / "r"),
+    )
+    check_error(code, output, 2, "--label")
+
+
+def test_no_candidate_is_a_usage_error(tiny_pair, small_jsonl_module, tmp_path):
+    code, output = compare(
+        str(tiny_pair["reference"]), "--data", str(small_jsonl_module), "--out", str(tmp_path / "r")
+    )
+    check_error(code, output, 2, "no candidate")
