@@ -25,6 +25,7 @@ from lmkl.quantization import (
     GGUF_BACKEND,
     QUANT_EXTRA,
     check_checkpoint_backend,
+    check_groups_fit,
     checkpoint_quantization,
     gguf_storage,
     on_the_fly_config,
@@ -599,7 +600,8 @@ def _quantization_kwargs(
         if _is_local(spec):
             return gguf_storage(Path(spec.model).expanduser() / spec.gguf_file)
         return {"kind": "gguf", "method": "gguf", "scheme": None, "size_source": None}
-    settings = check_checkpoint_backend(model_config(spec), device, spec.display_name)
+    config = model_config(spec)
+    settings = check_checkpoint_backend(config, device, spec.display_name)
     if spec.quantize is not None:
         if settings is not None:
             raise UsageError(
@@ -607,6 +609,7 @@ def _quantization_kwargs(
                 f"({settings.get('quant_method')}); quantize: needs full-precision weights",
                 "quantize the full-precision model instead",
             )
+        check_groups_fit(spec.quantize, config, spec.display_name)
         kwargs["quantization_config"] = on_the_fly_config(spec.quantize)
         if kwargs["dtype"] == "auto":
             kwargs["dtype"] = torch.float32

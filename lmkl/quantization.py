@@ -103,6 +103,37 @@ def quiet_backend_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def check_groups_fit(spec: QuantizeSpec, config: Any, name: str) -> None:
+    """Refuse (one line, before loading) a group size that does not divide the input width of
+    the model's linear layers: torchao's grouped schemes and bitsandbytes' 4-bit blocks on CPU
+    need whole groups per row. Widths are read from the config (hidden and MLP sizes)."""
+    group = spec.effective_group_size
+    if group is None or spec.method == "quanto":  # quanto pads a last partial group
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    widths = sorted(
+        {
+            w
+            for w in (getattr(text, "hidden_size", None), getattr(text, "intermediate_size", None))
+            if isinstance(w, int) and w > 0
+        }
+    )
+    bad = [w for w in widths if w % group]
+    if bad:
+        fits = [
+            g
+            for g in QUANT_SCHEMES[spec.method][spec.scheme].group_sizes
+            if not any(w % g for w in widths)
+        ]
+        what = "block size" if spec.method == "bitsandbytes" else "group size"
+        raise ModelLoadError(
+            f"{name}: {spec.method} {spec.scheme} {what} {group} does not divide the "
+            f"layer width{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of the model",
+            f"use a group size that divides {', '.join(map(str, widths))}"
+            + (f" ({', '.join(f'g{g}' for g in fits)})" if fits else " (or another scheme)"),
+        )
+
+
 def on_the_fly_config(spec: QuantizeSpec) -> Any:
     """The transformers ``quantization_config`` that applies ``spec`` while loading."""
     require(METHOD_BACKENDS[spec.method], f"quantizing with {spec.method}")

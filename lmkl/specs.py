@@ -42,10 +42,10 @@ QUANT_SCHEMES: dict[str, dict[str, QuantScheme]] = {
         "int8_weight_only": QuantScheme(8, summary="int8 weights, per-channel scales"),
         "int8_dynamic": QuantScheme(8, summary="int8 weights and per-token int8 activations"),
         "int4_weight_only": QuantScheme(
-            4, (32, 64, 128, 256), 32, "int4 weights, one scale per group"
+            4, (16, 32, 64, 128, 256), 32, "int4 weights, one scale per group"
         ),
         "int8_dynamic_int4": QuantScheme(
-            4, (32, 64, 128, 256), 32, "int4 weights by group, int8 activations"
+            4, (16, 32, 64, 128, 256), 32, "int4 weights by group, int8 activations"
         ),
         "float8_weight_only": QuantScheme(8, summary="float8 (e4m3) weights"),
     },

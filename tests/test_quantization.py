@@ -450,3 +450,54 @@ def test_no_candidate_is_a_usage_error(tiny_pair, small_jsonl_module, tmp_path):
         str(tiny_pair["reference"]), "--data", str(small_jsonl_module), "--out", str(tmp_path / "r")
     )
     check_error(code, output, 2, "no candidate")
+
+
+def test_quantization_study_in_yaml(tiny_pair, small_jsonl_module, tmp_path):
+    """An experiment: on-the-fly schemes against the float32 model, a noise floor, a Pareto set
+    by bits per weight, ranked with document-bootstrap CIs."""
+    config = tmp_path / "study.yaml"
+    ref = tiny_pair["reference"]
+    config.write_text(
+        f"""
+name: study
+reference: {{model: {ref}, dtype: float32, device: cpu}}
+candidates:
+  - {{label: int8, model: {ref}, quantize: {{method: torchao, scheme: int8_weight_only}}}}
+  - {{label: int4-g32, model: {ref},
+      quantize: {{method: torchao, scheme: int4_weight_only, group_size: 32}}}}
+  - {{label: int2, model: {ref}, quantize: {{method: quanto, scheme: int2}}}}
+datasets: [{{source: {small_jsonl_module}}}]
+windowing: {{context_length: 64, stride: 32}}
+ranking: {{size: bits_per_weight, resamples: 200}}
+noise_floor: true
+"""
+    )
+    code, output = invoke(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 0, output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    ranking = results["ranking"]
+    order = [r["label"] for r in ranking["leaderboard"] if r["kind"] == "candidate"]
+    assert order == ["int8", "int4-g32", "int2"]  # fewer bits, more KL
+    assert ranking["pareto"]["size"] == "bits_per_weight"
+    rows = {r["label"]: r for r in ranking["leaderboard"]}
+    for label in order:
+        low, high = rows[label]["ci"]
+        assert low <= rows[label]["value"] <= high
+        assert "distinguishable" in rows[label]["vs_noise_floor"]
+        assert 0 < rows[label]["size"]["bits_per_weight"] < 32
+    # int8 weights sit near the floor (1e-3 relative noise); 4 and 2 bits are clearly above it.
+    assert rows["int4-g32"]["vs_noise_floor"]["distinguishable"]
+    assert rows["int2"]["vs_noise_floor"]["distinguishable"]
+    models = {c["label"]: c["model"] for c in results["candidates"]}
+    assert models["int2"]["quantization"]["bits"] == 2
+
+
+def test_shipped_quantization_study_validates():
+    from lmkl.experiment.schema import load_config
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "quantization.yaml")
+    assert config.ranking.size == "bits_per_weight"
+    assert config.noise_floor.enabled
+    methods = {(c.quantize.method, c.quantize.scheme) for c in config.candidates}
+    assert len(methods) >= 5
+    assert all(c.model == "demo:reference" for c in config.candidates)  # runs offline

@@ -149,6 +149,23 @@ class CandidateView:
         return to_float(self._meta("bytes_on_disk"))
 
     @property
+    def bits_per_weight(self) -> float:
+        """8 × real bytes of the weights / weights (quantized storage included)."""
+        return to_float(self._meta("bits_per_weight"))
+
+    @property
+    def quantized(self) -> bool:
+        return self.model.get("quantization") is not None
+
+    def size(self, axis: str) -> float:
+        """This candidate's size on ``axis`` (see :attr:`Report.size_axis`)."""
+        return {
+            "parameters": self.params,
+            "bytes_on_disk": self.bytes_on_disk,
+            "bits_per_weight": self.bits_per_weight,
+        }[axis]
+
+    @property
     def step(self) -> float:
         return to_float(self._meta("step"))
 
@@ -562,12 +579,14 @@ class Report:
 
     @property
     def size_axis(self) -> str | None:
-        """``parameters`` or ``bytes_on_disk`` when at least two candidates know it, else None."""
-        for name, getter in (
-            ("parameters", lambda c: c.params),
-            ("bytes_on_disk", lambda c: c.bytes_on_disk),
-        ):
-            if sum(math.isfinite(getter(c)) for c in self.candidates) >= 2:
+        """The size axis of the Pareto plot, when at least two candidates know it:
+        ``bits_per_weight`` when any candidate is quantized (their parameter counts are one),
+        else ``parameters``, else ``bytes_on_disk``; None when sizes are unknown."""
+        axes = ["parameters", "bytes_on_disk"]
+        if any(c.quantized for c in self.candidates):
+            axes.insert(0, "bits_per_weight")
+        for name in axes:
+            if sum(math.isfinite(c.size(name)) for c in self.candidates) >= 2:
                 return name
         return None
 
@@ -576,12 +595,8 @@ class Report:
         axis = self.size_axis
         if axis is None:
             return {}
-        rows = [
-            c
-            for c in self.candidates
-            if math.isfinite(c.params if axis == "parameters" else c.bytes_on_disk)
-        ]
-        sizes = [c.params if axis == "parameters" else c.bytes_on_disk for c in rows]
+        rows = [c for c in self.candidates if math.isfinite(c.size(axis))]
+        sizes = [c.size(axis) for c in rows]
         kls = [c.value("kl.mean") for c in rows]
         flags = pareto_front(sizes, kls)
         return {

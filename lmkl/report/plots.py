@@ -430,10 +430,17 @@ def size_vs_kl(report: Report) -> Plot | None:
     )
     if sizes.max() / max(sizes.min(), 1) > 8:
         ax.set_xscale("log")
-    unit = "parameters" if data["axis"] == "parameters" else "bytes on disk"
+    positive = kls[kls > 0]
+    if positive.size >= 2 and positive.max() / positive.min() > 100 and positive.size == kls.size:
+        ax.set_yscale("log")  # quantizations span orders of magnitude of KL
+    unit = {
+        "parameters": "parameters",
+        "bytes_on_disk": "bytes on disk",
+        "bits_per_weight": "bits per weight (real bytes of the weights as loaded)",
+    }[data["axis"]]
     ax.set_xlabel(unit)
     ax.set_ylabel("mean KL(P‖Q), nats")
-    ax.set_title(f"Size vs divergence ({unit})")
+    ax.set_title(f"Size vs divergence ({unit.split(' (')[0]})")
     ax.legend(loc="upper right")
     drawn = {
         "keys": keys,

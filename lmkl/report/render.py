@@ -39,6 +39,13 @@ FORMATS = ("html", "md", "json", "table")
 # Number formatting shared by every format
 
 
+def _size_cell(c: Any) -> str:
+    """Bits per weight for a quantized candidate, else parameters (or bytes on disk)."""
+    if c.quantized and math.isfinite(c.bits_per_weight):
+        return f"{c.bits_per_weight:.2f} bpw"
+    return parameters(c.params) if math.isfinite(c.params) else byte_size(c.bytes_on_disk)
+
+
 def _pair(m: dict[str, Any], family: str, a: str, b: str, digits: int = 4) -> str:
     obj = m.get(family) or {}
     return f"{number(obj.get(a), digits)} / {number(obj.get(b), digits)}"
@@ -111,9 +118,7 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
                 "kl_p99": number((m.get("kl") or {}).get("p99")),
                 "top1": percent_se(m.get("top1_agreement")),
                 "ppl_ratio": number((m.get("ppl") or {}).get("ratio")),
-                "size": parameters(c.params)
-                if math.isfinite(c.params)
-                else byte_size(c.bytes_on_disk),
+                "size": _size_cell(c),
                 "boot": interval(boot) if boot else None,
                 "group": c.group,
                 "step": None if not math.isfinite(c.step) else int(c.step),
