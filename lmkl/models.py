@@ -260,31 +260,76 @@ def load_tokenizer(spec: ModelSpec) -> Any:
 
     _check_source(spec)
     tokenizer = _pretrained(AutoTokenizer, spec, _tokenizer_source(spec), "tokenizer")
-    if spec.gguf_file:
-        _set_gguf_special_tokens(tokenizer, spec)
+    if spec.gguf_file and not _has_tokenizer_files(spec):
+        return GgufTokenizer(tokenizer, spec)
     return tokenizer
 
 
-_GGUF_SPECIAL = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
+def _has_tokenizer_files(spec: ModelSpec) -> bool:
+    """Whether the GGUF's directory has a Hugging Face tokenizer (transformers then loads it)."""
+    directory = Path(spec.model).expanduser()
+    return directory.is_dir() and (directory / "tokenizer.json").exists()
 
 
-def _set_gguf_special_tokens(tokenizer: Any, spec: ModelSpec) -> None:
-    """Give a tokenizer built from GGUF metadata the special tokens the file names.
+class GgufTokenizer:
+    """A tokenizer built from a GGUF file's metadata, with the file's own vocabulary.
 
-    transformers builds the vocabulary and merges from the file but (5.x) leaves
-    ``bos_token`` and friends unset, which would fail the tokenizer check against the
-    reference; the ids are in the file's ``tokenizer.ggml.*_token_id`` fields.
+    transformers rebuilds the tokenizer (vocabulary, merges) from the file, but for byte-level
+    BPE files it also adds GPT-2's default ``<|endoftext|>`` when the file's special tokens are
+    others (Llama 3's, for one) and (5.x) leaves ``bos_token_id`` and friends unset. The
+    vocabulary check against the reference must see the file's tokens and special ids, so
+    ``get_vocab``, ``len`` and the special ids come from the metadata; everything else
+    (encoding, decoding) is the transformers tokenizer's.
     """
-    from gguf import GGUFReader
-    from transformers.utils import cached_file
 
-    path = cached_file(_tokenizer_source(spec), spec.gguf_file, revision=spec.revision)
-    fields = GGUFReader(path).fields
-    for attr, key in _GGUF_SPECIAL.items():
-        field = fields.get(f"tokenizer.ggml.{key}_token_id")
-        if field is not None and getattr(tokenizer, f"{attr}_token", None) is None:
-            token_id = int(field.parts[field.data[0]][0])
-            setattr(tokenizer, f"{attr}_token", tokenizer.convert_ids_to_tokens(token_id))
+    def __init__(self, inner: Any, spec: ModelSpec) -> None:
+        from gguf import GGUFReader
+        from transformers.utils import cached_file
+
+        self._inner = inner
+        path = cached_file(_tokenizer_source(spec), spec.gguf_file, revision=spec.revision)
+        fields = GGUFReader(path).fields
+
+        def value(key: str) -> Any:
+            field = fields.get(key)
+            if field is None:
+                return None
+            parts = [field.parts[i] for i in field.data]
+            if field.types and field.types[-1].name == "STRING":
+                return [bytes(p).decode("utf-8") for p in parts]
+            return [p[0].item() for p in parts]
+
+        tokens = value("tokenizer.ggml.tokens") or []
+        if (value("tokenizer.ggml.model") or [""])[0] == "gpt2":
+            tokens = _byte_level_spelling(tokens)
+        self._vocab = {token: i for i, token in enumerate(tokens)}
+        self._size = len(tokens)
+        for attr, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+            found = value(f"tokenizer.ggml.{key}_token_id")
+            setattr(self, f"{attr}_token_id", int(found[0]) if found else None)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._vocab)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _byte_level_spelling(tokens: list[str]) -> list[str]:
+    """Tokens as a byte-level BPE vocabulary spells them (as transformers reads GGUF files)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    return [
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens
+    ]
 
 
 def _pretrained(factory: Any, spec: ModelSpec, source: str, what: str) -> Any:

@@ -38,11 +38,12 @@ def _entries(run: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def gguf_files(tiny_pair, tmp_path_factory) -> dict[str, Path]:
-    """The tiny reference as GGUF files of four types, in one directory with the reference."""
+    """The tiny reference as GGUF files of four types, alone in a directory (as in a GGUF hub
+    repo): tokenizer and config come from each file's metadata."""
     root = tmp_path_factory.mktemp("gguf")
-    model = shutil.copytree(tiny_pair["reference"], root / "model")
     return {
-        t: write_gguf(model, model / f"model-{t}.gguf", t) for t in ("F32", "F16", "Q8_0", "Q4_0")
+        t: write_gguf(tiny_pair["reference"], root / f"model-{t}.gguf", t)
+        for t in ("F32", "F16", "Q8_0", "Q4_0")
     }
 
 
@@ -131,6 +132,23 @@ def test_gguf_kl_equals_that_of_the_dequantized_weights(
     )
     assert code == 0, output
     np.testing.assert_allclose(_kl(out, "fake-q4_0"), _kl(gguf_run, "model-Q4_0"), atol=1e-6)
+
+
+def test_gguf_tokenizer_is_read_from_the_file(tiny_pair, gguf_files):
+    from transformers import AutoTokenizer
+
+    from lmkl.models import GgufTokenizer, load_tokenizer
+    from lmkl.specs import ModelSpec
+
+    reference = AutoTokenizer.from_pretrained(tiny_pair["reference"])
+    tokenizer = load_tokenizer(ModelSpec(model=str(gguf_files["Q4_0"])))
+    assert isinstance(tokenizer, GgufTokenizer)
+    assert tokenizer.get_vocab() == reference.get_vocab()
+    assert len(tokenizer) == len(reference)
+    for attr in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
+        assert getattr(tokenizer, attr) == getattr(reference, attr)
+    text = "def f(x):\n    return x ** 2  # wörld"
+    assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
 
 
 def test_hub_style_gguf_file_option(tiny_pair, gguf_files, small_jsonl_module, tmp_path):
