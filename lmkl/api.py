@@ -6,6 +6,8 @@ Usage::
 
     run = lmkl.compare("org/reference", ["org/candidate-int4"], data="held_out.jsonl",
                        out="runs/int4", context_length=512, dtype="bfloat16")
+    int8 = ModelSpec(model="org/model", quantize={"method": "torchao", "scheme": "int8_dynamic"})
+    run = lmkl.compare("org/model", [int8, "gguf-dir/model-Q4_0.gguf"], data="held_out.jsonl")
     run.metrics()["kl"]["mean"]          # KL(P‖Q) in nats, averaged over tokens
     run.tokens().to_pandas()             # one row per scored token (tokens.parquet)
     run.report("int4.html")              # the self-contained HTML report
@@ -123,8 +125,9 @@ def open_run(path: str | Path) -> Run:
     return Run(path)
 
 
-#: ModelSpec fields that apply to the candidates only (the reference is never adapted).
-_CANDIDATE_ONLY = ("adapter", "adapter_revision")
+#: ModelSpec fields that apply to the candidates only (the reference is never adapted or
+#: quantized: it is the full-precision P).
+_CANDIDATE_ONLY = ("adapter", "adapter_revision", "quantize", "gguf_file")
 _NOT_OPTIONS = ("model", "source", "label")
 
 
