@@ -25,6 +25,11 @@ def compare(*args: object) -> tuple[int, str]:
     return invoke(["compare", *(str(a) for a in args), *COMMON])
 
 
+def run_on(tiny_pair: dict, data: Path, *args: object, out: Path) -> tuple[int, str]:
+    """``lmkl compare REFERENCE *args --data DATA --out OUT`` (the tiny reference)."""
+    return compare(tiny_pair["reference"], *args, "--data", data, "--out", out)
+
+
 def _kl(run: Path, label: str) -> np.ndarray:
     table = pq.read_table(run / "tokens.parquet", filters=[("candidate", "==", label)])
     order = np.lexsort((table["window_pos"].to_numpy(), table["window_id"].to_numpy()))
@@ -155,45 +160,30 @@ def test_hub_style_gguf_file_option(tiny_pair, gguf_files, small_jsonl_module, t
     """``--gguf-file NAME`` picks the file inside a directory (the form a hub repo takes)."""
     directory = gguf_files["Q8_0"].parent
     out = tmp_path / "run"
-    code, output = compare(
-        str(tiny_pair["reference"]),
+    code, output = run_on(
+        tiny_pair,
+        small_jsonl_module,
         str(directory),
         "--gguf-file",
         "model-Q8_0.gguf",
         "--label",
         "q8",
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(out),
+        out=str(out),
     )
     assert code == 0, output
     assert _entries(out)["q8"]["model"]["quantization"]["scheme"] == "Q8_0"
 
 
 def test_gguf_file_count_must_match_the_candidates(tiny_pair, small_jsonl_module, tmp_path):
-    code, output = compare(
-        str(tiny_pair["reference"]),
-        "a",
-        "b",
-        "--gguf-file",
-        "x.gguf",
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(tmp_path / "r"),
+    code, output = run_on(
+        tiny_pair, small_jsonl_module, "a", "b", "--gguf-file", "x.gguf", out=str(tmp_path / "r")
     )
     check_error(code, output, 2, "--gguf-file")
 
 
 def test_missing_gguf_file_is_one_line(tiny_pair, small_jsonl_module, tmp_path):
-    code, output = compare(
-        str(tiny_pair["reference"]),
-        str(tmp_path / "none-Q4_0.gguf"),
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(tmp_path / "r"),
+    code, output = run_on(
+        tiny_pair, small_jsonl_module, str(tmp_path / "none-Q4_0.gguf"), out=str(tmp_path / "r")
     )
     check_error(code, output, 1, "none-Q4_0")
 
@@ -201,18 +191,16 @@ def test_missing_gguf_file_is_one_line(tiny_pair, small_jsonl_module, tmp_path):
 @pytest.fixture(scope="module")
 def on_the_fly_run(tiny_pair, small_jsonl_module, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("otf") / "run"
-    code, output = compare(
-        str(tiny_pair["reference"]),
+    code, output = run_on(
+        tiny_pair,
+        small_jsonl_module,
         "--quantize",
         "torchao:int8_weight_only",
         "--quantize",
         "torchao:int4_weight_only:g32",
         "--quantize",
         "quanto:int4",
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(out),
+        out=str(out),
     )
     assert code == 0, output
     return out
@@ -248,14 +236,8 @@ def test_on_the_fly_quantization_is_reproducible(
     tiny_pair, on_the_fly_run, small_jsonl_module, tmp_path
 ):
     out = tmp_path / "again"
-    code, output = compare(
-        str(tiny_pair["reference"]),
-        "--quantize",
-        "torchao:int8_weight_only",
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(out),
+    code, output = run_on(
+        tiny_pair, small_jsonl_module, "--quantize", "torchao:int8_weight_only", out=str(out)
     )
     assert code == 0, output
     label = "torchao-int8_weight_only"
@@ -295,14 +277,7 @@ def test_pre_quantized_checkpoint(tiny_pair, bnb_checkpoint, small_jsonl_module,
     config = json.loads((bnb_checkpoint / "config.json").read_text())
     assert config["quantization_config"]["load_in_8bit"]
     out = tmp_path / "run"
-    code, output = compare(
-        str(tiny_pair["reference"]),
-        str(bnb_checkpoint),
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(out),
-    )
+    code, output = run_on(tiny_pair, small_jsonl_module, str(bnb_checkpoint), out=str(out))
     assert code == 0, output
     entry = _entries(out)["reference-bnb8"]
     kl = _kl(out, "reference-bnb8")
@@ -322,13 +297,8 @@ def test_missing_backend_for_a_checkpoint_is_one_line(
     monkeypatch.setattr(
         lmkl.quantization, "package_available", lambda m: m != "bitsandbytes" and real(m)
     )
-    code, output = compare(
-        str(tiny_pair["reference"]),
-        str(bnb_checkpoint),
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(tmp_path / "r"),
+    code, output = run_on(
+        tiny_pair, small_jsonl_module, str(bnb_checkpoint), out=str(tmp_path / "r")
     )
     check_error(code, output, 1, "bitsandbytes")
     assert "fix: pip install 'lmkl[quant]'" in output
@@ -350,14 +320,7 @@ def test_missing_backend_on_the_fly_or_gguf_is_one_line(
     real = lmkl.quantization.package_available
     monkeypatch.setattr(lmkl.quantization, "package_available", lambda m: m != missing and real(m))
     args = [str(gguf_files["Q8_0"]) if a == "CANDIDATE_GGUF" else a for a in args]
-    code, output = compare(
-        str(tiny_pair["reference"]),
-        *args,
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(tmp_path / "r"),
-    )
+    code, output = run_on(tiny_pair, small_jsonl_module, *args, out=str(tmp_path / "r"))
     check_error(code, output, 1, missing)
     assert f"fix: pip install '{fragment}'" in output
 
@@ -367,15 +330,8 @@ def test_gpu_only_format_on_cpu_is_one_line(tiny_pair, small_jsonl_module, tmp_p
     config = json.loads((checkpoint / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (checkpoint / "config.json").write_text(json.dumps(config))
-    code, output = compare(
-        str(tiny_pair["reference"]),
-        str(checkpoint),
-        "--device",
-        "cpu",
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(tmp_path / "r"),
+    code, output = run_on(
+        tiny_pair, small_jsonl_module, str(checkpoint), "--device", "cpu", out=str(tmp_path / "r")
     )
     check_error(code, output, 1, "fp8", "CUDA", "cpu")
 
@@ -393,14 +349,8 @@ def test_gpu_only_format_on_cpu_is_one_line(tiny_pair, small_jsonl_module, tmp_p
 def test_bad_quantize_option_is_a_usage_error(
     tiny_pair, small_jsonl_module, tmp_path, value, fragment
 ):
-    code, output = compare(
-        str(tiny_pair["reference"]),
-        "--quantize",
-        value,
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(tmp_path / "r"),
+    code, output = run_on(
+        tiny_pair, small_jsonl_module, "--quantize", value, out=str(tmp_path / "r")
     )
     check_error(code, output, 2, fragment)
 
@@ -419,8 +369,9 @@ def test_several_candidates_run_the_reference_once_per_batch(
 
     monkeypatch.setattr(LoadedModel, "hidden_states", counting)
     out = tmp_path / "run"
-    code, output = compare(
-        str(tiny_pair["reference"]),
+    code, output = run_on(
+        tiny_pair,
+        small_jsonl_module,
         str(tiny_pair["candidate"]),
         str(tiny_pair["candidate"]),
         "--label",
@@ -429,10 +380,7 @@ def test_several_candidates_run_the_reference_once_per_batch(
         "small-again",
         "--quantize",
         "torchao:int8_weight_only",
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(out),
+        out=str(out),
     )
     assert code == 0, output
     results = json.loads((out / "results.json").read_text())
@@ -448,17 +396,15 @@ def test_several_candidates_run_the_reference_once_per_batch(
 
 
 def test_too_many_labels_is_a_usage_error(tiny_pair, small_jsonl_module, tmp_path):
-    code, output = compare(
-        str(tiny_pair["reference"]),
+    code, output = run_on(
+        tiny_pair,
+        small_jsonl_module,
         str(tiny_pair["candidate"]),
         "--label",
         "a",
         "--label",
         "b",
-        "--data",
-        str(small_jsonl_module),
-        "--out",
-        str(tmp_path / "r"),
+        out=str(tmp_path / "r"),
     )
     check_error(code, output, 2, "--label")
 
