@@ -431,3 +431,16 @@ def load_with_options(config: Path, overrides: list[str] | None, settings: dict[
     return load_config(
         config, overrides or [], {k: v for k, v in settings.items() if v is not None}
     )
+
+
+ViewTokensOpt = Annotated[
+    int,
+    typer.Option(
+        "--view-tokens",
+        min=0,
+        metavar="N",
+        help="Record both models' top-5 next tokens on the worst documents, up to N tokens, "
+        "for the report's token view (`lmkl report RUN --view tokens`); 0: off.",
+        rich_help_panel=OUTPUT,
+    ),
+]

@@ -24,6 +24,7 @@ from lmkl.cli.options import (
     FailAboveOpt,
     FailBelowOpt,
     TemperatureOpt,
+    ViewTokensOpt,
     apply_offline,
     compute_spec,
     data_spec,
@@ -85,6 +86,7 @@ def compare(
     different_tokenizers: DifferentTokenizersOpt = False,
     temperature: TemperatureOpt = 1.0,
     compile: CompileOpt = True,
+    view_tokens: ViewTokensOpt = 0,
     fail_above: FailAboveOpt = None,
     fail_below: FailBelowOpt = None,
     **options: Any,
@@ -131,7 +133,9 @@ def compare(
             [cand_spec],
             data,
             windows=windows,
-            compute=compute_spec(options, temperature=temperature, compile=compile),
+            compute=compute_spec(
+                options, temperature=temperature, compile=compile, view_tokens=view_tokens
+            ),
             out=options["out"],
             overwrite=options["overwrite"],
             resume=options["resume"],
