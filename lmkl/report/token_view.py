@@ -370,15 +370,19 @@ def _assemble(
         + f'"pos":{_ints(np.array([positions[i] for i in scored_rows]))},'
         + f'"tok":{_ints(tok_index)},'
         + f'"rt":{_ints(ref_ids.reshape(-1))},'
-        + f'"rp":{_rounded(ref_probs.reshape(-1), 3)},'
+        + f'"rp":{_rounded(ref_probs.reshape(-1), 4)},'
         + f'"edges":{_safe_json(edges)},'
         + f'"diff_edges":{_safe_json(diff_edges)},'
         + '"c":['
         + ",".join(
             "{"
-            + ",".join(f'"{m}":{_rounded(values[label][m], 4)}' for m in _READ)
+            # NLLs to 5 digits: p = exp(-nll) then stays within 1e-4 of the stored value.
+            + ",".join(
+                f'"{m}":{_rounded(values[label][m], 5 if m.startswith("nll") else 4)}'
+                for m in _READ
+            )
             + f',"ct":{_ints(cand_tops[k][0].reshape(-1))}'
-            + f',"cp":{_rounded(cand_tops[k][1].reshape(-1), 3)}'
+            + f',"cp":{_rounded(cand_tops[k][1].reshape(-1), 4)}'
             + "}"
             for k, label in enumerate(labels)
         )

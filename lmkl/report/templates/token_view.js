@@ -77,7 +77,7 @@
 
   function pct(v) {
     if (v === null || v !== v) { return "–"; }
-    return (100 * v).toPrecision(3) + "%";
+    return (100 * v).toPrecision(4) + "%";
   }
 
   function visible(text) {
