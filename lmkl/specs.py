@@ -135,6 +135,11 @@ class ComputeSpec(StrictModel):
         description="Record both models' top-5 next tokens on the worst documents (by mean KL), "
         "up to this many tokens, for the report's token view (view.parquet; 0 = off).",
     )
+    view_docs: Literal["worst", "sample"] = Field(
+        "worst",
+        description="Which documents view_tokens records: the worst by mean KL, or a random "
+        "sample (seeded by seed) to see typical text.",
+    )
     seed: int = Field(0, description="Seed for anything random (bootstrap, sampling).")
     compile: bool = Field(
         True,

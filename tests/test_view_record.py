@@ -224,3 +224,30 @@ def test_byte_fallback_pieces_read_as_themselves():
             return ["<0xe2>" for _ in ids]
 
     assert display_tokens(Fallback(), [7, 7]) == ["<0xE2>", "<0xE2>"]
+
+
+def test_choose_units_worst_or_a_seeded_sample():
+    import pyarrow as pa
+
+    from lmkl.engine.view_record import choose_units
+
+    rng = np.random.default_rng(5)
+    docs = np.repeat(np.arange(12), 10)
+    kl = rng.gamma(1.0, 1.0, docs.size) * (1 + docs % 4)
+    table = pa.table(
+        {
+            "candidate": ["s"] * docs.size,
+            "doc_id": docs,
+            "window_id": docs,
+            "position": np.tile(np.arange(10), 12),
+            "kl": kl,
+        }
+    )
+    sizes = {d: 11 for d in range(12)}  # ten scored tokens and a BOS each
+    worst = choose_units(table, sizes, 40, by_chunk=False)
+    means = pd.Series(kl).groupby(docs).mean().sort_values(ascending=False)
+    assert worst == means.index[:3].tolist()  # 3 x 11 <= 40 < 4 x 11
+    sample = choose_units(table, sizes, 40, by_chunk=False, sample_seed=0)
+    assert len(sample) == 3 and sample == choose_units(table, sizes, 40, False, sample_seed=0)
+    others = {tuple(choose_units(table, sizes, 40, False, sample_seed=s)) for s in range(1, 6)}
+    assert len(others | {tuple(sample)}) > 1  # the seed changes the sample

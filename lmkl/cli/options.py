@@ -444,3 +444,19 @@ ViewTokensOpt = Annotated[
         rich_help_panel=OUTPUT,
     ),
 ]
+
+
+class ViewDocs(str, Enum):
+    worst = "worst"
+    sample = "sample"
+
+
+ViewDocsOpt = Annotated[
+    ViewDocs,
+    typer.Option(
+        "--view-docs",
+        help="Which documents --view-tokens records: the worst by mean KL, or a random "
+        "(seeded) sample of typical text.",
+        rich_help_panel=OUTPUT,
+    ),
+]

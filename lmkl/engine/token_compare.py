@@ -478,6 +478,7 @@ class TokenComparison:
                 self.tokenizer,
                 self.compute.view_tokens,
                 by_chunk=self.windows.windowing == "llama-cpp",
+                sample_seed=self.compute.seed if self.compute.view_docs == "sample" else None,
             )
             files["view.parquet"] = lambda path: pq.write_table(view, path)
         return Summary(body=body, throughput=throughput, files=files)

@@ -6,7 +6,8 @@ the models run instead of rerunning them in ``lmkl report``:
 
 * every part keeps both models' top-5 for each of its tokens in ``parts/view-NNNNNN.parquet``
   (written with the part, so they survive ``--resume`` and are gathered from every rank);
-* when the run finishes, the documents with the highest mean KL are kept, whole, until
+* when the run finishes, the documents with the highest mean KL (or, with
+  ``view_docs="sample"``, a seeded random sample of documents) are kept, whole, until
   ``view_tokens`` token positions are reached (one longer document is cut to that many tokens
   around its worst one), and written to ``view.parquet`` with the context tokens that were not
   scored and a readable string per token. The parts are then removed with the others, so the
@@ -108,9 +109,16 @@ def _unit_tokens(windows: list[Window], by_chunk: bool) -> dict[int, dict[int, t
     return units
 
 
-def choose_units(tokens: pa.Table, sizes: dict[int, int], budget: int, by_chunk: bool) -> list[int]:
+def choose_units(
+    tokens: pa.Table,
+    sizes: dict[int, int],
+    budget: int,
+    by_chunk: bool,
+    sample_seed: int | None = None,
+) -> list[int]:
     """Units by mean KL (averaged over candidates), highest first, whole, within ``budget``
-    positions; the first unit is kept even when it alone is larger (it is cut later)."""
+    positions; the first unit is kept even when it alone is larger (it is cut later). With
+    ``sample_seed``, units in a random order seeded by it instead (a sample of typical text)."""
     unit_col = "window_id" if by_chunk else "doc_id"
     units = tokens[unit_col].to_numpy()
     kl = pc.fill_null(tokens["kl"], np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -126,6 +134,8 @@ def choose_units(tokens: pa.Table, sizes: dict[int, int], budget: int, by_chunk:
         for unit, mean in zip(uniq.tolist(), (sums / counts).tolist(), strict=True):
             scores.setdefault(unit, []).append(mean)
     ranked = sorted(sizes, key=lambda u: (-np.mean(scores[u]) if u in scores else np.inf, u))
+    if sample_seed is not None:
+        ranked = [ranked[i] for i in np.random.default_rng(sample_seed).permutation(len(ranked))]
     chosen: list[int] = []
     left = budget
     for unit in ranked:
@@ -144,10 +154,13 @@ def build_view(
     tokenizer: Any,
     budget: int,
     by_chunk: bool,
+    sample_seed: int | None = None,
 ) -> pa.Table:
-    """``view.parquet``'s table: the chosen units, every candidate, every position in order."""
+    """``view.parquet``'s table: the chosen units, every candidate, every position in order
+    (``sample_seed``: a random sample of units instead of the worst; see :func:`choose_units`)."""
     units = _unit_tokens(windows, by_chunk)
-    chosen = choose_units(tokens, {u: len(p) for u, p in units.items()}, budget, by_chunk)
+    sizes = {u: len(p) for u, p in units.items()}
+    chosen = choose_units(tokens, sizes, budget, by_chunk, sample_seed)
     unit_col = "window_id" if by_chunk else "doc_id"
     wanted = pa.array(chosen, pa.int64())
     rows = view_rows.filter(pc.is_in(view_rows[unit_col], value_set=wanted))

@@ -393,9 +393,16 @@ def _assemble(
         (f"s{k + 1}", f"{number(e[k], 2)}–{number(e[k + 1], 2)}") for k in range(SHADES)
     ]
     shown_tokens = len(order)
+    compute = run.results.get("compute", {}) or {}
+    how = (
+        f"a random sample of {noun}s"
+        if compute.get("view_docs") == "sample"
+        else f"the worst {noun}s by mean KL"
+    )
     cap_note = (
         f"Showing {len(documents)} of the {recorded} {noun}s recorded at compare time "
-        f"(--view-tokens keeps the worst {noun}s by mean KL), {shown_tokens:,} tokens of which "
+        f"(--view-tokens {compute.get('view_tokens', '?')} kept {how}), {shown_tokens:,} "
+        "tokens of which "
         f"{n:,} scored, for {len(labels)} candidate{'s' if len(labels) > 1 else ''}. "
         f"The page embeds at most {max_tokens:,} tokens (lmkl report --view-max-tokens)."
     )

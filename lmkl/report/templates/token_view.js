@@ -226,8 +226,9 @@
 
   function focusToken(i) {
     if (i < 0 || i >= N) { return; }
-    var old = root.querySelector(".tv-text span.t[tabindex='0']");
     var span = spans[i];
+    // Roving tab stop: one per document, moved to the token last focused there.
+    var old = span.parentNode.querySelector("span.t[tabindex='0']");
     span.setAttribute("tabindex", "0");
     if (old && old !== span) { old.setAttribute("tabindex", "-1"); }
     span.focus();
