@@ -159,6 +159,14 @@ def test_bad_input_is_one_line_with_its_exit_code(run_dir, tmp_path, tiny_pair):
     check_error(
         *invoke(["select", str(tmp_path), "--out", str(tmp_path / "x.jsonl")]), 1, "results.json"
     )
+    experiment = tmp_path / "exp"
+    (experiment / "datasets" / "wiki").mkdir(parents=True)
+    (experiment / "results.json").write_text(json.dumps({"kind": "experiment"}))
+    check_error(
+        *invoke(["select", str(experiment), "--out", str(tmp_path / "x.jsonl")]),
+        2,
+        "is an experiment",
+    )
     (tmp_path / "taken.jsonl").write_text("keep me\n")
     check_error(*invoke([*args, str(tmp_path / "taken.jsonl")]), 1, "already exists")
     assert (tmp_path / "taken.jsonl").read_text() == "keep me\n"

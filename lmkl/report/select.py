@@ -222,10 +222,18 @@ def select_contexts(
             "--top and --window must be at least 1, --context at least 0", "correct them"
         )
     results = load_results(run_dir)
-    if not results.get("token_level", True) or results.get("kind") not in (None, "compare"):
+    kind = results.get("kind", "compare")
+    if kind == "experiment":
+        found = sorted(p.name for p in (run_dir / "datasets").glob("*") if p.is_dir())
         raise UsageError(
-            f"run '{run_dir}' is a {results.get('kind')} run without token-level KL",
-            "select from a run of `lmkl compare` (or an experiment's datasets/<name> run)",
+            f"'{run_dir}' is an experiment, which keeps its tokens per dataset",
+            "select from one of its datasets: "
+            + ", ".join(f"{run_dir}/datasets/{name}" for name in found),
+        )
+    if kind != "compare" or not results.get("token_level", True):
+        raise UsageError(
+            f"run '{run_dir}' ({kind}) has no token-level KL to select by",
+            "select from a run of `lmkl compare`",
         )
     labels = _labels(results)
     if candidate is None:
