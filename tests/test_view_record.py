@@ -251,3 +251,39 @@ def test_choose_units_worst_or_a_seeded_sample():
     assert len(sample) == 3 and sample == choose_units(table, sizes, 40, False, sample_seed=0)
     others = {tuple(choose_units(table, sizes, 40, False, sample_seed=s)) for s in range(1, 6)}
     assert len(others | {tuple(sample)}) > 1  # the seed changes the sample
+
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def test_two_processes_record_the_same_view(tiny_pair, small_jsonl, tmp_path):
+    """Under torchrun each rank records the view of its own parts; rank 0 gathers them and
+    writes the same view.parquet as one process."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    args = [str(tiny_pair["reference"]), str(tiny_pair["candidate"]), "--data", str(small_jsonl)]
+    args += ["-c", "48", "--stride", "24", "--batch-size", "2", "--no-compile"]
+    args += ["--view-tokens", "300", "-q"]
+    runs = {}
+    for n in (1, 2):  # one process, then two
+        launcher = (
+            [sys.executable, "-m", "lmkl"] if n == 1 else [sys.executable, *TORCHRUN, "-m", "lmkl"]
+        )
+        out = tmp_path / f"p{n}"
+        done = subprocess.run(
+            [*launcher, "compare", *args, "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[n] = pq.read_table(out / "view.parquet")
+    assert runs[1].num_rows > 50
+    assert runs[1].equals(runs[2])
