@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -287,3 +288,67 @@ def test_two_processes_record_the_same_view(tiny_pair, small_jsonl, tmp_path):
         runs[n] = pq.read_table(out / "view.parquet")
     assert runs[1].num_rows > 50
     assert runs[1].equals(runs[2])
+
+
+def test_ranks_without_a_shared_filesystem_send_their_view_parts(tmp_path):
+    """A rank's view parts travel with its parts to rank 0 (no shared filesystem)."""
+    import pyarrow as pa
+
+    from lmkl.engine.distributed import Shard
+    from lmkl.engine.loop import gather_parts
+    from lmkl.engine.rundir import RunDirectory, tokens_table
+    from lmkl.engine.view_record import VIEW_PART_SCHEMA
+    from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
+
+    row = {"candidate": ["c"], "doc_id": [0], "window_id": [0], "position": [1]}
+    part = tokens_table(
+        row
+        | {"window_pos": [1], "token_id": [5], "bytes": [1], "nonfinite": [False]}
+        | {name: [0.5] for name in TOKEN_METRIC_NAMES}
+    )
+    top = [[1, 2, 3, 4, 5]]
+    view = pa.table(
+        row
+        | {
+            "reference_top5_ids": top,
+            "reference_top5_probs": [[0.5, 0.2, 0.1, 0.1, 0.05]],
+            "candidate_top5_ids": top,
+            "candidate_top5_probs": [[0.4, 0.3, 0.1, 0.1, 0.05]],
+        },
+        schema=VIEW_PART_SCHEMA,
+    )
+
+    class Rank(Shard):
+        def __init__(self, rank: int, received: Any = None) -> None:
+            super().__init__(rank=rank, world_size=2)
+            self.received, self.sent = received, None
+
+        def barrier(self) -> None:
+            pass
+
+        def broadcast(self, obj: Any) -> Any:
+            return obj if self.rank == 0 else []
+
+        def gather(self, obj: Any) -> Any:
+            self.sent = obj
+            return None if self.rank else [obj, self.received]
+
+    worker = RunDirectory(tmp_path / "rank1")
+    worker.write_part(1, part, sidecar={"worst": {}}, extra={"view": view})
+    rank1 = Rank(1)
+    gather_parts(rank1, worker, written=[1], counters={})
+    main = RunDirectory(tmp_path / "rank0")
+    main.write_part(0, part, sidecar={"worst": {}}, extra={"view": view})
+    gather_parts(Rank(0, received=rank1.sent), main, written=[0], counters={})
+    assert main.completed_indices() == [0, 1]
+    assert main.read_extra("view").num_rows == 2
+    assert pq.read_table(main.extra_path("view", 1)).equals(view)
+    main.remove_part(1)
+    assert not main.extra_path("view", 1).exists()
+    # A view part whose part never completed (killed in between) is removed on resume.
+    from lmkl.files import atomic_path
+
+    with atomic_path(main.extra_path("view", 7)) as tmp:
+        pq.write_table(view, tmp)
+    assert "view-000007.parquet" in main.clean_incomplete()
+    assert main.read_extra("view").num_rows == 1
