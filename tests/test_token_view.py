@@ -97,7 +97,16 @@ def test_doc_choice_and_caps(view_run, tmp_path):
     view = pq.read_table(view_run / "view.parquet").to_pandas()
     sizes = view.groupby("unit").size()
     shown = _data(small)["units"]
-    assert sizes.loc[shown].sum() <= 120 or len(shown) == 1
+    assert small.text_html.count("<span ") <= 120  # every shown position, scored or context
+    assert len(shown) == 1 or sizes.loc[shown].sum() <= 120
+    # A document longer than the cap is cut to it, around its worst token.
+    tiny = build_token_view(load_run(view_run), max_tokens=20)
+    data = _data(tiny)
+    assert len(data["units"]) == 1 and len(data["pos"]) <= 20
+    assert "the 20 tokens around its worst one are shown" in tiny.cap_note
+    tokens = pq.read_table(view_run / "tokens.parquet").to_pandas()
+    doc = tokens[tokens["doc_id"] == data["units"][0]]
+    assert int(doc.loc[doc["kl"].idxmax(), "position"]) in data["pos"]
     out = tmp_path / "r.html"
     code, output = invoke(
         ["report", str(view_run), "--view", "tokens", "--doc", "42", "-o", str(out)]

@@ -230,7 +230,32 @@ def build_token_view(
         if k in unit_of
     }
     chosen, recorded = _choose_units(view, first, kl_first, docs, max_tokens, run)
-    return _assemble(run, view, labels, columns, lookup, chosen, recorded, max_tokens)
+    cut = _cut_to_cap(view, first, chosen[0], kl_first, max_tokens)
+    tv = _assemble(run, cut, labels, columns, lookup, chosen, recorded, max_tokens)
+    if cut.num_rows < view.num_rows:
+        tv.cap_note += (
+            f" {tv.documents[0]['label'].capitalize()} is longer than that: the "
+            f"{max_tokens:,} tokens around its worst one are shown."
+        )
+    return tv
+
+
+def _cut_to_cap(
+    view: pa.Table, first: str, unit: int, kl: dict[tuple[int, int], float], max_tokens: int
+) -> pa.Table:
+    """``view`` with a lone unit longer than the cap cut to ``max_tokens`` positions around
+    its highest-KL token (every other unit fits by construction)."""
+    rows = view.filter(pc.and_(pc.equal(view["candidate"], first), pc.equal(view["unit"], unit)))
+    positions = np.sort(rows["position"].to_numpy())
+    if positions.size <= max_tokens:
+        return view
+    values = np.array([kl.get((unit, int(p)), -1.0) for p in positions])
+    centre = int(np.argmax(np.nan_to_num(values, nan=-1.0, posinf=1e300)))
+    start = int(np.clip(centre - max_tokens // 2, 0, positions.size - max_tokens))
+    lo, hi = int(positions[start]), int(positions[start + max_tokens - 1])
+    other = pc.not_equal(view["unit"], unit)
+    inside = pc.and_(pc.greater_equal(view["position"], lo), pc.less_equal(view["position"], hi))
+    return view.filter(pc.or_(other, inside))
 
 
 def _assemble(
