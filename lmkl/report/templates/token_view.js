@@ -185,7 +185,9 @@
   }
 
   function show(i, anchor) {
+    if (current >= 0 && current !== i) { spans[current].removeAttribute("aria-describedby"); }
     current = i;
+    anchor.setAttribute("aria-describedby", "tv-tip");
     var d = unitOf(i);
     while (tip.firstChild) { tip.removeChild(tip.firstChild); }
     var head = el("div", "tv-tip-head");
