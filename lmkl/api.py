@@ -113,11 +113,21 @@ class Run:
                     out.append(entry if name is None else entry | {"dataset": name})
         return out
 
-    def report(self, path: str | Path | None = None, format: str = "html") -> Path | None:
-        """Write the report (html, md or json; default RUN_DIR/report.html); return its path."""
+    def report(
+        self,
+        path: str | Path | None = None,
+        format: str = "html",
+        *,
+        view: str = "summary",
+        docs: list[int] | None = None,
+    ) -> Path | None:
+        """Write the report (html, md or json; default RUN_DIR/report.html); return its path.
+
+        ``view="tokens"`` opens the HTML page on the token view (a run compared with
+        ``view_tokens=N``); ``docs`` picks the recorded documents it shows."""
         from lmkl.report.render import write_report
 
-        return write_report([self.path], format, Path(path) if path else None)
+        return write_report([self.path], format, Path(path) if path else None, view=view, docs=docs)
 
 
 def open_run(path: str | Path) -> Run:

@@ -240,6 +240,17 @@ class ComputeSpec(StrictModel):
     worst_k: int = Field(
         50, ge=0, description="Worst positions kept with top-5 tokens for reports."
     )
+    view_tokens: int = Field(
+        0,
+        ge=0,
+        description="Record both models' top-5 next tokens on the worst documents (by mean KL), "
+        "up to this many tokens, for the report's token view (view.parquet; 0 = off).",
+    )
+    view_docs: Literal["worst", "sample"] = Field(
+        "worst",
+        description="Which documents view_tokens records: the worst by mean KL, or a random "
+        "sample (seeded by seed) to see typical text.",
+    )
     seed: int = Field(0, description="Seed for anything random (bootstrap, sampling).")
     compile: bool = Field(
         True,

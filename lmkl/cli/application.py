@@ -5,6 +5,7 @@ Usage::
     lmkl demo                                   # offline end-to-end example
     lmkl compare REFERENCE CANDIDATE --data held_out.jsonl --out runs/x
     lmkl report runs/x                          # self-contained HTML report
+    lmkl select runs/x --out hard.jsonl         # the hardest contexts as a dataset
     lmkl run configs/precision.yaml             # a YAML experiment: many candidates, ranked
 
 ``lmkl --help`` stays instant: torch and transformers are imported inside command bodies only.
@@ -25,6 +26,7 @@ from lmkl.cli.commands import (
     report,
     run,
     sample_kl,
+    select,
     validate,
 )
 from lmkl.version import __version__
@@ -39,7 +41,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (compare, demo, run, validate, init, cache, sample_kl, report, inspect):
+for module in (compare, demo, run, validate, init, cache, sample_kl, report, inspect, select):
     module.register(app)
 
 

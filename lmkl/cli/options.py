@@ -504,3 +504,32 @@ def load_with_options(config: Path, overrides: list[str] | None, settings: dict[
     return load_config(
         config, overrides or [], {k: v for k, v in settings.items() if v is not None}
     )
+
+
+ViewTokensOpt = Annotated[
+    int,
+    typer.Option(
+        "--view-tokens",
+        min=0,
+        metavar="N",
+        help="Record both models' top-5 next tokens on the worst documents, up to N tokens, "
+        "for the report's token view (`lmkl report RUN --view tokens`); 0: off.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+
+
+class ViewDocs(str, Enum):
+    worst = "worst"
+    sample = "sample"
+
+
+ViewDocsOpt = Annotated[
+    ViewDocs,
+    typer.Option(
+        "--view-docs",
+        help="Which documents --view-tokens records: the worst by mean KL, or a random "
+        "(seeded) sample of typical text.",
+        rich_help_panel=OUTPUT,
+    ),
+]

@@ -206,6 +206,11 @@ class BytesComparison(PairKind):
                 "(it scores each model's own likelihood of the text)",
                 "drop them, or compare models that share a tokenizer",
             )
+        if compute.view_tokens:
+            raise UsageError(
+                "--view-tokens needs token-level KL, which a per-byte comparison does not compute",
+                "drop --view-tokens, or compare models that share a tokenizer",
+            )
         super().__init__(reference, candidate, data, compute)
         self.windows = windows
 

@@ -78,6 +78,8 @@ class Part:
     table: pa.Table
     sidecar: Any = None
     counters: dict[str, float] = field(default_factory=dict)
+    #: Further per-part tables (name -> table), kept with the part across a resume.
+    extra: dict[str, pa.Table] = field(default_factory=dict)
 
 
 @dataclass
@@ -252,7 +254,7 @@ def _score_parts(
                 )
                 for key, value in part.counters.items():
                     counters[key] = counters.get(key, 0.0) + value
-                run_dir.write_part(index, part.table, sidecar=part.sidecar)
+                run_dir.write_part(index, part.table, sidecar=part.sidecar, extra=part.extra)
                 written.append(index)
                 finished_work += work[index]
                 if progress and shard.is_main:
@@ -383,16 +385,20 @@ def gather_parts(
             payload[index] = (
                 run_dir.part_path(index).read_bytes(),
                 sidecar.read_bytes() if sidecar.exists() else None,
+                {p.name: p.read_bytes() for p in run_dir.extra_paths(index)},
             )
     gathered = shard.gather((payload, counters))
     if gathered is None:
         return None
     totals: dict[str, float] = {}
     for rank_payload, rank_counters in gathered:
-        for index, (part_bytes, sidecar_bytes) in sorted(rank_payload.items()):
+        for index, (part_bytes, sidecar_bytes, extras) in sorted(rank_payload.items()):
             if sidecar_bytes is not None:
                 with atomic_path(run_dir.sidecar_path(index)) as tmp:
                     tmp.write_bytes(sidecar_bytes)
+            for name, extra_bytes in extras.items():
+                with atomic_path(run_dir.parts_dir / name) as tmp:
+                    tmp.write_bytes(extra_bytes)
             with atomic_path(run_dir.part_path(index)) as tmp:
                 tmp.write_bytes(part_bytes)
         for key, value in rank_counters.items():

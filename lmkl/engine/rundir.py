@@ -8,6 +8,8 @@ Layout (a contract; see README, "Run directory")::
       results.json     summary statistics, provenance, throughput (written last)
       tokens.parquet   one row per scored token and candidate
       worst.json       the worst positions with both models' top-5 next tokens (for reports)
+      view.parquet     both models' top-5 next tokens on a bounded set of documents, for the
+                       report's token view (only with ``compute.view_tokens``)
       parts/           durable parts while the run is in progress (removed at the end)
       progress.json    completed parts and the run identity (while in progress)
 
@@ -53,6 +55,7 @@ RUN_FILES = frozenset(
         "results.json",
         "tokens.parquet",
         "worst.json",
+        "view.parquet",
         "progress.json",
         "parts",
         "documents.parquet",
@@ -279,11 +282,26 @@ class RunDirectory:
     def sidecar_path(self, index: int) -> Path:
         return self.parts_dir / f"{self.sidecar}-{index:06d}.json"
 
-    def write_part(self, index: int, table: pa.Table, sidecar: Any = None) -> None:
-        """Write part ``index`` durably (its sidecar first), then update progress.json."""
+    def extra_path(self, name: str, index: int) -> Path:
+        """Part ``index``'s extra table ``name`` (e.g. ``view``), written before the part."""
+        return self.parts_dir / f"{name}-{index:06d}.parquet"
+
+    def write_part(
+        self,
+        index: int,
+        table: pa.Table,
+        sidecar: Any = None,
+        extra: dict[str, pa.Table] | None = None,
+    ) -> None:
+        """Write part ``index`` durably (its sidecar and extra tables first), then update
+        progress.json. A part counts as complete only once its own file exists, so extras of a
+        part that was never completed are removed by :meth:`clean_incomplete`."""
         with _writing(self.path, f"part {index}"):
             if sidecar is not None:
                 write_json(self.sidecar_path(index), sidecar)
+            for name, extra_table in (extra or {}).items():
+                with atomic_path(self.extra_path(name, index)) as tmp:
+                    pq.write_table(extra_table, tmp)
             with atomic_path(self.part_path(index)) as tmp:
                 pq.write_table(table, tmp)
                 _test_hold("part-written", index)
@@ -340,6 +358,25 @@ class RunDirectory:
             self._completed.discard(index)
         self.part_path(index).unlink(missing_ok=True)
         self.sidecar_path(index).unlink(missing_ok=True)
+        for path in self.extra_paths(index):
+            path.unlink(missing_ok=True)
+
+    def extra_paths(self, index: int) -> list[Path]:
+        """The extra tables written with part ``index`` (see :meth:`write_part`)."""
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(
+            p for p in self.parts_dir.glob(f"*-{index:06d}.parquet") if not _PART_RE.match(p.name)
+        )
+
+    def read_extra(self, name: str) -> pa.Table | None:
+        """The extra table ``name`` of every complete part, concatenated (None: no part has it)."""
+        tables = [
+            pq.read_table(path)
+            for i in self.completed_indices()
+            if (path := self.extra_path(name, i)).exists()
+        ]
+        return pa.concat_tables(tables) if tables else None
 
     def clean_incomplete(self) -> list[str]:
         """Remove what a killed write leaves: temporary files and sidecars without a part."""
@@ -353,7 +390,10 @@ class RunDirectory:
                     removed.append(path.name)
         done = set(self.completed_indices())
         if self.parts_dir.is_dir():
-            for path in self.parts_dir.glob("*-*.json"):
+            leftovers = [*self.parts_dir.glob("*-*.json"), *self.parts_dir.glob("*-*.parquet")]
+            for path in leftovers:
+                if _PART_RE.match(path.name):
+                    continue
                 index = path.stem.rpartition("-")[2]
                 if not index.isdigit() or int(index) not in done:
                     path.unlink(missing_ok=True)

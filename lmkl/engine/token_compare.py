@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from lmkl.analysis.stats import distribution, summarize
@@ -30,6 +31,7 @@ from lmkl.engine.identity import run_identity
 from lmkl.engine.loop import LogCallback, Part, Plan, RunOutcome, Summary
 from lmkl.engine.loop import execute as execute_kind
 from lmkl.engine.rundir import BOUNDS_SCHEMA, TOKEN_SCHEMA, RunDirectory, tokens_table
+from lmkl.engine.view_record import build_view, view_part
 from lmkl.errors import TokenizerMismatchError, UsageError
 from lmkl.files import write_json
 from lmkl.models import (
@@ -205,8 +207,16 @@ class TokenComparison:
     def topk(self) -> bool:
         return self.cache is not None and self.cache.mode == "topk"
 
+    def _check_view(self) -> None:
+        if self.compute.view_tokens and self.topk:
+            raise UsageError(
+                "--view-tokens needs exact KL, which a compact (top-k) reference cache only bounds",
+                "drop --view-tokens, or use an exact cache (lmkl cache without --top-k)",
+            )
+
     # -- prepare ---------------------------------------------------------------------------------
     def prepare(self, shard: Shard, log: LogCallback) -> Plan:
+        self._check_view()
         torch.manual_seed(self.compute.seed)
         self.shard = shard
         if self.cache is None:
@@ -357,6 +367,7 @@ class TokenComparison:
                 worst_k,
                 kernel=self.kernel,
                 reference_rows=rows,
+                record_top5=self.compute.view_tokens > 0,
             )
         schema = BOUNDS_SCHEMA if self.topk else TOKEN_SCHEMA
         n = batch.targets.numel()
@@ -379,6 +390,9 @@ class TokenComparison:
                 "real_slots": int(batch.attention_mask.sum()),
                 "padded_slots": batch.attention_mask.numel(),
             },
+            extra={"view": view_part(batch.meta, per_candidate)}
+            if self.compute.view_tokens
+            else {},
         )
         self._described.add(group)
         return part
@@ -476,11 +490,20 @@ class TokenComparison:
             "cpu_seconds": totals["cpu_seconds"],
         }
         worst = _collect_worst(sidecars, self.window_list, self.tokenizer, self.compute.worst_k)
-        return Summary(
-            body=body,
-            throughput=throughput,
-            files={"worst.json": lambda path: write_json(path, worst)},
-        )
+        files = {"worst.json": lambda path: write_json(path, worst)}
+        view_rows = run_dir.read_extra("view") if self.compute.view_tokens else None
+        if view_rows is not None:
+            view = build_view(
+                view_rows,
+                table.select(["candidate", "doc_id", "window_id", "position", "kl"]),
+                self.window_list,
+                self.tokenizer,
+                self.compute.view_tokens,
+                by_chunk=self.windows.windowing == "llama-cpp",
+                sample_seed=self.compute.seed if self.compute.view_docs == "sample" else None,
+            )
+            files["view.parquet"] = lambda path: pq.write_table(view, path)
+        return Summary(body=body, throughput=throughput, files=files)
 
 
 def _locate_worst(

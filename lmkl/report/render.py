@@ -33,6 +33,7 @@ from lmkl.report.model import CandidateView, Report, build_report, confidence_pr
 from lmkl.version import __version__
 
 FORMATS = ("html", "md", "json", "table")
+VIEWS = ("summary", "tokens")
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,11 +426,20 @@ def _environment() -> Any:
     return env
 
 
-def render_html(report: Report, plots: list[Any]) -> str:
-    """The report as one self-contained HTML page."""
+def render_html(
+    report: Report, plots: list[Any], token_view: Any = None, token_view_first: bool = False
+) -> str:
+    """The report as one self-contained HTML page; ``token_view`` (a
+    :class:`lmkl.report.token_view.TokenView`) adds the token view, first or after the worst
+    contexts."""
     images = {p.name: p.data_uri() for p in plots}
     template = _environment().get_template("report.html.j2")
-    return template.render(**_context(report, plots, images))
+    return template.render(
+        **_context(report, plots, images),
+        tv=token_view,
+        tv_first=token_view_first,
+        tv_multi=len(report.runs) > 1,
+    )
 
 
 def render_markdown(report: Report, plots: list[Any], asset_dir: str) -> str:
@@ -537,12 +547,30 @@ def write_report(
     sort_by: str = "kl.mean",
     worst_n: int = 10,
     console: Any = None,
+    view: str = "summary",
+    docs: list[int] | None = None,
+    view_max_tokens: int = 50_000,
 ) -> Path | None:
-    """Build the report of ``run_dirs`` and write it; returns the file written (None: stdout)."""
+    """Build the report of ``run_dirs`` and write it; returns the file written (None: stdout).
+
+    ``view="tokens"`` opens the HTML page on the token view (the run must have been compared
+    with ``--view-tokens``); ``docs`` picks its documents, ``view_max_tokens`` caps its size.
+    Without ``view="tokens"`` a run's recorded token view is shown after the worst contexts."""
     if fmt_name not in FORMATS:
         from lmkl.errors import UsageError
 
         raise UsageError(f"unknown report format '{fmt_name}'", "use html, md, json or table")
+    if view not in VIEWS:
+        from lmkl.errors import UsageError
+
+        raise UsageError(f"unknown view '{view}'", "use summary or tokens")
+    if (view == "tokens" or docs) and fmt_name != "html":
+        from lmkl.errors import UsageError
+
+        raise UsageError(
+            "the token view (--view tokens, --doc) is part of the HTML report only",
+            "drop --view/--doc, or use --format html",
+        )
     report = build_report([Path(p) for p in run_dirs], sort_by=sort_by, worst_n=worst_n)
     out = Path(out) if out else default_output(run_dirs, fmt_name)
     if fmt_name == "json":
@@ -571,7 +599,10 @@ def write_report(
     plots = make_plots(report)
     assert out is not None
     if fmt_name == "html":
-        _write_text(out, render_html(report, plots))
+        from lmkl.report.token_view import report_token_view
+
+        tv = report_token_view(report, view == "tokens", docs, view_max_tokens)
+        _write_text(out, render_html(report, plots, tv, token_view_first=view == "tokens"))
         return out
     asset_name = f"{out.stem}_files"
     asset_dir = out.parent / asset_name

@@ -161,6 +161,7 @@ def score_batch(
     *,
     kernel: MetricsKernel | None = None,
     reference_rows: torch.Tensor | None = None,
+    record_top5: bool = False,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[dict[str, Any]]]]:
     """Per-token metrics for every candidate on one batch, and each candidate's worst positions.
 
@@ -169,6 +170,9 @@ def score_batch(
     ``reference_rows`` supplies the reference's rows directly (a reference cache); then
     ``reference`` only needs ``logits(rows)``. Targets outside the compared vocabulary get
     probability 0 under both models (see :func:`~lmkl.scoring.divergence.outside_vocabulary`).
+    ``record_top5`` adds both models' five most likely next tokens for every token to each
+    candidate's arrays (``reference_top5_ids``/``_probs``, ``candidate_top5_ids``/``_probs``,
+    ``[tokens, 5]``), for the report's token view.
     """
     kernel = kernel or MetricsKernel(compile=False)
     if reference_rows is None:
@@ -183,6 +187,8 @@ def score_batch(
         # Full-width rows: the kernel slices padded heads to vocab_size without a copy.
         ref_logits = overflow_as_nan(reference.logits(ref_rows[start:stop]))
         chunk_targets = targets[start:stop].to(ref_logits.device)
+        # The reference's top-5 is the same for every candidate: computed once per chunk.
+        ref_top = _top5(ref_logits[..., :vocab_size], temperature) if record_top5 else None
         for i, candidate in enumerate(candidates):
             cand_logits = overflow_as_nan(candidate.logits(cand_rows[i][start:stop]))
             cand_logits = cand_logits.to(ref_logits.device)
@@ -208,6 +214,16 @@ def score_batch(
             )
             chunk_metrics = {k: v.cpu() for k, v in metrics.items() if not k.startswith("lse_")}
             zero_probability_targets(chunk_metrics, outside[start:stop])
+            if ref_top is not None:
+                cand_top = _top5(
+                    cand_logits[..., :vocab_size], temperature, None if lse is None else lse[1]
+                )
+                chunk_metrics |= {
+                    "reference_top5_ids": ref_top.indices.cpu().int(),
+                    "reference_top5_probs": ref_top.values.exp().cpu(),
+                    "candidate_top5_ids": cand_top.indices.cpu().int(),
+                    "candidate_top5_probs": cand_top.values.exp().cpu(),
+                }
             chunks[i].append(chunk_metrics)
             del cand_logits
         del ref_logits

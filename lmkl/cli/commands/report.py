@@ -12,6 +12,11 @@ from lmkl.cli.funnel import friendly_errors
 from lmkl.cli.output import stdout
 
 
+class ReportView(str, Enum):
+    summary = "summary"
+    tokens = "tokens"
+
+
 class ReportFormat(str, Enum):
     html = "html"
     md = "md"
@@ -56,11 +61,42 @@ def report(
     worst: Annotated[
         int, typer.Option("--worst", min=0, help="Worst contexts shown per candidate.")
     ] = 10,
+    view: Annotated[
+        ReportView,
+        typer.Option(
+            "--view",
+            help="tokens: open the page on the token view (documents shaded by KL, both "
+            "models' top-5 on hover; needs `lmkl compare --view-tokens N`). summary: the "
+            "summary first (a recorded token view follows the worst contexts).",
+        ),
+    ] = ReportView.summary,
+    doc: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--doc",
+            help="Show these recorded documents (llama-cpp: chunks) in the token view "
+            "(repeatable; default: the worst by mean KL).",
+        ),
+    ] = None,
+    view_max_tokens: Annotated[
+        int,
+        typer.Option("--view-max-tokens", min=1, help="Tokens the token view embeds at most."),
+    ] = 50_000,
 ) -> None:
     """Turn runs into a report: plain-language summary, tables with errors, plots, worst tokens."""
     from lmkl.report.render import write_report
 
-    path = write_report(run_dirs, fmt.value, out, sort_by=sort_by, worst_n=worst, console=stdout)
+    path = write_report(
+        run_dirs,
+        fmt.value,
+        out,
+        sort_by=sort_by,
+        worst_n=worst,
+        console=stdout,
+        view=view.value,
+        docs=doc or None,
+        view_max_tokens=view_max_tokens,
+    )
     if path is not None:
         stdout.print(f"report: [bold]{path}[/bold]", highlight=False, soft_wrap=True)
 
