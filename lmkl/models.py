@@ -832,6 +832,13 @@ def describe_model(
         info["revision"] = loaded.spec.revision
         info["resolved_revision"] = getattr(model.config, "_commit_hash", None)
         info["bytes_on_disk"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
+    checkpoint = (quantization or {}).get("kind") == "checkpoint"
+    if checkpoint and local and 0 < info["bytes_on_disk"] < info["weight_bytes"]:
+        # Some formats (compressed-tensors on CPU) decompress to dense weights on load: the
+        # checkpoint's files are then the real size of its quantized weights.
+        info["weight_bytes"] = info["bytes_on_disk"]
+        info["bits_per_weight"] = 8 * info["bytes_on_disk"] / storage["weights"]
+        info["size_source"] = "checkpoint files"
     return info
 
 

@@ -50,7 +50,7 @@ METHOD_BACKENDS: dict[str, Backend] = {
 #: Pre-quantized checkpoints, by ``quantization_config.quant_method``. ``needs_cuda`` marks the
 #: formats whose kernels exist only for NVIDIA GPUs in the backend's current release.
 CHECKPOINT_BACKENDS: dict[str, Backend] = {
-    "compressed-tensors": Backend("compressed_tensors", "pip install compressed-tensors"),
+    "compressed-tensors": Backend("compressed_tensors", QUANT_EXTRA),
     "torchao": Backend("torchao", QUANT_EXTRA),
     "bitsandbytes": Backend("bitsandbytes", QUANT_EXTRA),
     "quanto": Backend("optimum.quanto", QUANT_EXTRA),
