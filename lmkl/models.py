@@ -284,11 +284,9 @@ class GgufTokenizer:
 
     def __init__(self, inner: Any, spec: ModelSpec) -> None:
         from gguf import GGUFReader
-        from transformers.utils import cached_file
 
         self._inner = inner
-        path = cached_file(_tokenizer_source(spec), spec.gguf_file, revision=spec.revision)
-        fields = GGUFReader(path).fields
+        fields = GGUFReader(str(_gguf_path(spec))).fields
 
         def value(key: str) -> Any:
             field = fields.get(key)
@@ -344,6 +342,18 @@ def _pretrained(factory: Any, spec: ModelSpec, source: str, what: str) -> Any:
             )
     except Exception as exc:  # transformers raises many types; translate them to one line
         raise translate_load_error(spec, exc, what) from exc
+
+
+def _gguf_path(spec: ModelSpec) -> Path:
+    """The GGUF file on disk: in the model directory, or in the hub cache (fetched if needed)."""
+    if _is_local(spec):
+        return Path(spec.model).expanduser() / str(spec.gguf_file)
+    from transformers.utils import cached_file
+
+    try:
+        return Path(cached_file(spec.model, str(spec.gguf_file), revision=spec.revision))
+    except Exception as exc:  # hub errors: one line, like every other load failure
+        raise translate_load_error(spec, exc, "GGUF file") from exc
 
 
 def _gguf_kwargs(spec: ModelSpec) -> dict[str, Any]:
@@ -642,9 +652,7 @@ def _quantization_kwargs(
             )
         if kwargs["dtype"] == "auto":
             kwargs["dtype"] = torch.float32  # transformers dequantizes GGUF tensors to this
-        if _is_local(spec):
-            return gguf_storage(Path(spec.model).expanduser() / spec.gguf_file)
-        return {"kind": "gguf", "method": "gguf", "scheme": None, "size_source": None}
+        return gguf_storage(_gguf_path(spec))
     config = model_config(spec)
     settings = check_checkpoint_backend(config, device, spec.display_name)
     if spec.quantize is not None:
