@@ -47,8 +47,11 @@ def set_offline(offline: bool = True) -> None:
 
 
 def quiet_hf_logging() -> None:
-    """Silence transformers' and datasets' own progress bars and info logs (lmkl has its own)."""
-    import datasets
+    """Silence transformers' and datasets' own progress bars and info logs (lmkl has its own).
+
+    ``datasets`` is quieted only once something imported it (importing it costs about a second
+    and a run on a local file does not need it); whatever imports it later calls this again.
+    """
     import huggingface_hub
     import transformers
 
@@ -57,8 +60,10 @@ def quiet_hf_logging() -> None:
     huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    datasets = sys.modules.get("datasets")
+    if datasets is not None:
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
 
 
 def resolve_device(device: str) -> torch.device:
