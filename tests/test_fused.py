@@ -117,6 +117,26 @@ def test_eager_kernel_splits_rows_without_changing_values():
     assert small.backend == "eager" and not small.use_compile
 
 
+@pytest.mark.parametrize("rows, vocab", [(9, 131072), (7, 524288), (5, 2**20)])
+def test_cache_sized_eager_blocks_give_whole_chunk_values_bit_for_bit(rows, vocab):
+    # On a CPU the eager kernel works in blocks of about EAGER_CPU_BLOCK_BYTES per temporary,
+    # with no one-row block left over; each finite row's values equal one whole-chunk call's.
+    from lmkl.scoring.fused import EAGER_CPU_BLOCK_BYTES
+
+    gen = torch.Generator().manual_seed(5)
+    ref = torch.randn(rows, vocab, generator=gen) * 3
+    cand = ref + torch.randn(rows, vocab, generator=gen)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    assert max(2, EAGER_CPU_BLOCK_BYTES // (4 * vocab)) < rows  # the kernel does split them
+    got = MetricsKernel(compile=False)(ref, cand, targets)
+    whole = token_metrics_fused(ref, cand, targets)
+    for name, value in whole.items():
+        assert torch.equal(got[name], value), name
+    # Special rows take the exact fallback within their block: equal to float32 rounding.
+    ref, cand, targets = logits_with_special_rows(9, 131072, seed=6)
+    assert_same(MetricsKernel(compile=False)(ref, cand, targets), token_metrics(ref, cand, targets))
+
+
 @pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("cc") is None,
     reason="torch.compile on CPU needs a C++ compiler",
