@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -379,15 +380,41 @@ def _make_head(model: Any) -> OutputHead | None:
     )
 
 
+#: Full-forward logits of the probe input, from the split check to the causality check of the
+#: same model (one forward fewer per model at load time).
+_PROBE_LOGITS: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def _probe_inputs(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The two probe inputs: 8 random tokens, and the same with the last 4 changed."""
+    vocab = min(loaded.logits_width, len(loaded.tokenizer))
+    if vocab < 2:
+        return None
+    gen = torch.Generator().manual_seed(1)
+    first = torch.randint(0, vocab, (1, 8), generator=gen)
+    second = first.clone()
+    second[0, 4:] = (first[0, 4:] + torch.randint(1, vocab, (4,), generator=gen)) % vocab
+    return first, second
+
+
+def _full_logits(loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    ids = ids.to(loaded.device)
+    return loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+
 @torch.inference_mode()
 def _split_is_exact(loaded: LoadedModel) -> bool:
     """Compare the decoder+head split with the model's own forward on a short probe."""
-    vocab = min(loaded.logits_width, len(loaded.tokenizer))
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, max(vocab, 1), (1, 8), generator=gen).to(loaded.device)
+    probes = _probe_inputs(loaded)
+    # A vocabulary of one token (or none) has no second input to tell causality by.
+    ids = probes[0] if probes is not None else torch.zeros((1, 8), dtype=torch.long)
+    ids = ids.to(loaded.device)
     mask = torch.ones_like(ids)
     try:
-        full = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        full = _full_logits(loaded, ids)
+        if probes is not None:
+            _PROBE_LOGITS[loaded.model] = full  # the causality check's first forward
+        full = full.float()
         split = loaded.logits(loaded.hidden_states(ids, mask)).float()
     except Exception:  # any failure of the split path means: do not use it
         return False
@@ -406,23 +433,20 @@ def _is_causal(loaded: LoadedModel) -> bool:
     does not prove causality. Two inputs share their first half and differ in the second; a
     causal model gives the same first-half logits. Positions whose logits are not finite in
     either input are not compared (a model producing NaN is reported per token, not here).
+    The first input's forward is the one the split check just ran, when it ran.
     """
-    vocab = min(loaded.logits_width, len(loaded.tokenizer))
-    if vocab < 2:
+    probes = _probe_inputs(loaded)
+    if probes is None:
         return True
-    gen = torch.Generator().manual_seed(1)
-    first = torch.randint(0, vocab, (1, 8), generator=gen)
-    second = first.clone()
-    second[0, 4:] = (first[0, 4:] + torch.randint(1, vocab, (4,), generator=gen)) % vocab
     outputs = []
+    known = _PROBE_LOGITS.pop(loaded.model, None)
     # Two separate forwards of one shape: rows of one batch could interact (e.g. MoE capacity).
-    for ids in (first, second):
-        ids = ids.to(loaded.device)
+    for i, ids in enumerate(probes):
         try:
-            out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            logits = known if i == 0 and known is not None else _full_logits(loaded, ids)
         except Exception:  # the real run will report a failing forward with its own message
             return True
-        outputs.append(out.logits[0, :4].float())
+        outputs.append(logits[0, :4].float())
     a, b = outputs
     both = torch.isfinite(a) & torch.isfinite(b)
     if not bool(both.any()):
