@@ -38,19 +38,55 @@ from lmkl.errors import LmklWarning
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
 
 __all__ = [
-    "COMPILE_MIN_ELEMENTS",
     "MetricsKernel",
+    "compile_threshold",
     "temporaries_per_token",
     "token_metrics_fused",
 ]
 
 LN2 = math.log(2.0)
 
-#: ``torch.compile`` is used for a run only when it scores at least this many
-#: ``token x vocabulary`` entries: compiling costs seconds (tens of seconds the first time on a
-#: machine, a few seconds once Inductor's on-disk cache is warm), the fused kernel saves a few
-#: nanoseconds per entry. ``LMKL_COMPILE_MIN_ELEMENTS`` overrides it.
-COMPILE_MIN_ELEMENTS = 100_000_000
+#: Whether compiling pays is decided per run from measured costs (``scripts/bench.py``, 2 CPU
+#: cores): the compiled kernel saves about this many seconds per ``token x vocabulary`` entry
+#: over the eager one (about 4.5 vs 9 ns per entry), and compiling costs about
+#: ``COMPILE_SECONDS_WARM`` once Inductor's on-disk cache holds the kernel for this vocabulary,
+#: ``COMPILE_SECONDS_COLD`` before. So a run compiles when its entries times the saving exceed
+#: the expected cost: about 7e8 entries when the cache is warm, 7e9 when it is cold.
+#: ``LMKL_COMPILE_MIN_ELEMENTS`` sets a fixed threshold instead.
+COMPILE_SAVING_PER_ELEMENT_S = 4.5e-9
+COMPILE_SECONDS_WARM = 3.0
+COMPILE_SECONDS_COLD = 30.0
+#: The vocabularies lmkl compiled the kernel for (per torch version), across processes.
+_COMPILED_MEMO = "compiled-kernels"
+
+
+def _inductor_cache_dir() -> str:
+    """Where Inductor keeps compiled kernels (its default, without importing Inductor)."""
+    import getpass
+    import tempfile
+
+    default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default
+
+
+def _compiled_key(vocab: int, top_k: int) -> str:
+    return f"torch {torch.__version__} vocab {vocab} top {top_k} at {_inductor_cache_dir()}"
+
+
+def compile_threshold(vocab_size: int | None, top_k: int = 5) -> float:
+    """The fewest ``token x vocabulary`` entries for which compiling the kernel pays."""
+    from lmkl.files import read_memo
+
+    if "LMKL_COMPILE_MIN_ELEMENTS" in os.environ:
+        return float(os.environ["LMKL_COMPILE_MIN_ELEMENTS"])
+    warm = (
+        vocab_size is not None
+        and _compiled_key(vocab_size, top_k) in read_memo(_COMPILED_MEMO)
+        and os.path.isdir(_inductor_cache_dir())
+    )
+    cost = COMPILE_SECONDS_WARM if warm else COMPILE_SECONDS_COLD
+    return cost / COMPILE_SAVING_PER_ELEMENT_S
+
 
 #: Bytes of one float32 ``[rows, V]`` temporary per eager block on a CPU (about the size of a
 #: core's L2 cache); see :meth:`MetricsKernel._eager`.
@@ -279,7 +315,7 @@ class MetricsKernel:
     """Per-chunk metrics with a ``torch.compile``d fused kernel where it pays, eager otherwise.
 
     ``compile`` asks for the compiled kernel; it is actually used only when ``expected_elements``
-    (tokens x vocabulary the run will score) reaches :data:`COMPILE_MIN_ELEMENTS`, and only if
+    (tokens x vocabulary the run will score) reaches :func:`compile_threshold`, and only if
     compilation works here: any failure (no C++ compiler, unsupported device, ...) falls back to
     the eager fused path once, with a warning, and the run goes on. ``backend`` records which path
     ran ("compiled" or "eager"), for the results' provenance.
@@ -293,15 +329,16 @@ class MetricsKernel:
         *,
         compile: bool = True,
         expected_elements: int | None = None,
+        vocab_size: int | None = None,
         top_k: int = 5,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        threshold = int(os.environ.get("LMKL_COMPILE_MIN_ELEMENTS", COMPILE_MIN_ELEMENTS))
         self.top_k = top_k
         self.log = log or (lambda _msg: None)
         self.use_compile = bool(compile) and (
-            expected_elements is None or expected_elements >= threshold
+            expected_elements is None or expected_elements >= compile_threshold(vocab_size, top_k)
         )
+        self._remembered = False
         self.backend = "compiled" if self.use_compile else "eager"
         #: Rows per eager call (None: all at once); set by callers that size chunks for the
         #: compiled kernel, so that a fallback to eager keeps to the same memory budget.
@@ -400,6 +437,12 @@ class MetricsKernel:
                 temperature=temperature,
                 vocab_size=vocab_size,
             )
+        if not self._remembered:
+            # Inductor's cache now holds this kernel: later runs expect the warm cost.
+            from lmkl.files import remember
+
+            remember(_COMPILED_MEMO, {_compiled_key(vocab, self.top_k): True})
+            self._remembered = True
         stacked = stacked[:, :n]
         return _finish(
             stacked, reference_logits, candidate_logits, targets, temperature, vocab, self.top_k
