@@ -30,7 +30,9 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -311,6 +313,22 @@ def token_metrics_fused(
     return _finish(stacked, reference_logits, candidate_logits, targets, temperature, vocab, top_k)
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+@contextmanager
+def _one_thread_per_block(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """A pool of ``threads`` workers while torch's own ops run single-threaded."""
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lmkl-kl")
+    torch.set_num_threads(1)
+    try:
+        yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
 class MetricsKernel:
     """Per-chunk metrics with a ``torch.compile``d fused kernel where it pays, eager otherwise.
 
@@ -355,24 +373,26 @@ class MetricsKernel:
         # Chunks sized for the compiled kernel are split so the eager temporaries fit as well.
         rows = ref.shape[0]
         step = self.eager_rows or rows
-        if ref.device.type == "cpu":
+        on_cpu = ref.device.type == "cpu"
+        if on_cpu:
             # On a CPU the eager path makes about twenty sweeps over its [rows, V] temporaries:
-            # blocks that stay in cache cost a third of blocks that go to memory (measured:
-            # about 6 vs 20 ns per token and vocabulary entry on 2 cores at V=128k). Blocks keep
-            # at least two rows (and one per thread): a one-row reduction is split over threads
-            # along the vocabulary, in another order; so a finite row's numbers are those of a
-            # whole-chunk call, bit for bit (tests/test_fused.py checks it). Rows that take the
-            # exact fallback are recomputed as before, to float32 rounding.
+            # in blocks that stay in cache, each worked by one thread (no barrier per op, which
+            # stalls whenever another process holds a core), it takes a third of the CPU time
+            # of whole-chunk calls (measured: about 12 vs 38 CPU-ns per token and vocabulary
+            # entry at V=128k). Blocks keep at least two rows and no one-row block is left
+            # over: a finite row's numbers are then those of a whole-chunk call, bit for bit
+            # (tests/test_fused.py checks it).
             width = vocab_size or ref.shape[-1]
-            least = max(2, torch.get_num_threads())
-            step = min(step, max(least, EAGER_CPU_BLOCK_BYTES // (4 * width)))
+            step = min(step, max(2, EAGER_CPU_BLOCK_BYTES // (4 * width)))
         step = max(step, 1)
         starts = list(range(0, max(rows, 1), step))
         if len(starts) > 1 and rows - starts[-1] == 1 and step > 1:
             starts.pop()  # a last one-row block joins the one before it (see above)
-        ends = [*starts[1:], max(rows, 1)]
-        parts = [
-            token_metrics_fused(
+        spans = list(zip(starts, [*starts[1:], max(rows, 1)], strict=True))
+
+        def block(span: tuple[int, int]) -> dict[str, torch.Tensor]:
+            s, e = span
+            return token_metrics_fused(
                 ref[s:e],
                 cand[s:e],
                 targets[s:e],
@@ -380,8 +400,13 @@ class MetricsKernel:
                 top_k=self.top_k,
                 vocab_size=vocab_size,
             )
-            for s, e in zip(starts, ends, strict=True)
-        ]
+
+        threads = torch.get_num_threads()
+        if on_cpu and len(spans) > 1 and threads > 1:
+            with _one_thread_per_block(threads) as pool:
+                parts = list(pool.map(block, spans))
+        else:
+            parts = [block(span) for span in spans]
         if len(parts) == 1:
             return parts[0]
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
