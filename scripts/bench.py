@@ -1,4 +1,4 @@
-"""Benchmark lmkl's compute core against the forward passes it cannot avoid (not a test).
+"""Benchmark lmkl against the forward passes it cannot avoid, as users time it (not a test).
 
 Random-initialised Llama models of realistic shape, built locally (no downloads):
 
@@ -7,9 +7,19 @@ Random-initialised Llama models of realistic shape, built locally (no downloads)
 * ``v128k``: a 256-wide, 2-layer pair with a 128,256-token vocabulary (where the output layer
   and the KL dominate).
 
-Measured on the same batches (documents of 255 words, one window each, batches of 8):
+First, whole processes (the headline figures): ``lmkl compare ...`` as a user runs it, against
+``scripts/bench_baseline.py forward`` (a script that reads the same documents, loads both models
+and runs their full forwards: the floor for any exact method) and ``... naive`` (the same plus
+``log_softmax`` and ``kl_div``), each a fresh process, at two job sizes. From them: each
+command's fixed cost (the intercept: start-up, imports, loading, probes, hashing, compiling,
+writing), lmkl's fixed cost over the forward-only script's, the marginal per-token ratio (the
+slope ratio: the difference of the two sizes cancels fixed costs), the end-to-end ratio at the
+larger size and each process's peak RSS; in wall and in CPU time.
 
-* forward-only: both models' full forward with full logits (the floor for any exact method);
+Then the in-process breakdown, measured on the same batches (documents of 255 words, one window
+each, batches of 8):
+
+* forward-only: both models' full forward with full logits;
 * naive: full logits, ``log_softmax``, ``kl_div`` (what a short script does);
 * lmkl: ``run_comparison`` (scoring time; the fused kernel compiled beforehand, compile time
   reported separately);
@@ -19,12 +29,14 @@ Measured on the same batches (documents of 255 words, one window each, batches o
 
 Usage::
 
-    python scripts/bench.py            # full run, ~10 min on 2 CPU cores
-    python scripts/bench.py --quick    # fewer tokens, no 135M pair: a couple of minutes
+    python scripts/bench.py               # everything, ~25 min on 2 CPU cores
+    python scripts/bench.py --whole-only  # the whole-process figures only, ~10 min
+    python scripts/bench.py --quick       # fewer tokens, no 135M pair: a few minutes
 
-Writes ``scripts/results/bench.json`` and ``scripts/results/bench.md``. Timings on a shared
-machine are noisy: each timed step runs ``--repeat`` times and the fastest is kept, and the load
-average is recorded.
+Writes ``scripts/results/bench[-quick][-whole].json`` and ``.md``. Timings on a shared machine
+are noisy: each timed step runs ``--repeat`` times (whole processes: 3, --quick 2) and the
+fastest is kept, and the load average is recorded. ``scripts/bench_llama_cpp.py`` is the peer
+benchmark against llama.cpp (it needs a llama.cpp build).
 """
 
 from __future__ import annotations
