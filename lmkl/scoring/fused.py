@@ -195,17 +195,17 @@ def _core_eager(
     torch.add(p, q, out=work).log_().clamp_min_(_LOG_FLOOR).sub_(LN2)
     jsd = ((p * (lp - work)).sum(-1) + (q * (lq - work)).sum(-1)).mul_(0.5).clamp_(0.0, LN2)
     del work
+    # max() gives the index too (the first maximum, as argmax): one sweep instead of two; the
+    # count in int32 sums a third faster than in int64 (exact: V < 2^31).
     max_lp, top_p = lp.max(-1)
-    top_q = lq.argmax(-1)
-    rank = (lq > lq.gather(-1, top_p[:, None])).sum(-1)
+    max_lq, top_q = lq.max(-1)
+    rank = (lq > lq.gather(-1, top_p[:, None])).sum(-1, dtype=torch.int32)
     t = targets[:, None]
     lp_x = lp.gather(-1, t).squeeze(-1)
     lq_x = lq.gather(-1, t).squeeze(-1)
     # log-normalisers (lp = a - lse), read off at each row's top token: no extra sweep.
     lse_a = a.gather(-1, top_p[:, None]).squeeze(-1).float() - max_lp
-    lse_b = b.gather(-1, top_q[:, None]).squeeze(-1).float() - lq.gather(
-        -1, top_q[:, None]
-    ).squeeze(-1)
+    lse_b = b.gather(-1, top_q[:, None]).squeeze(-1).float() - max_lq
     return torch.stack(
         [
             kl,
