@@ -85,3 +85,44 @@ def to_json_safe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return to_json_safe(value.item())
     return value
+
+
+def user_cache_dir() -> Path:
+    """``$LMKL_CACHE_DIR`` if set, else the per-user cache directory (platformdirs)."""
+    root = os.environ.get("LMKL_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    from platformdirs import user_cache_dir as platform_cache_dir
+
+    return Path(platform_cache_dir("lmkl"))
+
+
+def read_memo(name: str) -> dict[str, Any]:
+    """The values remembered in ``<user cache>/<name>.json`` across processes ({} if none).
+
+    A memo only saves work (a hash, a compilation guess): an unreadable or damaged file reads
+    as empty and the work is redone.
+    """
+    try:
+        value = json.loads((user_cache_dir() / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def remember(name: str, updates: dict[str, Any], keep: int = 1000) -> None:
+    """Add ``updates`` to the memo ``name`` (the newest ``keep`` entries are kept).
+
+    Written atomically; when two processes write at once the last one wins, which only costs
+    the other's entries being recomputed later. Failures (read-only home) are ignored.
+    """
+    memo = read_memo(name)
+    for key in updates:
+        memo.pop(key, None)  # re-inserted last: newest at the end
+    memo.update(updates)
+    entries = list(memo.items())[-keep:]
+    try:
+        with atomic_path(user_cache_dir() / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(dict(entries), indent=1) + "\n")
+    except OSError:
+        pass

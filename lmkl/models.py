@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,13 @@ def set_offline(offline: bool = True) -> None:
 
 
 def quiet_hf_logging() -> None:
-    """Silence transformers' and datasets' own progress bars and info logs (lmkl has its own)."""
+    """Silence transformers' and datasets' own progress bars and info logs (lmkl has its own).
+
+    ``datasets`` is quieted only once something imported it (importing it costs about a second
+    and a run on a local file does not need it); whatever imports it later calls this again.
+    """
     # transformers imports every installed quantization backend with its models.
     quiet_backend_logs()
-    import datasets
     import huggingface_hub
     import transformers
 
@@ -72,8 +76,10 @@ def quiet_hf_logging() -> None:
     huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    datasets = sys.modules.get("datasets")
+    if datasets is not None:
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -121,28 +127,46 @@ def _weight_files(directory: Path) -> list[Path]:
     )
 
 
-#: Content hashes already computed in this process, keyed by each file's path, inode, size and
-#: change time (a run hashes a checkpoint for its identity before loading it and again to
-#: describe it; any write to a file changes its ctime, which no copy can set back).
-_FINGERPRINTS: dict[tuple[tuple[str, int, int, int], ...], str] = {}
+#: Content hashes already computed in this process, keyed by each file's path, inode, size,
+#: modification and change time (a run hashes a checkpoint for its identity before loading it
+#: and again to describe it; any write to a file changes its ctime, which no copy can set back).
+_FINGERPRINTS: dict[tuple[tuple[str, int, int, int, int], ...], str] = {}
+#: The same hashes across processes: a small memo under the user cache directory (hashing a
+#: checkpoint reads all of it: about a second per GB, every run).
+_FINGERPRINT_MEMO = "weights-sha256"
 
 
-def _file_key(path: Path) -> tuple[str, int, int, int]:
+def _file_key(path: Path) -> tuple[str, int, int, int, int]:
     stat = path.stat()
-    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_ctime_ns
+    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def fingerprint_files(paths: list[Path]) -> str:
-    """SHA-256 over the names and contents of ``paths`` (a content hash of local weights)."""
+    """SHA-256 over the names and contents of ``paths`` (a content hash of local weights).
+
+    Computed once per set of files: a later call, in this process or another, with every file's
+    path, inode, size, mtime and ctime unchanged reuses it (a changed file is hashed again).
+    """
+    from lmkl.files import read_memo, remember
+
     key = tuple(_file_key(p) for p in paths)
-    if key not in _FINGERPRINTS:
-        digest = hashlib.sha256()
-        for path in paths:
-            digest.update(path.name.encode())
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(8 * 2**20), b""):
-                    digest.update(block)
-        _FINGERPRINTS[key] = digest.hexdigest()
+    if key in _FINGERPRINTS:
+        return _FINGERPRINTS[key]
+    memo_key = json.dumps(key)
+    known = read_memo(_FINGERPRINT_MEMO).get(memo_key)
+    if isinstance(known, str) and len(known) == 64:
+        _FINGERPRINTS[key] = known
+        return known
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(8 * 2**20), b""):
+                digest.update(block)
+    # Files changed while they were read are not remembered across processes.
+    if tuple(_file_key(p) for p in paths) == key:
+        remember(_FINGERPRINT_MEMO, {memo_key: digest.hexdigest()})
+    _FINGERPRINTS[key] = digest.hexdigest()
     return _FINGERPRINTS[key]
 
 
@@ -511,15 +535,36 @@ def _make_head(model: Any) -> OutputHead | None:
     )
 
 
+#: Full-forward logits of the probe input, from the split check to the causality check of the
+#: same model (one forward fewer per model at load time).
+_PROBE_LOGITS: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def _probe_inputs(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The two probe inputs: 8 random tokens, and the same with the last 4 changed."""
+    vocab = min(loaded.logits_width, len(loaded.tokenizer))
+    if vocab < 2:
+        return None
+    gen = torch.Generator().manual_seed(1)
+    first = torch.randint(0, vocab, (1, 8), generator=gen)
+    second = first.clone()
+    second[0, 4:] = (first[0, 4:] + torch.randint(1, vocab, (4,), generator=gen)) % vocab
+    return first, second
+
+
 @torch.inference_mode()
 def _split_is_exact(loaded: LoadedModel) -> bool:
     """Compare the decoder+head split with the model's own forward on a short probe."""
-    vocab = min(loaded.logits_width, len(loaded.tokenizer))
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, max(vocab, 1), (1, 8), generator=gen).to(loaded.device)
+    probes = _probe_inputs(loaded)
+    # A vocabulary of one token (or none) has no second input to tell causality by.
+    ids = probes[0] if probes is not None else torch.zeros((1, 8), dtype=torch.long)
+    ids = ids.to(loaded.device)
     mask = torch.ones_like(ids)
     try:
-        full = loaded.forward_logits(ids, mask).float()
+        full = loaded.forward_logits(ids, mask)
+        if probes is not None:
+            _PROBE_LOGITS[loaded.model] = full  # the causality check's first forward
+        full = full.float()
         split = loaded.logits(loaded.hidden_states(ids, mask)).float()
     except Exception:  # any failure of the split path means: do not use it
         return False
@@ -538,20 +583,21 @@ def _is_causal(loaded: LoadedModel) -> bool:
     does not prove causality. Two inputs share their first half and differ in the second; a
     causal model gives the same first-half logits. Positions whose logits are not finite in
     either input are not compared (a model producing NaN is reported per token, not here).
+    The first input's forward is the one the split check just ran, when it ran.
     """
-    vocab = min(loaded.logits_width, len(loaded.tokenizer))
-    if vocab < 2:
+    probes = _probe_inputs(loaded)
+    if probes is None:
         return True
-    gen = torch.Generator().manual_seed(1)
-    first = torch.randint(0, vocab, (1, 8), generator=gen)
-    second = first.clone()
-    second[0, 4:] = (first[0, 4:] + torch.randint(1, vocab, (4,), generator=gen)) % vocab
     outputs = []
+    known = _PROBE_LOGITS.pop(loaded.model, None)
     # Two separate forwards of one shape: rows of one batch could interact (e.g. MoE capacity).
-    for ids in (first, second):
-        ids = ids.to(loaded.device)
+    for i, ids in enumerate(probes):
         try:
-            logits = loaded.forward_logits(ids, torch.ones_like(ids))
+            if i == 0 and known is not None:
+                logits = known
+            else:
+                ids = ids.to(loaded.device)
+                logits = loaded.forward_logits(ids, torch.ones_like(ids))
         except Exception:  # the real run will report a failing forward with its own message
             return True
         outputs.append(logits[0, :4].float())

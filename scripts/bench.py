@@ -1,4 +1,4 @@
-"""Benchmark lmkl's compute core against the forward passes it cannot avoid (not a test).
+"""Benchmark lmkl against the forward passes it cannot avoid, as users time it (not a test).
 
 Random-initialised Llama models of realistic shape, built locally (no downloads):
 
@@ -7,9 +7,19 @@ Random-initialised Llama models of realistic shape, built locally (no downloads)
 * ``v128k``: a 256-wide, 2-layer pair with a 128,256-token vocabulary (where the output layer
   and the KL dominate).
 
-Measured on the same batches (documents of 255 words, one window each, batches of 8):
+First, whole processes (the headline figures): ``lmkl compare ...`` as a user runs it, against
+``scripts/bench_baseline.py forward`` (a script that reads the same documents, loads both models
+and runs their full forwards: the floor for any exact method) and ``... naive`` (the same plus
+``log_softmax`` and ``kl_div``), each a fresh process, at two job sizes. From them: each
+command's fixed cost (the intercept: start-up, imports, loading, probes, hashing, compiling,
+writing), lmkl's fixed cost over the forward-only script's, the marginal per-token ratio (the
+slope ratio: the difference of the two sizes cancels fixed costs), the end-to-end ratio at the
+larger size and each process's peak RSS; in wall and in CPU time.
 
-* forward-only: both models' full forward with full logits (the floor for any exact method);
+Then the in-process breakdown, measured on the same batches (documents of 255 words, one window
+each, batches of 8):
+
+* forward-only: both models' full forward with full logits;
 * naive: full logits, ``log_softmax``, ``kl_div`` (what a short script does);
 * lmkl: ``run_comparison`` (scoring time; the fused kernel compiled beforehand, compile time
   reported separately);
@@ -19,12 +29,14 @@ Measured on the same batches (documents of 255 words, one window each, batches o
 
 Usage::
 
-    python scripts/bench.py            # full run, ~10 min on 2 CPU cores
-    python scripts/bench.py --quick    # fewer tokens, no 135M pair: a couple of minutes
+    python scripts/bench.py               # everything, ~25 min on 2 CPU cores
+    python scripts/bench.py --whole-only  # the whole-process figures only, ~10 min
+    python scripts/bench.py --quick       # fewer tokens, no 135M pair: a few minutes
 
-Writes ``scripts/results/bench.json`` and ``scripts/results/bench.md``. Timings on a shared
-machine are noisy: each timed step runs ``--repeat`` times and the fastest is kept, and the load
-average is recorded.
+Writes ``scripts/results/bench[-quick][-whole].json`` and ``.md``. Timings on a shared machine
+are noisy: each timed step runs ``--repeat`` times (whole processes: 3, --quick 2) and the
+fastest is kept, and the load average is recorded. ``scripts/bench_llama_cpp.py`` is the peer
+benchmark against llama.cpp (it needs a llama.cpp build).
 """
 
 from __future__ import annotations
@@ -421,6 +433,150 @@ def measure_memory(mode: str, pair: Path, data: Path, work: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Whole processes: what a user times, from pressing enter to the printed table
+# ---------------------------------------------------------------------------------------------
+
+#: The command a user runs, as a process (the console script's own code).
+LMKL_MAIN = "import sys; from lmkl.cli import main; sys.argv[0] = 'lmkl'; sys.exit(main())"
+BASELINE = ROOT / "scripts" / "bench_baseline.py"
+
+
+def _measured_child(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """One child run through a tiny reaper process, so its peak RSS is its own."""
+    reaper = (
+        "import json, os, resource, subprocess, sys, time\n"
+        "t0 = time.perf_counter()\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "wall = time.perf_counter() - t0\n"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "rss, cpu = u.ru_maxrss * 1024, u.ru_utime + u.ru_stime\n"
+        "print(json.dumps({'rc': p.returncode, 'wall_s': wall, 'peak_rss': rss, 'cpu_s': cpu,"
+        " 'stdout': p.stdout[-4000:], 'stderr': p.stderr[-2000:]}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", reaper, *argv], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    if result.returncode:
+        raise RuntimeError(f"reaper failed: {result.stderr[-2000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report["rc"]:
+        raise RuntimeError(f"{argv[:4]} failed ({report['rc']}): {report['stderr']}")
+    return report
+
+
+def process_commands(
+    tool: str, paths: dict[str, Path], data: Path, batch: int, out: Path
+) -> list[str]:
+    if tool == "lmkl":
+        return [
+            sys.executable,
+            "-c",
+            LMKL_MAIN,
+            "compare",
+            str(paths["reference"]),
+            str(paths["candidate"]),
+            "--data",
+            str(data),
+            "--context-length",
+            "256",
+            "--batch-size",
+            str(batch),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--quiet",
+        ]
+    return [
+        sys.executable,
+        str(BASELINE),
+        tool,
+        str(paths["reference"]),
+        str(paths["candidate"]),
+        str(data),
+        "--batch-size",
+        str(batch),
+        "--context-length",
+        "256",
+    ]
+
+
+def whole_process(
+    name: str, assets: dict[str, Any], work: Path, sizes: list[int], batch: int, repeat: int
+) -> dict[str, Any]:
+    """lmkl compare vs the forward-only and naive scripts, each a fresh process, at two sizes.
+
+    Wall time t(N) = fixed + N x per-token: the difference of two sizes cancels the fixed cost
+    (the marginal ratio), the intercepts give each command's fixed cost. Runs are interleaved
+    (a burst of load hits all three alike); the fastest of ``repeat`` is kept. One untimed run of
+    each first warms the page cache, lmkl's weight-hash memo and Inductor's cache, as on a
+    user's second run (the first run's time is reported too).
+    """
+    paths = assets[name]
+    vocab = PAIRS[name]["vocab"]
+    env = {k: v for k, v in os.environ.items() if k != "LMKL_COMPILE_MIN_ELEMENTS"}
+    env |= {
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "LMKL_CACHE_DIR": str(work / "lmkl-cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    tools = ("forward", "naive", "lmkl")
+    datas = {
+        n: make_data(paths["reference"].parent / f"data-{n}.jsonl", vocab, n // 256, 255, seed=3)
+        for n in sizes
+    }
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {t: {n: [] for n in sizes} for t in tools}
+    first: dict[str, float] = {}
+    for n in sizes:
+        for rep in range(repeat + 1):
+            for tool in tools:
+                print(f"[{name}] whole process: {tool}, {n} tokens, run {rep}", file=sys.stderr)
+                argv = process_commands(tool, paths, datas[n], batch, work / f"{name}-wp-{n}")
+                result = _measured_child(argv, env)
+                if rep == 0:
+                    first.setdefault(tool, result["wall_s"])
+                    continue
+                runs[tool][n].append(result)
+    small, large = sizes[0], sizes[-1]
+
+    def fit(key: str) -> tuple[dict[str, dict[int, float]], dict[str, float], dict[str, float]]:
+        fastest = {t: {n: min(r[key] for r in runs[t][n]) for n in sizes} for t in tools}
+        slope = {t: (fastest[t][large] - fastest[t][small]) / (large - small) for t in tools}
+        return fastest, slope, {t: fastest[t][small] - slope[t] * small for t in tools}
+
+    best, slope, fixed = fit("wall_s")
+    # Process CPU seconds (all threads): steadier than wall time when other jobs share the
+    # cores, though they count a spinning thread as busy.
+    cpu, cpu_slope, cpu_fixed = fit("cpu_s")
+    rss = {t: max(r["peak_rss"] for r in runs[t][large]) for t in tools}
+    lmkl_results = json.loads((work / f"{name}-wp-{large}" / "results.json").read_text())
+    return {
+        "vocab": vocab,
+        "batch_size": batch,
+        "sizes": sizes,
+        "repeat": repeat,
+        "wall_s": best,
+        "all_wall_s": {t: {n: [r["wall_s"] for r in runs[t][n]] for n in sizes} for t in tools},
+        "first_run_s": first,
+        "fixed_s": fixed,
+        "per_token_ms": {t: slope[t] * 1e3 for t in tools},
+        "fixed_over_forward_s": fixed["lmkl"] - fixed["forward"],
+        "marginal_ratio_vs_forward": slope["lmkl"] / slope["forward"],
+        "marginal_ratio_naive_vs_forward": slope["naive"] / slope["forward"],
+        "end_to_end_ratio_vs_forward": best["lmkl"][large] / best["forward"][large],
+        "end_to_end_ratio_vs_naive": best["lmkl"][large] / best["naive"][large],
+        "peak_rss": rss,
+        "cpu_s": cpu,
+        "cpu_fixed_s": cpu_fixed,
+        "cpu_fixed_over_forward_s": cpu_fixed["lmkl"] - cpu_fixed["forward"],
+        "cpu_marginal_ratio_vs_forward": cpu_slope["lmkl"] / cpu_slope["forward"],
+        "cpu_end_to_end_ratio_vs_forward": cpu["lmkl"][large] / cpu["forward"][large],
+        "lmkl_kernel": lmkl_results["compute"]["kernel"],
+        "lmkl_scoring_s": lmkl_results["throughput"]["seconds"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -637,14 +793,74 @@ def memory(assets: dict[str, Any], work: Path) -> dict[str, Any]:
     }
 
 
+LABELS = {"v49k": "135M/81M Llama, V=49,152", "v128k": "256-wide 2-layer pair, V=128,256"}
+
+
+def whole_process_markdown(whole: dict[str, Any]) -> list[str]:
+    """The headline table: whole processes, fixed cost, marginal and end-to-end ratios."""
+    gib = 2**30
+    lines = [
+        "Whole processes (`lmkl compare ...` vs a script that loads both models and runs their "
+        "full forwards, and the naive log_softmax + kl_div script; fastest of the repeats):",
+        "",
+        "| case | tokens | forward-only s | naive s | lmkl s | lmkl fixed cost over "
+        "forward-only (target ≤ 1.5 s) | marginal lmkl / forward (target) | end to end "
+        "lmkl / forward (target) | peak RSS forward / naive / lmkl GiB |",
+        "|---|---|---|---|---|---:|---:|---:|---|",
+    ]
+    marginal_target = {"v49k": "≤ 1.05", "v128k": "≤ 1.15"}
+    for name, w in whole.items():
+        sizes = w["sizes"]
+        cell = {
+            t: " / ".join(f"{w['wall_s'][t][n]:.2f}" for n in sizes)
+            for t in ("forward", "naive", "lmkl")
+        }
+        e2e_target = "≤ 1.15" if name == "v49k" and sizes[-1] == 6144 else "-"
+        lines.append(
+            f"| {LABELS[name]}, batch {w['batch_size']} | {' / '.join(map(str, sizes))} | "
+            f"{cell['forward']} | {cell['naive']} | {cell['lmkl']} | "
+            f"**{w['fixed_over_forward_s']:+.2f} s** | "
+            f"**{w['marginal_ratio_vs_forward']:.2f}** ({marginal_target[name]}) | "
+            f"**{w['end_to_end_ratio_vs_forward']:.2f}** at {sizes[-1]} ({e2e_target}) | "
+            f"{w['peak_rss']['forward'] / gib:.2f} / {w['peak_rss']['naive'] / gib:.2f} / "
+            f"{w['peak_rss']['lmkl'] / gib:.2f} |"
+        )
+    lines.append("")
+    for name, w in whole.items():
+        lines.append(
+            f"- {name}: fixed cost (intercept) forward-only {w['fixed_s']['forward']:.2f} s, "
+            f"naive {w['fixed_s']['naive']:.2f} s, lmkl {w['fixed_s']['lmkl']:.2f} s; per token "
+            f"{w['per_token_ms']['forward']:.3f} / {w['per_token_ms']['naive']:.3f} / "
+            f"{w['per_token_ms']['lmkl']:.3f} ms (naive / forward "
+            f"{w['marginal_ratio_naive_vs_forward']:.2f}); "
+            f"in process CPU time: fixed cost over forward-only "
+            f"{w['cpu_fixed_over_forward_s']:+.2f} s, marginal ratio "
+            f"{w['cpu_marginal_ratio_vs_forward']:.2f}, end to end "
+            f"{w['cpu_end_to_end_ratio_vs_forward']:.2f}; "
+            f"lmkl's kernel: {w['lmkl_kernel']}; first (cold) runs: "
+            + ", ".join(f"{t} {v:.1f} s" for t, v in w["first_run_s"].items())
+            + "."
+        )
+    lines.append("")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     def f(x: float, d: int = 2) -> str:
         return f"{x:.{d}f}"
 
     lines = [
         f"Measured {report['date']} on {report['machine']} "
-        f"(load average {report['load_average_start']} at start); "
-        f"`{report['command']}`.",
+        f"(load average {report['load_average_start']} at start, "
+        f"{report['load_average_end']} at the end); `{report['command']}`.",
+        "",
+        *whole_process_markdown(report["whole_process"]),
+    ]
+    if "pairs" not in report:
+        return "\n".join(lines) + "\n"
+    lines += [
+        "In-process breakdown (scoring loop only: model loading excluded, kernel compiled "
+        "beforehand):",
         "",
         "| case | tokens | forward-only s | naive s | lmkl s | lmkl / forward (target) | "
         "lmkl / naive (target) | same, CPU time | tokens/s |",
@@ -738,14 +954,32 @@ def markdown(report: dict[str, Any]) -> str:
             f"{f(c['topk32_kl_mean_bounds'][1], 4)}] around the exact "
             f"{f(c['exact_kl_mean'], 4)}.",
         ]
-    p = report["padding"]
-    lines += [
-        "",
-        f"Padding efficiency ({p['documents']} documents of {p['lengths']}): "
-        f"batches of 8 consecutive windows {f(p['batch_size_8'], 3)}; "
-        f"`--max-batch-tokens 4096` {f(p['max_batch_tokens_4096'], 3)}.",
-    ]
+    p = report.get("padding")
+    lines += (
+        []
+        if p is None
+        else [
+            "",
+            f"Padding efficiency ({p['documents']} documents of {p['lengths']}): "
+            f"batches of 8 consecutive windows {f(p['batch_size_8'], 3)}; "
+            f"`--max-batch-tokens 4096` {f(p['max_batch_tokens_4096'], 3)}.",
+        ]
+    )
     return "\n".join(lines) + "\n"
+
+
+#: Whole-process job sizes (tokens) and batch size per pair: (sizes, batch), by --quick.
+WHOLE_PROCESS = {
+    # Both sizes of a pair below lmkl's compile threshold, so that one kernel (eager) runs at
+    # both and their difference is the marginal cost (the compiled kernel's marginal cost is
+    # the in-process breakdown's).
+    False: {"v49k": ([2048, 6144], 4), "v128k": ([1024, 4096], 8)},
+    True: {"v128k": ([512, 2048], 8)},
+}
+
+
+class _Done(Exception):
+    """--whole-only: the rest of the bench is skipped."""
 
 
 def main() -> None:
@@ -756,6 +990,11 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results")
+    parser.add_argument(
+        "--whole-only",
+        action="store_true",
+        help="only the whole-process comparison (no in-process breakdown, memory, cache)",
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pair", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
@@ -774,13 +1013,16 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lmkl-bench-"))
     # The bench measures the compiled kernel at every size (the default threshold would
     # leave the --quick runs eager).
+    # (Whole-process runs drop this variable: there lmkl decides as it does for users.)
     os.environ["LMKL_COMPILE_MIN_ELEMENTS"] = "0"
     started = time.perf_counter()
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})",
         "load_average_start": round(os.getloadavg()[0], 2),
-        "command": "python scripts/bench.py" + (" --quick" if args.quick else ""),
+        "command": "python scripts/bench.py"
+        + (" --quick" if args.quick else "")
+        + (" --whole-only" if args.whole_only else ""),
         "tokens": tokens,
         "repeat": repeat,
     }
@@ -790,6 +1032,15 @@ def main() -> None:
     report["threads"] = torch.get_num_threads()
     try:
         assets = build_assets(work, pairs, tokens)
+        # First, whole processes as a user times them (lmkl decides about compiling itself).
+        report["whole_process"] = {
+            name: whole_process(
+                name, assets, work, *WHOLE_PROCESS[args.quick][name], repeat=2 if args.quick else 3
+            )
+            for name in pairs
+        }
+        if args.whole_only:
+            raise _Done
         report["pairs"] = {name: bench_pair(name, assets, work, repeat) for name in pairs}
         report["padding"] = padding(assets, work)
         if "v128k" in assets:
@@ -797,13 +1048,15 @@ def main() -> None:
         report["cache"] = bench_cache(
             pairs[0], assets, work, args.candidates, tokens if args.quick else tokens // 2
         )
+    except _Done:
+        pass
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     report["load_average_end"] = round(os.getloadavg()[0], 2)
     report["bench_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + ("-whole" if args.whole_only else "")
     (args.out / f"bench{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"bench{suffix}.md").write_text(markdown(report))
     print(markdown(report))

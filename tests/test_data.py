@@ -167,3 +167,79 @@ def test_missing_file_and_bad_format(tmp_path):
 def test_stride_must_leave_context():
     with pytest.raises(ValueError, match="stride"):
         WindowSpec(context_length=8, stride=8)
+
+
+# Files the light readers take (no datasets import) and that datasets reads as the same strings.
+PLAIN_FILES = {
+    "lines.jsonl": '{"text": "a b"}\n\n{"text": "caf\\u00e9 \\u2028 x", "n": 1}\r\n{"text": ""}\n',
+    "bom.jsonl": '\ufeff{"text": "first"}\n{"text": "second\\nline"}\n',
+    "objects.json": '[{"text": "one"}, {"text": "two", "other": [1, 2]}]',
+    "strings.json": '["alpha", "beta gamma"]',
+    "unicode.jsonl": '{"text": "\u2028raw separator\u2029 and \u00e9"}\n{"text": "b"}\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_FILES))
+def test_light_json_reader_gives_the_documents_datasets_gives(tmp_path, name):
+    import datasets
+
+    from lmkl.data import corpus as corpus_module
+
+    path = tmp_path / name
+    path.write_bytes(PLAIN_FILES[name].encode())
+    raw = path.read_bytes()
+    light = corpus_module._plain_texts(raw, path, DataSpec(source=str(path)))
+    assert light is not None, "a plain file must take the light path"
+    expected = datasets.load_dataset("json", data_files=str(path), split="train")["text"]
+    assert light == expected
+
+
+def test_light_parquet_reader_gives_the_documents_datasets_gives(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmkl.data import corpus as corpus_module
+
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"text": ["x y", "", "é z"], "n": [1, 2, 3]}), plain)
+    written = tmp_path / "written.parquet"
+    datasets.Dataset.from_dict({"text": ["p", "q r"]}).to_parquet(str(written))
+    for path in (plain, written):
+        light = corpus_module._plain_texts(path.read_bytes(), path, DataSpec(source=str(path)))
+        expected = datasets.load_dataset("parquet", data_files=str(path), split="train")["text"]
+        assert light == expected
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("nulls.jsonl", '{"text": "a"}\n{"text": null}\n'),
+        ("mixed.jsonl", '{"text": "a"}\n{"text": 3}\n'),
+        ("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n'),
+        ("trace.jsonl", '{"text": "a", "type": "user", "message": {"role": "user"}}\n'),
+        ("columns.json", '{"text": ["a", "b"]}'),
+        ("broken.jsonl", '{"text": "a"\n'),
+    ],
+)
+def test_anything_less_plain_is_left_to_datasets(tmp_path, name, content):
+    from lmkl.data import corpus as corpus_module
+
+    path = tmp_path / name
+    path.write_text(content)
+    assert corpus_module._plain_texts(path.read_bytes(), path, DataSpec(source=str(path))) is None
+
+
+def test_a_local_jsonl_run_does_not_import_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a b"}\n')
+    code = (
+        "import sys\nfrom lmkl.data.corpus import load_corpus\nfrom lmkl.specs import DataSpec\n"
+        f"docs = load_corpus(DataSpec(source={str(path)!r})).documents\n"
+        "assert [d.text for d in docs] == ['a b']\nprint('datasets' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,26 @@ def test_eager_kernel_splits_rows_without_changing_values():
     assert small.backend == "eager" and not small.use_compile
 
 
+@pytest.mark.parametrize("rows, vocab", [(9, 131072), (7, 524288), (5, 2**20)])
+def test_cache_sized_eager_blocks_give_whole_chunk_values_bit_for_bit(rows, vocab):
+    # On a CPU the eager kernel works in blocks of about EAGER_CPU_BLOCK_BYTES per temporary,
+    # with no one-row block left over; each finite row's values equal one whole-chunk call's.
+    from lmkl.scoring.fused import EAGER_CPU_BLOCK_BYTES
+
+    gen = torch.Generator().manual_seed(5)
+    ref = torch.randn(rows, vocab, generator=gen) * 3
+    cand = ref + torch.randn(rows, vocab, generator=gen)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    assert max(2, EAGER_CPU_BLOCK_BYTES // (4 * vocab)) < rows  # the kernel does split them
+    got = MetricsKernel(compile=False)(ref, cand, targets)
+    whole = token_metrics_fused(ref, cand, targets)
+    for name, value in whole.items():
+        assert torch.equal(got[name], value), name
+    # Special rows take the exact fallback within their block: equal to float32 rounding.
+    ref, cand, targets = logits_with_special_rows(9, 131072, seed=6)
+    assert_same(MetricsKernel(compile=False)(ref, cand, targets), token_metrics(ref, cand, targets))
+
+
 @pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("cc") is None,
     reason="torch.compile on CPU needs a C++ compiler",
@@ -132,3 +153,38 @@ def test_compiled_kernel_equals_token_metrics():
             got["lse_candidate"], torch.logsumexp(cand / 1.3, -1), atol=1e-5, equal_nan=True
         )
     assert kernel.backend == "compiled"
+    # Inductor's cache now holds this kernel: a later run of this vocabulary expects the warm
+    # compilation cost.
+    from lmkl.scoring.fused import (
+        COMPILE_SAVING_PER_ELEMENT_S,
+        COMPILE_SECONDS_WARM,
+        compile_threshold,
+    )
+
+    expected = COMPILE_SECONDS_WARM / COMPILE_SAVING_PER_ELEMENT_S
+    assert compile_threshold(512) == pytest.approx(expected)
+
+
+def test_compiling_only_where_the_saving_exceeds_the_expected_cost(monkeypatch):
+    from lmkl.files import remember
+    from lmkl.scoring import fused
+
+    monkeypatch.delenv("LMKL_COMPILE_MIN_ELEMENTS", raising=False)
+    vocab = 77_777  # a vocabulary no other test compiles
+    warm = fused.COMPILE_SECONDS_WARM / fused.COMPILE_SAVING_PER_ELEMENT_S
+    cold = fused.COMPILE_SECONDS_COLD / fused.COMPILE_SAVING_PER_ELEMENT_S
+    assert fused.compile_threshold(vocab) == pytest.approx(cold)
+    between = int((warm + cold) / 2)
+    assert not MetricsKernel(expected_elements=between, vocab_size=vocab).use_compile
+    assert MetricsKernel(expected_elements=int(cold) + 1, vocab_size=vocab).use_compile
+    # Once this vocabulary's kernel is in Inductor's cache (as a compiled run records), the
+    # warm cost applies, if that cache is still there.
+    monkeypatch.setattr(fused, "_inductor_cache_dir", lambda: str(Path.cwd()))
+    remember("compiled-kernels", {fused._compiled_key(vocab, 5): True})
+    assert fused.compile_threshold(vocab) == pytest.approx(warm)
+    assert MetricsKernel(expected_elements=between, vocab_size=vocab).use_compile
+    assert not MetricsKernel(expected_elements=between, vocab_size=vocab + 1).use_compile
+    monkeypatch.setattr(fused, "_inductor_cache_dir", lambda: "/nonexistent/inductor")
+    assert fused.compile_threshold(vocab) == pytest.approx(cold)  # the key names the old dir
+    monkeypatch.setenv("LMKL_COMPILE_MIN_ELEMENTS", "10")
+    assert MetricsKernel(expected_elements=10, vocab_size=vocab).use_compile

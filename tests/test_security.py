@@ -151,3 +151,38 @@ def test_weight_hash_is_computed_once_and_follows_every_write(tmp_path):
         fingerprint_files([weights])
         == hashlib.sha256(b"model.safetensors" + b"b" * 1000).hexdigest()
     )
+
+
+def test_weight_hash_is_remembered_across_processes_only_for_unchanged_files(tmp_path):
+    """A second process reuses the hash from the user cache; any write makes it hash again."""
+    import json
+    import subprocess
+    import sys
+
+    from lmkl.files import read_memo
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 1000)
+    code = (
+        "import sys, pathlib\nfrom lmkl.models import fingerprint_files\n"
+        f"print(fingerprint_files([pathlib.Path({str(weights)!r})]))\n"
+    )
+
+    def in_new_process() -> str:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    assert in_new_process() == hashlib.sha256(b"model.safetensors" + b"a" * 1000).hexdigest()
+    # The memo is shared by the test session: find this file's entry.
+    (key,) = [k for k in read_memo("weights-sha256") if str(weights.resolve()) in k]
+    # Plant a different value for the same file state: a new process must take it unread.
+    planted = "0" * 64
+    memo_file = os.path.join(os.environ["LMKL_CACHE_DIR"], "weights-sha256.json")
+    with open(memo_file, "w") as handle:
+        json.dump({key: planted}, handle)
+    assert in_new_process() == planted
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 1000)  # same size, mtime put back: the ctime still moves
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert in_new_process() == hashlib.sha256(b"model.safetensors" + b"b" * 1000).hexdigest()

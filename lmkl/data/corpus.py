@@ -27,6 +27,14 @@ LOCAL_FORMATS = {
 }
 #: Column read as chat conversations when there is no ``text`` column.
 CHAT_FIELD = "messages"
+#: Columns with which datasets (5.x) reads JSON rows as agent traces rather than as they are;
+#: such files are left to datasets.
+_AGENT_TRACE_KEYS = (
+    {"type", "message"},
+    {"type", "payload"},
+    {"type", "id", "version", "cwd"},
+    {"id", "source", "model", "system_prompt", "messages"},
+)
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,7 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
     """Documents, stream text and a content fingerprint for a local file or saved dataset."""
     if path.is_dir():
         try:
-            from datasets import load_from_disk
-
-            dataset = load_from_disk(str(path))
+            dataset = _datasets().load_from_disk(str(path))
         except Exception as exc:
             raise DataError(
                 f"cannot read dataset directory '{path}': {_first_line(exc)}",
@@ -93,8 +99,13 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
         docs = [Document(i, p) for i, p in enumerate(paragraphs)]
         return docs, text, fingerprint
 
-    from datasets import load_dataset
+    texts = _plain_texts(raw, path, spec)
+    if texts is not None:
+        if spec.max_samples:
+            texts = texts[: spec.max_samples]
+        return *_documents(texts), fingerprint
 
+    load_dataset = _datasets().load_dataset
     try:
         with _quiet_datasets():
             dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
@@ -105,6 +116,84 @@ def _read_local(path: Path, spec: DataSpec) -> tuple[list[Document], str, str]:
         ) from exc
     texts = _column(dataset, spec)
     return *_documents(texts), fingerprint
+
+
+def _datasets() -> Any:
+    """``datasets``, imported on first need (about a second) and kept quiet."""
+    import datasets
+
+    from lmkl.models import quiet_hf_logging
+
+    quiet_hf_logging()
+    return datasets
+
+
+def _plain_texts(raw: bytes, path: Path, spec: DataSpec) -> list[str] | None:
+    """The text column of a plain JSON(L) or Parquet file, read without ``datasets``.
+
+    Only the unambiguous case: every row holds the text field as a string (JSON: one object per
+    line, or one list of objects or of strings; Parquet: a string column without nulls). There
+    ``datasets`` yields exactly these strings, so the documents are the same; anything else
+    (chat columns, nulls, mixed types, other JSON layouts, unreadable files) returns None and is
+    read by ``datasets``, with its type rules and its error messages.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _parquet_texts(path, spec.text_field)
+    if suffix not in (".jsonl", ".json"):
+        return None
+    try:
+        # datasets drops a leading UTF-8 BOM too.
+        text = raw.decode("utf-8-sig")
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+            if not isinstance(rows, list):
+                return None
+            if rows and all(isinstance(r, str) for r in rows):
+                # datasets reads a JSON list of strings as a "text" column.
+                return rows if spec.text_field == "text" else None
+        else:
+            # Lines end at \n only: a JSON string may hold U+2028 and the like, which
+            # str.splitlines() would split at.
+            rows = [json.loads(line) for line in text.split("\n") if line.strip()]
+    except ValueError:  # not JSON (or not UTF-8): let datasets parse it and word the error
+        return None
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        return None
+    keys = set().union(*rows)
+    if any(markers <= keys for markers in _AGENT_TRACE_KEYS):
+        return None  # datasets may read such rows as agent traces, with other columns
+    texts = [r.get(spec.text_field) for r in rows]
+    return texts if all(isinstance(t, str) for t in texts) else None
+
+
+def _parquet_texts(path: Path, field: str) -> list[str] | None:
+    """A Parquet file's plain string column ``field`` (None when anything is less plain)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        # Files written by datasets may declare other features for the column; leave those
+        # to datasets.
+        schema = pq.read_schema(path)
+        if field not in schema.names:
+            return None
+        if b"huggingface" in (schema.metadata or {}):
+            info = json.loads(schema.metadata[b"huggingface"]).get("info") or {}
+            declared = (info.get("features") or {}).get(field) or {}
+            if declared and (
+                declared.get("_type") != "Value"
+                or declared.get("dtype") not in ("string", "large_string")
+            ):
+                return None
+        column = pq.read_table(path, columns=[field]).column(field)
+    except (OSError, pa.ArrowException, ValueError):
+        return None
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    if column.null_count:
+        return None
+    return column.to_pylist()
 
 
 @contextmanager
@@ -150,9 +239,7 @@ def _hash_texts(texts: list[Any]) -> str:
 
 def _pick_split(dataset: Any, spec: DataSpec) -> Any:
     """Select ``spec.split`` from a DatasetDict; a plain Dataset is returned as is."""
-    from datasets import DatasetDict
-
-    if not isinstance(dataset, DatasetDict):
+    if not isinstance(dataset, _datasets().DatasetDict):
         return dataset
     splits = list(dataset.keys())
     if spec.split:
@@ -214,9 +301,6 @@ def _column(dataset: Any, spec: DataSpec) -> list[Any]:
 
 def load_corpus(spec: DataSpec) -> Corpus:
     """Read the documents of ``spec`` (local file, save_to_disk directory, or hub dataset)."""
-    from lmkl.models import quiet_hf_logging
-
-    quiet_hf_logging()
     path = Path(spec.source).expanduser()
     if path.exists():
         docs, stream, fingerprint = _read_local(path, spec)
@@ -254,8 +338,7 @@ def load_corpus(spec: DataSpec) -> Corpus:
 
 
 def _read_hub(spec: DataSpec) -> tuple[list[Document], str, str]:
-    from datasets import load_dataset
-
+    load_dataset = _datasets().load_dataset
     try:
         dataset = load_dataset(spec.source, spec.dataset_config, split=spec.split)
     except Exception as exc:

@@ -30,7 +30,9 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -38,19 +40,59 @@ from lmkl.errors import LmklWarning
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
 
 __all__ = [
-    "COMPILE_MIN_ELEMENTS",
     "MetricsKernel",
+    "compile_threshold",
     "temporaries_per_token",
     "token_metrics_fused",
 ]
 
 LN2 = math.log(2.0)
 
-#: ``torch.compile`` is used for a run only when it scores at least this many
-#: ``token x vocabulary`` entries: compiling costs seconds (tens of seconds the first time on a
-#: machine, a few seconds once Inductor's on-disk cache is warm), the fused kernel saves a few
-#: nanoseconds per entry. ``LMKL_COMPILE_MIN_ELEMENTS`` overrides it.
-COMPILE_MIN_ELEMENTS = 100_000_000
+#: Whether compiling pays is decided per run from measured costs (``scripts/bench.py``, 2 CPU
+#: cores): the compiled kernel saves about this many seconds per ``token x vocabulary`` entry
+#: over the eager one (about 4.5 vs 9 ns per entry), and compiling costs about
+#: ``COMPILE_SECONDS_WARM`` once Inductor's on-disk cache holds the kernel for this vocabulary,
+#: ``COMPILE_SECONDS_COLD`` before. So a run compiles when its entries times the saving exceed
+#: the expected cost: about 7e8 entries when the cache is warm, 7e9 when it is cold.
+#: ``LMKL_COMPILE_MIN_ELEMENTS`` sets a fixed threshold instead.
+COMPILE_SAVING_PER_ELEMENT_S = 4.5e-9
+COMPILE_SECONDS_WARM = 3.0
+COMPILE_SECONDS_COLD = 30.0
+#: The vocabularies lmkl compiled the kernel for (per torch version), across processes.
+_COMPILED_MEMO = "compiled-kernels"
+
+
+def _inductor_cache_dir() -> str:
+    """Where Inductor keeps compiled kernels (its default, without importing Inductor)."""
+    import getpass
+    import tempfile
+
+    default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default
+
+
+def _compiled_key(vocab: int, top_k: int) -> str:
+    return f"torch {torch.__version__} vocab {vocab} top {top_k} at {_inductor_cache_dir()}"
+
+
+def compile_threshold(vocab_size: int | None, top_k: int = 5) -> float:
+    """The fewest ``token x vocabulary`` entries for which compiling the kernel pays."""
+    from lmkl.files import read_memo
+
+    if "LMKL_COMPILE_MIN_ELEMENTS" in os.environ:
+        return float(os.environ["LMKL_COMPILE_MIN_ELEMENTS"])
+    warm = (
+        vocab_size is not None
+        and _compiled_key(vocab_size, top_k) in read_memo(_COMPILED_MEMO)
+        and os.path.isdir(_inductor_cache_dir())
+    )
+    cost = COMPILE_SECONDS_WARM if warm else COMPILE_SECONDS_COLD
+    return cost / COMPILE_SAVING_PER_ELEMENT_S
+
+
+#: Bytes of one float32 ``[rows, V]`` temporary per eager block on a CPU (about the size of a
+#: core's L2 cache); see :meth:`MetricsKernel._eager`.
+EAGER_CPU_BLOCK_BYTES = 2 * 2**20
 
 # A lower bound that no finite log-probability reaches; used where p = q = 0 (both underflow),
 # so that 0 * (log p - log m) stays 0 instead of 0 * inf = NaN. Rows with real -inf logits still
@@ -153,17 +195,17 @@ def _core_eager(
     torch.add(p, q, out=work).log_().clamp_min_(_LOG_FLOOR).sub_(LN2)
     jsd = ((p * (lp - work)).sum(-1) + (q * (lq - work)).sum(-1)).mul_(0.5).clamp_(0.0, LN2)
     del work
+    # max() gives the index too (the first maximum, as argmax): one sweep instead of two; the
+    # count in int32 sums a third faster than in int64 (exact: V < 2^31).
     max_lp, top_p = lp.max(-1)
-    top_q = lq.argmax(-1)
-    rank = (lq > lq.gather(-1, top_p[:, None])).sum(-1)
+    max_lq, top_q = lq.max(-1)
+    rank = (lq > lq.gather(-1, top_p[:, None])).sum(-1, dtype=torch.int32)
     t = targets[:, None]
     lp_x = lp.gather(-1, t).squeeze(-1)
     lq_x = lq.gather(-1, t).squeeze(-1)
     # log-normalisers (lp = a - lse), read off at each row's top token: no extra sweep.
     lse_a = a.gather(-1, top_p[:, None]).squeeze(-1).float() - max_lp
-    lse_b = b.gather(-1, top_q[:, None]).squeeze(-1).float() - lq.gather(
-        -1, top_q[:, None]
-    ).squeeze(-1)
+    lse_b = b.gather(-1, top_q[:, None]).squeeze(-1).float() - max_lq
     return torch.stack(
         [
             kl,
@@ -271,11 +313,27 @@ def token_metrics_fused(
     return _finish(stacked, reference_logits, candidate_logits, targets, temperature, vocab, top_k)
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+@contextmanager
+def _one_thread_per_block(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """A pool of ``threads`` workers while torch's own ops run single-threaded."""
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lmkl-kl")
+    torch.set_num_threads(1)
+    try:
+        yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
 class MetricsKernel:
     """Per-chunk metrics with a ``torch.compile``d fused kernel where it pays, eager otherwise.
 
     ``compile`` asks for the compiled kernel; it is actually used only when ``expected_elements``
-    (tokens x vocabulary the run will score) reaches :data:`COMPILE_MIN_ELEMENTS`, and only if
+    (tokens x vocabulary the run will score) reaches :func:`compile_threshold`, and only if
     compilation works here: any failure (no C++ compiler, unsupported device, ...) falls back to
     the eager fused path once, with a warning, and the run goes on. ``backend`` records which path
     ran ("compiled" or "eager"), for the results' provenance.
@@ -289,15 +347,16 @@ class MetricsKernel:
         *,
         compile: bool = True,
         expected_elements: int | None = None,
+        vocab_size: int | None = None,
         top_k: int = 5,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        threshold = int(os.environ.get("LMKL_COMPILE_MIN_ELEMENTS", COMPILE_MIN_ELEMENTS))
         self.top_k = top_k
         self.log = log or (lambda _msg: None)
         self.use_compile = bool(compile) and (
-            expected_elements is None or expected_elements >= threshold
+            expected_elements is None or expected_elements >= compile_threshold(vocab_size, top_k)
         )
+        self._remembered = False
         self.backend = "compiled" if self.use_compile else "eager"
         #: Rows per eager call (None: all at once); set by callers that size chunks for the
         #: compiled kernel, so that a fallback to eager keeps to the same memory budget.
@@ -312,18 +371,42 @@ class MetricsKernel:
         vocab_size: int | None,
     ) -> dict[str, torch.Tensor]:
         # Chunks sized for the compiled kernel are split so the eager temporaries fit as well.
-        step = self.eager_rows or ref.shape[0]
-        parts = [
-            token_metrics_fused(
-                ref[s : s + step],
-                cand[s : s + step],
-                targets[s : s + step],
+        rows = ref.shape[0]
+        step = self.eager_rows or rows
+        on_cpu = ref.device.type == "cpu"
+        if on_cpu:
+            # On a CPU the eager path makes about twenty sweeps over its [rows, V] temporaries:
+            # in blocks that stay in cache, each worked by one thread (no barrier per op, which
+            # stalls whenever another process holds a core), it takes a third of the CPU time
+            # of whole-chunk calls (measured: about 12 vs 38 CPU-ns per token and vocabulary
+            # entry at V=128k). Blocks keep at least two rows and no one-row block is left
+            # over: a finite row's numbers are then those of a whole-chunk call, bit for bit
+            # (tests/test_fused.py checks it).
+            width = vocab_size or ref.shape[-1]
+            step = min(step, max(2, EAGER_CPU_BLOCK_BYTES // (4 * width)))
+        step = max(step, 1)
+        starts = list(range(0, max(rows, 1), step))
+        if len(starts) > 1 and rows - starts[-1] == 1 and step > 1:
+            starts.pop()  # a last one-row block joins the one before it (see above)
+        spans = list(zip(starts, [*starts[1:], max(rows, 1)], strict=True))
+
+        def block(span: tuple[int, int]) -> dict[str, torch.Tensor]:
+            s, e = span
+            return token_metrics_fused(
+                ref[s:e],
+                cand[s:e],
+                targets[s:e],
                 temperature=temperature,
                 top_k=self.top_k,
                 vocab_size=vocab_size,
             )
-            for s in range(0, max(ref.shape[0], 1), max(step, 1))
-        ]
+
+        threads = torch.get_num_threads()
+        if on_cpu and len(spans) > 1 and threads > 1:
+            with _one_thread_per_block(threads) as pool:
+                parts = list(pool.map(block, spans))
+        else:
+            parts = [block(span) for span in spans]
         if len(parts) == 1:
             return parts[0]
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
@@ -379,6 +462,12 @@ class MetricsKernel:
                 temperature=temperature,
                 vocab_size=vocab_size,
             )
+        if not self._remembered:
+            # Inductor's cache now holds this kernel: later runs expect the warm cost.
+            from lmkl.files import remember
+
+            remember(_COMPILED_MEMO, {_compiled_key(vocab, self.top_k): True})
+            self._remembered = True
         stacked = stacked[:, :n]
         return _finish(
             stacked, reference_logits, candidate_logits, targets, temperature, vocab, self.top_k

@@ -259,7 +259,12 @@ def make_kernel(
     Chunks are sized for the path that will run (the compiled kernel needs fewer temporaries);
     an eager fallback splits them further so the memory budget holds either way.
     """
-    kernel = MetricsKernel(compile=compute.compile, expected_elements=tokens * vocab_size, log=log)
+    kernel = MetricsKernel(
+        compile=compute.compile,
+        expected_elements=tokens * vocab_size,
+        vocab_size=vocab_size,
+        log=log,
+    )
     chunk = compute.chunk_size(vocab_size, temporaries_per_token(kernel.use_compile))
     if kernel.use_compile and not compute.chunk_tokens:
         kernel.eager_rows = compute.chunk_size(vocab_size, temporaries_per_token(False))
