@@ -616,8 +616,11 @@ def _resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype | str:
     return _DTYPES[spec.dtype]
 
 
-def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedModel:
-    """Load the model and tokenizer described by ``spec`` onto ``device``, in eval mode.
+def load_model(
+    spec: ModelSpec, device: torch.device | None = None, tokenizer: Any | None = None
+) -> LoadedModel:
+    """Load the model and tokenizer described by ``spec`` onto ``device``, in eval mode
+    (``tokenizer``: one already loaded for ``spec``, e.g. to check it before the weights).
 
     Raises :class:`ModelLoadError` with a one-line reason for anything that cannot be loaded.
     """
@@ -630,7 +633,7 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> LoadedMod
     if local:
         _check_pickle_policy(spec, Path(spec.model).expanduser())
 
-    tokenizer = load_tokenizer(spec)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     kwargs: dict[str, Any] = {
         "revision": spec.revision,
         "trust_remote_code": spec.trust_remote_code,

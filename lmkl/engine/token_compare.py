@@ -109,7 +109,7 @@ def load_models(
         tokenizer = load_tokenizer(spec)
         check_tokenizers_match(reference.tokenizer, tokenizer, (reference.label, spec.display_name))
         log(f"loading candidate {spec.model}")
-        candidates.append(load_model(spec, resolve_device(spec.device)))
+        candidates.append(load_model(spec, resolve_device(spec.device), tokenizer))
     return reference, candidates
 
 
