@@ -109,6 +109,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results")
+    parser.add_argument(
+        "--text-copies",
+        type=int,
+        default=1,
+        help="score the held-out text this many times over (a longer job: fixed costs matter less)",
+    )
     args = parser.parse_args()
     llama_cpp = args.llama_cpp.resolve()
     binary = find_binary(llama_cpp)
@@ -124,7 +130,8 @@ def main() -> None:
     assets = build_demo_assets(demo_cache_dir())
     text = work / "heldout.txt"
     # The held-out documents as one text: both tools read the same bytes as one token stream.
-    text.write_text("\n\n".join(iter_heldout(assets.heldout_path)) + "\n")
+    once = "\n\n".join(iter_heldout(assets.heldout_path))
+    text.write_text("\n\n".join([once] * args.text_copies) + "\n")
     ggufs = {}
     for role, model in (("reference", assets.reference_dir), ("candidate", assets.candidate_dir)):
         ggufs[role] = work / f"{role}-f32.gguf"
@@ -175,7 +182,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})",
         "command": f"python scripts/bench_llama_cpp.py --llama-cpp {args.llama_cpp} "
-        f"--ctx {args.ctx} --repeat {args.repeat}",
+        f"--ctx {args.ctx} --repeat {args.repeat}"
+        + (f" --text-copies {args.text_copies}" if args.text_copies > 1 else ""),
         "binary": str(binary),
         "threads": args.threads,
         "ctx": args.ctx,
@@ -192,9 +200,10 @@ def main() -> None:
         "candidate_parameters": results["candidates"][0]["model"]["parameters"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_llama_cpp.json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = "bench_llama_cpp" + (f"-x{args.text_copies}" if args.text_copies > 1 else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
-    (args.out / "bench_llama_cpp.md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
 
 
