@@ -78,11 +78,11 @@ def ran(study):
             calls[self.label] = calls.get(self.label, 0) + 1
         return original_hidden(self, input_ids, attention_mask)
 
-    def counting_load(spec, device=None):
+    def counting_load(spec, device=None, tokenizer=None):
         loads.append(spec.display_name)
         loading.append(spec)
         try:
-            return original_load(spec, device)
+            return original_load(spec, device, tokenizer)
         finally:
             loading.pop()
 

@@ -106,8 +106,4 @@ def show_run(run: Any, quiet: bool, printer: Any) -> None:
         stdout.print(str(run.path))
         return
     printer(run.results, stdout)
-    if run.results.get("ranking"):  # several candidates: one leaderboard
-        from lmkl.report.leaderboard import leaderboard_table
-
-        stdout.print(leaderboard_table(run.results))
     stdout.print(f"run directory: [bold]{run.path}[/bold]")

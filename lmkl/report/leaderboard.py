@@ -14,13 +14,15 @@ from rich.table import Table
 from lmkl.formatting import byte_size, interval, number, parameters, percent
 from lmkl.report.terminal import summary_table
 
+_SIZE_HEADERS = {"bits_per_weight": "bits/weight", "disk_bytes": "disk", "memory_bytes": "memory"}
+
 
 def _size(size: dict[str, Any] | None, key: str) -> str:
     """A candidate's size (parameters or bytes) from a ranking row."""
     if not size or size.get(key) is None:
         return "–"
     if key == "bits_per_weight":
-        return f"{size[key]:.2f} bpw"
+        return f"{size[key]:.2f}"
     return parameters(size[key]) if key == "parameters" else byte_size(size[key])
 
 
@@ -38,16 +40,17 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
     )
     rows = ranking["leaderboard"]
     has_meta = any(r.get("group") is not None or r.get("step") is not None for r in rows)
-    table.add_column("#", justify="right")
+    # Labels and numbers never wrap; on a narrow terminal the paired difference folds.
+    table.add_column("#", justify="right", no_wrap=True)
     table.add_column("candidate", style="bold", no_wrap=True)
     if has_meta:
         table.add_column("group / step")
     table.add_column(ranking["metric"], justify="right", no_wrap=True)
     table.add_column(f"{conf} CI", justify="right", no_wrap=True)
-    table.add_column(size_key.replace("_", " "), justify="right")
-    table.add_column("Pareto", justify="center")
-    table.add_column("Δ next [CI]", justify="right")
-    table.add_column("flips", justify="right")
+    table.add_column(_SIZE_HEADERS.get(size_key, size_key), justify="right", no_wrap=True)
+    table.add_column("Pareto", justify="center", no_wrap=True)
+    table.add_column("Δ next [CI]", justify="right", overflow="fold", min_width=10)
+    table.add_column("flips", justify="right", no_wrap=True)
     noise_rows = [r for r in rows if r["kind"] == "noise_floor"]
     if noise_rows:
         table.add_column("> noise", justify="center")

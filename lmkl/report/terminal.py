@@ -70,8 +70,20 @@ def summary_table(results: dict[str, Any]) -> Table:
 
 
 def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
+    """The run's summary: every statistic side by side for up to two candidates; with several,
+    the leaderboard (the full table would not fit a terminal; ``lmkl report`` has it)."""
+    from lmkl.report.leaderboard import leaderboard_table
+
     console = console or Console()
-    console.print(summary_table(results))
+    many = len(results.get("candidates", [])) > 2 and results.get("ranking")
+    if not many:
+        console.print(summary_table(results))
+    if results.get("ranking"):
+        console.print(leaderboard_table(results))
+    if many:
+        console.print(
+            "[dim]every statistic of every candidate: lmkl report RUN --format table[/dim]"
+        )
     throughput = results.get("throughput", {})
     tps = throughput.get("tokens_per_s")
     if tps:
