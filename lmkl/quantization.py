@@ -185,9 +185,8 @@ def check_checkpoint_backend(config: Any, device: Any, name: str) -> dict[str, A
     if quant is None:
         return None
     settings = quant if isinstance(quant, dict) else quant.to_dict()
-    method = str(settings.get("quant_method", "unknown"))
-    method = method.split(".")[-1].lower().replace("_", "-") if "." in method else method
-    backend = CHECKPOINT_BACKENDS.get(method) or CHECKPOINT_BACKENDS.get(method.replace("-", "_"))
+    method = _method_name(settings)
+    backend = CHECKPOINT_BACKENDS.get(method)
     what = f"{name} (a {method} checkpoint)"
     if backend is not None:
         require(backend, what)
@@ -196,10 +195,16 @@ def check_checkpoint_backend(config: Any, device: Any, name: str) -> dict[str, A
     return settings
 
 
+def _method_name(settings: dict[str, Any]) -> str:
+    """``quant_method`` as transformers spells it (a string, or its QuantizationMethod enum)."""
+    method = settings.get("quant_method", "unknown")
+    return str(getattr(method, "value", method))
+
+
 def checkpoint_quantization(settings: dict[str, Any]) -> dict[str, Any]:
     """Method, bits and group size from a checkpoint's ``quantization_config`` (best effort:
     each format spells them differently; unknown fields stay None)."""
-    method = str(settings.get("quant_method", "unknown"))
+    method = _method_name(settings)
     bits = settings.get("bits") or settings.get("nbits") or settings.get("w_bit")
     group = settings.get("group_size") or settings.get("q_group_size")
     if settings.get("load_in_4bit"):
