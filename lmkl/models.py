@@ -32,6 +32,7 @@ from lmkl.quantization import (
     on_the_fly_config,
     on_the_fly_quantization,
     quiet_backend_logs,
+    read_gguf,
     require,
     weight_storage,
 )
@@ -307,10 +308,8 @@ class GgufTokenizer:
     """
 
     def __init__(self, inner: Any, spec: ModelSpec) -> None:
-        from gguf import GGUFReader
-
         self._inner = inner
-        fields = GGUFReader(str(_gguf_path(spec))).fields
+        fields = read_gguf(_gguf_path(spec)).fields
 
         def value(key: str) -> Any:
             field = fields.get(key)
@@ -834,13 +833,29 @@ def weights_identity(spec: ModelSpec) -> dict[str, Any]:
     return info
 
 
+#: Configs read in this process, by source, revision, GGUF file, code policy and (for local
+#: directories) the config file's stat: a run reads one model's config to check the windows,
+#: to check its quantization backend and to describe it; a GGUF config is parsed from the
+#: file's metadata, vocabulary included, which is worth doing once.
+_CONFIGS: dict[tuple[Any, ...], Any] = {}
+
+
 def model_config(spec: ModelSpec) -> Any:
-    """The model's transformers config (no weights); one-line errors."""
+    """The model's transformers config (no weights); one-line errors. Treat it as read-only:
+    it is shared by every caller in the process."""
     from transformers import AutoConfig
 
     _check_source(spec)
-    source = str(Path(spec.model).expanduser()) if _is_local(spec) else spec.model
-    return _pretrained(AutoConfig, spec, source, "model config")
+    local = _is_local(spec)
+    source = str(Path(spec.model).expanduser()) if local else spec.model
+    stamp = None
+    if local:
+        config_file = Path(source) / (spec.gguf_file or "config.json")
+        stamp = _file_key(config_file) if config_file.exists() else None
+    key = (source, spec.revision, spec.gguf_file, spec.trust_remote_code, stamp)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = _pretrained(AutoConfig, spec, source, "model config")
+    return _CONFIGS[key]
 
 
 def _same_model_name(a: str, b: str) -> bool:

@@ -263,13 +263,14 @@ def _tensor_bytes(tensor: Any, seen: set[int]) -> int:
             return sum(_tensor_bytes(getattr(tensor, n), seen) for n in names)
     total = 0
     if isinstance(tensor, torch.Tensor):
-        try:
-            key = tensor.untyped_storage().data_ptr()
+        try:  # a storage shared by views or tied weights is counted once, whole
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):
-            key = id(tensor)
-        if key not in seen or key == 0:
+            key, size = id(tensor), tensor.numel() * tensor.element_size()
+        if key not in seen:
             seen.add(key)
-            total += tensor.numel() * tensor.element_size()
+            total += size
     state = getattr(tensor, "quant_state", None)  # bitsandbytes 4-bit: absmax, code, offsets
     if state is not None:
         for value in vars(state).values():
@@ -315,13 +316,37 @@ def weight_storage(model: Any) -> dict[str, Any]:
     }
 
 
+#: GGUF readers (memory-mapped; metadata parsed once) by file path, inode, size and mtime.
+_READERS: dict[tuple[Any, ...], Any] = {}
+
+
+def read_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` over ``path``; a file that is not GGUF (or is cut short) is one
+    line, not the reader's traceback."""
+    require(GGUF_BACKEND, f"GGUF file '{path.name}'")
+    from gguf import GGUFReader
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _READERS:  # the tokenizer check and the size both read the file's tables
+        return _READERS[key]
+    try:
+        _READERS[key] = GGUFReader(str(path))
+        return _READERS[key]
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelLoadError(
+            f"'{path.name}' is not a readable GGUF file ({first})",
+            "check the file (a complete download of a .gguf file)",
+        ) from exc
+
+
 def gguf_storage(path: Path) -> dict[str, Any]:
     """A GGUF file's weights as stored: bytes and elements of its tensors, bits per weight, and
     how many tensors of each type (e.g. ``{"Q4_0": 14, "F32": 5}``)."""
-    require(GGUF_BACKEND, f"GGUF file '{path.name}'")
-    from gguf import GGML_QUANT_SIZES, GGUFReader
+    from gguf import GGML_QUANT_SIZES
 
-    reader = GGUFReader(str(path))
+    reader = read_gguf(path)
     stored = sum(int(t.n_bytes) for t in reader.tensors)
     elements = sum(int(t.n_elements) for t in reader.tensors)
     types = Counter(t.tensor_type.name for t in reader.tensors)

@@ -91,6 +91,12 @@ def llama_kld_stats(output: str) -> dict[str, float]:
         match = re.search(label + r":\s+([-+0-9.eE]+)", output)
         if match:
             stats[key] = float(match.group(1))
+    se = re.search(r"Mean\s+KLD:\s+[-+0-9.eE]+\s+±\s+([-+0-9.eE]+)", output)
+    if se:
+        stats["mean_se"] = float(se.group(1))
+    same_top = re.search(r"Same top p:\s+([0-9.]+)\s+±", output)
+    if same_top:
+        stats["same_top_percent"] = float(same_top.group(1))
     return stats
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_llama_cpp import llama_kld_stats  # noqa: E402  (this folder: the shared parser)
 
 TYPES = ("F16", "Q8_0", "Q4_0")
 CONTEXT = 128
@@ -57,15 +58,13 @@ def _llama_kld(binary: str, model: Path, text: Path, base: Path, threads: int) -
         check=True,
     )
     seconds = time.perf_counter() - start
-    out = proc.stdout + proc.stderr
-    mean = re.search(r"Mean\s+KLD:\s+([-\d.eE+]+)\s+±\s+([-\d.eE+]+)", out)
-    same_top = re.search(r"Same top p:\s+([\d.]+)\s+±", out)
-    if mean is None:
-        raise RuntimeError(f"no 'Mean KLD' in llama-perplexity's output:\n{out[-2000:]}")
+    stats = llama_kld_stats(proc.stdout + proc.stderr)
+    if "mean" not in stats:
+        raise RuntimeError(f"no 'Mean KLD' in llama-perplexity's output:\n{proc.stderr[-2000:]}")
     return {
-        "kl_mean": float(mean.group(1)),
-        "kl_se": float(mean.group(2)),
-        "same_top_percent": float(same_top.group(1)) if same_top else None,
+        "kl_mean": stats["mean"],
+        "kl_se": stats.get("mean_se"),
+        "same_top_percent": stats.get("same_top_percent"),
         "seconds": seconds,
     }
 

@@ -392,7 +392,28 @@ def test_several_candidates_run_the_reference_once_per_batch(
     assert labels == ["small", "small-again", "torchao-int8_weight_only"]
     # The same model twice: identical numbers, side by side in one leaderboard.
     np.testing.assert_array_equal(_kl(out, "small"), _kl(out, "small-again"))
-    assert len(results["ranking"]["leaderboard"]) == 3
+    rows = results["ranking"]["leaderboard"]
+    assert len(rows) == 3
+    # The leaderboard's values are the candidates' per-token mean KL (NumPy on tokens.parquet),
+    # in increasing order, each inside its bootstrap CI.
+    means = {label: _kl(out, label).mean() for label in labels}
+    assert [r["label"] for r in rows] == sorted(labels, key=lambda label: means[label])
+    for row in rows:
+        assert row["value"] == pytest.approx(means[row["label"]], rel=1e-9)
+        assert row["ci"][0] <= row["value"] <= row["ci"][1]
+
+
+def test_a_model_against_itself_names_both_roles(tiny_pair, small_jsonl_module, tmp_path):
+    out = tmp_path / "run"
+    model = shutil.copytree(tiny_pair["reference"], tmp_path / "model")  # display name "model"
+    code, output = compare(
+        model, model, "--candidate-dtype", "bfloat16", "--data", small_jsonl_module, "--out", out
+    )
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert results["reference"]["label"] == "reference"
+    assert [c["label"] for c in results["candidates"]] == ["candidate"]
+    assert "ranking" not in results  # one candidate: no leaderboard
 
 
 def test_too_many_labels_is_a_usage_error(tiny_pair, small_jsonl_module, tmp_path):

@@ -486,22 +486,24 @@ def default_size_key(models: Sequence[dict[str, Any]]) -> str:
 
 
 def rank_one_run(
-    columns: dict[str, dict[str, np.ndarray]],
+    values: dict[str, np.ndarray],
+    units: np.ndarray,
     models: dict[str, dict[str, Any]],
     *,
-    unit_column: str = "doc_id",
+    unit: str = "doc_id",
     metric: str = "kl.mean",
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The ``ranking`` of the candidates of one comparison (one dataset): ``columns[label]`` are
-    a candidate's token columns, all on identical tokens; ``models[label]`` its description.
-    Documents (or llama-cpp chunks, ``unit_column="window_id"``) are the bootstrap units."""
-    labels = list(columns)
-    first = columns[labels[0]]
-    _, doc_index = np.unique(first[unit_column], return_inverse=True)
+    """The ``ranking`` of the candidates of one comparison (one dataset).
+
+    ``values[label]`` are a candidate's per-token values of ``metric`` (see
+    :func:`metric_values`), all candidates in one token order; ``units[i]`` is token ``i``'s
+    bootstrap unit (its document, or its llama-cpp chunk with ``unit="window_id"``);
+    ``models[label]`` the candidate's description (for the sizes)."""
+    labels = list(values)
+    _, doc_index = np.unique(units, return_inverse=True)
     n_units = int(doc_index.max()) + 1 if doc_index.size else 0
-    size_key = default_size_key([models[label] for label in labels])
     info = [
         {**candidate_sizes(models[label]), "metrics": None, "index": i}
         for i, label in enumerate(labels)
@@ -509,7 +511,7 @@ def rank_one_run(
     return rank(
         RankingInput(
             labels=labels,
-            values=np.stack([metric_values(columns[label], metric) for label in labels]),
+            values=np.stack([values[label] for label in labels]),
             doc_index=doc_index,
             strata=[n_units],
             dataset_labels=["data"],
@@ -520,6 +522,6 @@ def rank_one_run(
         rank_metrics()[metric].higher_is_better,
         resamples=resamples,
         seed=seed,
-        size_key=size_key,
-        unit="chunk" if unit_column == "window_id" else "document",
+        size_key=default_size_key([models[label] for label in labels]),
+        unit="chunk" if unit == "window_id" else "document",
     )

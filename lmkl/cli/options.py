@@ -383,10 +383,10 @@ def model_specs(
             s.model_copy(update={"label": labels[i]}) if i < len(labels) else s
             for i, s in enumerate(specs)
         ]
-    if len(specs) == 1 and specs[0].display_name == ref_spec.display_name:
-        specs[0] = specs[0].model_copy(update={"label": "candidate"})
     if any(s.display_name == ref_spec.display_name for s in specs):
         ref_spec = ref_spec.model_copy(update={"label": "reference"})
+        if len(specs) == 1:  # a model against itself (another dtype, say): name both roles
+            specs[0] = specs[0].model_copy(update={"label": "candidate"})
     return ref_spec, specs
 
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from lmkl.analysis.ranking import metric_values, rank_one_run
 from lmkl.analysis.stats import distribution, summarize
 from lmkl.data.corpus import Corpus, load_corpus
 from lmkl.data.windows import Window, make_windows
@@ -398,25 +399,6 @@ class TokenComparison:
         return part
 
     # -- summarize -------------------------------------------------------------------------------
-    def _ranking(self, table: Any, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """With several candidates, one leaderboard: ranked by mean KL with document-bootstrap
-        CIs (llama-cpp chunks as units), paired differences and a Pareto set by size."""
-        if len(entries) < 2 or self.topk:
-            return None
-        from lmkl.analysis.ranking import rank_one_run
-
-        columns = {}
-        for entry in entries:
-            cols = candidate_columns(table, entry["label"])
-            order = np.lexsort((cols["window_pos"], cols["window_id"]))
-            columns[entry["label"]] = {k: v[order] for k, v in cols.items()}
-        return rank_one_run(
-            columns,
-            {e["label"]: e["model"] for e in entries},
-            unit_column="window_id" if self.windows.windowing == "llama-cpp" else "doc_id",
-            seed=self.compute.seed,
-        )
-
     def summarize(self, run_dir: RunDirectory, totals: dict[str, float]) -> Summary:
         sidecars = [run_dir.read_sidecar(i) or {} for i in run_dir.completed_indices()]
         # This process's own descriptions win; others' (ranks, an earlier resumed process) fill
@@ -428,18 +410,27 @@ class TokenComparison:
             padded = padded or bool(sidecar.get("padded"))
         descriptions.update(self._descriptions)
         table = run_dir.read_parts()
-        entries = []
+        # With several candidates (exact KL), one leaderboard: each candidate's per-token KL in
+        # one token order, ranked with document (llama-cpp: chunk) bootstrap CIs.
+        leaderboard = len(self.candidates) > 1 and not self.topk
+        unit = "window_id" if self.windows.windowing == "llama-cpp" else "doc_id"
+        entries, kl_values, units = [], {}, None
         for spec in self.candidates:
             label = spec.display_name
-            entry = {
-                "label": label,
-                "model": descriptions[label],
-                "metrics": summarize(candidate_columns(table, label)),
-            }
+            columns = candidate_columns(table, label)
+            entry = {"label": label, "model": descriptions[label], "metrics": summarize(columns)}
             if self.topk:
                 entry["metrics"]["kl_bounds"] = _bounds(table, label)
+            if leaderboard:
+                order = np.lexsort((columns["window_pos"], columns["window_id"]))
+                kl_values[label] = metric_values(columns, "kl.mean")[order]
+                units = columns[unit][order]
             entries.append(entry)
-        ranking = self._ranking(table, entries)
+            del columns
+        ranking = None
+        if leaderboard:
+            models = {e["label"]: e["model"] for e in entries}
+            ranking = rank_one_run(kl_values, units, models, unit=unit, seed=self.compute.seed)
         scored = sum(w.num_targets for w in self.window_list)
         reference = self.cache.description if self.cache else self.ref_model.description
         body: dict[str, Any] = {
