@@ -710,7 +710,7 @@ def _quantization_kwargs(
                 f"({settings.get('quant_method')}); quantize: needs full-precision weights",
                 "quantize the full-precision model instead",
             )
-        check_groups_fit(spec.quantize, config, spec.display_name)
+        check_groups_fit(spec.quantize, config, spec.display_name, device)
         kwargs["quantization_config"] = on_the_fly_config(spec.quantize)
         if kwargs["dtype"] == "auto":
             kwargs["dtype"] = torch.float32

@@ -103,13 +103,15 @@ def quiet_backend_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def check_groups_fit(spec: QuantizeSpec, config: Any, name: str) -> None:
+def check_groups_fit(spec: QuantizeSpec, config: Any, name: str, device: Any) -> None:
     """Refuse (one line, before loading) a group size that does not divide the input width of
-    the model's linear layers: torchao's grouped schemes and bitsandbytes' 4-bit blocks on CPU
+    the model's linear layers: torchao's grouped schemes, and bitsandbytes' 4-bit blocks on CPU,
     need whole groups per row. Widths are read from the config (hidden and MLP sizes)."""
     group = spec.effective_group_size
     if group is None or spec.method == "quanto":  # quanto pads a last partial group
         return
+    if spec.method == "bitsandbytes" and getattr(device, "type", str(device)) == "cuda":
+        return  # the CUDA kernels take any width
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     widths = sorted(
         {

@@ -560,3 +560,38 @@ def test_compressed_tensors_checkpoint(tiny_pair, small_jsonl_module, tmp_path):
     assert 0 < kl.mean() < 0.05
     # The same 4-bit grid, groups of 32: close to torchao's on-the-fly int4 (rounding differs).
     assert 0.5 < kl.mean() / torchao.mean() < 2
+
+
+def test_report_places_quantizations_by_bits_per_weight(gguf_run):
+    """The report's size-vs-KL view: bits per weight on the x axis, the Pareto set recomputed
+    here from the run's own numbers (smaller and closer wins)."""
+    from lmkl.report.model import build_report
+
+    sizes = build_report([gguf_run]).sizes()
+    assert sizes["axis"] == "bits_per_weight"
+    entries = _entries(gguf_run)
+    bits = {k: entries[k]["model"]["bits_per_weight"] for k in sizes["keys"]}
+    kls = {k: _kl(gguf_run, k).mean() for k in sizes["keys"]}
+    assert sizes["size"] == [bits[k] for k in sizes["keys"]]
+    np.testing.assert_allclose(sizes["kl_mean"], [kls[k] for k in sizes["keys"]], rtol=1e-6)
+    expected = [
+        not any(
+            (bits[o] <= bits[k] and kls[o] <= kls[k]) and (bits[o] < bits[k] or kls[o] < kls[k])
+            for o in sizes["keys"]
+            if o != k
+        )
+        for k in sizes["keys"]
+    ]
+    assert sizes["pareto"] == expected
+
+
+def test_group_size_that_does_not_divide_the_widths_is_one_line(
+    tiny_pair, small_jsonl_module, tmp_path
+):
+    out = tmp_path / "r"
+    code, output = run_on(
+        tiny_pair, small_jsonl_module, "--quantize", "torchao:int4_weight_only:g128", out=out
+    )
+    check_error(code, output, 1, "group size 128 does not divide", "64")
+    assert "fix: use a group size that divides 64, 192 (g16, g32, g64)" in output
+    assert not out.exists()
