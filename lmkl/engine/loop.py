@@ -178,7 +178,9 @@ def execute(
             ) from exc
         if finished:
             shard.on_main(_check_finished, path, plan.identity)
-            return RunOutcome(path, shard.on_main(load_results, path), shard.is_main)
+            return _orderly(
+                shard, RunOutcome(path, shard.on_main(load_results, path), shard.is_main)
+            )
         if resume:
             done = shard.on_main(_resumable_parts, path, plan, log)
         else:
@@ -210,9 +212,17 @@ def execute(
             )
             return results
 
-        return RunOutcome(path, shard.on_main(finish), shard.is_main)
+        return _orderly(shard, RunOutcome(path, shard.on_main(finish), shard.is_main))
     finally:
         shard.close()
+
+
+def _orderly(shard: Shard, outcome: RunOutcome) -> RunOutcome:
+    """Wait until every rank holds rank 0's results before any rank tears the process group
+    down: a rank that destroys it while a peer still reads the last broadcast can abort that
+    peer (gloo, SIGABRT). Only on success: after an error the ranks may not meet again."""
+    shard.barrier()
+    return outcome
 
 
 def _score_parts(
