@@ -110,11 +110,11 @@ def test_identical_inputs_give_zero_divergence():
 
 def test_eager_kernel_splits_rows_without_changing_values():
     ref, cand, targets = logits_with_special_rows(37, 512, seed=3)
-    kernel = MetricsKernel(compile=False)
+    kernel = MetricsKernel(compile=False, native=False)
     kernel.eager_rows = 5
     assert_same(kernel(ref, cand, targets), token_metrics(ref, cand, targets), tol=1e-6)
     # Below the size threshold the kernel does not compile at all.
-    small = MetricsKernel(compile=True, expected_elements=1000)
+    small = MetricsKernel(compile=True, expected_elements=1000, native=False)
     assert small.backend == "eager" and not small.use_compile
 
 
@@ -129,13 +129,14 @@ def test_cache_sized_eager_blocks_give_whole_chunk_values_bit_for_bit(rows, voca
     cand = ref + torch.randn(rows, vocab, generator=gen)
     targets = torch.randint(0, vocab, (rows,), generator=gen)
     assert max(2, EAGER_CPU_BLOCK_BYTES // (4 * vocab)) < rows  # the kernel does split them
-    got = MetricsKernel(compile=False)(ref, cand, targets)
+    got = MetricsKernel(compile=False, native=False)(ref, cand, targets)
     whole = token_metrics_fused(ref, cand, targets)
     for name, value in whole.items():
         assert torch.equal(got[name], value), name
     # Special rows take the exact fallback within their block: equal to float32 rounding.
     ref, cand, targets = logits_with_special_rows(9, 131072, seed=6)
-    assert_same(MetricsKernel(compile=False)(ref, cand, targets), token_metrics(ref, cand, targets))
+    eager = MetricsKernel(compile=False, native=False)
+    assert_same(eager(ref, cand, targets), token_metrics(ref, cand, targets))
 
 
 @pytest.mark.skipif(
@@ -143,7 +144,7 @@ def test_cache_sized_eager_blocks_give_whole_chunk_values_bit_for_bit(rows, voca
     reason="torch.compile on CPU needs a C++ compiler",
 )
 def test_compiled_kernel_equals_token_metrics():
-    kernel = MetricsKernel(compile=True)
+    kernel = MetricsKernel(compile=True, native=False)
     for n, seed in ((23, 11), (9, 12), (1, 13)):  # one graph serves every row count
         ref, cand, targets = logits_with_special_rows(max(n, 7), 512, seed=seed)
         ref, cand, targets = ref[:n], cand[:n], targets[:n]

@@ -280,7 +280,7 @@ class TokenComparison:
         )
         total = sum(w.num_targets for w in self.window_list)
         self.kernel, self.chunk = make_kernel(
-            self.compute, self.vocab_size, total * len(cand_models), log
+            self.compute, self.vocab_size, total * len(cand_models), log, self.ref_model.device
         )
         self._loaded = {m.label: m for m in cand_models}
         self._descriptions = {m.label: m.description for m in cand_models}
@@ -300,7 +300,10 @@ class TokenComparison:
         self.window_list = cache.windows()
         self.corpus_description = cache.manifest["data"]
         self.padded = bool(cache.manifest["vocab"]["padded"])
-        self.kernel, self.chunk = make_kernel(self.compute, self.vocab_size, cache.num_tokens, log)
+        device = resolve_device(device_for_rank(self.candidates[0].device, self.shard))
+        self.kernel, self.chunk = make_kernel(
+            self.compute, self.vocab_size, cache.num_tokens, log, device
+        )
         if self.topk:
             self.chunk = self.compute.chunk_size(self.vocab_size, 8)
 

@@ -6,11 +6,13 @@ stage next to the two forward passes:
 
 * :func:`token_metrics_fused` is the eager version (about 7 float32 ``[N, V]`` temporaries instead
   of about 20, and no top-k sort).
-* :class:`MetricsKernel` runs the same math through ``torch.compile`` when that pays (a large
-  vocabulary times many tokens): Inductor fuses it into one kernel that reads each logit row a
-  few times while it is still in cache and allocates no ``[N, V]`` temporary at all. The compiled
-  graph has a static vocabulary width and a dynamic number of rows, so one compilation serves
-  every chunk. If compilation is unavailable or fails, the eager version is used.
+* :class:`MetricsKernel` picks the fastest path that works here: on a CPU the C kernel of
+  :mod:`~.native` (two sweeps per row in cache, built once per machine); elsewhere (or without a
+  C compiler) the same math through ``torch.compile`` when that pays (a large vocabulary times
+  many tokens): Inductor fuses it into one kernel that reads each logit row a few times while it
+  is still in cache and allocates no ``[N, V]`` temporary at all. The compiled graph has a
+  static vocabulary width and a dynamic number of rows, so one compilation serves every chunk.
+  If compilation is unavailable or fails, the eager version is used.
 
 Both give the values of ``token_metrics`` to float32 rounding (the tests hold them to 1e-5) and
 keep its semantics for rows that are not plain finite distributions: the fast path never has to
@@ -38,6 +40,13 @@ import torch
 
 from lmkl.errors import LmklWarning
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
+from lmkl.scoring.native import (
+    N_OUTPUTS,
+    ROWS_PER_TASK,
+    NativeKernel,
+    load_native_kernel,
+    native_unavailable_reason,
+)
 
 __all__ = [
     "MetricsKernel",
@@ -100,13 +109,14 @@ EAGER_CPU_BLOCK_BYTES = 2 * 2**20
 _LOG_FLOOR = -1e30
 
 
-def temporaries_per_token(compiled: bool) -> int:
+def temporaries_per_token(backend: str) -> int:
     """Float32 vocabulary-wide rows alive per scored token in the KL stage (for chunk sizing).
 
     Two are the reference and candidate logits themselves; the eager fused path adds its
-    temporaries, the compiled kernel none (one more row of slack for dtype casts).
+    temporaries, the compiled kernel none (one more row of slack for dtype casts), the native
+    kernel float32 copies of half-precision logits.
     """
-    return 3 if compiled else 11
+    return {"compiled": 3, "native": 4}.get(backend, 11)
 
 
 def _stack(values: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -316,12 +326,17 @@ def token_metrics_fused(
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-@contextmanager
-def _one_thread_per_block(threads: int) -> Iterator[ThreadPoolExecutor]:
-    """A pool of ``threads`` workers while torch's own ops run single-threaded."""
+def _pool(threads: int) -> ThreadPoolExecutor:
     pool = _POOLS.get(threads)
     if pool is None:
         pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lmkl-kl")
+    return pool
+
+
+@contextmanager
+def _one_thread_per_block(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """A pool of ``threads`` workers while torch's own ops run single-threaded."""
+    pool = _pool(threads)
     torch.set_num_threads(1)
     try:
         yield pool
@@ -329,14 +344,24 @@ def _one_thread_per_block(threads: int) -> Iterator[ThreadPoolExecutor]:
         torch.set_num_threads(threads)
 
 
-class MetricsKernel:
-    """Per-chunk metrics with a ``torch.compile``d fused kernel where it pays, eager otherwise.
+def _float32_rows(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 rows with unit stride along the vocabulary (a copy only where needed)."""
+    if logits.dtype != torch.float32:
+        return logits[:, :vocab].float()
+    return logits if logits.stride(-1) == 1 else logits[:, :vocab].contiguous()
 
-    ``compile`` asks for the compiled kernel; it is actually used only when ``expected_elements``
-    (tokens x vocabulary the run will score) reaches :func:`compile_threshold`, and only if
-    compilation works here: any failure (no C++ compiler, unsupported device, ...) falls back to
-    the eager fused path once, with a warning, and the run goes on. ``backend`` records which path
-    ran ("compiled" or "eager"), for the results' provenance.
+
+class MetricsKernel:
+    """Per-chunk metrics by the fastest path that works here; every path gives the same values.
+
+    On a CPU (``device`` "cpu", or any CPU tensors when ``device`` is None) the native C kernel
+    of :mod:`~.native` runs if it could be built (``native=False`` skips it). Otherwise
+    ``compile`` asks for the ``torch.compile``d kernel; it is actually used only when
+    ``expected_elements`` (tokens x vocabulary the run will score) reaches
+    :func:`compile_threshold`, and only if compilation works here: any failure (no C++ compiler,
+    unsupported device, ...) falls back to the eager fused path once, with a warning, and the run
+    goes on. ``backend`` records which path ran ("native", "compiled" or "eager"), for the
+    results' provenance.
     """
 
     _compiled_fn: Callable[..., torch.Tensor] | None = None
@@ -350,14 +375,28 @@ class MetricsKernel:
         vocab_size: int | None = None,
         top_k: int = 5,
         log: Callable[[str], None] | None = None,
+        device: torch.device | str | None = None,
+        native: bool = True,
     ) -> None:
         self.top_k = top_k
         self.log = log or (lambda _msg: None)
-        self.use_compile = bool(compile) and (
-            expected_elements is None or expected_elements >= compile_threshold(vocab_size, top_k)
+        device_type = None if device is None else torch.device(device).type
+        self.native: NativeKernel | None = None
+        if native and device_type in (None, "cpu"):
+            self.native = load_native_kernel()
+            if self.native is None and (reason := native_unavailable_reason()):
+                self.log(f"native KL kernel unavailable ({reason}); using torch")
+        on_cpu_natively = self.native is not None and device_type == "cpu"
+        self.use_compile = (
+            bool(compile)
+            and not on_cpu_natively
+            and (
+                expected_elements is None
+                or expected_elements >= compile_threshold(vocab_size, top_k)
+            )
         )
         self._remembered = False
-        self.backend = "compiled" if self.use_compile else "eager"
+        self.backend = "native" if on_cpu_natively else "compiled" if self.use_compile else "eager"
         #: Rows per eager call (None: all at once); set by callers that size chunks for the
         #: compiled kernel, so that a fallback to eager keeps to the same memory budget.
         self.eager_rows: int | None = None
@@ -411,6 +450,40 @@ class MetricsKernel:
             return parts[0]
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
+    def _native(
+        self,
+        ref: torch.Tensor,
+        cand: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float,
+        vocab_size: int | None,
+    ) -> dict[str, torch.Tensor]:
+        assert self.native is not None
+        _check(ref, cand, temperature, vocab_size)
+        vocab = vocab_size or ref.shape[-1]
+        targets = targets.to(ref.device).long().contiguous()
+        rows = ref.shape[0]
+        if rows == 0 or int(targets.min()) < 0 or int(targets.max()) >= vocab:
+            # (Nothing to do, or targets the C code must not index: the eager path decides.)
+            return self._eager(ref, cand, targets, temperature, vocab_size)
+        a, b = _float32_rows(ref, vocab), _float32_rows(cand, vocab)
+        out = torch.empty(N_OUTPUTS, rows)
+        spans = [(s, min(s + ROWS_PER_TASK, rows)) for s in range(0, rows, ROWS_PER_TASK)]
+
+        def block(span: tuple[int, int]) -> None:
+            assert self.native is not None
+            self.native.metrics(a, b, targets, 1.0 / temperature, vocab, self.top_k, out, span)
+
+        threads = torch.get_num_threads()
+        if len(spans) > 1 and threads > 1:
+            # ctypes releases the GIL: the rows are worked on every core.
+            list(_pool(threads).map(block, spans))
+        else:
+            for span in spans:
+                block(span)
+        self.backend = "native"
+        return _finish(out, ref, cand, targets, temperature, vocab, self.top_k)
+
     @classmethod
     def _compiled(cls) -> Callable[..., torch.Tensor]:
         with cls._lock:
@@ -428,6 +501,14 @@ class MetricsKernel:
         vocab_size: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Metrics for ``[N, V']`` logit rows (``V' >= vocab_size``); see :func:`token_metrics`."""
+        if (
+            self.native is not None
+            and reference_logits.device.type == "cpu"
+            and reference_logits.dtype != torch.float64
+        ):
+            return self._native(
+                reference_logits, candidate_logits, targets, temperature, vocab_size
+            )
         if not self.use_compile or reference_logits.dtype == torch.float64:
             return self._eager(reference_logits, candidate_logits, targets, temperature, vocab_size)
         _check(reference_logits, candidate_logits, temperature, vocab_size)

@@ -252,11 +252,16 @@ def overflow_as_nan(logits: torch.Tensor) -> torch.Tensor:
 
 
 def make_kernel(
-    compute: ComputeSpec, vocab_size: int, tokens: int, log: LogCallback
+    compute: ComputeSpec,
+    vocab_size: int,
+    tokens: int,
+    log: LogCallback,
+    device: torch.device | str | None = None,
 ) -> tuple[MetricsKernel, int]:
     """The metrics kernel for a run and its chunk size (tokens per KL chunk).
 
-    Chunks are sized for the path that will run (the compiled kernel needs fewer temporaries);
+    Chunks are sized for the path that will run (the native and compiled kernels need fewer
+    temporaries; ``device``: where the logits will be, if known);
     an eager fallback splits them further so the memory budget holds either way.
     """
     kernel = MetricsKernel(
@@ -264,8 +269,9 @@ def make_kernel(
         expected_elements=tokens * vocab_size,
         vocab_size=vocab_size,
         log=log,
+        device=device,
     )
-    chunk = compute.chunk_size(vocab_size, temporaries_per_token(kernel.use_compile))
-    if kernel.use_compile and not compute.chunk_tokens:
-        kernel.eager_rows = compute.chunk_size(vocab_size, temporaries_per_token(False))
+    chunk = compute.chunk_size(vocab_size, temporaries_per_token(kernel.backend))
+    if kernel.backend != "eager" and not compute.chunk_tokens:
+        kernel.eager_rows = compute.chunk_size(vocab_size, temporaries_per_token("eager"))
     return kernel, chunk

@@ -1,0 +1,224 @@
+"""The native C kernel: float64 SciPy values, token_metrics' semantics, its build and fallbacks."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_fused import assert_same, float64_metrics, logits_with_special_rows
+
+from lmkl.scoring import native
+from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
+from lmkl.scoring.fused import MetricsKernel
+
+pytestmark = pytest.mark.skipif(
+    native.load_native_kernel() is None,
+    reason=f"native kernel unavailable here: {native.native_unavailable_reason()}",
+)
+
+
+def cpu_kernel(**kwargs) -> MetricsKernel:
+    kernel = MetricsKernel(device="cpu", **kwargs)
+    assert kernel.backend == "native"
+    return kernel
+
+
+# Vocabularies around the kernel's 1024-entry blocks, and a realistic one.
+@pytest.mark.parametrize("vocab", [1, 7, 1023, 1024, 1025, 5000, 50_257])
+def test_native_matches_float64_scipy(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 12
+    ref = torch.randn(rows, vocab, generator=gen) * 4
+    cand = ref + torch.randn(rows, vocab, generator=gen)
+    if vocab > 3000:
+        ref[3, vocab - 2] = 30.0  # peaked reference, its maximum in the last block
+        cand[4, 2100] = 25.0  # peaked candidate, the maximum in a middle block
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    got = cpu_kernel()(ref, cand, targets)
+    assert not got["nonfinite"].any()
+    for i in range(rows):
+        want = float64_metrics(ref[i].double().numpy(), cand[i].double().numpy(), int(targets[i]))
+        for name, value in want.items():
+            assert abs(float(got[name][i]) - value) <= 1e-5 * max(1.0, abs(value)), (name, i)
+    lse = torch.logsumexp(ref.double(), -1)
+    assert torch.allclose(got["lse_reference"].double(), lse, atol=1e-5)
+
+
+def test_native_keeps_token_metrics_semantics_for_special_rows():
+    # -inf masks, +inf KL, NaN and all-masked rows go to the exact path: same values and flags.
+    for vocab in (512, 3000):
+        ref, cand, targets = logits_with_special_rows(40, vocab, seed=vocab)
+        got = cpu_kernel()(ref, cand, targets)
+        assert_same(got, token_metrics(ref, cand, targets))
+        assert got["nonfinite"][[3, 4, 5]].all() and not got["nonfinite"][[0, 1, 2, 6]].any()
+        assert math.isinf(float(got["kl"][2]))
+
+
+def test_temperature_padded_heads_strides_and_half_precision():
+    gen = torch.Generator().manual_seed(5)
+    wide_ref = torch.randn(20, 2100, generator=gen) * 2
+    wide_cand = torch.randn(20, 2200, generator=gen) * 2  # padded head: 2000 columns compared
+    targets = torch.randint(0, 2000, (20,), generator=gen)
+    want = token_metrics(wide_ref[:, :2000], wide_cand[:, :2000], targets, temperature=0.7)
+    kernel = cpu_kernel()
+    assert_same(kernel(wide_ref, wide_cand, targets, temperature=0.7, vocab_size=2000), want)
+    # Rows taken with a stride (every other row) and a column-major copy.
+    strided = wide_ref[::2], wide_cand[::2]
+    want = token_metrics(strided[0][:, :2000], strided[1][:, :2000], targets[::2])
+    assert_same(kernel(*strided, targets[::2], vocab_size=2000), want)
+    column_major = wide_ref[:, :2000].t().contiguous().t()
+    want = token_metrics(wide_ref[:, :2000], wide_cand[:, :2000], targets)
+    assert_same(kernel(column_major, wide_cand, targets, vocab_size=2000), want)
+    half = wide_ref.bfloat16(), wide_cand.bfloat16()
+    want = token_metrics(half[0][:, :2000], half[1][:, :2000], targets)
+    assert_same(kernel(*half, targets, vocab_size=2000), want)
+
+
+def test_identical_rows_give_exactly_zero_and_ties_take_the_first_maximum():
+    gen = torch.Generator().manual_seed(2)
+    ref = torch.randn(9, 3000, generator=gen) * 3
+    got = cpu_kernel()(ref, ref.clone(), torch.zeros(9, dtype=torch.long))
+    for name in ("kl", "reverse_kl"):  # log-probability differences are exactly 0
+        assert float(got[name].abs().max()) == 0.0, name
+    # JSD goes through log((p + q) / 2): float32 rounding, as on the torch path.
+    assert float(got["jsd"].abs().max()) <= 1e-6
+    # Ties: the reference's maximum twice (first at 100); the candidate's single maximum at the
+    # second copy: the top tokens differ, as argmax (the first maximum) says.
+    ref[0, 100] = ref[0, 2500] = 20.0
+    cand = ref.clone()
+    cand[0, 100] = 19.0
+    got = cpu_kernel()(ref, cand, torch.zeros(9, dtype=torch.long))
+    want = token_metrics(ref, cand, torch.zeros(9, dtype=torch.long))
+    assert float(got["top1_agree"][0]) == float(want["top1_agree"][0]) == 0.0
+    assert_same(got, want)
+
+
+def test_threads_split_rows_without_changing_values():
+    gen = torch.Generator().manual_seed(8)
+    ref = torch.randn(53, 4096, generator=gen) * 3  # several tasks of ROWS_PER_TASK rows
+    cand = ref + torch.randn(53, 4096, generator=gen)
+    targets = torch.randint(0, 4096, (53,), generator=gen)
+    many = cpu_kernel()(ref, cand, targets)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = cpu_kernel()(ref, cand, targets)
+    finally:
+        torch.set_num_threads(threads)
+    for name in (*TOKEN_METRIC_NAMES, "lse_reference", "lse_candidate"):
+        assert torch.equal(many[name], one[name]), name
+    # Each row's values do not depend on the chunk it came in.
+    alone = cpu_kernel()(ref[17:18], cand[17:18], targets[17:18])
+    for name in TOKEN_METRIC_NAMES:
+        assert torch.equal(alone[name], many[name][17:18]), name
+
+
+def test_targets_outside_the_rows_are_left_to_the_torch_path():
+    ref, cand = torch.randn(4, 600), torch.randn(4, 600)
+    with pytest.raises((RuntimeError, IndexError)):
+        cpu_kernel()(ref, cand, torch.tensor([0, 1, 2, 600]))
+
+
+# --- the build --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """An empty kernel cache and no kernel loaded in this process yet."""
+    monkeypatch.setenv("LMKL_CACHE_DIR", str(tmp_path / "cache"))
+    native._built_and_checked.cache_clear()
+    yield tmp_path / "cache" / "kernels"
+    native._built_and_checked.cache_clear()
+
+
+def test_built_once_per_machine_and_named_for_the_cpu(fresh_build, monkeypatch):
+    assert native.load_native_kernel() is not None
+    (built,) = fresh_build.glob("token_metrics-*.so")
+    stamp = built.stat().st_mtime_ns
+    native._built_and_checked.cache_clear()
+    assert native.load_native_kernel() is not None
+    assert built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert not list(fresh_build.glob(".build-*"))  # no build leftovers
+    # Another CPU (a shared home directory on a cluster) gets a build of its own.
+    monkeypatch.setattr(native, "_cpu_features", lambda: "sse2 only")
+    native._built_and_checked.cache_clear()
+    assert native.load_native_kernel() is not None
+    assert len(list(fresh_build.glob("token_metrics-*.so"))) == 2
+
+
+def test_unavailable_kernel_means_the_torch_path(fresh_build, monkeypatch, tmp_path):
+    monkeypatch.setenv("LMKL_NATIVE_KERNEL", "0")
+    assert native.load_native_kernel() is None
+    assert "LMKL_NATIVE_KERNEL" in native.native_unavailable_reason()
+    assert MetricsKernel(device="cpu", compile=False).backend == "eager"
+    monkeypatch.delenv("LMKL_NATIVE_KERNEL")
+    # A compiler that fails: no kernel, a reason, and nothing left in the cache.
+    failing = tmp_path / "bin" / "cc"
+    failing.parent.mkdir()
+    failing.write_text("#!/bin/sh\necho 'cc: error: unrecognized option' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    assert native.load_native_kernel() is None
+    assert "failed" in native.native_unavailable_reason()
+    assert not list(fresh_build.glob("*.so"))
+    logged: list[str] = []
+    kernel = MetricsKernel(device="cpu", compile=False, log=logged.append)
+    assert kernel.backend == "eager" and "native KL kernel unavailable" in logged[0]
+    # No compiler at all.
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    native._built_and_checked.cache_clear()
+    assert native.load_native_kernel() is None
+    assert "no C compiler" in native.native_unavailable_reason()
+
+
+def test_a_wrong_kernel_is_refused_by_the_self_check(fresh_build, monkeypatch):
+    # A build whose KL is off (the source edited: kl doubled) must not be used.
+    source = native._source().replace(b"out[0] = kl > 0 ? kl : 0;", b"out[0] = 2 * kl;")
+    monkeypatch.setattr(native, "_source", lambda: source)
+    assert native.load_native_kernel() is None
+    assert "self-check failed on kl" in native.native_unavailable_reason()
+
+
+def test_a_gpu_run_does_not_take_the_cpu_kernel():
+    kernel = MetricsKernel(device="meta", compile=False)
+    assert kernel.native is None and kernel.backend == "eager"
+
+
+def test_compare_records_the_native_backend_and_matches_eager(tiny_pair, small_jsonl, tmp_path):
+    import pyarrow.parquet as pq
+
+    from lmkl.api import compare
+
+    def run(name: str, native_on: bool):
+        os.environ["LMKL_NATIVE_KERNEL"] = "1" if native_on else "0"
+        try:
+            return compare(
+                str(tiny_pair["reference"]),
+                str(tiny_pair["candidate"]),
+                data=str(small_jsonl),
+                out=str(tmp_path / name),
+                max_tokens=300,
+            )
+        finally:
+            os.environ.pop("LMKL_NATIVE_KERNEL", None)
+
+    fast, eager = run("native", True), run("eager", False)
+    assert fast.results["compute"]["kernel"] == "native"
+    assert eager.results["compute"]["kernel"] == "eager"
+    a = pq.read_table(Path(fast.path) / "tokens.parquet")
+    b = pq.read_table(Path(eager.path) / "tokens.parquet")
+    for name in ("kl", "reverse_kl", "jsd", "entropy_reference", "nll_candidate"):
+        x, y = a[name].to_numpy(), b[name].to_numpy()
+        assert np.abs(x - y).max() <= 1e-5 * max(1.0, np.abs(y).max()), name
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
+def test_the_source_ships_with_the_package():
+    assert (Path(native.__file__).parent / "token_metrics.c").is_file()
+    assert b"lmkl_token_metrics" in native._source()
