@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import special
 from test_fused import assert_same, float64_metrics, logits_with_special_rows
 
 from lmkl.scoring import native
@@ -49,6 +50,32 @@ def test_native_matches_float64_scipy(vocab):
     assert torch.allclose(got["lse_reference"].double(), lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [1000, 50_257])
+@pytest.mark.parametrize("noise, rtol", [(1e-3, 1e-3), (1e-4, 1e-2)])
+def test_near_identical_models_keep_their_digits(vocab, noise, rtol):
+    # A good 8-bit quantization: KL around 1e-7..1e-9, below float32 torch's rounding (it is
+    # off by 50% to 100x here). The candidate's logits are also shifted by a constant, which
+    # changes nothing but its log-normaliser.
+    gen = torch.Generator().manual_seed(int(noise * 1e6) + vocab)
+    ref = torch.randn(6, vocab, generator=gen) * 3
+    cand = ref + noise * torch.randn(6, vocab, generator=gen) + 2.5
+    targets = torch.randint(0, vocab, (6,), generator=gen)
+    got = cpu_kernel()(ref, cand, targets)
+    for i in range(6):
+        lp = special.log_softmax(ref[i].double().numpy())
+        lq = special.log_softmax(cand[i].double().numpy())
+        p, q = np.exp(lp), np.exp(lq)
+        m = 0.5 * (p + q)
+        want = {
+            "kl": special.rel_entr(p, q).sum(),
+            "reverse_kl": special.rel_entr(q, p).sum(),
+            "jsd": 0.5 * (special.rel_entr(p, m).sum() + special.rel_entr(q, m).sum()),
+        }
+        assert want["kl"] < 1e-5
+        for name, value in want.items():
+            assert abs(float(got[name][i]) - value) <= rtol * value, (name, i, value)
+
+
 def test_native_keeps_token_metrics_semantics_for_special_rows():
     # -inf masks, +inf KL, NaN and all-masked rows go to the exact path: same values and flags.
     for vocab in (512, 3000):
@@ -83,10 +110,8 @@ def test_identical_rows_give_exactly_zero_and_ties_take_the_first_maximum():
     gen = torch.Generator().manual_seed(2)
     ref = torch.randn(9, 3000, generator=gen) * 3
     got = cpu_kernel()(ref, ref.clone(), torch.zeros(9, dtype=torch.long))
-    for name in ("kl", "reverse_kl"):  # log-probability differences are exactly 0
+    for name in ("kl", "reverse_kl", "jsd"):  # log-probability differences are exactly 0
         assert float(got[name].abs().max()) == 0.0, name
-    # JSD goes through log((p + q) / 2): float32 rounding, as on the torch path.
-    assert float(got["jsd"].abs().max()) <= 1e-6
     # Ties: the reference's maximum twice (first at 100); the candidate's single maximum at the
     # second copy: the top tokens differ, as argmax (the first maximum) says.
     ref[0, 100] = ref[0, 2500] = 20.0
@@ -179,7 +204,8 @@ def test_unavailable_kernel_means_the_torch_path(fresh_build, monkeypatch, tmp_p
 
 def test_a_wrong_kernel_is_refused_by_the_self_check(fresh_build, monkeypatch):
     # A build whose KL is off (the source edited: kl doubled) must not be used.
-    source = native._source().replace(b"out[0] = kl > 0 ? kl : 0;", b"out[0] = 2 * kl;")
+    source = native._source().replace(b"out[0] = kl < 0 ? 0 : kl;", b"out[0] = 2 * kl;")
+    assert source != native._source()
     monkeypatch.setattr(native, "_source", lambda: source)
     assert native.load_native_kernel() is None
     assert "self-check failed on kl" in native.native_unavailable_reason()
@@ -222,3 +248,41 @@ def test_compare_records_the_native_backend_and_matches_eager(tiny_pair, small_j
 def test_the_source_ships_with_the_package():
     assert (Path(native.__file__).parent / "token_metrics.c").is_file()
     assert b"lmkl_token_metrics" in native._source()
+
+
+# --- the kernel's polynomials -----------------------------------------------------------------
+
+
+def _coefficients(function: str) -> list[float]:
+    """The Horner coefficients of a C function in token_metrics.c, highest degree first."""
+    import re
+
+    source = native._source().decode()
+    body = source[source.index(f"static inline float {function}(") :]
+    body = body[: body.index("\n}\n")]
+    return [float(v) for v in re.findall(r"(?:y = |fmaf\(y, [-\w]+, )(-?[\d.]+(?:e-?\d+)?)f", body)]
+
+
+def test_jsd_series_coefficients_are_the_taylor_series():
+    sympy = pytest.importorskip("sympy")
+    d = sympy.symbols("d")
+    t = sympy.tanh(d / 2)
+    per_p = (1 + sympy.exp(-d)) * ((1 + t) * sympy.log(1 + t) + (1 - t) * sympy.log(1 - t)) / 4
+    series = sympy.Poly(sympy.series(per_p, d, 0, 11).removeO(), d).all_coeffs()  # d^10 .. d^0
+    want = [float(c) for c in series[:-2]]  # d^10 .. d^2 (the last two are 0)
+    assert _coefficients("jsd_series") == pytest.approx(want, rel=1e-7)
+
+
+def test_log_polynomial_is_within_float32_rounding():
+    coefficients = _coefficients("log_approx")
+    assert len(coefficients) == 8
+    x = np.linspace(np.sqrt(0.5) - 1, np.sqrt(2) - 1, 100_001)
+    approx = x - x**2 / 2 + x**3 * np.polyval(coefficients, x)
+    assert np.abs(approx - np.log1p(x)).max() < 1e-8
+
+
+def test_exp_and_expm1_coefficients_are_reciprocal_factorials():
+    exp = _coefficients("exp_approx")  # r^7 .. r^1 terms (y = ..., then one FMA per degree)
+    assert exp[:-1] == pytest.approx([1 / math.factorial(k) for k in range(7, 0, -1)], rel=1e-7)
+    expm1 = _coefficients("expm1_neg_series")
+    assert expm1 == pytest.approx([1 / math.factorial(k) for k in range(9, 0, -1)], rel=1e-7)
