@@ -255,7 +255,8 @@ class ComputeSpec(StrictModel):
     compile: bool = Field(
         True,
         description="torch.compile the fused KL kernel when the run is big enough for it to pay "
-        "(falls back to eager if compilation fails).",
+        "and the native CPU kernel does not run (GPUs; CPUs without a C compiler; "
+        "LMKL_NATIVE_KERNEL=0); falls back to eager if compilation fails.",
     )
 
     def chunk_size(self, vocab_size: int, temporaries: int = 10) -> int:

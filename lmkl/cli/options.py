@@ -177,8 +177,9 @@ CompileOpt = Annotated[
     bool,
     typer.Option(
         "--compile/--no-compile",
-        help="torch.compile the fused KL kernel on large runs (falls back "
-        "to eager if compilation fails).",
+        help="torch.compile the fused KL kernel on large runs where the native CPU kernel "
+        "does not run (GPUs; CPUs without a C compiler); falls back to eager if compilation "
+        "fails.",
         rich_help_panel=COMPUTE,
     ),
 ]
