@@ -71,4 +71,7 @@ def test_sorted_batches_give_the_same_values(tiny_pair, small_jsonl, tmp_path):
     eff_b = b.results["throughput"]["padding_efficiency"]
     assert 0 < eff_a <= eff_b <= 1
     assert b.results["compute"]["max_batch_tokens"] == 90
-    assert b.results["compute"]["kernel"] == "native"
+    from lmkl.scoring.native import load_native_kernel
+
+    # On a CPU: the native kernel where a C compiler builds it, else the torch one.
+    assert b.results["compute"]["kernel"] == ("native" if load_native_kernel() else "eager")

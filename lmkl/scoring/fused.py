@@ -352,7 +352,7 @@ def _float32_rows(logits: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 class MetricsKernel:
-    """Per-chunk metrics by the fastest path that works here; every path gives the same values.
+    """Per-chunk metrics by the fastest path that works here (all agree to float32 rounding).
 
     On a CPU (``device`` "cpu", or any CPU tensors when ``device`` is None) the native C kernel
     of :mod:`~.native` runs if it could be built (``native=False`` skips it). Otherwise
