@@ -12,7 +12,7 @@ of a second the first time it is needed, for this CPU (``-march=native``), and k
 cache (``$LMKL_CACHE_DIR/kernels``) under a name derived from the source, the compiler, the
 flags and the CPU's features, so a shared home directory never loads a build for another CPU.
 Each process checks the loaded kernel against the eager torch path on a small input before
-using it. Anything that goes wrong (no compiler, no vector math library, a failed check) means
+using it. Anything that goes wrong (no compiler, a failed build, a failed check) means
 "not available": callers use the torch path (the same numbers to float32 rounding). Set
 ``LMKL_NATIVE_KERNEL=0`` to never build or use it.
 """
