@@ -27,6 +27,26 @@ def _isolate_user_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     monkeypatch.delenv("LMKL_DEBUG", raising=False)
 
 
+@pytest.fixture
+def native_kernel():
+    """The native C kernel, built inside the isolated cache (not at collection, in the user's).
+
+    Where it cannot be had the test is skipped, except under ``LMKL_REQUIRE_NATIVE=1`` (CI sets
+    it): there a kernel that does not build or fails its self-check fails the test.
+    """
+    import os
+
+    from lmkl.scoring import native
+
+    kernel = native.load_native_kernel()
+    if kernel is None:
+        reason = native.native_unavailable_reason()
+        if os.environ.get("LMKL_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"LMKL_REQUIRE_NATIVE=1 but the native kernel is unavailable: {reason}")
+        pytest.skip(f"native kernel unavailable here: {reason}")
+    return kernel
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A trained tiny Llama reference, a smaller trained Llama candidate and held-out text."""

@@ -17,10 +17,9 @@ from lmkl.scoring import native
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
 from lmkl.scoring.fused import MetricsKernel
 
-pytestmark = pytest.mark.skipif(
-    native.load_native_kernel() is None,
-    reason=f"native kernel unavailable here: {native.native_unavailable_reason()}",
-)
+# Built inside the isolated cache of conftest's fixtures, never at collection in the user's;
+# under LMKL_REQUIRE_NATIVE=1 (CI) a kernel that does not build or check fails, not skips.
+pytestmark = pytest.mark.usefixtures("native_kernel")
 
 
 def cpu_kernel(**kwargs) -> MetricsKernel:
@@ -208,7 +207,85 @@ def test_a_wrong_kernel_is_refused_by_the_self_check(fresh_build, monkeypatch):
     assert source != native._source()
     monkeypatch.setattr(native, "_source", lambda: source)
     assert native.load_native_kernel() is None
-    assert "self-check failed on kl" in native.native_unavailable_reason()
+    assert "self-check failed: kl" in native.native_unavailable_reason()
+    assert not list(fresh_build.glob("*.so"))  # a build that fails is never published
+
+
+def test_a_build_with_another_output_order_is_refused(fresh_build, monkeypatch):
+    # The C file reports its outputs; a build whose order differs from OUTPUT_NAMES (an edited
+    # or stale source) would put each metric in another's column.
+    source = native._source().replace(b'"kl,reverse_kl,', b'"reverse_kl,kl,')
+    assert source != native._source()
+    monkeypatch.setattr(native, "_source", lambda: source)
+    assert native.load_native_kernel() is None
+    assert "outputs" in native.native_unavailable_reason()
+
+
+def test_a_broken_cached_build_is_rebuilt_once(fresh_build, monkeypatch):
+    assert native.load_native_kernel() is not None
+    (built,) = fresh_build.glob("token_metrics-*.so")
+    good = built.read_bytes()
+
+    def corrupt(data: bytes) -> None:
+        # A new file renamed over it: this process has the old one mapped (writing into a
+        # mapped library in place is what kills a process with SIGBUS).
+        (fresh_build / "corrupt").write_bytes(data)
+        os.replace(fresh_build / "corrupt", built)
+
+    corrupt(good[: len(good) // 3])  # a truncated copy (a crash, a full disk)
+    native._built_and_checked.cache_clear()
+    assert native.load_native_kernel() is not None
+    assert built.read_bytes() == good  # rebuilt and replaced, not kept as a fallback
+    # A cached build that loads but fails the check (an older source under the same name).
+    wrong = native._source().replace(b"out[0] = kl < 0 ? 0 : kl;", b"out[0] = 2 * kl;")
+    compiled = native._compile(native._compiler(), wrong, fresh_build, "wrong.so")
+    os.replace(compiled, built)
+    native._built_and_checked.cache_clear()
+    assert native.load_native_kernel() is not None
+    assert built.read_bytes() == good
+    # A rebuild that fails too: unavailable, with the reason (no loop, no exception).
+    corrupt(b"not a library")
+    monkeypatch.setattr(native, "_source", lambda: wrong)
+    monkeypatch.setattr(native, "_build_key", lambda compiler, source: built.stem.split("-")[1])
+    native._built_and_checked.cache_clear()
+    assert native.load_native_kernel() is None
+    assert "self-check failed" in native.native_unavailable_reason()
+
+
+def test_a_published_build_is_never_replaced(tmp_path):
+    # Another process (on another host of an NFS home) published first and may have the file
+    # mapped: a new build is linked into place only where none exists.
+    target, first, second = tmp_path / "k.so", tmp_path / "a", tmp_path / "b"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    native._publish(first, target, replace=False)
+    inode = target.stat().st_ino
+    native._publish(second, target, replace=False)
+    assert target.read_bytes() == b"first" and target.stat().st_ino == inode
+    native._publish(second, target, replace=True)  # only a build that failed here is replaced
+    assert target.read_bytes() == b"second"
+
+
+def test_macos_builds_are_keyed_by_the_cpus_real_features(monkeypatch):
+    import subprocess
+
+    outputs = {
+        "intel": "machdep.cpu.brand_string: Intel(R) Core(TM) i9\n"
+        "machdep.cpu.features: FPU SSE SSE2 AVX1.0\nmachdep.cpu.leaf7_features: AVX2 AVX512F\n"
+        "kern.hostname: a\n",
+        "m1": "machdep.cpu.brand_string: Apple M1\nhw.optional.arm.FEAT_BF16: 0\nkern.x: 1\n",
+        "m3": "machdep.cpu.brand_string: Apple M3\nhw.optional.arm.FEAT_BF16: 1\nkern.x: 1\n",
+    }
+    features = {}
+    for name, text in outputs.items():
+
+        def fake_run(*args, text_out=text, **kwargs):
+            return subprocess.CompletedProcess(args, 0, stdout=text_out, stderr="")
+
+        monkeypatch.setattr(native.subprocess, "run", fake_run)
+        features[name] = native._darwin_cpu_features()
+    assert "AVX512F" in features["intel"] and "kern.hostname" not in features["intel"]
+    assert features["m1"] != features["m3"]  # platform.processor() says "arm" for both
 
 
 def test_a_gpu_run_does_not_take_the_cpu_kernel():
@@ -237,11 +314,32 @@ def test_compare_records_the_native_backend_and_matches_eager(tiny_pair, small_j
     fast, eager = run("native", True), run("eager", False)
     assert fast.results["compute"]["kernel"] == "native"
     assert eager.results["compute"]["kernel"] == "eager"
+    assert fast.results["compute"]["part_kernels"] == {"native": 1}
     a = pq.read_table(Path(fast.path) / "tokens.parquet")
     b = pq.read_table(Path(eager.path) / "tokens.parquet")
     for name in ("kl", "reverse_kl", "jsd", "entropy_reference", "nll_candidate"):
         x, y = a[name].to_numpy(), b[name].to_numpy()
         assert np.abs(x - y).max() <= 1e-5 * max(1.0, np.abs(y).max()), name
+
+
+def test_results_count_the_kernel_of_every_part(tmp_path):
+    # A run resumed elsewhere (a GPU, a machine without a compiler) mixes kernels: each part's
+    # kernel is kept in its file, and results.json counts them.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmkl.engine.loop import KERNEL_KEY, _record_part_kernels
+    from lmkl.engine.rundir import RunDirectory
+
+    run_dir = RunDirectory(tmp_path)
+    run_dir.parts_dir.mkdir(parents=True)
+    for index, kernel in enumerate([b"native", b"eager", b"native"]):
+        table = pa.table({"kl": [0.5]}).replace_schema_metadata({KERNEL_KEY: kernel})
+        pq.write_table(table, run_dir.part_path(index))
+    run_dir.rescan()
+    results = {"compute": {"kernel": "eager"}}
+    _record_part_kernels(results, run_dir)
+    assert results["compute"] == {"kernel": "mixed", "part_kernels": {"eager": 1, "native": 2}}
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
@@ -281,8 +379,20 @@ def test_log_polynomial_is_within_float32_rounding():
     assert np.abs(approx - np.log1p(x)).max() < 1e-8
 
 
-def test_exp_and_expm1_coefficients_are_reciprocal_factorials():
+def test_exp_and_phi_coefficients_are_reciprocal_factorials():
     exp = _coefficients("exp_approx")  # r^7 .. r^1 terms (y = ..., then one FMA per degree)
     assert exp[:-1] == pytest.approx([1 / math.factorial(k) for k in range(7, 0, -1)], rel=1e-7)
-    expm1 = _coefficients("expm1_neg_series")
-    assert expm1 == pytest.approx([1 / math.factorial(k) for k in range(9, 0, -1)], rel=1e-7)
+    # phi(w) = w + expm1(-w): even terms 1/10! .. 1/2!, odd 1/11! .. 1/3! (as in fused.py).
+    even, odd = _literals("phi_even"), _literals("phi_odd")
+    assert even == pytest.approx([1 / math.factorial(k) for k in range(10, 0, -2)], rel=1e-7)
+    assert odd == pytest.approx([1 / math.factorial(k) for k in range(11, 2, -2)], rel=1e-7)
+
+
+def _literals(function: str) -> list[float]:
+    """Every float literal of a C function in token_metrics.c, in order."""
+    import re
+
+    source = native._source().decode()
+    body = source[source.index(f"static inline float {function}(") :]
+    body = body[: body.index("\n}\n")]
+    return [float(v) for v in re.findall(r"(-?\d+\.\d+(?:e-?\d+)?)f\b", body)]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from lmkl.engine.distributed import Shard, init_shard
@@ -80,6 +81,9 @@ class Part:
     counters: dict[str, float] = field(default_factory=dict)
     #: Further per-part tables (name -> table), kept with the part across a resume.
     extra: dict[str, pa.Table] = field(default_factory=dict)
+    #: The kernel that computed its metrics (see MetricsKernel.backend), kept in the part's
+    #: file: a resumed or multi-process run can mix kernels, and results.json says so.
+    kernel: str | None = None
 
 
 @dataclass
@@ -204,6 +208,7 @@ def execute(
                 summary.throughput,
             )
             results["provenance"]["resumed_parts"] = len(done)
+            _record_part_kernels(results, run_dir)
             run_dir.finalize(
                 results,
                 summary.files,
@@ -215,6 +220,24 @@ def execute(
         return _orderly(shard, RunOutcome(path, shard.on_main(finish), shard.is_main))
     finally:
         shard.close()
+
+
+#: Parquet metadata key of the kernel that scored a part.
+KERNEL_KEY = b"lmkl.kernel"
+
+
+def _record_part_kernels(results: dict[str, Any], run_dir: RunDirectory) -> None:
+    """``compute.part_kernels``: how many parts each kernel scored; ``compute.kernel`` names
+    the one kernel, or "mixed" where a resumed or multi-process run used several."""
+    counts: dict[str, int] = {}
+    for path in run_dir.completed_parts():
+        kernel = (pq.read_schema(path).metadata or {}).get(KERNEL_KEY)
+        if kernel is not None:
+            counts[kernel.decode()] = counts.get(kernel.decode(), 0) + 1
+    compute = results.get("compute")
+    if counts and isinstance(compute, dict):
+        compute["part_kernels"] = dict(sorted(counts.items()))
+        compute["kernel"] = next(iter(counts)) if len(counts) == 1 else "mixed"
 
 
 def _orderly(shard: Shard, outcome: RunOutcome) -> RunOutcome:
@@ -264,7 +287,12 @@ def _score_parts(
                 )
                 for key, value in part.counters.items():
                     counters[key] = counters.get(key, 0.0) + value
-                run_dir.write_part(index, part.table, sidecar=part.sidecar, extra=part.extra)
+                table = part.table
+                if part.kernel is not None:
+                    metadata = dict(table.schema.metadata or {})
+                    metadata[KERNEL_KEY] = part.kernel.encode()
+                    table = table.replace_schema_metadata(metadata)
+                run_dir.write_part(index, table, sidecar=part.sidecar, extra=part.extra)
                 written.append(index)
                 finished_work += work[index]
                 if progress and shard.is_main:

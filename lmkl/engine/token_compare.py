@@ -394,6 +394,7 @@ class TokenComparison:
                 "real_slots": int(batch.attention_mask.sum()),
                 "padded_slots": batch.attention_mask.numel(),
             },
+            kernel="topk-bounds" if self.topk else self.kernel.backend,
             extra={"view": view_part(batch.meta, per_candidate)}
             if self.compute.view_tokens
             else {},

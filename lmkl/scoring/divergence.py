@@ -27,13 +27,13 @@ Example (the seed-notes example, showing the asymmetry)::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 __all__ = [
     "LN2",
+    "OUTPUT_NAMES",
     "TOKEN_METRIC_NAMES",
     "cross_entropy",
     "entropy",
@@ -67,6 +67,10 @@ TOKEN_METRIC_NAMES: tuple[str, ...] = (
     "top1_in_top5",
     "reference_top1_prob",
 )
+#: What every fast kernel (torch and C) returns per token, in this order: the metrics, then each
+#: row's log-normaliser of the (temperature-scaled) reference and candidate logits. The C
+#: kernel reports its own order, and lmkl refuses a build whose order differs.
+OUTPUT_NAMES: tuple[str, ...] = (*TOKEN_METRIC_NAMES, "lse_reference", "lse_candidate")
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -179,7 +183,10 @@ def js_divergence(
 
 
 def _jsd_from_log_probs(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    lm = torch.logaddexp(lp, lq) - LN2
+    # log m = log((p + q) / 2) from the larger side, hi + log1p(expm1(lo - hi) / 2): exactly
+    # log p where q = p (so JSD(P, P) = 0), where logaddexp(lp, lq) - ln 2 rounds.
+    hi, lo = torch.maximum(lp, lq), torch.minimum(lp, lq)
+    lm = hi + torch.log1p(torch.expm1(lo - hi) * 0.5)
     jsd = 0.5 * (_xlogy_terms(lp, lm).sum(-1) + _xlogy_terms(lq, lm).sum(-1))
     return jsd.clamp(0.0, LN2)
 
@@ -305,9 +312,14 @@ def token_metrics(
             f"logit shapes differ: {tuple(reference_logits.shape)} vs "
             f"{tuple(candidate_logits.shape)}"
         )
-    compute_dtype = torch.float64 if reference_logits.dtype == torch.float64 else torch.float32
-    ref = reference_logits.to(compute_dtype)
-    cand = candidate_logits.to(compute_dtype)
+    # The definition computes in float64 whatever the input: float32 arithmetic is off by up
+    # to 100% for near-identical models (see lmkl.scoring.accuracy), and the fast kernels send
+    # only their rare non-finite rows here. (MPS has no float64: such rows go to the CPU.)
+    compute_dtype = torch.float64
+    device = reference_logits.device
+    compute_device = torch.device("cpu") if device.type == "mps" else device
+    ref = reference_logits.to(compute_device, compute_dtype)
+    cand = candidate_logits.to(compute_device, compute_dtype)
     bad = nonfinite_rows(ref) | nonfinite_rows(cand)
     if bad.any():
         # Replace broken rows by a uniform distribution so that the math below stays finite;
@@ -343,11 +355,4 @@ def token_metrics(
         for value in result.values():
             value[bad] = float("nan")
     result["nonfinite"] = bad
-    return result
-
-
-def concat_metrics(parts: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate chunked :func:`token_metrics` outputs along the token axis."""
-    if not parts:
-        return {}
-    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return {name: value.to(device) for name, value in result.items()}

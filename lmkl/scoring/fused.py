@@ -1,25 +1,26 @@
-"""Every per-token quantity in one or two sweeps over the vocabulary, optionally ``torch.compile``d.
+"""Every per-token quantity in a few sweeps over the vocabulary, optionally ``torch.compile``d.
 
-:func:`~.divergence.token_metrics` is the readable definition; this module computes the same
-numbers faster and with fewer ``[N, V]`` temporaries, which is what bounds the cost of the KL
-stage next to the two forward passes:
+:func:`~.divergence.token_metrics` is the readable float64 definition; this module computes the
+same numbers in float32 to the accuracy contract of :mod:`~.accuracy`, faster and with fewer
+``[N, V]`` temporaries, which is what bounds the cost of the KL stage next to the two forward
+passes. :func:`_core` is the one torch implementation (see its docstring for how it stays exact
+for near-identical models, where plain float32 is off by up to 100%):
 
-* :func:`token_metrics_fused` is the eager version (about 7 float32 ``[N, V]`` temporaries instead
-  of about 20, and no top-k sort).
+* :func:`token_metrics_fused` runs it eagerly, with temporaries updated in place.
 * :class:`MetricsKernel` picks the fastest path that works here: on a CPU the C kernel of
-  :mod:`~.native` (two sweeps per row in cache, built once per machine); elsewhere (or without a
-  C compiler) the same math through ``torch.compile`` when that pays (a large vocabulary times
-  many tokens): Inductor fuses it into one kernel that reads each logit row a few times while it
-  is still in cache and allocates no ``[N, V]`` temporary at all. The compiled graph has a
-  static vocabulary width and a dynamic number of rows, so one compilation serves every chunk.
-  If compilation is unavailable or fails, the eager version is used.
+  :mod:`~.native` (two sweeps per row in cache, built once per machine, the same math);
+  elsewhere (or without a C compiler) :func:`_core` through ``torch.compile`` when that pays (a
+  large vocabulary times many tokens): Inductor fuses it into a few kernels that allocate no
+  ``[N, V]`` temporary. The compiled graph has a static vocabulary width and a dynamic number
+  of rows, so one compilation serves every chunk. If compilation is unavailable or fails, the
+  eager version is used.
 
-Both give the values of ``token_metrics`` to float32 rounding (the tests hold them to 1e-5) and
-keep its semantics for rows that are not plain finite distributions: the fast path never has to
-decide anything about ``-inf``/NaN/``+inf`` logits itself. Such a row makes at least one fast-path
-result non-finite (``0 * -inf`` is NaN), and every row with a non-finite result is recomputed with
-``token_metrics``, which returns ``+inf`` KL where the candidate gives zero probability to a token
-the reference does not, and NaN plus the ``nonfinite`` flag for broken rows.
+Every path keeps ``token_metrics``' semantics for rows that are not plain finite
+distributions: the fast paths never decide anything about ``-inf``/NaN/``+inf`` logits
+themselves. Such a row makes at least one fast-path result non-finite (``0 * -inf`` is NaN), and
+every row with a non-finite result is recomputed with ``token_metrics``, which returns ``+inf``
+KL where the candidate gives zero probability to a token the reference does not, and NaN plus
+the ``nonfinite`` flag for broken rows.
 
 One documented difference: ``top1_in_top5`` is computed as "fewer than 5 candidate logits are
 strictly greater than the candidate's logit for the reference's top token" (one comparison sweep
@@ -39,7 +40,7 @@ from contextlib import contextmanager
 import torch
 
 from lmkl.errors import LmklWarning
-from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
+from lmkl.scoring.divergence import OUTPUT_NAMES, TOKEN_METRIC_NAMES, token_metrics
 from lmkl.scoring.native import (
     N_OUTPUTS,
     ROWS_PER_TASK,
@@ -103,136 +104,176 @@ def compile_threshold(vocab_size: int | None, top_k: int = 5) -> float:
 #: core's L2 cache); see :meth:`MetricsKernel._eager`.
 EAGER_CPU_BLOCK_BYTES = 2 * 2**20
 
-# A lower bound that no finite log-probability reaches; used where p = q = 0 (both underflow),
-# so that 0 * (log p - log m) stays 0 instead of 0 * inf = NaN. Rows with real -inf logits still
-# produce NaN there and take the exact fallback.
-_LOG_FLOOR = -1e30
-
 
 def temporaries_per_token(backend: str) -> int:
     """Float32 vocabulary-wide rows alive per scored token in the KL stage (for chunk sizing).
 
-    Two are the reference and candidate logits themselves; the eager fused path adds its
-    temporaries, the compiled kernel none (one more row of slack for dtype casts), the native
+    Two are the reference and candidate logits themselves; the eager path adds its temporaries
+    (measured at their peak: 11.25 rows, with float32 copies of half-precision logits freed
+    before it), the compiled kernel none (one more row of slack for dtype casts), the native
     kernel float32 copies of half-precision logits.
     """
-    return {"compiled": 3, "native": 4}.get(backend, 11)
+    return {"compiled": 3, "native": 4}.get(backend, 14)
 
 
-def _stack(values: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.stack([values[name].float() for name in TOKEN_METRIC_NAMES])
+# phi(w) = w + expm1(-w) = w^2 (E(w^2) - w O(w^2)): E holds the Taylor coefficients 1/(2k)!, O
+# the 1/(2k+1)!, each a polynomial in w^2; to w^11 the relative error is below 1e-11 for
+# |w| < SERIES_LIMIT (tests/test_accuracy_contract.py derives them).
+PHI_EVEN = (1 / 2, 1 / 24, 1 / 720, 1 / 40_320, 1 / 3_628_800)
+PHI_ODD = (1 / 6, 1 / 120, 1 / 5_040, 1 / 362_880, 1 / 39_916_800)
+#: |log-ratio| below which phi comes from its series and the JSD term from its log1p form.
+SERIES_LIMIT = 0.5
 
 
-def _core_compiled(
-    ref: torch.Tensor,
-    cand: torch.Tensor,
-    targets: torch.Tensor,
-    inv_temperature: torch.Tensor,
-    vocab: int,
-    top_k: int,
-) -> torch.Tensor:
-    """All metrics as a ``[len(TOKEN_METRIC_NAMES), N]`` tensor, written for Inductor to fuse.
+def _horner(x: torch.Tensor, coefficients: tuple[float, ...]) -> torch.Tensor:
+    """``sum_k c_k x^k`` as one new tensor, updated in place (no temporary per step)."""
+    y = x * coefficients[-1]
+    for c in reversed(coefficients[1:-1]):
+        y.add_(c).mul_(x)
+    return y.add_(coefficients[0])
 
-    Elementwise expressions are recomputed rather than stored: fused, they cost nothing in
-    memory and little in time, whereas in eager mode each would be an ``[N, V]`` tensor.
+
+def _psi(s: torch.Tensor) -> torch.Tensor:
+    """``s - log1p(s)`` (about ``s^2 / 2``) without cancellation, for per-row values ``s``."""
+    series = s * s * (0.5 - s * (1 / 3 - s * (0.25 - s * 0.2)))
+    return torch.where(s.abs() < 1e-2, series, s - torch.log1p(s))
+
+
+def _softmax_parts(
+    x: torch.Tensor, inv_temperature: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(max, argmax, z, e, rest)`` of logit rows ``x`` at a temperature: ``z = (x - max) / T``
+    (from the raw difference, so the maximum's ``z`` is exactly 0 even where a compiler fuses a
+    multiply into the subtraction), ``e = exp(z)``, and ``rest`` the sum of ``e`` over every
+    entry but the first maximum (whose term is exactly 1).
+
+    The log-normaliser is then ``max / T + log1p(rest)``: for a peaked row ``rest`` is below
+    float32's resolution of ``1 + rest``, and the entropy and the top token's log-probability
+    live in it.
     """
-    # The temperature is a tensor, not a constant: no recompilation per temperature (x 1.0 is
-    # exact, and fused it costs nothing).
-    a = ref[:, :vocab].float() * inv_temperature
-    b = cand[:, :vocab].float() * inv_temperature
-    max_a, top_a = a.max(-1, keepdim=True)
-    max_b, top_b = b.max(-1, keepdim=True)
-    lse_a = max_a + torch.log(torch.exp(a - max_a).sum(-1, keepdim=True))
-    lse_b = max_b + torch.log(torch.exp(b - max_b).sum(-1, keepdim=True))
-    lp = a - lse_a
-    lq = b - lse_b
-    p = torch.exp(lp)
-    q = torch.exp(lq)
-    d = lp - lq
-    lm = torch.log(p + q).clamp_min(_LOG_FLOOR) - LN2
-    kl = (p * d).sum(-1).clamp_min(0.0)
-    rkl = (-(q * d)).sum(-1).clamp_min(0.0)
-    hp = -(p * lp).sum(-1)
-    hq = -(q * lq).sum(-1)
-    jsd = (0.5 * (p * (lp - lm) + q * (lq - lm))).sum(-1).clamp(0.0, LN2)
-    rank = (b > b.gather(-1, top_a)).sum(-1)
-    t = targets[:, None]
-    lp_x = lp.gather(-1, t).squeeze(-1)
-    lq_x = lq.gather(-1, t).squeeze(-1)
-    return torch.stack(
-        [
-            kl,
-            rkl,
-            jsd,
-            hp,
-            hq,
-            -lp_x,
-            -lq_x,
-            lq_x.exp() - lp_x.exp(),
-            (top_a == top_b).squeeze(-1).float(),
-            (rank < top_k).float(),
-            (max_a - lse_a).squeeze(-1).exp(),
-            lse_a.squeeze(-1),
-            lse_b.squeeze(-1),
-        ]
-    )
+    top, arg = x.max(-1, keepdim=True)
+    z = x - top
+    if _scaled(inv_temperature):
+        z.mul_(inv_temperature)
+    e = z.exp()
+    e.scatter_(-1, arg, 0.0)
+    rest = e.sum(-1, keepdim=True)
+    e.scatter_(-1, arg, 1.0)
+    return top, arg, z, e, rest
 
 
-def _core_eager(
+def _scaled(inv_temperature: torch.Tensor | float) -> bool:
+    """Whether logits need scaling (a compiled call passes a tensor and always scales)."""
+    return isinstance(inv_temperature, torch.Tensor) or inv_temperature != 1.0
+
+
+def _row_sums(small: torch.Tensor, series: torch.Tensor, direct: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of ``series`` where the series applies, else ``direct``."""
+    return torch.where(small, series, direct).sum(-1, keepdim=True)
+
+
+def _core(
     ref: torch.Tensor,
     cand: torch.Tensor,
     targets: torch.Tensor,
-    inv_temperature: float,
+    inv_temperature: torch.Tensor | float,
     vocab: int,
     top_k: int,
 ) -> torch.Tensor:
-    """The same values as :func:`_core_compiled` with few, reused ``[N, V]`` temporaries."""
-    a = ref[:, :vocab]
-    b = cand[:, :vocab]
-    if inv_temperature != 1.0:
-        a = a.float() * inv_temperature
-        b = b.float() * inv_temperature
-    lp = torch.log_softmax(a, -1, dtype=torch.float32)
-    lq = torch.log_softmax(b, -1, dtype=torch.float32)
-    p = lp.exp()
-    q = lq.exp()
-    work = lp - lq
-    kl = (p * work).sum(-1).clamp_min_(0.0)
-    rkl = (q * work).sum(-1).neg_().clamp_min_(0.0)
-    hp = (p * lp).sum(-1).neg_()
-    hq = (q * lq).sum(-1).neg_()
-    # work <- log m = log((p + q) / 2), floored where both probabilities underflow to 0.
-    torch.add(p, q, out=work).log_().clamp_min_(_LOG_FLOOR).sub_(LN2)
-    jsd = ((p * (lp - work)).sum(-1) + (q * (lq - work)).sum(-1)).mul_(0.5).clamp_(0.0, LN2)
-    del work
-    # max() gives the index too (the first maximum, as argmax): one sweep instead of two; the
-    # count in int32 sums a third faster than in int64 (exact: V < 2^31).
-    max_lp, top_p = lp.max(-1)
-    max_lq, top_q = lq.max(-1)
-    rank = (lq > lq.gather(-1, top_p[:, None])).sum(-1, dtype=torch.int32)
+    """Every metric, then both log-normalisers, as a ``[N_OUTPUTS, N]`` float32 tensor: the one
+    torch implementation, run eagerly or through ``torch.compile``.
+
+    It meets :data:`~.accuracy.CONTRACT` where plain float32 does not. For near-identical
+    models (KL of 1e-7 .. 1e-10 nats) the rounding of each row's log-normalisers (about 1e-6)
+    enters KL whole, and ``sum p (log p - log q)`` is a sum of first-order terms that cancel
+    down to the second-order KL. So:
+
+    * the log-ratio is ``w = (x - y) / T - c``, ``c`` the float32 difference of the
+      log-normalisers: ``x - y`` is exact for nearby logits, and ``c``'s error is one constant
+      ``eta`` per row;
+    * with ``p`` normalised, ``KL = sum p phi(w) - psi(S)`` exactly, where
+      ``phi(w) = w + expm1(-w) >= 0`` (second order: a sum of positive terms),
+      ``S = sum p expm1(-w) = e^eta - 1`` and ``psi(s) = s - log1p(s)``; reverse KL the same
+      way with ``q`` and ``-w``. No first-order sum cancels, and ``eta`` drops out;
+    * JSD is ``sum m (t d + log1p(-t^2)) / 2`` with ``d = w + log1p(S)`` the refined log-ratio,
+      ``m = (p + q) / 2`` and ``t = tanh(d / 2)``: both terms are second order;
+    * entropies and log-probabilities use ``log1p`` of the mass outside each row's maximum
+      (:func:`_softmax_parts`).
+
+    Where ``|w| >= SERIES_LIMIT`` the terms use ``p e^-w = q`` (no overflow where ``p``
+    underflows). A row with a non-finite logit gives NaN and is recomputed by the caller.
+    Temporaries are updated in place wherever that saves an ``[N, V]`` allocation.
+    """
+    a = ref[:, :vocab].float()
+    b = cand[:, :vocab].float()
+    # Every scaled quantity comes from a difference of raw logits, which is exact for nearby
+    # values (Sterbenz); a difference of separately scaled or normalised values is not.
+    w = a - b
+    if _scaled(inv_temperature):
+        w.mul_(inv_temperature)
     t = targets[:, None]
-    lp_x = lp.gather(-1, t).squeeze(-1)
-    lq_x = lq.gather(-1, t).squeeze(-1)
-    # log-normalisers (lp = a - lse), read off at each row's top token: no extra sweep.
-    lse_a = a.gather(-1, top_p[:, None]).squeeze(-1).float() - max_lp
-    lse_b = b.gather(-1, top_q[:, None]).squeeze(-1).float() - max_lq
-    return torch.stack(
-        [
-            kl,
-            rkl,
-            jsd,
-            hp,
-            hq,
-            -lp_x,
-            -lq_x,
-            lq_x.exp() - lp_x.exp(),
-            (top_p == top_q).float(),
-            (rank < top_k).float(),
-            max_lp.exp(),
-            lse_a,
-            lse_b,
-        ]
-    )
+    max_a, top_a, z, p, rest_a = _softmax_parts(a, inv_temperature)
+    log1p_a = torch.log1p(rest_a)
+    lp_x = z.gather(-1, t) - log1p_a
+    entropy_a = log1p_a - z.mul_(p).sum(-1, keepdim=True) / (1 + rest_a)
+    del z
+    max_b, top_b, z, q, rest_b = _softmax_parts(b, inv_temperature)
+    log1p_b = torch.log1p(rest_b)
+    lq_x = z.gather(-1, t) - log1p_b
+    entropy_b = log1p_b - z.mul_(q).sum(-1, keepdim=True) / (1 + rest_b)
+    del z
+    rank = (b > b.gather(-1, top_a)).sum(-1, keepdim=True, dtype=torch.int32)
+    del a, b  # float32 copies of half-precision logits are not needed past here
+    lse_a, lse_b = max_a * inv_temperature + log1p_a, max_b * inv_temperature + log1p_b
+    w.sub_(lse_a - lse_b)
+    p.div_(p.sum(-1, keepdim=True))
+    q.div_(q.sum(-1, keepdim=True))
+
+    small = w.abs() < SERIES_LIMIT
+    w2 = w * w
+    even = _horner(w2, PHI_EVEN)
+    odd = _horner(w2, PHI_ODD).mul_(w)
+    phi_pos = (even - odd).mul_(w2)  # phi(w)
+    phi_neg = even.add_(odd).mul_(w2)  # phi(-w)
+    del w2, odd, even
+
+    q_minus_p = q - p
+    forward = _row_sums(small, phi_pos * p, torch.addcmul(q_minus_p, p, w))
+    shift = _row_sums(small, phi_pos.sub_(w).mul_(p), q_minus_p)  # S = sum p expm1(-w)
+    reverse = _row_sums(small, phi_neg * q, torch.addcmul(q_minus_p, q, w).neg_())
+    back = _row_sums(small, phi_neg.add_(w).mul_(q), q_minus_p.neg_())  # T = sum q expm1(w)
+    del phi_pos, phi_neg, q_minus_p, small
+    kl = (forward - _psi(shift)).clamp_min(0.0)
+    rkl = (reverse - _psi(back)).clamp_min(0.0)
+
+    d = w.add_(torch.log1p(shift))
+    abs_d = d.abs()
+    half_tanh = torch.tanh(d * 0.5)
+    g = half_tanh * d  # t d >= 0
+    near = torch.log1p(half_tanh.mul_(half_tanh).neg_())
+    del half_tanh
+    # log(1 - t^2) = -2 log cosh(d / 2), written without t where t rounds to 1.
+    far = torch.nn.functional.softplus(-abs_d).mul_(-2.0).sub_(abs_d).add_(2 * LN2)
+    g.add_(torch.where(abs_d < 2 * SERIES_LIMIT, near, far))
+    del near, far, abs_d
+    jsd = (0.25 * g.mul_(p.add_(q)).sum(-1, keepdim=True)).clamp(0.0, LN2)
+
+    columns = {
+        "kl": kl,
+        "reverse_kl": rkl,
+        "jsd": jsd,
+        "entropy_reference": entropy_a,
+        "entropy_candidate": entropy_b,
+        "nll_reference": -lp_x,
+        "nll_candidate": -lq_x,
+        "delta_p": lq_x.exp() - lp_x.exp(),
+        "top1_agree": (top_a == top_b).float(),
+        "top1_in_top5": (rank < top_k).float(),
+        "reference_top1_prob": torch.exp(-log1p_a),
+        "lse_reference": lse_a,
+        "lse_candidate": lse_b,
+    }
+    return torch.cat([columns[name] for name in OUTPUT_NAMES], dim=-1).T.contiguous()
 
 
 def _finish(
@@ -247,8 +288,7 @@ def _finish(
     """Unstack, and recompute rows with any non-finite result exactly (see the module doc)."""
     n_metrics = len(TOKEN_METRIC_NAMES)
     redo = ~torch.isfinite(stacked[:n_metrics]).all(0)
-    out = {name: stacked[i] for i, name in enumerate(TOKEN_METRIC_NAMES)}
-    out["lse_reference"], out["lse_candidate"] = stacked[n_metrics], stacked[n_metrics + 1]
+    out = {name: stacked[i] for i, name in enumerate(OUTPUT_NAMES)}
     nonfinite = torch.zeros(stacked.shape[1], dtype=torch.bool, device=stacked.device)
     if bool(redo.any()):
         rows = redo.nonzero().squeeze(-1)
@@ -264,8 +304,8 @@ def _finish(
             out[name][rows] = exact[name].to(out[name].device)
         nonfinite[rows] = exact["nonfinite"].to(nonfinite.device)
         for key, logits in (("lse_reference", ref), ("lse_candidate", cand)):
-            scaled = logits[rows, :vocab].float() / temperature
-            out[key][rows] = torch.logsumexp(scaled, -1).to(out[key].device)
+            scaled = logits[rows, :vocab].double() / temperature
+            out[key][rows] = torch.logsumexp(scaled, -1).float().to(out[key].device)
     out["nonfinite"] = nonfinite
     return out
 
@@ -317,9 +357,7 @@ def token_metrics_fused(
             temperature=temperature,
             top_k=top_k,
         )
-    stacked = _core_eager(
-        reference_logits, candidate_logits, targets, 1.0 / temperature, vocab, top_k
-    )
+    stacked = _core(reference_logits, candidate_logits, targets, 1.0 / temperature, vocab, top_k)
     return _finish(stacked, reference_logits, candidate_logits, targets, temperature, vocab, top_k)
 
 
@@ -488,7 +526,7 @@ class MetricsKernel:
     def _compiled(cls) -> Callable[..., torch.Tensor]:
         with cls._lock:
             if cls._compiled_fn is None:
-                cls._compiled_fn = torch.compile(_core_compiled, dynamic=False)
+                cls._compiled_fn = torch.compile(_core, dynamic=False)
             return cls._compiled_fn
 
     def __call__(

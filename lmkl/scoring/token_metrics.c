@@ -6,14 +6,17 @@
  * of exp(x - block max). The row's maximum, log-normaliser (lse) and first arg-max follow from
  * the per-block figures. Sweep 2 (the row is still in L2) accumulates every sum at once.
  *
- * Exact where float32 usually is not: with d = log p - log q = (x - y) - (lse_p - lse_q), KL is
- * the p-weighted mean of d, and an error in lse_p - lse_q enters KL whole (float32 sums of
- * exponentials are good to ~1e-7, as large as the KL of a good 8-bit quantization). So the
- * difference of the log-normalisers is refined in sweep 2 from the identity
- *     lse_p - lse_q = c - log(1 + sum_i p_i expm1(-(x_i - y_i - c)))     (any constant c)
- * with c its sweep-1 value and expm1 by its series where the argument is small, p and q
- * normalised by their sums as computed; KL and reverse KL then follow without cancellation. JSD takes the series of its
- * per-token term in d where |d| < 1/2 (where the usual form loses its digits to rounding).
+ * Exact where float32 usually is not (lmkl/scoring/accuracy.py states the contract). With
+ * w = (x - y) - c, c the difference of the log-normalisers as computed, KL is a p-weighted sum of
+ * log-ratios that cancels down to a second-order quantity, and an error in c enters it whole. So
+ * sweep 2 sums second-order terms only: with p normalised by its computed sum,
+ *     KL = sum p phi(w) - psi(S),   phi(w) = w + expm1(-w) >= 0,   S = sum p expm1(-w),
+ *     psi(s) = s - log1p(s)
+ * holds exactly for any c (reverse KL likewise with q and -w), phi by its series where |w| < 1/2
+ * and from p e^-w = q K elsewhere. JSD takes the series of its per-token term in w where
+ * |w| < 1/2 (c comes from float64 log-normalisers, so w is the log-ratio to ~1e-10). Entropies
+ * and log-probabilities use the mass outside each row's maximum, summed without the maximum's
+ * own exact 1 (a peaked row's entropy lives below float32's resolution of 1 + rest).
  * Block sums are float32 over at most BLOCK terms, added in float64.
  *
  * exp and log are inline polynomials that the compiler vectorises (no libm call per element),
@@ -31,6 +34,10 @@
 
 #define BLOCK 1024
 #define N_OUT 13
+/* The order of the outputs, which lmkl/scoring/native.py checks against OUTPUT_NAMES on load. */
+static const char OUTPUT_NAMES[] =
+    "kl,reverse_kl,jsd,entropy_reference,entropy_candidate,nll_reference,nll_candidate,delta_p,"
+    "top1_agree,top1_in_top5,reference_top1_prob,lse_reference,lse_candidate";
 #define LN2 0.69314718055994530942
 #define LN2_HI 0.693359375f
 #define LN2_LO -2.12194440e-4f
@@ -84,18 +91,20 @@ static inline float log_approx(float s) {
     return fmaf((float)e, LN2_HI, fmaf((float)e, LN2_LO, r));
 }
 
-/* expm1(-w) for |w| <= 1/2, by its Taylor series to w^9 (relative error < 1e-9). */
-static inline float expm1_neg_series(float w) {
-    float y = 2.75573192e-6f;
-    y = fmaf(y, -w, 2.48015873e-5f);
-    y = fmaf(y, -w, 1.98412698e-4f);
-    y = fmaf(y, -w, 1.38888889e-3f);
-    y = fmaf(y, -w, 8.33333333e-3f);
-    y = fmaf(y, -w, 4.16666667e-2f);
-    y = fmaf(y, -w, 1.66666667e-1f);
-    y = fmaf(y, -w, 0.5f);
-    y = fmaf(y, -w, 1.0f);
-    return y * -w;
+/* phi(w) = w + expm1(-w) and phi(-w) for |w| < 1/2: w^2 (E(w^2) -+ w O(w^2)), E and O the even
+ * and odd Taylor coefficients 1/(2k)! and 1/(2k+1)! to w^11 (relative error < 1e-11). */
+static inline float phi_even(float w2) {
+    float y = fmaf(w2, 2.75573192e-7f, 2.48015873e-5f);
+    y = fmaf(y, w2, 1.38888889e-3f);
+    y = fmaf(y, w2, 4.16666667e-2f);
+    return fmaf(y, w2, 0.5f);
+}
+
+static inline float phi_odd(float w2) {
+    float y = fmaf(w2, 2.50521084e-8f, 2.75573192e-6f);
+    y = fmaf(y, w2, 1.98412698e-4f);
+    y = fmaf(y, w2, 8.33333333e-3f);
+    return fmaf(y, w2, 1.66666667e-1f);
 }
 
 /* The JSD term over p, (p log(2p/(p+q)) + q log(2q/(p+q))) / (2p) with q = p e^-d, for
@@ -117,11 +126,25 @@ static inline float jsd_series(float d) {
 /* Blocks of a row of `vocab` entries. */
 int64_t lmkl_blocks(int64_t vocab) { return (vocab + BLOCK - 1) / BLOCK; }
 
-/* Sweep 1 over one model's row x (scaled by it): block maxima and sums of exp(x*it - block max)
- * into block_max/block_sum; the row's lse, maximum and first arg-max. Returns 1 (and nothing
- * else) if a scaled value is not finite. */
+/* Outputs per row, and their names in order (comma-separated). */
+int32_t lmkl_outputs(void) { return N_OUT; }
+const char *lmkl_output_names(void) { return OUTPUT_NAMES; }
+
+/* s - log1p(s), about s^2 / 2, without cancellation. */
+static double psi(double s) {
+    if (fabs(s) < 1e-3) return s * s * (0.5 - s * (1.0 / 3 - s * (0.25 - s * 0.2)));
+    return s - log1p(s);
+}
+
+/* Sweep 1 over one model's row x: block maxima (of the raw logits: scaling by it > 0 keeps the
+ * order) and sums of exp((x - block max) * it) into block_max/block_sum, each block's maximum
+ * entries counted apart (exactly 1 each); the row's raw maximum, first arg-max and
+ * log1p(rest) = lse - max * it, rest being the mass outside the first maximum. Every scaled
+ * value is taken from a raw difference, exact for nearby logits, so the maximum's is exactly 0
+ * however the compiler contracts. Returns 1 (and nothing else) if a value is not finite. */
 static int softmax_stats(const float *x, int64_t vocab, float it, double *block_max,
-                          double *block_sum, double *lse, float *max_out, int64_t *argmax) {
+                          double *block_sum, double *log1p_rest, float *max_out,
+                          int64_t *argmax) {
     float m = -INFINITY;
     int64_t max_block = 0;
     int64_t nb = 0;
@@ -132,29 +155,34 @@ static int softmax_stats(const float *x, int64_t vocab, float it, double *block_
         uint32_t bad = 0;
 #pragma omp simd reduction(max : bmax) reduction(| : bad)
         for (int64_t j = 0; j < n; j++) {
-            const float v = xs[j] * it;
+            const float v = xs[j];
             uint32_t bits;
             memcpy(&bits, &v, sizeof bits);
             bad |= (bits & 0x7f800000u) == 0x7f800000u; /* inf or NaN: all exponent bits set */
             bmax = bmax > v ? bmax : v;
         }
-        if (bad) return 1;
+        if (bad || !isfinite(bmax * it)) return 1;
         float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; j++) sum += exp_approx(xs[j] * it - bmax);
+        int32_t ties = 0;
+#pragma omp simd reduction(+ : sum, ties)
+        for (int64_t j = 0; j < n; j++) {
+            sum += xs[j] == bmax ? 0.0f : exp_approx((xs[j] - bmax) * it);
+            ties += xs[j] == bmax;
+        }
         block_max[nb] = bmax;
-        block_sum[nb] = sum;
+        block_sum[nb] = (double)sum + ties;
         if (bmax > m) { /* strictly: the first block holding the maximum */
             m = bmax;
             max_block = s;
         }
     }
-    double total = 0.0;
-    for (int64_t k = 0; k < nb; k++) total += block_sum[k] * exp(block_max[k] - (double)m);
-    *lse = (double)m + log(total);
+    double rest = -1.0; /* the first maximum's own exp(0) = 1 is not part of the rest */
+    for (int64_t k = 0; k < nb; k++)
+        rest += block_sum[k] * exp((block_max[k] - (double)m) * (double)it);
+    *log1p_rest = log1p(rest);
     int64_t j = max_block;
     const int64_t end = max_block + BLOCK < vocab ? max_block + BLOCK : vocab;
-    while (j < end - 1 && x[j] * it != m) j++; /* the first index of the maximum */
+    while (j < end - 1 && x[j] != m) j++; /* the first index of the maximum */
     *max_out = m;
     *argmax = j;
     return 0;
@@ -163,81 +191,92 @@ static int softmax_stats(const float *x, int64_t vocab, float it, double *block_
 static void row_metrics(const float *a, const float *b, int64_t vocab, int64_t target, float it,
                         int top_k, double *out, double *blocks) {
     const int64_t nb = lmkl_blocks(vocab);
-    double lse_a, lse_b;
+    double l1p_a, l1p_b;
     float top_a, top_b;
     int64_t arg_a, arg_b;
-    if (softmax_stats(a, vocab, it, blocks, blocks + nb, &lse_a, &top_a, &arg_a) ||
-        softmax_stats(b, vocab, it, blocks + 2 * nb, blocks + 3 * nb, &lse_b, &top_b, &arg_b)) {
+    if (softmax_stats(a, vocab, it, blocks, blocks + nb, &l1p_a, &top_a, &arg_a) ||
+        softmax_stats(b, vocab, it, blocks + 2 * nb, blocks + 3 * nb, &l1p_b, &top_b, &arg_b)) {
         for (int k = 0; k < N_OUT; k++) out[k] = NAN;
         return;
     }
-    const float lsa = (float)lse_a, lsb = (float)lse_b;
-    /* exp(x - lsa) * ca = exp(x - lse_a): the rounding of lse_a to float32 corrected once */
-    const float ca = (float)exp((double)lsa - lse_a), cb = (float)exp((double)lsb - lse_b);
-    const float c = (float)(lse_a - lse_b); /* the sweep-1 difference, refined below */
-    /* p expm1(-w) = q K - p where the series does not apply, K = exp(c - (lse_a - lse_b)) */
-    const float k_q = (float)exp((double)c - (lse_a - lse_b));
-    const float b_at_top_a = b[arg_a] * it;
-    double pw = 0, qw = 0, s_em = 0, sum_p = 0, sum_q = 0, px = 0, qy = 0, js = 0;
+    const double lse_a = (double)top_a * it + l1p_a, lse_b = (double)top_b * it + l1p_b;
+    /* log p = z - log1p(rest) with z = (x - max) * it; exp(z - la) * ca = exp(z - l1p_a): the
+     * rounding of l1p to float32 corrected once */
+    const float la = (float)l1p_a, lb = (float)l1p_b;
+    const float ca = (float)exp((double)la - l1p_a), cb = (float)exp((double)lb - l1p_b);
+    const float c = (float)(lse_a - lse_b); /* the log-normalisers' difference, rounded */
+    /* p e^-w = q K and q e^w = p / K where the series does not apply: K = exp(c - (lse_a - lse_b)) */
+    const float k_q = (float)exp((double)c - (lse_a - lse_b)), k_p = 1.0f / k_q;
+    const float b_at_top_a = b[arg_a];
+    double f_sum = 0, s_sum = 0, g_sum = 0, t_sum = 0, sum_p = 0, sum_q = 0, pz = 0, qz = 0;
+    double js = 0;
     int64_t above = 0;
     /* Two loops per block (it is in L1): fewer live values per loop, so no register spills. */
     float p_block[BLOCK], q_block[BLOCK];
     for (int64_t s = 0; s < vocab; s += BLOCK) {
         const int64_t n = s + BLOCK < vocab ? BLOCK : vocab - s;
         const float *as = a + s, *bs = b + s;
-        float f_pw = 0, f_qw = 0, f_em = 0, f_p = 0, f_q = 0, f_px = 0, f_qy = 0, f_js = 0;
+        float f_f = 0, f_s = 0, f_g = 0, f_t = 0, f_p = 0, f_q = 0, f_pz = 0, f_qz = 0, f_js = 0;
         int32_t f_above = 0;
-#pragma omp simd reduction(+ : f_pw, f_qw, f_em, f_p, f_q, f_px, f_qy, f_above)
+#pragma omp simd reduction(+ : f_f, f_s, f_g, f_t, f_p, f_q, f_pz, f_qz, f_above)
         for (int64_t j = 0; j < n; j++) {
-            const float x = as[j] * it, y = bs[j] * it;
-            const float p = exp_approx(x - lsa) * ca, q = exp_approx(y - lsb) * cb;
-            const float w = (x - y) - c; /* log p - log q, up to the refinement of c */
+            const float za = (as[j] - top_a) * it, zb = (bs[j] - top_b) * it;
+            const float p = exp_approx(za - la) * ca, q = exp_approx(zb - lb) * cb;
+            /* log p - log q up to c's error, from the raw difference: exact for nearby logits,
+             * and exactly 0 for identical ones */
+            const float w = (as[j] - bs[j]) * it - c;
+            const float w2 = w * w, even = phi_even(w2), odd = w * phi_odd(w2);
+            const float phi_pos = w2 * (even - odd), phi_neg = w2 * (even + odd);
+            const int small = fabsf(w) < 0.5f;
+            const float qk = fmaf(q, k_q, -p), pk = fmaf(p, k_p, -q);
             p_block[j] = p;
             q_block[j] = q;
-            f_pw += p * w;
-            f_qw += q * w;
-            f_em += fabsf(w) < 0.5f ? p * expm1_neg_series(w) : fmaf(q, k_q, -p);
+            f_f += small ? p * phi_pos : fmaf(p, w, qk);
+            f_s += small ? p * (phi_pos - w) : qk;
+            f_g += small ? q * phi_neg : fmaf(-q, w, pk);
+            f_t += small ? q * (phi_neg + w) : pk;
             f_p += p;
             f_q += q;
-            f_px += p * x;
-            f_qy += q * y;
-            f_above += y > b_at_top_a;
+            f_pz += p * za;
+            f_qz += q * zb;
+            f_above += bs[j] > b_at_top_a;
         }
 #pragma omp simd reduction(+ : f_js)
         for (int64_t j = 0; j < n; j++) {
-            const float x = as[j] * it, y = bs[j] * it, p = p_block[j], q = q_block[j];
-            const float w = (x - y) - c;
+            const float za = (as[j] - top_a) * it, zb = (bs[j] - top_b) * it;
+            const float p = p_block[j], q = q_block[j];
+            const float w = (as[j] - bs[j]) * it - c;
             /* log m = log((p + q) / 2), floored where both probabilities underflow */
             const float lm = log_approx(p + q) - (float)LN2;
-            const float js_direct = 0.5f * (p * ((x - lsa) - lm) + q * ((y - lsb) - lm));
+            const float js_direct = 0.5f * (p * ((za - la) - lm) + q * ((zb - lb) - lm));
             f_js += fabsf(w) < 0.5f ? p * jsd_series(w) : js_direct;
         }
-        pw += f_pw;
-        qw += f_qw;
-        s_em += f_em;
+        f_sum += f_f;
+        s_sum += f_s;
+        g_sum += f_g;
+        t_sum += f_t;
         sum_p += f_p;
         sum_q += f_q;
-        px += f_px;
-        qy += f_qy;
+        pz += f_pz;
+        qz += f_qz;
         js += f_js;
         above += f_above;
     }
-    /* With p, q normalised by their sums as computed: c - (lse_a - lse_b) = log(sum p e^-w)
-     * = log1p(S / sum p), so KL = sum p (w + c - dl) and RKL = -sum q (w + c - dl). */
-    const double shift = log1p(s_em / sum_p);
-    const double kl = pw / sum_p + shift, rkl = -(qw / sum_q + shift);
-    const double lp_x = (double)(a[target] * it) - lse_a, lq_x = (double)(b[target] * it) - lse_b;
+    const double kl = f_sum / sum_p - psi(s_sum / sum_p);
+    const double rkl = g_sum / sum_q - psi(t_sum / sum_q);
+    const double lp_x = ((double)a[target] - top_a) * it - l1p_a;
+    const double lq_x = ((double)b[target] - top_b) * it - l1p_b;
     out[0] = kl < 0 ? 0 : kl;
     out[1] = rkl < 0 ? 0 : rkl;
     out[2] = js < 0 ? 0 : (js > LN2 ? LN2 : js);
-    out[3] = lse_a - px / sum_p;
-    out[4] = lse_b - qy / sum_q;
+    out[3] = l1p_a - pz / sum_p;
+    out[4] = l1p_b - qz / sum_q;
     out[5] = -lp_x;
     out[6] = -lq_x;
     out[7] = exp(lq_x) - exp(lp_x);
     out[8] = arg_a == arg_b;
     out[9] = above < top_k;
-    out[10] = exp((double)top_a - lse_a);
+    out[10] = exp(-l1p_a);
     out[11] = lse_a;
     out[12] = lse_b;
 }
