@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from scipy import special
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES, token_metrics
-from lmkl.scoring.fused import MetricsKernel, token_metrics_fused
+from lmkl.scoring.fused import MetricsKernel, temporaries_per_token, token_metrics_fused
 
 
 def logits_with_special_rows(n: int, vocab: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -189,3 +191,41 @@ def test_compiling_only_where_the_saving_exceeds_the_expected_cost(monkeypatch):
     assert fused.compile_threshold(vocab) == pytest.approx(cold)  # the key names the old dir
     monkeypatch.setenv("LMKL_COMPILE_MIN_ELEMENTS", "10")
     assert MetricsKernel(expected_elements=10, vocab_size=vocab).use_compile
+
+
+class _LiveStorages(TorchDispatchMode):
+    """The peak bytes of storages that ops create and that are still alive (inputs aside)."""
+
+    def __init__(self, inputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.skip = {t.untyped_storage().data_ptr() for t in inputs}
+        self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.skip and key not in self.refs:
+                    self.refs[key] = (StorageWeakRef(storage), storage.nbytes())
+        self.refs = {k: v for k, v in self.refs.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.refs.values()))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_eager_temporaries_fit_the_chunk_budget(dtype, temperature):
+    # Chunks are sized by temporaries_per_token: the eager kernel's [N, V] temporaries at their
+    # peak must fit in it, next to the two logit inputs.
+    rows, vocab = 16, 4096
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(rows, vocab, generator=gen)
+    cand = (ref + 1e-2 * torch.randn(rows, vocab, generator=gen)).to(dtype)
+    ref, targets = ref.to(dtype), torch.randint(0, vocab, (rows,), generator=gen)
+    with _LiveStorages([ref, cand, targets]) as live:
+        token_metrics_fused(ref, cand, targets, temperature=temperature)
+    inputs = 2 * ref.element_size() * rows * vocab
+    assert (inputs + live.peak) / (4 * rows * vocab) <= temporaries_per_token("eager")
