@@ -237,12 +237,15 @@ def _core(
     phi_neg = even.add_(odd).mul_(w2)  # phi(-w)
     del w2, odd, even
 
+    # F = sum p phi(w) and G = sum q phi(-w); where the series does not apply, p phi(w) is
+    # p w + q - p (from p e^-w = q) and q phi(-w) is -q w + p - q.
     q_minus_p = q - p
-    forward = _row_sums(small, phi_pos * p, torch.addcmul(q_minus_p, p, w))
-    shift = _row_sums(small, phi_pos.sub_(w).mul_(p), q_minus_p)  # S = sum p expm1(-w)
-    reverse = _row_sums(small, phi_neg * q, torch.addcmul(q_minus_p, q, w).neg_())
-    back = _row_sums(small, phi_neg.add_(w).mul_(q), q_minus_p.neg_())  # T = sum q expm1(w)
+    forward = _row_sums(small, phi_pos.mul_(p), torch.addcmul(q_minus_p, p, w))
+    reverse = _row_sums(small, phi_neg.mul_(q), torch.addcmul(q_minus_p, q, w).neg_())
     del phi_pos, phi_neg, q_minus_p, small
+    # S = sum p expm1(-w) = F - sum p w and T = sum q expm1(w) = G + sum q w, term by term.
+    shift = forward - (p * w).sum(-1, keepdim=True)
+    back = reverse + (q * w).sum(-1, keepdim=True)
     kl = (forward - _psi(shift)).clamp_min(0.0)
     rkl = (reverse - _psi(back)).clamp_min(0.0)
 
