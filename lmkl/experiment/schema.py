@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -449,12 +448,6 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "lmkl experiment"
     return schema
-
-
-def config_to_yaml(config: ExperimentConfig) -> str:
-    """The resolved config as YAML (what a run directory's experiment.yaml holds)."""
-    data = json.loads(config.model_dump_json())
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------------------------
