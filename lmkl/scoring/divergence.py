@@ -105,6 +105,15 @@ def log_probs(logits: ArrayLike, temperature: float = 1.0) -> torch.Tensor:
     return torch.log_softmax(t, dim=-1)
 
 
+def _log_prob_pair(
+    p_logits: ArrayLike, q_logits: ArrayLike, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Both rows' log-probabilities, and whether the reference came from NumPy."""
+    p_t, from_numpy = _as_tensor(p_logits)
+    q_t, _ = _as_tensor(q_logits)
+    return log_probs(p_t, temperature), log_probs(q_t, temperature), from_numpy
+
+
 def _xlogy_terms(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """Elementwise ``p·(log p − log q)`` with ``0·log 0 = 0`` and ``p>0, q=0 → +inf``.
 
@@ -133,11 +142,8 @@ def kl_divergence(
     ``q_logits`` the candidate's. ``+inf`` where Q gives zero probability to a token P does not.
     NumPy in, NumPy out.
     """
-    p_t, from_numpy = _as_tensor(p_logits)
-    q_t, _ = _as_tensor(q_logits)
-    return _out(
-        _kl_from_log_probs(log_probs(p_t, temperature), log_probs(q_t, temperature)), from_numpy
-    )
+    lp, lq, from_numpy = _log_prob_pair(p_logits, q_logits, temperature)
+    return _out(_kl_from_log_probs(lp, lq), from_numpy)
 
 
 def reverse_kl_divergence(
@@ -160,9 +166,7 @@ def generalized_jsd(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    p_t, from_numpy = _as_tensor(p_logits)
-    q_t, _ = _as_tensor(q_logits)
-    lp, lq = log_probs(p_t, temperature), log_probs(q_t, temperature)
+    lp, lq, from_numpy = _log_prob_pair(p_logits, q_logits, temperature)
     if beta == 0.0:
         return _out(_kl_from_log_probs(lp, lq), from_numpy)
     if beta == 1.0:
@@ -176,9 +180,7 @@ def js_divergence(
     p_logits: ArrayLike, q_logits: ArrayLike, temperature: float = 1.0
 ) -> torch.Tensor | np.ndarray:
     """Jensen-Shannon divergence (β = ½) in nats: symmetric, in ``[0, ln 2]``; √JSD is a metric."""
-    p_t, from_numpy = _as_tensor(p_logits)
-    q_t, _ = _as_tensor(q_logits)
-    lp, lq = log_probs(p_t, temperature), log_probs(q_t, temperature)
+    lp, lq, from_numpy = _log_prob_pair(p_logits, q_logits, temperature)
     return _out(_jsd_from_log_probs(lp, lq), from_numpy)
 
 
@@ -195,9 +197,7 @@ def total_variation(
     p_logits: ArrayLike, q_logits: ArrayLike, temperature: float = 1.0
 ) -> torch.Tensor | np.ndarray:
     """Total variation distance ``½ Σ |p − q|`` in ``[0, 1]`` (a metric; no units)."""
-    p_t, from_numpy = _as_tensor(p_logits)
-    q_t, _ = _as_tensor(q_logits)
-    lp, lq = log_probs(p_t, temperature), log_probs(q_t, temperature)
+    lp, lq, from_numpy = _log_prob_pair(p_logits, q_logits, temperature)
     return _out((0.5 * (lp.exp() - lq.exp()).abs().sum(-1)).clamp(0.0, 1.0), from_numpy)
 
 
@@ -222,9 +222,7 @@ def cross_entropy(
     Note: this is what many "forward KL" distillation losses really compute; it differs from the
     KL by the reference's entropy, which is not zero.
     """
-    p_t, from_numpy = _as_tensor(p_logits)
-    q_t, _ = _as_tensor(q_logits)
-    lp, lq = log_probs(p_t, temperature), log_probs(q_t, temperature)
+    lp, lq, from_numpy = _log_prob_pair(p_logits, q_logits, temperature)
     return _out(entropy_from_log_probs(lp) + _kl_from_log_probs(lp, lq), from_numpy)
 
 
