@@ -32,11 +32,11 @@ from lmkl.engine.results import now
 from lmkl.engine.rundir import RunDirectory
 from lmkl.errors import Interrupted, LmklError, OutputError, ResumeError, UsageError
 from lmkl.refcache.build import CacheWriter, install
-from lmkl.refcache.format import build_dir, is_cache_dir, recover, remove_leftovers
+from lmkl.refcache.format import BUILT, build_dir, is_cache_dir, recover, remove_leftovers
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
 #: Where the run directory assembles the cache, and the cache once complete (then installed).
-ASSEMBLING, ASSEMBLED = "cache.partial", "cache"
+ASSEMBLING, ASSEMBLED = f"{BUILT}.partial", BUILT
 
 
 class CacheBuild:

@@ -384,6 +384,10 @@ def aside_path(out: Path) -> Path:
     return out.parent / f".{out.name}.previous.tmp"
 
 
+#: The finished cache inside a build directory, until it is renamed into place.
+BUILT = "cache"
+
+
 def build_dir(out: Path) -> Path:
     """Where a build of the cache ``out`` keeps its parts until the cache is installed.
 
@@ -405,15 +409,18 @@ def remove_leftovers(out: Path) -> list[str]:
     """
     removed = []
     work = build_dir(out)
-    if (work / "results.json").is_file() and not (work / "cache").exists():
+    if (work / "results.json").is_file() and not (work / BUILT).exists():
         shutil.rmtree(work, ignore_errors=True)
         removed.append(work.name)
     legacy = re.compile(rf"^\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp$")
-    if out.parent.is_dir():
-        for path in out.parent.iterdir():
-            if legacy.match(path.name) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path.name)
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:  # an unlistable folder: tidying is not worth failing an open for
+        entries = []
+    for path in entries:
+        if legacy.match(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
     return sorted(removed)
 
 
