@@ -367,9 +367,10 @@ def _run_experiment(
     log: LogCallback,
 ) -> ExperimentOutcome:
     from lmkl.data.corpus import load_corpus
+    from lmkl.engine.common import load_models
     from lmkl.engine.distributed import device_for_rank
     from lmkl.engine.loop import execute
-    from lmkl.engine.token_compare import TokenComparison, load_models
+    from lmkl.engine.token_compare import TokenComparison
     from lmkl.models import check_context_length
 
     # Rank 0's directory name (a default one carries the time, which may differ across ranks).
@@ -490,7 +491,7 @@ def _candidate_tokens(sub: Path, label: str) -> dict[str, np.ndarray]:
     """One candidate's per-token columns of a sub-run, sorted by (window, position)."""
     import pyarrow.parquet as pq
 
-    from lmkl.engine.token_compare import candidate_columns
+    from lmkl.engine.common import candidate_columns
 
     table = pq.read_table(sub / "tokens.parquet", filters=[("candidate", "==", label)])
     columns = candidate_columns(table, label)
