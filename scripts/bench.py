@@ -640,7 +640,7 @@ def bench_cache(
     name: str, assets: dict[str, Any], work: Path, n: int, tokens: int
 ) -> dict[str, Any]:
     """N candidates: one live run with N candidates vs a cache then N runs against it."""
-    from lmkl.refcache.build import build_cache
+    from lmkl.engine.cache_build import build_cache
     from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
 
     paths = dict(assets[name])

@@ -56,3 +56,36 @@ def test_every_subpackage_explains_itself():
     for init in sorted(PACKAGE.glob("*/__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc.split()) >= 15, f"{init.parent.name}/__init__.py needs a docstring"
+
+
+#: The engine's run kinds (and the base the two-model kinds share): each supplies its own
+#: scoring and summary, and shares helpers only through neutral engine modules.
+RUN_KINDS = ("token_compare", "bytes_compare", "sample_kl", "cache_build", "pair")
+
+
+def test_run_kinds_do_not_import_one_another():
+    offenders = []
+    for name in RUN_KINDS:
+        path = PACKAGE / "engine" / f"{name}.py"
+        for module, _ in _imports(path) if path.exists() else []:
+            other = module.rpartition(".")[2]
+            base_of_pair_kinds = other == "pair" and name in ("bytes_compare", "sample_kl")
+            kind = module.startswith("lmkl.engine.") and other in RUN_KINDS and other != name
+            if kind and not base_of_pair_kinds:
+                offenders.append(f"engine/{name}.py imports {module}")
+    assert not offenders, offenders
+
+
+def test_token_comparison_scores_without_asking_which_reference_it_has():
+    """The reference sources (live model, exact cache, top-k cache) answer one protocol
+    (lmkl.engine.reference); scoring a part never branches on which one is there."""
+    tree = ast.parse((PACKAGE / "engine" / "token_compare.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TokenComparison")
+    score = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "score")
+    named = {
+        node.attr
+        for node in ast.walk(score)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        if node.value.id == "self"
+    }
+    assert not named & {"cache", "topk", "ref_model"}, named & {"cache", "topk", "ref_model"}

@@ -13,9 +13,9 @@ from scipy import special
 from typer.testing import CliRunner
 
 from lmkl.cli import app
+from lmkl.engine.cache_build import build_cache
 from lmkl.engine.token_compare import run_comparison
 from lmkl.errors import TokenizerMismatchError, UsageError
-from lmkl.refcache.build import build_cache
 from lmkl.refcache.format import is_cache_dir, open_cache
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
 from lmkl.scoring.topk import topk_kl_bounds

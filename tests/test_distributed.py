@@ -137,3 +137,69 @@ def test_a_rank_sends_only_the_parts_it_wrote_in_this_run(tmp_path):
     shard = _RankOneOfTwo(present_on_main=[0, 2, 3])
     gather_parts(shard, run_dir, written=[3, 5], counters={})
     assert sorted(shard.sent[0]) == [5]
+
+
+def lmkl_run(config: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+    """``lmkl run CONFIG --out OUT -q`` in one process or under torchrun."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    launcher = [sys.executable, "-m", "lmkl"]
+    if processes > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "lmkl",
+        ]
+    return subprocess.run(
+        [*launcher, "run", str(config), "--out", str(out), "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(out.parent),
+    )
+
+
+def test_two_processes_run_an_experiment_as_one(tiny_pair, tmp_path):
+    """Each dataset's batches are shared over the ranks; rank 0 alone writes the directory."""
+    texts = [json.loads(x)["text"] for x in tiny_pair["heldout"].read_text().splitlines()]
+    for name, chunk in (("a", texts[:3]), ("b", texts[3:5])):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"text": t[:400]}) + "\n" for t in chunk)
+        )
+    config = tmp_path / "study.yaml"
+    config.write_text(f"""
+name: two-ranks
+reference: {{model: {tiny_pair["reference"]}, device: cpu}}
+candidates:
+  - {{label: small, model: {tiny_pair["candidate"]}, device: cpu}}
+  - {{label: bf16, model: {tiny_pair["reference"]}, dtype: bfloat16, device: cpu}}
+datasets:
+  - {{source: {tmp_path / "a.jsonl"}, label: a}}
+  - {{source: {tmp_path / "b.jsonl"}, label: b}}
+windowing: {{mode: documents, context_length: 48, stride: 24}}
+compute: {{batch_size: 2, compile: false}}
+ranking: {{resamples: 200}}
+""")
+    one = lmkl_run(config, tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = lmkl_run(config, tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.strip().splitlines() == [str(tmp_path / "two")]  # only rank 0 reports
+
+    ra = json.loads((tmp_path / "one" / "results.json").read_text())
+    rb = json.loads((tmp_path / "two" / "results.json").read_text())
+    for key in ("provenance", "throughput"):
+        ra.pop(key), rb.pop(key)
+    assert ra == rb
+    for name in ("a", "b"):
+        sub_a, sub_b = (tmp_path / run / "datasets" / name for run in ("one", "two"))
+        a, b = pq.read_table(sub_a / "tokens.parquet"), pq.read_table(sub_b / "tokens.parquet")
+        assert a.num_rows > 50 and a.equals(b)
+        sa = json.loads((sub_b / "results.json").read_text())
+        assert sa["throughput"]["processes"] == 2  # the dataset really was shared
+        assert not (sub_b / "parts").exists()

@@ -91,6 +91,7 @@ def ran(study):
         mp.setattr(models_module.LoadedModel, "hidden_states", counting_hidden)
         mp.setattr(models_module, "load_model", counting_load)
         mp.setattr("lmkl.engine.token_compare.load_model", counting_load)
+        mp.setattr("lmkl.engine.common.load_model", counting_load)
         result = CliRunner().invoke(
             app,
             [
@@ -255,6 +256,7 @@ def test_dry_run_plans_without_loading_weights(study, ran, monkeypatch):
 
     monkeypatch.setattr(models_module, "load_model", no_weights)
     monkeypatch.setattr("lmkl.engine.token_compare.load_model", no_weights)
+    monkeypatch.setattr("lmkl.engine.common.load_model", no_weights)
     plan = plan_experiment(load_config(study["config"], [f"compute.batch_size={BATCH}"]))
     for row in plan["datasets"]:
         scored = pq.read_table(ran["out"] / "datasets" / row["label"] / "tokens.parquet")

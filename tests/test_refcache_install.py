@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lmkl.refcache.build import build_cache
+from lmkl.engine.cache_build import build_cache
+from lmkl.errors import OutputError
 from lmkl.refcache.format import MANIFEST, open_cache
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
 
@@ -53,8 +54,8 @@ def old_cache(setup, tmp_path) -> Path:
     return out
 
 
-def rebuild(setup, out: Path) -> dict:
-    """Build a different (top-8) cache over ``out``."""
+def rebuild(setup, out: Path, resume: bool = False) -> dict:
+    """Build a different (top-8) cache over ``out`` (or resume that build)."""
     return build_cache(
         setup["ref"],
         DataSpec(source=str(setup["data"])),
@@ -62,7 +63,8 @@ def rebuild(setup, out: Path) -> dict:
         COMPUTE,
         out,
         top_k=8,
-        overwrite=True,
+        overwrite=not resume,
+        resume=resume,
     )
 
 
@@ -74,20 +76,25 @@ def test_failed_final_rename_keeps_the_old_cache(setup, old_cache, monkeypatch):
 
     def rename(self: Path, target):
         target = Path(target)
-        # The temporary build directory (".cache.XXXX.tmp") renamed onto the destination.
-        is_build = self.name.startswith(f".{old_cache.name}.") and ".previous." not in self.name
+        # The finished cache in the build directory (".cache.build/cache") renamed onto the
+        # destination.
+        is_build = self.parent.name == f".{old_cache.name}.build"
         if is_build and target == old_cache:
             failed.append(self)
             raise OSError(5, "Input/output error")
         return real_rename(self, target)
 
-    with monkeypatch.context() as patch, pytest.raises(OSError, match="Input/output error"):
+    with monkeypatch.context() as patch, pytest.raises(OutputError, match="Input/output error"):
         patch.setattr(Path, "rename", rename)
         rebuild(setup, old_cache)
     assert failed, "the final rename was never attempted"
     assert tree(old_cache) == before  # the old cache, every file as it was
     cache = open_cache(old_cache)
     assert cache.manifest == manifest and cache.mode == "exact"
+    # The finished build is kept (not computed again): --resume installs it, leaving nothing.
+    assert sorted(p.name for p in old_cache.parent.iterdir()) == [".cache.build", "cache"]
+    new = rebuild(setup, old_cache, resume=True)
+    assert open_cache(old_cache).manifest == new and new["mode"] == "topk"
     assert [p.name for p in old_cache.parent.iterdir()] == [old_cache.name]  # nothing left over
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmkl.engine.token_compare import default_run_dir, unique_labels
+from lmkl.engine.common import default_run_dir, unique_labels
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec
 
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from lmkl.analysis.stats import summarize
 from lmkl.data.corpus import load_corpus
 from lmkl.data.tokenize import token_bytes
+from lmkl.engine.common import candidate_columns, load_models
 from lmkl.engine.distributed import Shard, device_for_rank
 from lmkl.engine.identity import run_identity
 from lmkl.engine.loop import LogCallback, Part, Plan, Summary
@@ -35,7 +36,6 @@ from lmkl.engine.sampling import (
     stop_ids,
     summarize_samples,
 )
-from lmkl.engine.token_compare import candidate_columns, load_models
 from lmkl.errors import UsageError
 from lmkl.models import shared_vocab_size
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES

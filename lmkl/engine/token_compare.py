@@ -1,10 +1,11 @@
 """Token-level comparison (``lmkl compare``): candidates against a reference, token by token.
 
-Per batch of windows the reference's rows come from one of three reference sources: a live model
-(its decoder runs **once** per batch and its hidden states are shared by every candidate), an
-exact reference cache (the stored hidden states and output layer: the same numbers), or a
-compact top-k cache (KL reported as a guaranteed interval). Logits are made a chunk of tokens at
-a time, so the KL stage holds at most ``chunk x vocab`` float32 values per model.
+Per batch of windows the reference's numbers come from one of three reference sources behind one
+protocol (:mod:`lmkl.engine.reference`): a live model (its decoder runs **once** per batch and its
+hidden states are shared by every candidate), an exact reference cache (the stored hidden states
+and output layer: the same numbers), or a compact top-k cache (KL reported as a guaranteed
+interval). Logits are made a chunk of tokens at a time, so the KL stage holds at most
+``chunk x vocab`` float32 values per model.
 
 With a live reference all candidates are loaded together and part ``b`` is batch ``b``. With a
 cache only one model is ever in memory: candidates are loaded one at a time and part
@@ -13,7 +14,6 @@ cache only one model is ever in memory: candidates are loaded one at a time and 
 
 from __future__ import annotations
 
-import datetime as _dt
 import gc
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,18 @@ from lmkl.analysis.ranking import metric_values, rank_one_run
 from lmkl.analysis.stats import distribution, summarize
 from lmkl.data.corpus import Corpus, load_corpus
 from lmkl.data.windows import Window, make_windows
+from lmkl.engine.common import candidate_columns, default_run_dir, load_models, unique_labels
 from lmkl.engine.distributed import Shard, device_for_rank
 from lmkl.engine.identity import run_identity
 from lmkl.engine.loop import LogCallback, Part, Plan, RunOutcome, Summary
 from lmkl.engine.loop import execute as execute_kind
-from lmkl.engine.rundir import BOUNDS_SCHEMA, TOKEN_SCHEMA, RunDirectory, tokens_table
+from lmkl.engine.reference import (
+    BatchScoring,
+    LiveReference,
+    ReferenceSource,
+    cache_reference,
+)
+from lmkl.engine.rundir import RunDirectory, tokens_table
 from lmkl.engine.view_record import build_view, view_part
 from lmkl.errors import TokenizerMismatchError, UsageError
 from lmkl.files import write_json
@@ -39,7 +46,6 @@ from lmkl.models import (
     LoadedModel,
     check_config_fits,
     check_context_length,
-    check_tokenizers_match,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -49,37 +55,11 @@ from lmkl.models import (
 )
 from lmkl.refcache.format import ReferenceCache, is_cache_dir, open_cache
 from lmkl.scoring.batches import Batch, make_batch, window_groups
-from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
-from lmkl.scoring.token_scoring import make_kernel, score_batch
-from lmkl.scoring.topk import score_batch_topk
+from lmkl.scoring.token_scoring import make_kernel
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
 #: Tokens of left context kept with each worst position in worst.json.
 WORST_CONTEXT_TOKENS = 48
-
-
-def unique_labels(specs: list[ModelSpec]) -> list[ModelSpec]:
-    """The specs with repeated display names made unique (``name``, ``name-2``, ...)."""
-    seen: dict[str, int] = {}
-    out = []
-    for spec in specs:
-        label = spec.display_name
-        if label in seen:
-            seen[label] += 1
-            spec = spec.model_copy(update={"label": f"{label}-{seen[label]}"})
-        else:
-            seen[label] = 1
-        out.append(spec)
-    return out
-
-
-def default_run_dir(reference_label: str, candidates: list[ModelSpec]) -> Path:
-    """``runs/<reference>-vs-<candidate>[-and-N]-<time>``."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{reference_label}-vs-{candidates[0].display_name}"
-    if len(candidates) > 1:
-        name += f"-and-{len(candidates) - 1}"
-    return Path("runs") / f"{name}-{stamp}"
 
 
 def resolved_config(
@@ -97,38 +77,6 @@ def resolved_config(
         "windowing": windows.model_dump() | {"stride": windows.effective_stride},
         "compute": compute.model_dump(),
     }
-
-
-def load_models(
-    reference_spec: ModelSpec, candidate_specs: list[ModelSpec], log: LogCallback
-) -> tuple[LoadedModel, list[LoadedModel]]:
-    """Load the reference and candidates, checking each candidate's tokenizer before its weights."""
-    log(f"loading reference {reference_spec.model}")
-    reference = load_model(reference_spec, resolve_device(reference_spec.device))
-    candidates = []
-    for spec in candidate_specs:
-        tokenizer = load_tokenizer(spec)
-        check_tokenizers_match(reference.tokenizer, tokenizer, (reference.label, spec.display_name))
-        log(f"loading candidate {spec.model}")
-        candidates.append(load_model(spec, resolve_device(spec.device), tokenizer))
-    return reference, candidates
-
-
-def candidate_columns(table: pa.Table, label: str) -> dict[str, np.ndarray]:
-    """The per-token columns of one candidate as NumPy arrays (nulls → NaN)."""
-    import pyarrow.compute as pc
-
-    rows = table.filter(pc.equal(table["candidate"], label))
-    out: dict[str, np.ndarray] = {}
-    for name in rows.column_names:
-        if name == "candidate":
-            continue
-        column = rows[name]
-        if name in TOKEN_METRIC_NAMES:
-            out[name] = column.to_numpy(zero_copy_only=False).astype(np.float64)
-        else:
-            out[name] = column.to_numpy(zero_copy_only=False)
-    return out
 
 
 def batch_table(
@@ -222,11 +170,13 @@ class TokenComparison:
         self.shard = shard
         if self.cache is None:
             models = self._prepare_live(shard, log)
+            self.source: ReferenceSource = LiveReference(self.ref_model)
             groups = [[m.label for m in models]]
             identity_models = [(m.label, m.description) for m in (self.ref_model, *models)]
             fingerprint = self.corpus_description.get("fingerprint")
         else:
             self._prepare_cached(log)
+            self.source = cache_reference(self.cache)
             groups = [[c.display_name] for c in self.candidates]
             identity_models = [(self.cache.label, self.cache.manifest["reference"])] + [
                 (c.display_name, self._probes[c.display_name]) for c in self.candidates
@@ -246,10 +196,18 @@ class TokenComparison:
             tokens=sum(targets),
             reference_cache=self.cache.summary()["created"] if self.cache else None,
         )
+        self.how = BatchScoring(
+            vocab_size=self.vocab_size,
+            chunk=self.chunk,
+            temperature=self.compute.temperature,
+            worst_k=self.compute.worst_k,
+            kernel=self.kernel,
+            record_top5=self.compute.view_tokens > 0,
+        )
         return Plan(
             part_rows=part_rows,
             identity=identity,
-            schema=BOUNDS_SCHEMA if self.topk else TOKEN_SCHEMA,
+            schema=self.source.schema,
             part_work=[t for _ in groups for t in targets],
         )
 
@@ -342,41 +300,10 @@ class TokenComparison:
         models = self._models_of(self.groups[group])
         pad_id = self.tokenizer.pad_token_id
         batch = make_batch(self.window_groups[b], pad_id if pad_id is not None else 0)
-        temperature, worst_k = self.compute.temperature, self.compute.worst_k
-        if self.topk:
-            assert self.cache is not None
-            per_candidate, worst = score_batch_topk(
-                batch,
-                self.cache.topk(batch.windows),
-                models[0],
-                self.vocab_size,
-                self.chunk,
-                temperature,
-                worst_k,
-            )
-        else:
-            # The live reference runs its decoder here; an exact cache hands over its rows.
-            reference, rows = (
-                (self.ref_model, None)
-                if self.cache is None
-                else (self.cache, self.cache.rows(batch.windows, models[0].device))
-            )
-            per_candidate, worst = score_batch(
-                batch,
-                reference,
-                models,
-                self.vocab_size,
-                self.chunk,
-                temperature,
-                worst_k,
-                kernel=self.kernel,
-                reference_rows=rows,
-                record_top5=self.compute.view_tokens > 0,
-            )
-        schema = BOUNDS_SCHEMA if self.topk else TOKEN_SCHEMA
+        per_candidate, worst = self.source.score(batch, models, self.how)
         n = batch.targets.numel()
         part = Part(
-            table=batch_table(batch, per_candidate, schema),
+            table=batch_table(batch, per_candidate, self.source.schema),
             sidecar={
                 "worst": _locate_worst(batch, worst),
                 # Once per group and process: summarize needs them on rank 0 (and on resume)
@@ -416,14 +343,15 @@ class TokenComparison:
         table = run_dir.read_parts()
         # With several candidates (exact KL), one leaderboard: each candidate's per-token KL in
         # one token order, ranked with document (llama-cpp: chunk) bootstrap CIs.
-        leaderboard = len(self.candidates) > 1 and not self.topk
+        bounded = not self.source.exact_kl  # a top-k cache: KL bounds instead of KL
+        leaderboard = len(self.candidates) > 1 and not bounded
         unit = "window_id" if self.windows.windowing == "llama-cpp" else "doc_id"
         entries, kl_values, units = [], {}, None
         for spec in self.candidates:
             label = spec.display_name
             columns = candidate_columns(table, label)
             entry = {"label": label, "model": descriptions[label], "metrics": summarize(columns)}
-            if self.topk:
+            if bounded:
                 entry["metrics"]["kl_bounds"] = _bounds(table, label)
             if leaderboard:
                 order = np.lexsort((columns["window_pos"], columns["window_id"]))
@@ -436,9 +364,8 @@ class TokenComparison:
             models = {e["label"]: e["model"] for e in entries}
             ranking = rank_one_run(kl_values, units, models, unit=unit, seed=self.compute.seed)
         scored = sum(w.num_targets for w in self.window_list)
-        reference = self.cache.description if self.cache else self.ref_model.description
         body: dict[str, Any] = {
-            "reference": reference,
+            "reference": self.source.description,
             "candidates": entries,
             "data": self.corpus_description
             | {"windows": len(self.window_list), "scored_tokens": scored},
@@ -461,7 +388,7 @@ class TokenComparison:
             "compute": self.compute.model_dump()
             | {
                 "chunk_tokens": self.chunk,
-                "kernel": "topk-bounds" if self.topk else self.kernel.backend,
+                "kernel": "topk-bounds" if bounded else self.kernel.backend,
             },
         }
         if ranking is not None:

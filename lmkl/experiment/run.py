@@ -31,7 +31,7 @@ import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from lmkl.experiment.schema import (
 )
 from lmkl.specs import ComputeSpec, ModelSpec, OutputSpec
 
+if TYPE_CHECKING:
+    from lmkl.engine.distributed import Shard
+
 LogCallback = Callable[[str], None]
 #: ``(dataset label, tokens done, tokens total)``
 ProgressCallback = Callable[[str, int, int], None]
@@ -57,6 +60,8 @@ class ExperimentOutcome:
     path: Path
     results: dict[str, Any]
     config: ExperimentConfig
+    #: False on the other ranks of a multi-process run (only rank 0 reports).
+    is_main: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +304,8 @@ def _check_root(path: Path, config: ExperimentConfig, resume: bool) -> None:
     if not resume:
         RunDirectory.check_new(path, overwrite=config.output.overwrite)
         return
+    if (path / "results.json").exists() and (path / "config.yaml").exists():
+        raise ResumeError(f"experiment '{path}' is already complete", "nothing to resume")
     config_path = path / "config.yaml"
     if not config_path.exists():
         raise ResumeError(
@@ -333,20 +340,49 @@ def run_experiment(
 
     Gates are evaluated and recorded in results.json but not raised here: the caller decides
     (the CLI raises :class:`lmkl.errors.GateFailure` after printing).
+
+    Under ``torchrun``/``accelerate launch`` every rank loads the models (on its own device) and
+    each dataset's batches are shared out over the ranks as in ``lmkl compare``; rank 0 alone
+    creates the directory, writes the shared files and combines the datasets, and every rank
+    returns its results (``is_main`` is False on the others).
     """
-    from lmkl.data.corpus import load_corpus
-    from lmkl.engine.loop import execute
-    from lmkl.engine.token_compare import TokenComparison, load_models
-    from lmkl.files import write_json
-    from lmkl.models import check_context_length
+    from lmkl.engine.distributed import init_shard
 
     log = log or (lambda _m: None)
     config = resolve_demo_values(config, log)
-    root = Path(config.output.dir) if config.output.dir else default_run_dir(config)
-    if resume and (root / "results.json").exists() and (root / "config.yaml").exists():
-        raise ResumeError(f"experiment '{root}' is already complete", "nothing to resume")
-    _check_root(root, config, resume)
+    # One process group for the whole experiment: each dataset's run joins it (a group torn down
+    # and set up again between datasets would need a new rendezvous).
+    shard = init_shard()
+    try:
+        return _run_experiment(config, shard, resume, progress, log)
+    finally:
+        shard.close()
+
+
+def _run_experiment(
+    config: ExperimentConfig,
+    shard: Shard,
+    resume: bool,
+    progress: ProgressCallback | None,
+    log: LogCallback,
+) -> ExperimentOutcome:
+    from lmkl.data.corpus import load_corpus
+    from lmkl.engine.common import load_models
+    from lmkl.engine.distributed import device_for_rank
+    from lmkl.engine.loop import execute
+    from lmkl.engine.token_compare import TokenComparison
+    from lmkl.models import check_context_length
+
+    # Rank 0's directory name (a default one carries the time, which may differ across ranks).
+    root = shard.broadcast(
+        Path(config.output.dir) if config.output.dir else default_run_dir(config)
+    )
+    shard.on_main(_check_root, root, config, resume)
     started = _dt.datetime.now(_dt.timezone.utc)
+
+    def on_rank(spec: ModelSpec) -> ModelSpec:
+        """The spec this rank loads: one GPU per local rank (the options keep the original)."""
+        return spec.model_copy(update={"device": device_for_rank(spec.device, shard)})
 
     specs = [*config.candidates]
     nf_spec = noise_floor_spec(config.reference) if config.noise_floor.enabled else None
@@ -377,10 +413,12 @@ def run_experiment(
         for data in config.datasets:
             log(f"reading data {data.source}")
             corpora.append(load_corpus(data))
-        models = load_models(config.reference, specs, log)
+        models = load_models(on_rank(config.reference), [on_rank(s) for s in specs], log)
         if config.noise_floor.enabled:
             log("loading the noise-floor copy of the reference")
-            models[1].append(load_noise_floor(config.reference, config.noise_floor, config.seed))
+            models[1].append(
+                load_noise_floor(on_rank(config.reference), config.noise_floor, config.seed)
+            )
         check_context_length([models[0], *models[1]], windows)
         comparisons = [
             TokenComparison(
@@ -390,16 +428,18 @@ def run_experiment(
         ]
         del corpora  # each comparison holds its corpus until it has made its windows
     if not resume:
-        _create_root(root, config)
+        shard.on_main(_create_root, root, config)
     sub_results: list[dict[str, Any]] = []
     for data, comparison in zip(config.datasets, comparisons, strict=True):
         name = dataset_dir_name(data)
         sub = root / "datasets" / name
+        # Decided by rank 0, which holds the directory (other ranks may not see it).
+        started_before = shard.on_main(lambda sub=sub: (sub / "config.yaml").exists())
         try:
             outcome = execute(
                 comparison,
                 OutputSpec(dir=str(sub), overwrite=False),
-                resume=resume and (sub / "config.yaml").exists(),
+                resume=resume and started_before,
                 # A finished dataset is reused only after its identity is checked.
                 reuse_finished=True,
                 progress=(lambda done, total, _n=data.display_name: progress(_n, done, total))
@@ -415,13 +455,29 @@ def run_experiment(
         sub_results.append(outcome.results)
     ended = _dt.datetime.now(_dt.timezone.utc)
 
-    log("ranking candidates")
+    if shard.is_main:
+        log("ranking candidates")
+    results = shard.on_main(_finish, root, config, sub_results, started, ended)
+    shard.barrier()  # no rank tears the process group down while another still reads
+    return ExperimentOutcome(path=root, results=results, config=config, is_main=shard.is_main)
+
+
+def _finish(
+    root: Path,
+    config: ExperimentConfig,
+    sub_results: list[dict[str, Any]],
+    started: _dt.datetime,
+    ended: _dt.datetime,
+) -> dict[str, Any]:
+    """Combine the datasets into the experiment's results.json (rank 0 only)."""
+    from lmkl.files import write_json
+
     results = combine(root, config, sub_results, started, ended)
     write_json(root / "results.json", results)
     if not config.output.save_tokens:
         for data in config.datasets:
             (root / "datasets" / dataset_dir_name(data) / "tokens.parquet").unlink(missing_ok=True)
-    return ExperimentOutcome(path=root, results=results, config=config)
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +491,7 @@ def _candidate_tokens(sub: Path, label: str) -> dict[str, np.ndarray]:
     """One candidate's per-token columns of a sub-run, sorted by (window, position)."""
     import pyarrow.parquet as pq
 
-    from lmkl.engine.token_compare import candidate_columns
+    from lmkl.engine.common import candidate_columns
 
     table = pq.read_table(sub / "tokens.parquet", filters=[("candidate", "==", label)])
     columns = candidate_columns(table, label)

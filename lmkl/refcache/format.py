@@ -38,6 +38,7 @@ batches, other process counts) gathers its rows by index.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,6 +384,46 @@ def aside_path(out: Path) -> Path:
     return out.parent / f".{out.name}.previous.tmp"
 
 
+#: The finished cache inside a build directory, until it is renamed into place.
+BUILT = "cache"
+
+
+def build_dir(out: Path) -> Path:
+    """Where a build of the cache ``out`` keeps its parts until the cache is installed.
+
+    A run directory of the engine (see :mod:`lmkl.engine.cache_build`), beside ``out`` so that
+    the finished cache is renamed into place on the same filesystem. It survives an interrupted
+    build (``lmkl cache --resume`` continues from its parts) and is removed once the cache is in
+    place.
+    """
+    return out.parent / f".{out.name}.build"
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Remove what a killed build of ``out`` left that nothing can use any more (names removed).
+
+    That is a build directory whose cache was already installed (the build was killed just
+    before removing it) and the temporary directories of builds made before builds could resume
+    (``.NAME.XXXXXXXX.tmp``). The parts of an interrupted build are kept: they are what
+    ``--resume`` continues from (``--overwrite`` discards them, and a plain rerun names them).
+    """
+    removed = []
+    work = build_dir(out)
+    if (work / "results.json").is_file() and not (work / BUILT).exists():
+        shutil.rmtree(work, ignore_errors=True)
+        removed.append(work.name)
+    legacy = re.compile(rf"^\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp$")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:  # an unlistable folder: tidying is not worth failing an open for
+        entries = []
+    for path in entries:
+        if legacy.match(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return sorted(removed)
+
+
 def recover(out: Path) -> None:
     """Finish an install that a killed process left half done (see
     :func:`lmkl.refcache.build.install`)."""
@@ -413,6 +454,7 @@ def open_cache(path: str | Path) -> ReferenceCache:
     """Open a reference cache, checking its format and files (one-line errors otherwise)."""
     root = Path(str(path)).expanduser()
     recover(root)
+    remove_leftovers(root)
     if not is_cache_dir(root):
         raise UsageError(
             f"'{path}' is not an lmkl reference cache (no {MANIFEST})",

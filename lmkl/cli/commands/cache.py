@@ -17,6 +17,7 @@ from lmkl.cli.options import (
     MemoryOpt,
     OverwriteOpt,
     QuietOpt,
+    ResumeOpt,
     TemperatureOpt,
     apply_offline,
     compute_spec,
@@ -51,19 +52,26 @@ def cache(
     memory_budget: MemoryOpt = 1024,
     temperature: TemperatureOpt = 1.0,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     **options: Any,
 ) -> None:
-    """Run REFERENCE once over DATA and store what later comparisons need (`compare CACHE CAND`)."""
+    """Run REFERENCE once over DATA and store what later comparisons need (`compare CACHE CAND`).
+
+    Ctrl-C finishes the current part and stops; `--resume` continues. Under torchrun the
+    processes share the parts and rank 0 writes the cache.
+    """
     apply_offline(options["offline"])
+    from lmkl.engine.cache_build import build_cache
+    from lmkl.engine.distributed import is_main_process
     from lmkl.formatting import byte_size, number
-    from lmkl.refcache.build import build_cache
 
     spec = model_spec(reference, options | {"device_map": device_map})
     data = data_spec(options)
     windows = window_spec(options["windowing"], options["context_length"], options["stride"])
     compute = compute_spec(options, memory_budget_mb=memory_budget, temperature=temperature)
-    with TokenProgress(quiet, "caching") as progress:
+    main = is_main_process()  # under torchrun only rank 0 shows progress and the summary
+    with TokenProgress(quiet or not main, "caching") as progress:
         manifest = build_cache(
             spec,
             data,
@@ -72,9 +80,12 @@ def cache(
             out,
             top_k=top_k,
             overwrite=overwrite,
+            resume=resume,
             progress=progress,
             log=progress.log,
         )
+    if not main:
+        return
     if quiet:
         stdout.print(str(out))
         return

@@ -75,17 +75,22 @@ def run(
     if above or below:
         cfg = cfg.model_copy(update={"gates": cfg.gates.merged(above, below)})
 
+    from lmkl.engine.distributed import is_main_process
     from lmkl.experiment.run import plan_experiment, resolve_demo_values, run_experiment
     from lmkl.report.leaderboard import plan_tables, print_experiment
 
-    with DatasetProgress(quiet) as progress:
+    main = is_main_process()  # under torchrun only rank 0 shows progress, plan and results
+    with DatasetProgress(quiet or not main) as progress:
         if dry_run:
             plan = plan_experiment(resolve_demo_values(cfg, progress.log), progress.log)
-            for table in plan_tables(plan):
+            for table in plan_tables(plan) if main else []:
                 stdout.print(table)
-            stdout.print("dry run: nothing was scored")
+            if main:
+                stdout.print("dry run: nothing was scored")
             return
         outcome = run_experiment(cfg, resume=resume, progress=progress, log=progress.log)
+    if not outcome.is_main:
+        return
     if quiet:
         stdout.print(str(outcome.path))
     else:
