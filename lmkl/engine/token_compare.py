@@ -321,7 +321,7 @@ class TokenComparison:
                 "real_slots": int(batch.attention_mask.sum()),
                 "padded_slots": batch.attention_mask.numel(),
             },
-            kernel="topk-bounds" if self.topk else self.kernel.backend,
+            kernel=self.kernel.backend if self.source.exact_kl else "topk-bounds",
             extra={"view": view_part(batch.meta, per_candidate)}
             if self.compute.view_tokens
             else {},

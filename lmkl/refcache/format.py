@@ -50,7 +50,7 @@ import torch
 from lmkl.data.corpus import load_corpus
 from lmkl.data.windows import Window
 from lmkl.errors import DataError, TokenizerMismatchError, UsageError
-from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
+from lmkl.specs import ComputeSpec, DataSpec, WindowSpec
 
 MANIFEST = "manifest.json"
 
@@ -76,16 +76,6 @@ def is_cache_dir(path: str | Path) -> bool:
         return json.loads(manifest.read_text()).get("format") == FORMAT
     except (OSError, ValueError):
         return False
-
-
-def cache_reference_spec(cache_dir: str | Path, label: str | None = None) -> ModelSpec:
-    """The :class:`ModelSpec` that makes a cache directory the reference of a comparison.
-
-    For YAML experiments: ``reference: {cache: DIR}`` is ``ModelSpec(model=DIR)``; pass
-    ``data=None`` and ``windows=None`` to :func:`~lmkl.engine.token_compare.run_comparison` to use
-    the cache's.
-    """
-    return ModelSpec(model=str(cache_dir), label=label)
 
 
 def torch_dtype_name(dtype: torch.dtype) -> str:
