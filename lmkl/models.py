@@ -128,6 +128,66 @@ def _weight_files(directory: Path) -> list[Path]:
     )
 
 
+def hub_offline() -> bool:
+    """Whether huggingface_hub is told not to touch the network (``HF_HUB_OFFLINE``/--offline)."""
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or bool(
+        getattr(hub_constants, "HF_HUB_OFFLINE", False)
+    )
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The local hub-cache folder of ``repo_id`` at ``revision`` (a commit, branch or tag), or
+    None when it is not cached. Never touches the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folder = snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:  # not cached (or not a valid repo id): unknown, not an error here
+        return None
+    return Path(folder) if Path(folder).is_dir() else None
+
+
+def hub_repo_files(repo_id: str, revision: str | None) -> list[str] | None:
+    """Names of the files of hub repo ``repo_id`` at ``revision``, without downloading any.
+
+    Online: the hub's file listing. Offline (or when the hub cannot be reached): the files of the
+    cached snapshot, which is all that an offline load could read. None when neither is known.
+    """
+    if not hub_offline():
+        from huggingface_hub import HfApi
+
+        try:
+            return sorted(HfApi().list_repo_files(repo_id, revision=revision))
+        except Exception:  # unreachable hub, unknown repo: fall back to the cache
+            pass
+    folder = hub_snapshot(repo_id, revision)
+    if folder is None:
+        return None
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def hub_weight_bytes(spec: ModelSpec, commit: str | None) -> int | None:
+    """Bytes of the weight files a hub model was loaded from, as they lie in the hub cache
+    (None when the snapshot is not in the cache, e.g. a model loaded from another cache_dir).
+
+    Safetensors files are counted when the snapshot has any (transformers loads those first),
+    else its pickle files; a GGUF model counts its one file.
+    """
+    folder = hub_snapshot(spec.model, commit or spec.revision)
+    if folder is None:
+        return None
+    if spec.gguf_file:
+        files = [folder / spec.gguf_file] if (folder / spec.gguf_file).is_file() else []
+    else:
+        found = _weight_files(folder)
+        safe = [p for p in found if p.suffix == ".safetensors"]
+        files = safe or found
+    return int(sum(p.stat().st_size for p in files)) if files else None
+
+
 #: Content hashes already computed in this process, keyed by each file's path, inode, size,
 #: modification and change time (a run hashes a checkpoint for its identity before loading it
 #: and again to describe it; any write to a file changes its ctime, which no copy can set back).
@@ -253,10 +313,7 @@ def translate_load_error(spec: ModelSpec, exc: Exception, what: str) -> ModelLoa
             f"cannot load {what} from '{spec.model}': {first}",
             "check that the directory holds a complete saved model",
         )
-    hub_constants = sys.modules.get("huggingface_hub.constants")
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or bool(
-        getattr(hub_constants, "HF_HUB_OFFLINE", False)
-    )
+    offline = hub_offline()
     if isinstance(exc, OSError | ValueError) and (
         "not a local folder" in lowered
         or "does not appear to have" in lowered
@@ -631,6 +688,7 @@ def load_model(
     _check_source(spec)
     if local:
         _check_pickle_policy(spec, Path(spec.model).expanduser())
+    check_adapter_policy(spec)  # before any weights (or a hub adapter's files) are read
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     kwargs: dict[str, Any] = {
@@ -739,7 +797,7 @@ def _apply_adapter(model: Any, spec: ModelSpec) -> Any:
             base_name = None
         if base_name and not _same_model_name(base_name, spec.model):
             made_for = f" (it was made for '{base_name}')"
-    _check_adapter_policy(spec, adapter_dir)
+    check_adapter_policy(spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -778,14 +836,26 @@ def _adapter_files(directory: Path) -> list[Path]:
     )
 
 
-def _check_adapter_policy(spec: ModelSpec, directory: Path) -> None:
-    """A local adapter with only pickle weights is refused unless pickle files are allowed."""
-    if not directory.is_dir():
+def check_adapter_policy(spec: ModelSpec) -> None:
+    """An adapter with only pickle weights is refused unless pickle files are allowed.
+
+    Local adapters are checked by their files; hub adapters by the repo's file listing (the
+    cached snapshot when offline), before anything is downloaded or loaded.
+    """
+    if not spec.adapter or spec.allow_pickle:
         return
-    files = _adapter_files(directory)
-    if files and not any(p.suffix == ".safetensors" for p in files) and not spec.allow_pickle:
+    directory = Path(spec.adapter).expanduser()
+    if directory.is_dir():
+        names = [p.name for p in _adapter_files(directory)]
+    elif directory.exists():
+        return  # not a directory: PEFT's own error says so
+    else:
+        listed = hub_repo_files(spec.adapter, spec.adapter_revision) or []
+        # PEFT reads adapter_model.* at the repo's top level.
+        names = sorted(n for n in listed if "/" not in n and n.startswith("adapter_model"))
+    if names and not any(n.endswith(".safetensors") for n in names):
         raise ModelLoadError(
-            f"adapter '{spec.adapter}' has only pickle weight files ({files[0].name}); loading "
+            f"adapter '{spec.adapter}' has only pickle weight files ({names[0]}); loading "
             "them can execute arbitrary code",
             "convert the adapter to safetensors, or pass --allow-pickle if you trust its source",
         )
@@ -827,7 +897,7 @@ def weights_identity(spec: ModelSpec) -> dict[str, Any]:
     if spec.quantize:
         info["quantize"] = spec.quantize.model_dump()
     if spec.adapter:
-        _check_adapter_policy(spec, Path(spec.adapter).expanduser())
+        check_adapter_policy(spec)
         info["adapter_sha256"] = adapter_fingerprint(spec)
         info["adapter_revision"] = spec.adapter_revision
     return info
@@ -903,9 +973,14 @@ def describe_model(
     else:
         info["revision"] = loaded.spec.revision
         info["resolved_revision"] = getattr(model.config, "_commit_hash", None)
-        info["bytes_on_disk"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
+        # The files in the hub cache, not the loaded tensors (a float16 checkpoint loaded as
+        # float32 is half that size on disk; see bytes_in_memory for the loaded size).
+        info["bytes_on_disk"] = hub_weight_bytes(loaded.spec, info["resolved_revision"])
+    # The parameters as loaded (their dtype, quantized storage as it is in memory).
+    info["bytes_in_memory"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
     checkpoint = (quantization or {}).get("kind") == "checkpoint"
-    if checkpoint and local and 0 < info["bytes_on_disk"] < info["weight_bytes"]:
+    on_disk = info["bytes_on_disk"]
+    if checkpoint and local and on_disk is not None and 0 < on_disk < info["weight_bytes"]:
         # Some formats (compressed-tensors on CPU) decompress to dense weights on load: the
         # checkpoint's files are then the real size of its quantized weights.
         info["weight_bytes"] = info["bytes_on_disk"]
