@@ -110,11 +110,14 @@ class UnitSumsStream:
             )
             self.seen = np.concatenate([self.seen, np.zeros(grow, dtype=bool)])
         self.seen[units] = True
-        part = DocSums.from_tokens(values, units, self.seen.size, include)
-        self.sums += part.sums
-        self.counts += part.counts
-        self.pos_inf += part.pos_inf
-        self.neg_inf += part.neg_inf
+        # A chunk covers a few consecutive units: count over their id range only, so each chunk
+        # costs its own size, not the number of units seen so far.
+        lo = int(units.min())
+        part = DocSums.from_tokens(values, units - lo, top - lo, include)
+        self.sums[lo:top] += part.sums
+        self.counts[lo:top] += part.counts
+        self.pos_inf[lo:top] += part.pos_inf
+        self.neg_inf[lo:top] += part.neg_inf
 
     def result(self, present: np.ndarray | None = None) -> DocSums:
         """The sums of the units in ``present`` (a mask over ids; default: those seen)."""
