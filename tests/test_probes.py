@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lmkl import models
+from lmkl.models import head_split
 from lmkl.specs import ModelSpec
 
 
@@ -30,18 +31,18 @@ def test_probes_share_the_first_full_forward(tiny_pair, monkeypatch):
     # Split check: one full forward + one decoder-only; causality: one more full forward (the
     # full forward's decoder call is counted too).
     assert calls == {"full": 2, "decoder": 3}
-    assert not models._PROBE_LOGITS  # nothing held after loading
+    assert not head_split._PROBE_LOGITS  # nothing held after loading
 
 
 def test_a_split_that_differs_from_the_forward_is_not_used(tiny_pair, monkeypatch):
-    made = models._make_head
+    made = head_split.make_head
 
     def wrong_head(model):
         head = made(model)
         head.scale = 1.5  # logits the model's own forward does not produce
         return head
 
-    monkeypatch.setattr(models, "_make_head", wrong_head)
+    monkeypatch.setattr(head_split, "make_head", wrong_head)
     loaded = models.load_model(ModelSpec(model=str(tiny_pair["reference"])), torch.device("cpu"))
     assert loaded.head is None
     ids = torch.tensor([[1, 5, 9, 3]])

@@ -31,7 +31,7 @@ such a document ``+inf``; it is never dropped.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,52 @@ class DocSums:
             pos_inf=np.bincount(doc[keep & (values == np.inf)], minlength=n_docs).astype(float),
             neg_inf=np.bincount(doc[keep & (values == -np.inf)], minlength=n_docs).astype(float),
         )
+
+
+class UnitSumsStream:
+    """:class:`DocSums` built a chunk of tokens at a time, keyed by raw unit ids (document or
+    window ids, non-negative); :meth:`result` keeps the units that occurred, in id order (the
+    order ``np.unique`` gives the in-memory path)."""
+
+    def __init__(self) -> None:
+        self.sums = np.zeros(0)
+        self.counts = np.zeros(0)
+        self.pos_inf = np.zeros(0)
+        self.neg_inf = np.zeros(0)
+        self.seen = np.zeros(0, dtype=bool)
+
+    def add(self, values: np.ndarray, units: np.ndarray, include: np.ndarray | None = None) -> None:
+        """Add tokens' ``values`` (NaN and tokens outside ``include`` are left out) by unit."""
+        units = np.asarray(units, dtype=np.int64)
+        if not units.size:
+            return
+        top = int(units.max()) + 1
+        if top > self.seen.size:
+            grow = top - self.seen.size
+            self.sums, self.counts, self.pos_inf, self.neg_inf = (
+                np.concatenate([a, np.zeros(grow)])
+                for a in (self.sums, self.counts, self.pos_inf, self.neg_inf)
+            )
+            self.seen = np.concatenate([self.seen, np.zeros(grow, dtype=bool)])
+        self.seen[units] = True
+        # A chunk covers a few consecutive units: count over their id range only, so each chunk
+        # costs its own size, not the number of units seen so far.
+        lo = int(units.min())
+        part = DocSums.from_tokens(values, units - lo, top - lo, include)
+        self.sums[lo:top] += part.sums
+        self.counts[lo:top] += part.counts
+        self.pos_inf[lo:top] += part.pos_inf
+        self.neg_inf[lo:top] += part.neg_inf
+
+    def result(self, present: np.ndarray | None = None) -> DocSums:
+        """The sums of the units in ``present`` (a mask over ids; default: those seen)."""
+        keep = self.seen if present is None else present
+        size = keep.size
+
+        def cut(a: np.ndarray) -> np.ndarray:
+            return np.concatenate([a, np.zeros(max(0, size - a.size))])[:size][keep]
+
+        return DocSums(cut(self.sums), cut(self.counts), cut(self.pos_inf), cut(self.neg_inf))
 
 
 def _ratio(num: np.ndarray, den: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
@@ -242,8 +288,64 @@ class RankingInput:
     noise_floor: np.ndarray | None = None
 
 
+#: ``pair_sums(pairs)``: for each ``(i, j)`` (``j`` None: the noise floor), the document sums of
+#: series ``i`` and of series ``j`` over the tokens included (not NaN) in both.
+PairSums = Callable[
+    [list[tuple[int, int | None]]], dict[tuple[int, int | None], tuple[DocSums, DocSums]]
+]
+
+
+@dataclass
+class RankingSums:
+    """What :func:`rank` needs, as per-document sums: :class:`RankingInput` without the tokens.
+
+    ``own[k]`` sums ``labels[k]``'s values by document; ``pair_sums`` gives the paired series
+    once the order is known (a streaming caller reads its parts once more for them); ``tokens``
+    is the number of tokens per candidate.
+    """
+
+    labels: list[str]
+    own: list[DocSums]
+    pair_sums: PairSums
+    strata: list[int]
+    dataset_labels: list[str]
+    weights: list[float]
+    info: list[dict[str, Any]]
+    tokens: int
+    noise_floor: DocSums | None = None
+
+    @classmethod
+    def from_tokens(cls, data: RankingInput) -> RankingSums:
+        n_docs = int(sum(data.strata))
+
+        def pair_sums(pairs: list[tuple[int, int | None]]) -> dict[Any, tuple[DocSums, DocSums]]:
+            out = {}
+            for i, j in pairs:
+                other = data.noise_floor if j is None else data.values[j]
+                both = ~np.isnan(data.values[i]) & ~np.isnan(other)
+                out[(i, j)] = (
+                    DocSums.from_tokens(data.values[i], data.doc_index, n_docs, both),
+                    DocSums.from_tokens(other, data.doc_index, n_docs, both),
+                )
+            return out
+
+        return cls(
+            labels=data.labels,
+            own=[DocSums.from_tokens(v, data.doc_index, n_docs) for v in data.values],
+            pair_sums=pair_sums,
+            strata=data.strata,
+            dataset_labels=data.dataset_labels,
+            weights=data.weights,
+            info=data.info,
+            tokens=int(data.doc_index.size),
+            noise_floor=None
+            if data.noise_floor is None
+            else DocSums.from_tokens(data.noise_floor, data.doc_index, n_docs),
+        )
+
+
 def rank(
-    data: RankingInput,
+    data: RankingInput | RankingSums,
     metric: str,
     higher_is_better: bool,
     *,
@@ -263,15 +365,17 @@ def rank(
     ``info[k]`` may hold ``group``, ``step``, ``parameters``, ``disk_bytes``, ``memory_bytes``
     and ``metrics`` (the candidate's results.json metrics, for the checkpoint series).
     """
+    if isinstance(data, RankingInput):
+        data = RankingSums.from_tokens(data)
     n_docs = int(sum(data.strata))
     boot = Bootstrap(data.strata, data.weights, resamples, seed, average)
     k = len(data.labels)
-    own = [DocSums.from_tokens(v, data.doc_index, n_docs) for v in data.values]
+    own = data.own
     series: list[DocSums] = list(own)
     noise_at = None
     if data.noise_floor is not None:
         noise_at = len(series)
-        series.append(DocSums.from_tokens(data.noise_floor, data.doc_index, n_docs))
+        series.append(data.noise_floor)
 
     observed = boot.statistic(series)[0]
     order = sorted(range(k), key=lambda i: _sort_key(observed[i], higher_is_better))
@@ -281,12 +385,10 @@ def rank(
     if noise_at is not None:
         pairs += [(i, None) for i in range(k)]
     pair_at: dict[tuple[int, int | None], int] = {}
-    for i, j in pairs:
-        other = data.noise_floor if j is None else data.values[j]
-        both = ~np.isnan(data.values[i]) & ~np.isnan(other)
-        pair_at[(i, j)] = len(series)
-        series.append(DocSums.from_tokens(data.values[i], data.doc_index, n_docs, both))
-        series.append(DocSums.from_tokens(other, data.doc_index, n_docs, both))
+    paired_sums = data.pair_sums(pairs)
+    for pair in pairs:
+        pair_at[pair] = len(series)
+        series.extend(paired_sums[pair])
 
     samples = boot.run(series)
     paired_observed = boot.statistic(series)[0]
@@ -356,7 +458,7 @@ def rank(
         "seed": seed,
         "unit": unit,
         "units": n_docs,
-        "tokens": int(data.doc_index.size),
+        "tokens": data.tokens,
         "leaderboard": rows,
         "pareto": {
             "size": size_key,
@@ -380,7 +482,7 @@ def _nanstd(values: np.ndarray) -> float:
     return float(finite.std(ddof=1))
 
 
-def _by_dataset(data: RankingInput, own: list[DocSums], boot: Bootstrap) -> list[dict[str, Any]]:
+def _by_dataset(data: RankingSums, own: list[DocSums], boot: Bootstrap) -> list[dict[str, Any]]:
     """Per candidate: the metric on each dataset, micro and macro averages."""
     micro = Bootstrap(boot.strata, boot.weights, average="micro")
     macro = Bootstrap(boot.strata, boot.weights, average="macro")
@@ -406,7 +508,7 @@ def _by_dataset(data: RankingInput, own: list[DocSums], boot: Bootstrap) -> list
 
 
 def checkpoint_series(
-    data: RankingInput, observed: np.ndarray, higher_is_better: bool
+    data: RankingInput | RankingSums, observed: np.ndarray, higher_is_better: bool
 ) -> list[dict[str, Any]]:
     """For candidates with a ``step``: KL, PPL and the ranking metric by step, per group."""
     groups: dict[str | None, list[int]] = {}
@@ -504,20 +606,43 @@ def rank_one_run(
     labels = list(values)
     _, doc_index = np.unique(units, return_inverse=True)
     n_units = int(doc_index.max()) + 1 if doc_index.size else 0
-    info = [
+    data = RankingInput(
+        labels=labels,
+        values=np.stack([values[label] for label in labels]),
+        doc_index=doc_index,
+        strata=[n_units],
+        dataset_labels=["data"],
+        weights=[1.0],
+        info=[],
+    )
+    return rank_one_run_sums(
+        RankingSums.from_tokens(data),
+        models,
+        unit=unit,
+        metric=metric,
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def rank_one_run_sums(
+    sums: RankingSums,
+    models: dict[str, dict[str, Any]],
+    *,
+    unit: str = "doc_id",
+    metric: str = "kl.mean",
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`rank_one_run` from per-unit sums (one dataset; ``info`` is filled in here), for
+    callers that stream their tokens (see :class:`UnitSumsStream`)."""
+    labels = sums.labels
+    sums.info = [
         {**candidate_sizes(models[label]), "metrics": None, "index": i}
         for i, label in enumerate(labels)
     ]
     return rank(
-        RankingInput(
-            labels=labels,
-            values=np.stack([values[label] for label in labels]),
-            doc_index=doc_index,
-            strata=[n_units],
-            dataset_labels=["data"],
-            weights=[1.0],
-            info=info,
-        ),
+        sums,
         metric,
         rank_metrics()[metric].higher_is_better,
         resamples=resamples,

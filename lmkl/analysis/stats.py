@@ -42,15 +42,18 @@ def quantiles(values: np.ndarray, probs: list[float]) -> list[float]:
     for prob in probs:
         h = (ordered.size - 1) * prob
         lo, hi = math.floor(h), math.ceil(h)
-        weight = h - lo
-        a, b = ordered[lo], ordered[hi]
-        if weight == 0 or a == b:
-            out.append(float(a))
-        elif math.isinf(b):
-            out.append(math.inf)
-        else:
-            out.append(float(a + (b - a) * weight))
+        out.append(interpolate_quantile(float(ordered[lo]), float(ordered[hi]), h - lo))
     return out
+
+
+def interpolate_quantile(a: float, b: float, weight: float) -> float:
+    """The quantile between order statistics ``a <= b`` at ``weight`` in [0, 1) from ``a``
+    (``+inf`` at ``b`` propagates instead of giving ``inf - inf = NaN``)."""
+    if weight == 0 or a == b:
+        return float(a)
+    if math.isinf(b):
+        return math.inf
+    return float(a + (b - a) * weight)
 
 
 def mean_se(values: np.ndarray) -> tuple[float, float]:
@@ -96,10 +99,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 def confidence_buckets(kl: np.ndarray, top1_prob: np.ndarray) -> list[dict[str, Any]]:
     """Mean and median KL by the reference's top-1 probability (where the reference is sure)."""
     rows = []
-    edges = np.asarray([lo for lo, _ in CONFIDENCE_BUCKETS] + [np.inf])
-    index = np.clip(
-        np.searchsorted(edges, top1_prob, side="right") - 1, 0, len(CONFIDENCE_BUCKETS) - 1
-    )
+    index = confidence_bucket_index(top1_prob)
     for i, (lo, hi) in enumerate(CONFIDENCE_BUCKETS):
         values = kl[index == i]
         mean, se = mean_se(values)
@@ -118,6 +118,14 @@ def confidence_buckets(kl: np.ndarray, top1_prob: np.ndarray) -> list[dict[str, 
     return rows
 
 
+def confidence_bucket_index(top1_prob: np.ndarray) -> np.ndarray:
+    """Each token's :data:`CONFIDENCE_BUCKETS` index from the reference's top-1 probability."""
+    edges = np.asarray([lo for lo, _ in CONFIDENCE_BUCKETS] + [np.inf])
+    return np.clip(
+        np.searchsorted(edges, top1_prob, side="right") - 1, 0, len(CONFIDENCE_BUCKETS) - 1
+    )
+
+
 def summarize(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The ``metrics`` object of results.json for one candidate, from its per-token columns.
 
@@ -132,54 +140,27 @@ def summarize(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
         return np.asarray(columns[name], dtype=np.float64)[keep]
 
     kl, nll_p, nll_q = col("kl"), col("nll_reference"), col("nll_candidate")
-    mean_nll_p, mean_nll_q = (float(v.mean()) if v.size else math.nan for v in (nll_p, nll_q))
-    ppl_p, ppl_q = _exp(mean_nll_p), _exp(mean_nll_q)
     # A target both models give probability 0 (e.g. outside both output layers) says nothing
     # about their ratio: inf - inf is excluded and counted, never a NaN mean.
     both_zero = np.isposinf(nll_p) & np.isposinf(nll_q)
     ln_ratio_mean, ln_ratio_se = mean_se(nll_q[~both_zero] - nll_p[~both_zero])
     dp = col("delta_p")
     dp_mean, dp_se = mean_se(dp)
-    agree_mean, agree_se = mean_se(col("top1_agree"))
-    top5_mean, top5_se = mean_se(col("top1_in_top5"))
-    total_bytes = float(np.asarray(columns["bytes"], dtype=np.float64)[keep].sum())
     doc_ids = np.asarray(columns["doc_id"])
     window_ids = np.asarray(columns["window_id"])
-    return {
-        "kl": distribution(kl),
-        "reverse_kl": distribution(col("reverse_kl")),
-        "jsd": distribution(col("jsd")),
-        "entropy": {
-            "reference": _mean(col("entropy_reference")),
-            "candidate": _mean(col("entropy_candidate")),
-        },
-        "nll": {"reference": mean_nll_p, "candidate": mean_nll_q},
-        "ppl": {
-            "reference": ppl_p,
-            "candidate": ppl_q,
-            "ratio": ppl_q / ppl_p if ppl_p and math.isfinite(ppl_p) else math.nan,
-        },
-        "ln_ppl_ratio": {
-            "mean": ln_ratio_mean,
-            "se": ln_ratio_se,
-            # tokens left out: probability 0 under both models (+inf - +inf has no value)
-            "excluded_zero_probability": int(both_zero.sum()),
-        },
-        "nll_correlation": correlation(nll_p, nll_q),
-        "bits_per_byte": {
-            "reference": _bpb(nll_p, total_bytes),
-            "candidate": _bpb(nll_q, total_bytes),
-            "bytes": int(total_bytes),
-        },
-        "delta_p": {
-            "mean": dp_mean,
-            "se": dp_se,
-            "rms": float(np.sqrt(np.mean(dp**2))) if dp.size else math.nan,
-        },
-        "top1_agreement": {"mean": agree_mean, "se": agree_se},
-        "top1_in_top5": {"mean": top5_mean, "se": top5_se},
-        "kl_by_confidence": confidence_buckets(kl, col("reference_top1_prob")),
-        "counts": {
+    return metrics_block(
+        distributions={name: distribution(col(name)) for name in ("kl", "reverse_kl", "jsd")},
+        entropy=(_mean(col("entropy_reference")), _mean(col("entropy_candidate"))),
+        nll=(_mean(nll_p), _mean(nll_q)),
+        nll_sums=(float(nll_p.sum()), float(nll_q.sum())) if nll_p.size else None,
+        ln_ratio=(ln_ratio_mean, ln_ratio_se, int(both_zero.sum())),
+        nll_correlation=correlation(nll_p, nll_q),
+        total_bytes=float(np.asarray(columns["bytes"], dtype=np.float64)[keep].sum()),
+        delta_p=(dp_mean, dp_se, float(np.sqrt(np.mean(dp**2))) if dp.size else math.nan),
+        top1_agreement=mean_se(col("top1_agree")),
+        top1_in_top5=mean_se(col("top1_in_top5")),
+        buckets=confidence_buckets(kl, col("reference_top1_prob")),
+        counts={
             "documents": int(np.unique(doc_ids).size),
             "windows": int(np.unique(window_ids).size),
             "tokens": int(keep.sum()),
@@ -187,6 +168,51 @@ def summarize(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
             "nonfinite_share": float(nonfinite.mean()) if nonfinite.size else 0.0,
             "infinite": int(np.isinf(kl).sum()),
         },
+    )
+
+
+def metrics_block(
+    *,
+    distributions: dict[str, dict[str, Any]],
+    entropy: tuple[float, float],
+    nll: tuple[float, float],
+    nll_sums: tuple[float, float] | None,
+    ln_ratio: tuple[float, float, int],
+    nll_correlation: float,
+    total_bytes: float,
+    delta_p: tuple[float, float, float],
+    top1_agreement: tuple[float, float],
+    top1_in_top5: tuple[float, float],
+    buckets: list[dict[str, Any]],
+    counts: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``metrics`` object from its ingredients (in memory: :func:`summarize`; streamed:
+    :class:`lmkl.analysis.streaming.TokenSummary`), so both write one layout."""
+    mean_nll_p, mean_nll_q = nll
+    ppl_p, ppl_q = _exp(mean_nll_p), _exp(mean_nll_q)
+    bpb = [_bits_per_byte(total, total_bytes) for total in nll_sums] if nll_sums else [math.nan] * 2
+    return {
+        **distributions,
+        "entropy": {"reference": entropy[0], "candidate": entropy[1]},
+        "nll": {"reference": mean_nll_p, "candidate": mean_nll_q},
+        "ppl": {
+            "reference": ppl_p,
+            "candidate": ppl_q,
+            "ratio": ppl_q / ppl_p if ppl_p and math.isfinite(ppl_p) else math.nan,
+        },
+        "ln_ppl_ratio": {
+            "mean": ln_ratio[0],
+            "se": ln_ratio[1],
+            # tokens left out: probability 0 under both models (+inf - +inf has no value)
+            "excluded_zero_probability": ln_ratio[2],
+        },
+        "nll_correlation": nll_correlation,
+        "bits_per_byte": {"reference": bpb[0], "candidate": bpb[1], "bytes": int(total_bytes)},
+        "delta_p": {"mean": delta_p[0], "se": delta_p[1], "rms": delta_p[2]},
+        "top1_agreement": {"mean": top1_agreement[0], "se": top1_agreement[1]},
+        "top1_in_top5": {"mean": top1_in_top5[0], "se": top1_in_top5[1]},
+        "kl_by_confidence": buckets,
+        "counts": counts,
     }
 
 
@@ -200,11 +226,11 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
-def _bpb(nll: np.ndarray, total_bytes: float) -> float:
+def _bits_per_byte(nll_sum: float, total_bytes: float) -> float:
     """Bits per byte: −Σ log-likelihood / (Σ bytes · ln 2)."""
-    if total_bytes <= 0 or nll.size == 0:
+    if total_bytes <= 0:
         return math.nan
-    return float(nll.sum() / total_bytes / math.log(2))
+    return float(nll_sum / total_bytes / math.log(2))
 
 
 def ratio_mean_se(numerators: np.ndarray, denominators: np.ndarray) -> tuple[float, float]:

@@ -274,18 +274,22 @@ class BytesComparison(PairKind):
     def summarize(self, run_dir: RunDirectory, totals: dict[str, float]) -> Summary:
         import pyarrow.compute as pc
 
-        table = run_dir.read_parts()
-        per_model = []
-        for model in self.models:
-            rows = table.filter(pc.equal(table["model"], model.label))
-            doc_ids = rows["doc_id"].to_numpy()
-            nll = np.zeros(self.num_docs)
-            tokens = np.zeros(self.num_docs, dtype=np.int64)
-            covered = np.zeros(self.num_docs, dtype=np.int64)
-            np.add.at(nll, doc_ids, rows["nll"].to_numpy())
-            np.add.at(tokens, doc_ids, 1)
-            np.add.at(covered, doc_ids, rows["bytes"].to_numpy())
-            per_model.append((nll, tokens, covered))
+        # Per-document totals, one part at a time (only the totals stay in memory).
+        per_model = [
+            (
+                np.zeros(self.num_docs),
+                np.zeros(self.num_docs, dtype=np.int64),
+                np.zeros(self.num_docs, dtype=np.int64),
+            )
+            for _ in self.models
+        ]
+        for table in run_dir.iter_parts():
+            for model, (nll, tokens, covered) in zip(self.models, per_model, strict=True):
+                rows = table.filter(pc.equal(table["model"], model.label))
+                doc_ids = rows["doc_id"].to_numpy()
+                np.add.at(nll, doc_ids, rows["nll"].to_numpy())
+                np.add.at(tokens, doc_ids, 1)
+                np.add.at(covered, doc_ids, rows["bytes"].to_numpy())
         (nll_p, tok_p, cov_p), (nll_q, tok_q, cov_q) = per_model
         metrics = summarize_bytes(nll_p, nll_q, self.doc_bytes, tok_p, tok_q)
         metrics["uncovered_bytes"] = {

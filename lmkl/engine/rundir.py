@@ -403,6 +403,16 @@ class RunDirectory:
     def completed_parts(self) -> list[Path]:
         return [self.part_path(i) for i in self.completed_indices()]
 
+    def read_part(self, index: int, columns: list[str] | None = None) -> pa.Table:
+        """Complete part ``index`` (optionally only some ``columns``)."""
+        return pq.read_table(self.part_path(index), columns=columns, schema=self.schema)
+
+    def iter_parts(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The complete parts one at a time, in index order: what a summary streams over, so
+        that no more than one part is in memory (see :mod:`lmkl.analysis.streaming`)."""
+        for index in self.completed_indices():
+            yield self.read_part(index, columns)
+
     def read_parts(self) -> pa.Table:
         parts = self.completed_parts()
         if not parts:

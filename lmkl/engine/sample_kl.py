@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmkl.analysis.stats import summarize
+from lmkl.analysis.streaming import summarize_chunks
 from lmkl.data.corpus import load_corpus
 from lmkl.data.tokenize import token_bytes
 from lmkl.engine.common import candidate_columns, load_models
@@ -219,7 +219,9 @@ class SampledKL(PairKind):
         )
         sampled = summarize_samples(cols, self.spec)
         label = self.cand_model.label
-        metrics = summarize(candidate_columns(run_dir.read_parts(), label))
+        metrics = summarize_chunks(
+            lambda: (candidate_columns(part, label) for part in run_dir.iter_parts())
+        ).result()
         head = sampled["estimators"]["exact_per_step"]
         metrics["sequence_kl"] = {
             "target": sampled["target"],

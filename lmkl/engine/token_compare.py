@@ -15,6 +15,7 @@ cache only one model is ever in memory: candidates are loaded one at a time and 
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lmkl.analysis.ranking import metric_values, rank_one_run
-from lmkl.analysis.stats import distribution, summarize
+from lmkl.analysis.ranking import (
+    DocSums,
+    RankingSums,
+    UnitSumsStream,
+    metric_values,
+    rank_one_run_sums,
+)
+from lmkl.analysis.streaming import TokenSummary
 from lmkl.data.corpus import Corpus, load_corpus
 from lmkl.data.windows import Window, make_windows
 from lmkl.engine.common import candidate_columns, default_run_dir, load_models, unique_labels
@@ -330,6 +337,20 @@ class TokenComparison:
         return part
 
     # -- summarize -------------------------------------------------------------------------------
+    def _batches(self, run_dir: RunDirectory) -> Iterator[dict[str, dict[str, np.ndarray]]]:
+        """Per batch of windows, each candidate's per-token columns, in one token order (the
+        parts of one batch: one part live, one per candidate group from a cache)."""
+        batches = len(self.window_groups)
+        for b in range(batches):
+            tables = [run_dir.read_part(g * batches + b) for g in range(len(self.groups))]
+            table = pa.concat_tables(tables)
+            out = {}
+            for label in (spec.display_name for spec in self.candidates):
+                columns = candidate_columns(table, label)
+                order = np.lexsort((columns["window_pos"], columns["window_id"]))
+                out[label] = {name: values[order] for name, values in columns.items()}
+            yield out
+
     def summarize(self, run_dir: RunDirectory, totals: dict[str, float]) -> Summary:
         sidecars = [run_dir.read_sidecar(i) or {} for i in run_dir.completed_indices()]
         # This process's own descriptions win; others' (ranks, an earlier resumed process) fill
@@ -340,29 +361,71 @@ class TokenComparison:
             descriptions.update(sidecar.get("models", {}))
             padded = padded or bool(sidecar.get("padded"))
         descriptions.update(self._descriptions)
-        table = run_dir.read_parts()
-        # With several candidates (exact KL), one leaderboard: each candidate's per-token KL in
-        # one token order, ranked with document (llama-cpp: chunk) bootstrap CIs.
+        # Streamed: one batch's parts at a time, twice (see lmkl.analysis.streaming); with
+        # several candidates (exact KL), one leaderboard: each candidate's per-token KL, ranked
+        # with document (llama-cpp: chunk) bootstrap CIs from per-unit sums.
         bounded = not self.source.exact_kl  # a top-k cache: KL bounds instead of KL
         leaderboard = len(self.candidates) > 1 and not bounded
         unit = "window_id" if self.windows.windowing == "llama-cpp" else "doc_id"
-        entries, kl_values, units = [], {}, None
-        for spec in self.candidates:
-            label = spec.display_name
-            columns = candidate_columns(table, label)
-            entry = {"label": label, "model": descriptions[label], "metrics": summarize(columns)}
-            if bounded:
-                entry["metrics"]["kl_bounds"] = _bounds(table, label)
-            if leaderboard:
-                order = np.lexsort((columns["window_pos"], columns["window_id"]))
-                kl_values[label] = metric_values(columns, "kl.mean")[order]
-                units = columns[unit][order]
-            entries.append(entry)
-            del columns
+        labels = [spec.display_name for spec in self.candidates]
+        extra = ("kl_lower", "kl_upper") if bounded else ()
+        summaries = {label: TokenSummary(extra) for label in labels}
+        own = {label: UnitSumsStream() for label in labels}
+        for batch in self._batches(run_dir):
+            for label, columns in batch.items():
+                summaries[label].add(columns)
+                if leaderboard:
+                    own[label].add(metric_values(columns, "kl.mean"), columns[unit])
+
+        def second_pass(
+            pairs: list[tuple[int, int | None]],
+        ) -> dict[tuple[int, int | None], tuple[DocSums, DocSums]]:
+            """Quantiles' second pass, and the paired sums of the ranking (once it knows them)."""
+            streams = {pair: (UnitSumsStream(), UnitSumsStream()) for pair in pairs}
+            for batch in self._batches(run_dir):
+                values = {}
+                for label, columns in batch.items():
+                    summaries[label].add_second(columns)
+                    if pairs:
+                        values[label] = metric_values(columns, "kl.mean")
+                for (i, j), (a, b) in streams.items():
+                    assert j is not None  # a comparison has no noise floor
+                    x, y = values[labels[i]], values[labels[j]]
+                    both = ~np.isnan(x) & ~np.isnan(y)
+                    units = batch[labels[i]][unit]
+                    a.add(x, units, both)
+                    b.add(y, units, both)
+            present = own[labels[0]].seen
+            return {
+                pair: (a.result(present), b.result(present)) for pair, (a, b) in streams.items()
+            }
+
         ranking = None
         if leaderboard:
-            models = {e["label"]: e["model"] for e in entries}
-            ranking = rank_one_run(kl_values, units, models, unit=unit, seed=self.compute.seed)
+            present = own[labels[0]].seen
+            sums = RankingSums(
+                labels=labels,
+                own=[own[label].result(present) for label in labels],
+                pair_sums=second_pass,
+                strata=[int(present.sum())],
+                dataset_labels=["data"],
+                weights=[1.0],
+                info=[],
+                tokens=summaries[labels[0]].rows,
+            )
+            ranking = rank_one_run_sums(sums, descriptions, unit=unit, seed=self.compute.seed)
+        else:
+            second_pass([])
+        entries = []
+        for label in labels:
+            entry = {
+                "label": label,
+                "model": descriptions[label],
+                "metrics": summaries[label].result(),
+            }
+            if bounded:
+                entry["metrics"]["kl_bounds"] = _bounds(summaries[label])
+            entries.append(entry)
         scored = sum(w.num_targets for w in self.window_list)
         body: dict[str, Any] = {
             "reference": self.source.description,
@@ -415,9 +478,11 @@ class TokenComparison:
         files = {"worst.json": lambda path: write_json(path, worst)}
         view_rows = run_dir.read_extra("view") if self.compute.view_tokens else None
         if view_rows is not None:
+            # Five columns of every token, read only when a token view was asked for.
+            view_columns = ["candidate", "doc_id", "window_id", "position", "kl"]
             view = build_view(
                 view_rows,
-                table.select(["candidate", "doc_id", "window_id", "position", "kl"]),
+                pa.concat_tables(run_dir.iter_parts(view_columns)),
                 self.window_list,
                 self.tokenizer,
                 self.compute.view_tokens,
@@ -493,17 +558,11 @@ def _collect_worst(
     return out
 
 
-def _bounds(table: pa.Table, label: str) -> dict[str, Any]:
+def _bounds(summary: TokenSummary) -> dict[str, Any]:
     """Summaries of the per-token KL bounds (their means and quantiles bound the KL's)."""
-    import pyarrow.compute as pc
-
-    rows = table.filter(pc.equal(table["candidate"], label))
-    keep = ~rows["nonfinite"].to_numpy(zero_copy_only=False)
-    lower = rows["kl_lower"].to_numpy(zero_copy_only=False).astype(np.float64)[keep]
-    upper = rows["kl_upper"].to_numpy(zero_copy_only=False).astype(np.float64)[keep]
     return {
-        "lower": distribution(lower),
-        "upper": distribution(upper),
+        "lower": summary.distribution("kl_lower"),
+        "upper": summary.distribution("kl_upper"),
         "note": "compact (top-k) reference cache: KL(P‖Q) is only known to lie in "
         "[lower, upper] per token; means and quantiles of the bounds bound the KL's",
     }

@@ -1,0 +1,167 @@
+"""Load causal LMs and tokenizers from a :class:`~lmkl.specs.ModelSpec`.
+
+:func:`load_model` checks the source and the pickle policy first, then loads the tokenizer and
+the weights (full precision, quantized on the fly, a quantized checkpoint or a GGUF file),
+applies an adapter, places the model, and runs the head-split and causality probes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmkl.errors import ModelLoadError, UsageError
+from lmkl.models import head_split
+from lmkl.models.adapters import apply_adapter
+from lmkl.models.config import model_config, pretrained
+from lmkl.models.environment import quiet_hf_logging, resolve_device
+from lmkl.models.gguf import GgufTokenizer, gguf_kwargs, gguf_path, has_tokenizer_files
+from lmkl.models.identity import describe_model
+from lmkl.models.load_errors import translate_load_error
+from lmkl.models.loaded import LoadedModel
+from lmkl.models.pickle_policy import check_adapter_policy, check_pickle_policy
+from lmkl.models.sources import check_source, is_local
+from lmkl.quantization import (
+    check_checkpoint_backend,
+    check_groups_fit,
+    checkpoint_quantization,
+    gguf_storage,
+    on_the_fly_config,
+    on_the_fly_quantization,
+)
+from lmkl.specs import ModelSpec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """Load the tokenizer for ``spec`` (from the model directory or hub repo)."""
+    from transformers import AutoTokenizer
+
+    check_source(spec)
+    tokenizer = pretrained(AutoTokenizer, spec, _tokenizer_source(spec), "tokenizer")
+    if spec.gguf_file and not has_tokenizer_files(spec):
+        return GgufTokenizer(tokenizer, spec)
+    return tokenizer
+
+
+def _tokenizer_source(spec: ModelSpec) -> str:
+    """A PEFT adapter directory may ship its own tokenizer; otherwise use the base model's."""
+    return str(Path(spec.model).expanduser()) if is_local(spec) else spec.model
+
+
+def _resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype | str:
+    if spec.dtype == "auto":
+        return "auto"
+    return _DTYPES[spec.dtype]
+
+
+def load_model(
+    spec: ModelSpec, device: torch.device | None = None, tokenizer: Any | None = None
+) -> LoadedModel:
+    """Load the model and tokenizer described by ``spec`` onto ``device``, in eval mode
+    (``tokenizer``: one already loaded for ``spec``, e.g. to check it before the weights).
+
+    Raises :class:`ModelLoadError` with a one-line reason for anything that cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    quiet_hf_logging()
+    device = device or resolve_device(spec.device)
+    local = is_local(spec)
+    check_source(spec)
+    if local:
+        check_pickle_policy(spec, Path(spec.model).expanduser())
+    check_adapter_policy(spec)  # before any weights (or a hub adapter's files) are read
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    kwargs: dict[str, Any] = {
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+        "dtype": _resolve_dtype(spec, device),
+        **gguf_kwargs(spec),
+    }
+    if not spec.allow_pickle and not spec.gguf_file:
+        kwargs["use_safetensors"] = True
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.device_map:
+        # accelerate places the layers; inputs go to the device of the input embeddings.
+        kwargs["device_map"] = spec.device_map
+    quantization = _quantization_kwargs(spec, device, kwargs)
+    source = str(Path(spec.model).expanduser()) if local else spec.model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise translate_load_error(spec, exc, "model") from exc
+
+    if spec.adapter:
+        model = apply_adapter(model, spec)
+    if spec.device_map or quantization is not None:
+        # Quantized weights are placed by their backend (bitsandbytes refuses .to()).
+        device = model.get_input_embeddings().weight.device
+    else:
+        model.to(device)
+    model.eval()
+
+    loaded = LoadedModel(
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        head=None,
+        no_inference_mode=quantization is not None and quantization.get("method") == "quanto",
+        quantization=quantization,
+    )
+    loaded.head = head_split.make_head(model)  # via the module: tests swap it
+    if loaded.head is not None and not head_split.split_is_exact(loaded):
+        loaded.head = None
+    if not head_split.is_causal(loaded):
+        raise ModelLoadError(
+            f"'{spec.model}' is not a causal language model: its prediction at a position "
+            "changes when later tokens change (a bidirectional encoder such as BERT?)",
+            "pass a decoder-only language model",
+        )
+    loaded.description = describe_model(loaded, source, local, quantization)
+    return loaded
+
+
+def _quantization_kwargs(
+    spec: ModelSpec, device: torch.device, kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Add what quantized loading needs to ``kwargs``; return the quantization's provenance
+    (None for a full-precision model). Backends and devices are checked here, in one line,
+    before transformers raises its own multi-line errors."""
+    if spec.gguf_file:
+        if spec.quantize:
+            raise UsageError(
+                f"{spec.display_name}: a GGUF file is quantized already; quantize: does not apply",
+                "drop quantize: (or --quantize) for GGUF candidates",
+            )
+        if kwargs["dtype"] == "auto":
+            kwargs["dtype"] = torch.float32  # transformers dequantizes GGUF tensors to this
+        return gguf_storage(gguf_path(spec))
+    config = model_config(spec)
+    settings = check_checkpoint_backend(config, device, spec.display_name)
+    if spec.quantize is not None:
+        if settings is not None:
+            raise UsageError(
+                f"{spec.display_name} is a quantized checkpoint already "
+                f"({settings.get('quant_method')}); quantize: needs full-precision weights",
+                "quantize the full-precision model instead",
+            )
+        check_groups_fit(spec.quantize, config, spec.display_name, device)
+        kwargs["quantization_config"] = on_the_fly_config(spec.quantize)
+        if kwargs["dtype"] == "auto":
+            kwargs["dtype"] = torch.float32
+        kwargs.setdefault("device_map", str(device))
+        return on_the_fly_quantization(spec.quantize)
+    if settings is not None:
+        kwargs.setdefault("device_map", str(device))
+        return checkpoint_quantization(settings)
+    return None
