@@ -76,7 +76,8 @@ def run(
         cfg = cfg.model_copy(update={"gates": cfg.gates.merged(above, below)})
 
     from lmkl.experiment.run import plan_experiment, resolve_demo_values, run_experiment
-    from lmkl.report.leaderboard import plan_tables, print_experiment
+    from lmkl.report.tables import plan_tables
+    from lmkl.report.terminal import print_experiment
 
     with DatasetProgress(quiet) as progress:
         if dry_run:

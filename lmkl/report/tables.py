@@ -1,18 +1,17 @@
-"""Terminal rendering of an experiment with rich: leaderboard, datasets, checkpoints, plan.
+"""Rich tables of a finished run's or experiment's results.json (nothing is computed here).
 
-Nothing is computed here; everything comes from the experiment's results.json (or the dry-run
-plan).
+:mod:`lmkl.report.terminal` prints them; they are apart so the printers of single runs and of
+experiments share them without importing each other.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-from lmkl.formatting import byte_size, interval, number, parameters, percent
-from lmkl.report.terminal import summary_table
+from lmkl.analysis import metrics as registry
+from lmkl.formatting import byte_size, interval, mean_se, number, parameters, percent
 
 _SIZE_HEADERS = {"bits_per_weight": "bits/weight", "disk_bytes": "disk", "memory_bytes": "memory"}
 
@@ -118,45 +117,6 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     return table
 
 
-def print_experiment(results: dict[str, Any], console: Console | None = None) -> None:
-    """Everything a person needs to choose: summary, leaderboard, datasets, checkpoints, gates."""
-    console = console or Console()
-    console.print(summary_table(results))
-    console.print(leaderboard_table(results))
-    ranking = results["ranking"]
-    console.print(
-        "[dim]Δ next: this candidate's value minus the next one's on identical tokens, "
-        "with its paired-bootstrap CI; flips: share of resamples where their order "
-        "reverses. ★: Pareto-optimal (no other candidate is both smaller and "
-        "closer).[/dim]"
-    )
-    if len(results.get("datasets", [])) > 1:
-        console.print(datasets_table(results))
-    for series in ranking.get("checkpoints", []):
-        console.print(checkpoints_table(series, ranking["metric"]))
-    if ranking["units"] < 20:
-        console.print(
-            f"[yellow]note:[/yellow] only {ranking['units']} {ranking['unit']}s: the bootstrap "
-            "CIs are rough; score more documents for firm conclusions"
-        )
-    pareto = ranking["pareto"]
-    console.print(
-        f"Pareto-optimal ({pareto['size'].replace('_', ' ')} vs {ranking['metric']}):"
-        f" {', '.join(pareto['labels']) or '–'}"
-    )
-    gates = results.get("gates") or {}
-    limits = len(gates.get("fail_above", {})) + len(gates.get("fail_below", {}))
-    if limits:
-        if gates["passed"]:
-            console.print(
-                f"[green]gates: every candidate passes {limits} gate"
-                f"{'s' if limits != 1 else ''}[/green]"
-            )
-        else:
-            for failure in gates["failures"]:
-                console.print(f"[red]gate failed:[/red] {failure['reason']}", highlight=False)
-
-
 def plan_tables(plan: dict[str, Any]) -> list[Table]:
     """The dry-run plan: models and datasets with token counts."""
     models = Table(
@@ -215,3 +175,61 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
         style="bold",
     )
     return [models, data]
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """One column per candidate: the headline statistics of the core comparison."""
+    reference = results["reference"]["label"]
+    table = Table(title=f"KL(P‖Q) with reference P = {reference} (nats)", title_justify="left")
+    table.add_column("metric", style="bold")
+    for cand in results["candidates"]:
+        table.add_column(cand["label"], justify="right")
+
+    def row(name: str, getter: Any) -> None:
+        table.add_row(name, *(getter(c["metrics"]) for c in results["candidates"]))
+
+    def metric_row(path: str) -> None:
+        """A row of one registry metric, labelled as the registry declares it."""
+        metric = registry.REGISTRY[path]
+        shown = [metric.show(c["metrics"]) for c in results["candidates"]]
+        label = max((name for name, _ in shown), key=len, default=metric.label)  # "… ± se"
+        table.add_row(label, *(text for _, text in shown))
+
+    metric_row("kl.mean")
+    metric_row("kl.median")
+    row("KL(P‖Q) p99 / p99.9", lambda m: f"{number(m['kl']['p99'])} / {number(m['kl']['p999'])}")
+    metric_row("kl.max")
+    if any("kl_bounds" in c["metrics"] for c in results["candidates"]):
+        # Compact (top-k) reference cache: only a guaranteed interval is known.
+        row(
+            "KL(P‖Q) mean in",
+            lambda m: (
+                interval([m["kl_bounds"]["lower"]["mean"], m["kl_bounds"]["upper"]["mean"]])
+                if "kl_bounds" in m
+                else "–"
+            ),
+        )
+    metric_row("reverse_kl.mean")
+    metric_row("jsd.mean")
+    row(
+        "PPL(P) / PPL(Q)",
+        lambda m: f"{number(m['ppl']['reference'], 3)} / {number(m['ppl']['candidate'], 3)}",
+    )
+    metric_row("ppl.ratio")
+    row("mean ln(PPL(Q)/PPL(P))", lambda m: mean_se(m["ln_ppl_ratio"]))
+    row(
+        "bits/byte P / Q",
+        lambda m: (
+            f"{number(m['bits_per_byte']['reference'])} / {number(m['bits_per_byte']['candidate'])}"
+        ),
+    )
+    metric_row("top1_agreement.mean")
+    metric_row("top1_in_top5.mean")
+    row("Δp mean ± se (RMS)", lambda m: f"{mean_se(m['delta_p'])} ({number(m['delta_p']['rms'])})")
+    row(
+        "tokens (non-finite, inf KL)",
+        lambda m: (
+            f"{m['counts']['tokens']:,} ({m['counts']['nonfinite']}, {m['counts']['infinite']})"
+        ),
+    )
+    return table
