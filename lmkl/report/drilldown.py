@@ -30,6 +30,7 @@ from lmkl.report.model import (
     visible,
     worst_entries,
 )
+from lmkl.report.tables import table_title
 
 #: Styles from calm to alarming; thresholds are the candidate's own median, p90 and p99 KL.
 LEVEL_STYLES = ("default", "yellow", "bold dark_orange", "bold white on red3")
@@ -195,8 +196,11 @@ def _top5(items: list[dict[str, Any]]) -> Text:
 def worst_table(entries: list[dict[str, Any]], label: str) -> Table:
     """The worst positions: KL, where, the context ending in the divergent token, both top-5s."""
     table = Table(
-        title=f"worst {len(entries)} tokens of {label} (next token in red; top-5 "
-        "entries in bold red are the actual token)",
+        title=table_title(
+            f"worst {len(entries)} tokens of ",
+            label,
+            " (next token in red; top-5 entries in bold red are the actual token)",
+        ),
         title_justify="left",
         show_lines=True,
     )

@@ -1,7 +1,9 @@
 """Rich tables of a finished run's or experiment's results.json (nothing is computed here).
 
 :mod:`lmkl.report.terminal` prints them; they are apart so the printers of single runs and of
-experiments share them without importing each other.
+experiments share them without importing each other. Text that comes from the user (labels,
+groups, paths, dataset and experiment names) goes into rich as :class:`~rich.text.Text`, never as
+a markup string: a label ``[bold]x`` or ``:smile:`` is shown as typed, not styled or replaced.
 """
 
 from __future__ import annotations
@@ -9,9 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from lmkl.analysis import metrics as registry
 from lmkl.formatting import byte_size, interval, mean_se, number, parameters, percent
+
+
+def table_title(*parts: str | tuple[str, str]) -> Text:
+    """A table title from plain strings (user text included) and ``(text, style)`` pairs.
+
+    Nothing in it is read as markup; it keeps the italic that rich gives string titles.
+    """
+    return Text.assemble(*parts, style="table.title")
+
 
 _SIZE_HEADERS = {"bits_per_weight": "bits/weight", "disk_bytes": "disk", "memory_bytes": "memory"}
 
@@ -32,9 +44,12 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
     conf = f"{100 * ranking['confidence']:.0f}%"
     reference = results["reference"].get("label", "reference")
     table = Table(
-        title=f"Leaderboard: {ranking['metric']} vs reference P = {reference} "
-        f"({ranking['direction']}; {conf} CI, bootstrap over {ranking['units']} "
-        f"{ranking['unit']}s)",
+        title=table_title(
+            f"Leaderboard: {ranking['metric']} vs reference P = ",
+            reference,
+            f" ({ranking['direction']}; {conf} CI, bootstrap over {ranking['units']} "
+            f"{ranking['unit']}s)",
+        ),
         title_justify="left",
     )
     rows = ranking["leaderboard"]
@@ -58,8 +73,8 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
         nxt = row.get("vs_next")
         cells = [
             str(row["rank"]) if row["rank"] is not None else "",
-            row["label"],
-            *([meta] if has_meta else []),
+            Text(row["label"]),
+            *([Text(meta)] if has_meta else []),
             number(row["value"]),
             interval(row["ci"], 3),
             _size(row.get("size"), size_key),
@@ -82,12 +97,12 @@ def datasets_table(results: dict[str, Any]) -> Table:
     table.add_column("candidate", style="bold", no_wrap=True)
     names = list(ranking["by_dataset"][0]["datasets"]) if ranking["by_dataset"] else []
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(Text(name), justify="right")
     table.add_column("micro", justify="right")
     table.add_column("macro", justify="right")
     for row in ranking["by_dataset"]:
         table.add_row(
-            row["label"],
+            Text(row["label"]),
             *(number(row["datasets"][n]) for n in names),
             number(row["micro"]),
             number(row["macro"]),
@@ -99,7 +114,7 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     """One checkpoint series: metric, KL and PPL by step, best step marked."""
     group = series["group"] or "checkpoints"
     table = Table(
-        title=f"{group}: by training step (best: step {series['best']['step']})",
+        title=table_title(group, f": by training step (best: step {series['best']['step']})"),
         title_justify="left",
     )
     for name in ("step", "candidate", metric, "KL mean", "PPL(Q)", "PPL ratio", "best"):
@@ -107,7 +122,7 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     for point in series["points"]:
         table.add_row(
             str(point["step"]),
-            point["label"],
+            Text(point["label"]),
             number(point["value"]),
             number(point["kl_mean"]),
             number(point["ppl_candidate"], 3),
@@ -120,7 +135,8 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
 def plan_tables(plan: dict[str, Any]) -> list[Table]:
     """The dry-run plan: models and datasets with token counts."""
     models = Table(
-        title=f"Plan for '{plan['name']}': models (tokenizers checked)", title_justify="left"
+        title=table_title("Plan for '", plan["name"], "': models (tokenizers checked)"),
+        title_justify="left",
     )
     for name in (
         "role",
@@ -137,12 +153,12 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
         meta = " / ".join(str(x) for x in (m["group"], m["step"]) if x is not None)
         models.add_row(
             m["role"],
-            m["label"],
-            m["model"],
-            m["dtype"],
-            m["device"],
-            meta,
-            m["architecture"] or "–",
+            Text(m["label"]),
+            Text(m["model"]),
+            Text(m["dtype"]),
+            Text(m["device"]),
+            Text(meta),
+            Text(m["architecture"] or "–"),
             number(m["max_positions"]),
         )
     if plan["noise_floor"]:
@@ -156,8 +172,8 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
         data.add_column(name, justify="left" if name in ("dataset", "source") else "right")
     for d in plan["datasets"]:
         data.add_row(
-            d["label"],
-            d["source"],
+            Text(d["label"]),
+            Text(d["source"]),
             number(d["weight"], 2),
             number(d["documents"]),
             number(d["windows"]),
@@ -180,10 +196,13 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
 def summary_table(results: dict[str, Any]) -> Table:
     """One column per candidate: the headline statistics of the core comparison."""
     reference = results["reference"]["label"]
-    table = Table(title=f"KL(P‖Q) with reference P = {reference} (nats)", title_justify="left")
+    table = Table(
+        title=table_title("KL(P‖Q) with reference P = ", reference, " (nats)"),
+        title_justify="left",
+    )
     table.add_column("metric", style="bold")
     for cand in results["candidates"]:
-        table.add_column(cand["label"], justify="right")
+        table.add_column(Text(cand["label"]), justify="right")
 
     def row(name: str, getter: Any) -> None:
         table.add_row(name, *(getter(c["metrics"]) for c in results["candidates"]))

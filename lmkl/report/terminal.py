@@ -1,5 +1,9 @@
 """What the commands print about a finished run or experiment, with rich (nothing is computed
-here; the tables come from :mod:`lmkl.report.tables`)."""
+here; the tables come from :mod:`lmkl.report.tables`).
+
+Labels, paths and messages that quote them are printed as :class:`~rich.text.Text` (styled
+pieces assembled around them), never inside a markup string, so they show exactly as typed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from lmkl.formatting import number
 from lmkl.report.tables import (
@@ -14,6 +19,7 @@ from lmkl.report.tables import (
     datasets_table,
     leaderboard_table,
     summary_table,
+    table_title,
 )
 
 
@@ -42,13 +48,18 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         counts = cand["metrics"]["counts"]
         if counts.get("nonfinite"):
             console.print(
-                f"[yellow]warning:[/yellow] {counts['nonfinite']:,} positions "
-                f"({100 * counts.get('nonfinite_share', 0):.2f}%) of {cand['label']} had NaN or "
-                "infinite logits (e.g. float16 overflow); they are excluded from every statistic"
+                Text.assemble(
+                    ("warning:", "yellow"),
+                    f" {counts['nonfinite']:,} positions "
+                    f"({100 * counts.get('nonfinite_share', 0):.2f}%) of ",
+                    cand["label"],
+                    " had NaN or infinite logits (e.g. float16 overflow); they are excluded "
+                    "from every statistic",
+                )
             )
     note = results.get("windowing", {}).get("vocab_note")
     if note:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(Text.assemble(("note:", "yellow"), " ", note))
 
 
 def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
@@ -58,7 +69,13 @@ def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
     m = cand["metrics"]
     ref_label = results["reference"]["label"]
     table = Table(
-        title=f"per-byte comparison: {ref_label} (P) vs {cand['label']} (Q), different tokenizers",
+        title=table_title(
+            "per-byte comparison: ",
+            ref_label,
+            " (P) vs ",
+            cand["label"],
+            " (Q), different tokenizers",
+        ),
         title_justify="left",
     )
     table.add_column("metric", style="bold")
@@ -86,7 +103,7 @@ def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
     console.print(table)
     counts = m["counts"]
     console.print(f"[dim]{counts['documents']} documents, {counts['bytes']:,} bytes[/dim]")
-    console.print(f"[bold yellow]note:[/bold yellow] {results['note']}", highlight=False)
+    console.print(Text.assemble(("note:", "bold yellow"), " ", results["note"]))
 
 
 def print_sample_summary(results: dict[str, Any], console: Console) -> None:
@@ -122,7 +139,7 @@ def print_sample_summary(results: dict[str, Any], console: Console) -> None:
         "token; exact_per_step is the headline (unbiased, lowest variance)[/dim]"
     )
     if block["warning"]:
-        console.print(f"[bold yellow]warning:[/bold yellow] {block['warning']}", highlight=False)
+        console.print(Text.assemble(("warning:", "bold yellow"), " ", block["warning"]))
 
 
 def print_experiment(results: dict[str, Any], console: Console | None = None) -> None:
@@ -148,8 +165,10 @@ def print_experiment(results: dict[str, Any], console: Console | None = None) ->
         )
     pareto = ranking["pareto"]
     console.print(
-        f"Pareto-optimal ({pareto['size'].replace('_', ' ')} vs {ranking['metric']}):"
-        f" {', '.join(pareto['labels']) or '–'}"
+        Text(
+            f"Pareto-optimal ({pareto['size'].replace('_', ' ')} vs {ranking['metric']}):"
+            f" {', '.join(pareto['labels']) or '–'}"
+        )
     )
     gates = results.get("gates") or {}
     limits = len(gates.get("fail_above", {})) + len(gates.get("fail_below", {}))
@@ -161,4 +180,4 @@ def print_experiment(results: dict[str, Any], console: Console | None = None) ->
             )
         else:
             for failure in gates["failures"]:
-                console.print(f"[red]gate failed:[/red] {failure['reason']}", highlight=False)
+                console.print(Text.assemble(("gate failed:", "red"), " ", failure["reason"]))

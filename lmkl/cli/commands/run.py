@@ -21,7 +21,7 @@ from lmkl.cli.options import (
     apply_offline,
     load_with_options,
 )
-from lmkl.cli.output import DatasetProgress, stdout
+from lmkl.cli.output import DatasetProgress, show_path, stdout
 
 
 @friendly_errors
@@ -87,11 +87,9 @@ def run(
             stdout.print("dry run: nothing was scored")
             return
         outcome = run_experiment(cfg, resume=resume, progress=progress, log=progress.log)
-    if quiet:
-        stdout.print(str(outcome.path))
-    else:
+    if not quiet:
         print_experiment(outcome.results, stdout)
-        stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
+    show_path("run directory", outcome.path, quiet)
     raise_for_failures(outcome.results["gates"], len(outcome.results["candidates"]))
 
 
