@@ -1,6 +1,6 @@
 """Report figures with matplotlib (Agg, no pyplot global state, no display needed).
 
-Every function takes a :class:`~.model.Report` and returns a :class:`Plot` holding the PNG and
+Every function takes a :class:`~.data.Report` and returns a :class:`Plot` holding the PNG and
 the data as drawn: values are read back from the matplotlib artists (bar heights, line
 coordinates, histogram steps), so tests check what the figure shows, not only that it exists.
 A function returns ``None`` when its view does not apply (e.g. no sizes known).
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lmkl.formatting import Z95
-from lmkl.report.model import Report
+from lmkl.report.data import Report
 
 #: Figure width in inches and resolution: ~880 px wide, crisp in a 900 px column.
 WIDTH = 8.8

@@ -1,4 +1,4 @@
-"""Write a :class:`lmkl.report.model.Report` as HTML, Markdown, JSON or a terminal table.
+"""Write a :class:`lmkl.report.data.Report` as HTML, Markdown, JSON or a terminal table.
 
 HTML is one self-contained file: figures are embedded as base64 PNG, the CSS is inline, there is
 no JavaScript and no reference to any network resource; a Content-Security-Policy forbids
@@ -29,7 +29,10 @@ from lmkl.formatting import (
     percent,
     percent_se,
 )
-from lmkl.report.model import CandidateView, Report, build_report, confidence_profile, visible
+from lmkl.report.build import build_report
+from lmkl.report.candidates import CandidateView, confidence_profile
+from lmkl.report.data import Report
+from lmkl.report.token_strings import visible
 from lmkl.version import __version__
 
 FORMATS = ("html", "md", "json", "table")
