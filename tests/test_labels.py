@@ -130,7 +130,7 @@ def test_report_shows_labels_literally_in_tables_html_and_figures(tmp_path, monk
     assert result.exit_code == 0, result.output
     text = page.read_text()
     drawn = _svg_text(figures)
-    ppl = _svg_text([fig for fig in figures if "Perplexity ratio" in _svg_text([fig])][:1])
+    (ppl,) = (t for t in map(_svg_text, ([f] for f in figures)) if "candidate over reference" in t)
     for label in LABELS:
         assert html.escape(label) in text, label
         assert label in drawn, label
@@ -220,3 +220,15 @@ def test_compare_and_run_print_labels_datasets_and_paths_literally(
         assert name in printed, name
     assert f"run directory: {out}" in printed
     assert sum(f"gate failed: {LABELS[i]}" in printed for i in range(2)) == 2, printed
+
+
+def test_per_byte_summary_shows_labels_literally(
+    tiny_pair, other_tokenizer_model, small_jsonl, tmp_path
+):
+    args = ["compare", str(tiny_pair["reference"]), str(other_tokenizer_model)]
+    args += ["--different-tokenizers", "--label", LABELS[0], "--data", str(small_jsonl)]
+    args += ["-c", "64", "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    reference = json.loads((tmp_path / "run" / "results.json").read_text())["reference"]["label"]
+    assert f"per-byte comparison: {reference} (P) vs {LABELS[0]} (Q)" in result.output
