@@ -95,7 +95,7 @@ def main() -> None:
             }
 
         # In-process phases (imports already paid).
-        from lmkl.report.model import build_report
+        from lmkl.report.build import build_report
         from lmkl.report.plots import make_plots
         from lmkl.report.render import render_html
 

@@ -565,7 +565,7 @@ def test_compressed_tensors_checkpoint(tiny_pair, small_jsonl_module, tmp_path):
 def test_report_places_quantizations_by_bits_per_weight(gguf_run):
     """The report's size-vs-KL view: bits per weight on the x axis, the Pareto set recomputed
     here from the run's own numbers (smaller and closer wins)."""
-    from lmkl.report.model import build_report
+    from lmkl.report.build import build_report
 
     sizes = build_report([gguf_run]).sizes()
     assert sizes["axis"] == "bits_per_weight"

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from lmkl.cli import app
 from lmkl.engine.token_compare import run_comparison
-from lmkl.report.model import build_report, confidence_clause, pareto_front
+from lmkl.report.build import build_report
+from lmkl.report.candidates import pareto_front
 from lmkl.report.plots import (
     kl_by_confidence,
     kl_by_position,
@@ -29,6 +30,7 @@ from lmkl.report.plots import (
     size_vs_kl,
 )
 from lmkl.report.plots import ppl_ratio as ppl_plot
+from lmkl.report.reading import confidence_clause
 from lmkl.report.render import md_escape, render_html, render_markdown, write_report
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
@@ -141,7 +143,7 @@ def test_kl_by_position_plot_data(real_run):
 
 def test_kl_by_position_bins_long_windows():
     report_tokens = {"a": _tokens(window_pos=np.arange(1000) % 500, kl=np.arange(1000.0))}
-    from lmkl.report.model import kl_by_position as aggregate
+    from lmkl.analysis.per_token import kl_by_position as aggregate
 
     out = aggregate(report_tokens, max_bins=64)
     width = out["bin_width"]
@@ -155,7 +157,7 @@ def test_kl_by_position_bins_long_windows():
 
 
 def _tokens(window_pos, kl):
-    from lmkl.report.model import CandidateTokens
+    from lmkl.analysis.per_token import CandidateTokens
 
     n = len(kl)
     zeros = np.zeros(n, dtype=np.int64)

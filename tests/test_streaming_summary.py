@@ -23,8 +23,8 @@ from runtools import invoke
 from lmkl.analysis import stats
 from lmkl.analysis.ranking import rank_one_run
 from lmkl.analysis.streaming import ExactQuantiles, summarize_chunks
+from lmkl.engine.common import candidate_columns
 from lmkl.engine.rundir import RunDirectory, tokens_table
-from lmkl.engine.token_compare import candidate_columns
 from lmkl.files import to_json_safe
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
 

@@ -15,7 +15,7 @@ import pytest
 from runtools import check_error, invoke
 
 import lmkl
-from lmkl.report.model import load_run
+from lmkl.report.runs import load_run
 from lmkl.report.token_view import SHADES, _safe_json, build_token_view, log_edges, shade
 
 

@@ -21,8 +21,8 @@ import pytest
 from test_report_browser import find_browser
 
 import lmkl
-from lmkl.report.model import visible
 from lmkl.report.render import write_report
+from lmkl.report.token_strings import visible
 
 HOSTILE = (
     "</script><script>window.pwned=1;document.title='pwned'</script>"

@@ -6,10 +6,13 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
-#: Results go to stdout; messages, progress and errors to stderr.
-stdout = Console()
-stderr = Console(stderr=True)
+#: Results go to stdout; messages, progress and errors to stderr. lmkl writes no ``:emoji:``
+#: codes itself, so none are expanded: a label or path such as ``q:100:`` prints as typed. User
+#: text (labels, paths, messages quoting them) is printed as ``Text`` or escaped, never as markup.
+stdout = Console(emoji=False)
+stderr = Console(stderr=True, emoji=False)
 
 
 def is_interactive(quiet: bool) -> bool:
@@ -59,7 +62,7 @@ class TokenProgress:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            stderr.print(f"[dim]{message}[/dim]")
+            stderr.print(Text(message, style="dim"))
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress:
@@ -86,7 +89,7 @@ class DatasetProgress:
         if self.bar is not None:
             self.bar.log(message)
         elif not self.quiet and stderr.is_terminal:
-            stderr.print(f"[dim]{message}[/dim]")
+            stderr.print(Text(message, style="dim"))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -100,10 +103,17 @@ class DatasetProgress:
         self.close()
 
 
+def show_path(name: str, path: Any, quiet: bool) -> None:
+    """``name: PATH`` on stdout, or only ``PATH`` when quiet (what scripts capture).
+
+    The path is printed as it is: never parsed as markup, never wrapped onto a second line.
+    """
+    text = Text(str(path)) if quiet else Text.assemble(f"{name}: ", (str(path), "bold"))
+    stdout.print(text, soft_wrap=True)
+
+
 def show_run(run: Any, quiet: bool, printer: Any) -> None:
     """Print a finished run: its summary table (``printer``) and directory, or only the path."""
-    if quiet:
-        stdout.print(str(run.path))
-        return
-    printer(run.results, stdout)
-    stdout.print(f"run directory: [bold]{run.path}[/bold]")
+    if not quiet:
+        printer(run.results, stdout)
+    show_path("run directory", run.path, quiet)

@@ -28,16 +28,26 @@ LogCallback = Callable[[str], None]
 
 
 def unique_labels(specs: list[ModelSpec]) -> list[ModelSpec]:
-    """The specs with repeated display names made unique (``name``, ``name-2``, ...)."""
-    seen: dict[str, int] = {}
+    """The specs with repeated display names made unique: ``name``, ``name-2``, ``name-3``...
+
+    The first spec with a name keeps it; each later one takes the lowest free ``name-N``. A
+    suffixed name is never one that another spec already shows (``a/ckpt b/ckpt c/ckpt-2`` gives
+    ``ckpt, ckpt-3, ckpt-2``), because runs select a candidate's rows by its label: two specs
+    sharing one would merge silently.
+    """
+    names = [spec.display_name for spec in specs]
+    taken = set(names)
+    kept: set[str] = set()
     out = []
-    for spec in specs:
-        label = spec.display_name
-        if label in seen:
-            seen[label] += 1
-            spec = spec.model_copy(update={"label": f"{label}-{seen[label]}"})
+    for spec, name in zip(specs, names, strict=True):
+        if name in kept:
+            n = 2
+            while f"{name}-{n}" in taken:
+                n += 1
+            spec = spec.model_copy(update={"label": f"{name}-{n}"})
+            taken.add(f"{name}-{n}")
         else:
-            seen[label] = 1
+            kept.add(name)
         out.append(spec)
     return out
 

@@ -18,18 +18,14 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from lmkl.analysis.per_token import CandidateTokens
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import UsageError
 from lmkl.formatting import to_float
-from lmkl.report.model import (
-    CandidateTokens,
-    RunInfo,
-    TokenNamer,
-    load_run,
-    read_candidate_tokens,
-    visible,
-    worst_entries,
-)
+from lmkl.report.candidates import worst_entries
+from lmkl.report.runs import RunInfo, load_run, read_candidate_tokens
+from lmkl.report.tables import table_title
+from lmkl.report.token_strings import TokenNamer, visible
 
 #: Styles from calm to alarming; thresholds are the candidate's own median, p90 and p99 KL.
 LEVEL_STYLES = ("default", "yellow", "bold dark_orange", "bold white on red3")
@@ -195,8 +191,11 @@ def _top5(items: list[dict[str, Any]]) -> Text:
 def worst_table(entries: list[dict[str, Any]], label: str) -> Table:
     """The worst positions: KL, where, the context ending in the divergent token, both top-5s."""
     table = Table(
-        title=f"worst {len(entries)} tokens of {label} (next token in red; top-5 "
-        "entries in bold red are the actual token)",
+        title=table_title(
+            f"worst {len(entries)} tokens of ",
+            label,
+            " (next token in red; top-5 entries in bold red are the actual token)",
+        ),
         title_justify="left",
         show_lines=True,
     )

@@ -1,6 +1,6 @@
 """Report figures with matplotlib (Agg, no pyplot global state, no display needed).
 
-Every function takes a :class:`~.model.Report` and returns a :class:`Plot` holding the PNG and
+Every function takes a :class:`~.data.Report` and returns a :class:`Plot` holding the PNG and
 the data as drawn: values are read back from the matplotlib artists (bar heights, line
 coordinates, histogram steps), so tests check what the figure shows, not only that it exists.
 A function returns ``None`` when its view does not apply (e.g. no sizes known).
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lmkl.formatting import Z95
-from lmkl.report.model import Report
+from lmkl.report.data import Report
 
 #: Figure width in inches and resolution: ~880 px wide, crisp in a 900 px column.
 WIDTH = 8.8
@@ -42,6 +42,9 @@ _STYLE = {
     "legend.fontsize": 8.5,
     "figure.facecolor": "white",
     "savefig.facecolor": "white",
+    # Labels are user text: a matplotlibrc asking for LaTeX would make '_', '%' or '&' in a
+    # label fail the report after the run (and needs a LaTeX install).
+    "text.usetex": False,
 }
 
 
@@ -97,8 +100,12 @@ def _colors(report: Report) -> dict[str, str]:
     return {c.key: c.color for c in report.candidates}
 
 
-def _short(text: str, limit: int = 28) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _literal(text: str, limit: int = 28) -> str:
+    """User text (a label, a group) as matplotlib should draw it: cut to ``limit`` characters,
+    and every ``$`` escaped so it is drawn as a dollar sign, never parsed as math text (where
+    ``a$b$c`` loses its dollars and ``$\\oops$`` makes the figure fail to save)."""
+    short = text if len(text) <= limit else text[: limit - 1] + "…"
+    return short.replace("$", r"\$")
 
 
 @_styled
@@ -117,7 +124,7 @@ def kl_distribution(report: Report) -> Plot | None:
             edges,
             color=colors[key],
             linewidth=1.6,
-            label=_short(key),
+            label=_literal(key),
             fill=len(hist["series"]) == 1,
             alpha=0.9,
         )
@@ -132,7 +139,7 @@ def kl_distribution(report: Report) -> Plot | None:
     left.yaxis.set_major_formatter(_percent_formatter())
     for key, series in cdf.get("series", {}).items():
         x = np.maximum(np.asarray(series["x"]), edges[0])
-        (line,) = right.plot(x, series["y"], color=colors[key], linewidth=1.8, label=_short(key))
+        (line,) = right.plot(x, series["y"], color=colors[key], linewidth=1.8, label=_literal(key))
         drawn["cdf"][key] = {"x": np.asarray(line.get_xdata()), "y": np.asarray(line.get_ydata())}
     right.set_xscale("log")
     for ax in (left, right):
@@ -214,7 +221,7 @@ def kl_by_position(report: Report) -> Plot | None:
     for key, series in series_map.items():
         x = np.asarray(series["center"], dtype=float)
         (mean_line,) = ax.plot(
-            x, series["mean"], color=colors[key], linewidth=1.8, label=_short(key)
+            x, series["mean"], color=colors[key], linewidth=1.8, label=_literal(key)
         )
         (median_line,) = ax.plot(
             x, series["median"], color=colors[key], linewidth=1.2, linestyle="--"
@@ -278,12 +285,12 @@ def kl_by_confidence(report: Report) -> Plot | None:
             np.nan_to_num(means, nan=0.0, posinf=0.0),
             width,
             color=colors[key],
-            label=_short(key),
+            label=_literal(key),
             yerr=errors,
             error_kw={"elinewidth": 0.9, "capsize": 2, "ecolor": "#39424b"},
         )
         share_bars = right.bar(
-            x + offset, [r["kl_share"] for r in rows], width, color=colors[key], label=_short(key)
+            x + offset, [r["kl_share"] for r in rows], width, color=colors[key], label=_literal(key)
         )
         drawn["series"][key] = {
             "kl_mean": np.asarray([b.get_height() for b in bars]),
@@ -353,7 +360,7 @@ def ppl_ratio(report: Report) -> Plot | None:
         error_kw={"elinewidth": 1.0, "capsize": 3, "ecolor": "#39424b"},
     )
     ax.axvline(1.0, color="#39424b", linewidth=1.0)
-    ax.set_yticks(y, [_short(k, 36) for k in keys])
+    ax.set_yticks(y, [_literal(k, 36) for k in keys])
     ax.grid(axis="y", visible=False)
     for bar, value, lo_v, hi_v, ok in zip(bars, ratio, low, high, bounded, strict=True):
         above = not math.isfinite(value) or value >= 1
@@ -417,7 +424,7 @@ def size_vs_kl(report: Report) -> Plot | None:
             capsize=2,
             elinewidth=0.9,
         )
-        ax.annotate(_short(key), (s, k), xytext=(6, 5), textcoords="offset points", fontsize=8.5)
+        ax.annotate(_literal(key), (s, k), xytext=(6, 5), textcoords="offset points", fontsize=8.5)
     order = np.argsort(sizes[front])
     (front_line,) = ax.plot(
         sizes[front][order],
@@ -483,7 +490,7 @@ def kl_by_step(report: Report) -> Plot | None:
             markersize=4,
             capsize=2,
             linewidth=1.6,
-            label=_short(group),
+            label=_literal(group),
         )
         best = series["keys"].index(series["best"])
         left.plot(
@@ -502,7 +509,7 @@ def kl_by_step(report: Report) -> Plot | None:
             marker="o",
             markersize=4,
             linewidth=1.6,
-            label=_short(group),
+            label=_literal(group),
         )
         line = container.lines[0]
         drawn["series"][group] = {

@@ -1,4 +1,4 @@
-"""Write a :class:`lmkl.report.model.Report` as HTML, Markdown, JSON or a terminal table.
+"""Write a :class:`lmkl.report.data.Report` as HTML, Markdown, JSON or a terminal table.
 
 HTML is one self-contained file: figures are embedded as base64 PNG, the CSS is inline, there is
 no JavaScript and no reference to any network resource; a Content-Security-Policy forbids
@@ -29,7 +29,10 @@ from lmkl.formatting import (
     percent,
     percent_se,
 )
-from lmkl.report.model import CandidateView, Report, build_report, confidence_profile, visible
+from lmkl.report.build import build_report
+from lmkl.report.candidates import CandidateView, confidence_profile
+from lmkl.report.data import Report
+from lmkl.report.token_strings import visible
 from lmkl.version import __version__
 
 FORMATS = ("html", "md", "json", "table")
@@ -393,11 +396,12 @@ def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[s
 # Writers
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+#: Characters with a meaning in Markdown; ``$`` starts math where renderers support it (GitHub).
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~$])")
 
 
 def md_escape(value: Any) -> str:
-    """Text safe inside Markdown (tables included): no markup, no raw HTML, one line."""
+    """Text safe inside Markdown (tables included): no markup, no math, no raw HTML, one line."""
     text = str(value).replace("&", "&amp;").replace("\r", " ").replace("\n", " ↵ ")
     return _MD_SPECIAL.sub(r"\\\1", text).replace("<", "&lt;").replace(">", "&gt;")
 
@@ -450,15 +454,21 @@ def render_markdown(report: Report, plots: list[Any], asset_dir: str) -> str:
 
 
 def print_table(report: Report, console: Any) -> None:
-    """The report in the terminal with rich: reading, leaderboard, statistics, drill-down."""
-    from rich.markup import escape
-    from rich.table import Table
+    """The report in the terminal with rich: reading, leaderboard, statistics, drill-down.
 
-    console.print(f"[bold]lmkl report[/bold]: {escape(report.title)}")
+    Run and candidate names, tokens and notes go in as :class:`~rich.text.Text`: never parsed
+    as markup (``[bold]``) or emoji codes (``:smile:``), so they show as they are.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    from lmkl.report.tables import table_title
+
+    console.print(Text.assemble(("lmkl report", "bold"), ": ", report.title))
     for line in report.reading:
-        console.print(f"  • {escape(line)}", soft_wrap=False)
+        console.print(Text(f"  • {line}"), soft_wrap=False)
     for note in report.notes:
-        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+        console.print(Text.assemble(("note:", "yellow"), " ", note))
     board = Table(title=f"Leaderboard (sorted by {report.sort_by})", title_justify="left")
     multi = len(report.runs) > 1
     for name in (
@@ -477,8 +487,8 @@ def print_table(report: Report, console: Any) -> None:
     for row in leaderboard(report):
         board.add_row(
             str(row["rank"]),
-            f"[{row['color']}]■[/] {escape(row['key'])}",
-            *((escape(row["run"]),) if multi else ()),
+            Text.assemble(("■", row["color"]), " ", row["key"]),
+            *((Text(row["run"]),) if multi else ()),
             row["kl"],
             row["kl_ci"],
             row["kl_median"],
@@ -491,19 +501,20 @@ def print_table(report: Report, console: Any) -> None:
     stats = Table(title="All statistics (nats)", title_justify="left")
     stats.add_column("metric", style="bold")
     for c in report.candidates:
-        stats.add_column(escape(c.key), justify="right")
+        stats.add_column(Text(c.key), justify="right")
     for row in stat_rows(report):
         stats.add_row(row["name"], *row["cells"])
     console.print(stats)
     for card in token_tables(report):
         table = Table(
-            title=f"{escape(card['key'])}: tokens with the most total KL", title_justify="left"
+            title=table_title(card["key"], ": tokens with the most total KL"),
+            title_justify="left",
         )
         for name in ("token", "id", "count", "total KL", "share", "mean KL"):
             table.add_column(name, justify="left" if name == "token" else "right")
         for r in card["by_total"][:10]:
             table.add_row(
-                escape(r["token"]),
+                Text(r["token"]),
                 str(r["token_id"]),
                 r["count"],
                 r["total"],
@@ -513,7 +524,7 @@ def print_table(report: Report, console: Any) -> None:
         console.print(table)
     for block in difference_blocks(report):
         table = Table(
-            title=f"{escape(block['label'])}: {escape(block['a'])} → {escape(block['b'])}",
+            title=table_title(block["label"], ": ", block["a"], " → ", block["b"]),
             title_justify="left",
         )
         for name in ("metric", "a", "b", "Δ", "z"):
@@ -523,9 +534,7 @@ def print_table(report: Report, console: Any) -> None:
             table.add_row(r["metric"], r["a"], r["b"], r["delta"], r["z"], style=style)
         console.print(table)
         for ch in block["changes"]:
-            console.print(
-                f"  changed {escape(ch['setting'])}: {escape(ch['a'])} → {escape(ch['b'])}"
-            )
+            console.print(Text(f"  changed {ch['setting']}: {ch['a']} → {ch['b']}"))
     console.print("[dim]drill down into single tokens with `lmkl inspect RUN_DIR`[/dim]")
 
 

@@ -1,4 +1,9 @@
-"""Terminal rendering of results with rich (no computation happens here)."""
+"""What the commands print about a finished run or experiment, with rich (nothing is computed
+here; the tables come from :mod:`lmkl.report.tables`).
+
+Labels, paths and messages that quote them are printed as :class:`~rich.text.Text` (styled
+pieces assembled around them), never inside a markup string, so they show exactly as typed.
+"""
 
 from __future__ import annotations
 
@@ -6,74 +11,21 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from lmkl.analysis import metrics as registry
-from lmkl.formatting import interval, mean_se, number
-
-
-def summary_table(results: dict[str, Any]) -> Table:
-    """One column per candidate: the headline statistics of the core comparison."""
-    reference = results["reference"]["label"]
-    table = Table(title=f"KL(P‖Q) with reference P = {reference} (nats)", title_justify="left")
-    table.add_column("metric", style="bold")
-    for cand in results["candidates"]:
-        table.add_column(cand["label"], justify="right")
-
-    def row(name: str, getter: Any) -> None:
-        table.add_row(name, *(getter(c["metrics"]) for c in results["candidates"]))
-
-    def metric_row(path: str) -> None:
-        """A row of one registry metric, labelled as the registry declares it."""
-        metric = registry.REGISTRY[path]
-        shown = [metric.show(c["metrics"]) for c in results["candidates"]]
-        label = max((name for name, _ in shown), key=len, default=metric.label)  # "… ± se"
-        table.add_row(label, *(text for _, text in shown))
-
-    metric_row("kl.mean")
-    metric_row("kl.median")
-    row("KL(P‖Q) p99 / p99.9", lambda m: f"{number(m['kl']['p99'])} / {number(m['kl']['p999'])}")
-    metric_row("kl.max")
-    if any("kl_bounds" in c["metrics"] for c in results["candidates"]):
-        # Compact (top-k) reference cache: only a guaranteed interval is known.
-        row(
-            "KL(P‖Q) mean in",
-            lambda m: (
-                interval([m["kl_bounds"]["lower"]["mean"], m["kl_bounds"]["upper"]["mean"]])
-                if "kl_bounds" in m
-                else "–"
-            ),
-        )
-    metric_row("reverse_kl.mean")
-    metric_row("jsd.mean")
-    row(
-        "PPL(P) / PPL(Q)",
-        lambda m: f"{number(m['ppl']['reference'], 3)} / {number(m['ppl']['candidate'], 3)}",
-    )
-    metric_row("ppl.ratio")
-    row("mean ln(PPL(Q)/PPL(P))", lambda m: mean_se(m["ln_ppl_ratio"]))
-    row(
-        "bits/byte P / Q",
-        lambda m: (
-            f"{number(m['bits_per_byte']['reference'])} / {number(m['bits_per_byte']['candidate'])}"
-        ),
-    )
-    metric_row("top1_agreement.mean")
-    metric_row("top1_in_top5.mean")
-    row("Δp mean ± se (RMS)", lambda m: f"{mean_se(m['delta_p'])} ({number(m['delta_p']['rms'])})")
-    row(
-        "tokens (non-finite, inf KL)",
-        lambda m: (
-            f"{m['counts']['tokens']:,} ({m['counts']['nonfinite']}, {m['counts']['infinite']})"
-        ),
-    )
-    return table
+from lmkl.formatting import number
+from lmkl.report.tables import (
+    checkpoints_table,
+    datasets_table,
+    leaderboard_table,
+    summary_table,
+    table_title,
+)
 
 
 def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
     """The run's summary: every statistic side by side for up to two candidates; with several,
     the leaderboard (the full table would not fit a terminal; ``lmkl report`` has it)."""
-    from lmkl.report.leaderboard import leaderboard_table
-
     console = console or Console()
     many = len(results.get("candidates", [])) > 2 and results.get("ranking")
     if not many:
@@ -96,24 +48,34 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         counts = cand["metrics"]["counts"]
         if counts.get("nonfinite"):
             console.print(
-                f"[yellow]warning:[/yellow] {counts['nonfinite']:,} positions "
-                f"({100 * counts.get('nonfinite_share', 0):.2f}%) of {cand['label']} had NaN or "
-                "infinite logits (e.g. float16 overflow); they are excluded from every statistic"
+                Text.assemble(
+                    ("warning:", "yellow"),
+                    f" {counts['nonfinite']:,} positions "
+                    f"({100 * counts.get('nonfinite_share', 0):.2f}%) of ",
+                    cand["label"],
+                    " had NaN or infinite logits (e.g. float16 overflow); they are excluded "
+                    "from every statistic",
+                )
             )
     note = results.get("windowing", {}).get("vocab_note")
     if note:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(Text.assemble(("note:", "yellow"), " ", note))
 
 
 def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
     """A rich table of the per-byte comparison, with the no-token-level-KL statement."""
-    from rich.table import Table
 
     cand = results["candidates"][0]
     m = cand["metrics"]
     ref_label = results["reference"]["label"]
     table = Table(
-        title=f"per-byte comparison: {ref_label} (P) vs {cand['label']} (Q), different tokenizers",
+        title=table_title(
+            "per-byte comparison: ",
+            ref_label,
+            " (P) vs ",
+            cand["label"],
+            " (Q), different tokenizers",
+        ),
         title_justify="left",
     )
     table.add_column("metric", style="bold")
@@ -141,12 +103,11 @@ def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
     console.print(table)
     counts = m["counts"]
     console.print(f"[dim]{counts['documents']} documents, {counts['bytes']:,} bytes[/dim]")
-    console.print(f"[bold yellow]note:[/bold yellow] {results['note']}", highlight=False)
+    console.print(Text.assemble(("note:", "bold yellow"), " ", results["note"]))
 
 
 def print_sample_summary(results: dict[str, Any], console: Console) -> None:
     """A rich table of the estimators, then the warning when sampling was not exact."""
-    from rich.table import Table
 
     block = results["candidates"][0]["metrics"]["sampled_kl"]
     counts = block["counts"]
@@ -178,4 +139,45 @@ def print_sample_summary(results: dict[str, Any], console: Console) -> None:
         "token; exact_per_step is the headline (unbiased, lowest variance)[/dim]"
     )
     if block["warning"]:
-        console.print(f"[bold yellow]warning:[/bold yellow] {block['warning']}", highlight=False)
+        console.print(Text.assemble(("warning:", "bold yellow"), " ", block["warning"]))
+
+
+def print_experiment(results: dict[str, Any], console: Console | None = None) -> None:
+    """Everything a person needs to choose: summary, leaderboard, datasets, checkpoints, gates."""
+    console = console or Console()
+    console.print(summary_table(results))
+    console.print(leaderboard_table(results))
+    ranking = results["ranking"]
+    console.print(
+        "[dim]Δ next: this candidate's value minus the next one's on identical tokens, "
+        "with its paired-bootstrap CI; flips: share of resamples where their order "
+        "reverses. ★: Pareto-optimal (no other candidate is both smaller and "
+        "closer).[/dim]"
+    )
+    if len(results.get("datasets", [])) > 1:
+        console.print(datasets_table(results))
+    for series in ranking.get("checkpoints", []):
+        console.print(checkpoints_table(series, ranking["metric"]))
+    if ranking["units"] < 20:
+        console.print(
+            f"[yellow]note:[/yellow] only {ranking['units']} {ranking['unit']}s: the bootstrap "
+            "CIs are rough; score more documents for firm conclusions"
+        )
+    pareto = ranking["pareto"]
+    console.print(
+        Text(
+            f"Pareto-optimal ({pareto['size'].replace('_', ' ')} vs {ranking['metric']}):"
+            f" {', '.join(pareto['labels']) or '–'}"
+        )
+    )
+    gates = results.get("gates") or {}
+    limits = len(gates.get("fail_above", {})) + len(gates.get("fail_below", {}))
+    if limits:
+        if gates["passed"]:
+            console.print(
+                f"[green]gates: every candidate passes {limits} gate"
+                f"{'s' if limits != 1 else ''}[/green]"
+            )
+        else:
+            for failure in gates["failures"]:
+                console.print(Text.assemble(("gate failed:", "red"), " ", failure["reason"]))

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import OutputError, UsageError
 from lmkl.formatting import number
-from lmkl.report.model import RunInfo
+from lmkl.report.runs import RunInfo
 
 #: Tokens the page embeds at most (per candidate): a browser opens 50,000 in well under 2 s.
 DEFAULT_MAX_TOKENS = 50_000

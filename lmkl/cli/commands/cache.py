@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from lmkl.cli.funnel import friendly_errors
 from lmkl.cli.options import (
@@ -26,7 +27,7 @@ from lmkl.cli.options import (
     window_spec,
     with_options,
 )
-from lmkl.cli.output import TokenProgress, stdout
+from lmkl.cli.output import TokenProgress, show_path, stdout
 
 
 @friendly_errors
@@ -86,20 +87,21 @@ def cache(
         )
     if not main:
         return
-    if quiet:
-        stdout.print(str(out))
-        return
-    counts, size = manifest["counts"], manifest["bytes"]
-    mode = "exact" if manifest["mode"] == "exact" else f"top-{manifest['top_k']}"
-    stdout.print(
-        f"cached {counts['tokens']:,} tokens of {manifest['reference']['label']} ({mode}): "
-        f"{number(size['row_per_token'])} row bytes/token, "
-        f"{number(size['per_token'], 1)} bytes/token on disk in all ({byte_size(size['total'])})"
-    )
-    stdout.print(
-        f"cache directory: [bold]{out}[/bold]  (use it as the reference: "
-        f"lmkl compare {out} CANDIDATE)"
-    )
+    if not quiet:
+        counts, size = manifest["counts"], manifest["bytes"]
+        mode = "exact" if manifest["mode"] == "exact" else f"top-{manifest['top_k']}"
+        # The label is user text: shown as typed, never read as markup.
+        stdout.print(
+            Text(
+                f"cached {counts['tokens']:,} tokens of {manifest['reference']['label']} "
+                f"({mode}): {number(size['row_per_token'])} row bytes/token, "
+                f"{number(size['per_token'], 1)} bytes/token on disk in all "
+                f"({byte_size(size['total'])})"
+            )
+        )
+    show_path("cache directory", out, quiet)
+    if not quiet:
+        stdout.print(Text(f"use it as the reference: lmkl compare {out} CANDIDATE"), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from lmkl.cli.funnel import friendly_errors
 from lmkl.cli.options import OutOpt, OverwriteOpt, QuietOpt
-from lmkl.cli.output import TokenProgress, show_run, stderr, stdout
+from lmkl.cli.output import TokenProgress, show_path, show_run, stderr
 
 #: Tokens of the worst documents the demo's token view shows (a page that opens instantly).
 DEMO_VIEW_TOKENS = 6000
@@ -40,7 +41,7 @@ def demo(
 
     def say(message: str) -> None:
         if not quiet:
-            stderr.print(f"[dim]{message}[/dim]")
+            stderr.print(Text(message, style="dim"))
 
     assets = build_demo_assets(demo_cache_dir(), force=rebuild, progress=say)
     with TokenProgress(quiet) as progress:
@@ -61,11 +62,7 @@ def demo(
     show_run(run, quiet, print_summary)
     # End with the report people would rather look at: one self-contained HTML page.
     report_path = run.report(view="tokens")
-    stdout.print(
-        str(report_path) if quiet else f"report: [bold]{report_path}[/bold]",
-        highlight=False,
-        soft_wrap=True,
-    )
+    show_path("report", report_path, quiet)
 
 
 def register(app: typer.Typer) -> None:

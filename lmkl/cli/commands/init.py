@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from lmkl.cli.funnel import friendly_errors
 from lmkl.cli.output import stdout
@@ -54,9 +55,7 @@ def init(
         companion = target.parent / filename
         if force or not companion.exists():
             companion.write_text(data, encoding="utf-8")
-    stdout.print(
-        f"wrote {target}; edit it, then: lmkl run {target}", highlight=False, soft_wrap=True
-    )
+    stdout.print(Text(f"wrote {target}; edit it, then: lmkl run {target}"), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

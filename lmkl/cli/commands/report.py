@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from lmkl.cli.funnel import friendly_errors
-from lmkl.cli.output import stdout
+from lmkl.cli.output import show_path, stdout
 
 
 class ReportView(str, Enum):
@@ -98,7 +98,7 @@ def report(
         view_max_tokens=view_max_tokens,
     )
     if path is not None:
-        stdout.print(f"report: [bold]{path}[/bold]", highlight=False, soft_wrap=True)
+        show_path("report", path, quiet=False)
 
 
 def register(app: typer.Typer) -> None:

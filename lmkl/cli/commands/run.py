@@ -21,7 +21,7 @@ from lmkl.cli.options import (
     apply_offline,
     load_with_options,
 )
-from lmkl.cli.output import DatasetProgress, stdout
+from lmkl.cli.output import DatasetProgress, show_path, stdout
 
 
 @friendly_errors
@@ -77,7 +77,8 @@ def run(
 
     from lmkl.engine.distributed import is_main_process
     from lmkl.experiment.run import plan_experiment, resolve_demo_values, run_experiment
-    from lmkl.report.leaderboard import plan_tables, print_experiment
+    from lmkl.report.tables import plan_tables
+    from lmkl.report.terminal import print_experiment
 
     main = is_main_process()  # under torchrun only rank 0 shows progress, plan and results
     with DatasetProgress(quiet or not main) as progress:
@@ -91,11 +92,9 @@ def run(
         outcome = run_experiment(cfg, resume=resume, progress=progress, log=progress.log)
     if not outcome.is_main:
         return
-    if quiet:
-        stdout.print(str(outcome.path))
-    else:
+    if not quiet:
         print_experiment(outcome.results, stdout)
-        stdout.print(f"run directory: [bold]{outcome.path}[/bold]")
+    show_path("run directory", outcome.path, quiet)
     raise_for_failures(outcome.results["gates"], len(outcome.results["candidates"]))
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from lmkl.cli.funnel import friendly_errors
-from lmkl.cli.output import stderr, stdout
+from lmkl.cli.output import show_path, stderr
 
 
 class SelectBy(str, Enum):
@@ -78,8 +79,8 @@ def select(
     )
     path = write_selection(selection, out, overwrite)
     if not quiet:
-        stderr.print(selection.summary(), highlight=False, soft_wrap=True)
-    stdout.print(str(path) if quiet else f"selection: [bold]{path}[/bold]", highlight=False)
+        stderr.print(Text(selection.summary()), soft_wrap=True)
+    show_path("selection", path, quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from lmkl.cli.funnel import friendly_errors
 from lmkl.cli.options import OfflineOpt, OverridesArg, apply_offline, load_with_options
@@ -51,10 +52,12 @@ def validate(
     if limits:
         extras.append(f"{limits} gate{'s' if limits != 1 else ''}")
     stdout.print(
-        f"{config}: valid: '{cfg.name}', {len(cfg.candidates)} candidate"
-        f"{'s' if len(cfg.candidates) != 1 else ''}, {len(cfg.datasets)} dataset"
-        f"{'s' if len(cfg.datasets) != 1 else ''}" + (f", {', '.join(extras)}" if extras else ""),
-        highlight=False,
+        Text(
+            f"{config}: valid: '{cfg.name}', {len(cfg.candidates)} candidate"
+            f"{'s' if len(cfg.candidates) != 1 else ''}, {len(cfg.datasets)} dataset"
+            f"{'s' if len(cfg.datasets) != 1 else ''}"
+            + (f", {', '.join(extras)}" if extras else "")
+        ),
         soft_wrap=True,
     )
     if check_models:
@@ -64,9 +67,10 @@ def validate(
         rows = check(resolve_demo_values(cfg))
         for row in rows:
             stdout.print(
-                f"  {row['role']:9} {row['label']}: {row['architecture']}, tokenizer "
-                f"{row['tokenizer_size']} tokens, max positions {row['max_positions']}",
-                highlight=False,
+                Text(
+                    f"  {row['role']:9} {row['label']}: {row['architecture']}, tokenizer "
+                    f"{row['tokenizer_size']} tokens, max positions {row['max_positions']}"
+                ),
                 soft_wrap=True,
             )
         stdout.print("models: tokenizers match and the context length fits")

@@ -1,18 +1,29 @@
-"""Terminal rendering of an experiment with rich: leaderboard, datasets, checkpoints, plan.
+"""Rich tables of a finished run's or experiment's results.json (nothing is computed here).
 
-Nothing is computed here; everything comes from the experiment's results.json (or the dry-run
-plan).
+:mod:`lmkl.report.terminal` prints them; they are apart so the printers of single runs and of
+experiments share them without importing each other. Text that comes from the user (labels,
+groups, paths, dataset and experiment names) goes into rich as :class:`~rich.text.Text`, never as
+a markup string: a label ``[bold]x`` or ``:smile:`` is shown as typed, not styled or replaced.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from lmkl.formatting import byte_size, interval, number, parameters, percent
-from lmkl.report.terminal import summary_table
+from lmkl.analysis import metrics as registry
+from lmkl.formatting import byte_size, interval, mean_se, number, parameters, percent
+
+
+def table_title(*parts: str | tuple[str, str]) -> Text:
+    """A table title from plain strings (user text included) and ``(text, style)`` pairs.
+
+    Nothing in it is read as markup; it keeps the italic that rich gives string titles.
+    """
+    return Text.assemble(*parts, style="table.title")
+
 
 _SIZE_HEADERS = {"bits_per_weight": "bits/weight", "disk_bytes": "disk", "memory_bytes": "memory"}
 
@@ -33,9 +44,12 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
     conf = f"{100 * ranking['confidence']:.0f}%"
     reference = results["reference"].get("label", "reference")
     table = Table(
-        title=f"Leaderboard: {ranking['metric']} vs reference P = {reference} "
-        f"({ranking['direction']}; {conf} CI, bootstrap over {ranking['units']} "
-        f"{ranking['unit']}s)",
+        title=table_title(
+            f"Leaderboard: {ranking['metric']} vs reference P = ",
+            reference,
+            f" ({ranking['direction']}; {conf} CI, bootstrap over {ranking['units']} "
+            f"{ranking['unit']}s)",
+        ),
         title_justify="left",
     )
     rows = ranking["leaderboard"]
@@ -59,8 +73,8 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
         nxt = row.get("vs_next")
         cells = [
             str(row["rank"]) if row["rank"] is not None else "",
-            row["label"],
-            *([meta] if has_meta else []),
+            Text(row["label"]),
+            *([Text(meta)] if has_meta else []),
             number(row["value"]),
             interval(row["ci"], 3),
             _size(row.get("size"), size_key),
@@ -83,12 +97,12 @@ def datasets_table(results: dict[str, Any]) -> Table:
     table.add_column("candidate", style="bold", no_wrap=True)
     names = list(ranking["by_dataset"][0]["datasets"]) if ranking["by_dataset"] else []
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(Text(name), justify="right")
     table.add_column("micro", justify="right")
     table.add_column("macro", justify="right")
     for row in ranking["by_dataset"]:
         table.add_row(
-            row["label"],
+            Text(row["label"]),
             *(number(row["datasets"][n]) for n in names),
             number(row["micro"]),
             number(row["macro"]),
@@ -100,7 +114,7 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     """One checkpoint series: metric, KL and PPL by step, best step marked."""
     group = series["group"] or "checkpoints"
     table = Table(
-        title=f"{group}: by training step (best: step {series['best']['step']})",
+        title=table_title(group, f": by training step (best: step {series['best']['step']})"),
         title_justify="left",
     )
     for name in ("step", "candidate", metric, "KL mean", "PPL(Q)", "PPL ratio", "best"):
@@ -108,7 +122,7 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     for point in series["points"]:
         table.add_row(
             str(point["step"]),
-            point["label"],
+            Text(point["label"]),
             number(point["value"]),
             number(point["kl_mean"]),
             number(point["ppl_candidate"], 3),
@@ -118,49 +132,11 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     return table
 
 
-def print_experiment(results: dict[str, Any], console: Console | None = None) -> None:
-    """Everything a person needs to choose: summary, leaderboard, datasets, checkpoints, gates."""
-    console = console or Console()
-    console.print(summary_table(results))
-    console.print(leaderboard_table(results))
-    ranking = results["ranking"]
-    console.print(
-        "[dim]Δ next: this candidate's value minus the next one's on identical tokens, "
-        "with its paired-bootstrap CI; flips: share of resamples where their order "
-        "reverses. ★: Pareto-optimal (no other candidate is both smaller and "
-        "closer).[/dim]"
-    )
-    if len(results.get("datasets", [])) > 1:
-        console.print(datasets_table(results))
-    for series in ranking.get("checkpoints", []):
-        console.print(checkpoints_table(series, ranking["metric"]))
-    if ranking["units"] < 20:
-        console.print(
-            f"[yellow]note:[/yellow] only {ranking['units']} {ranking['unit']}s: the bootstrap "
-            "CIs are rough; score more documents for firm conclusions"
-        )
-    pareto = ranking["pareto"]
-    console.print(
-        f"Pareto-optimal ({pareto['size'].replace('_', ' ')} vs {ranking['metric']}):"
-        f" {', '.join(pareto['labels']) or '–'}"
-    )
-    gates = results.get("gates") or {}
-    limits = len(gates.get("fail_above", {})) + len(gates.get("fail_below", {}))
-    if limits:
-        if gates["passed"]:
-            console.print(
-                f"[green]gates: every candidate passes {limits} gate"
-                f"{'s' if limits != 1 else ''}[/green]"
-            )
-        else:
-            for failure in gates["failures"]:
-                console.print(f"[red]gate failed:[/red] {failure['reason']}", highlight=False)
-
-
 def plan_tables(plan: dict[str, Any]) -> list[Table]:
     """The dry-run plan: models and datasets with token counts."""
     models = Table(
-        title=f"Plan for '{plan['name']}': models (tokenizers checked)", title_justify="left"
+        title=table_title("Plan for '", plan["name"], "': models (tokenizers checked)"),
+        title_justify="left",
     )
     for name in (
         "role",
@@ -177,12 +153,12 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
         meta = " / ".join(str(x) for x in (m["group"], m["step"]) if x is not None)
         models.add_row(
             m["role"],
-            m["label"],
-            m["model"],
-            m["dtype"],
-            m["device"],
-            meta,
-            m["architecture"] or "–",
+            Text(m["label"]),
+            Text(m["model"]),
+            Text(m["dtype"]),
+            Text(m["device"]),
+            Text(meta),
+            Text(m["architecture"] or "–"),
             number(m["max_positions"]),
         )
     if plan["noise_floor"]:
@@ -196,8 +172,8 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
         data.add_column(name, justify="left" if name in ("dataset", "source") else "right")
     for d in plan["datasets"]:
         data.add_row(
-            d["label"],
-            d["source"],
+            Text(d["label"]),
+            Text(d["source"]),
             number(d["weight"], 2),
             number(d["documents"]),
             number(d["windows"]),
@@ -215,3 +191,64 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
         style="bold",
     )
     return [models, data]
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """One column per candidate: the headline statistics of the core comparison."""
+    reference = results["reference"]["label"]
+    table = Table(
+        title=table_title("KL(P‖Q) with reference P = ", reference, " (nats)"),
+        title_justify="left",
+    )
+    table.add_column("metric", style="bold")
+    for cand in results["candidates"]:
+        table.add_column(Text(cand["label"]), justify="right")
+
+    def row(name: str, getter: Any) -> None:
+        table.add_row(name, *(getter(c["metrics"]) for c in results["candidates"]))
+
+    def metric_row(path: str) -> None:
+        """A row of one registry metric, labelled as the registry declares it."""
+        metric = registry.REGISTRY[path]
+        shown = [metric.show(c["metrics"]) for c in results["candidates"]]
+        label = max((name for name, _ in shown), key=len, default=metric.label)  # "… ± se"
+        table.add_row(label, *(text for _, text in shown))
+
+    metric_row("kl.mean")
+    metric_row("kl.median")
+    row("KL(P‖Q) p99 / p99.9", lambda m: f"{number(m['kl']['p99'])} / {number(m['kl']['p999'])}")
+    metric_row("kl.max")
+    if any("kl_bounds" in c["metrics"] for c in results["candidates"]):
+        # Compact (top-k) reference cache: only a guaranteed interval is known.
+        row(
+            "KL(P‖Q) mean in",
+            lambda m: (
+                interval([m["kl_bounds"]["lower"]["mean"], m["kl_bounds"]["upper"]["mean"]])
+                if "kl_bounds" in m
+                else "–"
+            ),
+        )
+    metric_row("reverse_kl.mean")
+    metric_row("jsd.mean")
+    row(
+        "PPL(P) / PPL(Q)",
+        lambda m: f"{number(m['ppl']['reference'], 3)} / {number(m['ppl']['candidate'], 3)}",
+    )
+    metric_row("ppl.ratio")
+    row("mean ln(PPL(Q)/PPL(P))", lambda m: mean_se(m["ln_ppl_ratio"]))
+    row(
+        "bits/byte P / Q",
+        lambda m: (
+            f"{number(m['bits_per_byte']['reference'])} / {number(m['bits_per_byte']['candidate'])}"
+        ),
+    )
+    metric_row("top1_agreement.mean")
+    metric_row("top1_in_top5.mean")
+    row("Δp mean ± se (RMS)", lambda m: f"{mean_se(m['delta_p'])} ({number(m['delta_p']['rms'])})")
+    row(
+        "tokens (non-finite, inf KL)",
+        lambda m: (
+            f"{m['counts']['tokens']:,} ({m['counts']['nonfinite']}, {m['counts']['infinite']})"
+        ),
+    )
+    return table

@@ -1,0 +1,205 @@
+"""The report's data: everything a report shows, computed once (:class:`Report`); renderers
+(:mod:`lmkl.report.render`, :mod:`lmkl.report.plots`) only format it.
+
+:func:`lmkl.report.build.build_report` fills it from run directories. Units: KL, JSD and NLL in
+nats; KL(P‖Q) with P the reference and Q the candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lmkl.files import to_json_safe
+from lmkl.formatting import Z95, to_float
+from lmkl.report.candidates import CandidateView, confidence_profile, pareto_front
+from lmkl.report.runs import RunInfo
+
+
+@dataclass
+class Report:
+    """Everything a report shows, computed once; renderers only format it."""
+
+    runs: list[RunInfo]
+    candidates: list[CandidateView]
+    sort_by: str
+    histogram: dict[str, Any] = field(default_factory=dict)
+    cdf: dict[str, Any] = field(default_factory=dict)
+    by_position: dict[str, Any] = field(default_factory=dict)
+    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
+    worst: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    differences: list[dict[str, Any]] = field(default_factory=list)
+    reading: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    token_source: str = "ids"
+
+    @property
+    def title(self) -> str:
+        refs = sorted({r.reference_label for r in self.runs})
+        cands = [c.key for c in self.candidates]
+        shown = ", ".join(cands[:4]) + (f" and {len(cands) - 4} more" if len(cands) > 4 else "")
+        return f"{shown} vs {' / '.join(refs)}"
+
+    @property
+    def size_axis(self) -> str | None:
+        """The size axis of the Pareto plot, when at least two candidates know it:
+        ``bits_per_weight`` when any candidate is quantized (their parameter counts are one),
+        else ``parameters``, else ``bytes_on_disk``; None when sizes are unknown."""
+        axes = ["parameters", "bytes_on_disk"]
+        if any(c.quantized for c in self.candidates):
+            axes.insert(0, "bits_per_weight")
+        for name in axes:
+            if sum(math.isfinite(c.size(name)) for c in self.candidates) >= 2:
+                return name
+        return None
+
+    def sizes(self) -> dict[str, Any]:
+        """Size vs mean KL per candidate, with the Pareto-optimal flags (empty if sizes unknown)."""
+        axis = self.size_axis
+        if axis is None:
+            return {}
+        rows = [c for c in self.candidates if math.isfinite(c.size(axis))]
+        sizes = [c.size(axis) for c in rows]
+        kls = [c.value("kl.mean") for c in rows]
+        flags = pareto_front(sizes, kls)
+        return {
+            "axis": axis,
+            "keys": [c.key for c in rows],
+            "size": sizes,
+            "kl_mean": kls,
+            "kl_se": [c.value("kl.se") for c in rows],
+            "pareto": flags,
+        }
+
+    def steps(self) -> dict[str, Any]:
+        """KL and PPL ratio by training step per group (checkpoint series with two+ steps)."""
+        groups: dict[str, list[CandidateView]] = {}
+        for c in self.candidates:
+            if math.isfinite(c.step):
+                groups.setdefault(c.group or "checkpoints", []).append(c)
+        out = {}
+        for group, members in groups.items():
+            if len({c.step for c in members}) < 2:
+                continue
+            members.sort(key=lambda c: c.step)
+            kls = [c.value("kl.mean") for c in members]
+            best = int(np.nanargmin(kls)) if any(math.isfinite(v) for v in kls) else 0
+            out[group] = {
+                "keys": [c.key for c in members],
+                "step": [c.step for c in members],
+                "kl_mean": kls,
+                "kl_se": [c.value("kl.se") for c in members],
+                "ppl_ratio": [c.value("ppl.ratio") for c in members],
+                "best": members[best].key,
+                "best_step": members[best].step,
+            }
+        return out
+
+    def confidence(self) -> dict[str, list[dict[str, Any]]]:
+        return {c.key: confidence_profile(c.metrics) for c in self.candidates}
+
+    def ppl(self) -> dict[str, Any]:
+        """PPL(Q)/PPL(P) per candidate with a 95% interval from ``ln_ppl_ratio``'s error."""
+        out = {"keys": [], "ratio": [], "low": [], "high": [], "reference": [], "candidate": []}
+        for c in self.candidates:
+            mean, se = (
+                c.value("ln_ppl_ratio.mean"),
+                to_float(c.metrics.get("ln_ppl_ratio", {}).get("se")),
+            )
+            ratio = c.value("ppl.ratio")
+            if not math.isfinite(ratio) and math.isfinite(mean):
+                ratio = math.exp(mean)
+            out["keys"].append(c.key)
+            out["ratio"].append(ratio)
+            ok = math.isfinite(mean) and math.isfinite(se)
+            out["low"].append(math.exp(mean - Z95 * se) if ok else math.nan)
+            out["high"].append(math.exp(mean + Z95 * se) if ok else math.nan)
+            out["reference"].append(c.value("ppl.reference"))
+            out["candidate"].append(c.value("ppl.candidate"))
+        return out
+
+    def ranking_ci(self, c: CandidateView) -> tuple[float, float] | None:
+        """A bootstrap CI for ``c`` from its run's ``ranking`` section, if the run has one."""
+        return _ranking_ci(c.run.results.get("ranking"), c.label)
+
+    def ranking_metric(self) -> str | None:
+        for run in self.runs:
+            ranking = run.results.get("ranking")
+            if isinstance(ranking, dict) and isinstance(ranking.get("metric"), str):
+                return ranking["metric"]
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as strict-JSON-able data (the ``--format json`` output)."""
+        cands = []
+        for c in self.candidates:
+            ci = self.ranking_ci(c)
+            cands.append(
+                {
+                    "key": c.key,
+                    "label": c.label,
+                    "run": str(c.run.path),
+                    "reference": c.run.reference_label,
+                    "group": c.group,
+                    "step": _maybe(c.step),
+                    "params": _maybe(c.params),
+                    "bytes_on_disk": _maybe(c.bytes_on_disk),
+                    "sort_value": c.value(self.sort_by),
+                    "ranking_ci": list(ci) if ci else None,
+                    "metrics": c.metrics,
+                    "kl_by_confidence": confidence_profile(c.metrics),
+                }
+            )
+        data = {
+            "title": self.title,
+            "runs": [str(r.path) for r in self.runs],
+            "sort_by": self.sort_by,
+            "reading": self.reading,
+            "notes": self.notes,
+            "candidates": cands,
+            "kl_histogram": self.histogram,
+            "kl_cdf": self.cdf,
+            "kl_by_position": self.by_position,
+            "ppl": self.ppl(),
+            "sizes": self.sizes(),
+            "steps": self.steps(),
+            "worst": self.worst,
+            "tokens": self.tokens,
+            "token_strings": self.token_source,
+            "differences": self.differences,
+        }
+        return to_json_safe(_plain(data))
+
+
+def _maybe(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _plain(value: Any) -> Any:
+    """NumPy arrays and scalars → lists and Python numbers (for JSON)."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _ranking_ci(ranking: Any, label: str) -> tuple[float, float] | None:
+    """The bootstrap CI of ``label`` in an experiment's ranking (``leaderboard[i].ci``)."""
+    if not isinstance(ranking, dict):
+        return None
+    for entry in ranking.get("leaderboard") or []:
+        if isinstance(entry, dict) and entry.get("label") == label:
+            ci = entry.get("ci") or []
+            if len(ci) == 2:
+                lo, hi = to_float(ci[0]), to_float(ci[1])
+                if math.isfinite(lo) and math.isfinite(hi):
+                    return lo, hi
+    return None

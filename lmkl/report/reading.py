@@ -1,0 +1,163 @@
+"""The plain-language reading at the top of a report: a few sentences computed from the numbers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lmkl.analysis import metrics as registry
+from lmkl.formatting import Z95, prose, to_float
+from lmkl.formatting import percent as _percent
+from lmkl.report.candidates import confidence_profile
+from lmkl.report.data import Report
+from lmkl.report.runs import stored_count
+
+
+def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
+    """Where a candidate's KL comes from, by the reference's confidence (share × mean per bucket).
+
+    Buckets below 0.5 top-1 probability are "low-confidence", [0.5, 0.75) "medium", 0.75 and
+    above "confident". The group holding the largest share of the total KL is named; "dominated"
+    when it holds more than half of the KL and more than its share of the tokens.
+    """
+    infinite = [b["bucket"] for b in profile if b.get("kl_mean") == math.inf]
+    if infinite:
+        # Shares of an infinite total are meaningless; say where the infinite KL sits.
+        return "its infinite KL sits at positions with reference top-1 probability in " + (
+            ", ".join(infinite)
+        )
+    groups = {
+        "low-confidence": [0.0, 0.0],
+        "medium-confidence": [0.0, 0.0],
+        "confident": [0.0, 0.0],
+    }
+    for bucket in profile:
+        if not math.isfinite(bucket["kl_share"]):
+            continue
+        name = (
+            "low-confidence"
+            if bucket["high"] <= 0.5
+            else "medium-confidence"
+            if bucket["high"] <= 0.75
+            else "confident"
+        )
+        groups[name][0] += bucket["kl_share"]
+        groups[name][1] += bucket["share"] if math.isfinite(bucket["share"]) else 0.0
+    if not any(share for share, _ in groups.values()):
+        return None
+    name, (kl_share, token_share) = max(groups.items(), key=lambda kv: kv[1][0])
+    where = {
+        "low-confidence": "low-confidence positions (reference top-1 probability < 0.5)",
+        "medium-confidence": "medium-confidence positions (reference top-1 probability 0.5–0.75)",
+        "confident": "positions where the reference is confident (top-1 probability ≥ 0.75)",
+    }[name]
+    if kl_share > 0.5 and token_share > 0 and kl_share / token_share < 1.1:
+        # Most tokens are of this kind and they carry their share of the KL, no more.
+        return (
+            f"most of its KL ({_percent(kl_share, 0)}) comes from {where}, which are "
+            f"{_percent(token_share, 0)} of the tokens"
+        )
+    verb = "is dominated by" if kl_share > 0.5 else "comes mostly from"
+    return (
+        f"its KL {verb} {where}: {_percent(kl_share, 0)} of the total KL on "
+        f"{_percent(token_share, 0)} of the tokens"
+    )
+
+
+def plain_reading(report: Report) -> list[str]:
+    """A few sentences computed from the numbers, for the top of the report."""
+    lines = []
+    for c in report.candidates:
+        m = c.metrics
+        agree = c.value("top1_agreement.mean")
+        agree_se = to_float(m.get("top1_agreement", {}).get("se"))
+        kl, kl_se = c.value("kl.mean"), to_float(m.get("kl", {}).get("se"))
+        parts = []
+        if math.isfinite(agree):
+            err = f" ± {_percent(Z95 * agree_se)}" if math.isfinite(agree_se) else ""
+            parts.append(
+                f"agrees with the reference's top token on {_percent(agree)}{err} of tokens"
+            )
+        if math.isfinite(kl):
+            err = f" ± {prose(Z95 * kl_se, 2)}" if math.isfinite(kl_se) else ""
+            parts.append(
+                f"has a mean KL(P‖Q) of {prose(kl)}{err} nats (median "
+                f"{prose(c.value('kl.median'))}, p99 {prose(c.value('kl.p99'))})"
+            )
+        elif kl == math.inf:
+            parts.append(
+                "has an infinite mean KL (it gives zero probability to tokens the "
+                "reference can produce)"
+            )
+        sentence = f"{c.key} " + " and ".join(parts) if parts else f"{c.key} has no scored tokens"
+        clause = confidence_clause(confidence_profile(m))
+        if clause:
+            sentence += f"; {clause}"
+        ratio = c.value("ppl.ratio")
+        if math.isfinite(ratio):
+            sentence += (
+                f". Its perplexity is {ratio:.3g}× the reference's "
+                f"({prose(c.value('ppl.candidate'))} vs {prose(c.value('ppl.reference'))})"
+            )
+        infinite = stored_count(m.get("counts", {}).get("infinite"))
+        if infinite:
+            sentence += (
+                f". {infinite:,} token(s) got zero probability from it where the "
+                "reference gave some (KL = inf)"
+            )
+        nonfinite = stored_count(m.get("counts", {}).get("nonfinite"))
+        if nonfinite:
+            sentence += f". {nonfinite:,} position(s) had non-finite logits and were excluded"
+        lines.append(sentence + ".")
+    if len(report.candidates) > 1:
+        ordered = report.candidates
+        metric = report.sort_by
+        best = ordered[0]
+        direction = "highest" if registry.higher_is_better(metric) else "lowest"
+        text = (
+            f"By {metric}, {best.key} is closest to the reference ({direction}: "
+            f"{prose(best.value(metric))})"
+        )
+        if len(ordered) > 1:
+            second = ordered[1]
+            text += f", then {second.key} ({prose(second.value(metric))})"
+            if metric.endswith(".mean"):
+                family = metric.split(".")[0]
+                se1 = to_float(best.metrics.get(family, {}).get("se"))
+                se2 = to_float(second.metrics.get(family, {}).get("se"))
+                gap = abs(second.value(metric) - best.value(metric))
+                se = math.hypot(se1, se2) if math.isfinite(se1) and math.isfinite(se2) else 0
+                if se > 0 and gap < Z95 * se:
+                    text += "; the gap is within token-level noise (|Δ| < 1.96 combined se)"
+        lines.append(text + ".")
+        sizes = report.sizes()
+        if sizes:
+            front = [k for k, f in zip(sizes["keys"], sizes["pareto"], strict=True) if f]
+            lines.append(
+                f"Pareto-optimal by {sizes['axis'].replace('_', ' ')} and mean KL: "
+                f"{', '.join(front)}."
+            )
+        for group, series in report.steps().items():
+            lines.append(
+                f"In the checkpoint series '{group}', the lowest mean KL is at step "
+                f"{int(series['best_step'])} ({series['best']})."
+            )
+    for diff in report.differences:
+        kl_row = next(r for r in diff["metrics"] if r["metric"] == "kl.mean")
+        text = (
+            f"{diff['label']} differs between runs: mean KL {prose(kl_row['a'])} in "
+            f"{diff['a']} vs {prose(kl_row['b'])} in {diff['b']}"
+        )
+        if math.isfinite(kl_row["z"]):
+            text += f" (Δ {kl_row['delta']:+.3g}, z = {kl_row['z']:.1f})"
+        paired = diff.get("paired")
+        if paired:
+            text += (
+                f"; on the {paired['tokens']:,} tokens both scored, "
+                f"{_percent(paired['identical_share'])} have the same KL (within 1e-6)"
+            )
+        changed = [c["setting"] for c in diff["changes"] if not c["setting"].startswith("versions")]
+        if changed:
+            text += "; changed: " + ", ".join(changed[:6]) + ("…" if len(changed) > 6 else "")
+        lines.append(text + ".")
+    return lines
