@@ -89,3 +89,46 @@ def test_token_comparison_scores_without_asking_which_reference_it_has():
         if node.value.id == "self"
     }
     assert not named & {"cache", "topk", "ref_model"}, named & {"cache", "topk", "ref_model"}
+
+
+def test_no_import_cycles_anywhere_in_the_package():
+    """No two lmkl modules import each other, directly or through others, inside a subpackage
+    or across them (lazy imports in function bodies count: they are cycles all the same)."""
+    import grimp
+
+    graph = grimp.build_graph("lmkl", cache_dir=None)
+    modules = sorted(m for m in graph.modules if m.startswith("lmkl"))
+    # Tarjan's strongly connected components: any component of two or more is a cycle.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in graph.find_modules_directly_imported_by(module):
+            if not target.startswith("lmkl"):
+                continue
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in modules:
+        if module not in index:
+            visit(module)
+    assert not cycles, cycles
