@@ -7,9 +7,21 @@ process prints a marker and waits there, and the test kills it. No timing is inv
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
-from runtools import assert_same_run, compare_args, invoke, kill_at
+from runtools import (
+    ROOT,
+    assert_same_run,
+    check_error,
+    compare_args,
+    invoke,
+    kill_at,
+    wait_for_hold,
+)
 
 
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted_run(
@@ -57,3 +69,36 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted_run(
     # A finished run cannot be resumed again.
     code, output = invoke([*args, "--resume"])
     assert code == 1 and "already complete" in output
+
+
+def test_resume_after_a_code_change_is_refused(tiny_pair, small_jsonl, tmp_path):
+    """The run identity pins lmkl's code, not only its version string (which does not change
+    with every commit): a resume with edited scoring code refuses in one line saying so."""
+    copy = tmp_path / "src"
+    shutil.copytree(ROOT / "lmkl", copy / "lmkl", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "lmkl", *compare_args(tiny_pair, small_jsonl, out)]
+    proc = subprocess.Popen(
+        args,
+        cwd=copy,
+        env=env | {"LMKL_TEST_HOLD": "part-done:1"},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_hold(proc, "part-done:1")
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    divergence = copy / "lmkl" / "scoring" / "divergence.py"
+    divergence.write_text(divergence.read_text() + "\n# a change to the scoring code\n")
+    resumed = subprocess.run(
+        [*args, "--resume"], cwd=copy, env=env, text=True, capture_output=True, timeout=300
+    )
+    check_error(resumed.returncode, resumed.stderr, 1, "lmkl's code changed")
+    assert (out / "parts" / "part-000001.parquet").exists()  # nothing computed is lost
