@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from lmkl.analysis import metrics as registry
 from lmkl.analysis.ranking import pareto_front as ranking_pareto_front
+from lmkl.engine.results import check_schema
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import OutputError, UsageError
 from lmkl.files import to_json_safe
@@ -205,6 +206,8 @@ def load_run(path: Path) -> RunInfo:
         )
         raise OutputError(f"'{path}' has no results.json (not a finished lmkl run)", hint)
     results = _load_json(results_path, "results file")
+    if isinstance(results, dict):
+        check_schema(results, results_path, "results file")
     if not isinstance(results, dict) or not isinstance(results.get("candidates"), list):
         raise OutputError(
             f"'{results_path}' has no candidates list", "pass a run directory written by lmkl"
