@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
+from runtools import (
+    assert_same_run,
+    check_error,
+    compare_args,
+    invoke,
+    kill_at,
+    spawn,
+    wait_for_hold,
+)
 
 from lmkl.errors import EXIT_BUSY, Busy
 from lmkl.files import LOCK_FILE, DirectoryLock
@@ -72,3 +82,33 @@ def test_without_flock_the_file_itself_is_the_lock(tmp_path, monkeypatch):
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "gpu-node-7", "pid": 1}))
     with pytest.raises(Busy, match="on host gpu-node-7"):
         DirectoryLock(tmp_path).acquire()
+
+
+def test_second_resume_of_one_run_is_refused_up_front(tiny_pair, small_jsonl, tmp_path):
+    """Two `--resume` of the same killed run started together (a scheduler restarting a job
+    whose first copy still runs): the second is refused in one line, exit code 75, before it
+    computes anything; the first copy's work is not disturbed."""
+    full, out = tmp_path / "full", tmp_path / "run"
+    code, output = invoke(compare_args(tiny_pair, small_jsonl, full))
+    assert code == 0, output
+    args = compare_args(tiny_pair, small_jsonl, out)
+    kill_at(args, "part-done:1")
+    first = spawn([*args, "--resume"], "part-written:3")
+    try:
+        wait_for_hold(first, "part-written:3")
+        code, output = invoke([*args, "--resume"])
+        check_error(code, output, EXIT_BUSY, "in use by another lmkl process", str(first.pid))
+        # --overwrite would delete the running copy's parts: refused the same way.
+        code, output = invoke([*args, "--overwrite"])
+        check_error(code, output, EXIT_BUSY, "in use by")
+        assert (out / "parts" / "part-000001.parquet").exists()
+        first.send_signal(signal.SIGKILL)  # the first copy dies holding the lock
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert (out / LOCK_FILE).exists()  # left behind by the killed process: stale
+    code, output = invoke([*args, "--resume"])
+    assert code == 0, output
+    assert_same_run(out, full)  # no lock file left either
