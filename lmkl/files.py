@@ -154,8 +154,10 @@ class DirectoryLock:
     that host can tell whether its process still runs.
 
     ``acquire()`` raises :class:`lmkl.errors.Busy` (one line naming the holder, exit code 75)
-    when another live process holds the lock; ``release()`` removes the file. A process that
-    already holds a directory's lock cannot take it twice. Usable as a context manager::
+    when another live process holds the lock; ``release()`` removes the file, or with
+    ``restore=True`` puts back the stale lock it took over, so that a process which was refused
+    or failed leaves the directory exactly as it found it. A process that already holds a
+    directory's lock cannot take it twice. Usable as a context manager::
 
         with DirectoryLock(cache_dir, what="reference cache") as lock:
             ...  # lock.took_over names a dead holder whose lock was taken over, if any
@@ -167,6 +169,7 @@ class DirectoryLock:
         self.what = what
         #: The holder a stale lock named when this process took it over (None: it was free).
         self.took_over: dict[str, Any] | None = None
+        self._found: bytes | None = None  # the stale lock file's bytes, for release(restore=True)
         self._fd: int | None = None
         self._held = False
 
@@ -235,6 +238,7 @@ class DirectoryLock:
         previous = _read_holder(self.path)
         if previous and previous != _this_holder():
             self.took_over = previous  # the kernel dropped its flock: that process is gone
+            self._found = self.path.read_bytes()
         self._fd = fd
         self._write_holder(fd)
         self._held = True
@@ -274,25 +278,35 @@ class DirectoryLock:
         except FileNotFoundError:
             return
         if _read_holder(aside) == holder:
+            self._found = aside.read_bytes()
             aside.unlink(missing_ok=True)
             self.took_over = holder
         else:  # we moved a live lock that replaced the stale one just now: put it back
             os.rename(aside, self.path)
 
     def _write_holder(self, fd: int) -> None:
-        data = json.dumps(_this_holder()).encode() + b"\n"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
+        _overwrite(fd, json.dumps(_this_holder()).encode() + b"\n")
 
-    def release(self) -> None:
-        """Give the lock up and remove its file (does nothing when not held)."""
+    def release(self, restore: bool = False) -> None:
+        """Give the lock up and remove its file (does nothing when not held).
+
+        ``restore=True`` (a refused or failed process) writes back the stale lock this lock
+        took over instead, leaving the directory as it was found; that holder is dead, so the
+        next process takes the lock over again.
+        """
         if not self._held:
             return
         self._held = False
-        # Removed while still locked: a waiter that opened the old file sees the inode change.
         if _read_holder(self.path) == _this_holder():
-            self.path.unlink(missing_ok=True)
+            if restore and self._found is not None:
+                if self._fd is not None:
+                    _overwrite(self._fd, self._found)
+                else:
+                    self.path.write_bytes(self._found)
+            else:
+                # Removed while still locked: a waiter that opened the old file sees the inode
+                # change and tries again.
+                self.path.unlink(missing_ok=True)
         if self._fd is not None:
             os.close(self._fd)  # drops the flock
             self._fd = None
@@ -315,6 +329,13 @@ class DirectoryLock:
             f"cannot lock {self.what} '{self.directory}': {exc.strerror or exc}",
             "check that the directory exists and is writable",
         )
+
+
+def _overwrite(fd: int, data: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, data)
+    os.fsync(fd)
 
 
 def _this_holder() -> dict[str, Any]:

@@ -59,6 +59,13 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     with DirectoryLock(tmp_path) as lock:
         assert lock.took_over == dead
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] != dead["pid"]
+    assert not (tmp_path / LOCK_FILE).exists()
+    # A process that was refused or failed leaves the directory as it found it.
+    (tmp_path / LOCK_FILE).write_text(json.dumps(dead))
+    before = (tmp_path / LOCK_FILE).read_bytes()
+    lock = DirectoryLock(tmp_path).acquire()
+    lock.release(restore=True)
+    assert (tmp_path / LOCK_FILE).read_bytes() == before
 
 
 def test_without_flock_the_file_itself_is_the_lock(tmp_path, monkeypatch):

@@ -165,6 +165,7 @@ def execute(
         )
     shard = init_shard()
     lock: DirectoryLock | None = None
+    completed = False
     try:
         path = shard.broadcast(Path(output.dir) if output.dir else kind.default_dir())
         if shard.is_main:
@@ -189,9 +190,11 @@ def execute(
             ) from exc
         if finished:
             shard.on_main(_check_finished, path, plan.identity)
-            return _orderly(
+            outcome = _orderly(
                 shard, RunOutcome(path, shard.on_main(load_results, path), shard.is_main)
             )
+            completed = True
+            return outcome
         if resume:
             done = shard.on_main(_resumable_parts, path, plan, log)
         else:
@@ -235,10 +238,13 @@ def execute(
             )
             return results
 
-        return _orderly(shard, RunOutcome(path, shard.on_main(finish), shard.is_main))
+        outcome = _orderly(shard, RunOutcome(path, shard.on_main(finish), shard.is_main))
+        completed = True
+        return outcome
     finally:
         if lock is not None:
-            lock.release()
+            # A refused or stopped process leaves a stale lock it took over as it found it.
+            lock.release(restore=not completed)
         shard.close()
 
 
