@@ -10,6 +10,8 @@ Exit codes (documented in README, "Troubleshooting"):
 1     a known runtime problem (model, tokenizer, data, output, numerics)
 2     usage or configuration error (bad option, bad YAML, bad override)
 3     a quality gate failed (``--fail-above`` / ``--fail-below`` / ``gates:``)
+75    busy: another process holds the run directory or cache (see :mod:`lmkl.files`); retry
+      once it has finished
 130   interrupted (Ctrl-C); completed parts are kept and ``--resume`` continues
 ====  =====================================================================
 """
@@ -20,6 +22,8 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_GATE = 3
+#: sysexits' EX_TEMPFAIL: a scheduler can tell "another copy is running" from a failure.
+EXIT_BUSY = 75
 EXIT_INTERRUPTED = 130
 
 
@@ -69,6 +73,12 @@ class OutputError(LmklError):
 
 class ResumeError(LmklError):
     """A run cannot be resumed (missing, finished, or started with other options)."""
+
+
+class Busy(LmklError):
+    """Another process holds the directory's lock (a second copy of the same job)."""
+
+    exit_code = EXIT_BUSY
 
 
 class GateFailure(LmklError):

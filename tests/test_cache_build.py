@@ -274,3 +274,44 @@ def test_two_processes_build_the_cache_one_process_builds(tiny_pair, data, tmp_p
     assert_same_cache(two, one)
     windows = json.loads((one / MANIFEST).read_text())["counts"]["windows"]
     assert windows >= 4  # two parts or more per rank (batch size 2): both ranks had work
+
+
+def test_a_second_build_of_one_cache_is_refused_up_front(tiny_pair, data, full, tmp_path):
+    # Two builds of one cache (a scheduler restarting a job whose first copy still runs): the
+    # second is refused in one line, before loading anything, and changes nothing; a cache being
+    # installed is not tidied away by a reader that opens it meanwhile.
+    from lmkl.errors import EXIT_BUSY
+    from lmkl.refcache.format import build_dir, remove_leftovers
+
+    out = tmp_path / "busy" / "cache"
+    work = build_dir(out)
+    work.mkdir(parents=True)
+    (work / "results.json").write_text("{}")  # as if between its results and its install
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from lmkl.files import DirectoryLock; "
+            f"DirectoryLock(__import__('pathlib').Path({str(work)!r})).acquire(); "
+            "print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in work.iterdir())
+        code, output = invoke(cache_args(tiny_pair, data, out))
+        check_error(code, output, EXIT_BUSY, "in use by another lmkl process", str(work))
+        assert remove_leftovers(out) == []  # held: a live build's directory is left alone
+        assert sorted(p.name for p in work.iterdir()) == before and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder gone, the same directory is a leftover of a finished build and is tidied.
+    assert remove_leftovers(out) == [work.name] and not work.exists()
+    code, output = invoke(cache_args(tiny_pair, data, out))
+    assert code == 0, output
+    assert [p.name for p in out.parent.iterdir()] == ["cache"]
+    assert_same_cache(out, full["exact"])

@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
+from runtools import wait_for_hold
 
 from lmkl.engine.distributed import Shard
-from lmkl.engine.loop import gather_parts
-from lmkl.engine.rundir import RunDirectory, tokens_table
+from lmkl.engine.loop import Part, Plan, _score_parts, gather_parts
+from lmkl.engine.rundir import TOKEN_SCHEMA, RunDirectory, tokens_table
+from lmkl.files import LOCK_FILE
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lmkl_compare(tiny_pair, data: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+def lmkl_compare(
+    tiny_pair,
+    data: Path,
+    out: Path,
+    processes: int,
+    hold: str | None = None,
+    wait: bool = True,
+    extra: list[str] | None = None,
+) -> Any:
+    """Run `lmkl compare` with 1 or K processes (``wait=False``: the started launcher)."""
     env = os.environ | {
         "PYTHONPATH": str(ROOT),
         # One thread per process in both runs: float summation order then matches exactly.
@@ -47,7 +61,10 @@ def lmkl_compare(tiny_pair, data: Path, out: Path, processes: int) -> subprocess
         "--out",
         str(out),
         "-q",
+        *(extra or []),
     ]
+    if hold is not None:
+        env["LMKL_TEST_HOLD"] = hold
     if processes == 1:
         command = [sys.executable, "-m", "lmkl", *args]
     else:
@@ -61,29 +78,56 @@ def lmkl_compare(tiny_pair, data: Path, out: Path, processes: int) -> subprocess
             "lmkl",
             *args,
         ]
+    if not wait:
+        return subprocess.Popen(
+            command,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=str(out.parent),
+        )
     return subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=300, cwd=str(out.parent)
     )
 
 
-def test_two_processes_equal_one(tiny_pair, small_jsonl, tmp_path):
-    one = lmkl_compare(tiny_pair, small_jsonl, tmp_path / "one", 1)
+@pytest.fixture(scope="module")
+def data(tiny_pair, tmp_path_factory) -> Path:
+    """The first three held-out documents, cut short (as conftest's small_jsonl, shared here)."""
+    lines = tiny_pair["heldout"].read_text().splitlines()[:3]
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": json.loads(x)["text"][:1500]}) + "\n" for x in lines)
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_pair, data, tmp_path_factory) -> Path:
+    """The run directory of the comparison made by one process (what K processes must equal)."""
+    out = tmp_path_factory.mktemp("one-process") / "one"
+    one = lmkl_compare(tiny_pair, data, out, 1)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = lmkl_compare(tiny_pair, small_jsonl, tmp_path / "two", 2)
+    return out
+
+
+def test_two_processes_equal_one(tiny_pair, data, one_process, tmp_path):
+    two = lmkl_compare(tiny_pair, data, tmp_path / "two", 2)
     assert two.returncode == 0, two.stderr[-2000:]
     # Only rank 0 reports.
     assert two.stdout.strip().splitlines() == [str(tmp_path / "two")]
 
-    a = pq.read_table(tmp_path / "one" / "tokens.parquet")
+    a = pq.read_table(one_process / "tokens.parquet")
     b = pq.read_table(tmp_path / "two" / "tokens.parquet")
     assert a.num_rows > 100
     assert a.equals(b)  # same rows, same order, same values
-    ra = json.loads((tmp_path / "one" / "results.json").read_text())
+    ra = json.loads((one_process / "results.json").read_text())
     rb = json.loads((tmp_path / "two" / "results.json").read_text())
     assert ra["candidates"] == rb["candidates"]
     assert rb["throughput"]["processes"] == 2 and ra["throughput"]["processes"] == 1
     assert ra["throughput"]["padding_efficiency"] == rb["throughput"]["padding_efficiency"]
-    wa = json.loads((tmp_path / "one" / "worst.json").read_text())
+    wa = json.loads((one_process / "worst.json").read_text())
     wb = json.loads((tmp_path / "two" / "worst.json").read_text())
     assert wa == wb and wa
     assert not (tmp_path / "two" / "parts").exists()
@@ -203,3 +247,97 @@ ranking: {{resamples: 200}}
         sa = json.loads((sub_b / "results.json").read_text())
         assert sa["throughput"]["processes"] == 2  # the dataset really was shared
         assert not (sub_b / "parts").exists()
+
+
+def _child_with_rank(parent: int, rank: int, timeout: float = 120) -> int:
+    """The pid of the launcher's worker process whose environment has ``RANK=rank``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            if ppid == parent and f"RANK={rank}".encode() in environ:
+                return int(entry.name)
+        time.sleep(0.2)
+    raise AssertionError(f"no worker with RANK={rank} under {parent}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_ctrl_c_on_rank_0_stops_every_rank_and_the_run_resumes(
+    tiny_pair, data, one_process, tmp_path
+):
+    """A graceful stop on one rank reaches every rank: rank 0 is held writing part 2 (rank 1
+    has no part 2) and only rank 0 gets SIGINT; both stop after their current part, say so in
+    one line, and nothing blocks. A one-process resume then equals an uninterrupted run."""
+    out = tmp_path / "two"
+    launcher = lmkl_compare(tiny_pair, data, out, 2, hold="part-written:2", wait=False)
+    try:
+        wait_for_hold(launcher, "part-written:2")
+        os.kill(_child_with_rank(launcher.pid, 0), signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert "internal error" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, stderr[-3000:]  # one line per rank
+    assert any("stopped (SIGINT)" in line for line in errors), errors
+    assert any("stopped (requested on another rank)" in line for line in errors), errors
+    assert not (out / "results.json").exists()
+    assert (out / "parts" / "part-000002.parquet").exists()  # the held part was finished
+    assert not (out / LOCK_FILE).exists()  # rank 0 released the lock
+
+    resumed = lmkl_compare(tiny_pair, data, out, 1, extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = pq.read_table(one_process / "tokens.parquet")
+    assert a.equals(pq.read_table(out / "tokens.parquet"))
+
+
+class _FakeKind:
+    """Scores a one-row part per index (what the loop needs of a run kind, nothing more)."""
+
+    kind, token_level = "fake", True
+
+    def ready(self, index: int) -> None:
+        pass
+
+    def score(self, index: int) -> Part:
+        return Part(table=_one_row_table(), sidecar={"worst": {}})
+
+
+def _one_row_table():
+    return tokens_table(
+        {
+            "candidate": ["c"],
+            "doc_id": [0],
+            "window_id": [0],
+            "position": [1],
+            "window_pos": [1],
+            "token_id": [5],
+            "bytes": [1],
+            "nonfinite": [False],
+            **{name: [0.5] for name in TOKEN_METRIC_NAMES},
+        }
+    )
+
+
+def test_only_rank_0_writes_progress(tmp_path):
+    """Ranks never rewrite progress.json concurrently: rank 1 writes its parts, not progress
+    (which it would read back and could lose the run identity from on a hiccup)."""
+    plan = Plan(part_rows=[1] * 6, identity={"x": 1}, schema=TOKEN_SCHEMA)
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.parts_dir.mkdir(parents=True)
+    run_dir.records_progress = False  # as execute() sets it on every rank but 0
+    shard = _RankOneOfTwo(present_on_main=[])
+    shard.highest = lambda flag: flag  # type: ignore[method-assign]
+    result = _score_parts(_FakeKind(), shard, run_dir, plan, set(), None, lambda _m: None)
+    assert result[1] == [1, 3, 5]
+    assert run_dir.completed_indices() == [1, 3, 5]
+    assert not (run_dir.path / "progress.json").exists()

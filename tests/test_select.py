@@ -161,7 +161,8 @@ def test_bad_input_is_one_line_with_its_exit_code(run_dir, tmp_path, tiny_pair):
     )
     experiment = tmp_path / "exp"
     (experiment / "datasets" / "wiki").mkdir(parents=True)
-    (experiment / "results.json").write_text(json.dumps({"kind": "experiment"}))
+    results = {"schema_version": 2, "kind": "experiment"}  # readers check the schema first
+    (experiment / "results.json").write_text(json.dumps(results))
     check_error(
         *invoke(["select", str(experiment), "--out", str(tmp_path / "x.jsonl")]),
         2,

@@ -15,6 +15,7 @@ so neither the process count nor a resume changes a byte of them).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from lmkl.engine.loop import LogCallback, Part, Plan, ProgressCallback, Summary,
 from lmkl.engine.results import now
 from lmkl.engine.rundir import RunDirectory
 from lmkl.errors import Interrupted, LmklError, OutputError, ResumeError, UsageError
+from lmkl.files import DirectoryLock
 from lmkl.refcache.build import CacheWriter, install
 from lmkl.refcache.format import BUILT, build_dir, is_cache_dir, recover, remove_leftovers
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
@@ -192,9 +194,16 @@ def build_cache(
     work = build_dir(out)
     kind = CacheBuild(reference, data, windows, compute, top_k, out)
     shard = init_shard()
+    lock: DirectoryLock | None = None
+    installed = created = False
     try:
-        # TODO(lock): take the advisory run-directory lock on `work` here, on rank 0, before
-        # anything below looks at or removes it, and hold it until the cache is installed.
+        # Rank 0 locks the build directory before anything looks at or removes it, and holds
+        # the lock until the cache is installed: a second build of the same cache (a scheduler
+        # restarting a job whose first copy still runs) is refused up front, in one line.
+        if shard.is_main:
+            lock = DirectoryLock(work, "reference cache build")
+            created = not work.exists()
+        shard.on_main(_lock_build, lock)  # (the other ranks get its error, if any)
         replace = shard.on_main(_check_destination, out, work, resume, overwrite, log)
         with _errors_name_the_cache(out, work, overwrite):
             outcome = execute(
@@ -205,12 +214,32 @@ def build_cache(
                 reuse_finished=True,
                 progress=progress,
                 log=log,
+                held_lock=lock,
             )
         shard.on_main(_install, work, out)
+        installed = True
         shard.barrier()  # no rank tears the process group down while another still uses it
         return outcome.results["manifest"]
     finally:
+        if lock is not None:
+            # A refused or stopped build leaves a stale lock it took over as it found it.
+            lock.release(restore=not installed)
+            if created and not installed:
+                with contextlib.suppress(OSError):  # only if nothing was kept in it
+                    work.rmdir()
         shard.close()
+
+
+def _lock_build(lock: DirectoryLock) -> None:
+    """Create the build directory if need be and take its lock (or raise Busy)."""
+    try:
+        lock.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create the build directory '{lock.directory}': {exc.strerror}",
+            "choose a writable --out directory",
+        ) from exc
+    lock.acquire()
 
 
 def _check_destination(
@@ -223,7 +252,7 @@ def _check_destination(
     engine is to replace the build directory (a new build over a stale or discarded one).
     """
     recover(out)
-    for name in remove_leftovers(out):
+    for name in remove_leftovers(out, locked=True):
         if log:
             log(f"removed {name}, left behind by a killed build")
     if out.exists() and not out.is_dir():

@@ -8,6 +8,11 @@ order, exactly as a single process would have written them, so the run directory
 on K. On a shared filesystem the parts are simply there; otherwise rank 0 receives the missing
 ones over ``torch.distributed`` (gloo), which also carries the barriers. Only small Python objects
 travel (per-token tables are tens of bytes per token), so gloo is used even next to NCCL.
+
+The ranks score in rounds (round ``r``: part ``r*K + rank`` on each rank) and agree after each
+round whether to go on, so a graceful stop (Ctrl-C, SIGTERM) on any one rank stops every rank
+after its current part, with those parts kept, instead of leaving the others waiting for it.
+Rank 0 alone writes progress.json and holds the run directory's lock.
 """
 
 from __future__ import annotations
@@ -66,6 +71,17 @@ class Shard:
         out: list[Any] | None = [None] * self.world_size if self.is_main else None
         dist.gather_object(obj, out, dst=0, group=self._group)
         return out
+
+    def highest(self, flag: int) -> int:
+        """The largest of every rank's ``flag`` on every rank (how a stop on one reaches all)."""
+        if not self.distributed:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([flag], dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._group)
+        return int(value.item())
 
     def on_main(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` on rank 0 only and hand its result (or its error) to every rank."""

@@ -2,8 +2,10 @@
 
 The identity names every model by its weights (content hash of local files, resolved hub
 commit, adapter hash), the data by its content fingerprint, the tokens by their count and how
-they are split into parts, and lmkl's version (windowing may change with it). ``--resume``
-refuses parts computed from another identity, and refuses parts with no identity recorded.
+they are split into parts, and lmkl's code: its version and a hash of the source that computes
+results (:func:`lmkl.version.code_hash`), since the version string does not change with every
+commit. ``--resume`` refuses parts computed from another identity, and refuses parts with no
+identity recorded.
 """
 
 from __future__ import annotations
@@ -13,7 +15,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from lmkl.errors import ResumeError
-from lmkl.version import __version__
+from lmkl.version import __version__, code_hash
+
+#: What each identity field is, for the message that refuses a resume.
+_WHAT = {
+    "lmkl": "lmkl's version",
+    "code": "lmkl's code",
+    "models": "the models",
+    "data_fingerprint": "the data",
+    "parts": "the number of parts",
+    "part_sizes": "the part sizes",
+}
 
 
 def model_identity(description: dict[str, Any]) -> dict[str, Any]:
@@ -37,6 +49,7 @@ def run_identity(
     """The identity of a run: ``models`` as (label, description) pairs, data, parts, extras."""
     identity = {
         "lmkl": __version__,
+        "code": code_hash(),
         "models": [[label, model_identity(desc)] for label, desc in models],
         "data_fingerprint": data_fingerprint,
         "parts": len(part_sizes),
@@ -58,9 +71,19 @@ def check_identity(recorded: dict[str, Any] | None, current: dict[str, Any], whe
         changed = sorted(
             k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k)
         )
+        if set(changed) <= {"lmkl", "code"}:
+            # Only lmkl changed: say so plainly, with both code hashes to compare installs.
+            was, now = recorded.get("code", "not recorded"), current.get("code")
+            raise ResumeError(
+                f"cannot resume '{where}': lmkl's code changed since it started (code {was}, "
+                f"now {now}; version {recorded.get('lmkl')}, now {current.get('lmkl')}), so "
+                "its parts could differ from the ones computed now",
+                "resume with the lmkl that started it, or start a new run with another --out",
+            )
+        named = ", ".join(f"{k} ({_WHAT[k]})" if k in _WHAT else k for k in changed)
         raise ResumeError(
-            f"cannot resume '{where}': its inputs changed since it started ({', '.join(changed)})",
-            "restore the original model and data files (and lmkl version), or start a new run "
+            f"cannot resume '{where}': its inputs changed since it started: {named}",
+            "restore the original model and data files (and lmkl), or start a new run "
             "with another --out",
         )
 

@@ -9,8 +9,14 @@ engine does everything else, the same way for every kind:
 3. create the run directory (marker, config.yaml, run identity), or on ``--resume`` check that
    the options and the identity are those of the interrupted run and keep its valid parts;
 4. score the parts this process owns (round-robin over ranks), each written durably; the first
-   Ctrl-C/SIGTERM finishes the current part and stops with the command to resume;
+   Ctrl-C/SIGTERM on any rank finishes every rank's current part and stops with the command to
+   resume;
 5. bring every rank's parts to rank 0, which alone summarizes and writes results.json.
+
+Rank 0 holds the run directory's lock (:class:`lmkl.files.DirectoryLock`) from the moment the
+directory exists until the run ends, so a second process on the same directory (two
+``--resume`` of one killed run) is refused up front (exit code 75) instead of computing the
+same parts and failing at the merge.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from lmkl.engine.identity import changed_keys, check_identity
 from lmkl.engine.interrupt import GracefulStop
 from lmkl.engine.results import envelope, now
 from lmkl.engine.rundir import RunDirectory, load_results
-from lmkl.errors import Interrupted, ResumeError, UsageError
-from lmkl.files import atomic_path
+from lmkl.errors import Interrupted, OutputError, ResumeError, UsageError
+from lmkl.files import DirectoryLock, atomic_path
 from lmkl.specs import OutputSpec
 
 ProgressCallback = Callable[[int, int], None]
@@ -143,9 +149,12 @@ def execute(
     reuse_finished: bool = False,
     progress: ProgressCallback | None = None,
     log: LogCallback | None = None,
+    held_lock: DirectoryLock | None = None,
 ) -> RunOutcome:
     """Run ``kind`` into a run directory (see the module docstring for the lifecycle).
 
+    ``held_lock``: the caller (rank 0) already holds ``output.dir``'s lock and keeps it past
+    the run (a cache build, which installs the cache afterwards); it is used, not released.
     ``resume`` continues an interrupted run in ``output.dir``. ``reuse_finished`` (with
     ``resume``) returns a finished run's results instead of refusing it, once its options and
     run identity are checked to be the current ones (experiments reuse finished datasets).
@@ -162,8 +171,14 @@ def execute(
             "pass --resume --out DIR with the directory of the interrupted run",
         )
     shard = init_shard()
+    lock: DirectoryLock | None = None
+    completed = False
     try:
         path = shard.broadcast(Path(output.dir) if output.dir else kind.default_dir())
+        if shard.is_main:
+            lock = held_lock or DirectoryLock(path, "run directory")
+        # Up front when the directory exists (a resume, an --overwrite), else once created.
+        shard.on_main(_lock_if_exists, lock)
         config = json.loads(json.dumps(kind.options()))
         if resume:
             finished = shard.on_main(_check_resumable, path, config, reuse_finished)
@@ -182,18 +197,32 @@ def execute(
             ) from exc
         if finished:
             shard.on_main(_check_finished, path, plan.identity)
-            return _orderly(
+            outcome = _orderly(
                 shard, RunOutcome(path, shard.on_main(load_results, path), shard.is_main)
             )
+            completed = True
+            return outcome
         if resume:
             done = shard.on_main(_resumable_parts, path, plan, log)
         else:
-            shard.on_main(_create, path, kind.kind, config, plan.identity, output.overwrite)
+            shard.on_main(_create, path, kind.kind, config, plan.identity, output.overwrite, lock)
             done = set()
         run_dir = RunDirectory(path, plan.schema, plan.sidecar)
+        run_dir.records_progress = shard.is_main
+        run_dir.identity = plan.identity
         run_dir.parts_dir.mkdir(parents=True, exist_ok=True)
-        counters, written = _score_parts(kind, shard, run_dir, plan, done, progress, log)
+        counters, written, stopped = _score_parts(kind, shard, run_dir, plan, done, progress, log)
         totals = gather_parts(shard, run_dir, written, counters)
+        if stopped is not None:
+            # Every rank stopped after the same round; the parts other ranks wrote are now
+            # with rank 0 too, so a resume (with any number of processes) keeps them.
+            run_dir.write_progress()
+            shard.barrier()  # see _orderly
+            raise Interrupted(
+                f"{stopped}; {len(run_dir.completed_indices())} completed parts are kept in "
+                f"{run_dir.path}",
+                f"continue with the same command plus --resume --out {run_dir.path}",
+            )
 
         def finish() -> dict[str, Any]:
             assert totals is not None
@@ -217,8 +246,13 @@ def execute(
             )
             return results
 
-        return _orderly(shard, RunOutcome(path, shard.on_main(finish), shard.is_main))
+        outcome = _orderly(shard, RunOutcome(path, shard.on_main(finish), shard.is_main))
+        completed = True
+        return outcome
     finally:
+        if lock is not None and lock is not held_lock:
+            # A refused or stopped process leaves a stale lock it took over as it found it.
+            lock.release(restore=not completed)
         shard.close()
 
 
@@ -240,12 +274,22 @@ def _record_part_kernels(results: dict[str, Any], run_dir: RunDirectory) -> None
         compute["kernel"] = next(iter(counts)) if len(counts) == 1 else "mixed"
 
 
+def _lock_if_exists(lock: DirectoryLock | None) -> None:
+    """Take the run directory's lock (rank 0) if the directory exists already."""
+    if lock is not None and lock.directory.is_dir():
+        lock.acquire()
+
+
 def _orderly(shard: Shard, outcome: RunOutcome) -> RunOutcome:
     """Wait until every rank holds rank 0's results before any rank tears the process group
     down: a rank that destroys it while a peer still reads the last broadcast can abort that
     peer (gloo, SIGABRT). Only on success: after an error the ranks may not meet again."""
     shard.barrier()
     return outcome
+
+
+#: What each rank tells the others after a round of parts (the highest wins).
+_GO, _STOP, _FAILED = 0, 1, 2
 
 
 def _score_parts(
@@ -256,10 +300,18 @@ def _score_parts(
     done: set[int],
     progress: ProgressCallback | None,
     log: LogCallback,
-) -> tuple[dict[str, float], list[int]]:
-    """Score this rank's missing parts; returns summed counters and the parts written here."""
+) -> tuple[dict[str, float], list[int], str | None]:
+    """Score this rank's missing parts: summed counters, the parts written here, and why the
+    run stopped early (None: every part is done).
+
+    Ranks go in rounds, one part each, and agree after every round whether to go on: a
+    graceful stop requested on any rank stops all of them after that round (so no rank waits
+    forever for one that left), and a rank that fails or is stopped at once (second Ctrl-C)
+    tells the others before it raises.
+    """
     work = plan.work
     total = sum(work)
+    count = len(plan.part_rows)
     counters: dict[str, float] = {"seconds": 0.0, "cpu_seconds": 0.0}
     written: list[int] = []
     finished_work = 0
@@ -271,38 +323,56 @@ def _score_parts(
                 "(press Ctrl-C again to stop at once)"
             )
         ) as stop:
-            for index in range(len(plan.part_rows)):
-                if not shard.owns(index):
-                    continue
-                if index in done:
+            for first in range(0, count, shard.world_size):
+                index = first + shard.rank
+                failure: BaseException | None = None
+                if index < count and index in done:
                     finished_work += work[index]
-                    continue
-                kind.ready(index)
-                t0, c0 = time.perf_counter(), time.process_time()
-                part = kind.score(index)
-                # A kind may time its scoring itself (leaving out e.g. decoding text).
-                counters["seconds"] += part.counters.pop("seconds", time.perf_counter() - t0)
-                counters["cpu_seconds"] += part.counters.pop(
-                    "cpu_seconds", time.process_time() - c0
-                )
-                for key, value in part.counters.items():
-                    counters[key] = counters.get(key, 0.0) + value
-                table = part.table
-                if part.kernel is not None:
-                    metadata = dict(table.schema.metadata or {})
-                    metadata[KERNEL_KEY] = part.kernel.encode()
-                    table = table.replace_schema_metadata(metadata)
-                run_dir.write_part(index, table, sidecar=part.sidecar, extra=part.extra)
-                written.append(index)
-                finished_work += work[index]
-                if progress and shard.is_main:
-                    progress(min(finished_work * shard.world_size, total), total)
-                if stop.requested and index < len(plan.part_rows) - 1:
+                elif index < count:
+                    try:
+                        kind.ready(index)
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        part = kind.score(index)
+                        # A kind may time its scoring itself (leaving out e.g. decoding text).
+                        counters["seconds"] += part.counters.pop(
+                            "seconds", time.perf_counter() - t0
+                        )
+                        counters["cpu_seconds"] += part.counters.pop(
+                            "cpu_seconds", time.process_time() - c0
+                        )
+                        for key, value in part.counters.items():
+                            counters[key] = counters.get(key, 0.0) + value
+                        table = part.table
+                        if part.kernel is not None:
+                            metadata = dict(table.schema.metadata or {})
+                            metadata[KERNEL_KEY] = part.kernel.encode()
+                            table = table.replace_schema_metadata(metadata)
+                        run_dir.write_part(index, table, sidecar=part.sidecar, extra=part.extra)
+                        written.append(index)
+                        finished_work += work[index]
+                        if progress and shard.is_main:
+                            progress(min(finished_work * shard.world_size, total), total)
+                    except BaseException as exc:  # re-raised below, after telling the others
+                        if not shard.distributed:
+                            raise
+                        failure = exc
+                flag = _FAILED if failure is not None else _STOP if stop.requested else _GO
+                agreed = shard.highest(flag)
+                if failure is not None:
+                    raise failure
+                if agreed == _FAILED:
                     raise Interrupted(
-                        f"stopped ({stop.signal_name}) after {finished_work} of {total} "
-                        f"{plan.unit}; {len(run_dir.completed_indices())} completed parts are "
-                        f"kept in {run_dir.path}",
-                        resume_hint,
+                        f"stopped after {finished_work} of {total} {plan.unit}: another rank "
+                        f"failed or was stopped at once; {len(run_dir.completed_indices())} "
+                        f"completed parts are kept in {run_dir.path}",
+                        resume_hint + " (see the other rank's message)",
+                    )
+                if agreed == _STOP and first + shard.world_size < count:
+                    why = stop.signal_name if stop.requested else "requested on another rank"
+                    return (
+                        counters,
+                        written,
+                        f"stopped ({why}) after {finished_work} of {total} {plan.unit}",
                     )
     except KeyboardInterrupt as exc:
         raise Interrupted(
@@ -310,12 +380,29 @@ def _score_parts(
             f"{len(run_dir.completed_indices())} completed parts are kept in {run_dir.path}",
             resume_hint,
         ) from exc
-    return counters, written
+    return counters, written, None
 
 
 def _create(
-    path: Path, kind: str, config: dict[str, Any], identity: dict[str, Any], overwrite: bool
+    path: Path,
+    kind: str,
+    config: dict[str, Any],
+    identity: dict[str, Any],
+    overwrite: bool,
+    lock: DirectoryLock | None = None,
 ) -> None:
+    if lock is not None and not lock.held:
+        # A new directory: create it (checked again, models are loaded now), then lock it
+        # before anything else is written, so a second process cannot start in it.
+        RunDirectory.check_new(path, overwrite)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot prepare output directory '{path}': {exc.strerror}",
+                "choose a writable --out directory",
+            ) from exc
+        lock.acquire()
     run_dir = RunDirectory.create(path, overwrite=overwrite, kind=kind)
     run_dir.write_config(config)
     run_dir.write_progress(identity)
@@ -348,6 +435,7 @@ def _check_resumable(path: Path, config: dict[str, Any], reuse_finished: bool) -
         raise ResumeError(
             f"'{path}' holds no started run to resume", "drop --resume to start a new run"
         )
+    RunDirectory(path).read_marker()  # refuses a run written by a newer lmkl
     previous = read_run_config(path)
     if previous != config:
         changed = changed_keys(previous, config)

@@ -11,7 +11,10 @@ Layout (a contract; see README, "Run directory")::
       view.parquet     both models' top-5 next tokens on a bounded set of documents, for the
                        report's token view (only with ``compute.view_tokens``)
       parts/           durable parts while the run is in progress (removed at the end)
-      progress.json    completed parts and the run identity (while in progress)
+      progress.json    completed parts and the run identity (while in progress; rank 0 alone
+                       writes it)
+      .lmkl-lock       host and pid of the process working in the directory (while it runs;
+                       see :class:`lmkl.files.DirectoryLock`)
 
 Run kinds add their own files (``documents.parquet`` for per-byte comparisons, ``samples.*``
 for sampled KL; an experiment keeps one run directory per dataset under ``datasets/``).
@@ -40,8 +43,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmkl.errors import OutputError
-from lmkl.files import atomic_path, write_json, write_yaml
+from lmkl.engine.results import SCHEMA_VERSION, check_schema
+from lmkl.errors import OutputError, ResumeError
+from lmkl.files import LOCK_FILE, atomic_path, write_json, write_yaml
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
 from lmkl.version import __version__
 
@@ -65,8 +69,13 @@ RUN_FILES = frozenset(
         "report.md",
         "report_files",
         "datasets",
+        LOCK_FILE,
     }
 )
+
+#: How often, and after how long, a failed read of progress.json is tried again: a network
+#: file system's transient error must not pass for "no progress" (which loses the identity).
+_READ_RETRIES = (0.1, 0.5, 2.0)
 
 #: Column types of tokens.parquet. Metrics are float32 (their own precision) and null where the
 #: logits were not finite.
@@ -146,8 +155,9 @@ def _is_temporary(name: str) -> bool:
 
 
 def _is_empty(path: Path) -> bool:
-    """No entries except leftovers of an interrupted write (which hold no results)."""
-    return all(_is_temporary(p.name) for p in path.iterdir())
+    """No entries except leftovers of an interrupted write (which hold no results) and the
+    lock this process may already hold."""
+    return all(_is_temporary(p.name) or p.name == LOCK_FILE for p in path.iterdir())
 
 
 def foreign_entries(path: Path) -> list[str]:
@@ -179,6 +189,11 @@ class RunDirectory:
 
     def __init__(self, path: Path, schema: pa.Schema | None = None, sidecar: str = "worst") -> None:
         self.path = path
+        #: Whether :meth:`write_part` updates progress.json: only rank 0 of a multi-process run
+        #: does, so ranks never race on the file (nor read it back mid-rename on NFS).
+        self.records_progress = True
+        #: The run identity progress.json records (kept here, so updates never re-read it).
+        self.identity: dict[str, Any] | None = None
         self._completed: set[int] | None = None  # listed once, then kept up to date
         #: Columns of the per-token parts and of tokens.parquet.
         self.schema = schema or TOKEN_SCHEMA
@@ -248,7 +263,15 @@ class RunDirectory:
         cls.check_new(path, overwrite)
         try:
             if path.exists() and not _is_empty(path):
-                shutil.rmtree(path)  # check_new allowed it: --overwrite of an lmkl run
+                # check_new allowed it: --overwrite of an lmkl run. The lock stays: this
+                # process holds it.
+                for entry in path.iterdir():
+                    if entry.name == LOCK_FILE:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(
@@ -261,16 +284,22 @@ class RunDirectory:
 
     def write_marker(self, fields: dict[str, Any]) -> None:
         """Write (or update) the marker: lmkl's version, the run kind, and ``fields``."""
-        marker = self.read_marker() | {"lmkl": __version__} | fields
+        marker = self.read_marker() | {"schema_version": SCHEMA_VERSION, "lmkl": __version__}
+        marker |= fields
         with _writing(self.path, MARKER):
             write_json(self.path / MARKER, marker)
 
     def read_marker(self) -> dict[str, Any]:
+        """The marker's fields ({} if unreadable: it only guards deletion and reuse, and a run
+        whose marker records no identity is not reused); a newer schema is refused."""
         try:
             value = json.loads((self.path / MARKER).read_text())
         except (OSError, ValueError):
             return {}
-        return value if isinstance(value, dict) else {}
+        if not isinstance(value, dict):
+            return {}
+        check_schema(value, self.path / MARKER, "run marker", required=False)
+        return value
 
     def write_config(self, config: dict[str, Any]) -> None:
         with _writing(self.path, "config.yaml"):
@@ -314,24 +343,65 @@ class RunDirectory:
         return json.loads(path.read_text()) if path.exists() else None
 
     def write_progress(self, identity: dict[str, Any] | None = None) -> None:
-        """Record the completed parts (and, once, what the run is computed from) in progress.json.
+        """Record the completed parts (and what the run is computed from) in progress.json.
 
         ``identity`` (data fingerprint, model hashes, window count...) is kept from the first
-        call so that ``--resume`` can refuse to mix parts computed from other inputs.
+        call (or :attr:`identity`) so that ``--resume`` can refuse to mix parts computed from
+        other inputs. Does nothing where :attr:`records_progress` is off (ranks other than 0).
         """
-        progress = self.read_progress()
+        if not self.records_progress:
+            return
         if identity is not None:
-            progress["identity"] = identity
+            self.identity = identity
+        elif self.identity is None:
+            # Read once (retried, never silently empty), then kept: a later transient read
+            # error cannot drop the identity from the file.
+            self.identity = self.read_progress().get("identity")
+        progress: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+        if self.identity is not None:
+            progress["identity"] = self.identity
         progress["completed_parts"] = len(self.completed_indices())
         with _writing(self.path, "progress.json"):
             write_json(self.path / "progress.json", progress)
 
     def read_progress(self) -> dict[str, Any]:
+        """progress.json's fields ({} when the run has none yet), its schema checked.
+
+        A failed read is tried again briefly (a network file system's hiccup); one that
+        persists, or a damaged file, is a one-line error, never an empty progress.
+        """
         path = self.path / "progress.json"
-        try:
-            return dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return {}
+        for delay in (*_READ_RETRIES, None):
+            try:
+                value = json.loads(path.read_text())
+                break
+            except FileNotFoundError:
+                return {}
+            except (OSError, ValueError) as exc:
+                if delay is not None:
+                    time.sleep(delay)
+                    continue
+                if isinstance(exc, OSError):
+                    raise OutputError(
+                        f"cannot read '{path}': {exc.strerror or exc} (tried "
+                        f"{len(_READ_RETRIES) + 1} times); its parts are kept",
+                        f"fix the file system (a network mount?), then rerun with --resume "
+                        f"--out {self.path}",
+                    ) from exc
+                raise ResumeError(
+                    f"'{path}' is damaged ({exc}); the run's parts cannot be checked against "
+                    "its inputs without it",
+                    "start a new run with another --out (or --overwrite)",
+                ) from exc
+        if not isinstance(value, dict):
+            raise ResumeError(
+                f"'{path}' is damaged (not a JSON object); the run's parts cannot be checked "
+                "against its inputs without it",
+                "start a new run with another --out (or --overwrite)",
+            )
+        check_schema(value, path, "progress file", required=False)
+        value.pop("schema_version", None)
+        return value
 
     def rescan(self) -> None:
         """Forget the cached listing: other processes (ranks) may have added parts."""
@@ -469,6 +539,7 @@ def load_results(run_dir: Path) -> dict[str, Any]:
         raise _damaged(path, exc) from exc
     if not isinstance(results, dict):
         raise OutputError(f"'{path}' is not an lmkl results file", "rerun the comparison")
+    check_schema(results, path, "results file")
     return results
 
 

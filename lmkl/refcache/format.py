@@ -49,7 +49,8 @@ import torch
 
 from lmkl.data.corpus import load_corpus
 from lmkl.data.windows import Window
-from lmkl.errors import DataError, TokenizerMismatchError, UsageError
+from lmkl.errors import Busy, DataError, TokenizerMismatchError, UsageError
+from lmkl.files import LOCK_FILE, DirectoryLock
 from lmkl.specs import ComputeSpec, DataSpec, WindowSpec
 
 MANIFEST = "manifest.json"
@@ -389,19 +390,29 @@ def build_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.build"
 
 
-def remove_leftovers(out: Path) -> list[str]:
+def remove_leftovers(out: Path, *, locked: bool = False) -> list[str]:
     """Remove what a killed build of ``out`` left that nothing can use any more (names removed).
 
     That is a build directory whose cache was already installed (the build was killed just
     before removing it) and the temporary directories of builds made before builds could resume
     (``.NAME.XXXXXXXX.tmp``). The parts of an interrupted build are kept: they are what
     ``--resume`` continues from (``--overwrite`` discards them, and a plain rerun names them).
+    A build directory is emptied only under its lock: by a build that holds it (``locked``),
+    or by taking it here (a live build between its results and its install keeps it).
     """
     removed = []
     work = build_dir(out)
     if (work / "results.json").is_file() and not (work / BUILT).exists():
-        shutil.rmtree(work, ignore_errors=True)
-        removed.append(work.name)
+        try:
+            if locked:
+                _empty_but_the_lock(work)
+            else:
+                with DirectoryLock(work, "reference cache build"):
+                    _empty_but_the_lock(work)
+                work.rmdir()
+            removed.append(work.name)
+        except (Busy, OSError):
+            pass
     legacy = re.compile(rf"^\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp$")
     try:
         entries = list(out.parent.iterdir())
@@ -412,6 +423,16 @@ def remove_leftovers(out: Path) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return sorted(removed)
+
+
+def _empty_but_the_lock(directory: Path) -> None:
+    for entry in directory.iterdir():
+        if entry.name == LOCK_FILE:
+            continue  # removed with the lock
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def recover(out: Path) -> None:

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmkl.analysis.per_token import CandidateTokens
+from lmkl.engine.results import check_schema
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import OutputError, UsageError
 from lmkl.formatting import to_float
@@ -83,6 +84,8 @@ def load_run(path: Path) -> RunInfo:
         )
         raise OutputError(f"'{path}' has no results.json (not a finished lmkl run)", hint)
     results = _load_json(results_path, "results file")
+    if isinstance(results, dict):
+        check_schema(results, results_path, "results file")
     if not isinstance(results, dict) or not isinstance(results.get("candidates"), list):
         raise OutputError(
             f"'{results_path}' has no candidates list", "pass a run directory written by lmkl"
