@@ -17,6 +17,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -364,3 +365,15 @@ def _is_dead(holder: dict[str, Any]) -> bool:
     except OSError:  # exists but belongs to someone else
         return False
     return False
+
+
+def empty_directory(directory: Path, keep: tuple[str, ...] = (LOCK_FILE,)) -> None:
+    """Remove everything in ``directory`` but the entries named in ``keep`` (its lock: the
+    process emptying it holds it, and another must not find the directory unlocked)."""
+    for entry in directory.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)

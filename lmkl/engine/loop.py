@@ -36,8 +36,8 @@ from lmkl.engine.distributed import Shard, init_shard
 from lmkl.engine.identity import changed_keys, check_identity
 from lmkl.engine.interrupt import GracefulStop
 from lmkl.engine.results import envelope, now
-from lmkl.engine.rundir import RunDirectory, load_results
-from lmkl.errors import Interrupted, OutputError, ResumeError, UsageError
+from lmkl.engine.rundir import RunDirectory, load_results, make_output_dir
+from lmkl.errors import Interrupted, ResumeError, UsageError
 from lmkl.files import DirectoryLock, atomic_path
 from lmkl.specs import OutputSpec
 
@@ -395,13 +395,7 @@ def _create(
         # A new directory: create it (checked again, models are loaded now), then lock it
         # before anything else is written, so a second process cannot start in it.
         RunDirectory.check_new(path, overwrite)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(
-                f"cannot prepare output directory '{path}': {exc.strerror}",
-                "choose a writable --out directory",
-            ) from exc
+        make_output_dir(path)
         lock.acquire()
     run_dir = RunDirectory.create(path, overwrite=overwrite, kind=kind)
     run_dir.write_config(config)

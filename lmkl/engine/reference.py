@@ -71,6 +71,10 @@ class LiveReference:
     def description(self) -> dict[str, Any]:
         return self.model.description
 
+    def _rows(self, batch: Batch, candidates: list[LoadedModel]) -> Any:
+        """The reference's final hidden states when they are stored (None: run the model)."""
+        return None
+
     def score(self, batch: Batch, candidates: list[LoadedModel], how: BatchScoring) -> Scored:
         return score_batch(
             batch,
@@ -81,37 +85,25 @@ class LiveReference:
             how.temperature,
             how.worst_k,
             kernel=how.kernel,
+            reference_rows=self._rows(batch, candidates),
             record_top5=how.record_top5,
         )
 
 
-class ExactCacheReference:
+class ExactCacheReference(LiveReference):
     """An exact reference cache: stored rows through the stored output layer (live numbers)."""
 
-    schema = TOKEN_SCHEMA
-    exact_kl = True
-
     def __init__(self, cache: ReferenceCache) -> None:
+        super().__init__(cache)  # the cache stands in for the model: it has the output layer
         self.cache = cache
 
     @property
     def description(self) -> dict[str, Any]:
         return self.cache.description
 
-    def score(self, batch: Batch, candidates: list[LoadedModel], how: BatchScoring) -> Scored:
-        return score_batch(
-            batch,
-            self.cache,
-            candidates,
-            how.vocab_size,
-            how.chunk,
-            how.temperature,
-            how.worst_k,
-            kernel=how.kernel,
-            # On the candidates' device: the output layer runs where their logits are.
-            reference_rows=self.cache.rows(batch.windows, candidates[0].device),
-            record_top5=how.record_top5,
-        )
+    def _rows(self, batch: Batch, candidates: list[LoadedModel]) -> Any:
+        # On the candidates' device: the output layer runs where their logits are.
+        return self.cache.rows(batch.windows, candidates[0].device)
 
 
 class TopKCacheReference:

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from lmkl.engine.results import SCHEMA_VERSION, check_schema
 from lmkl.errors import OutputError, ResumeError
-from lmkl.files import LOCK_FILE, atomic_path, write_json, write_yaml
+from lmkl.files import LOCK_FILE, atomic_path, empty_directory, write_json, write_yaml
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
 from lmkl.version import __version__
 
@@ -265,19 +265,10 @@ class RunDirectory:
             if path.exists() and not _is_empty(path):
                 # check_new allowed it: --overwrite of an lmkl run. The lock stays: this
                 # process holds it.
-                for entry in path.iterdir():
-                    if entry.name == LOCK_FILE:
-                        continue
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry)
-                    else:
-                        entry.unlink()
-            path.mkdir(parents=True, exist_ok=True)
+                empty_directory(path)
         except OSError as exc:
-            raise OutputError(
-                f"cannot prepare output directory '{path}': {exc.strerror}",
-                "choose a writable --out directory",
-            ) from exc
+            raise _unpreparable(path, exc) from exc
+        make_output_dir(path)
         run_dir = cls(path)
         run_dir.write_marker({"kind": kind})
         return run_dir
@@ -563,6 +554,21 @@ def _existing(run_dir: Path, name: str, why: str, hint: str) -> Path:
     if not path.exists():
         raise OutputError(f"'{run_dir}' has no {name} ({why})", hint)
     return path
+
+
+def _unpreparable(path: Path, exc: OSError) -> OutputError:
+    return OutputError(
+        f"cannot prepare output directory '{path}': {exc.strerror}",
+        "choose a writable --out directory",
+    )
+
+
+def make_output_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) or raise a one-line :class:`OutputError`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unpreparable(path, exc) from exc
 
 
 def _damaged(path: Path, exc: BaseException) -> OutputError:

@@ -50,7 +50,7 @@ import torch
 from lmkl.data.corpus import load_corpus
 from lmkl.data.windows import Window
 from lmkl.errors import Busy, DataError, TokenizerMismatchError, UsageError
-from lmkl.files import LOCK_FILE, DirectoryLock
+from lmkl.files import DirectoryLock, empty_directory
 from lmkl.specs import ComputeSpec, DataSpec, WindowSpec
 
 MANIFEST = "manifest.json"
@@ -405,10 +405,10 @@ def remove_leftovers(out: Path, *, locked: bool = False) -> list[str]:
     if (work / "results.json").is_file() and not (work / BUILT).exists():
         try:
             if locked:
-                _empty_but_the_lock(work)
+                empty_directory(work)
             else:
                 with DirectoryLock(work, "reference cache build"):
-                    _empty_but_the_lock(work)
+                    empty_directory(work)
                 work.rmdir()
             removed.append(work.name)
         except (Busy, OSError):
@@ -423,16 +423,6 @@ def remove_leftovers(out: Path, *, locked: bool = False) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return sorted(removed)
-
-
-def _empty_but_the_lock(directory: Path) -> None:
-    for entry in directory.iterdir():
-        if entry.name == LOCK_FILE:
-            continue  # removed with the lock
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
 
 
 def recover(out: Path) -> None:
