@@ -209,7 +209,14 @@ class DirectoryLock:
         import fcntl
 
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                created = True
+            except FileExistsError:
+                fd = os.open(self.path, os.O_RDWR)
+                created = False
+        except FileNotFoundError:
+            return False  # removed between the two opens: try again
         except OSError as exc:
             raise self._unusable(exc) from exc
         try:
@@ -221,8 +228,9 @@ class DirectoryLock:
         except OSError as exc:
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 # A file system without flock: the file itself becomes the lock. The empty
-                # file our open just created would read as a holder; remove it first.
-                if os.fstat(fd).st_size == 0:
+                # file our open just created would read as a holder; remove it first (only
+                # ours: an empty file someone else created may be their lock being written).
+                if created and os.fstat(fd).st_size == 0:
                     self.path.unlink(missing_ok=True)
                 os.close(fd)
                 self._acquire_exclusive()

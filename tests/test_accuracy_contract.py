@@ -117,6 +117,18 @@ def test_near_identical_models_meet_the_contract(kernel, noise):
     assert_contract(kernel(ref, cand, targets), want)
 
 
+@pytest.mark.parametrize("offset", [-61.3, 47.9])
+def test_log_normalisers_far_apart(kernel, offset):
+    # Logits offset by a constant (another scale of the same head): the log-normalisers differ
+    # by tens of nats, so their float32 difference is off by ~1e-6, as large as the log-ratios
+    # of a KL of 1e-9. Every divergence must still come from the refined log-ratio.
+    ref, cand, targets = near_identical_rows(31, 4.5e-5)
+    cand = cand - 2.5 + offset
+    want = float64_reference(ref, cand, targets)
+    assert 0 < float(want["kl"].min()) < 1e-4
+    assert_contract(kernel(ref, cand, targets), want)
+
+
 def test_mean_and_p99_error_over_many_near_identical_tokens(kernel):
     # The figures: over 200 tokens at KL 1e-7 .. 1e-10, the mean is within 1e-3 of
     # float64 and the 99th percentile of the per-token relative error within 5e-3.
@@ -218,6 +230,15 @@ def test_plain_float32_breaks_the_contract_this_test_enforces():
     naive = {"kl": (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)}
     ratio = errors(naive, float64_reference(ref, cand, targets))["kl"]
     assert float(ratio.max()) > 10
+
+
+def test_a_nan_on_a_good_row_breaks_the_contract():
+    ref, cand, targets = near_identical_rows(29, 1e-3, rows=3)
+    want = float64_reference(ref, cand, targets)
+    got = {name: want[name].float().clone() for name in ("kl", "jsd")}
+    assert not check(got, want)
+    got["kl"][1] = math.nan
+    assert check(got, want) and "kl: row 1" in check(got, want)[0]
 
 
 def test_phi_coefficients_are_reciprocal_factorials():

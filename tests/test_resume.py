@@ -130,6 +130,10 @@ def test_readers_refuse_a_newer_or_unknown_schema(tiny_pair, small_jsonl, tmp_pa
     results_path.write_text(json.dumps(results))
     with pytest.raises(OutputError, match="unknown schema version"):
         load_results(out)
+    for damaged in ([1], {"v": 1}, "1", True):  # one line, never a TypeError (unhashable)
+        results_path.write_text(json.dumps(results | {"schema_version": damaged}))
+        with pytest.raises(OutputError, match="unknown schema version"):
+            load_results(out)
 
     run = RunDirectory(tmp_path / "other")
     run.path.mkdir()

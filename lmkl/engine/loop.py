@@ -177,16 +177,16 @@ def execute(
         path = shard.broadcast(Path(output.dir) if output.dir else kind.default_dir())
         if shard.is_main:
             lock = held_lock or DirectoryLock(path, "run directory")
-        # Up front when the directory exists (a resume, an --overwrite), else once created.
-        shard.on_main(_lock_if_exists, lock)
         config = json.loads(json.dumps(kind.options()))
-        if resume:
-            finished = shard.on_main(_check_resumable, path, config, reuse_finished)
-        else:
-            finished = False
-            # Rank 0 checks; the collective also keeps a fast rank 0 from creating the
+        if not resume:
+            # Rank 0 checks first (a directory that is not lmkl's is refused as such, not as
+            # one it cannot lock); the collective also keeps a fast rank 0 from creating the
             # directory before a slow rank has looked at it.
             shard.on_main(RunDirectory.check_new, path, output.overwrite)
+        # Up front when the directory exists (a resume, an --overwrite), else once created;
+        # before anything reads what another process may be writing.
+        shard.on_main(_lock_if_exists, lock)
+        finished = resume and shard.on_main(_check_resumable, path, config, reuse_finished)
         started = now()
         try:
             plan = kind.prepare(shard, log)

@@ -64,7 +64,9 @@ class LiveReference:
     schema = TOKEN_SCHEMA
     exact_kl = True
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel | ReferenceCache) -> None:
+        #: What :func:`score_batch` runs as the reference: a loaded model, or an exact cache
+        #: (which holds the output layer its stored rows go through).
         self.model = model
 
     @property

@@ -31,9 +31,12 @@ def check_schema(data: dict[str, Any], path: Any, what: str, *, required: bool =
     version = data.get("schema_version")
     if version is None and not required:
         return
-    if version in READABLE_SCHEMAS and not isinstance(version, bool):
+    # Anything but a whole number (a damaged file: a list, a string) is refused below, in one
+    # line; a membership test on it could raise TypeError (unhashable) instead.
+    whole = isinstance(version, int) and not isinstance(version, bool)
+    if whole and version in READABLE_SCHEMAS:
         return
-    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+    if whole and version > SCHEMA_VERSION:
         raise OutputError(
             f"{what} '{path}' has schema version {version}, newer than this lmkl reads "
             f"({SCHEMA_VERSION}); it was written by a newer lmkl",

@@ -29,6 +29,7 @@ kernel runs :func:`check` on load (a build that fails it is rebuilt once, then n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -84,6 +85,8 @@ def errors(
         finite = torch.isfinite(value)
         bound = tolerance.bound(value)
         ratio = torch.where(error == 0, torch.zeros_like(error), error / bound)
+        # A NaN where float64 has a number is the worst error there is, not a pass.
+        ratio = torch.where(ratio.isnan(), torch.full_like(ratio, math.inf), ratio)
         out[name] = torch.where(finite, ratio, torch.zeros_like(ratio))
     return out
 

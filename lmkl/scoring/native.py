@@ -316,14 +316,18 @@ def _built_and_checked() -> tuple[NativeKernel | None, str | None]:
         source = _source()
         target = user_cache_dir() / "kernels" / f"token_metrics-{_build_key(compiler, source)}.so"
         stale = None
-        if target.exists():
-            try:
-                return _load(target), None
-            except _FAILURES as exc:
-                stale = exc
-        with _build_lock:
+        with _build_lock:  # (threads of one process: one loads or builds, the others wait)
+            if target.exists():
+                try:
+                    return _load(target), None
+                except _FAILURES as exc:
+                    stale = exc
             target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+            # The build is loaded from here and then unlinked: on NFS that leaves a .nfsXXXX
+            # file until the process exits, and the folder cannot go yet (not an error).
+            with tempfile.TemporaryDirectory(
+                dir=target.parent, prefix=".build-", ignore_cleanup_errors=True
+            ) as tmp:
                 built = _compile(compiler, source, Path(tmp), target.name)
                 kernel = _load(built)
                 _publish(built, target, replace=stale is not None)

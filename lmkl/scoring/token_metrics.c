@@ -7,14 +7,15 @@
  * the per-block figures. Sweep 2 (the row is still in L2) accumulates every sum at once.
  *
  * Exact where float32 usually is not (lmkl/scoring/accuracy.py states the contract). With
- * w = (x - y) - c, c the difference of the log-normalisers as computed, KL is a p-weighted sum of
- * log-ratios that cancels down to a second-order quantity, and an error in c enters it whole. So
+ * w = (x - (y - o)) * it - c (o a whole number, c the log-normalisers' difference as computed),
+ * KL is a p-weighted sum of log-ratios that cancels down to a second-order quantity, and an
+ * error in c enters it whole. So
  * sweep 2 sums second-order terms only: with p normalised by its computed sum,
  *     KL = sum p phi(w) - psi(S),   phi(w) = w + expm1(-w) >= 0,   S = sum p expm1(-w),
  *     psi(s) = s - log1p(s)
  * holds exactly for any c (reverse KL likewise with q and -w), phi by its series where |w| < 1/2
- * and from p e^-w = q K elsewhere. JSD takes the series of its per-token term in w where
- * |w| < 1/2 (c comes from float64 log-normalisers, so w is the log-ratio to ~1e-10). Entropies
+ * and from p e^-w = q K elsewhere. JSD takes the series of its per-token term in the refined
+ * log-ratio w + (c - gap), known in float64, where |w| < 1/2. Entropies
  * and log-probabilities use the mass outside each row's maximum, summed without the maximum's
  * own exact 1 (a peaked row's entropy lives below float32's resolution of 1 + rest).
  * Block sums are float32 over at most BLOCK terms, added in float64.
@@ -204,9 +205,15 @@ static void row_metrics(const float *a, const float *b, int64_t vocab, int64_t t
      * rounding of l1p to float32 corrected once */
     const float la = (float)l1p_a, lb = (float)l1p_b;
     const float ca = (float)exp((double)la - l1p_a), cb = (float)exp((double)lb - l1p_b);
-    const float c = (float)(lse_a - lse_b); /* the log-normalisers' difference, rounded */
-    /* p e^-w = q K and q e^w = p / K where the series does not apply: K = exp(c - (lse_a - lse_b)) */
-    const float k_q = (float)exp((double)c - (lse_a - lse_b)), k_p = 1.0f / k_q;
+    /* The candidate's row moved by the whole number o nearest the gap of the maxima (exact: a
+     * whole number is a multiple of its spacing), so that x - (y - o) is a difference of nearby
+     * values even for heads offset by a constant. */
+    const float o = rintf(top_b - top_a);
+    const double gap = (lse_a - lse_b) + (double)o * it; /* what c stands for */
+    const float c = (float)gap;                          /* rounded: w's error is c - gap */
+    /* p e^-w = q K and q e^w = p / K where the series does not apply: K = exp(c - gap) */
+    const float k_q = (float)exp((double)c - gap), k_p = 1.0f / k_q;
+    const float refine = (float)((double)c - gap); /* log p - log q = w + refine */
     const float b_at_top_a = b[arg_a];
     double f_sum = 0, s_sum = 0, g_sum = 0, t_sum = 0, sum_p = 0, sum_q = 0, pz = 0, qz = 0;
     double js = 0;
@@ -224,7 +231,7 @@ static void row_metrics(const float *a, const float *b, int64_t vocab, int64_t t
             const float p = exp_approx(za - la) * ca, q = exp_approx(zb - lb) * cb;
             /* log p - log q up to c's error, from the raw difference: exact for nearby logits,
              * and exactly 0 for identical ones */
-            const float w = (as[j] - bs[j]) * it - c;
+            const float w = (as[j] - (bs[j] - o)) * it - c;
             const float w2 = w * w, even = phi_even(w2), odd = w * phi_odd(w2);
             const float phi_pos = w2 * (even - odd), phi_neg = w2 * (even + odd);
             const int small = fabsf(w) < 0.5f;
@@ -245,7 +252,7 @@ static void row_metrics(const float *a, const float *b, int64_t vocab, int64_t t
         for (int64_t j = 0; j < n; j++) {
             const float za = (as[j] - top_a) * it, zb = (bs[j] - top_b) * it;
             const float p = p_block[j], q = q_block[j];
-            const float w = (as[j] - bs[j]) * it - c;
+            const float w = (as[j] - (bs[j] - o)) * it - c + refine; /* the refined ratio */
             /* log m = log((p + q) / 2), floored where both probabilities underflow */
             const float lm = log_approx(p + q) - (float)LN2;
             const float js_direct = 0.5f * (p * ((za - la) - lm) + q * ((zb - lb) - lm));
