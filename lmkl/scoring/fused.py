@@ -203,8 +203,9 @@ def _core(
 
     Where ``|w| >= SERIES_LIMIT`` the terms use ``p e^-w = q`` (no overflow where ``p``
     underflows); that is off by the factor ``e^eta``, so KL is off by about ``eta * q`` per
-    such entry, which itself adds at least ``q / 10`` to KL: at most ``10 eta`` relative. A row with a non-finite logit gives NaN and is recomputed by the caller.
-    Temporaries are updated in place wherever that saves an ``[N, V]`` allocation.
+    such entry, which itself adds at least ``q / 10`` to KL: at most ``10 eta`` relative. A
+    row with a non-finite logit gives NaN and is recomputed by the caller. Temporaries are
+    updated in place wherever that saves an ``[N, V]`` allocation.
     """
     a = ref[:, :vocab].float()
     b = cand[:, :vocab].float()
