@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -394,3 +395,46 @@ output: {{dir: {tmp_path / "run"}, save_tokens: false}}
     assert low < ranking["leaderboard"][0]["value"] < high
     assert not (tmp_path / "run" / "datasets" / "stream.txt" / "tokens.parquet").exists()
     assert (tmp_path / "run" / "datasets" / "stream.txt" / "results.json").exists()
+
+
+def test_a_second_run_of_one_experiment_is_refused_up_front(ran, tmp_path, monkeypatch):
+    # Two `lmkl run --resume` of one experiment (a scheduler restarting a job whose first copy
+    # still runs): the second is refused in one line before any model loads, changing nothing.
+    import subprocess
+    import sys
+
+    from lmkl.errors import EXIT_BUSY
+
+    out = tmp_path / "copy"
+    shutil.copytree(ran["out"], out)
+    (out / "results.json").unlink()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pathlib import Path; from lmkl.files import DirectoryLock; "
+            f"DirectoryLock(Path({str(out)!r})).acquire(); print('held', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+        def no_loading(*args, **kwargs):
+            raise AssertionError("a model was loaded before the lock was checked")
+
+        monkeypatch.setattr(models_module, "load_model", no_loading)
+        monkeypatch.setattr("lmkl.engine.common.load_model", no_loading)
+        result = CliRunner().invoke(
+            app, ["run", str(out / "config.yaml"), "--out", str(out), "--resume"]
+        )
+        assert result.exit_code == EXIT_BUSY, result.output
+        assert "in use by another lmkl process" in result.stderr
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    finally:
+        holder.kill()
+        holder.wait()

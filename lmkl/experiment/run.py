@@ -322,9 +322,21 @@ def _check_root(path: Path, config: ExperimentConfig, resume: bool) -> None:
         )
 
 
-def _create_root(path: Path, config: ExperimentConfig) -> None:
-    from lmkl.engine.rundir import RunDirectory
+def _lock_if_exists(lock: Any) -> None:
+    """Take the experiment directory's lock (rank 0) if the directory exists already."""
+    if lock is not None and lock.directory.is_dir():
+        lock.acquire()
 
+
+def _create_root(path: Path, config: ExperimentConfig, lock: Any = None) -> None:
+    from lmkl.engine.rundir import RunDirectory, make_output_dir
+
+    if lock is not None and not lock.held:
+        # A new directory: created (checked again, the models are loaded now) and locked
+        # before anything is written in it.
+        RunDirectory.check_new(path, overwrite=config.output.overwrite)
+        make_output_dir(path)
+        lock.acquire()
     run_dir = RunDirectory.create(path, overwrite=config.output.overwrite, kind="experiment")
     run_dir.write_config(json.loads(config.model_dump_json()))
 
@@ -353,15 +365,33 @@ def run_experiment(
     # One process group for the whole experiment: each dataset's run joins it (a group torn down
     # and set up again between datasets would need a new rendezvous).
     shard = init_shard()
+    lock = None
+    done = False
     try:
-        return _run_experiment(config, shard, resume, progress, log)
+        # Rank 0's directory name (a default one carries the time, which may differ by rank).
+        root = shard.broadcast(
+            Path(config.output.dir) if config.output.dir else default_run_dir(config)
+        )
+        if shard.is_main:
+            # The experiment's directory is locked like a run's (each dataset's sub-run has its
+            # own): a second `lmkl run` on it is refused up front, before any model loads.
+            from lmkl.files import DirectoryLock
+
+            lock = DirectoryLock(root, "experiment directory")
+        outcome = _run_experiment(config, shard, root, lock, resume, progress, log)
+        done = True
+        return outcome
     finally:
+        if lock is not None:
+            lock.release(restore=not done)  # a refused run leaves a stale lock as it was
         shard.close()
 
 
 def _run_experiment(
     config: ExperimentConfig,
     shard: Shard,
+    root: Path,
+    lock: Any,
     resume: bool,
     progress: ProgressCallback | None,
     log: LogCallback,
@@ -373,11 +403,8 @@ def _run_experiment(
     from lmkl.engine.token_compare import TokenComparison
     from lmkl.models import check_context_length
 
-    # Rank 0's directory name (a default one carries the time, which may differ across ranks).
-    root = shard.broadcast(
-        Path(config.output.dir) if config.output.dir else default_run_dir(config)
-    )
     shard.on_main(_check_root, root, config, resume)
+    shard.on_main(_lock_if_exists, lock)
     started = _dt.datetime.now(_dt.timezone.utc)
 
     def on_rank(spec: ModelSpec) -> ModelSpec:
@@ -428,7 +455,7 @@ def _run_experiment(
         ]
         del corpora  # each comparison holds its corpus until it has made its windows
     if not resume:
-        shard.on_main(_create_root, root, config)
+        shard.on_main(_create_root, root, config, lock)
     sub_results: list[dict[str, Any]] = []
     for data, comparison in zip(config.datasets, comparisons, strict=True):
         name = dataset_dir_name(data)
