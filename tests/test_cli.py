@@ -24,6 +24,40 @@ def test_version_and_help_are_instant_and_import_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+COMMANDS = [
+    "compare", "cache", "sample-kl", "run", "select", "report", "inspect", "validate", "init",
+    "demo",
+]  # fmt: skip
+
+
+def test_every_help_page_fits_80_columns_and_a_pipe_uncut():
+    # As users read it: `lmkl CMD --help` in an 80-column terminal, and piped to a file (no
+    # terminal: 80 columns). Rich's tables cut option names and help with "…" there; nothing
+    # may be cut and no line may run past the width.
+    import os
+
+    pages = []
+    for command in ["", *COMMANDS]:
+        for env in ({"COLUMNS": "80"}, {}):
+            base = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+            done = subprocess.run(
+                [sys.executable, "-m", "lmkl", *command.split(), "--help"],
+                capture_output=True,
+                text=True,
+                env=base | env,
+                check=True,
+            )
+            pages.append((command, done.stdout))
+    for command, page in pages:
+        assert "…" not in page, (command, [line for line in page.splitlines() if "…" in line])
+        assert max(len(line) for line in page.splitlines()) <= 80, command
+    # Every option of compare is there by its full name, with its help.
+    compare = dict(pages)["compare"]
+    for option in ("--attn-implementation", "--different-tokenizers", "--quantize", "--label"):
+        assert option in compare, option
+    assert "torchao:int4_weight_only:g32" in compare and "lmkl[quant]" in compare
+
+
 def test_compare_end_to_end(tiny_pair, small_jsonl, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
+#: Rich's help tables cut option names and help text with "…" below this many columns; there
+#: click's plain help (which wraps and never cuts) is shown instead.
+RICH_HELP_MIN_COLUMNS = 120
+
 
 def main() -> None:
     """Console-script entry point."""
+    import shutil
+
     from lmkl.cli.application import app
 
+    # The width a help page is printed at (COLUMNS, else the terminal's; 80 when piped).
+    if shutil.get_terminal_size((80, 24)).columns < RICH_HELP_MIN_COLUMNS:
+        app.rich_markup_mode = None
     app()
 
 
