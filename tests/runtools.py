@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -134,3 +136,50 @@ def assert_same_run(got: Path, want: Path) -> None:
         (want / "worst.json").read_text()
     )
     assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
+
+
+def short_documents(tiny_pair: dict[str, Path], directory: Path, chars: int) -> Path:
+    """The first three held-out documents, each cut to ``chars`` characters, as JSONL."""
+    lines = tiny_pair["heldout"].read_text().splitlines()[:3]
+    path = directory / "small.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": json.loads(x)["text"][:chars]}) + "\n" for x in lines)
+    )
+    return path
+
+
+def interrupt_at(args: list[str], hold: str) -> tuple[int, str]:
+    """Run ``lmkl ARGS`` until ``hold``, press Ctrl-C there; its exit code and stderr."""
+    proc = spawn(args, hold)
+    try:
+        wait_for_hold(proc, hold)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stderr
+
+
+@contextmanager
+def lock_held_elsewhere(directory: Path) -> Iterator[None]:
+    """``directory``'s lmkl lock held by another live process for the ``with`` block."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pathlib import Path; from lmkl.files import DirectoryLock; "
+            f"DirectoryLock(Path({str(directory)!r})).acquire(); print('held', flush=True); "
+            "time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from runtools import check_error, invoke, kill_at, spawn, wait_for_hold
+from runtools import (
+    check_error,
+    interrupt_at,
+    invoke,
+    kill_at,
+    lock_held_elsewhere,
+    short_documents,
+)
 
 from lmkl.errors import EXIT_INTERRUPTED
 from lmkl.refcache.format import MANIFEST, open_cache
@@ -33,12 +39,7 @@ VOLATILE_MANIFEST = ("created", "seconds", "versions")
 @pytest.fixture(scope="module")
 def data(tiny_pair, tmp_path_factory) -> Path:
     """Three short held-out documents: five parts with the options of :func:`cache_args`."""
-    lines = tiny_pair["heldout"].read_text().splitlines()[:3]
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text(
-        "".join(json.dumps({"text": json.loads(x)["text"][:600]}) + "\n" for x in lines)
-    )
-    return path
+    return short_documents(tiny_pair, tmp_path_factory.mktemp("data"), 600)
 
 
 def cache_args(tiny_pair, data: Path, out: Path, *extra: str) -> list[str]:
@@ -167,16 +168,8 @@ def test_killed_build_resumes_to_the_uninterrupted_cache(tiny_pair, data, full, 
 def test_ctrl_c_keeps_done_parts_and_says_how_to_resume(tiny_pair, data, full, tmp_path):
     out = tmp_path / "stopped" / "cache"
     args = cache_args(tiny_pair, data, out, "--top-k", "8")
-    proc = spawn(args, "part-written:1")
-    try:
-        wait_for_hold(proc, "part-written:1")
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    code, stderr = interrupt_at(args, "part-written:1")
+    assert code == EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr
     assert "stopped (SIGINT)" in stderr
     assert "fix: continue with the same command plus --resume" in stderr, stderr
@@ -287,28 +280,12 @@ def test_a_second_build_of_one_cache_is_refused_up_front(tiny_pair, data, full, 
     work = build_dir(out)
     work.mkdir(parents=True)
     (work / "results.json").write_text("{}")  # as if between its results and its install
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from lmkl.files import DirectoryLock; "
-            f"DirectoryLock(__import__('pathlib').Path({str(work)!r})).acquire(); "
-            "print('held', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(work):
         before = sorted(p.name for p in work.iterdir())
         code, output = invoke(cache_args(tiny_pair, data, out))
         check_error(code, output, EXIT_BUSY, "in use by another lmkl process", str(work))
         assert remove_leftovers(out) == []  # held: a live build's directory is left alone
         assert sorted(p.name for p in work.iterdir()) == before and not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     # Its holder gone, the same directory is a leftover of a finished build and is tidied.
     assert remove_leftovers(out) == [work.name] and not work.exists()
     code, output = invoke(cache_args(tiny_pair, data, out))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from runtools import wait_for_hold
+from runtools import short_documents, wait_for_hold
 
 from lmkl.engine.distributed import Shard
 from lmkl.engine.loop import Part, Plan, _score_parts, gather_parts
@@ -95,12 +95,7 @@ def lmkl_compare(
 @pytest.fixture(scope="module")
 def data(tiny_pair, tmp_path_factory) -> Path:
     """The first three held-out documents, cut short (as conftest's small_jsonl, shared here)."""
-    lines = tiny_pair["heldout"].read_text().splitlines()[:3]
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text(
-        "".join(json.dumps({"text": json.loads(x)["text"][:1500]}) + "\n" for x in lines)
-    )
-    return path
+    return short_documents(tiny_pair, tmp_path_factory.mktemp("data"), 1500)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -400,28 +399,14 @@ output: {{dir: {tmp_path / "run"}, save_tokens: false}}
 def test_a_second_run_of_one_experiment_is_refused_up_front(ran, tmp_path, monkeypatch):
     # Two `lmkl run --resume` of one experiment (a scheduler restarting a job whose first copy
     # still runs): the second is refused in one line before any model loads, changing nothing.
-    import subprocess
-    import sys
+    from runtools import lock_held_elsewhere
 
     from lmkl.errors import EXIT_BUSY
 
     out = tmp_path / "copy"
     shutil.copytree(ran["out"], out)
     (out / "results.json").unlink()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time; from pathlib import Path; from lmkl.files import DirectoryLock; "
-            f"DirectoryLock(Path({str(out)!r})).acquire(); print('held', flush=True); "
-            "time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out):
         before = sorted(p.relative_to(out) for p in out.rglob("*"))
 
         def no_loading(*args, **kwargs):
@@ -435,6 +420,3 @@ def test_a_second_run_of_one_experiment_is_refused_up_front(ran, tmp_path, monke
         assert result.exit_code == EXIT_BUSY, result.output
         assert "in use by another lmkl process" in result.stderr
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
-    finally:
-        holder.kill()
-        holder.wait()

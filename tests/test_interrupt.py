@@ -12,7 +12,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from runtools import assert_same_run, compare_args, invoke, spawn, wait_for_hold
+from runtools import (
+    assert_same_run,
+    compare_args,
+    interrupt_at,
+    invoke,
+    short_documents,
+)
 
 from lmkl.engine import rundir as store
 from lmkl.engine.interrupt import GracefulStop, stop_requested
@@ -23,12 +29,7 @@ from lmkl.errors import EXIT_INTERRUPTED
 @pytest.fixture(scope="module")
 def data(tiny_pair, tmp_path_factory) -> Path:
     """Three short held-out documents (~10 parts with compare_args' options)."""
-    lines = tiny_pair["heldout"].read_text().splitlines()[:3]
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text(
-        "".join(json.dumps({"text": json.loads(x)["text"][:1500]}) + "\n" for x in lines)
-    )
-    return path
+    return short_documents(tiny_pair, tmp_path_factory.mktemp("data"), 1500)
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,8 @@ def full_run(tiny_pair, data, tmp_path_factory) -> Path:
 def test_sigint_flushes_current_part_and_prints_resume(tiny_pair, data, full_run, tmp_path):
     out = tmp_path / "run"
     args = compare_args(tiny_pair, data, out)
-    proc = spawn(args, "part-written:2")
-    try:
-        wait_for_hold(proc, "part-written:2")
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    code, stderr = interrupt_at(args, "part-written:2")
+    assert code == EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr
     assert "stopped (SIGINT)" in stderr and f"--resume --out {out}" in stderr
     # The part being written when Ctrl-C came was finished and kept; no later part was started.

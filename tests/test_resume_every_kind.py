@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from runtools import VOLATILE, assert_same_run, invoke, kill_at
+from runtools import VOLATILE, assert_same_run, invoke, kill_at, short_documents
 
 HOLD = "part-done:1"
 PROMPTS = ['The "assert" statement', "Suspend the execution of"]
@@ -24,12 +24,7 @@ PROMPTS = ['The "assert" statement', "Suspend the execution of"]
 @pytest.fixture(scope="module")
 def data(tiny_pair, tmp_path_factory) -> Path:
     """Three short held-out documents (several parts with batch size 2)."""
-    lines = tiny_pair["heldout"].read_text().splitlines()[:3]
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text(
-        "".join(json.dumps({"text": json.loads(x)["text"][:600]}) + "\n" for x in lines)
-    )
-    return path
+    return short_documents(tiny_pair, tmp_path_factory.mktemp("data"), 600)
 
 
 def _cache(tiny_pair, data: Path, out: Path, *top_k: str) -> Path:
