@@ -128,7 +128,7 @@ def numeric_paths() -> tuple[str, ...]:
     matches what the summary really holds.
     """
     from lmkl.analysis.stats import summarize
-    from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
+    from lmkl.metric_names import TOKEN_METRIC_NAMES
 
     n = 4
     columns: dict[str, np.ndarray] = {name: np.linspace(0.1, 0.4, n) for name in TOKEN_METRIC_NAMES}

@@ -39,6 +39,7 @@ from lmkl.analysis.stats import (
     interpolate_quantile,
     metrics_block,
 )
+from lmkl.metric_names import CALIBRATION_NAMES, DIVERGENCE_NAMES, TOKEN_METRIC_NAMES
 
 _HALF = 16
 _BINS = 1 << _HALF
@@ -306,16 +307,10 @@ class DistributionStream:
 
 
 #: Columns whose distribution (quantiles included) results.json reports.
-DISTRIBUTIONS = ("kl", "reverse_kl", "jsd")
+DISTRIBUTIONS = DIVERGENCE_NAMES
 #: Columns reported by mean (and standard error) only.
-MEANS = (
-    "entropy_reference",
-    "entropy_candidate",
-    "nll_reference",
-    "nll_candidate",
-    "delta_p",
-    "top1_agree",
-    "top1_in_top5",
+MEANS = tuple(
+    name for name in TOKEN_METRIC_NAMES if name not in (*DIVERGENCE_NAMES, *CALIBRATION_NAMES)
 )
 
 

@@ -484,22 +484,17 @@ def _run_experiment(
 
     if shard.is_main:
         log("ranking candidates")
-    results = shard.on_main(_finish, root, config, sub_results, started, ended)
+    results = shard.on_main(
+        lambda: _write_results(root, config, combine(root, config, sub_results, started, ended))
+    )
     shard.barrier()  # no rank tears the process group down while another still reads
     return ExperimentOutcome(path=root, results=results, config=config, is_main=shard.is_main)
 
 
-def _finish(
-    root: Path,
-    config: ExperimentConfig,
-    sub_results: list[dict[str, Any]],
-    started: _dt.datetime,
-    ended: _dt.datetime,
-) -> dict[str, Any]:
-    """Combine the datasets into the experiment's results.json (rank 0 only)."""
+def _write_results(root: Path, config: ExperimentConfig, results: dict[str, Any]) -> dict[str, Any]:
+    """Write the combined ``results`` as the experiment's results.json (rank 0 only)."""
     from lmkl.files import write_json
 
-    results = combine(root, config, sub_results, started, ended)
     write_json(root / "results.json", results)
     if not config.output.save_tokens:
         for data in config.datasets:

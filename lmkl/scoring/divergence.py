@@ -31,6 +31,8 @@ import math
 import numpy as np
 import torch
 
+from lmkl.metric_names import TOKEN_METRIC_NAMES
+
 __all__ = [
     "LN2",
     "OUTPUT_NAMES",
@@ -53,20 +55,6 @@ __all__ = [
 
 LN2 = math.log(2.0)
 
-#: Per-token quantities returned by :func:`token_metrics`, in the order they are stored.
-TOKEN_METRIC_NAMES: tuple[str, ...] = (
-    "kl",
-    "reverse_kl",
-    "jsd",
-    "entropy_reference",
-    "entropy_candidate",
-    "nll_reference",
-    "nll_candidate",
-    "delta_p",
-    "top1_agree",
-    "top1_in_top5",
-    "reference_top1_prob",
-)
 #: What every fast kernel (torch and C) returns per token, in this order: the metrics, then each
 #: row's log-normaliser of the (temperature-scaled) reference and candidate logits. The C
 #: kernel reports its own order, and lmkl refuses a build whose order differs.
