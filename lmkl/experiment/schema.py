@@ -99,9 +99,10 @@ class RankingSpec(StrictModel):
         "parameters",
         description="Size used for the Pareto set: parameters, disk_bytes (weight "
         "files), memory_bytes (parameters × bytes per parameter of the loaded dtype; real "
-        "bytes for a quantized model), weight_bytes (real bytes of the weights as loaded or, "
-        "for GGUF, as stored) or bits_per_weight (8 × weight_bytes / weights; the axis of a "
-        "quantization study).",
+        "bytes as loaded for a quantized model), weight_bytes (real bytes of the weights as a "
+        "saved or served model stores them: quantized values at their bit width, scales, zero "
+        "points; GGUF: the file's tensors) or bits_per_weight (8 × weight_bytes / weights; the "
+        "axis of a quantization study).",
     )
 
 

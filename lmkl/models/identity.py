@@ -76,8 +76,11 @@ def describe_model(
         "group": loaded.spec.group,
         "step": loaded.spec.step,
         "quantization": None,
+        # As stored (what a saved or served model takes: rankings use it) and as loaded here.
         "weight_bytes": storage["weight_bytes"],
         "bits_per_weight": storage["bits_per_weight"],
+        "loaded_bytes": storage["loaded_bytes"],
+        "loaded_bits_per_weight": storage["loaded_bits_per_weight"],
         "size_source": storage["size_source"],
     }
     if quantization is not None:
