@@ -54,6 +54,14 @@ class CandidateSpec(ModelSpec):
 
     label: str = Field(min_length=1, description="Unique name in tables, rankings and gates.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_label(cls, data: Any) -> Any:
+        # recipe: FILE alone names itself recipe:<file stem>, as on the command line.
+        if isinstance(data, dict) and data.get("recipe") and not data.get("label"):
+            data = {**data, "label": f"recipe:{Path(str(data['recipe'])).stem}"}
+        return data
+
 
 class ExperimentWindows(WindowSpec):
     """:class:`~lmkl.specs.WindowSpec` where the protocol is spelled ``mode`` in YAML."""
@@ -431,13 +439,16 @@ def _sources_beside(raw: dict[str, Any], config_dir: Path) -> None:
     """A relative data path that is not found from the working directory but is found beside
     the config means that file (a config and its data travel together)."""
     datasets = raw.get("datasets")
-    for entry in datasets if isinstance(datasets, list) else []:
-        source = entry.get("source") if isinstance(entry, dict) else None
+    candidates = raw.get("candidates")
+    entries = [(e, "source") for e in (datasets if isinstance(datasets, list) else [])]
+    entries += [(e, "recipe") for e in (candidates if isinstance(candidates, list) else [])]
+    for entry, key in entries:
+        source = entry.get(key) if isinstance(entry, dict) else None
         if not isinstance(source, str) or Path(source).is_absolute() or Path(source).exists():
             continue
         beside = config_dir / source
         if beside.exists():
-            entry["source"] = str(beside)
+            entry[key] = str(beside)
 
 
 def json_schema() -> dict[str, Any]:
