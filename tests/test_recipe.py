@@ -289,3 +289,53 @@ def test_llama_quantize_arguments_name_tensors_of_the_file(tiny_pair, tmp_path):
         "--tensor-type",
         r"^blk\.1\.ffn_gate\.weight$=q6_k",
     ]
+
+
+def test_gguf_recipe_size_is_that_of_the_files_tensors(tiny_pair, tmp_path):
+    """LOW and HIGH as GGUF files (Q4_0, Q8_0): the recipe candidate's size is LOW's file with
+    the chosen modules at Q8_0 (34 bytes per block of 32 instead of 18), not the float32
+    tensors they load as; its KL sits between LOW's and HIGH's."""
+    pytest.importorskip("gguf")
+    from gguf_files import write_gguf
+
+    from lmkl.models.mixed import Recipe, module_bytes, write_recipe
+    from lmkl.specs import ModelSpec
+
+    files = {
+        t: write_gguf(tiny_pair["reference"], tmp_path / f"m-{t}.gguf", t) for t in ("Q4_0", "Q8_0")
+    }
+    modules = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    recipe = Recipe(
+        low=ModelSpec(model=str(files["Q4_0"])),
+        high=ModelSpec(model=str(files["Q8_0"])),
+        high_modules=modules,
+    )
+    path = write_recipe(tmp_path / "gguf-mix.yaml", recipe)
+    data = short_documents(tiny_pair, tmp_path, 120)
+    out = tmp_path / "run"
+    code, output = invoke(
+        ["compare", str(tiny_pair["reference"]), str(files["Q4_0"]), str(files["Q8_0"]),
+         "--recipe", str(path), "--data", str(data), "--out", str(out), "--device", "cpu",
+         *COMMON]
+    )  # fmt: skip
+    assert code == 0, output
+    entries = {c["label"]: c for c in json.loads((out / "results.json").read_text())["candidates"]}
+    mixed = entries["recipe:gguf-mix"]
+    low = entries["m-Q4_0"]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_pair["reference"])
+    extra = sum(reference.get_submodule(m).weight.numel() * (34 - 18) // 32 for m in modules)
+    assert mixed["model"]["weight_bytes"] == low["model"]["weight_bytes"] + extra
+    assert mixed["model"]["size_source"] == "GGUF tensors, mixed"
+    assert mixed["model"]["loaded_bits_per_weight"] == pytest.approx(32, abs=0.1)
+    kl = {k: e["metrics"]["kl"]["mean"] for k, e in entries.items()}
+    assert kl["m-Q8_0"] < kl["recipe:gguf-mix"] < kl["m-Q4_0"]
+
+    from lmkl.models import load_model
+
+    loaded = load_model(ModelSpec(recipe=str(path), device="cpu"))
+    table = module_bytes(loaded)
+    assert table["lm_head"] == reference.lm_head.weight.numel() * 34 // 32
+    assert (
+        table["model.layers.0.mlp.up_proj"]
+        == reference.get_submodule("model.layers.0.mlp.up_proj").weight.numel() * 18 // 32
+    )

@@ -457,6 +457,12 @@ def json_schema() -> dict[str, Any]:
     # ``noise_floor: true`` is accepted as short for ``{enabled: true}`` (see NoiseFloorSpec).
     floor = schema["properties"]["noise_floor"]
     schema["properties"]["noise_floor"] = {"anyOf": [{"type": "boolean"}, floor]}
+    # A candidate is a model with a label, or a recipe file (which names its model and label).
+    candidate = schema["$defs"]["CandidateSpec"]
+    required = [k for k in candidate.pop("required", []) if k not in ("model", "label")]
+    candidate["anyOf"] = [{"required": ["model", "label"]}, {"required": ["recipe"]}]
+    if required:
+        candidate["required"] = required
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "lmkl experiment"
     return schema
