@@ -436,8 +436,8 @@ def load_config(
 
 
 def _sources_beside(raw: dict[str, Any], config_dir: Path) -> None:
-    """A relative data path that is not found from the working directory but is found beside
-    the config means that file (a config and its data travel together)."""
+    """A relative data path or recipe file that is not found from the working directory but is
+    found beside the config means that file (a config and its files travel together)."""
     datasets = raw.get("datasets")
     candidates = raw.get("candidates")
     entries = [(e, "source") for e in (datasets if isinstance(datasets, list) else [])]

@@ -124,9 +124,7 @@ def load_model(
         no_inference_mode=quantization is not None and quantization.get("method") == "quanto",
         quantization=quantization,
     )
-    loaded.head = head_split.make_head(model)  # via the module: tests swap it
-    if loaded.head is not None and not head_split.split_is_exact(loaded):
-        loaded.head = None
+    _attach_head(loaded)
     if not head_split.is_causal(loaded):
         raise ModelLoadError(
             f"'{spec.model}' is not a causal language model: its prediction at a position "
@@ -162,26 +160,23 @@ def _load_recipe(
         "high_modules": len(recipe.high_modules),
         **gguf_recipe_storage(low_spec, high_spec, recipe.high_modules),
     }
-    no_inference_mode = low.no_inference_mode or high.no_inference_mode
+    low.no_inference_mode = low.no_inference_mode or high.no_inference_mode
     del high  # HIGH's modules not swapped in go with it
     gc.collect()
-    loaded = LoadedModel(
-        spec=spec,
-        model=low.model,
-        tokenizer=low.tokenizer,
-        device=low.device,
-        head=None,
-        no_inference_mode=no_inference_mode,
-        quantization=quantization,
-    )
-    loaded.head = head_split.make_head(loaded.model)  # LOW's head may be HIGH's module now
-    if loaded.head is not None and not head_split.split_is_exact(loaded):
-        loaded.head = None
+    low.spec, low.quantization = spec, quantization
+    _attach_head(low)  # LOW's output layer may be HIGH's module now
     local = is_local(low_spec)
     source = str(Path(low_spec.model).expanduser()) if local else low_spec.model
-    loaded.description = describe_model(loaded, source, local, quantization)
-    loaded.description["recipe"] = str(spec.recipe)
-    return loaded
+    low.description = describe_model(low, source, local, quantization)
+    low.description["recipe"] = str(spec.recipe)
+    return low
+
+
+def _attach_head(loaded: LoadedModel) -> None:
+    """Split off the output layer where the split reproduces the model's own logits."""
+    loaded.head = head_split.make_head(loaded.model)  # via the module: tests swap it
+    if loaded.head is not None and not head_split.split_is_exact(loaded):
+        loaded.head = None
 
 
 def _quantization_kwargs(
