@@ -272,6 +272,9 @@ def read_recipe(path: str | Path) -> Recipe:
         raise UsageError(f"recipe file '{path}' is not valid YAML{where}", fix) from None
     if not isinstance(raw, dict):
         raise UsageError(f"recipe file '{path}' is not a mapping (low:, high:, ...)", fix)
+    nested = [k for k in ("low", "high") if isinstance(raw.get(k), dict) and "recipe" in raw[k]]
+    if nested:  # checked before validation: a recipe naming itself would recurse
+        raise UsageError(f"recipe file '{path}': {nested[0]}: must be a model, not a recipe", fix)
     _beside(raw, path.parent)
     try:
         return Recipe.model_validate(raw)

@@ -232,6 +232,21 @@ def test_on_the_fly_quantization_small_positive_kl_and_provenance(on_the_fly_run
         assert entry["model"]["bits_per_weight"] < 32
 
 
+def test_rankings_use_the_stored_size_and_keep_the_loaded_one_beside(on_the_fly_run):
+    """torchao int4 on CPU: stored below int8, loaded above its stored size; the leaderboard's
+    bits per weight is the stored figure, its memory_bytes the loaded one."""
+    entries = _entries(on_the_fly_run)
+    int4 = entries["torchao-int4_weight_only-g32"]["model"]
+    int8 = entries["torchao-int8_weight_only"]["model"]
+    assert int4["bits_per_weight"] < int8["bits_per_weight"] < int4["loaded_bits_per_weight"]
+    assert int8["loaded_bits_per_weight"] == int8["bits_per_weight"]
+    ranking = json.loads((on_the_fly_run / "results.json").read_text())["ranking"]
+    sizes = {r["label"]: r["size"] for r in ranking["leaderboard"] if r["kind"] == "candidate"}
+    for label, entry in entries.items():
+        assert sizes[label]["bits_per_weight"] == entry["model"]["bits_per_weight"]
+        assert sizes[label]["memory_bytes"] == entry["model"]["loaded_bytes"]
+
+
 def test_on_the_fly_quantization_is_reproducible(
     tiny_pair, on_the_fly_run, small_jsonl_module, tmp_path
 ):

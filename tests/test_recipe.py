@@ -234,11 +234,14 @@ def test_bad_recipe_files_are_one_line_exit_2(tiny_pair, tmp_path):
     nested.write_text(
         yaml.safe_dump({"low": {"model": "x", "recipe": "y.yaml"}, "high": {"model": "x"}})
     )
+    itself = tmp_path / "itself.yaml"
+    itself.write_text(yaml.safe_dump({"low": {"recipe": str(itself)}, "high": {"model": "x"}}))
     cases = {
         tmp_path / "missing.yaml": "not found",
         bad_yaml: "is not valid YAML",
         no_high: "high: Field required",
-        nested: "not recipes",
+        nested: "low: must be a model, not a recipe",
+        itself: "low: must be a model, not a recipe",
     }
     for path, message in cases.items():
         code, output = invoke(
