@@ -152,14 +152,14 @@ def _decimals_of_error(se: float) -> int:
 
 
 def format_mean_se(mean: Any, se: Any, digits: int = DIGITS) -> str:
-    """``mean ± se`` (one standard error), both printed to the decimal place of the error's
-    second significant digit, the mean with at least ``digits`` significant digits. Tiny
-    numbers share one exponent. Without a finite error, the mean alone.
+    """``mean ± se`` (one standard error), both rounded at the error's second significant
+    digit (the mean keeps at least two significant digits); scientific notation when the mean
+    is below 0.001. Without a finite error, the mean alone with ``digits`` significant digits.
 
     >>> format_mean_se(0.000612345, 1.562e-05)
-    '6.123e-04 ± 1.6e-05'
-    >>> format_mean_se(0.95917, 0.00604)
-    '0.9592 ± 0.0060'
+    '6.12e-04 ± 1.6e-05'
+    >>> format_mean_se(0.95917, 0.00604), format_mean_se(0.003181, 0.019865)
+    ('0.9592 ± 0.0060', '0.0032 ± 0.0199')
     """
     m, s = to_float(mean), to_float(se)
     if not math.isfinite(m) or not math.isfinite(s) or s <= 0:
@@ -167,12 +167,9 @@ def format_mean_se(mean: Any, se: Any, digits: int = DIGITS) -> str:
     if m == 0:
         return f"0 ± {s:.1e}" if s < SMALL else f"0 ± {s:.{_decimals_of_error(s)}f}"
     if abs(m) < SMALL:
-        # Scientific: the error to two significant digits, the mean to the same place.
-        decimals = max(digits - 1, _exponent(m) - _exponent(s) + 1)
+        decimals = max(1, _exponent(m) - _exponent(s) + 1)
         return f"{m:.{decimals}e} ± {s:.1e}"
-    decimals = _decimals_of_error(s)
-    if m:
-        decimals = max(decimals, digits - 1 - _exponent(m))
+    decimals = max(_decimals_of_error(s), 1 - _exponent(m))
     if abs(m) >= LARGE:
         return f"{m:,.{decimals}f} ± {s:,.{decimals}f}"
     return f"{m:.{decimals}f} ± {s:.{decimals}f}"

@@ -66,7 +66,8 @@ def test_an_interval_never_prints_ends_equal_to_the_mean():
 
 def test_mean_and_one_standard_error_share_their_precision():
     # The "0.0006 ± 1.562e-05": the error to two digits, the mean to that place.
-    assert format_mean_se(0.000612345, 1.562e-05) == "6.123e-04 ± 1.6e-05"
+    assert format_mean_se(0.000612345, 1.562e-05) == "6.12e-04 ± 1.6e-05"
+    assert format_mean_se(0.003181, 0.019865) == "0.0032 ± 0.0199"  # mean: two digits at least
     assert format_mean_se(0.95917, 0.00604) == "0.9592 ± 0.0060"
     assert format_mean_se(2.5, 0.000123) == "2.50000 ± 0.00012"
     assert format_mean_se(0.9, None) == "0.9000"
