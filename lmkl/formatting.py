@@ -15,7 +15,7 @@ The rules, the same everywhere:
   to the whole group until no two different values share a string.
 * **Brackets are intervals, ``±`` is one standard error.** ``[low, high]`` is always a 95 %
   confidence interval; ``mean ± se`` always means plus or minus *one* standard error over
-  tokens, printed to the precision the error supports (:func:`format_mean_se`).
+  tokens, the error to two significant digits (:func:`format_mean_se`).
 * Percentages, ratios and rates have their own function so that the style of each is fixed:
   :func:`format_percent`, :func:`format_ratio`, :func:`format_rate`.
 """
@@ -146,33 +146,18 @@ def format_ci(bounds: Any, digits: int = DIGITS) -> str:
     return format_interval(None, bounds[0], bounds[1], digits)
 
 
-def _decimals_of_error(se: float) -> int:
-    """Decimal places that show a standard error to two significant digits."""
-    return max(0, 1 - _exponent(se))
-
-
 def format_mean_se(mean: Any, se: Any, digits: int = DIGITS) -> str:
-    """``mean ± se`` (one standard error), both rounded at the error's second significant
-    digit (the mean keeps at least two significant digits); scientific notation when the mean
-    is below 0.001. Without a finite error, the mean alone with ``digits`` significant digits.
+    """``mean ± se`` (one standard error): the mean exactly as :func:`format_value` prints it
+    everywhere else, the error to two significant digits. Without a finite error, the mean
+    alone.
 
-    >>> format_mean_se(0.000612345, 1.562e-05)
-    '6.12e-04 ± 1.6e-05'
-    >>> format_mean_se(0.95917, 0.00604), format_mean_se(0.003181, 0.019865)
-    ('0.9592 ± 0.0060', '0.0032 ± 0.0199')
+    >>> format_mean_se(0.000612345, 1.562e-05), format_mean_se(0.95917, 0.00604)
+    ('6.123e-04 ± 1.6e-05', '0.9592 ± 0.0060')
     """
     m, s = to_float(mean), to_float(se)
     if not math.isfinite(m) or not math.isfinite(s) or s <= 0:
         return format_value(m, digits)
-    if m == 0:
-        return f"0 ± {s:.1e}" if s < SMALL else f"0 ± {s:.{_decimals_of_error(s)}f}"
-    if abs(m) < SMALL:
-        decimals = max(1, _exponent(m) - _exponent(s) + 1)
-        return f"{m:.{decimals}e} ± {s:.1e}"
-    decimals = max(_decimals_of_error(s), 1 - _exponent(m))
-    if abs(m) >= LARGE:
-        return f"{m:,.{decimals}f} ± {s:,.{decimals}f}"
-    return f"{m:.{decimals}f} ± {s:.{decimals}f}"
+    return f"{format_value(m, digits)} ± {format_value(s, 2)}"
 
 
 def format_percent(value: Any, digits: int = 3) -> str:
@@ -197,12 +182,13 @@ def format_percent_column(values: Iterable[Any], digits: int = 3) -> list[str]:
 
 
 def format_percent_se(mean: Any, se: Any, digits: int = 3) -> str:
-    """``mean ± se`` of a share, in percent (one standard error)."""
+    """``mean ± se`` of a share, in percent (one standard error, two significant digits)."""
     m, s = to_float(mean), to_float(se)
     if not math.isfinite(m):
         return MISSING
-    text = format_mean_se(100 * m, 100 * s, digits)
-    return " ± ".join(f"{part}%" for part in text.split(" ± "))
+    if not math.isfinite(s) or s <= 0:
+        return format_percent(m, digits)
+    return f"{format_percent(m, digits)} ± {format_percent(s, 2)}"
 
 
 def format_ratio(value: Any, digits: int = 3) -> str:

@@ -95,8 +95,8 @@ def plain_reading(report: Report) -> list[str]:
             kl_block = m.get("kl", {})
             low, high = to_float(kl_block.get("ci_low")), to_float(kl_block.get("ci_high"))
             if math.isfinite(low) and math.isfinite(high):
-                by_window = kl_block.get("ci_method") == "window bootstrap"
-                units = "windows" if by_window else "documents"
+                # "document bootstrap", "window bootstrap", "chunk bootstrap within datasets"
+                units = str(kl_block.get("ci_method") or "document").split()[0] + "s"
                 shown = format_interval(kl, low, high, 3)
                 mean_text, bracket = shown.split(" ", 1)
                 ci = f" (95% CI {bracket}, resampling {units})"

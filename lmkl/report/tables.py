@@ -228,7 +228,7 @@ LEADERBOARD_NOTES: tuple[tuple[str | None, str], ...] = (
     ("flips", "flips: share of resamples where their order reverses;"),
     ("Pareto", "★: Pareto-optimal (no other candidate is both smaller and closer);"),
     ("> noise", "> noise: whole CI of (candidate − noise floor) above 0;"),
-    (None, "[low, high]: 95% CIs from the bootstrap over documents (Δ next: paired)."),
+    (None, "[low, high]: 95% CI, bootstrap over documents."),
 )
 
 
