@@ -101,6 +101,8 @@ def test_experiment_tables_fit_80_columns(narrow_study):
 
 @pytest.mark.parametrize("env", WIDTHS)
 def test_dry_run_plan_and_report_table_fit_80_columns(narrow_study, env, tiny_pair):
+    checked = run_cli(["validate", str(narrow_study["config"]), "--check-models"], env)
+    assert_uncut(checked, *LONG)
     plan = run_cli(["run", str(narrow_study["config"]), "--dry-run"], env)
     assert_uncut(plan, *LONG, str(tiny_pair["reference"]), str(narrow_study["data"]))
     report = run_cli(["report", str(narrow_study["out"]), "--format", "table"], env)
