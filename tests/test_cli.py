@@ -102,7 +102,7 @@ def test_compare_end_to_end(tiny_pair, small_jsonl, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "KL(P‖Q) mean ± se" in result.output
+    assert "KL(P‖Q) mean [95% CI]" in result.output  # the document bootstrap, every run
     results = json.loads((out / "results.json").read_text())
     assert results["candidates"][0]["metrics"]["counts"]["tokens"] == 300
     assert (out / "tokens.parquet").exists() and (out / "config.yaml").exists()
