@@ -153,11 +153,18 @@ def format_mean_se(mean: Any, se: Any, digits: int = DIGITS) -> str:
 
     >>> format_mean_se(0.000612345, 1.562e-05), format_mean_se(0.95917, 0.00604)
     ('6.123e-04 ± 1.6e-05', '0.9592 ± 0.0060')
+    >>> format_mean_se(0.19491, 0.000962)
+    '0.1949 ± 0.00096'
+
     """
     m, s = to_float(mean), to_float(se)
     if not math.isfinite(m) or not math.isfinite(s) or s <= 0:
         return format_value(m, digits)
-    return f"{format_value(m, digits)} ± {format_value(s, 2)}"
+    error = format_value(s, 2)
+    if abs(m) >= SMALL and 1e-6 <= s < SMALL:
+        # A mean in fixed notation keeps its error in fixed notation too: 0.1949 ± 0.00096.
+        error = f"{s:.{1 - _exponent(s)}f}"
+    return f"{format_value(m, digits)} ± {error}"
 
 
 def format_percent(value: Any, digits: int = 3) -> str:

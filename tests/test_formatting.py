@@ -68,7 +68,8 @@ def test_mean_and_one_standard_error():
     # The "0.0006 ± 1.562e-05": the mean as everywhere else, the error to two digits.
     assert format_mean_se(0.000612345, 1.562e-05) == "6.123e-04 ± 1.6e-05"
     assert format_mean_se(0.95917, 0.00604) == "0.9592 ± 0.0060"
-    assert format_mean_se(2.5, 0.000123) == "2.500 ± 1.2e-04"
+    assert format_mean_se(2.5, 0.000123) == "2.500 ± 0.00012"  # fixed beside a fixed mean
+    assert format_mean_se(0.19491, 0.000962) == "0.1949 ± 0.00096"
     assert format_mean_se(0.003181, 0.019865) == "0.003181 ± 0.020"
     assert format_mean_se(0.9, None) == "0.9000"
     assert format_percent_se(0.8731, 0.0042) == "87.3% ± 0.42%"
