@@ -177,9 +177,12 @@ def test_a_table_too_wide_names_what_it_left_out():
     buffer = StringIO()
     console = Console(file=buffer, width=80, color_system=None)
     console.push_render_hook(FitTables())
-    console.print(FittedTable(table, optional=["extra two", "extra one"]))
+    notes = [("extra one", "extra one: explained"), ("extra two", "extra two: explained")]
+    console.print(FittedTable(table, optional=["extra two", "extra one"], notes=notes))
     text = buffer.getvalue()
     assert "not shown at 80 columns: extra two" in text and "COLUMNS=" in text
+    # A note explains only a column that is shown (no note for a dropped column).
+    assert "extra one: explained" in text and "extra two: explained" not in text
     assert_uncut(text, *LONG, "4.074e-05", "4.075e-05", "x" * 20)
     # Nothing optional to drop: one block per row, every cell whole.
     buffer.truncate(0)
