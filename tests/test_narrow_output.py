@@ -189,3 +189,22 @@ def test_a_table_too_wide_names_what_it_left_out():
     buffer.seek(0)
     console.print(table)
     assert_uncut(buffer.getvalue(), *LONG, "x" * 20, "y" * 20, "extra two: " + "y" * 20)
+
+
+def test_progress_shows_no_rate_before_a_second_has_passed(monkeypatch):
+    # The first reading was one batch over microseconds: "1,137,556 tok/s".
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lmkl.cli import output
+
+    monkeypatch.setattr(output, "is_interactive", lambda quiet: True)
+    monkeypatch.setattr(output, "stderr", Console(file=StringIO(), force_terminal=True))
+    with output.TokenProgress(quiet=False) as progress:
+        progress(4096, 1_000_000)
+        task = progress._progress.tasks[0]
+        assert task.fields["rate"] == "–"
+        monkeypatch.setattr(type(task), "elapsed", property(lambda self: 2.0))
+        progress(40_000, 1_000_000)
+        assert task.fields["rate"] == "20,000"
