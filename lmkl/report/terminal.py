@@ -169,9 +169,9 @@ def print_experiment(results: dict[str, Any], console: Console | None = None) ->
     console.print(leaderboard(results))
     ranking = results["ranking"]
     if len(results.get("datasets", [])) > 1:
-        console.print(datasets_table(results))
+        console.print(FittedTable(datasets_table(results)))
     for series in ranking.get("checkpoints", []):
-        console.print(checkpoints_table(series, ranking["metric"]))
+        console.print(FittedTable(checkpoints_table(series, ranking["metric"]), key_columns=2))
     if ranking["units"] < 20:
         console.print(
             f"[yellow]note:[/yellow] only {ranking['units']} {ranking['unit']}s: the bootstrap "
