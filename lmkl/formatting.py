@@ -292,9 +292,11 @@ def mean_se(obj: dict[str, Any] | None, key: str = "mean", digits: int = DIGITS)
     return format_mean_se(obj.get(key), obj.get("se"), digits)
 
 
-def percent(value: Any, digits: int = 3) -> str:
-    """:func:`format_percent` (``digits`` significant digits, at least two)."""
-    return format_percent(value, max(digits, 2))
+def percent(value: Any, decimals: int = 1) -> str:
+    """:func:`format_percent` for callers that once asked for ``decimals`` decimals: that many
+    plus two significant digits (the same text for shares from 10% to 99.9%, and no ``0.0%``
+    for a share that is not zero)."""
+    return format_percent(value, max(decimals + 2, 2))
 
 
 def percent_se(obj: dict[str, Any] | None, digits: int = 3) -> str:
