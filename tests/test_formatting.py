@@ -95,3 +95,13 @@ def test_percent_ratio_rate_count():
     # The first progress reading (a batch over microseconds) is not a rate yet.
     assert format_rate(1_137_556, 0.000_9) == "– tokens/s"
     assert format_count(1137556) == "1,137,556"
+
+
+def test_the_older_names_keep_their_meaning_in_the_new_style():
+    from lmkl.formatting import interval, mean_se, number, percent
+
+    assert percent(0.4567, 1) == "45.7%" and percent(0.4567, 0) == "46%"
+    assert percent(0.0004) == "0.0400%"  # the token view's "p(next) 0.0%"
+    assert number(6853.9, 1) == "6,854"  # "number(x, 1)" never rounds to one digit
+    assert interval([0.0006081, 0.0006163], 3) == "[6.08e-04, 6.16e-04]"
+    assert mean_se({"mean": 0.95917, "se": 0.00604}) == "0.9592 ± 0.0060"
