@@ -356,6 +356,7 @@ def score_against(
     ``reverse_kl``, ``jsd`` with mean, se and quantiles; ``nll_reference``,
     ``nll_candidate``, ``top1_agree`` with mean and se; ...).
     """
+    import os
     import shutil
     import tempfile
 
@@ -400,6 +401,9 @@ def score_against(
     )
     if windows is not None or window_opts:
         windows = _spec(WindowSpec, windows, window_opts, "windows")
+    if out is None and compute is None:
+        # Nothing reads worst.json of a run that is removed: skip collecting it.
+        compute_opts.setdefault("worst_k", 0)
     compute_spec = _spec(ComputeSpec, compute, compute_opts, "compute")
     kind = TokenComparison(
         ModelSpec(model=str(reference_cache)),
@@ -409,7 +413,10 @@ def score_against(
         compute_spec,
         candidate_models=[loaded],
     )
-    scratch = None if out is not None else Path(tempfile.mkdtemp(prefix="lmkl-score-"))
+    # A run nobody keeps: in memory where the system has a tmpfs (its fsyncs cost nothing).
+    shm = Path("/dev/shm")
+    where = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    scratch = None if out is not None else Path(tempfile.mkdtemp(prefix="lmkl-score-", dir=where))
     try:
         # (Every process passes a directory; the engine uses rank 0's.)
         target = Path(out) if out is not None else scratch / "run"  # type: ignore[operator]
