@@ -180,6 +180,14 @@ def _spec(cls: type, given: Any, fields: dict[str, Any], what: str) -> Any:
         raise UsageError(f"{where}: {message}", f"correct {where} of {what}") from None
 
 
+def _data_spec(data: str | Path | DataSpec | None, fields: dict[str, Any]) -> DataSpec | None:
+    """The DataSpec of ``data`` given by name (with ``fields``) or as a spec (None: none)."""
+    if data is None:
+        return None
+    given = {} if isinstance(data, DataSpec) else {"source": str(data)}
+    return _spec(DataSpec, data, fields | given, "data")
+
+
 def compare(
     reference: str | Path | ModelSpec,
     candidates: str | Path | ModelSpec | Sequence[str | Path | ModelSpec],
@@ -222,16 +230,7 @@ def compare(
             f"{', '.join(sorted(data_opts))} given without data",
             "pass data=... (a reference cache uses its own data: drop them)",
         )
-    data_spec = (
-        None
-        if data is None
-        else _spec(
-            DataSpec,
-            data,
-            data_opts | ({} if isinstance(data, DataSpec) else {"source": str(data)}),
-            "data",
-        )
-    )
+    data_spec = _data_spec(data, data_opts)
     if windows is not None or window_opts:
         windows = _spec(WindowSpec, windows, window_opts, "windows")
     compute = _spec(ComputeSpec, compute, compute_opts, "compute")
@@ -301,12 +300,8 @@ def build_reference_cache(
         spec = _spec(ModelSpec, reference, model_opts, "the reference")
     else:
         spec = _spec(ModelSpec, None, model_opts | {"model": str(reference)}, "the reference")
-    data_spec = _spec(
-        DataSpec,
-        data,
-        data_opts | ({} if isinstance(data, DataSpec) else {"source": str(data)}),
-        "data",
-    )
+    data_spec = _data_spec(data, data_opts)
+    assert data_spec is not None
     window_spec = _spec(WindowSpec, windows, window_opts, "windows")
     compute_spec = _spec(ComputeSpec, compute, compute_opts, "compute")
     run = dict(top_k=top_k, overwrite=overwrite, resume=resume, progress=progress, log=log)
@@ -389,16 +384,7 @@ def score_against(
         )
     loaded.spec = spec
     loaded.description["step"] = step
-    data_spec = (
-        None
-        if data is None
-        else _spec(
-            DataSpec,
-            data,
-            data_opts | ({} if isinstance(data, DataSpec) else {"source": str(data)}),
-            "data",
-        )
-    )
+    data_spec = _data_spec(data, data_opts)
     if windows is not None or window_opts:
         windows = _spec(WindowSpec, windows, window_opts, "windows")
     if out is None and compute is None:

@@ -208,6 +208,11 @@ def test_logged_kl_is_the_exact_kl_of_the_checkpoint(
     assert entry["lmkl/kl_se"] == pytest.approx(metrics["kl"]["se"], rel=1e-5)
     assert entry["lmkl/jsd"] == pytest.approx(metrics["jsd"]["mean"], rel=1e-6)
     assert entry["lmkl/nll_student"] == pytest.approx(metrics["nll"]["candidate"], rel=1e-6)
+    # The step's run directory serves the run commands: its hardest contexts as a dataset.
+    step_dir = setup["root"] / "kl" / f"step-{EVERY:06d}"
+    code, output = invoke(["select", str(step_dir), "--out", str(setup["root"] / "hard.jsonl")])
+    assert code == 0, output
+    assert (setup["root"] / "hard.jsonl").read_text().strip()
 
 
 def test_training_is_bit_identical_without_the_callback(

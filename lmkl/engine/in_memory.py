@@ -100,24 +100,23 @@ def describe_in_memory(loaded: LoadedModel) -> dict[str, Any]:
     """results.json's description of an in-memory model (no files: no path or hash)."""
     model = loaded.model
     storage = weight_storage(model)
-    return {
-        "label": loaded.label,
-        "model": loaded.spec.model,
-        "source": "memory",
-        "architecture": type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(loaded.device),
-        "parameters": int(storage["weights"]),
-        "logits_width": loaded.logits_width,
-        "tokenizer_size": len(loaded.tokenizer),
-        "split_head": loaded.head is not None,
-        "adapter": None,
-        "adapter_sha256": None,
-        "group": loaded.spec.group,
-        "step": loaded.spec.step,
-        "quantization": None,
-        "weight_bytes": storage["weight_bytes"],
-        "bits_per_weight": storage["bits_per_weight"],
-        "size_source": storage["size_source"],
-        "bytes_in_memory": int(sum(p.numel() * p.element_size() for p in model.parameters())),
-    }
+    sizes = {key: storage[key] for key in ("weight_bytes", "bits_per_weight", "size_source")}
+    return dict(
+        label=loaded.label,
+        model=loaded.spec.model,
+        source="memory",
+        architecture=type(model).__name__,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        device=str(loaded.device),
+        parameters=int(storage["weights"]),
+        logits_width=loaded.logits_width,
+        tokenizer_size=len(loaded.tokenizer),
+        split_head=loaded.head is not None,
+        adapter=None,
+        adapter_sha256=None,
+        group=loaded.spec.group,
+        step=loaded.spec.step,
+        quantization=None,
+        bytes_in_memory=int(sum(p.numel() * p.element_size() for p in model.parameters())),
+        **sizes,
+    )
