@@ -256,10 +256,11 @@ def test_every_n_steps_leaves_the_model_training(
 
 
 def test_two_processes_log_what_one_process_computes(
-    setup: dict[str, Any], with_callback: Any, tmp_path: Path
+    setup: dict[str, Any], tiny_pair: dict[str, Path], with_callback: Any, tmp_path: Path
 ) -> None:
-    """torchrun (gloo, 2 CPU processes): the windows are split over the ranks and merged; each
-    rank logs the metrics one process computes on the same checkpoint."""
+    """torchrun (gloo, 2 CPU processes): the teacher's cache is built by both ranks, the
+    windows are split over the ranks and merged; each rank logs the metrics one process
+    computes on the same checkpoint against the cache one process built."""
     import lmkl
 
     _, first = with_callback
@@ -270,7 +271,8 @@ def test_two_processes_log_what_one_process_computes(
         "import torch.distributed as dist\n"
         "from test_integration_transformers import train\n"
         "from lmkl.integrations.transformers import KLCallback\n"
-        f"cb = KLCallback({str(first.cache)!r}, batch_size=2)\n"
+        f"cb = KLCallback({str(tiny_pair['reference'])!r}, {str(setup['data'])!r}, "
+        f"out={str(tmp_path / 'kl')!r}, context_length=64, stride=32, batch_size=2)\n"
         f"t = train({str(setup['student'])!r}, {setup['text']!r}, "
         f"{str(tmp_path / 'train')!r}, [cb], steps={EVERY})\n"
         f"out = {str(tmp_path)!r} + f'/log-{{dist.get_rank()}}.json'\n"
@@ -293,6 +295,8 @@ def test_two_processes_log_what_one_process_computes(
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     want = lmkl.score_against(first.cache, model, tokenizer=tokenizer, batch_size=2)
+    results = json.loads((tmp_path / "kl" / f"step-{EVERY:06d}" / "results.json").read_text())
+    assert results["throughput"]["processes"] == 2
     for rank in (0, 1):
         history = json.loads((tmp_path / f"log-{rank}.json").read_text())
         entry = next(h for h in history if "lmkl/kl" in h)
