@@ -24,7 +24,7 @@ from scipy import special
 from tiny_models import tiny_tokenizer
 
 from lmkl.demo.assets import build_model
-from lmkl.errors import DataError, TokenizerMismatchError
+from lmkl.errors import DataError, OutputError, TokenizerMismatchError
 
 transformers = pytest.importorskip("transformers")
 
@@ -388,3 +388,15 @@ def test_trl_sft_trainer_logs_kl(setup: dict[str, Any], with_callback: Any, tmp_
     )
     trainer.train()
     assert sorted(logged(trainer)) == [2]
+
+
+def test_out_of_an_earlier_training_is_refused_when_training_starts(
+    setup: dict[str, Any], with_callback: Any, tmp_path: Path
+) -> None:
+    from lmkl.integrations.transformers import KLCallback
+
+    _, first = with_callback
+    callback = KLCallback(first.cache, out=setup["root"] / "kl")  # holds step-000004, -000008
+    with pytest.raises(OutputError, match="earlier training"):
+        train(setup["student"], setup["text"], tmp_path / "train", [callback])
+    assert not (tmp_path / "train" / "checkpoint-4").exists()

@@ -36,7 +36,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lmkl.api import build_reference_cache, score_against
-from lmkl.errors import UsageError
+from lmkl.errors import OutputError, UsageError
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, WindowSpec
 
 #: Log keys (after the prefix) and where each value is in the metrics of results.json.
@@ -151,6 +151,7 @@ class KLCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Check everything and build the teacher's cache now, not at the first evaluation."""
         self._find_trainer()
+        self._check_out(int(state.global_step))
         self._student_of(kwargs.get("model"), kwargs.get("processing_class"))
         self.prepare()
 
@@ -163,11 +164,31 @@ class KLCallback(TrainerCallback):
             self._score_and_log(state, kwargs)
 
     # -- what it does --------------------------------------------------------------------------
+    def _check_out(self, step: int) -> None:
+        """Refuse now, not at the first evaluation, an ``out`` holding later steps' runs (an
+        earlier training's): they would be refused one by one, or mixed with this one's."""
+        if self.out is None or self.overwrite or not self.out.is_dir():
+            return
+        later = sorted(
+            path
+            for path in self.out.glob("step-*")
+            if path.name[5:].isdigit() and int(path.name[5:]) > step
+        )
+        if later:
+            raise OutputError(
+                f"'{later[0]}' exists: out= holds the runs of an earlier training",
+                "pass another out= directory, or overwrite=True to replace them",
+            )
+
     def prepare(self) -> Path:
         """The reference cache: the given one (checked), or the teacher's, built once (the
         teacher is then released). Raises one-line errors for unusable input."""
         if self.cache is not None:
             return self.cache
+        from lmkl.demo.names import is_demo_value, resolve_demo_value
+
+        if isinstance(self.data, str) and is_demo_value(self.data):
+            self.data = resolve_demo_value(self.data)  # e.g. demo:heldout
         student = self._student
         if _is_cache(self.reference):
             cache = Path(self.reference)
@@ -194,7 +215,8 @@ class KLCallback(TrainerCallback):
                 else DataSpec(source=str(self.data), **fields)
             )
         window_fields = {k: v for k, v in self.options.items() if k in WindowSpec.model_fields}
-        opened.settings(data, WindowSpec(**window_fields) if window_fields else None, ComputeSpec())
+        windows = WindowSpec(**window_fields) if window_fields else None
+        opened.settings(data, windows, ComputeSpec(**self.scoring_options))
 
     def _build(self, student: Any) -> Path:
         from lmkl.demo.names import is_demo_value, resolve_demo_value
