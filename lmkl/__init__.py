@@ -19,11 +19,11 @@ from typing import Any
 
 from lmkl.version import __version__
 
-__all__ = ["Run", "__version__", "compare", "open_run"]
+__all__ = ["Run", "__version__", "build_reference_cache", "compare", "open_run", "score_against"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("compare", "open_run", "Run"):
+    if name in ("compare", "open_run", "Run", "score_against", "build_reference_cache"):
         from lmkl import api
 
         return getattr(api, name)

@@ -180,6 +180,14 @@ def _spec(cls: type, given: Any, fields: dict[str, Any], what: str) -> Any:
         raise UsageError(f"{where}: {message}", f"correct {where} of {what}") from None
 
 
+def _data_spec(data: str | Path | DataSpec | None, fields: dict[str, Any]) -> DataSpec | None:
+    """The DataSpec of ``data`` given by name (with ``fields``) or as a spec (None: none)."""
+    if data is None:
+        return None
+    given = {} if isinstance(data, DataSpec) else {"source": str(data)}
+    return _spec(DataSpec, data, fields | given, "data")
+
+
 def compare(
     reference: str | Path | ModelSpec,
     candidates: str | Path | ModelSpec | Sequence[str | Path | ModelSpec],
@@ -222,16 +230,7 @@ def compare(
             f"{', '.join(sorted(data_opts))} given without data",
             "pass data=... (a reference cache uses its own data: drop them)",
         )
-    data_spec = (
-        None
-        if data is None
-        else _spec(
-            DataSpec,
-            data,
-            data_opts | ({} if isinstance(data, DataSpec) else {"source": str(data)}),
-            "data",
-        )
-    )
+    data_spec = _data_spec(data, data_opts)
     if windows is not None or window_opts:
         windows = _spec(WindowSpec, windows, window_opts, "windows")
     compute = _spec(ComputeSpec, compute, compute_opts, "compute")
@@ -256,3 +255,165 @@ def compare(
     run = Run(outcome.path, outcome.results)
     run.is_main = outcome.is_main  # type: ignore[attr-defined]
     return run
+
+
+def _is_model_object(value: Any) -> bool:
+    """A model given as an object (not a name, path or spec)."""
+    return not isinstance(value, str | Path | ModelSpec)
+
+
+def build_reference_cache(
+    reference: str | Path | ModelSpec | Any,
+    data: str | Path | DataSpec,
+    out: str | Path,
+    *,
+    tokenizer: Any = None,
+    top_k: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    windows: WindowSpec | None = None,
+    compute: ComputeSpec | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Path:
+    """Run ``reference`` once over ``data`` and write a reference cache to ``out`` (``lmkl cache``).
+
+    ``reference`` is a hub id, a directory, a :class:`~lmkl.specs.ModelSpec` or a causal LM
+    object already in memory (then ``tokenizer`` is its tokenizer; it is scored in eval mode and
+    left as it was). Keyword options as for :func:`compare`. Returns ``out``.
+    """
+    from lmkl.engine.cache_build import build_cache
+    from lmkl.engine.in_memory import in_memory_model, scoring_mode
+
+    model_opts, data_opts, window_opts, compute_opts = _split_options(options)
+    loaded = None
+    if _is_model_object(reference):
+        if model_opts:
+            raise UsageError(
+                f"{', '.join(sorted(model_opts))} given for a model object",
+                "load the model as wanted before passing it, or drop the options",
+            )
+        loaded = in_memory_model(reference, tokenizer, label="reference")
+        spec = loaded.spec
+    elif isinstance(reference, ModelSpec):
+        spec = _spec(ModelSpec, reference, model_opts, "the reference")
+    else:
+        spec = _spec(ModelSpec, None, model_opts | {"model": str(reference)}, "the reference")
+    data_spec = _data_spec(data, data_opts)
+    assert data_spec is not None
+    window_spec = _spec(WindowSpec, windows, window_opts, "windows")
+    compute_spec = _spec(ComputeSpec, compute, compute_opts, "compute")
+    run = dict(top_k=top_k, overwrite=overwrite, resume=resume, progress=progress, log=log)
+    if loaded is None:
+        build_cache(spec, data_spec, window_spec, compute_spec, out, **run)
+    else:
+        with scoring_mode(loaded.model):
+            build_cache(spec, data_spec, window_spec, compute_spec, out, model=loaded, **run)
+    return Path(out)
+
+
+def score_against(
+    reference_cache: str | Path,
+    model: Any,
+    data: str | Path | DataSpec | None = None,
+    *,
+    tokenizer: Any = None,
+    label: str = "model",
+    step: int | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    windows: WindowSpec | None = None,
+    compute: ComputeSpec | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Score a model in memory against a reference cache: the metrics ``lmkl compare`` gives.
+
+    For custom training loops (accelerate, Lightning, plain PyTorch)::
+
+        lmkl.build_reference_cache("org/teacher", "held_out.jsonl", "teacher-cache")
+        ...
+        metrics = lmkl.score_against("teacher-cache", model, tokenizer=tokenizer, step=step)
+        metrics["kl"]["mean"], metrics["kl"]["se"]   # KL(teacher‖model), nats per token
+
+    ``model`` is a causal LM object (with ``tokenizer``) or a loaded
+    :class:`~lmkl.models.LoadedModel`; it is scored where it is, in its dtype, in eval mode
+    under ``no_grad``, and left as it was: train/eval flags and the Python, NumPy, torch and
+    CUDA random generators are restored. Only the model runs: the reference's side is read
+    from the cache, whose windows (and data) are used; ``data`` and the window options, if
+    given, must be the cache's. Under ``torchrun``/``accelerate launch`` (every process calls
+    it) the windows are shared out and merged exactly; every process gets the metrics.
+    ``out``: also keep the complete run directory there (``lmkl report``/``lmkl select`` read
+    it; ``step`` and ``label`` name the candidate in it); by default it is a temporary
+    directory, removed. Returns the candidate's metrics as in results.json (``kl``,
+    ``reverse_kl``, ``jsd`` with mean, se and quantiles; ``nll_reference``,
+    ``nll_candidate``, ``top1_agree`` with mean and se; ...).
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from lmkl.engine.in_memory import IN_MEMORY_PREFIX, in_memory_model, scoring_mode
+    from lmkl.engine.loop import execute
+    from lmkl.engine.token_compare import TokenComparison
+    from lmkl.models import LoadedModel
+    from lmkl.refcache.format import is_cache_dir
+
+    if not is_cache_dir(reference_cache):
+        raise UsageError(
+            f"'{reference_cache}' is not an lmkl reference cache",
+            "build one with lmkl cache or lmkl.build_reference_cache(teacher, data, DIR)",
+        )
+    model_opts, data_opts, window_opts, compute_opts = _split_options(options)
+    if model_opts:
+        raise UsageError(
+            f"{', '.join(sorted(model_opts))} given for a model in memory",
+            "drop them: the model is scored as it is",
+        )
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = in_memory_model(model, tokenizer, label=label)
+    spec = loaded.spec.model_copy(update={"step": step})
+    if not spec.model.startswith(IN_MEMORY_PREFIX):
+        raise UsageError(
+            f"'{spec.model}' is a model to load, not one in memory",
+            "pass the model object, or compare files with lmkl.compare",
+        )
+    loaded.spec = spec
+    loaded.description["step"] = step
+    data_spec = _data_spec(data, data_opts)
+    if windows is not None or window_opts:
+        windows = _spec(WindowSpec, windows, window_opts, "windows")
+    if out is None and compute is None:
+        # Nothing reads worst.json of a run that is removed: skip collecting it.
+        compute_opts.setdefault("worst_k", 0)
+    compute_spec = _spec(ComputeSpec, compute, compute_opts, "compute")
+    kind = TokenComparison(
+        ModelSpec(model=str(reference_cache)),
+        [spec],
+        data_spec,
+        windows,
+        compute_spec,
+        candidate_models=[loaded],
+    )
+    # A run nobody keeps: in memory where the system has a tmpfs (its fsyncs cost nothing).
+    shm = Path("/dev/shm")
+    where = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    scratch = None if out is not None else Path(tempfile.mkdtemp(prefix="lmkl-score-", dir=where))
+    try:
+        # (Every process passes a directory; the engine uses rank 0's.)
+        target = Path(out) if out is not None else scratch / "run"  # type: ignore[operator]
+        with scoring_mode(loaded.model):
+            outcome = execute(
+                kind,
+                OutputSpec(dir=str(target), overwrite=overwrite),
+                progress=progress,
+                log=log,
+            )
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return outcome.results["candidates"][0]["metrics"]

@@ -55,8 +55,11 @@ class CacheBuild:
         compute: ComputeSpec,
         top_k: int | None,
         out: Path,
+        model: Any = None,
     ) -> None:
         self.reference, self.data, self.windows, self.compute = reference, data, windows, compute
+        #: The reference already in memory (a LoadedModel), used instead of loading ``reference``.
+        self.model = model
         self.top_k = top_k
         self.out = out
         self.started = now().isoformat()
@@ -91,8 +94,12 @@ class CacheBuild:
         spec = self.reference.model_copy(
             update={"device": device_for_rank(self.reference.device, shard)}
         )
-        log(f"loading reference {spec.model}")
-        model = load_model(spec, resolve_device(spec.device))
+        if self.model is not None:
+            model = self.model
+            self.model = None  # held by the writer only: freed with it once the cache is built
+        else:
+            log(f"loading reference {spec.model}")
+            model = load_model(spec, resolve_device(spec.device))
         check_context_length([model], self.windows)
         vocab_size, padded = shared_vocab_size([model])
         adds_bos = tokenizer_adds_bos(model.tokenizer)
@@ -173,8 +180,12 @@ def build_cache(
     resume: bool = False,
     progress: ProgressCallback | None = None,
     log: LogCallback | None = None,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Run ``reference`` once over ``data`` and write a reference cache to ``out``.
+
+    ``model``: the reference already in memory (a :class:`~lmkl.models.LoadedModel`, see
+    :func:`lmkl.engine.in_memory.in_memory_model`), built from instead of loading ``reference``.
 
     ``top_k=None`` writes the exact cache; ``top_k=K`` the compact one. Returns the manifest
     (on every rank of a multi-process build). ``resume`` continues an interrupted build of
@@ -192,7 +203,7 @@ def build_cache(
             "pass --resume to continue the interrupted build, or --overwrite to start over",
         )
     work = build_dir(out)
-    kind = CacheBuild(reference, data, windows, compute, top_k, out)
+    kind = CacheBuild(reference, data, windows, compute, top_k, out, model)
     shard = init_shard()
     lock: DirectoryLock | None = None
     installed = created = False

@@ -9,7 +9,10 @@ interval). Logits are made a chunk of tokens at a time, so the KL stage holds at
 
 With a live reference all candidates are loaded together and part ``b`` is batch ``b``. With a
 cache only one model is ever in memory: candidates are loaded one at a time and part
-``c x batches + b`` is candidate ``c`` on batch ``b``.
+``c x batches + b`` is candidate ``c`` on batch ``b``. Candidates may also be given as models
+already in memory (``candidate_models``, see :mod:`lmkl.engine.in_memory`): a training loop
+scores the model it trains against a cache this way, and gets the run directory ``compare``
+writes for that checkpoint.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class TokenComparison:
         *,
         models: tuple[LoadedModel, list[LoadedModel]] | None = None,
         corpus: Corpus | None = None,
+        candidate_models: list[LoadedModel] | None = None,
     ) -> None:
         if not candidates:
             raise UsageError("no candidate model given", "name at least one candidate")
@@ -138,6 +142,14 @@ class TokenComparison:
         self.compute = compute
         self._given_models = models
         self._given_corpus = corpus
+        if candidate_models is not None and self.cache is None:
+            raise UsageError(
+                "in-memory candidates are scored against a reference cache only",
+                "build one first (lmkl cache, or lmkl.api.build_reference_cache)",
+            )
+        #: Candidates already in memory (e.g. a model being trained), by label: scored as they
+        #: are, never loaded, moved or freed.
+        self._in_memory = {m.label: m for m in candidate_models or []}
         self._loaded: dict[str, LoadedModel] = {}
         #: Descriptions of the candidates this process loaded (results.json's ``model``).
         self._descriptions: dict[str, dict[str, Any]] = {}
@@ -257,6 +269,9 @@ class TokenComparison:
         self.tokenizer = cache.tokenizer
         self.vocab_size = cache.vocab_size
         for spec in self.candidates:
+            if spec.display_name in self._in_memory:
+                self._check_in_memory(self._in_memory[spec.display_name])
+                continue
             cache.check_tokenizer(load_tokenizer(spec), spec.display_name)
             # Checked and pinned now (config, weight files, their hash); the weights load when
             # the candidate's turn comes, one model at a time.
@@ -265,16 +280,40 @@ class TokenComparison:
         self.window_list = cache.windows()
         self.corpus_description = cache.manifest["data"]
         self.padded = bool(cache.manifest["vocab"]["padded"])
-        device = resolve_device(device_for_rank(self.candidates[0].device, self.shard))
+        first = self._in_memory.get(self.candidates[0].display_name)
+        device = (
+            first.device
+            if first is not None
+            else resolve_device(device_for_rank(self.candidates[0].device, self.shard))
+        )
         self.kernel, self.chunk = make_kernel(
             self.compute, self.vocab_size, cache.num_tokens, log, device
         )
         if self.topk:
             self.chunk = self.compute.chunk_size(self.vocab_size, 8)
 
+    def _check_in_memory(self, model: LoadedModel) -> None:
+        """What loading checks for a model from files, for one given in memory."""
+        assert self.cache is not None
+        self.cache.check_tokenizer(model.tokenizer, model.label)
+        check_context_length([model], self.windows)
+        if model.logits_width < self.vocab_size:
+            raise TokenizerMismatchError(
+                f"{model.label} has {model.logits_width} output rows but the cached "
+                f"reference compares {self.vocab_size} tokens",
+                "use models with one vocabulary",
+            )
+        self._probes[model.label] = model.description
+
     # -- score -----------------------------------------------------------------------------------
     def _models_of(self, group: list[str]) -> list[LoadedModel]:
         """The group's candidates, loading a cached run's next candidate (one at a time)."""
+        for label in group:
+            if label in self._in_memory and label not in self._loaded:
+                model = self._in_memory[label]
+                self.padded = self.padded or model.logits_width != len(self.tokenizer)
+                self._loaded[label] = model
+                self._descriptions[label] = model.description
         missing = [label for label in group if label not in self._loaded]
         if missing:
             self._loaded.clear()  # one model in memory: free the previous candidate first
