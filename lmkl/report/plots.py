@@ -108,6 +108,74 @@ def _literal(text: str, limit: int = 28) -> str:
     return short.replace("$", r"\$")
 
 
+#: Title and caption of each figure, by name; a figure may add sentences about its data.
+FIGURES: dict[str, tuple[str, str]] = {
+    "kl_distribution": (
+        "KL distribution",
+        "Per-token KL(P‖Q) on log-spaced bins shared by all candidates; the CDF shows the "
+        "share of tokens at or below each KL value.",
+    ),
+    "kl_by_position": (
+        "KL by position",
+        "Mean (solid) and median (dashed) per-token KL against the number of tokens the "
+        "models could see. Early positions have little context; a candidate that "
+        "degrades with long context rises to the right.",
+    ),
+    "kl_by_confidence": (
+        "KL by reference confidence",
+        "Tokens grouped by how sure the reference was (its top-1 probability). Left: "
+        "mean KL with 95% intervals. Right: each group's share of the total KL (token "
+        "share × mean KL); dots give the share of tokens.",
+    ),
+    "ppl_ratio": (
+        "Perplexity ratio",
+        "Perplexity of each candidate divided by the reference's on the same tokens, "
+        "with a 95% interval from the standard error of the mean log ratio.",
+    ),
+    "size_vs_kl": (
+        "Size vs KL",
+        "Each candidate's size against its mean KL (95% intervals). Outlined points are "
+        "Pareto-optimal: no other candidate is both smaller and closer to the reference.",
+    ),
+    "kl_by_step": (
+        "KL by step",
+        "Mean KL with 95% intervals and the perplexity ratio for each checkpoint series.",
+    ),
+}
+
+
+def _plot(name: str, fig: Any, drawn: dict[str, Any], more: str = "") -> Plot:
+    """The finished figure ``name`` with its title and caption (plus ``more``)."""
+    title, caption = FIGURES[name]
+    return Plot(name, title, caption + more, _png(fig), drawn)
+
+
+#: Legend entries per column beside the axes before a second column starts.
+_LEGEND_ROWS = 14
+
+
+def _legend_outside(fig: Any, handles: list[Any], labels: list[str]) -> Any:
+    """The legend to the right of the axes, outside them: it never covers data, and the
+    constrained layout shrinks the axes to make room instead of cutting it off."""
+    if not handles:
+        return None
+    ncols = max(1, math.ceil(len(handles) / _LEGEND_ROWS))
+    return fig.legend(handles, labels, loc="outside right upper", ncols=ncols)
+
+
+def _log_if_wide(ax: Any, values: list[Any], spread: float = 30.0) -> bool:
+    """Put the y axis of ``ax`` on a log scale when the positive finite ``values`` span more
+    than ``spread``× (a quantized candidate's KL beside a distilled one's), with plain tick
+    labels. Returns whether it did."""
+    data = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values])
+    positive = data[np.isfinite(data) & (data > 0)]
+    if positive.size < 2 or positive.max() / positive.min() <= spread:
+        return False
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    return True
+
+
 @_styled
 def kl_distribution(report: Report) -> Plot | None:
     """Histogram of per-token KL on a log axis (share of tokens per bin) and its CDF."""
@@ -154,13 +222,10 @@ def kl_distribution(report: Report) -> Plot | None:
     for q in (0.5, 0.9, 0.99):
         right.axhline(q, color="#c4cbd2", linewidth=0.8, linestyle=":", zorder=0)
     if len(hist["series"]) > 1:
-        right.legend(loc="lower right")
+        _legend_outside(fig, *right.get_legend_handles_labels())
     infinite = sum(s["infinite"] for s in hist["series"].values())
     below = sum(s["below"] for s in hist["series"].values())
-    caption = (
-        "Per-token KL(P‖Q) on log-spaced bins shared by all candidates; the CDF shows the "
-        "share of tokens at or below each KL value."
-    )
+    caption = ""
     if below:
         caption += (
             f" {below:,} token(s) below {edges[0]:.0e} (including exact zeros) are in "
@@ -170,7 +235,7 @@ def kl_distribution(report: Report) -> Plot | None:
         caption += (
             f" {infinite:,} token(s) with infinite KL are not binned; their CDF stays below 100%."
         )
-    return Plot("kl_distribution", "KL distribution", caption, _png(fig), drawn)
+    return _plot("kl_distribution", fig, drawn, caption)
 
 
 def _bucket_label(bucket: dict[str, Any]) -> str:
@@ -217,7 +282,6 @@ def kl_by_position(report: Report) -> Plot | None:
     fig, (ax,) = _figure(3.3)
     width = report.by_position.get("bin_width", 1)
     drawn: dict[str, Any] = {"bin_width": width, "series": {}}
-    lows = []
     for key, series in series_map.items():
         x = np.asarray(series["center"], dtype=float)
         (mean_line,) = ax.plot(
@@ -231,13 +295,9 @@ def kl_by_position(report: Report) -> Plot | None:
             "mean": np.asarray(mean_line.get_ydata()),
             "median": np.asarray(median_line.get_ydata()),
         }
-        finite = np.asarray(series["median"])[np.isfinite(series["median"])]
-        lows.extend(finite[finite > 0].tolist())
-    all_means = np.concatenate([np.asarray(s["mean"]) for s in series_map.values()])
-    positive = all_means[np.isfinite(all_means) & (all_means > 0)]
-    if lows and positive.size and positive.max() / max(min(lows), 1e-12) > 30:
-        ax.set_yscale("log")
-        _plain_log_ticks(ax.yaxis)
+    _log_if_wide(
+        ax, [np.asarray(s[k]) for s in drawn["series"].values() for k in ("mean", "median")]
+    )
     ax.set_xlabel(
         "position in the context window (tokens of left context)"
         + (f", bins of {width}" if width > 1 else "")
@@ -252,13 +312,8 @@ def kl_by_position(report: Report) -> Plot | None:
     ]
     labels += ["mean", "median"]
     ax.set_title("KL by position in the context window")
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)))
-    caption = (
-        "Mean (solid) and median (dashed) per-token KL against the number of tokens the "
-        "models could see. Early positions have little context; a candidate that "
-        "degrades with long context rises to the right."
-    )
-    return Plot("kl_by_position", "KL by position", caption, _png(fig), drawn)
+    _legend_outside(fig, handles, labels)
+    return _plot("kl_by_position", fig, drawn)
 
 
 @_styled
@@ -317,20 +372,17 @@ def kl_by_confidence(report: Report) -> Plot | None:
         ax.set_xticks(x, labels)
         ax.set_xlabel("reference top-1 probability")
         ax.grid(axis="x", visible=False)
+    # Quantized candidates' KL is orders of magnitude below a distilled one's: on a linear
+    # axis their bars would be invisible.
+    _log_if_wide(left, [drawn["series"][k]["kl_mean"] for k in keys])
     left.set_ylabel("mean KL(P‖Q), nats")
     left.set_title("Mean KL by reference confidence")
     right.set_ylabel("share of the total KL")
     right.set_title("Where the total KL comes from")
     right.yaxis.set_major_formatter(_percent_formatter())
     if n > 1 or same_tokens:
-        handles, names = right.get_legend_handles_labels()
-        fig.legend(handles, names, loc="outside lower center", ncols=min(6, len(names)))
-    caption = (
-        "Tokens grouped by how sure the reference was (its top-1 probability). Left: "
-        "mean KL with 95% intervals. Right: each group's share of the total KL (token "
-        "share × mean KL); dots give the share of tokens."
-    )
-    return Plot("kl_by_confidence", "KL by reference confidence", caption, _png(fig), drawn)
+        _legend_outside(fig, *right.get_legend_handles_labels())
+    return _plot("kl_by_confidence", fig, drawn)
 
 
 @_styled
@@ -387,11 +439,7 @@ def ppl_ratio(report: Report) -> Plot | None:
         "low": low,
         "high": high,
     }
-    caption = (
-        "Perplexity of each candidate divided by the reference's on the same tokens, "
-        "with a 95% interval from the standard error of the mean log ratio."
-    )
-    return Plot("ppl_ratio", "Perplexity ratio", caption, _png(fig), drawn)
+    return _plot("ppl_ratio", fig, drawn)
 
 
 @_styled
@@ -448,7 +496,7 @@ def size_vs_kl(report: Report) -> Plot | None:
     ax.set_xlabel(unit)
     ax.set_ylabel("mean KL(P‖Q), nats")
     ax.set_title(f"Size vs divergence ({unit.split(' (')[0]})")
-    ax.legend(loc="upper right")
+    _legend_outside(fig, [front_line], ["Pareto front"])
     drawn = {
         "keys": keys,
         "size": sizes,
@@ -457,13 +505,8 @@ def size_vs_kl(report: Report) -> Plot | None:
         "front_x": np.asarray(front_line.get_xdata()),
         "front_y": np.asarray(front_line.get_ydata()),
     }
-    caption = (
-        "Each candidate's size against its mean KL (95% intervals). Outlined points are "
-        "Pareto-optimal: no other candidate is both smaller and closer to the reference."
-    )
-    if left_out:
-        caption += f" Not shown (infinite mean KL): {', '.join(left_out)}."
-    return Plot("size_vs_kl", "Size vs KL", caption, _png(fig), drawn)
+    more = f" Not shown (infinite mean KL): {', '.join(left_out)}." if left_out else ""
+    return _plot("size_vs_kl", fig, drawn, more)
 
 
 @_styled
@@ -526,9 +569,8 @@ def kl_by_step(report: Report) -> Plot | None:
     right.set_ylabel("PPL(Q) / PPL(P)")
     right.set_title("Perplexity ratio by checkpoint")
     if len(series_map) > 1:
-        left.legend()
-    caption = "Mean KL with 95% intervals and the perplexity ratio for each checkpoint series."
-    return Plot("kl_by_step", "KL by step", caption, _png(fig), drawn)
+        _legend_outside(fig, *left.get_legend_handles_labels())
+    return _plot("kl_by_step", fig, drawn)
 
 
 #: Figures in report order.

@@ -104,10 +104,15 @@ def stat_rows(report: Report) -> list[dict[str, Any]]:
 
 def leaderboard(report: Report) -> list[dict[str, Any]]:
     """Compact rows, best first by the sort metric."""
+    sizes = report.sizes()
+    pareto = dict(zip(sizes.get("keys", []), sizes.get("pareto", []), strict=True))
     rows = []
     for rank, c in enumerate(report.candidates, 1):
         m = c.metrics
         boot = report.ranking_ci(c)
+        scale = report.scale(c)
+        ranked = report.ranking_row(c) or {}
+        nxt = ranked.get("vs_next") if isinstance(ranked.get("vs_next"), dict) else None
         rows.append(
             {
                 "rank": rank,
@@ -117,18 +122,116 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
                 "reference": c.run.reference_label,
                 "sort_value": number(c.value(report.sort_by)),
                 "kl": mean_se(m.get("kl")),
+                "kl_mean": number((m.get("kl") or {}).get("mean")),
                 "kl_ci": normal_interval(m.get("kl")),
                 "kl_median": number((m.get("kl") or {}).get("median")),
                 "kl_p99": number((m.get("kl") or {}).get("p99")),
                 "top1": percent_se(m.get("top1_agreement")),
+                "top1_changed": percent(scale["top1_changed"]),
                 "ppl_ratio": number((m.get("ppl") or {}).get("ratio")),
                 "size": _size_cell(c),
+                "pareto": pareto.get(c.key),
                 "boot": interval(boot) if boot else None,
+                "next": None
+                if nxt is None
+                else {
+                    "label": nxt.get("label"),
+                    "diff": number(nxt.get("diff"), 3),
+                    "ci": interval(nxt.get("ci"), 3),
+                    "flips": percent(nxt.get("flip_share")),
+                },
+                "above_noise": scale["above_noise_floor"],
                 "group": c.group,
                 "step": None if not math.isfinite(c.step) else int(c.step),
             }
         )
     return rows
+
+
+def noise_floor_rows(report: Report) -> list[dict[str, Any]]:
+    """One row per run with a noise floor: its mean KL, bootstrap CI and top-1 changes."""
+    rows = []
+    for run in report.runs:
+        floor = report.noise_floor(run)
+        if floor is None:
+            continue
+        ranking = run.results.get("ranking") or {}
+        entry = next(
+            (
+                e
+                for e in ranking.get("leaderboard") or []
+                if isinstance(e, dict) and e.get("kind") == "noise_floor"
+            ),
+            {},
+        )
+        agree = floor["top1_agreement"]
+        rows.append(
+            {
+                "run": run.name,
+                "kl_mean": number(floor["kl_mean"]),
+                "boot": interval(entry["ci"]) if entry.get("ci") else None,
+                "top1_changed": percent(1.0 - agree) if math.isfinite(agree) else "–",
+                "relative_std": number(floor["relative_std"]),
+            }
+        )
+    return rows
+
+
+#: What familiar pairs measure, for orientation: mean KL(P‖Q) in nats as lmkl measured it on
+#: its small demo models (README: "The shipped study", "Accuracy contract", the demo). Only
+#: orders of magnitude carry over to other models and data; the run's own scale comes first.
+FAMILIAR_PAIRS: tuple[tuple[str, float], ...] = (
+    ("float32 weights rounded to float16 (small trained Llama)", 6.9e-9),
+    ("noise floor: 1e-3 relative weight noise (demo reference)", 4.2e-6),
+    ("int8 weights, torchao (demo reference)", 4.0e-5),
+    ("float8 weights, torchao (demo reference)", 5.8e-4),
+    ("int4 weights, groups of 16–32 (demo reference)", 7e-3),
+    ("int2 weights, quanto (demo reference)", 0.20),
+    ("a 2-layer student vs its 4-layer teacher (the demo)", 0.96),
+)
+
+
+def scale_rows(report: Report) -> list[dict[str, Any]]:
+    """Per candidate, its mean KL on the scales its own run gives (see :meth:`Report.scale`)."""
+    rows = []
+    for c in report.candidates:
+        scale = report.scale(c)
+        times = scale["times_noise_floor"]
+        rows.append(
+            {
+                "key": c.key,
+                "color": c.color,
+                "kl_mean": number(scale["kl_mean"]),
+                "top1_changed": percent(scale["top1_changed"]),
+                "ppl_ratio": number(scale["ppl_ratio"]),
+                "noise_floor": None
+                if not math.isfinite(scale["noise_floor"])
+                else number(scale["noise_floor"]),
+                "times_noise_floor": None if not math.isfinite(times) else f"{times:,.3g}×",
+                "above_noise": scale["above_noise_floor"],
+            }
+        )
+    return rows
+
+
+def familiar_pairs() -> list[dict[str, str]]:
+    return [
+        {"pair": pair, "kl": f"{kl:.1e}" if kl < 0.01 else f"{kl:g}"}
+        for pair, kl in (FAMILIAR_PAIRS)
+    ]
+
+
+def gate_blocks(report: Report) -> list[dict[str, Any]]:
+    """Quality gates per run: passed, or each failing candidate with its reason."""
+    return [
+        {
+            "run": g["run"],
+            "limits": g["limits"],
+            "passed": g["passed"],
+            "reasons": [str(f.get("reason", "")) for f in g["failures"]],
+        }
+        for g in report.gates()
+    ]
 
 
 def confidence_rows(report: Report) -> list[dict[str, Any]]:
@@ -205,6 +308,7 @@ def worst_cards(report: Report) -> list[dict[str, Any]]:
                     "kl": number(e.get("kl")),
                     "doc_id": e.get("doc_id"),
                     "position": e.get("position"),
+                    "dataset": e.get("dataset"),
                     "context": _context_tail(str(e.get("context") or "")),
                     # Whitespace-only tokens would be invisible when highlighted: show them marked.
                     "token": token
@@ -373,6 +477,15 @@ def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[s
         "has_boot": any(report.ranking_ci(c) for c in report.candidates),
         "candidates": [{"key": c.key, "color": c.color} for c in report.candidates],
         "leaderboard": leaderboard(report),
+        "has_pareto": bool(report.sizes()),
+        "has_next": any(report.ranking_row(c) for c in report.candidates),
+        "has_noise": any(report.noise_floor(r) for r in report.runs),
+        "noise_floors": noise_floor_rows(report),
+        "scale_rows": scale_rows(report),
+        "familiar_pairs": familiar_pairs(),
+        "gates": gate_blocks(report),
+        "experiments": [r.name for r in report.runs if r.is_experiment],
+        "dataset_names": [d.name for d in report.datasets],
         "stat_rows": stat_rows(report),
         "confidence_rows": confidence_rows(report),
         "plots": [
@@ -413,6 +526,18 @@ def md_code_block(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+#: Where a long candidate name may break: after a separator, never inside a word.
+_NAME_BREAKS = re.compile(r"([-_/])")
+
+
+def breakable(value: Any) -> Any:
+    """HTML-escaped text with a line-break opportunity (``<wbr>``) after each ``-``, ``_``
+    and ``/``, so a long candidate name wraps at its separators instead of mid-word."""
+    from markupsafe import Markup, escape
+
+    return Markup(_NAME_BREAKS.sub(r"\1<wbr>", str(escape(value))))
+
+
 def _environment() -> Any:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
@@ -427,6 +552,7 @@ def _environment() -> Any:
     )
     env.filters["md"] = md_escape
     env.filters["md_code"] = md_code_block
+    env.filters["breakable"] = breakable
     return env
 
 
