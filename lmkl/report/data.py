@@ -156,6 +156,11 @@ class Report:
             "relative_std": to_float(entry.get("relative_std")),
         }
 
+    def noise_floor_kl(self) -> float:
+        """The noise floor's mean KL when the runs have one (and only one value); else NaN."""
+        values = {f["kl_mean"] for run in self.runs if (f := self.noise_floor(run))}
+        return values.pop() if len(values) == 1 else math.nan
+
     def scale(self, c: CandidateView) -> dict[str, Any]:
         """How large ``c``'s divergence is, on scales from its own run: the share of tokens
         whose top-1 prediction changes, the perplexity ratio, and the mean KL as a multiple of

@@ -145,9 +145,31 @@ FIGURES: dict[str, tuple[str, str]] = {
 
 
 def _plot(name: str, fig: Any, drawn: dict[str, Any], more: str = "") -> Plot:
-    """The finished figure ``name`` with its title and caption (plus ``more``)."""
+    """The finished figure ``name`` with its title and caption (plus ``more``); ``drawn``
+    gains the ``layout`` as saved (pixel boxes of the figure, its axes and its legends)."""
     title, caption = FIGURES[name]
-    return Plot(name, title, caption + more, _png(fig), drawn)
+    png = _png(fig)
+    drawn["layout"] = _layout(fig)
+    return Plot(name, title, caption + more, png, drawn)
+
+
+def _layout(fig: Any) -> dict[str, Any]:
+    """Pixel boxes ``[x0, y0, x1, y1]`` of the figure, each axes and each legend, after the
+    constrained layout has placed them: tests check that no legend covers an axes or is cut."""
+
+    def box(bbox: Any) -> list[float]:
+        return [float(bbox.x0), float(bbox.y0), float(bbox.x1), float(bbox.y1)]
+
+    from matplotlib import rc_context
+
+    with rc_context(_STYLE):
+        fig.draw_without_rendering()
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    return {
+        "figure": box(fig.bbox),
+        "axes": [box(ax.get_window_extent()) for ax in fig.axes],
+        "legends": [box(legend.get_window_extent()) for legend in legends],
+    }
 
 
 #: Legend entries per column beside the axes before a second column starts.
@@ -460,7 +482,11 @@ def size_vs_kl(report: Report) -> Plot | None:
     kls = np.asarray(data["kl_mean"], dtype=float)[drawable]
     errs = np.asarray([Z95 * s if math.isfinite(s) else 0.0 for s in data["kl_se"]])[drawable]
     front = np.asarray(data["pareto"], dtype=bool)[drawable]
-    for key, s, k, e, on in zip(keys, sizes, kls, errs, front, strict=True):
+    # Neighbours by size alternate their labels above and below the point, so the names of
+    # two close candidates do not print over each other.
+    below = np.zeros(len(keys), dtype=bool)
+    below[np.argsort(sizes, kind="stable")[1::2]] = True
+    for key, s, k, e, on, under in zip(keys, sizes, kls, errs, front, below, strict=True):
         ax.errorbar(
             [s],
             [k],
@@ -472,7 +498,17 @@ def size_vs_kl(report: Report) -> Plot | None:
             capsize=2,
             elinewidth=0.9,
         )
-        ax.annotate(_literal(key), (s, k), xytext=(6, 5), textcoords="offset points", fontsize=8.5)
+        # Labels of points in the right part go to their left, so they stay inside the axes.
+        right_side = s > sizes.min() + 0.6 * (sizes.max() - sizes.min())
+        ax.annotate(
+            _literal(key),
+            (s, k),
+            xytext=(-6 if right_side else 6, -5 if under else 5),
+            textcoords="offset points",
+            ha="right" if right_side else "left",
+            va="top" if under else "bottom",
+            fontsize=8.5,
+        )
     order = np.argsort(sizes[front])
     (front_line,) = ax.plot(
         sizes[front][order],
@@ -496,7 +532,16 @@ def size_vs_kl(report: Report) -> Plot | None:
     ax.set_xlabel(unit)
     ax.set_ylabel("mean KL(P‖Q), nats")
     ax.set_title(f"Size vs divergence ({unit.split(' (')[0]})")
-    _legend_outside(fig, [front_line], ["Pareto front"])
+    handles, names = [front_line], ["Pareto front"]
+    floor = report.noise_floor_kl()
+    if math.isfinite(floor) and floor > 0:
+        # What the study is measured against: the reference's own noise.
+        handles.append(ax.axhline(floor, color="#8a96a3", linewidth=1.0, linestyle=":"))
+        names.append("noise floor")
+        drawn_floor = floor
+    else:
+        drawn_floor = math.nan
+    _legend_outside(fig, handles, names)
     drawn = {
         "keys": keys,
         "size": sizes,
@@ -504,6 +549,7 @@ def size_vs_kl(report: Report) -> Plot | None:
         "pareto": front,
         "front_x": np.asarray(front_line.get_xdata()),
         "front_y": np.asarray(front_line.get_ydata()),
+        "noise_floor": drawn_floor,
     }
     more = f" Not shown (infinite mean KL): {', '.join(left_out)}." if left_out else ""
     return _plot("size_vs_kl", fig, drawn, more)

@@ -106,6 +106,9 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
     """Compact rows, best first by the sort metric."""
     sizes = report.sizes()
     pareto = dict(zip(sizes.get("keys", []), sizes.get("pareto", []), strict=True))
+    failed = {
+        g["run"]: {str(f.get("candidate")) for f in g["failures"]} for g in report.gates()
+    }
     rows = []
     for rank, c in enumerate(report.candidates, 1):
         m = c.metrics
@@ -141,6 +144,7 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
                     "flips": percent(nxt.get("flip_share")),
                 },
                 "above_noise": scale["above_noise_floor"],
+                "gate_failed": c.label in failed.get(c.run.name, set()),
                 "group": c.group,
                 "step": None if not math.isfinite(c.step) else int(c.step),
             }
@@ -207,11 +211,20 @@ def scale_rows(report: Report) -> list[dict[str, Any]]:
                 "noise_floor": None
                 if not math.isfinite(scale["noise_floor"])
                 else number(scale["noise_floor"]),
-                "times_noise_floor": None if not math.isfinite(times) else f"{times:,.3g}×",
+                "times_noise_floor": None if not math.isfinite(times) else _times(times),
                 "above_noise": scale["above_noise_floor"],
             }
         )
     return rows
+
+
+def _times(ratio: float) -> str:
+    """A multiple as people say it: ``9.51×``, ``137×``, ``47,300×`` (three significant
+    digits, no exponent)."""
+    if ratio >= 1000:
+        digits = int(math.floor(math.log10(ratio))) - 2
+        return f"{round(ratio, -digits):,.0f}×"
+    return f"{ratio:.3g}×"
 
 
 def familiar_pairs() -> list[dict[str, str]]:
