@@ -106,9 +106,7 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
     """Compact rows, best first by the sort metric."""
     sizes = report.sizes()
     pareto = dict(zip(sizes.get("keys", []), sizes.get("pareto", []), strict=True))
-    failed = {
-        g["run"]: {str(f.get("candidate")) for f in g["failures"]} for g in report.gates()
-    }
+    failed = {g["run"]: {str(f.get("candidate")) for f in g["failures"]} for g in report.gates()}
     rows = []
     for rank, c in enumerate(report.candidates, 1):
         m = c.metrics
@@ -222,7 +220,7 @@ def _times(ratio: float) -> str:
     """A multiple as people say it: ``9.51×``, ``137×``, ``47,300×`` (three significant
     digits, no exponent)."""
     if ratio >= 1000:
-        digits = int(math.floor(math.log10(ratio))) - 2
+        digits = math.floor(math.log10(ratio)) - 2
         return f"{round(ratio, -digits):,.0f}×"
     return f"{ratio:.3g}×"
 
