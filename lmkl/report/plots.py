@@ -397,6 +397,7 @@ def kl_by_confidence(report: Report) -> Plot | None:
     # Quantized candidates' KL is orders of magnitude below a distilled one's: on a linear
     # axis their bars would be invisible.
     _log_if_wide(left, [drawn["series"][k]["kl_mean"] for k in keys])
+    drawn["kl_mean_axis"] = {"scale": left.get_yscale(), "ylim": left.get_ylim()}
     left.set_ylabel("mean KL(P‖Q), nats")
     left.set_title("Mean KL by reference confidence")
     right.set_ylabel("share of the total KL")
