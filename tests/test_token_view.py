@@ -119,7 +119,9 @@ def test_doc_choice_and_caps(view_run, tmp_path):
     )
     assert code == 0, output
     html = out.read_text()
-    assert html.index('id="token-view"') < html.index('id="reading"')
+    # The verdict first, then the token view, then the leaderboard and the rest.
+    assert html.index('id="reading"') < html.index('id="token-view"')
+    assert html.index('id="token-view"') < html.index('id="leaderboard"')
     assert re.findall(r'<div class="tv-doc" id="tv-u(\d+)"', html) == ["2"]
 
 
@@ -140,7 +142,7 @@ def test_report_without_a_recorded_view(tiny_pair, small_jsonl, tmp_path):
     assert "<script" not in html and "script-src" not in html  # no view: still no script at all
 
 
-def test_demo_report_opens_on_the_token_view(tiny_pair, tmp_path):
+def test_demo_report_opens_on_the_summary_then_the_token_view(tiny_pair, tmp_path):
     from lmkl.demo.assets import DEMO_VERSION, DemoSettings
     from lmkl.demo.names import demo_cache_dir
 
@@ -161,7 +163,9 @@ def test_demo_report_opens_on_the_token_view(tiny_pair, tmp_path):
     code, output = invoke(["demo", "--out", str(tmp_path / "demo"), "--quiet"])
     assert code == 0, output
     html = (tmp_path / "demo" / "report.html").read_text()
-    assert html.index('id="token-view"') < html.index('id="reading"')
+    # The verdict first, then the token view, then the leaderboard and the rest.
+    assert html.index('id="reading"') < html.index('id="token-view"')
+    assert html.index('id="token-view"') < html.index('id="leaderboard"')
     assert (tmp_path / "demo" / "view.parquet").is_file()
     tokens = pq.read_table(tmp_path / "demo" / "tokens.parquet").to_pandas()
     worst = tokens.groupby("doc_id")["kl"].mean().idxmax()
