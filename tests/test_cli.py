@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -56,6 +58,29 @@ def test_every_help_page_fits_80_columns_and_a_pipe_uncut():
     for option in ("--attn-implementation", "--different-tokenizers", "--quantize", "--label"):
         assert option in compare, option
     assert "torchao:int4_weight_only:g32" in compare and "lmkl[quant]" in compare
+    # Click's wrapper broke words at hyphens too: "--memory-" / "budget", "no-" / "rebuild".
+    for command, page in pages:
+        split = [line for line in page.splitlines() if re.search(r"[a-z]-$", line)]
+        assert not split, (command, split)
+
+
+def test_wide_help_pages_show_text_as_written():
+    # From 120 columns the rich layout: "[quant]" was read as a style tag ("Needs lmkl."),
+    # every flag showed "<bool>", and a docstring's line breaks split sentences.
+    pages = {}
+    for command in ["", *COMMANDS]:
+        done = subprocess.run(
+            [sys.executable, "-m", "lmkl", *command.split(), "--help"],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"COLUMNS": "200"},
+            check=True,
+        )
+        pages[command] = done.stdout
+    for command, page in pages.items():
+        assert "…" not in page and "<bool>" not in page, command
+    assert "lmkl[quant]" in pages["compare"] and "Needs lmkl." not in pages["compare"]
+    assert "options (--out, --limit, --fail-above/--fail-below) beat" in pages["run"]
 
 
 def test_compare_end_to_end(tiny_pair, small_jsonl, tmp_path):

@@ -76,7 +76,7 @@ def test_blocks_do_not_change_the_draws(monkeypatch):
     values, doc_index = synthetic(2, [3, 8, 2, 9, 4], [0.4])
     series = [DocSums.from_tokens(values[0], doc_index, 5)]
     whole = Bootstrap([5], resamples=64, seed=7).run(series)
-    monkeypatch.setattr("lmkl.analysis.ranking._BLOCK_ELEMENTS", 5 * 3)  # blocks of 3 resamples
+    monkeypatch.setattr("lmkl.analysis.bootstrap._BLOCK_ELEMENTS", 5 * 3)  # blocks of 3 resamples
     np.testing.assert_array_equal(Bootstrap([5], resamples=64, seed=7).run(series), whole)
 
 

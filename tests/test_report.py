@@ -290,7 +290,12 @@ def test_plain_reading_numbers(real_run):
     student = next(c for c in results["candidates"] if c["label"] == "student")["metrics"]
     line = next(x for x in report.reading if x.startswith("student "))
     agree = student["top1_agreement"]
-    assert f"{100 * agree['mean']:.1f}% ± {100 * 1.959964 * agree['se']:.1f}%" in line
+    assert f"on {100 * agree['mean']:.3g}% of tokens (95% CI over tokens [" in line
+    # The KL's CI is the document bootstrap stored for every candidate; "±" is left to tables.
+    kl = student["kl"]
+    assert kl["ci_method"] == "document bootstrap" and kl["ci_low"] < kl["mean"] < kl["ci_high"]
+    assert f"{kl['ci_low']:.3g}" in line and "resampling documents" in line
+    assert "±" not in " ".join(report.reading)
     assert "its KL" in line
     # Sorted by mean KL: the bfloat16 copy of the reference is closer than the student.
     assert [c.key for c in report.candidates] == ["self", "student"]

@@ -46,10 +46,13 @@ class Metric:
         return formatting.number(value, digits)
 
     def show(self, metrics: Mapping[str, Any]) -> tuple[str, str]:
-        """``(label, text)`` of this metric in a candidate's metrics: ``mean ± se`` where the
-        summary has a standard error, else the value alone."""
+        """``(label, text)`` of this metric in a candidate's metrics: ``mean [low, high]`` where
+        the summary has a CI (the KL mean's document bootstrap), ``mean ± se`` where it has a
+        standard error, else the value alone."""
         family, _, leaf = self.path.rpartition(".")
         block = metrics.get(family) if leaf == "mean" else None
+        if isinstance(block, Mapping) and block.get("ci_low") is not None:
+            return f"{self.label} [95% CI]", formatting.metric_with_ci(block)
         if isinstance(block, Mapping) and block.get("se") is not None:
             text = (
                 formatting.percent_se(block)

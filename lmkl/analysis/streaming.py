@@ -32,7 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from lmkl.analysis.bootstrap import UnitSumsStream, mean_ci
 from lmkl.analysis.stats import (
+    CI_BY_DOCUMENT,
+    CI_BY_WINDOW,
     CONFIDENCE_BUCKETS,
     QUANTILES,
     confidence_bucket_index,
@@ -324,8 +327,11 @@ class TokenSummary:
     the module docstring); ``extra`` names more float32 columns to summarize by distribution
     (e.g. a top-k cache's ``kl_lower``/``kl_upper``), read back with :meth:`distribution`."""
 
-    def __init__(self, extra: Iterable[str] = ()) -> None:
+    def __init__(self, extra: Iterable[str] = (), seed: int = 0) -> None:
         self.extra = tuple(extra)
+        self.seed = seed
+        # Per-document (and per-window) KL sums: the bootstrap CI of the mean KL.
+        self.kl_by_doc, self.kl_by_window = UnitSumsStream(), UnitSumsStream()
         self.dists = {name: DistributionStream() for name in (*DISTRIBUTIONS, *self.extra)}
         self.means = {name: Moments() for name in MEANS}
         self.ln_ratio = Moments()
@@ -370,6 +376,10 @@ class TokenSummary:
         self.bucket_median.add(kl, bucket)
         self.docs.add(np.asarray(columns["doc_id"]))
         self.windows.add(np.asarray(columns["window_id"]))
+        # Every position, NaN where the logits were not finite: the units match the ranking's.
+        all_kl = np.where(keep, np.asarray(columns["kl"], dtype=np.float64), np.nan)
+        self.kl_by_doc.add(all_kl, np.asarray(columns["doc_id"]))
+        self.kl_by_window.add(all_kl, np.asarray(columns["window_id"]))
 
     def _plan(self) -> None:
         if not self._planned:
@@ -437,14 +447,24 @@ class TokenSummary:
                 "nonfinite_share": float(self.nonfinite / self.rows) if self.rows else 0.0,
                 "infinite": self.dists["kl"].moments.infinite,
             },
+            kl_ci=self._kl_ci(),
         )
+
+    def _kl_ci(self) -> tuple[float, float, str]:
+        """:func:`lmkl.analysis.stats.kl_ci` from the streamed per-unit sums."""
+        by_window = len(self.docs) < 2
+        stream = self.kl_by_window if by_window else self.kl_by_doc
+        low, high = mean_ci(stream.result(), seed=self.seed)
+        return low, high, CI_BY_WINDOW if by_window else CI_BY_DOCUMENT
 
 
 def summarize_chunks(
-    chunks: Callable[[], Iterable[Mapping[str, np.ndarray]]], extra: Iterable[str] = ()
+    chunks: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    extra: Iterable[str] = (),
+    seed: int = 0,
 ) -> TokenSummary:
     """Run both passes of a :class:`TokenSummary` over ``chunks()`` (called twice)."""
-    summary = TokenSummary(extra)
+    summary = TokenSummary(extra, seed)
     for columns in chunks():
         summary.add(columns)
     for columns in chunks():

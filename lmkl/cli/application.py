@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperOption
 
 from lmkl.cli.commands import (
     cache,
@@ -38,11 +39,23 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
-    rich_markup_mode="rich",
+    # Markdown, not rich markup: "lmkl[quant]" in a help text is text, not a style tag, and
+    # a docstring's line breaks do not break a sentence.
+    rich_markup_mode="markdown",
 )
 
 for module in (compare, demo, run, validate, init, cache, sample_kl, report, inspect, select):
     module.register(app)
+
+_value_type = TyperOption.display_type_rich
+
+
+def _flag_without_type(self: TyperOption, ctx: typer.Context) -> str | None:
+    """A flag takes no value: its help shows no ``<bool>`` (Typer shows one for every flag)."""
+    return None if self.is_flag else _value_type(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_without_type  # type: ignore[method-assign]
 
 
 def _version(value: bool) -> None:

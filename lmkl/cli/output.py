@@ -5,14 +5,28 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleRenderable, RenderHook
 from rich.text import Text
+
+from lmkl.formatting import format_rate
+
+
+class FitTables(RenderHook):
+    """Every table a command prints fits the width (80 columns in a pipe) without a cut
+    number, header or label: see :class:`lmkl.report.tables.FittedTable`."""
+
+    def process_renderables(self, renderables: list[ConsoleRenderable]) -> list[ConsoleRenderable]:
+        from lmkl.report.tables import fitted
+
+        return [fitted(r) for r in renderables]
+
 
 #: Results go to stdout; messages, progress and errors to stderr. lmkl writes no ``:emoji:``
 #: codes itself, so none are expanded: a label or path such as ``q:100:`` prints as typed. User
 #: text (labels, paths, messages quoting them) is printed as ``Text`` or escaped, never as markup.
 stdout = Console(emoji=False)
 stderr = Console(stderr=True, emoji=False)
+stdout.push_render_hook(FitTables())
 
 
 def is_interactive(quiet: bool) -> bool:
@@ -56,8 +70,8 @@ class TokenProgress:
         if self._task is None:
             self._task = self._progress.add_task(self.description, total=total, rate="–")
         task = self._progress.tasks[0]
-        elapsed = task.elapsed or 0.0
-        rate = f"{done / elapsed:,.0f}" if elapsed > 0 else "–"
+        # The first reading is one batch over microseconds: no rate until a second has passed.
+        rate = format_rate(done, task.elapsed or 0.0, unit="")
         self._progress.update(self._task, completed=done, total=total, rate=rate)
 
     def log(self, message: str) -> None:

@@ -369,7 +369,7 @@ class TokenComparison:
         unit = "window_id" if self.windows.windowing == "llama-cpp" else "doc_id"
         labels = [spec.display_name for spec in self.candidates]
         extra = ("kl_lower", "kl_upper") if bounded else ()
-        summaries = {label: TokenSummary(extra) for label in labels}
+        summaries = {label: TokenSummary(extra, self.compute.seed) for label in labels}
         own = {label: UnitSumsStream() for label in labels}
         for batch in self._batches(run_dir):
             for label, columns in batch.items():

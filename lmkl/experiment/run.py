@@ -655,6 +655,17 @@ def combine(
         noise_label=NOISE_FLOOR_LABEL,
         unit=unit,
     )
+    if metric == "kl.mean" and config.ranking.average == "micro":
+        # One CI per candidate, the same in every table: the leaderboard's (resampled within
+        # each dataset, the configured resamples and seed), not a second, unstratified draw.
+        rows = {row["label"]: row for row in ranking["leaderboard"]}
+        for entry in [*candidates, *([noise_entry] if noise_entry else [])]:
+            low, high = rows[entry["label"]]["ci"]
+            entry["metrics"]["kl"] |= {
+                "ci_low": low,
+                "ci_high": high,
+                "ci_method": f"{unit} bootstrap within datasets",
+            }
 
     gates = gates_report(candidates, config.gates.gates())
     seconds = sum(r.get("throughput", {}).get("seconds") or 0.0 for r in sub_results)

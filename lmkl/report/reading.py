@@ -6,7 +6,15 @@ import math
 from typing import Any
 
 from lmkl.analysis import metrics as registry
-from lmkl.formatting import Z95, prose, to_float
+from lmkl.formatting import (
+    Z95,
+    format_ci,
+    format_column,
+    format_interval,
+    format_ratio,
+    prose,
+    to_float,
+)
 from lmkl.formatting import percent as _percent
 from lmkl.report.candidates import confidence_profile
 from lmkl.report.data import Report
@@ -73,15 +81,34 @@ def plain_reading(report: Report) -> list[str]:
         agree_se = to_float(m.get("top1_agreement", {}).get("se"))
         kl, kl_se = c.value("kl.mean"), to_float(m.get("kl", {}).get("se"))
         parts = []
+        # "±" is one standard error, in tables only; every interval here is a 95 % CI in
+        # brackets that says what it resamples.
         if math.isfinite(agree):
-            err = f" ± {_percent(Z95 * agree_se)}" if math.isfinite(agree_se) else ""
+            ci = ""
+            if math.isfinite(agree_se):
+                bounds = [100 * (agree + z * agree_se) for z in (-Z95, Z95)]
+                ci = " (95% CI over tokens [{}%, {}%])".format(*format_column(bounds, 3))
             parts.append(
-                f"agrees with the reference's top token on {_percent(agree)}{err} of tokens"
+                f"agrees with the reference's top token on {_percent(agree)} of tokens{ci}"
             )
         if math.isfinite(kl):
-            err = f" ± {prose(Z95 * kl_se, 2)}" if math.isfinite(kl_se) else ""
+            kl_block = m.get("kl", {})
+            low, high = to_float(kl_block.get("ci_low")), to_float(kl_block.get("ci_high"))
+            if math.isfinite(low) and math.isfinite(high):
+                # "document bootstrap", "window bootstrap", "chunk bootstrap within datasets"
+                units = str(kl_block.get("ci_method") or "document").split()[0] + "s"
+                shown = format_interval(kl, low, high, 3)
+                mean_text, bracket = shown.split(" ", 1)
+                ci = f" (95% CI {bracket}, resampling {units})"
+            else:
+                mean_text = prose(kl)
+                ci = (
+                    f" (95% CI over tokens {format_ci([kl - Z95 * kl_se, kl + Z95 * kl_se], 3)})"
+                    if math.isfinite(kl_se)
+                    else ""
+                )
             parts.append(
-                f"has a mean KL(P‖Q) of {prose(kl)}{err} nats (median "
+                f"has a mean KL(P‖Q) of {mean_text} nats{ci} (median "
                 f"{prose(c.value('kl.median'))}, p99 {prose(c.value('kl.p99'))})"
             )
         elif kl == math.inf:
@@ -95,9 +122,9 @@ def plain_reading(report: Report) -> list[str]:
             sentence += f"; {clause}"
         ratio = c.value("ppl.ratio")
         if math.isfinite(ratio):
+            ppl_q, ppl_p = format_column([c.value("ppl.candidate"), c.value("ppl.reference")], 3)
             sentence += (
-                f". Its perplexity is {ratio:.3g}× the reference's "
-                f"({prose(c.value('ppl.candidate'))} vs {prose(c.value('ppl.reference'))})"
+                f". Its perplexity is {format_ratio(ratio)} the reference's ({ppl_q} vs {ppl_p})"
             )
         infinite = stored_count(m.get("counts", {}).get("infinite"))
         if infinite:
@@ -112,23 +139,21 @@ def plain_reading(report: Report) -> list[str]:
     if len(report.candidates) > 1:
         ordered = report.candidates
         metric = report.sort_by
-        best = ordered[0]
+        best, second = ordered[0], ordered[1]
+        best_text, second_text = format_column([best.value(metric), second.value(metric)], 3)
         direction = "highest" if registry.higher_is_better(metric) else "lowest"
         text = (
             f"By {metric}, {best.key} is closest to the reference ({direction}: "
-            f"{prose(best.value(metric))})"
+            f"{best_text}), then {second.key} ({second_text})"
         )
-        if len(ordered) > 1:
-            second = ordered[1]
-            text += f", then {second.key} ({prose(second.value(metric))})"
-            if metric.endswith(".mean"):
-                family = metric.split(".")[0]
-                se1 = to_float(best.metrics.get(family, {}).get("se"))
-                se2 = to_float(second.metrics.get(family, {}).get("se"))
-                gap = abs(second.value(metric) - best.value(metric))
-                se = math.hypot(se1, se2) if math.isfinite(se1) and math.isfinite(se2) else 0
-                if se > 0 and gap < Z95 * se:
-                    text += "; the gap is within token-level noise (|Δ| < 1.96 combined se)"
+        if metric.endswith(".mean"):
+            family = metric.split(".")[0]
+            se1 = to_float(best.metrics.get(family, {}).get("se"))
+            se2 = to_float(second.metrics.get(family, {}).get("se"))
+            gap = abs(second.value(metric) - best.value(metric))
+            se = math.hypot(se1, se2) if math.isfinite(se1) and math.isfinite(se2) else 0
+            if se > 0 and gap < Z95 * se:
+                text += "; the gap is within token-level noise (|Δ| < 1.96 combined se)"
         lines.append(text + ".")
         sizes = report.sizes()
         if sizes:

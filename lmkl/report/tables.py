@@ -8,13 +8,140 @@ a markup string: a label ``[bold]x`` or ``:smile:`` is shown as typed, not style
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from lmkl.analysis import metrics as registry
-from lmkl.formatting import byte_size, interval, mean_se, number, parameters, percent
+from lmkl.formatting import (
+    byte_size,
+    format_column,
+    format_interval,
+    interval,
+    mean_se,
+    number,
+    parameters,
+    percent,
+)
+
+#: How to see every column of a table that was narrowed: rich reads the width from COLUMNS,
+#: in a terminal and in a pipe alike.
+WIDE_HINT = "COLUMNS=160 before the command shows every column"
+
+
+def natural_width(table: Table, console: Console, options: ConsoleOptions) -> int:
+    """The width ``table`` needs for no cell, header or number to wrap or be cut."""
+    wide = options.update_width(1 << 16)
+    return Measurement.get(console, wide, table).maximum
+
+
+def _cell_text(console: Console, cell: Any) -> Text:
+    """A table cell as text (markup strings rendered as rich renders them in the table)."""
+    if isinstance(cell, Text):
+        return cell
+    return console.render_str(str(cell)) if cell is not None else Text("")
+
+
+def without_columns(table: Table, drop: Iterable[str]) -> Table:
+    """A copy of ``table`` without the columns whose header is in ``drop``."""
+    drop = set(drop)
+    narrow = copy.copy(table)
+    kept = [c for c in table.columns if str(c.header) not in drop]
+    narrow.columns = [dataclasses.replace(c, _index=i) for i, c in enumerate(kept)]
+    return narrow
+
+
+def vertical(table: Table, console: Console, key_columns: int = 1, by: str = "row") -> Group:
+    """``table`` as blocks of ``header: value`` lines: one block per row, headed by its first
+    ``key_columns`` cells (``by="column"``: one block per column but the first, whose cells
+    label the lines). Nothing is cut: a value longer than the width folds onto the next line."""
+    headers = [_cell_text(console, c.header).plain for c in table.columns]
+    cells = [[_cell_text(console, x) for x in c._cells] for c in table.columns]
+    rows = len(table.rows)
+    parts: list[RenderableType] = []
+    if table.title:
+        title = table.title if isinstance(table.title, Text) else console.render_str(table.title)
+        parts.append(Text.assemble(title, style="table.title"))
+    if by == "column":
+        blocks = [
+            (Text(headers[j], style="bold"), [(cells[0][i], cells[j][i]) for i in range(rows)])
+            for j in range(1, len(headers))
+        ]
+    else:
+        blocks = []
+        for i in range(rows):
+            key = Text(" ").join(cells[j][i] for j in range(key_columns) if cells[j][i].plain)
+            key.stylize("bold")
+            lines = [(Text(headers[j]), cells[j][i]) for j in range(key_columns, len(headers))]
+            blocks.append((key, lines))
+    for key, lines in blocks:
+        parts.append(key)
+        for name, value in lines:
+            if value.plain.strip():
+                parts.append(Text.assemble("  ", name, ": ", value, overflow="fold"))
+    return Group(*parts)
+
+
+class FittedTable:
+    """A table that is never cut: as it is where it fits the width; else without the
+    ``optional`` columns (in order, as few as needed; a note names them and how to see them);
+    else :func:`vertical`. The choice is made at render time, from the console's width."""
+
+    def __init__(
+        self,
+        table: Table,
+        optional: Sequence[str] = (),
+        key_columns: int = 1,
+        by: str = "row",
+        notes: Sequence[tuple[str | None, str]] = (),
+    ) -> None:
+        """``notes``: ``(column header, sentence)`` printed under the table when that column is
+        shown (header None: always)."""
+        self.table = table
+        self.optional = [h for h in optional if h in {str(c.header) for c in table.columns}]
+        self.key_columns = key_columns
+        self.by = by
+        self.notes = list(notes)
+
+    def _notes(self, shown: set[str]) -> list[Text]:
+        return [Text(text, style="dim") for header, text in self.notes if header in shown | {None}]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        headers = {str(c.header) for c in self.table.columns}
+        if natural_width(self.table, console, options) <= width:
+            yield self.table
+            yield from self._notes(headers)
+            return
+        for n in range(1, len(self.optional) + 1):
+            dropped = self.optional[:n]
+            narrow = without_columns(self.table, dropped)
+            if natural_width(narrow, console, options) <= width:
+                yield narrow
+                yield from self._notes(headers - set(dropped))
+                yield Text(
+                    f"not shown at {width} columns: {', '.join(dropped)} ({WIDE_HINT})",
+                    style="dim",
+                )
+                return
+        yield vertical(self.table, console, self.key_columns, self.by)
+        yield from self._notes(headers)
+
+
+def fitted(renderable: Any) -> Any:
+    """``renderable`` with every :class:`~rich.table.Table` in it (in groups too) made a
+    :class:`FittedTable`: what the command line prints, so no table of any command is cut."""
+    if isinstance(renderable, Table):
+        return FittedTable(renderable)
+    if isinstance(renderable, Group):
+        return Group(*(fitted(r) for r in renderable.renderables))
+    return renderable
 
 
 def table_title(*parts: str | tuple[str, str]) -> Text:
@@ -63,23 +190,24 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
     table.add_column(f"{conf} CI", justify="right", no_wrap=True)
     table.add_column(_SIZE_HEADERS.get(size_key, size_key), justify="right", no_wrap=True)
     table.add_column("Pareto", justify="center", no_wrap=True)
-    table.add_column("Δ next [CI]", justify="right", overflow="fold", min_width=10)
+    table.add_column("Δ next [CI]", justify="right", no_wrap=True)
     table.add_column("flips", justify="right", no_wrap=True)
     noise_rows = [r for r in rows if r["kind"] == "noise_floor"]
     if noise_rows:
-        table.add_column("> noise", justify="center")
-    for row in rows:
+        table.add_column("> noise", justify="center", no_wrap=True)
+    values = format_column([row["value"] for row in rows])
+    for row, value in zip(rows, values, strict=True):
         meta = " / ".join(str(x) for x in (row.get("group"), row.get("step")) if x is not None)
         nxt = row.get("vs_next")
         cells = [
             str(row["rank"]) if row["rank"] is not None else "",
             Text(row["label"]),
             *([Text(meta)] if has_meta else []),
-            number(row["value"]),
-            interval(row["ci"], 3),
+            value,
+            interval(row["ci"]),
             _size(row.get("size"), size_key),
             "★" if row.get("pareto") else "",
-            f"{number(nxt['diff'], 3)} {interval(nxt['ci'], 3)}" if nxt else "",
+            format_interval(nxt["diff"], *nxt["ci"]) if nxt else "",
             percent(nxt["flip_share"]) if nxt else "",
         ]
         if noise_rows:
@@ -88,6 +216,32 @@ def leaderboard_table(results: dict[str, Any]) -> Table:
         style = "dim" if row["kind"] == "noise_floor" else None
         table.add_row(*cells, style=style)
     return table
+
+
+#: What the leaderboard's short headers mean (printed under it when the column is shown).
+LEADERBOARD_NOTES: tuple[tuple[str | None, str], ...] = (
+    (
+        "Δ next [CI]",
+        "Δ next: this candidate's value minus the next one's on identical tokens, with its "
+        "paired-bootstrap CI;",
+    ),
+    ("flips", "flips: share of resamples where their order reverses;"),
+    ("Pareto", "★: Pareto-optimal (no other candidate is both smaller and closer);"),
+    ("> noise", "> noise: whole CI of (candidate − noise floor) above 0;"),
+    (None, "[low, high]: 95% CI, bootstrap over documents."),
+)
+
+
+def leaderboard(results: dict[str, Any]) -> FittedTable:
+    """:func:`leaderboard_table` as printed: at a narrow width the paired columns go first
+    (named under the table), then one block per candidate; its notes explain the columns shown."""
+    size_key = results["ranking"]["pareto"]["size"]
+    return FittedTable(
+        leaderboard_table(results),
+        optional=["flips", "Δ next [CI]", "Pareto", _SIZE_HEADERS.get(size_key, size_key)],
+        key_columns=2,
+        notes=LEADERBOARD_NOTES,
+    )
 
 
 def datasets_table(results: dict[str, Any]) -> Table:
@@ -100,13 +254,15 @@ def datasets_table(results: dict[str, Any]) -> Table:
         table.add_column(Text(name), justify="right")
     table.add_column("micro", justify="right")
     table.add_column("macro", justify="right")
-    for row in ranking["by_dataset"]:
-        table.add_row(
-            Text(row["label"]),
-            *(number(row["datasets"][n]) for n in names),
-            number(row["micro"]),
-            number(row["macro"]),
-        )
+    rows = ranking["by_dataset"]
+    columns = [
+        *([r["datasets"][n] for r in rows] for n in names),
+        [r["micro"] for r in rows],
+        [r["macro"] for r in rows],
+    ]
+    shown = [format_column(c) for c in columns]
+    for i, row in enumerate(rows):
+        table.add_row(Text(row["label"]), *(c[i] for c in shown))
     return table
 
 
@@ -119,14 +275,16 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     )
     for name in ("step", "candidate", metric, "KL mean", "PPL(Q)", "PPL ratio", "best"):
         table.add_column(name, justify="right" if name != "candidate" else "left")
-    for point in series["points"]:
+    points = series["points"]
+    shown = [
+        format_column(p[key] for p in points)
+        for key in ("value", "kl_mean", "ppl_candidate", "ppl_ratio")
+    ]
+    for i, point in enumerate(points):
         table.add_row(
             str(point["step"]),
             Text(point["label"]),
-            number(point["value"]),
-            number(point["kl_mean"]),
-            number(point["ppl_candidate"], 3),
-            number(point["ppl_ratio"]),
+            *(c[i] for c in shown),
             "★" if point["step"] == series["best"]["step"] else "",
         )
     return table
@@ -204,6 +362,10 @@ def summary_table(results: dict[str, Any]) -> Table:
     for cand in results["candidates"]:
         table.add_column(Text(cand["label"]), justify="right")
 
+    def pair(a: Any, b: Any) -> str:
+        """``a / b``, two values that differ printed differently."""
+        return " / ".join(format_column([a, b]))
+
     def row(name: str, getter: Any) -> None:
         table.add_row(name, *(getter(c["metrics"]) for c in results["candidates"]))
 
@@ -216,7 +378,7 @@ def summary_table(results: dict[str, Any]) -> Table:
 
     metric_row("kl.mean")
     metric_row("kl.median")
-    row("KL(P‖Q) p99 / p99.9", lambda m: f"{number(m['kl']['p99'])} / {number(m['kl']['p999'])}")
+    row("KL(P‖Q) p99 / p99.9", lambda m: pair(m["kl"]["p99"], m["kl"]["p999"]))
     metric_row("kl.max")
     if any("kl_bounds" in c["metrics"] for c in results["candidates"]):
         # Compact (top-k) reference cache: only a guaranteed interval is known.
@@ -230,17 +392,12 @@ def summary_table(results: dict[str, Any]) -> Table:
         )
     metric_row("reverse_kl.mean")
     metric_row("jsd.mean")
-    row(
-        "PPL(P) / PPL(Q)",
-        lambda m: f"{number(m['ppl']['reference'], 3)} / {number(m['ppl']['candidate'], 3)}",
-    )
+    row("PPL(P) / PPL(Q)", lambda m: pair(m["ppl"]["reference"], m["ppl"]["candidate"]))
     metric_row("ppl.ratio")
     row("mean ln(PPL(Q)/PPL(P))", lambda m: mean_se(m["ln_ppl_ratio"]))
     row(
         "bits/byte P / Q",
-        lambda m: (
-            f"{number(m['bits_per_byte']['reference'])} / {number(m['bits_per_byte']['candidate'])}"
-        ),
+        lambda m: pair(m["bits_per_byte"]["reference"], m["bits_per_byte"]["candidate"]),
     )
     metric_row("top1_agreement.mean")
     metric_row("top1_in_top5.mean")

@@ -13,14 +13,27 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lmkl.formatting import number
+from lmkl.formatting import format_ci, format_mean_se, format_rate, format_seconds, number
 from lmkl.report.tables import (
+    FittedTable,
     checkpoints_table,
     datasets_table,
-    leaderboard_table,
+    leaderboard,
     summary_table,
     table_title,
 )
+
+#: The one meaning of "±" and of brackets, said under every table that shows them.
+PLUS_MINUS_NOTE = (
+    "± is one standard error over tokens; [low, high] is a 95% CI (for the KL mean: a "
+    "bootstrap over documents, the interval to quote)."
+)
+
+
+def summary(results: dict[str, Any]) -> FittedTable:
+    """:func:`~lmkl.report.tables.summary_table` as printed: one block per candidate where
+    the columns do not fit, and the note on ± and brackets."""
+    return FittedTable(summary_table(results), by="column", notes=[(None, PLUS_MINUS_NOTE)])
 
 
 def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
@@ -29,9 +42,9 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     console = console or Console()
     many = len(results.get("candidates", [])) > 2 and results.get("ranking")
     if not many:
-        console.print(summary_table(results))
+        console.print(summary(results))
     if results.get("ranking"):
-        console.print(leaderboard_table(results))
+        console.print(leaderboard(results))
     if many:
         console.print(
             "[dim]every statistic of every candidate: lmkl report RUN --format table[/dim]"
@@ -39,8 +52,9 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     throughput = results.get("throughput", {})
     tps = throughput.get("tokens_per_s")
     if tps:
+        seconds = throughput["seconds"]
         console.print(
-            f"[dim]{number(tps, 1)} tokens/s over {number(throughput['seconds'], 1)} s of "
+            f"[dim]{format_rate(tps * seconds, seconds)} over {format_seconds(seconds)} of "
             f"scoring; padding efficiency {number(throughput.get('padding_efficiency'), 3)}"
             "[/dim]"
         )
@@ -90,8 +104,8 @@ def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
             title,
             number(block["reference"]),
             number(block["candidate"]),
-            f"{number(d['mean'])} ± {number(d['se'])}",
-            f"[{number(d['ci95'][0])}, {number(d['ci95'][1])}]",
+            format_mean_se(d["mean"], d["se"]),
+            format_ci(d["ci95"]),
         )
     table.add_row(
         "tokens per byte",
@@ -100,7 +114,7 @@ def print_bytes_summary(results: dict[str, Any], console: Any) -> None:
         "",
         "",
     )
-    console.print(table)
+    console.print(FittedTable(table, notes=[(None, PLUS_MINUS_NOTE)]))
     counts = m["counts"]
     console.print(f"[dim]{counts['documents']} documents, {counts['bytes']:,} bytes[/dim]")
     console.print(Text.assemble(("note:", "bold yellow"), " ", results["note"]))
@@ -124,16 +138,15 @@ def print_sample_summary(results: dict[str, Any], console: Console) -> None:
             no_wrap=column == "estimator",
         )
     for name, est in block["estimators"].items():
-        lo, hi = est["ci95"]
         table.add_row(
             name,
-            f"{number(est['mean'])} ± {number(est['se'])}",
-            f"[{number(lo)}, {number(hi)}]",
+            format_mean_se(est["mean"], est["se"]),
+            format_ci(est["ci95"]),
             number(est["se_prompts"]),
             f"{number(est['per_token']['mean'])}",
             "yes" if est["unbiased"] else "no",
         )
-    console.print(table)
+    console.print(FittedTable(table, notes=[(None, PLUS_MINUS_NOTE)]))
     console.print(
         f"[dim]{counts['stopped']} of {counts['samples']} continuations ended at a stop "
         "token; exact_per_step is the headline (unbiased, lowest variance)[/dim]"
@@ -145,15 +158,9 @@ def print_sample_summary(results: dict[str, Any], console: Console) -> None:
 def print_experiment(results: dict[str, Any], console: Console | None = None) -> None:
     """Everything a person needs to choose: summary, leaderboard, datasets, checkpoints, gates."""
     console = console or Console()
-    console.print(summary_table(results))
-    console.print(leaderboard_table(results))
+    console.print(summary(results))
+    console.print(leaderboard(results))
     ranking = results["ranking"]
-    console.print(
-        "[dim]Δ next: this candidate's value minus the next one's on identical tokens, "
-        "with its paired-bootstrap CI; flips: share of resamples where their order "
-        "reverses. ★: Pareto-optimal (no other candidate is both smaller and "
-        "closer).[/dim]"
-    )
     if len(results.get("datasets", [])) > 1:
         console.print(datasets_table(results))
     for series in ranking.get("checkpoints", []):
