@@ -129,6 +129,19 @@ class Report:
         """A bootstrap CI for ``c`` from its run's ``ranking`` section, if the run has one."""
         return _ranking_ci(c.run.results.get("ranking"), c.label)
 
+    def document_ci(self, c: CandidateView) -> tuple[float, float] | None:
+        """The 95% CI of ``c``'s mean KL from resampling whole documents: the one stored with
+        the metric (``kl.ci_low``/``kl.ci_high``), else its run's ranking CI when the ranking
+        metric is the mean KL; None when the run has neither."""
+        kl = c.metrics.get("kl") or {}
+        low, high = to_float(kl.get("ci_low")), to_float(kl.get("ci_high"))
+        if math.isfinite(low) and math.isfinite(high):
+            return low, high
+        ranking = c.run.results.get("ranking")
+        if isinstance(ranking, dict) and ranking.get("metric") == "kl.mean":
+            return self.ranking_ci(c)
+        return None
+
     def ranking_metric(self) -> str | None:
         for run in self.runs:
             ranking = run.results.get("ranking")

@@ -21,7 +21,7 @@ from rich.text import Text
 from lmkl.analysis.per_token import CandidateTokens
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import OutputError, UsageError
-from lmkl.formatting import to_float
+from lmkl.formatting import format_column, format_value, to_float
 from lmkl.report.candidates import worst_entries
 from lmkl.report.runs import RunInfo, experiment_datasets, load_run, read_candidate_tokens
 from lmkl.report.tables import table_title
@@ -191,16 +191,12 @@ def legend(cuts: tuple[float, float, float], plain: bool = False) -> Text:
     if plain:
         return Text(
             f"{marked('token', True)} = per-token KL(P‖Q) above the candidate's p99 "
-            f"({cuts[2]:.3g}); without colour the other bands are not marked",
+            f"({format_value(cuts[2], 3)}); without colour the other bands are not marked",
             style="dim",
         )
     text = Text("colour = per-token KL(P‖Q): ", style="dim")
-    bounds = [
-        f"≤ {cuts[0]:.3g}",
-        f"{cuts[0]:.3g}–{cuts[1]:.3g}",
-        f"{cuts[1]:.3g}–{cuts[2]:.3g}",
-        f"> {cuts[2]:.3g}",
-    ]
+    low, mid, high = format_column(cuts, 3)
+    bounds = [f"≤ {low}", f"{low}–{mid}", f"{mid}–{high}", f"> {high}"]
     for style, name, bound in zip(LEVEL_STYLES, LEVEL_NAMES, bounds, strict=True):
         text.append(f" {name} ({bound}) ", style=style)
         text.append(" ")
@@ -221,8 +217,11 @@ def documents_table(tokens: CandidateTokens, n: int = 8) -> Table:
         table.add_column(name, justify="right")
     maxima = np.full(counts.size, -np.inf)
     np.maximum.at(maxima, docs, tokens.kl[keep])
-    for d in order:
-        table.add_row(str(d), f"{counts[d]:,}", f"{sums[d] / counts[d]:.4f}", f"{maxima[d]:.4f}")
+    # Significant digits that keep the documents apart (a quantized candidate's KL is ~1e-5).
+    mean_texts = format_column(sums[order] / counts[order])
+    max_texts = format_column(maxima[order])
+    for d, mean_text, max_text in zip(order, mean_texts, max_texts, strict=True):
+        table.add_row(str(d), f"{counts[d]:,}", mean_text, max_text)
     return table
 
 
@@ -245,7 +244,7 @@ def worst_table(entries: list[dict[str, Any]], label: str, plain: bool = False) 
     ``plain`` (no colour): the next token and the actual token in the top-5 lists are put in
     brackets, which piped output keeps."""
     marks = (
-        f"next token {marked('…', True)}; {marked('x', True)} in a top-5 is the actual token"
+        f"next token {marked('in brackets', True)}, also in the top-5 lists"
         if plain
         else "next token in red; top-5 entries in bold red are the actual token"
     )
@@ -268,7 +267,7 @@ def worst_table(entries: list[dict[str, Any]], label: str, plain: bool = False) 
         kl = e.get("kl", math.nan)
         table.add_row(
             str(rank),
-            f"{kl:.3f}" if math.isfinite(kl) else "inf",
+            format_value(kl, 3),
             f"{e.get('doc_id')}:{e.get('position')}",
             cell,
             _top5(e.get("reference_top5") or [], plain),

@@ -21,8 +21,12 @@ from lmkl.engine.rundir import atomic_path
 from lmkl.formatting import (
     Z95,
     byte_size,
+    format_column,
+    format_percent,
+    format_ratio,
     interval,
     mean_se,
+    metric_ci,
     normal_interval,
     number,
     parameters,
@@ -58,7 +62,8 @@ def _pair(m: dict[str, Any], family: str, a: str, b: str, digits: int = 4) -> st
 #: The full statistics table: (row name, getter over a candidate's metrics).
 STAT_ROWS: tuple[tuple[str, Any], ...] = (
     ("KL(P‖Q) mean ± se", lambda m: mean_se(m.get("kl"))),
-    ("KL(P‖Q) mean, 95% CI", lambda m: normal_interval(m.get("kl"))),
+    ("KL(P‖Q) mean, 95% CI over tokens", lambda m: normal_interval(m.get("kl"))),
+    ("KL(P‖Q) mean, 95% CI over documents", lambda m: metric_ci(m.get("kl"))),
     ("KL(P‖Q) median", lambda m: number((m.get("kl") or {}).get("median"))),
     ("KL(P‖Q) p90 / p95", lambda m: _pair(m, "kl", "p90", "p95")),
     ("KL(P‖Q) p99 / p99.9", lambda m: _pair(m, "kl", "p99", "p999")),
@@ -107,10 +112,12 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
     sizes = report.sizes()
     pareto = dict(zip(sizes.get("keys", []), sizes.get("pareto", []), strict=True))
     failed = {g["run"]: {str(f.get("candidate")) for f in g["failures"]} for g in report.gates()}
+    # One column of means: as many digits as keep different candidates' values apart.
+    kl_means = format_column(c.value("kl.mean") for c in report.candidates)
     rows = []
     for rank, c in enumerate(report.candidates, 1):
         m = c.metrics
-        boot = report.ranking_ci(c)
+        boot = report.document_ci(c)
         scale = report.scale(c)
         ranked = report.ranking_row(c) or {}
         nxt = ranked.get("vs_next") if isinstance(ranked.get("vs_next"), dict) else None
@@ -123,13 +130,13 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
                 "reference": c.run.reference_label,
                 "sort_value": number(c.value(report.sort_by)),
                 "kl": mean_se(m.get("kl")),
-                "kl_mean": number((m.get("kl") or {}).get("mean")),
+                "kl_mean": kl_means[rank - 1],
                 "kl_ci": normal_interval(m.get("kl")),
                 "kl_median": number((m.get("kl") or {}).get("median")),
                 "kl_p99": number((m.get("kl") or {}).get("p99")),
                 "top1": percent_se(m.get("top1_agreement")),
-                "top1_changed": percent(scale["top1_changed"]),
-                "ppl_ratio": number((m.get("ppl") or {}).get("ratio")),
+                "top1_changed": format_percent(scale["top1_changed"]),
+                "ppl_ratio": format_ratio((m.get("ppl") or {}).get("ratio")),
                 "size": _size_cell(c),
                 "pareto": pareto.get(c.key),
                 "boot": interval(boot) if boot else None,
@@ -172,7 +179,7 @@ def noise_floor_rows(report: Report) -> list[dict[str, Any]]:
                 "run": run.name,
                 "kl_mean": number(floor["kl_mean"]),
                 "boot": interval(entry["ci"]) if entry.get("ci") else None,
-                "top1_changed": percent(1.0 - agree) if math.isfinite(agree) else "–",
+                "top1_changed": format_percent(1.0 - agree) if math.isfinite(agree) else "–",
                 "relative_std": number(floor["relative_std"]),
             }
         )
@@ -195,17 +202,18 @@ FAMILIAR_PAIRS: tuple[tuple[str, float], ...] = (
 
 def scale_rows(report: Report) -> list[dict[str, Any]]:
     """Per candidate, its mean KL on the scales its own run gives (see :meth:`Report.scale`)."""
+    kl_means = format_column(c.value("kl.mean") for c in report.candidates)
     rows = []
-    for c in report.candidates:
+    for c, kl_mean in zip(report.candidates, kl_means, strict=True):
         scale = report.scale(c)
         times = scale["times_noise_floor"]
         rows.append(
             {
                 "key": c.key,
                 "color": c.color,
-                "kl_mean": number(scale["kl_mean"]),
-                "top1_changed": percent(scale["top1_changed"]),
-                "ppl_ratio": number(scale["ppl_ratio"]),
+                "kl_mean": kl_mean,
+                "top1_changed": format_percent(scale["top1_changed"]),
+                "ppl_ratio": format_ratio(scale["ppl_ratio"]),
                 "noise_floor": None
                 if not math.isfinite(scale["noise_floor"])
                 else number(scale["noise_floor"]),
@@ -485,7 +493,7 @@ def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[s
         if higher_is_better(report.sort_by)
         else "lower is closer",
         "ranking_metric": report.ranking_metric(),
-        "has_boot": any(report.ranking_ci(c) for c in report.candidates),
+        "has_boot": any(report.document_ci(c) for c in report.candidates),
         "candidates": [{"key": c.key, "color": c.color} for c in report.candidates],
         "leaderboard": leaderboard(report),
         "has_pareto": bool(report.sizes()),
