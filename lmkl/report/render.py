@@ -14,6 +14,7 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from lmkl.analysis.metrics import higher_is_better
@@ -587,7 +588,8 @@ def render_html(
         **_context(report, plots, images),
         tv=token_view,
         tv_first=token_view_first,
-        tv_multi=len(report.runs) > 1,
+        tv_multi=len(report.runs) > 1 or bool(report.datasets),
+        tv_source="dataset" if report.datasets else "run",
     )
 
 
@@ -755,7 +757,9 @@ def write_report(
     if fmt_name == "html":
         from lmkl.report.token_view import report_token_view
 
-        tv = report_token_view(report, view == "tokens", docs, view_max_tokens)
+        # An experiment's token views live in its datasets' runs (datasets/<name>/view.parquet).
+        sources = SimpleNamespace(runs=[*report.runs, *report.datasets])
+        tv = report_token_view(sources, view == "tokens", docs, view_max_tokens)
         _write_text(out, render_html(report, plots, tv, token_view_first=view == "tokens"))
         return out
     asset_name = f"{out.stem}_files"
