@@ -190,15 +190,29 @@ def noise_floor_rows(report: Report) -> list[dict[str, Any]]:
 #: What familiar pairs measure, for orientation: mean KL(P‖Q) in nats as lmkl measured it on
 #: its small demo models (README: "The shipped study", "Accuracy contract", the demo). Only
 #: orders of magnitude carry over to other models and data; the run's own scale comes first.
-FAMILIAR_PAIRS: tuple[tuple[str, float], ...] = (
-    ("float32 weights rounded to float16 (small trained Llama)", 6.9e-9),
-    ("noise floor: 1e-3 relative weight noise (demo reference)", 4.2e-6),
-    ("int8 weights, torchao (demo reference)", 4.0e-5),
-    ("float8 weights, torchao (demo reference)", 5.8e-4),
-    ("int4 weights, groups of 16–32 (demo reference)", 7e-3),
-    ("int2 weights, quanto (demo reference)", 0.20),
-    ("a 2-layer student vs its 4-layer teacher (the demo)", 0.96),
+FAMILIAR_PAIRS: tuple[tuple[str, str, float], ...] = (
+    ("float16 rounding", "float32 weights rounded to float16 (small trained Llama)", 6.9e-9),
+    ("noise floor", "noise floor: 1e-3 relative weight noise (demo reference)", 4.2e-6),
+    ("int8", "int8 weights, torchao (demo reference)", 4.0e-5),
+    ("float8", "float8 weights, torchao (demo reference)", 5.8e-4),
+    ("int4", "int4 weights, groups of 16–32, torchao / quanto (demo reference)", 7e-3),
+    ("int2", "int2 weights, quanto (demo reference)", 0.20),
+    ("demo student", "a 2-layer student vs its 4-layer reference (the demo)", 0.96),
 )
+
+
+def _familiar(kl: float) -> str:
+    """``kl`` placed among :data:`FAMILIAR_PAIRS` by order of magnitude: ``"between int2 and
+    demo student"``, ``"above demo student"`` (``–`` when undefined)."""
+    if not math.isfinite(kl) or kl < 0:
+        return "above demo student" if kl == math.inf else "–"
+    below = [name for name, _, value in FAMILIAR_PAIRS if value <= kl]
+    above = [name for name, _, value in FAMILIAR_PAIRS if value > kl]
+    if not below:
+        return f"below {above[0]}"
+    if not above:
+        return f"above {below[-1]}"
+    return f"between {below[-1]} and {above[0]}"
 
 
 def scale_rows(report: Report) -> list[dict[str, Any]]:
@@ -213,6 +227,7 @@ def scale_rows(report: Report) -> list[dict[str, Any]]:
                 "key": c.key,
                 "color": c.color,
                 "kl_mean": kl_mean,
+                "familiar": _familiar(scale["kl_mean"]),
                 "top1_changed": format_percent(scale["top1_changed"]),
                 "ppl_ratio": format_ratio(scale["ppl_ratio"]),
                 "noise_floor": None
@@ -236,8 +251,8 @@ def _times(ratio: float) -> str:
 
 def familiar_pairs() -> list[dict[str, str]]:
     return [
-        {"pair": pair, "kl": f"{kl:.1e}" if kl < 0.01 else f"{kl:g}"}
-        for pair, kl in (FAMILIAR_PAIRS)
+        {"name": name, "pair": pair, "kl": f"{kl:.1e}" if kl < 0.01 else f"{kl:g}"}
+        for name, pair, kl in FAMILIAR_PAIRS
     ]
 
 
