@@ -273,3 +273,24 @@ def test_leaderboard_fits_1280_px_and_names_break_only_at_separators(
     html = page_file.read_text()
     assert "int8-<wbr>weight-<wbr>only-<wbr>torchao-<wbr>per-<wbr>channel" in html
     assert "quanto_<wbr>int2_<wbr>packed/<wbr>groups_<wbr>64" in html
+
+
+def test_a_candidate_is_placed_among_the_familiar_pairs(quant_run):
+    from lmkl.report.render import FAMILIAR_PAIRS, _familiar, scale_rows
+
+    values = {name: kl for name, _, kl in FAMILIAR_PAIRS}
+    assert values["int8"] == 4.0e-5 and values["int2"] == 0.20  # README's shipped study
+    assert _familiar(1e-10) == "below float16 rounding"
+    assert _familiar(0.3) == "between int2 and demo student"
+    assert _familiar(5.0) == "above demo student"
+    assert _familiar(math.nan) == "–"
+    report = build_report([quant_run])
+    results = json.loads((quant_run / "results.json").read_text())
+    means = {c["label"]: c["metrics"]["kl"]["mean"] for c in results["candidates"]}
+    for row in scale_rows(report):
+        kl = means[row["key"]]
+        below = max((v for v in values.values() if v <= kl), default=None)
+        above = min((v for v in values.values() if v > kl), default=None)
+        names = {v: k for k, v in values.items()}
+        if below is not None and above is not None:
+            assert row["familiar"] == f"between {names[below]} and {names[above]}"
