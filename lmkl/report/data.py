@@ -235,6 +235,8 @@ class Report:
                     "bytes_on_disk": _maybe(c.bytes_on_disk),
                     "sort_value": c.value(self.sort_by),
                     "ranking_ci": list(ci) if ci else None,
+                    "document_ci": list(doc_ci) if (doc_ci := self.document_ci(c)) else None,
+                    "scale": self.scale(c),
                     "metrics": c.metrics,
                     "kl_by_confidence": confidence_profile(c.metrics),
                 }
@@ -256,6 +258,9 @@ class Report:
             "tokens": self.tokens,
             "token_strings": self.token_source,
             "differences": self.differences,
+            "gates": self.gates(),
+            "noise_floor": {r.name: self.noise_floor(r) for r in self.runs if self.noise_floor(r)},
+            "datasets": [str(d.path) for d in self.datasets],
         }
         return to_json_safe(_plain(data))
 

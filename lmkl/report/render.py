@@ -627,10 +627,23 @@ def print_table(report: Report, console: Any) -> None:
     from lmkl.report.tables import table_title
 
     console.print(Text.assemble(("lmkl report", "bold"), ": ", report.title))
+    for gate in gate_blocks(report):
+        if gate["passed"]:
+            console.print(Text(f"gates: every candidate passes {gate['limits']}", style="green"))
+        for reason in gate["reasons"]:
+            console.print(Text.assemble(("gate failed:", "bold red"), " ", reason))
     for line in report.reading:
         console.print(Text(f"  • {line}"), soft_wrap=False)
     for note in report.notes:
         console.print(Text.assemble(("note:", "yellow"), " ", note))
+    for floor in noise_floor_rows(report):
+        console.print(
+            Text(
+                f"  noise floor ({floor['run']}): mean KL {floor['kl_mean']}, top-1 changed "
+                f"on {floor['top1_changed']} of tokens"
+            ),
+            soft_wrap=False,
+        )
     board = Table(title=f"Leaderboard (sorted by {report.sort_by})", title_justify="left")
     multi = len(report.runs) > 1
     for name in (
