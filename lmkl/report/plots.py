@@ -379,7 +379,7 @@ def kl_by_confidence(report: Report) -> Plot | None:
     labels = [_bucket_label(b) for b in next(iter(profiles.values()))]
     if same_tokens:
         labels = [
-            f"{lab}\n{100 * s:.0f}% tok." for lab, s in zip(labels, token_shares[0], strict=True)
+            f"{lab}\n{100 * s:.0f}% tok" for lab, s in zip(labels, token_shares[0], strict=True)
         ]
         right.plot(
             x,
@@ -391,7 +391,8 @@ def kl_by_confidence(report: Report) -> Plot | None:
             label="share of tokens",
         )
     for ax in (left, right):
-        ax.set_xticks(x, labels)
+        # Small enough that five two-line labels fit however much the legend narrows the axes.
+        ax.set_xticks(x, labels, fontsize=7.5)
         ax.set_xlabel("reference top-1 probability")
         ax.grid(axis="x", visible=False)
     # Quantized candidates' KL is orders of magnitude below a distilled one's: on a linear
