@@ -24,7 +24,10 @@ from lmkl.formatting import (
     byte_size,
     format_column,
     format_percent,
+    format_percent_column,
+    format_rate,
     format_ratio,
+    format_seconds,
     interval,
     mean_se,
     metric_ci,
@@ -337,6 +340,12 @@ def worst_cards(report: Report) -> list[dict[str, Any]]:
                     for i in items
                 ]
 
+            # p and q side by side: digits that keep them apart (never "0.0% → 0.00%").
+            p_text, q_text = (
+                format_percent_column([e["p_token"], e["q_token"]])
+                if "p_token" in e and "q_token" in e
+                else (None, None)
+            )
             entries.append(
                 {
                     "rank": rank,
@@ -350,8 +359,8 @@ def worst_cards(report: Report) -> list[dict[str, Any]]:
                     if (token := str(e.get("token") or "")).strip()
                     else visible(token),
                     "token_visible": visible(str(e.get("token") or ""), 40),
-                    "p_token": f"{100 * e['p_token']:.1f}%" if "p_token" in e else None,
-                    "q_token": f"{100 * e['q_token']:.2f}%" if "q_token" in e else None,
+                    "p_token": p_text,
+                    "q_token": q_text,
                     "reference_top5": side(e.get("reference_top5") or []),
                     "candidate_top5": side(e.get("candidate_top5") or []),
                 }
@@ -474,9 +483,9 @@ def provenance(report: Report) -> list[dict[str, Any]]:
                 "vocab_note": win.get("vocab_note"),
                 "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
                 "time": f"{_when(prov.get('started'))} → {_when(prov.get('ended'))}",
-                "throughput": f"{number(thr.get('tokens_per_s'), 1)} tokens/s over "
-                f"{number(thr.get('seconds'), 1)} s"
-                if thr.get("tokens_per_s")
+                "throughput": f"{format_rate(thr['tokens_per_s'] * thr['seconds'], thr['seconds'])}"
+                f" over {format_seconds(thr['seconds'])}"
+                if thr.get("tokens_per_s") and thr.get("seconds")
                 else "–",
             }
         )
