@@ -153,11 +153,18 @@ def format_mean_se(mean: Any, se: Any, digits: int = DIGITS) -> str:
 
     >>> format_mean_se(0.000612345, 1.562e-05), format_mean_se(0.95917, 0.00604)
     ('6.123e-04 ± 1.6e-05', '0.9592 ± 0.0060')
+    >>> format_mean_se(0.19491, 0.000962)
+    '0.1949 ± 0.00096'
+
     """
     m, s = to_float(mean), to_float(se)
     if not math.isfinite(m) or not math.isfinite(s) or s <= 0:
         return format_value(m, digits)
-    return f"{format_value(m, digits)} ± {format_value(s, 2)}"
+    error = format_value(s, 2)
+    if abs(m) >= SMALL and 1e-6 <= s < SMALL:
+        # A mean in fixed notation keeps its error in fixed notation too: 0.1949 ± 0.00096.
+        error = f"{s:.{1 - _exponent(s)}f}"
+    return f"{format_value(m, digits)} ± {error}"
 
 
 def format_percent(value: Any, digits: int = 3) -> str:
@@ -285,9 +292,11 @@ def mean_se(obj: dict[str, Any] | None, key: str = "mean", digits: int = DIGITS)
     return format_mean_se(obj.get(key), obj.get("se"), digits)
 
 
-def percent(value: Any, digits: int = 3) -> str:
-    """:func:`format_percent` (``digits`` significant digits, at least two)."""
-    return format_percent(value, max(digits, 2))
+def percent(value: Any, decimals: int = 1) -> str:
+    """:func:`format_percent` for callers that once asked for ``decimals`` decimals: that many
+    plus two significant digits (the same text for shares from 10% to 99.9%, and no ``0.0%``
+    for a share that is not zero)."""
+    return format_percent(value, max(decimals + 2, 2))
 
 
 def percent_se(obj: dict[str, Any] | None, digits: int = 3) -> str:

@@ -68,7 +68,8 @@ def test_mean_and_one_standard_error():
     # The "0.0006 ± 1.562e-05": the mean as everywhere else, the error to two digits.
     assert format_mean_se(0.000612345, 1.562e-05) == "6.123e-04 ± 1.6e-05"
     assert format_mean_se(0.95917, 0.00604) == "0.9592 ± 0.0060"
-    assert format_mean_se(2.5, 0.000123) == "2.500 ± 1.2e-04"
+    assert format_mean_se(2.5, 0.000123) == "2.500 ± 0.00012"  # fixed beside a fixed mean
+    assert format_mean_se(0.19491, 0.000962) == "0.1949 ± 0.00096"
     assert format_mean_se(0.003181, 0.019865) == "0.003181 ± 0.020"
     assert format_mean_se(0.9, None) == "0.9000"
     assert format_percent_se(0.8731, 0.0042) == "87.3% ± 0.42%"
@@ -94,3 +95,13 @@ def test_percent_ratio_rate_count():
     # The first progress reading (a batch over microseconds) is not a rate yet.
     assert format_rate(1_137_556, 0.000_9) == "– tokens/s"
     assert format_count(1137556) == "1,137,556"
+
+
+def test_the_older_names_keep_their_meaning_in_the_new_style():
+    from lmkl.formatting import interval, mean_se, number, percent
+
+    assert percent(0.4567, 1) == "45.7%" and percent(0.4567, 0) == "46%"
+    assert percent(0.0004) == "0.0400%"  # the token view's "p(next) 0.0%"
+    assert number(6853.9, 1) == "6,854"  # "number(x, 1)" never rounds to one digit
+    assert interval([0.0006081, 0.0006163], 3) == "[6.08e-04, 6.16e-04]"
+    assert mean_se({"mean": 0.95917, "se": 0.00604}) == "0.9592 ± 0.0060"

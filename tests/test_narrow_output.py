@@ -36,9 +36,17 @@ def run_cli(args: list[str], env: dict[str, str]) -> str:
     return result.output
 
 
-def assert_uncut(output: str, *whole: str) -> None:
-    """No "…", no line past 80 columns, and each of ``whole`` present in full (a value longer
-    than a line may fold onto the next one: compared with line breaks and indentation removed)."""
+def small_compare(reference, candidates, data, out, *extra: str) -> list[str]:
+    """``lmkl compare`` on 200 tokens of ``data``, tables printed (not --quiet)."""
+    models = [str(m) for m in (reference, *candidates)]
+    return ["compare", *models, "--data", str(data), "--out", str(out), "-c", "48",
+            "--max-tokens", "200", *extra]  # fmt: skip
+
+
+def assert_uncut(output: str, *whole: str, lines: bool = True) -> None:
+    """No "…", no line past 80 columns (``lines``; messages printed as one unwrapped line, such
+    as validate's, may run past), and each of ``whole`` present in full (a value longer than a
+    line may fold onto the next one: compared with line breaks and indentation removed)."""
     assert "…" not in output, [line for line in output.splitlines() if "…" in line]
     # `name: PATH` lines (lmkl.cli.output.show_path) keep a path whole on one line to copy.
     long_lines = [
@@ -46,7 +54,7 @@ def assert_uncut(output: str, *whole: str) -> None:
         for line in output.splitlines()
         if len(line.rstrip()) > 80 and not re.match(r"^[a-z ]+: /\S+$", line)
     ]
-    assert not long_lines, long_lines
+    assert not (lines and long_lines), long_lines
     flat = re.sub(r"\n\s*", "", output)
     for text in whole:
         assert text in output or text in flat, (text, output)
@@ -102,7 +110,7 @@ def test_experiment_tables_fit_80_columns(narrow_study):
 @pytest.mark.parametrize("env", WIDTHS)
 def test_dry_run_plan_and_report_table_fit_80_columns(narrow_study, env, tiny_pair):
     checked = run_cli(["validate", str(narrow_study["config"]), "--check-models"], env)
-    assert_uncut(checked, *LONG)
+    assert_uncut(checked, *LONG, lines=False)
     plan = run_cli(["run", str(narrow_study["config"]), "--dry-run"], env)
     assert_uncut(plan, *LONG, str(tiny_pair["reference"]), str(narrow_study["data"]))
     report = run_cli(["report", str(narrow_study["out"]), "--format", "table"], env)
@@ -117,24 +125,16 @@ def test_dry_run_plan_and_report_table_fit_80_columns(narrow_study, env, tiny_pa
 def test_compare_summary_and_leaderboard_fit_80_columns(tiny_pair, small_jsonl, tmp_path, env):
     out = tmp_path / "run"
     printed = run_cli(
-        [
-            "compare",
-            str(tiny_pair["reference"]),
-            str(tiny_pair["candidate"]),
-            str(tiny_pair["reference"]),
+        small_compare(
+            tiny_pair["reference"],
+            [tiny_pair["candidate"], tiny_pair["reference"]],
+            small_jsonl,
+            out,
             "--label",
             LONG[0],
             "--label",
             LONG[1],
-            "--data",
-            str(small_jsonl),
-            "--out",
-            str(out),
-            "-c",
-            "48",
-            "--max-tokens",
-            "200",
-        ],
+        ),
         env,
     )
     results = json.loads((out / "results.json").read_text())
@@ -149,19 +149,7 @@ def test_compare_summary_and_leaderboard_fit_80_columns(tiny_pair, small_jsonl, 
 def test_single_candidate_shows_its_bootstrap_ci(tiny_pair, small_jsonl, tmp_path):
     out = tmp_path / "run"
     printed = run_cli(
-        [
-            "compare",
-            str(tiny_pair["reference"]),
-            str(tiny_pair["candidate"]),
-            "--data",
-            str(small_jsonl),
-            "--out",
-            str(out),
-            "-c",
-            "48",
-            "--max-tokens",
-            "200",
-        ],
+        small_compare(tiny_pair["reference"], [tiny_pair["candidate"]], small_jsonl, out),
         {"COLUMNS": "80"},
     )
     kl = json.loads((out / "results.json").read_text())["candidates"][0]["metrics"]["kl"]
@@ -189,12 +177,34 @@ def test_a_table_too_wide_names_what_it_left_out():
     buffer = StringIO()
     console = Console(file=buffer, width=80, color_system=None)
     console.push_render_hook(FitTables())
-    console.print(FittedTable(table, optional=["extra two", "extra one"]))
+    notes = [("extra one", "extra one: explained"), ("extra two", "extra two: explained")]
+    console.print(FittedTable(table, optional=["extra two", "extra one"], notes=notes))
     text = buffer.getvalue()
     assert "not shown at 80 columns: extra two" in text and "COLUMNS=" in text
+    # A note explains only a column that is shown (no note for a dropped column).
+    assert "extra one: explained" in text and "extra two: explained" not in text
     assert_uncut(text, *LONG, "4.074e-05", "4.075e-05", "x" * 20)
     # Nothing optional to drop: one block per row, every cell whole.
     buffer.truncate(0)
     buffer.seek(0)
     console.print(table)
     assert_uncut(buffer.getvalue(), *LONG, "x" * 20, "y" * 20, "extra two: " + "y" * 20)
+
+
+def test_progress_shows_no_rate_before_a_second_has_passed(monkeypatch):
+    # The first reading was one batch over microseconds: "1,137,556 tok/s".
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lmkl.cli import output
+
+    monkeypatch.setattr(output, "is_interactive", lambda quiet: True)
+    monkeypatch.setattr(output, "stderr", Console(file=StringIO(), force_terminal=True))
+    with output.TokenProgress(quiet=False) as progress:
+        progress(4096, 1_000_000)
+        task = progress._progress.tasks[0]
+        assert task.fields["rate"] == "–"
+        monkeypatch.setattr(type(task), "elapsed", property(lambda self: 2.0))
+        progress(40_000, 1_000_000)
+        assert task.fields["rate"] == "20,000"

@@ -37,198 +37,106 @@ WINDOWS = "Windows"
 COMPUTE = "Compute"
 OUTPUT = "Output"
 
+
+def option(kind: Any, panel: str, help: str, *names: str, **settings: Any) -> Any:
+    """An option alias ``Annotated[kind, typer.Option(...)]`` in one line: its type, its help
+    panel, its help text, its names (none: from the parameter), any other ``typer.Option``
+    setting (``min``, ``metavar``...). Every shared option is declared once with it."""
+    return Annotated[kind, typer.Option(*names, help=help, rich_help_panel=panel, **settings)]
+
+
 # Shared option aliases: declared once, reused by every command that needs them.
-DataOpt = Annotated[
+DataOpt = option(
     str | None,
-    typer.Option(
-        "--data",
-        "-d",
-        help="Hub dataset, local .txt/.jsonl/.json/.csv/.parquet, or save_to_disk dir.",
-        rich_help_panel=DATA,
-    ),
-]
-SplitOpt = Annotated[
-    str | None,
-    typer.Option(help="Dataset split (default: the only one, else 'test').", rich_help_panel=DATA),
-]
-DatasetConfigOpt = Annotated[
-    str | None,
-    typer.Option("--dataset-config", help="Hub dataset configuration name.", rich_help_panel=DATA),
-]
-TextFieldOpt = Annotated[
-    str, typer.Option("--text-field", help="Column holding the text.", rich_help_panel=DATA)
-]
-MaxSamplesOpt = Annotated[
+    DATA,
+    "Hub dataset, local .txt/.jsonl/.json/.csv/.parquet, or save_to_disk dir.",
+    "--data",
+    "-d",
+)
+SplitOpt = option(str | None, DATA, "Dataset split (default: the only one, else 'test').")
+DatasetConfigOpt = option(str | None, DATA, "Hub dataset configuration name.", "--dataset-config")
+TextFieldOpt = option(str, DATA, "Column holding the text.", "--text-field")
+MaxSamplesOpt = option(int | None, DATA, "Use only the first N documents.", "--max-samples", min=1)
+MaxTokensOpt = option(
+    int | None, DATA, "Stop after this many scored tokens.", "--max-tokens", min=1
+)
+ContextOpt = option(int, WINDOWS, "Tokens per model input.", "--context-length", "-c", min=2)
+StrideOpt = option(
     int | None,
-    typer.Option(
-        "--max-samples", min=1, help="Use only the first N documents.", rich_help_panel=DATA
-    ),
-]
-MaxTokensOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-tokens", min=1, help="Stop after this many scored tokens.", rich_help_panel=DATA
-    ),
-]
-ContextOpt = Annotated[
-    int,
-    typer.Option(
-        "--context-length", "-c", min=2, help="Tokens per model input.", rich_help_panel=WINDOWS
-    ),
-]
-StrideOpt = Annotated[
-    int | None,
-    typer.Option(
-        min=1,
-        help="New tokens scored per sliding window (documents mode; default: half the context).",
-        rich_help_panel=WINDOWS,
-    ),
-]
-WindowingOpt = Annotated[
+    WINDOWS,
+    "New tokens scored per sliding window (documents mode; default: half the context).",
+    min=1,
+)
+WindowingOpt = option(
     WindowingMode,
-    typer.Option(
-        help="documents: each document alone; llama-cpp: llama-perplexity's chunks (second half "
-        "scored).",
-        rich_help_panel=WINDOWS,
-    ),
-]
-DTypeOpt = Annotated[
-    DType, typer.Option(help="Weights dtype for both models.", rich_help_panel=MODELS)
-]
-RefDTypeOpt = Annotated[
-    DType | None,
-    typer.Option(
-        "--reference-dtype", help="Override --dtype for the reference.", rich_help_panel=MODELS
-    ),
-]
-CandDTypeOpt = Annotated[
-    DType | None,
-    typer.Option(
-        "--candidate-dtype", help="Override --dtype for the candidate.", rich_help_panel=MODELS
-    ),
-]
-DeviceOpt = Annotated[
-    str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=MODELS)
-]
-RevisionOpt = Annotated[
-    str | None, typer.Option(help="Hub revision for both models.", rich_help_panel=MODELS)
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-remote-code",
-        help="Run code shipped with the checkpoints (off by default).",
-        rich_help_panel=MODELS,
-    ),
-]
-AttnOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--attn-implementation", help="eager, sdpa, flash_attention_2, ...", rich_help_panel=MODELS
-    ),
-]
-AdapterOpt = Annotated[
-    str | None, typer.Option(help="PEFT adapter applied to the candidate.", rich_help_panel=MODELS)
-]
-AllowPickleOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-pickle", help="Allow pickle weight files (can run code).", rich_help_panel=MODELS
-    ),
-]
-OfflineOpt = Annotated[
-    bool, typer.Option(help="Never touch the network (HF offline mode).", rich_help_panel=MODELS)
-]
-BatchOpt = Annotated[
-    int,
-    typer.Option(
-        "--batch-size", "-b", min=1, help="Windows per forward pass.", rich_help_panel=COMPUTE
-    ),
-]
-ChunkOpt = Annotated[
+    WINDOWS,
+    "documents: each document alone; llama-cpp: llama-perplexity's chunks (second half scored).",
+)
+DTypeOpt = option(DType, MODELS, "Weights dtype for both models.")
+RefDTypeOpt = option(
+    DType | None, MODELS, "Override --dtype for the reference.", "--reference-dtype"
+)
+CandDTypeOpt = option(
+    DType | None, MODELS, "Override --dtype for the candidate.", "--candidate-dtype"
+)
+DeviceOpt = option(str, MODELS, "auto, cpu, cuda, cuda:N or mps.")
+RevisionOpt = option(str | None, MODELS, "Hub revision for both models.")
+TrustOpt = option(
+    bool, MODELS, "Run code shipped with the checkpoints (off by default).", "--trust-remote-code"
+)
+AttnOpt = option(str | None, MODELS, "eager, sdpa, flash_attention_2, ...", "--attn-implementation")
+AdapterOpt = option(str | None, MODELS, "PEFT adapter applied to the candidate.")
+AllowPickleOpt = option(bool, MODELS, "Allow pickle weight files (can run code).", "--allow-pickle")
+OfflineOpt = option(bool, MODELS, "Never touch the network (HF offline mode).")
+BatchOpt = option(int, COMPUTE, "Windows per forward pass.", "--batch-size", "-b", min=1)
+ChunkOpt = option(
     int | None,
-    typer.Option(
-        "--chunk-tokens",
-        min=1,
-        help="Tokens per KL chunk (default: from --memory-budget).",
-        rich_help_panel=COMPUTE,
-    ),
-]
-MemoryOpt = Annotated[
-    int,
-    typer.Option(
-        "--memory-budget",
-        min=16,
-        help="MiB for the KL stage's temporaries.",
-        rich_help_panel=COMPUTE,
-    ),
-]
-MaxBatchTokensOpt = Annotated[
+    COMPUTE,
+    "Tokens per KL chunk (default: from --memory-budget).",
+    "--chunk-tokens",
+    min=1,
+)
+MemoryOpt = option(int, COMPUTE, "MiB for the KL stage's temporaries.", "--memory-budget", min=16)
+MaxBatchTokensOpt = option(
     int | None,
-    typer.Option(
-        "--max-batch-tokens",
-        min=1,
-        help="Sort windows by length and fill each batch up to this many "
-        "padded tokens (instead of --batch-size consecutive windows).",
-        rich_help_panel=COMPUTE,
-    ),
-]
-CompileOpt = Annotated[
+    COMPUTE,
+    "Sort windows by length and fill each batch up to this many padded tokens (instead of "
+    "--batch-size consecutive windows).",
+    "--max-batch-tokens",
+    min=1,
+)
+CompileOpt = option(
     bool,
-    typer.Option(
-        "--compile/--no-compile",
-        help="torch.compile the fused KL kernel on large runs where the native CPU kernel "
-        "does not run (GPUs; CPUs without a C compiler); falls back to eager if compilation "
-        "fails.",
-        rich_help_panel=COMPUTE,
-    ),
-]
-DeviceMapOpt = Annotated[
+    COMPUTE,
+    "torch.compile the fused KL kernel on large runs where the native CPU kernel does not run "
+    "(GPUs; CPUs without a C compiler); falls back to eager if compilation fails.",
+    "--compile/--no-compile",
+)
+DeviceMapOpt = option(
     str | None,
-    typer.Option(
-        "--device-map",
-        help="Spread each model over the available devices (e.g. 'auto'; needs accelerate).",
-        rich_help_panel=MODELS,
-    ),
-]
-TemperatureOpt = Annotated[
-    float,
-    typer.Option(
-        min=1e-6, help="Compare softened distributions (1 = as is).", rich_help_panel=COMPUTE
-    ),
-]
-OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Run directory to write.", rich_help_panel=OUTPUT)
-]
-OverwriteOpt = Annotated[
-    bool, typer.Option(help="Replace an existing run directory.", rich_help_panel=OUTPUT)
-]
-ResumeOpt = Annotated[
-    bool, typer.Option(help="Continue an interrupted run in --out.", rich_help_panel=OUTPUT)
-]
-QuietOpt = Annotated[
-    bool,
-    typer.Option("--quiet", "-q", help="Print only the run directory.", rich_help_panel=OUTPUT),
-]
-FailAboveOpt = Annotated[
+    MODELS,
+    "Spread each model over the available devices (e.g. 'auto'; needs accelerate).",
+    "--device-map",
+)
+TemperatureOpt = option(float, COMPUTE, "Compare softened distributions (1 = as is).", min=1e-6)
+OutOpt = option(Path | None, OUTPUT, "Run directory to write.", "--out", "-o")
+OverwriteOpt = option(bool, OUTPUT, "Replace an existing run directory.")
+ResumeOpt = option(bool, OUTPUT, "Continue an interrupted run in --out.")
+QuietOpt = option(bool, OUTPUT, "Print only the run directory.", "--quiet", "-q")
+FailAboveOpt = option(
     list[str] | None,
-    typer.Option(
-        "--fail-above",
-        metavar="METRIC=VALUE",
-        help="Exit 3 if a candidate's metric is above VALUE, "
-        "e.g. kl.mean=0.05 or kl.p99=2 (repeatable).",
-        rich_help_panel=OUTPUT,
-    ),
-]
-FailBelowOpt = Annotated[
+    OUTPUT,
+    "Exit 3 if a candidate's metric is above VALUE, e.g. kl.mean=0.05 or kl.p99=2 (repeatable).",
+    "--fail-above",
+    metavar="METRIC=VALUE",
+)
+FailBelowOpt = option(
     list[str] | None,
-    typer.Option(
-        "--fail-below",
-        metavar="METRIC=VALUE",
-        help="Exit 3 if a candidate's metric is below VALUE, e.g. top1_agreement=0.9 (repeatable).",
-        rich_help_panel=OUTPUT,
-    ),
-]
+    OUTPUT,
+    "Exit 3 if a candidate's metric is below VALUE, e.g. top1_agreement=0.9 (repeatable).",
+    "--fail-below",
+    metavar="METRIC=VALUE",
+)
 
 
 # Option groups: commands declare which groups they take (see :func:`with_options`) instead of
@@ -271,6 +179,10 @@ BATCH_OPTIONS: OptionGroup = {
 KL_OPTIONS: OptionGroup = {
     "chunk_tokens": (ChunkOpt, None),
     "memory_budget": (MemoryOpt, 1024),
+}
+GATE_OPTIONS: OptionGroup = {
+    "fail_above": (FailAboveOpt, None),
+    "fail_below": (FailBelowOpt, None),
 }
 OUTPUT_OPTIONS: OptionGroup = {
     "out": (OutOpt, None),
@@ -507,17 +419,15 @@ def load_with_options(config: Path, overrides: list[str] | None, settings: dict[
     )
 
 
-ViewTokensOpt = Annotated[
+ViewTokensOpt = option(
     int,
-    typer.Option(
-        "--view-tokens",
-        min=0,
-        metavar="N",
-        help="Record both models' top-5 next tokens on the worst documents, up to N tokens, "
-        "for the report's token view (`lmkl report RUN --view tokens`); 0: off.",
-        rich_help_panel=OUTPUT,
-    ),
-]
+    OUTPUT,
+    "Record both models' top-5 next tokens on the worst documents, up to N tokens, for the "
+    "report's token view (`lmkl report RUN --view tokens`); 0: off.",
+    "--view-tokens",
+    min=0,
+    metavar="N",
+)
 
 
 class ViewDocs(str, Enum):
@@ -525,12 +435,10 @@ class ViewDocs(str, Enum):
     sample = "sample"
 
 
-ViewDocsOpt = Annotated[
+ViewDocsOpt = option(
     ViewDocs,
-    typer.Option(
-        "--view-docs",
-        help="Which documents --view-tokens records: the worst by mean KL, or a random "
-        "(seeded) sample of typical text.",
-        rich_help_panel=OUTPUT,
-    ),
-]
+    OUTPUT,
+    "Which documents --view-tokens records: the worst by mean KL, or a random (seeded) sample "
+    "of typical text.",
+    "--view-docs",
+)

@@ -12,6 +12,7 @@ from lmkl.formatting import (
     format_column,
     format_interval,
     format_ratio,
+    format_value,
     prose,
     to_float,
 )
@@ -174,7 +175,8 @@ def plain_reading(report: Report) -> list[str]:
             f"{diff['a']} vs {prose(kl_row['b'])} in {diff['b']}"
         )
         if math.isfinite(kl_row["z"]):
-            text += f" (Δ {kl_row['delta']:+.3g}, z = {kl_row['z']:.1f})"
+            delta = format_value(kl_row["delta"], 3)
+            text += f" (Δ {'' if delta.startswith('-') else '+'}{delta}, z = {kl_row['z']:.1f})"
         paired = diff.get("paired")
         if paired:
             text += (

@@ -57,10 +57,13 @@ def without_columns(table: Table, drop: Iterable[str]) -> Table:
     return narrow
 
 
-def vertical(table: Table, console: Console, key_columns: int = 1, by: str = "row") -> Group:
+def vertical(
+    table: Table, console: Console, key_columns: int = 1, by: str = "row", width: int = 80
+) -> Group:
     """``table`` as blocks of ``header: value`` lines: one block per row, headed by its first
     ``key_columns`` cells (``by="column"``: one block per column but the first, whose cells
-    label the lines). Nothing is cut: a value longer than the width folds onto the next line."""
+    label the lines). Nothing is cut: a value too long for its line (a path) starts a line of
+    its own, and folds onto the next only if it is longer than the width."""
     headers = [_cell_text(console, c.header).plain for c in table.columns]
     cells = [[_cell_text(console, x) for x in c._cells] for c in table.columns]
     rows = len(table.rows)
@@ -83,7 +86,12 @@ def vertical(table: Table, console: Console, key_columns: int = 1, by: str = "ro
     for key, lines in blocks:
         parts.append(key)
         for name, value in lines:
-            if value.plain.strip():
+            if not value.plain.strip():
+                continue
+            if len(name) + len(value) + 4 > width and " " not in value.plain:
+                parts.append(Text.assemble("  ", name, ":"))
+                parts.append(Text.assemble(value, overflow="fold"))
+            else:
                 parts.append(Text.assemble("  ", name, ": ", value, overflow="fold"))
     return Group(*parts)
 
@@ -130,7 +138,7 @@ class FittedTable:
                     style="dim",
                 )
                 return
-        yield vertical(self.table, console, self.key_columns, self.by)
+        yield vertical(self.table, console, self.key_columns, self.by, width)
         yield from self._notes(headers)
 
 
@@ -290,8 +298,9 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     return table
 
 
-def plan_tables(plan: dict[str, Any]) -> list[Table]:
-    """The dry-run plan: models and datasets with token counts."""
+def plan_tables(plan: dict[str, Any]) -> list[FittedTable]:
+    """The dry-run plan: models and datasets with token counts (too wide: one block per model,
+    headed by its role and label)."""
     models = Table(
         title=table_title("Plan for '", plan["name"], "': models (tokenizers checked)"),
         title_justify="left",
@@ -348,7 +357,7 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
         number(plan["reference_batches"]),
         style="bold",
     )
-    return [models, data]
+    return [FittedTable(models, key_columns=2), FittedTable(data)]
 
 
 def summary_table(results: dict[str, Any]) -> Table:

@@ -13,7 +13,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lmkl.formatting import format_ci, format_mean_se, format_rate, format_seconds, number
+from lmkl.formatting import (
+    format_ci,
+    format_mean_se,
+    format_percent,
+    format_rate,
+    format_seconds,
+    number,
+)
 from lmkl.report.tables import (
     FittedTable,
     checkpoints_table,
@@ -65,7 +72,7 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
                 Text.assemble(
                     ("warning:", "yellow"),
                     f" {counts['nonfinite']:,} positions "
-                    f"({100 * counts.get('nonfinite_share', 0):.2f}%) of ",
+                    f"({format_percent(counts.get('nonfinite_share', 0))}) of ",
                     cand["label"],
                     " had NaN or infinite logits (e.g. float16 overflow); they are excluded "
                     "from every statistic",
@@ -162,9 +169,9 @@ def print_experiment(results: dict[str, Any], console: Console | None = None) ->
     console.print(leaderboard(results))
     ranking = results["ranking"]
     if len(results.get("datasets", [])) > 1:
-        console.print(datasets_table(results))
+        console.print(FittedTable(datasets_table(results)))
     for series in ranking.get("checkpoints", []):
-        console.print(checkpoints_table(series, ranking["metric"]))
+        console.print(FittedTable(checkpoints_table(series, ranking["metric"]), key_columns=2))
     if ranking["units"] < 20:
         console.print(
             f"[yellow]note:[/yellow] only {ranking['units']} {ranking['unit']}s: the bootstrap "

@@ -33,6 +33,7 @@ from lmkl.cli.options import (
     data_spec,
     given,
     model_specs,
+    option,
     window_spec,
     with_options,
 )
@@ -44,52 +45,42 @@ class ScoreOn(str, Enum):
     assistant = "assistant"
 
 
-ScoreOnOpt = Annotated[
+ScoreOnOpt = option(
     ScoreOn | None,
-    typer.Option(
-        "--score-on",
-        help="Chat data (a messages column): score the assistant tokens (default) or "
-        "all tokens of the rendered conversation.",
-        rich_help_panel=DATA,
-    ),
-]
-LabelOpt = Annotated[
+    DATA,
+    "Chat data (a messages column): score the assistant tokens (default) or all tokens of the "
+    "rendered conversation.",
+    "--score-on",
+)
+LabelOpt = option(
     list[str] | None,
-    typer.Option(
-        "--label",
-        help="Name of a candidate in tables (repeatable: one per candidate, in order; "
-        "default: from the model name, GGUF file or scheme).",
-        rich_help_panel=MODELS,
-    ),
-]
-GgufFileOpt = Annotated[
+    MODELS,
+    "Name of a candidate in tables (repeatable: one per candidate, in order; default: from the "
+    "model name, GGUF file or scheme).",
+    "--label",
+)
+GgufFileOpt = option(
     list[str] | None,
-    typer.Option(
-        "--gguf-file",
-        help="GGUF file in the candidate's directory or hub repo (repeatable: one per "
-        "candidate, in order). A candidate path ending in .gguf needs none.",
-        rich_help_panel=MODELS,
-    ),
-]
-QuantizeOpt = Annotated[
+    MODELS,
+    "GGUF file in the candidate's directory or hub repo (repeatable: one per candidate, in "
+    "order). A candidate path ending in .gguf needs none.",
+    "--gguf-file",
+)
+QuantizeOpt = option(
     list[str] | None,
-    typer.Option(
-        "--quantize",
-        help="Add a candidate: the reference quantized while loading, METHOD:SCHEME[:gGROUP] "
-        "(repeatable), e.g. torchao:int8_weight_only, torchao:int4_weight_only:g32, "
-        "bitsandbytes:nf4, quanto:int4. Needs lmkl[quant].",
-        rich_help_panel=MODELS,
-    ),
-]
-DifferentTokenizersOpt = Annotated[
+    MODELS,
+    "Add a candidate: the reference quantized while loading, METHOD:SCHEME[:gGROUP] "
+    "(repeatable), e.g. torchao:int8_weight_only, torchao:int4_weight_only:g32, "
+    "bitsandbytes:nf4, quanto:int4. Needs lmkl[quant].",
+    "--quantize",
+)
+DifferentTokenizersOpt = option(
     bool,
-    typer.Option(
-        "--different-tokenizers",
-        help="The models have different tokenizers: compare bits per "
-        "byte on the same text instead (no token-level KL).",
-        rich_help_panel=MODELS,
-    ),
-]
+    MODELS,
+    "The models have different tokenizers: compare bits per byte on the same text instead (no "
+    "token-level KL).",
+    "--different-tokenizers",
+)
 
 
 @friendly_errors

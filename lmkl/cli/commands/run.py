@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
 from lmkl.cli.funnel import friendly_errors
 from lmkl.cli.options import (
+    GATE_OPTIONS,
     OUTPUT,
     ConfigArg,
-    FailAboveOpt,
-    FailBelowOpt,
     OfflineOpt,
     OutOpt,
     OverridesArg,
@@ -20,40 +19,41 @@ from lmkl.cli.options import (
     ResumeOpt,
     apply_offline,
     load_with_options,
+    option,
+    with_options,
 )
 from lmkl.cli.output import DatasetProgress, show_path, stdout
 
+LimitOpt = option(
+    int | None,
+    OUTPUT,
+    "Score at most N tokens per dataset (sets compute.max_tokens): a quick trial.",
+    "--limit",
+    min=1,
+)
+DryRunOpt = option(
+    bool,
+    OUTPUT,
+    "Validate, load tokenizers only, check compatibility and print the plan (models, datasets, "
+    "token counts).",
+    "--dry-run",
+)
+#: ``lmkl run``'s options after the arguments, in the order --help lists them.
+RUN_OPTIONS = {
+    "out": (OutOpt, None),
+    "limit": (LimitOpt, None),
+    "dry_run": (DryRunOpt, False),
+    **GATE_OPTIONS,
+    "overwrite": (OverwriteOpt, False),
+    "resume": (ResumeOpt, False),
+    "offline": (OfflineOpt, False),
+    "quiet": (QuietOpt, False),
+}
+
 
 @friendly_errors
-def run(
-    config: ConfigArg,
-    overrides: OverridesArg = None,
-    out: OutOpt = None,
-    limit: Annotated[
-        int | None,
-        typer.Option(
-            "--limit",
-            min=1,
-            help="Score at most N tokens per dataset (sets compute.max_tokens): a quick trial.",
-            rich_help_panel=OUTPUT,
-        ),
-    ] = None,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run",
-            help="Validate, load tokenizers only, check compatibility and print the "
-            "plan (models, datasets, token counts).",
-            rich_help_panel=OUTPUT,
-        ),
-    ] = False,
-    fail_above: FailAboveOpt = None,
-    fail_below: FailBelowOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    offline: OfflineOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
+@with_options(RUN_OPTIONS)
+def run(config: ConfigArg, overrides: OverridesArg = None, **options: Any) -> None:
     """Run the experiment in CONFIG: every candidate against the reference on every dataset,
     then a leaderboard with bootstrap CIs, the Pareto set and quality gates.
 
@@ -61,15 +61,16 @@ def run(
     --fail-above/--fail-below) beat key.path=value overrides.
     Exit codes: 0 ok, 1 runtime error, 2 config error, 3 a gate failed (results still written).
     """
-    apply_offline(offline)
+    out, quiet, dry_run = options["out"], options["quiet"], options["dry_run"]
+    apply_offline(options["offline"])
     from lmkl.analysis.gates import parse_gate_options, raise_for_failures
 
-    above = parse_gate_options(fail_above or [], "--fail-above")
-    below = parse_gate_options(fail_below or [], "--fail-below")
+    above = parse_gate_options(options["fail_above"] or [], "--fail-above")
+    below = parse_gate_options(options["fail_below"] or [], "--fail-below")
     settings: dict[str, Any] = {
         "output.dir": str(out) if out else None,
-        "compute.max_tokens": limit,
-        "output.overwrite": True if overwrite else None,
+        "compute.max_tokens": options["limit"],
+        "output.overwrite": True if options["overwrite"] else None,
     }
     cfg = load_with_options(config, overrides, settings)
     if above or below:
@@ -89,7 +90,7 @@ def run(
             if main:
                 stdout.print("dry run: nothing was scored")
             return
-        outcome = run_experiment(cfg, resume=resume, progress=progress, log=progress.log)
+        outcome = run_experiment(cfg, resume=options["resume"], progress=progress, log=progress.log)
     if not outcome.is_main:
         return
     if not quiet:
