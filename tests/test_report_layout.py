@@ -27,6 +27,7 @@ from lmkl.cli import app
 from lmkl.experiment.run import combine
 from lmkl.experiment.schema import ExperimentConfig
 from lmkl.files import write_json
+from lmkl.formatting import format_column
 from lmkl.report.build import build_report
 from lmkl.report.plots import make_plots
 from lmkl.report.render import render_html, write_report
@@ -189,6 +190,16 @@ def test_experiment_report_reads_its_datasets_and_shows_gates_and_noise_floor(ex
     assert html.index("Quality gate failed") < html.index('id="leaderboard"')
     assert "noise floor" in html and "Δ next" in html and "order flips" in html
     assert "dataset wiki, document" in html or "dataset code, document" in html
+    # The ranking metric by dataset, from each dataset's own tokens.
+    assert "kl.mean by dataset" in html
+    for name in ("wiki", "code"):
+        table = pq.read_table(experiment_root / "datasets" / name / "tokens.parquet").to_pandas()
+        means = [
+            table.loc[table["candidate"] == label, "kl"].astype(np.float64).mean()
+            for label in ("int8-like", "int2-like")
+        ]
+        for text in format_column(means):
+            assert f'<td class="num">{text}</td>' in html, (name, text)
 
 
 def test_inspect_an_experiment_picks_or_asks_for_a_dataset(experiment_root, tmp_path):

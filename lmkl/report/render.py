@@ -259,6 +259,34 @@ def familiar_pairs() -> list[dict[str, str]]:
     ]
 
 
+def dataset_tables(report: Report) -> list[dict[str, Any]]:
+    """Per experiment with two or more datasets: its ranking metric per dataset and candidate,
+    with the micro (by token) and macro (by dataset) averages; each column's digits keep the
+    candidates apart."""
+    tables = []
+    for run in report.runs:
+        ranking = run.results.get("ranking")
+        rows = (ranking or {}).get("by_dataset") or []
+        names = list(rows[0].get("datasets") or {}) if rows else []
+        if len(names) < 2:
+            continue
+        columns = [format_column(r["datasets"].get(n) for r in rows) for n in names] + [
+            format_column(r.get(k) for r in rows) for k in ("micro", "macro")
+        ]
+        tables.append(
+            {
+                "run": run.name,
+                "metric": ranking.get("metric"),
+                "datasets": names,
+                "rows": [
+                    {"label": r["label"], "cells": [col[i] for col in columns]}
+                    for i, r in enumerate(rows)
+                ],
+            }
+        )
+    return tables
+
+
 def gate_blocks(report: Report) -> list[dict[str, Any]]:
     """Quality gates per run: passed, or each failing candidate with its reason."""
     return [
@@ -528,6 +556,7 @@ def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[s
         "scale_rows": scale_rows(report),
         "familiar_pairs": familiar_pairs(),
         "gates": gate_blocks(report),
+        "dataset_tables": dataset_tables(report),
         "experiments": [r.name for r in report.runs if r.is_experiment],
         "dataset_names": [d.name for d in report.datasets],
         "stat_rows": stat_rows(report),
