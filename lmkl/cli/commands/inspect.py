@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -56,15 +56,8 @@ def inspect(
     Piped or with NO_COLOR, the next token and the highest-KL tokens are put in ⟦brackets⟧."""
     from lmkl.report.drilldown import inspect_run
 
-    inspect_run(
-        run_dir,
-        doc=doc,
-        worst=worst,
-        candidate=candidate,
-        max_tokens=max_tokens,
-        console=stdout,
-        dataset=dataset,
-    )
+    what: dict[str, Any] = {"doc": doc, "candidate": candidate, "dataset": dataset}
+    inspect_run(run_dir, worst=worst, max_tokens=max_tokens, console=stdout, **what)
 
 
 def register(app: typer.Typer) -> None:
