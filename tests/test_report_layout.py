@@ -305,3 +305,19 @@ def test_a_candidate_is_placed_among_the_familiar_pairs(quant_run):
         names = {v: k for k, v in values.items()}
         if below is not None and above is not None:
             assert row["familiar"] == f"between {names[below]} and {names[above]}"
+
+
+@pytest.mark.parametrize(("no_color", "bracketed"), [(False, False), (True, True)])
+def test_inspect_brackets_tokens_only_where_colour_cannot_mark_them(
+    experiment_root, no_color, bracketed
+):
+    import io
+
+    from rich.console import Console
+
+    from lmkl.report.drilldown import inspect_run
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, no_color=no_color, width=160)
+    inspect_run(experiment_root, dataset="wiki", worst=2, max_tokens=40, console=console)
+    assert ("⟦" in buffer.getvalue()) is bracketed

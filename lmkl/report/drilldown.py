@@ -304,7 +304,8 @@ def inspect_run(
             f"for candidate '{label}'",
             "rerun the comparison; both are written unless switched off",
         )
-    plain = console.color_system is None
+    # Piped (no colour system) or NO_COLOR: colour cannot mark the tokens, brackets do.
+    plain = console.color_system is None or console.no_color
     head = Text()
     head.append(f"{label}", style="bold")
     where = f"dataset {run.name} of {root.path}" if run is not root else str(run.path)
