@@ -119,7 +119,9 @@ def test_doc_choice_and_caps(view_run, tmp_path):
     )
     assert code == 0, output
     html = out.read_text()
-    assert html.index('id="token-view"') < html.index('id="reading"')
+    # The verdict first, then the token view, then the leaderboard and the rest.
+    assert html.index('id="reading"') < html.index('id="token-view"')
+    assert html.index('id="token-view"') < html.index('id="leaderboard"')
     assert re.findall(r'<div class="tv-doc" id="tv-u(\d+)"', html) == ["2"]
 
 
@@ -140,7 +142,7 @@ def test_report_without_a_recorded_view(tiny_pair, small_jsonl, tmp_path):
     assert "<script" not in html and "script-src" not in html  # no view: still no script at all
 
 
-def test_demo_report_opens_on_the_token_view(tiny_pair, tmp_path):
+def test_demo_report_opens_on_the_summary_then_the_token_view(tiny_pair, tmp_path):
     from lmkl.demo.assets import DEMO_VERSION, DemoSettings
     from lmkl.demo.names import demo_cache_dir
 
@@ -161,8 +163,42 @@ def test_demo_report_opens_on_the_token_view(tiny_pair, tmp_path):
     code, output = invoke(["demo", "--out", str(tmp_path / "demo"), "--quiet"])
     assert code == 0, output
     html = (tmp_path / "demo" / "report.html").read_text()
-    assert html.index('id="token-view"') < html.index('id="reading"')
+    # The verdict first, then the token view, then the leaderboard and the rest.
+    assert html.index('id="reading"') < html.index('id="token-view"')
+    assert html.index('id="token-view"') < html.index('id="leaderboard"')
     assert (tmp_path / "demo" / "view.parquet").is_file()
     tokens = pq.read_table(tmp_path / "demo" / "tokens.parquet").to_pandas()
     worst = tokens.groupby("doc_id")["kl"].mean().idxmax()
     assert re.search(r'<div class="tv-doc" id="tv-u(\d+)"', html).group(1) == str(worst)
+
+
+def test_an_experiment_report_shows_its_dataset_token_view(view_run, tmp_path):
+    """`lmkl report EXPERIMENT --view tokens` finds the view in datasets/<name>/."""
+    import datetime as dt
+
+    from lmkl.experiment.run import combine
+    from lmkl.experiment.schema import ExperimentConfig
+    from lmkl.files import write_json
+    from lmkl.report.render import write_report
+
+    root = tmp_path / "study"
+    shutil.copytree(view_run, root / "datasets" / "heldout")
+    sub = json.loads((root / "datasets" / "heldout" / "results.json").read_text())
+    label = sub["candidates"][0]["label"]
+    config = ExperimentConfig.model_validate(
+        {
+            "name": "one-dataset",
+            "reference": {"model": "reference"},
+            "candidates": [{"label": label, "model": "candidate"}],
+            "datasets": [{"source": "docs.jsonl", "label": "heldout"}],
+            "ranking": {"resamples": 50},
+        }
+    )
+    now = dt.datetime.now(dt.timezone.utc)
+    write_json(root / "results.json", combine(root, config, [sub], now, now))
+    html = write_report([root], "html", tmp_path / "r.html", view="tokens").read_text()
+    assert 'id="token-view"' in html and "dataset heldout" in html
+    assert "no tokens.parquet" not in html
+    first_unit = re.search(r'<div class="tv-doc" id="tv-u(\d+)"', html).group(1)
+    expected = build_token_view(load_run(root / "datasets" / "heldout"))
+    assert first_unit == str(_data(expected)["units"][0])

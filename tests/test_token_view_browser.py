@@ -287,3 +287,22 @@ def test_page_works_without_javascript(browser, page_html, expected):
     pg.click("#tv-list tbody tr:first-child .worst a")  # plain anchors jump without JS
     assert pg.evaluate("location.hash").startswith("#tv-t")
     context.close()
+
+
+def test_the_summary_comes_before_the_token_view(page):
+    """`--view tokens` (the demo's report) opens on the verdict, not on pages of shaded text."""
+    got = page.evaluate(
+        """() => {
+        const summary = document.querySelector('#reading');
+        const view = document.querySelector('#token-view');
+        const guide = view.querySelector('details.explain-more');
+        return {
+          summaryTop: summary.getBoundingClientRect().top + window.scrollY,
+          viewTop: view.getBoundingClientRect().top + window.scrollY,
+          guideOpen: guide ? guide.open : null,
+        };
+    }"""
+    )
+    assert got["summaryTop"] < 400, got  # in the first screen at 1280 × 900
+    assert got["summaryTop"] < got["viewTop"], got
+    assert got["guideOpen"] is False  # the long explanation is one click away

@@ -9,16 +9,26 @@ millions of tokens reports in seconds. Rendering lives elsewhere: :mod:`lmkl.rep
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from lmkl.analysis import metrics as registry
-from lmkl.analysis.per_token import kl_by_position, kl_cdf, kl_histogram, token_divergence
+from lmkl.analysis.per_token import (
+    CandidateTokens,
+    kl_by_position,
+    kl_cdf,
+    kl_histogram,
+    token_divergence,
+)
 from lmkl.errors import OutputError, UsageError
 from lmkl.report.candidates import PALETTE, CandidateView, compare_views, worst_entries
 from lmkl.report.data import Report
 from lmkl.report.reading import plain_reading
-from lmkl.report.runs import load_run, read_candidate_tokens
+from lmkl.report.runs import RunInfo, experiment_datasets, load_run, read_candidate_tokens
 from lmkl.report.token_strings import TokenNamer
 
 
@@ -61,6 +71,48 @@ def _sort_views(views: list[CandidateView], sort_by: str) -> list[CandidateView]
     return [v for _, v in sorted(enumerate(views), key=key)]
 
 
+def _pooled_tokens(
+    per_dataset: list[dict[str, CandidateTokens]],
+) -> dict[str, CandidateTokens]:
+    """Each label's tokens over all datasets of an experiment, documents numbered apart (the
+    datasets' document ids restart at 0) so that (document, position) stays a unique key."""
+    parts: dict[str, list[CandidateTokens]] = {}
+    offset = 0
+    for tokens in per_dataset:
+        top = 0
+        for label, t in tokens.items():
+            parts.setdefault(label, []).append(dataclasses.replace(t, doc_id=t.doc_id + offset))
+            if t.doc_id.size:
+                top = max(top, int(t.doc_id.max()) + 1)
+        offset += top
+    return {
+        label: CandidateTokens(
+            **{
+                f.name: np.concatenate([getattr(p, f.name) for p in pieces])
+                for f in dataclasses.fields(CandidateTokens)
+            }
+        )
+        for label, pieces in parts.items()
+    }
+
+
+def _experiment_worst(
+    datasets: list[RunInfo],
+    per_dataset: list[dict[str, CandidateTokens]],
+    label: str,
+    n: int,
+) -> list[dict[str, Any]]:
+    """The ``n`` worst positions of ``label`` over every dataset of an experiment, each tagged
+    with its dataset (document ids are the dataset's own, as ``lmkl inspect`` shows them)."""
+    entries = []
+    for sub, tokens in zip(datasets, per_dataset, strict=True):
+        for entry in worst_entries(sub, label, n, tokens.get(label)):
+            entry["dataset"] = sub.name
+            entries.append(entry)
+    entries.sort(key=lambda e: -e["kl"] if not math.isnan(e["kl"]) else math.inf)
+    return entries[:n]
+
+
 def build_report(
     run_dirs: list[Path],
     *,
@@ -86,11 +138,22 @@ def build_report(
         raise OutputError("the given runs hold no candidates", "check the run directories")
     _assign_keys(views)
     notes = []
+    datasets: dict[int, list[RunInfo]] = {}
+    dataset_tokens: dict[int, list[dict[str, CandidateTokens]]] = {}
     for run in runs:
-        per_label = read_candidate_tokens(run.path, [v.label for v in views if v.run is run])
+        labels = [v.label for v in views if v.run is run]
+        if run.is_experiment:
+            # An experiment keeps its per-token data per dataset, in datasets/<name>/.
+            datasets[id(run)] = subs = experiment_datasets(run)
+            dataset_tokens[id(run)] = [read_candidate_tokens(s.path, labels) for s in subs]
+            per_label = _pooled_tokens(dataset_tokens[id(run)])
+            where = "its datasets/<name>/ directories have no tokens.parquet (save_tokens off?)"
+        else:
+            per_label = read_candidate_tokens(run.path, labels)
+            where = "no tokens.parquet"
         if not per_label:
             notes.append(
-                f"{run.name}: no tokens.parquet; distribution, position and token views "
+                f"{run.name}: {where}; distribution, position and token views "
                 "are missing for its candidates"
             )
         for v in views:
@@ -100,12 +163,18 @@ def build_report(
     for i, v in enumerate(views):
         v.color = PALETTE[i % len(PALETTE)]
     with_tokens = {v.key: v.tokens for v in views if v.tokens is not None}
-    report = Report(runs=runs, candidates=views, sort_by=sort_by, notes=notes)
+    report = Report(
+        runs=runs,
+        candidates=views,
+        sort_by=sort_by,
+        notes=notes,
+        datasets=[sub for run in runs for sub in datasets.get(id(run), [])],
+    )
     kls = {k: t.kl for k, t in with_tokens.items()}
     report.histogram = kl_histogram(kls)
     report.cdf = kl_cdf(kls)
     report.by_position = kl_by_position(with_tokens)
-    namer = TokenNamer(runs)
+    namer = TokenNamer([*runs, *report.datasets])
     report.token_source = namer.source
     for v in views:
         if v.tokens is not None:
@@ -114,7 +183,12 @@ def build_report(
             for row, text in zip(rows, namer.many(r["token_id"] for r in rows), strict=True):
                 row["token"] = text
             report.tokens[v.key] = table
-        report.worst[v.key] = worst_entries(v.run, v.label, worst_n, v.tokens)
+        if v.run.is_experiment:
+            report.worst[v.key] = _experiment_worst(
+                datasets[id(v.run)], dataset_tokens[id(v.run)], v.label, worst_n
+            )
+        else:
+            report.worst[v.key] = worst_entries(v.run, v.label, worst_n, v.tokens)
     by_label: dict[str, list[CandidateView]] = {}
     for v in views:
         by_label.setdefault(v.label, []).append(v)

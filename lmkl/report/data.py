@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lmkl.analysis import metrics as registry
 from lmkl.files import to_json_safe
 from lmkl.formatting import Z95, to_float
 from lmkl.report.candidates import CandidateView, confidence_profile, pareto_front
@@ -35,6 +36,9 @@ class Report:
     reading: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     token_source: str = "ids"
+    #: The per-dataset sub-runs of experiment roots among ``runs`` (their token data and
+    #: worst positions feed the views above).
+    datasets: list[RunInfo] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -125,12 +129,94 @@ class Report:
         """A bootstrap CI for ``c`` from its run's ``ranking`` section, if the run has one."""
         return _ranking_ci(c.run.results.get("ranking"), c.label)
 
+    def document_ci(self, c: CandidateView) -> tuple[float, float] | None:
+        """The 95% CI of ``c``'s mean KL from resampling whole documents: the one stored with
+        the metric (``kl.ci_low``/``kl.ci_high``), else its run's ranking CI when the ranking
+        metric is the mean KL; None when the run has neither."""
+        kl = c.metrics.get("kl") or {}
+        low, high = to_float(kl.get("ci_low")), to_float(kl.get("ci_high"))
+        if math.isfinite(low) and math.isfinite(high):
+            return low, high
+        ranking = c.run.results.get("ranking")
+        if isinstance(ranking, dict) and ranking.get("metric") == "kl.mean":
+            return self.ranking_ci(c)
+        return None
+
     def ranking_metric(self) -> str | None:
         for run in self.runs:
             ranking = run.results.get("ranking")
             if isinstance(ranking, dict) and isinstance(ranking.get("metric"), str):
                 return ranking["metric"]
         return None
+
+    def ranking_row(self, c: CandidateView) -> dict[str, Any] | None:
+        """``c``'s row of its run's ranking (an experiment: Δ next, flips, vs the noise floor)."""
+        return _ranking_row(c.run.results.get("ranking"), c.label)
+
+    def noise_floor(self, run: RunInfo) -> dict[str, Any] | None:
+        """The run's noise floor (the reference against a copy of itself with tiny weight noise):
+        its mean KL and top-1 agreement, with how it was made; None when the run has none."""
+        entry = run.results.get("noise_floor")
+        if not isinstance(entry, dict):
+            return None
+        metrics = entry.get("metrics") or {}
+        kl = lookup_number(metrics, "kl.mean")
+        if not math.isfinite(kl):
+            return None
+        return {
+            "kl_mean": kl,
+            "top1_agreement": lookup_number(metrics, "top1_agreement.mean"),
+            "relative_std": to_float(entry.get("relative_std")),
+        }
+
+    def noise_floor_kl(self) -> float:
+        """The noise floor's mean KL when the runs have one (and only one value); else NaN."""
+        values = {f["kl_mean"] for run in self.runs if (f := self.noise_floor(run))}
+        return values.pop() if len(values) == 1 else math.nan
+
+    def scale(self, c: CandidateView) -> dict[str, Any]:
+        """How large ``c``'s divergence is, on scales from its own run: the share of tokens
+        whose top-1 prediction changes, the perplexity ratio, and the mean KL as a multiple of
+        the run's noise floor (NaN where the run has none)."""
+        kl = c.value("kl.mean")
+        agree = c.value("top1_agreement.mean")
+        floor = self.noise_floor(c.run)
+        row = self.ranking_row(c) or {}
+        vs_noise = row.get("vs_noise_floor") if isinstance(row, dict) else None
+        return {
+            "kl_mean": kl,
+            "top1_changed": 1.0 - agree if math.isfinite(agree) else math.nan,
+            "ppl_ratio": c.value("ppl.ratio"),
+            "noise_floor": floor["kl_mean"] if floor else math.nan,
+            "times_noise_floor": kl / floor["kl_mean"]
+            if floor and floor["kl_mean"] > 0 and math.isfinite(kl)
+            else math.nan,
+            "above_noise_floor": vs_noise.get("distinguishable")
+            if isinstance(vs_noise, dict)
+            else None,
+        }
+
+    def gates(self) -> list[dict[str, Any]]:
+        """Per run with quality gates (an experiment's ``gates:``): the limits, whether every
+        candidate passed, and each failure's one-line reason."""
+        out = []
+        for run in self.runs:
+            gates = run.results.get("gates")
+            if not isinstance(gates, dict):
+                continue
+            limits = {**(gates.get("fail_above") or {}), **(gates.get("fail_below") or {})}
+            if not limits:
+                continue
+            failures = [f for f in gates.get("failures") or [] if isinstance(f, dict)]
+            out.append(
+                {
+                    "run": run.name,
+                    "limits": len(limits),
+                    "passed": bool(gates.get("passed")) and not failures,
+                    "failures": failures,
+                }
+            )
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The report as strict-JSON-able data (the ``--format json`` output)."""
@@ -149,6 +235,8 @@ class Report:
                     "bytes_on_disk": _maybe(c.bytes_on_disk),
                     "sort_value": c.value(self.sort_by),
                     "ranking_ci": list(ci) if ci else None,
+                    "document_ci": list(doc_ci) if (doc_ci := self.document_ci(c)) else None,
+                    "scale": self.scale(c),
                     "metrics": c.metrics,
                     "kl_by_confidence": confidence_profile(c.metrics),
                 }
@@ -170,6 +258,9 @@ class Report:
             "tokens": self.tokens,
             "token_strings": self.token_source,
             "differences": self.differences,
+            "gates": self.gates(),
+            "noise_floor": {r.name: self.noise_floor(r) for r in self.runs if self.noise_floor(r)},
+            "datasets": [str(d.path) for d in self.datasets],
         }
         return to_json_safe(_plain(data))
 
@@ -191,15 +282,34 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _ranking_ci(ranking: Any, label: str) -> tuple[float, float] | None:
-    """The bootstrap CI of ``label`` in an experiment's ranking (``leaderboard[i].ci``)."""
+def lookup_number(metrics: dict[str, Any], path: str) -> float:
+    """A number of a metrics object by registry path (NaN when missing)."""
+    try:
+        return registry.lookup(metrics, path)
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+
+
+def _ranking_row(ranking: Any, label: str) -> dict[str, Any] | None:
+    """``label``'s candidate row of an experiment's ranking leaderboard."""
     if not isinstance(ranking, dict):
         return None
     for entry in ranking.get("leaderboard") or []:
-        if isinstance(entry, dict) and entry.get("label") == label:
-            ci = entry.get("ci") or []
-            if len(ci) == 2:
-                lo, hi = to_float(ci[0]), to_float(ci[1])
-                if math.isfinite(lo) and math.isfinite(hi):
-                    return lo, hi
+        if (
+            isinstance(entry, dict)
+            and entry.get("label") == label
+            and entry.get("kind") != ("noise_floor")
+        ):
+            return entry
+    return None
+
+
+def _ranking_ci(ranking: Any, label: str) -> tuple[float, float] | None:
+    """The bootstrap CI of ``label`` in an experiment's ranking (``leaderboard[i].ci``)."""
+    entry = _ranking_row(ranking, label)
+    ci = (entry or {}).get("ci") or []
+    if len(ci) == 2:
+        lo, hi = to_float(ci[0]), to_float(ci[1])
+        if math.isfinite(lo) and math.isfinite(hi):
+            return lo, hi
     return None

@@ -20,10 +20,10 @@ from rich.text import Text
 
 from lmkl.analysis.per_token import CandidateTokens
 from lmkl.engine.rundir import load_tokens
-from lmkl.errors import UsageError
-from lmkl.formatting import to_float
+from lmkl.errors import OutputError, UsageError
+from lmkl.formatting import format_column, format_value, to_float
 from lmkl.report.candidates import worst_entries
-from lmkl.report.runs import RunInfo, load_run, read_candidate_tokens
+from lmkl.report.runs import RunInfo, experiment_datasets, load_run, read_candidate_tokens
 from lmkl.report.tables import table_title
 from lmkl.report.token_strings import TokenNamer, visible
 
@@ -57,6 +57,36 @@ def pick_candidate(run: RunInfo, label: str | None) -> str:
             f"no candidate '{label}' in run '{run.path}'", "use one of: " + ", ".join(labels)
         )
     return label
+
+
+def pick_dataset(run: RunInfo, name: str | None) -> RunInfo:
+    """The run to inspect: ``run`` itself, or for an experiment root one of its datasets (the
+    only one, or the one named ``name``; a usage error listing them otherwise)."""
+    if not run.is_experiment:
+        if name is not None:
+            raise UsageError(
+                f"--dataset is for experiment directories; '{run.path}' is a single run",
+                "drop --dataset",
+            )
+        return run
+    subs = experiment_datasets(run)
+    if not subs:
+        raise OutputError(
+            f"experiment '{run.path}' has no finished dataset runs under datasets/",
+            "rerun it with `lmkl run`, or --resume it",
+        )
+    names = ", ".join(sub.name for sub in subs)
+    if name is None:
+        if len(subs) == 1:
+            return subs[0]
+        raise UsageError(
+            f"experiment '{run.path}' has {len(subs)} datasets and inspect shows one",
+            f"pass --dataset NAME, one of: {names}",
+        )
+    for sub in subs:
+        if name in (sub.name, sub.path.name):
+            return sub
+    raise UsageError(f"no dataset '{name}' in experiment '{run.path}'", f"use one of: {names}")
 
 
 def thresholds(run: RunInfo, label: str) -> tuple[float, float, float]:
@@ -130,27 +160,43 @@ def document_view(
     )
 
 
-def render_document(view: DocumentView, cuts: tuple[float, float, float], readable: bool) -> Text:
-    """The document's text with each token coloured by its KL band."""
+#: Without colour (output piped to a file, NO_COLOR) the marked token is put in these brackets.
+PLAIN_MARK = ("⟦", "⟧")
+
+
+def marked(token: str, plain: bool) -> str:
+    """``token`` as the highlighted one: unchanged where colour shows it, else in brackets."""
+    return f"{PLAIN_MARK[0]}{token}{PLAIN_MARK[1]}" if plain else token
+
+
+def render_document(
+    view: DocumentView, cuts: tuple[float, float, float], readable: bool, plain: bool = False
+) -> Text:
+    """The document's text with each token coloured by its KL band; ``plain`` (no colour)
+    brackets the tokens above the candidate's p99 instead, so they still stand out."""
     text = Text()
     if view.first_shown > 0:
         text.append("… ", style="dim")
     for token, value in zip(view.texts, view.kl, strict=True):
         shown = token if readable else f"⟨{token}⟩"
-        text.append(shown, style=LEVEL_STYLES[level(float(value), cuts)])
+        band = level(float(value), cuts)
+        shown = marked(shown, plain and band == len(cuts))
+        text.append(shown, style=LEVEL_STYLES[band])
     if view.first_shown + view.positions.size < view.total:
         text.append(" …", style="dim")
     return text
 
 
-def legend(cuts: tuple[float, float, float]) -> Text:
+def legend(cuts: tuple[float, float, float], plain: bool = False) -> Text:
+    if plain:
+        return Text(
+            f"{marked('token', True)} = per-token KL(P‖Q) above the candidate's p99 "
+            f"({format_value(cuts[2], 3)}); without colour the other bands are not marked",
+            style="dim",
+        )
     text = Text("colour = per-token KL(P‖Q): ", style="dim")
-    bounds = [
-        f"≤ {cuts[0]:.3g}",
-        f"{cuts[0]:.3g}–{cuts[1]:.3g}",
-        f"{cuts[1]:.3g}–{cuts[2]:.3g}",
-        f"> {cuts[2]:.3g}",
-    ]
+    low, mid, high = format_column(cuts, 3)
+    bounds = [f"≤ {low}", f"{low}–{mid}", f"{mid}–{high}", f"> {high}"]
     for style, name, bound in zip(LEVEL_STYLES, LEVEL_NAMES, bounds, strict=True):
         text.append(f" {name} ({bound}) ", style=style)
         text.append(" ")
@@ -171,53 +217,61 @@ def documents_table(tokens: CandidateTokens, n: int = 8) -> Table:
         table.add_column(name, justify="right")
     maxima = np.full(counts.size, -np.inf)
     np.maximum.at(maxima, docs, tokens.kl[keep])
-    for d in order:
-        table.add_row(str(d), f"{counts[d]:,}", f"{sums[d] / counts[d]:.4f}", f"{maxima[d]:.4f}")
+    # Significant digits that keep the documents apart (a quantized candidate's KL is ~1e-5).
+    mean_texts = format_column(sums[order] / counts[order])
+    max_texts = format_column(maxima[order])
+    for d, mean_text, max_text in zip(order, mean_texts, max_texts, strict=True):
+        table.add_row(str(d), f"{counts[d]:,}", mean_text, max_text)
     return table
 
 
-def _top5(items: list[dict[str, Any]]) -> Text:
+def _top5(items: list[dict[str, Any]], plain: bool = False) -> Text:
     text = Text()
     for i, item in enumerate(items):
         if i:
             text.append(", ")
-        style = "bold red" if item.get("is_target") else ""
-        text.append(visible(str(item.get("token", "")), 14), style=style or None)
+        target = bool(item.get("is_target"))
+        token = marked(visible(str(item.get("token", "")), 14), plain and target)
+        text.append(token, style="bold red" if target else None)
         prob = item.get("prob", math.nan)
         text.append(f" {100 * prob:.0f}%" if math.isfinite(prob) else " –", style="dim")
     return text
 
 
-def worst_table(entries: list[dict[str, Any]], label: str) -> Table:
-    """The worst positions: KL, where, the context ending in the divergent token, both top-5s."""
+def worst_table(entries: list[dict[str, Any]], label: str, plain: bool = False) -> Table:
+    """The worst positions: KL, where, the context ending in the divergent token, both top-5s.
+
+    ``plain`` (no colour): the next token and the actual token in the top-5 lists are put in
+    brackets, which piped output keeps."""
+    marks = (
+        f"next token {marked('in brackets', True)}, also in the top-5 lists"
+        if plain
+        else "next token in red; top-5 entries in bold red are the actual token"
+    )
     table = Table(
-        title=table_title(
-            f"worst {len(entries)} tokens of ",
-            label,
-            " (next token in red; top-5 entries in bold red are the actual token)",
-        ),
+        title=table_title(f"worst {len(entries)} tokens of ", label, f" ({marks})"),
         title_justify="left",
         show_lines=True,
     )
     table.add_column("#", justify="right")
     table.add_column("KL", justify="right", style="bold")
     table.add_column("doc:pos", justify="right")
-    table.add_column("context → next token", ratio=3)
+    table.add_column("context → next token", ratio=3, overflow="fold")
     table.add_column("reference top-5", ratio=2)
     table.add_column("candidate top-5", ratio=2)
     for rank, e in enumerate(entries, 1):
         context = str(e.get("context") or "").replace("\n", "↵ ")
         context = ("…" + context[-90:]) if len(context) > 90 else context
         cell = Text(context)
-        cell.append(visible(str(e.get("token") or "")), style="bold white on red3")
+        cell.append(marked(visible(str(e.get("token") or "")), plain), style="bold white on red3")
         kl = e.get("kl", math.nan)
         table.add_row(
             str(rank),
-            f"{kl:.3f}" if math.isfinite(kl) else "inf",
+            format_value(kl, 3),
             f"{e.get('doc_id')}:{e.get('position')}",
             cell,
-            _top5(e.get("reference_top5") or []),
-            _top5(e.get("candidate_top5") or []),
+            _top5(e.get("reference_top5") or [], plain),
+            _top5(e.get("candidate_top5") or [], plain),
         )
     return table
 
@@ -230,18 +284,32 @@ def inspect_run(
     candidate: str | None = None,
     max_tokens: int = 400,
     console: Console | None = None,
+    dataset: str | None = None,
 ) -> None:
-    """Print the drill-down of one run to ``console``."""
+    """Print the drill-down of one run to ``console``; for an experiment root, of one of its
+    datasets (``dataset``, needed when it has several).
+
+    Without colour (piped, ``NO_COLOR``) the highlighted tokens are put in brackets."""
     console = console or Console()
-    run = load_run(Path(run_dir))
+    root = load_run(Path(run_dir))
+    run = pick_dataset(root, dataset)
     label = pick_candidate(run, candidate)
     cuts = thresholds(run, label)
     namer = TokenNamer([run])
     tokens = read_candidate_tokens(run.path, [label]).get(label)
     entries = worst_entries(run, label, max(worst, 1), tokens)
+    if tokens is None and not entries:
+        raise OutputError(
+            f"'{run.path}' holds neither tokens.parquet nor worst positions (worst.json) "
+            f"for candidate '{label}'",
+            "rerun the comparison; both are written unless switched off",
+        )
+    # Piped (no colour system) or NO_COLOR: colour cannot mark the tokens, brackets do.
+    plain = console.color_system is None or console.no_color
     head = Text()
     head.append(f"{label}", style="bold")
-    head.append(f" (candidate) vs {run.reference_label} (reference) · {run.path}", style="dim")
+    where = f"dataset {run.name} of {root.path}" if run is not root else str(run.path)
+    head.append(f" (candidate) vs {run.reference_label} (reference) · {where}", style="dim")
     parts: list[Any] = [head]
     if tokens is not None and doc is None:
         parts.append(documents_table(tokens))
@@ -269,13 +337,13 @@ def inspect_run(
         parts += [
             Text(""),
             title,
-            legend(cuts),
-            render_document(view, cuts, readable=namer.source == "tokenizer"),
+            legend(cuts, plain),
+            render_document(view, cuts, readable=namer.source == "tokenizer", plain=plain),
         ]
     if worst > 0:
         parts += [
             Text(""),
-            worst_table(entries[:worst], label)
+            worst_table(entries[:worst], label, plain)
             if entries
             else Text("no worst positions stored (worst.json)", style="dim"),
         ]

@@ -108,6 +108,96 @@ def _literal(text: str, limit: int = 28) -> str:
     return short.replace("$", r"\$")
 
 
+#: Title and caption of each figure, by name; a figure may add sentences about its data.
+FIGURES: dict[str, tuple[str, str]] = {
+    "kl_distribution": (
+        "KL distribution",
+        "Per-token KL(P‖Q) on log-spaced bins shared by all candidates; the CDF shows the "
+        "share of tokens at or below each KL value.",
+    ),
+    "kl_by_position": (
+        "KL by position",
+        "Mean (solid) and median (dashed) per-token KL against the number of tokens the "
+        "models could see. Early positions have little context; a candidate that "
+        "degrades with long context rises to the right.",
+    ),
+    "kl_by_confidence": (
+        "KL by reference confidence",
+        "Tokens grouped by how sure the reference was (its top-1 probability). Left: "
+        "mean KL with 95% intervals. Right: each group's share of the total KL (token "
+        "share × mean KL); dots give the share of tokens.",
+    ),
+    "ppl_ratio": (
+        "Perplexity ratio",
+        "Perplexity of each candidate divided by the reference's on the same tokens, "
+        "with a 95% interval from the standard error of the mean log ratio.",
+    ),
+    "size_vs_kl": (
+        "Size vs KL",
+        "Each candidate's size against its mean KL (95% intervals). Outlined points are "
+        "Pareto-optimal: no other candidate is both smaller and closer to the reference.",
+    ),
+    "kl_by_step": (
+        "KL by step",
+        "Mean KL with 95% intervals and the perplexity ratio for each checkpoint series.",
+    ),
+}
+
+
+def _plot(name: str, fig: Any, drawn: dict[str, Any], more: str = "") -> Plot:
+    """The finished figure ``name`` with its title and caption (plus ``more``); ``drawn``
+    gains the ``layout`` as saved (pixel boxes of the figure, its axes and its legends)."""
+    title, caption = FIGURES[name]
+    png = _png(fig)
+    drawn["layout"] = _layout(fig)
+    return Plot(name, title, caption + more, png, drawn)
+
+
+def _layout(fig: Any) -> dict[str, Any]:
+    """Pixel boxes ``[x0, y0, x1, y1]`` of the figure, each axes and each legend, after the
+    constrained layout has placed them: tests check that no legend covers an axes or is cut."""
+
+    def box(bbox: Any) -> list[float]:
+        return [float(bbox.x0), float(bbox.y0), float(bbox.x1), float(bbox.y1)]
+
+    from matplotlib import rc_context
+
+    with rc_context(_STYLE):
+        fig.draw_without_rendering()
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    return {
+        "figure": box(fig.bbox),
+        "axes": [box(ax.get_window_extent()) for ax in fig.axes],
+        "legends": [box(legend.get_window_extent()) for legend in legends],
+    }
+
+
+#: Legend entries per column beside the axes before a second column starts.
+_LEGEND_ROWS = 14
+
+
+def _legend_outside(fig: Any, handles: list[Any], labels: list[str]) -> Any:
+    """The legend to the right of the axes, outside them: it never covers data, and the
+    constrained layout shrinks the axes to make room instead of cutting it off."""
+    if not handles:
+        return None
+    ncols = max(1, math.ceil(len(handles) / _LEGEND_ROWS))
+    return fig.legend(handles, labels, loc="outside right upper", ncols=ncols)
+
+
+def _log_if_wide(ax: Any, values: list[Any], spread: float = 30.0) -> bool:
+    """Put the y axis of ``ax`` on a log scale when the positive finite ``values`` span more
+    than ``spread``× (a quantized candidate's KL beside a distilled one's), with plain tick
+    labels. Returns whether it did."""
+    data = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values])
+    positive = data[np.isfinite(data) & (data > 0)]
+    if positive.size < 2 or positive.max() / positive.min() <= spread:
+        return False
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    return True
+
+
 @_styled
 def kl_distribution(report: Report) -> Plot | None:
     """Histogram of per-token KL on a log axis (share of tokens per bin) and its CDF."""
@@ -154,13 +244,10 @@ def kl_distribution(report: Report) -> Plot | None:
     for q in (0.5, 0.9, 0.99):
         right.axhline(q, color="#c4cbd2", linewidth=0.8, linestyle=":", zorder=0)
     if len(hist["series"]) > 1:
-        right.legend(loc="lower right")
+        _legend_outside(fig, *right.get_legend_handles_labels())
     infinite = sum(s["infinite"] for s in hist["series"].values())
     below = sum(s["below"] for s in hist["series"].values())
-    caption = (
-        "Per-token KL(P‖Q) on log-spaced bins shared by all candidates; the CDF shows the "
-        "share of tokens at or below each KL value."
-    )
+    caption = ""
     if below:
         caption += (
             f" {below:,} token(s) below {edges[0]:.0e} (including exact zeros) are in "
@@ -170,7 +257,7 @@ def kl_distribution(report: Report) -> Plot | None:
         caption += (
             f" {infinite:,} token(s) with infinite KL are not binned; their CDF stays below 100%."
         )
-    return Plot("kl_distribution", "KL distribution", caption, _png(fig), drawn)
+    return _plot("kl_distribution", fig, drawn, caption)
 
 
 def _bucket_label(bucket: dict[str, Any]) -> str:
@@ -217,7 +304,6 @@ def kl_by_position(report: Report) -> Plot | None:
     fig, (ax,) = _figure(3.3)
     width = report.by_position.get("bin_width", 1)
     drawn: dict[str, Any] = {"bin_width": width, "series": {}}
-    lows = []
     for key, series in series_map.items():
         x = np.asarray(series["center"], dtype=float)
         (mean_line,) = ax.plot(
@@ -231,13 +317,9 @@ def kl_by_position(report: Report) -> Plot | None:
             "mean": np.asarray(mean_line.get_ydata()),
             "median": np.asarray(median_line.get_ydata()),
         }
-        finite = np.asarray(series["median"])[np.isfinite(series["median"])]
-        lows.extend(finite[finite > 0].tolist())
-    all_means = np.concatenate([np.asarray(s["mean"]) for s in series_map.values()])
-    positive = all_means[np.isfinite(all_means) & (all_means > 0)]
-    if lows and positive.size and positive.max() / max(min(lows), 1e-12) > 30:
-        ax.set_yscale("log")
-        _plain_log_ticks(ax.yaxis)
+    _log_if_wide(
+        ax, [np.asarray(s[k]) for s in drawn["series"].values() for k in ("mean", "median")]
+    )
     ax.set_xlabel(
         "position in the context window (tokens of left context)"
         + (f", bins of {width}" if width > 1 else "")
@@ -252,13 +334,8 @@ def kl_by_position(report: Report) -> Plot | None:
     ]
     labels += ["mean", "median"]
     ax.set_title("KL by position in the context window")
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)))
-    caption = (
-        "Mean (solid) and median (dashed) per-token KL against the number of tokens the "
-        "models could see. Early positions have little context; a candidate that "
-        "degrades with long context rises to the right."
-    )
-    return Plot("kl_by_position", "KL by position", caption, _png(fig), drawn)
+    _legend_outside(fig, handles, labels)
+    return _plot("kl_by_position", fig, drawn)
 
 
 @_styled
@@ -302,7 +379,7 @@ def kl_by_confidence(report: Report) -> Plot | None:
     labels = [_bucket_label(b) for b in next(iter(profiles.values()))]
     if same_tokens:
         labels = [
-            f"{lab}\n{100 * s:.0f}% tok." for lab, s in zip(labels, token_shares[0], strict=True)
+            f"{lab}\n{100 * s:.0f}% tok" for lab, s in zip(labels, token_shares[0], strict=True)
         ]
         right.plot(
             x,
@@ -314,23 +391,22 @@ def kl_by_confidence(report: Report) -> Plot | None:
             label="share of tokens",
         )
     for ax in (left, right):
-        ax.set_xticks(x, labels)
+        # Small enough that five two-line labels fit however much the legend narrows the axes.
+        ax.set_xticks(x, labels, fontsize=7.5)
         ax.set_xlabel("reference top-1 probability")
         ax.grid(axis="x", visible=False)
+    # Quantized candidates' KL is orders of magnitude below a distilled one's: on a linear
+    # axis their bars would be invisible.
+    _log_if_wide(left, [drawn["series"][k]["kl_mean"] for k in keys])
+    drawn["kl_mean_axis"] = {"scale": left.get_yscale(), "ylim": left.get_ylim()}
     left.set_ylabel("mean KL(P‖Q), nats")
     left.set_title("Mean KL by reference confidence")
     right.set_ylabel("share of the total KL")
     right.set_title("Where the total KL comes from")
     right.yaxis.set_major_formatter(_percent_formatter())
     if n > 1 or same_tokens:
-        handles, names = right.get_legend_handles_labels()
-        fig.legend(handles, names, loc="outside lower center", ncols=min(6, len(names)))
-    caption = (
-        "Tokens grouped by how sure the reference was (its top-1 probability). Left: "
-        "mean KL with 95% intervals. Right: each group's share of the total KL (token "
-        "share × mean KL); dots give the share of tokens."
-    )
-    return Plot("kl_by_confidence", "KL by reference confidence", caption, _png(fig), drawn)
+        _legend_outside(fig, *right.get_legend_handles_labels())
+    return _plot("kl_by_confidence", fig, drawn)
 
 
 @_styled
@@ -387,11 +463,7 @@ def ppl_ratio(report: Report) -> Plot | None:
         "low": low,
         "high": high,
     }
-    caption = (
-        "Perplexity of each candidate divided by the reference's on the same tokens, "
-        "with a 95% interval from the standard error of the mean log ratio."
-    )
-    return Plot("ppl_ratio", "Perplexity ratio", caption, _png(fig), drawn)
+    return _plot("ppl_ratio", fig, drawn)
 
 
 @_styled
@@ -412,7 +484,11 @@ def size_vs_kl(report: Report) -> Plot | None:
     kls = np.asarray(data["kl_mean"], dtype=float)[drawable]
     errs = np.asarray([Z95 * s if math.isfinite(s) else 0.0 for s in data["kl_se"]])[drawable]
     front = np.asarray(data["pareto"], dtype=bool)[drawable]
-    for key, s, k, e, on in zip(keys, sizes, kls, errs, front, strict=True):
+    # Neighbours by size alternate their labels above and below the point, so the names of
+    # two close candidates do not print over each other.
+    below = np.zeros(len(keys), dtype=bool)
+    below[np.argsort(sizes, kind="stable")[1::2]] = True
+    for key, s, k, e, on, under in zip(keys, sizes, kls, errs, front, below, strict=True):
         ax.errorbar(
             [s],
             [k],
@@ -424,7 +500,17 @@ def size_vs_kl(report: Report) -> Plot | None:
             capsize=2,
             elinewidth=0.9,
         )
-        ax.annotate(_literal(key), (s, k), xytext=(6, 5), textcoords="offset points", fontsize=8.5)
+        # Labels of points in the right part go to their left, so they stay inside the axes.
+        right_side = s > sizes.min() + 0.6 * (sizes.max() - sizes.min())
+        ax.annotate(
+            _literal(key),
+            (s, k),
+            xytext=(-6 if right_side else 6, -5 if under else 5),
+            textcoords="offset points",
+            ha="right" if right_side else "left",
+            va="top" if under else "bottom",
+            fontsize=8.5,
+        )
     order = np.argsort(sizes[front])
     (front_line,) = ax.plot(
         sizes[front][order],
@@ -448,7 +534,16 @@ def size_vs_kl(report: Report) -> Plot | None:
     ax.set_xlabel(unit)
     ax.set_ylabel("mean KL(P‖Q), nats")
     ax.set_title(f"Size vs divergence ({unit.split(' (')[0]})")
-    ax.legend(loc="upper right")
+    handles, names = [front_line], ["Pareto front"]
+    floor = report.noise_floor_kl()
+    if math.isfinite(floor) and floor > 0:
+        # What the study is measured against: the reference's own noise.
+        handles.append(ax.axhline(floor, color="#8a96a3", linewidth=1.0, linestyle=":"))
+        names.append("noise floor")
+        drawn_floor = floor
+    else:
+        drawn_floor = math.nan
+    _legend_outside(fig, handles, names)
     drawn = {
         "keys": keys,
         "size": sizes,
@@ -456,14 +551,10 @@ def size_vs_kl(report: Report) -> Plot | None:
         "pareto": front,
         "front_x": np.asarray(front_line.get_xdata()),
         "front_y": np.asarray(front_line.get_ydata()),
+        "noise_floor": drawn_floor,
     }
-    caption = (
-        "Each candidate's size against its mean KL (95% intervals). Outlined points are "
-        "Pareto-optimal: no other candidate is both smaller and closer to the reference."
-    )
-    if left_out:
-        caption += f" Not shown (infinite mean KL): {', '.join(left_out)}."
-    return Plot("size_vs_kl", "Size vs KL", caption, _png(fig), drawn)
+    more = f" Not shown (infinite mean KL): {', '.join(left_out)}." if left_out else ""
+    return _plot("size_vs_kl", fig, drawn, more)
 
 
 @_styled
@@ -526,9 +617,8 @@ def kl_by_step(report: Report) -> Plot | None:
     right.set_ylabel("PPL(Q) / PPL(P)")
     right.set_title("Perplexity ratio by checkpoint")
     if len(series_map) > 1:
-        left.legend()
-    caption = "Mean KL with 95% intervals and the perplexity ratio for each checkpoint series."
-    return Plot("kl_by_step", "KL by step", caption, _png(fig), drawn)
+        _legend_outside(fig, *left.get_legend_handles_labels())
+    return _plot("kl_by_step", fig, drawn)
 
 
 #: Figures in report order.

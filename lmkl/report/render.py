@@ -14,6 +14,7 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from lmkl.analysis.metrics import higher_is_better
@@ -21,8 +22,15 @@ from lmkl.engine.rundir import atomic_path
 from lmkl.formatting import (
     Z95,
     byte_size,
+    format_column,
+    format_percent,
+    format_percent_column,
+    format_rate,
+    format_ratio,
+    format_seconds,
     interval,
     mean_se,
+    metric_ci,
     normal_interval,
     number,
     parameters,
@@ -58,7 +66,8 @@ def _pair(m: dict[str, Any], family: str, a: str, b: str, digits: int = 4) -> st
 #: The full statistics table: (row name, getter over a candidate's metrics).
 STAT_ROWS: tuple[tuple[str, Any], ...] = (
     ("KL(P‖Q) mean ± se", lambda m: mean_se(m.get("kl"))),
-    ("KL(P‖Q) mean, 95% CI", lambda m: normal_interval(m.get("kl"))),
+    ("KL(P‖Q) mean, 95% CI over tokens", lambda m: normal_interval(m.get("kl"))),
+    ("KL(P‖Q) mean, 95% CI over documents", lambda m: metric_ci(m.get("kl"))),
     ("KL(P‖Q) median", lambda m: number((m.get("kl") or {}).get("median"))),
     ("KL(P‖Q) p90 / p95", lambda m: _pair(m, "kl", "p90", "p95")),
     ("KL(P‖Q) p99 / p99.9", lambda m: _pair(m, "kl", "p99", "p999")),
@@ -104,10 +113,18 @@ def stat_rows(report: Report) -> list[dict[str, Any]]:
 
 def leaderboard(report: Report) -> list[dict[str, Any]]:
     """Compact rows, best first by the sort metric."""
+    sizes = report.sizes()
+    pareto = dict(zip(sizes.get("keys", []), sizes.get("pareto", []), strict=True))
+    failed = {g["run"]: {str(f.get("candidate")) for f in g["failures"]} for g in report.gates()}
+    # One column of means: as many digits as keep different candidates' values apart.
+    kl_means = format_column(c.value("kl.mean") for c in report.candidates)
     rows = []
     for rank, c in enumerate(report.candidates, 1):
         m = c.metrics
-        boot = report.ranking_ci(c)
+        boot = report.document_ci(c)
+        scale = report.scale(c)
+        ranked = report.ranking_row(c) or {}
+        nxt = ranked.get("vs_next") if isinstance(ranked.get("vs_next"), dict) else None
         rows.append(
             {
                 "rank": rank,
@@ -117,18 +134,170 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
                 "reference": c.run.reference_label,
                 "sort_value": number(c.value(report.sort_by)),
                 "kl": mean_se(m.get("kl")),
+                "kl_mean": kl_means[rank - 1],
                 "kl_ci": normal_interval(m.get("kl")),
                 "kl_median": number((m.get("kl") or {}).get("median")),
                 "kl_p99": number((m.get("kl") or {}).get("p99")),
                 "top1": percent_se(m.get("top1_agreement")),
-                "ppl_ratio": number((m.get("ppl") or {}).get("ratio")),
+                "top1_changed": format_percent(scale["top1_changed"]),
+                "ppl_ratio": format_ratio((m.get("ppl") or {}).get("ratio")),
                 "size": _size_cell(c),
+                "pareto": pareto.get(c.key),
                 "boot": interval(boot) if boot else None,
+                "next": None
+                if nxt is None
+                else {
+                    "label": nxt.get("label"),
+                    "diff": number(nxt.get("diff"), 3),
+                    "ci": interval(nxt.get("ci"), 3),
+                    "flips": percent(nxt.get("flip_share")),
+                },
+                "above_noise": scale["above_noise_floor"],
+                "gate_failed": c.label in failed.get(c.run.name, set()),
                 "group": c.group,
                 "step": None if not math.isfinite(c.step) else int(c.step),
             }
         )
     return rows
+
+
+def noise_floor_rows(report: Report) -> list[dict[str, Any]]:
+    """One row per run with a noise floor: its mean KL, bootstrap CI and top-1 changes."""
+    rows = []
+    for run in report.runs:
+        floor = report.noise_floor(run)
+        if floor is None:
+            continue
+        ranking = run.results.get("ranking") or {}
+        entry = next(
+            (
+                e
+                for e in ranking.get("leaderboard") or []
+                if isinstance(e, dict) and e.get("kind") == "noise_floor"
+            ),
+            {},
+        )
+        agree = floor["top1_agreement"]
+        rows.append(
+            {
+                "run": run.name,
+                "kl_mean": number(floor["kl_mean"]),
+                "boot": interval(entry["ci"]) if entry.get("ci") else None,
+                "top1_changed": format_percent(1.0 - agree) if math.isfinite(agree) else "–",
+                "relative_std": number(floor["relative_std"]),
+            }
+        )
+    return rows
+
+
+#: What familiar pairs measure, for orientation: mean KL(P‖Q) in nats as lmkl measured it on
+#: its small demo models (README: "The shipped study", "Accuracy contract", the demo). Only
+#: orders of magnitude carry over to other models and data; the run's own scale comes first.
+FAMILIAR_PAIRS: tuple[tuple[str, str, float], ...] = (
+    ("float16 rounding", "float32 weights rounded to float16 (small trained Llama)", 6.9e-9),
+    ("noise floor", "noise floor: 1e-3 relative weight noise (demo reference)", 4.2e-6),
+    ("int8", "int8 weights, torchao (demo reference)", 4.0e-5),
+    ("float8", "float8 weights, torchao (demo reference)", 5.8e-4),
+    ("int4", "int4 weights, groups of 16–32, torchao / quanto (demo reference)", 7e-3),
+    ("int2", "int2 weights, quanto (demo reference)", 0.20),
+    ("demo student", "a 2-layer student vs its 4-layer reference (the demo)", 0.96),
+)
+
+
+def _familiar(kl: float) -> str:
+    """``kl`` placed among :data:`FAMILIAR_PAIRS` by order of magnitude: ``"between int2 and
+    demo student"``, ``"above demo student"`` (``–`` when undefined)."""
+    if not math.isfinite(kl) or kl < 0:
+        return "above demo student" if kl == math.inf else "–"
+    below = [name for name, _, value in FAMILIAR_PAIRS if value <= kl]
+    above = [name for name, _, value in FAMILIAR_PAIRS if value > kl]
+    if not below:
+        return f"below {above[0]}"
+    if not above:
+        return f"above {below[-1]}"
+    return f"between {below[-1]} and {above[0]}"
+
+
+def scale_rows(report: Report) -> list[dict[str, Any]]:
+    """Per candidate, its mean KL on the scales its own run gives (see :meth:`Report.scale`)."""
+    kl_means = format_column(c.value("kl.mean") for c in report.candidates)
+    rows = []
+    for c, kl_mean in zip(report.candidates, kl_means, strict=True):
+        scale = report.scale(c)
+        times = scale["times_noise_floor"]
+        rows.append(
+            {
+                "key": c.key,
+                "color": c.color,
+                "kl_mean": kl_mean,
+                "familiar": _familiar(scale["kl_mean"]),
+                "top1_changed": format_percent(scale["top1_changed"]),
+                "ppl_ratio": format_ratio(scale["ppl_ratio"]),
+                "noise_floor": None
+                if not math.isfinite(scale["noise_floor"])
+                else number(scale["noise_floor"]),
+                "times_noise_floor": None if not math.isfinite(times) else _times(times),
+                "above_noise": scale["above_noise_floor"],
+            }
+        )
+    return rows
+
+
+def _times(ratio: float) -> str:
+    """A multiple as people say it: ``9.51×``, ``137×``, ``47,300×`` (three significant
+    digits, no exponent)."""
+    if ratio >= 1000:
+        digits = math.floor(math.log10(ratio)) - 2
+        return f"{round(ratio, -digits):,.0f}×"
+    return f"{ratio:.3g}×"
+
+
+def familiar_pairs() -> list[dict[str, str]]:
+    return [
+        {"name": name, "pair": pair, "kl": f"{kl:.1e}" if kl < 0.01 else f"{kl:g}"}
+        for name, pair, kl in FAMILIAR_PAIRS
+    ]
+
+
+def dataset_tables(report: Report) -> list[dict[str, Any]]:
+    """Per experiment with two or more datasets: its ranking metric per dataset and candidate,
+    with the micro (by token) and macro (by dataset) averages; each column's digits keep the
+    candidates apart."""
+    tables = []
+    for run in report.runs:
+        ranking = run.results.get("ranking")
+        rows = (ranking or {}).get("by_dataset") or []
+        names = list(rows[0].get("datasets") or {}) if rows else []
+        if len(names) < 2:
+            continue
+        columns = [format_column(r["datasets"].get(n) for r in rows) for n in names] + [
+            format_column(r.get(k) for r in rows) for k in ("micro", "macro")
+        ]
+        tables.append(
+            {
+                "run": run.name,
+                "metric": ranking.get("metric"),
+                "datasets": names,
+                "rows": [
+                    {"label": r["label"], "cells": [col[i] for col in columns]}
+                    for i, r in enumerate(rows)
+                ],
+            }
+        )
+    return tables
+
+
+def gate_blocks(report: Report) -> list[dict[str, Any]]:
+    """Quality gates per run: passed, or each failing candidate with its reason."""
+    return [
+        {
+            "run": g["run"],
+            "limits": g["limits"],
+            "passed": g["passed"],
+            "reasons": [str(f.get("reason", "")) for f in g["failures"]],
+        }
+        for g in report.gates()
+    ]
 
 
 def confidence_rows(report: Report) -> list[dict[str, Any]]:
@@ -199,20 +368,27 @@ def worst_cards(report: Report) -> list[dict[str, Any]]:
                     for i in items
                 ]
 
+            # p and q side by side: digits that keep them apart (never "0.0% → 0.00%").
+            p_text, q_text = (
+                format_percent_column([e["p_token"], e["q_token"]])
+                if "p_token" in e and "q_token" in e
+                else (None, None)
+            )
             entries.append(
                 {
                     "rank": rank,
                     "kl": number(e.get("kl")),
                     "doc_id": e.get("doc_id"),
                     "position": e.get("position"),
+                    "dataset": e.get("dataset"),
                     "context": _context_tail(str(e.get("context") or "")),
                     # Whitespace-only tokens would be invisible when highlighted: show them marked.
                     "token": token
                     if (token := str(e.get("token") or "")).strip()
                     else visible(token),
                     "token_visible": visible(str(e.get("token") or ""), 40),
-                    "p_token": f"{100 * e['p_token']:.1f}%" if "p_token" in e else None,
-                    "q_token": f"{100 * e['q_token']:.2f}%" if "q_token" in e else None,
+                    "p_token": p_text,
+                    "q_token": q_text,
                     "reference_top5": side(e.get("reference_top5") or []),
                     "candidate_top5": side(e.get("candidate_top5") or []),
                 }
@@ -335,9 +511,9 @@ def provenance(report: Report) -> list[dict[str, Any]]:
                 "vocab_note": win.get("vocab_note"),
                 "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
                 "time": f"{_when(prov.get('started'))} → {_when(prov.get('ended'))}",
-                "throughput": f"{number(thr.get('tokens_per_s'), 1)} tokens/s over "
-                f"{number(thr.get('seconds'), 1)} s"
-                if thr.get("tokens_per_s")
+                "throughput": f"{format_rate(thr['tokens_per_s'] * thr['seconds'], thr['seconds'])}"
+                f" over {format_seconds(thr['seconds'])}"
+                if thr.get("tokens_per_s") and thr.get("seconds")
                 else "–",
             }
         )
@@ -370,9 +546,19 @@ def _context(report: Report, plots: list[Any], images: dict[str, str]) -> dict[s
         if higher_is_better(report.sort_by)
         else "lower is closer",
         "ranking_metric": report.ranking_metric(),
-        "has_boot": any(report.ranking_ci(c) for c in report.candidates),
+        "has_boot": any(report.document_ci(c) for c in report.candidates),
         "candidates": [{"key": c.key, "color": c.color} for c in report.candidates],
         "leaderboard": leaderboard(report),
+        "has_pareto": bool(report.sizes()),
+        "has_next": any(report.ranking_row(c) for c in report.candidates),
+        "has_noise": any(report.noise_floor(r) for r in report.runs),
+        "noise_floors": noise_floor_rows(report),
+        "scale_rows": scale_rows(report),
+        "familiar_pairs": familiar_pairs(),
+        "gates": gate_blocks(report),
+        "dataset_tables": dataset_tables(report),
+        "experiments": [r.name for r in report.runs if r.is_experiment],
+        "dataset_names": [d.name for d in report.datasets],
         "stat_rows": stat_rows(report),
         "confidence_rows": confidence_rows(report),
         "plots": [
@@ -413,6 +599,18 @@ def md_code_block(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+#: Where a long candidate name may break: after a separator, never inside a word.
+_NAME_BREAKS = re.compile(r"([-_/])")
+
+
+def breakable(value: Any) -> Any:
+    """HTML-escaped text with a line-break opportunity (``<wbr>``) after each ``-``, ``_``
+    and ``/``, so a long candidate name wraps at its separators instead of mid-word."""
+    from markupsafe import Markup, escape
+
+    return Markup(_NAME_BREAKS.sub(r"\1<wbr>", str(escape(value))))
+
+
 def _environment() -> Any:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
@@ -427,6 +625,7 @@ def _environment() -> Any:
     )
     env.filters["md"] = md_escape
     env.filters["md_code"] = md_code_block
+    env.filters["breakable"] = breakable
     return env
 
 
@@ -442,7 +641,8 @@ def render_html(
         **_context(report, plots, images),
         tv=token_view,
         tv_first=token_view_first,
-        tv_multi=len(report.runs) > 1,
+        tv_multi=len(report.runs) > 1 or bool(report.datasets),
+        tv_source="dataset" if report.datasets else "run",
     )
 
 
@@ -465,10 +665,23 @@ def print_table(report: Report, console: Any) -> None:
     from lmkl.report.tables import table_title
 
     console.print(Text.assemble(("lmkl report", "bold"), ": ", report.title))
+    for gate in gate_blocks(report):
+        if gate["passed"]:
+            console.print(Text(f"gates: every candidate passes {gate['limits']}", style="green"))
+        for reason in gate["reasons"]:
+            console.print(Text.assemble(("gate failed:", "bold red"), " ", reason))
     for line in report.reading:
         console.print(Text(f"  • {line}"), soft_wrap=False)
     for note in report.notes:
         console.print(Text.assemble(("note:", "yellow"), " ", note))
+    for floor in noise_floor_rows(report):
+        console.print(
+            Text(
+                f"  noise floor ({floor['run']}): mean KL {floor['kl_mean']}, top-1 changed "
+                f"on {floor['top1_changed']} of tokens"
+            ),
+            soft_wrap=False,
+        )
     board = Table(title=f"Leaderboard (sorted by {report.sort_by})", title_justify="left")
     multi = len(report.runs) > 1
     for name in (
@@ -610,7 +823,9 @@ def write_report(
     if fmt_name == "html":
         from lmkl.report.token_view import report_token_view
 
-        tv = report_token_view(report, view == "tokens", docs, view_max_tokens)
+        # An experiment's token views live in its datasets' runs (datasets/<name>/view.parquet).
+        sources = SimpleNamespace(runs=[*report.runs, *report.datasets])
+        tv = report_token_view(sources, view == "tokens", docs, view_max_tokens)
         _write_text(out, render_html(report, plots, tv, token_view_first=view == "tokens"))
         return out
     asset_name = f"{out.stem}_files"

@@ -56,6 +56,28 @@ class RunInfo:
     def reference_label(self) -> str:
         return str(self.results.get("reference", {}).get("label", "reference"))
 
+    @property
+    def is_experiment(self) -> bool:
+        """An experiment root (``lmkl run``): per-token data lives in ``datasets/<name>/``."""
+        return self.results.get("kind") == "experiment"
+
+
+def experiment_datasets(run: RunInfo) -> list[RunInfo]:
+    """The per-dataset sub-runs of an experiment root, named by dataset label (``[]`` for a
+    plain run). Each is a core run directory with its own tokens.parquet and worst.json."""
+    if not run.is_experiment:
+        return []
+    subs = []
+    for entry in run.results.get("datasets") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dir"), str):
+            continue
+        path = run.path / entry["dir"]
+        if (path / "results.json").is_file():
+            sub = load_run(path)
+            sub.name = str(entry.get("label") or path.name)
+            subs.append(sub)
+    return subs
+
 
 def _load_json(path: Path, what: str) -> Any:
     try:

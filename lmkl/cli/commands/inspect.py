@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,7 +13,14 @@ from lmkl.cli.output import stdout
 
 @friendly_errors
 def inspect(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.", show_default=False)],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A finished run directory (`lmkl compare`, `lmkl demo`) or experiment "
+            "directory (`lmkl run`).",
+            show_default=False,
+        ),
+    ],
     doc: Annotated[
         int | None,
         typer.Option(
@@ -35,13 +42,22 @@ def inspect(
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", min=1, help="Longest stretch of the document to print.")
     ] = 400,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="Dataset of an experiment directory to inspect (needed when it has several).",
+        ),
+    ] = None,
 ) -> None:
-    """Drill down into single tokens: where in the text the candidate diverges, and how."""
+    """Drill down into single tokens: where in the text the candidate diverges, and how.
+
+    Piped or with NO_COLOR, the next token and the highest-KL tokens are put in ⟦brackets⟧."""
     from lmkl.report.drilldown import inspect_run
 
-    inspect_run(
-        run_dir, doc=doc, worst=worst, candidate=candidate, max_tokens=max_tokens, console=stdout
-    )
+    what: dict[str, Any] = {"doc": doc, "candidate": candidate, "dataset": dataset}
+    inspect_run(run_dir, worst=worst, max_tokens=max_tokens, console=stdout, **what)
 
 
 def register(app: typer.Typer) -> None:
