@@ -405,18 +405,15 @@ def rank_one_run(
     values: dict[str, np.ndarray],
     units: np.ndarray,
     models: dict[str, dict[str, Any]],
-    *,
-    unit: str = "doc_id",
-    metric: str = "kl.mean",
-    resamples: int = 1000,
-    seed: int = 0,
+    **options: Any,
 ) -> dict[str, Any]:
-    """The ``ranking`` of the candidates of one comparison (one dataset).
+    """The ``ranking`` of the candidates of one comparison (one dataset), from tokens in memory.
 
-    ``values[label]`` are a candidate's per-token values of ``metric`` (see
+    ``values[label]`` are a candidate's per-token values of the ranking metric (see
     :func:`metric_values`), all candidates in one token order; ``units[i]`` is token ``i``'s
-    bootstrap unit (its document, or its llama-cpp chunk with ``unit="window_id"``);
-    ``models[label]`` the candidate's description (for the sizes)."""
+    bootstrap unit (its document, or its llama-cpp chunk); ``models[label]`` the candidate's
+    description (for the sizes). ``options`` (``unit``, ``metric``, ``resamples``, ``seed``) are
+    those of :func:`rank_one_run_sums`, which does the work on the per-unit sums."""
     labels = list(values)
     _, doc_index = np.unique(units, return_inverse=True)
     n_units = int(doc_index.max()) + 1 if doc_index.size else 0
@@ -429,14 +426,7 @@ def rank_one_run(
         weights=[1.0],
         info=[],
     )
-    return rank_one_run_sums(
-        RankingSums.from_tokens(data),
-        models,
-        unit=unit,
-        metric=metric,
-        resamples=resamples,
-        seed=seed,
-    )
+    return rank_one_run_sums(RankingSums.from_tokens(data), models, **options)
 
 
 def rank_one_run_sums(
