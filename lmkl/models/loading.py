@@ -121,13 +121,18 @@ def load_model(
     loaded.head = head_split.make_head(model)  # via the module: tests swap it
     if loaded.head is not None and not head_split.split_is_exact(loaded):
         loaded.head = None
-    if not head_split.is_causal(loaded):
+    probe = head_split.probe_model(loaded)
+    if not probe.causal:
         raise ModelLoadError(
             f"'{spec.model}' is not a causal language model: its prediction at a position "
             "changes when later tokens change (a bidirectional encoder such as BERT?)",
             "pass a decoder-only language model",
         )
+    loaded.batch_dependence = probe.batch_dependence or None
     loaded.description = describe_model(loaded, source, local, quantization)
+    if loaded.batch_dependence is not None:
+        # Measured, not pinned: never part of the run identity (see engine.identity).
+        loaded.description["batch_dependence"] = loaded.batch_dependence
     return loaded
 
 

@@ -1,0 +1,141 @@
+"""What a new user meets first: quantized models whose logits depend on the batch, file
+permissions, refusals that come early and say the right thing, and names that match.
+
+Each test failed before its fix (issue 21, items 1, 2, 4 and 10).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmkl.api
+from lmkl.models import head_split
+from tests.runtools import check_error, invoke
+
+
+def _hooked_make_head(monkeypatch: pytest.MonkeyPatch, target: Path, hook) -> None:
+    """Make ``target``'s final hidden states pass through ``hook`` (both the split and the
+    full forward go through the final norm, so the split check stays exact)."""
+    real = head_split.make_head
+
+    def make_head(model):
+        if Path(model.name_or_path).resolve() == target.resolve():
+            model.model.norm.register_forward_hook(lambda _m, _i, out: hook(out))
+        return real(model)
+
+    monkeypatch.setattr(head_split, "make_head", make_head)
+
+
+def _batch_coupled(out: torch.Tensor) -> torch.Tensor:
+    # Every token's output moves with the mean over all tokens of the forward, all rows alike:
+    # the way LLM.int8()'s batch-wide outlier columns couple tokens, only larger.
+    return out + 0.5 * out.mean(dim=(0, 1), keepdim=True)
+
+
+def _looks_ahead(out: torch.Tensor) -> torch.Tensor:
+    # Each position sees the last token of its own row: a bidirectional model, no batch coupling.
+    return out + 0.5 * out[:, -1:, :]
+
+
+def test_batch_dependent_model_is_not_called_an_encoder(
+    monkeypatch: pytest.MonkeyPatch, tiny_pair: dict[str, Path], small_jsonl: Path, tmp_path: Path
+) -> None:
+    """Item 1: a model whose logits depend on the batch (like LLM.int8()) runs, and the run
+    measures and reports how much the same text moves with other batch companions."""
+    _hooked_make_head(monkeypatch, tiny_pair["candidate"], _batch_coupled)
+    lines: list[str] = []
+    run = lmkl.api.compare(
+        str(tiny_pair["reference"]),
+        [str(tiny_pair["candidate"])],
+        data=str(small_jsonl),
+        out=tmp_path / "run",
+        context_length=64,
+        stride=32,
+        batch_size=2,
+        log=lines.append,
+    )
+    found = run.results["candidates"][0]["model"]["batch_dependence"]
+    assert found["significant"] is True
+    assert found["max_abs_logit_diff"] > 0.01
+    assert 0 < found["mean_kl"] <= found["max_kl"]
+    assert run.results["reference"]["batch_dependence"]["significant"] is False
+    notes = [line for line in lines if "depend on the other texts of a batch" in line]
+    assert len(notes) == 1 and notes[0].startswith("candidate:"), lines
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["candidates"][0]["model"]["batch_dependence"] == found
+
+
+def test_model_that_sees_later_tokens_is_still_refused(
+    monkeypatch: pytest.MonkeyPatch, tiny_pair: dict[str, Path], small_jsonl: Path, tmp_path: Path
+) -> None:
+    """Item 1's other half: attention to later tokens of the same row is still an encoder."""
+    _hooked_make_head(monkeypatch, tiny_pair["candidate"], _looks_ahead)
+    code, output = invoke(
+        [
+            "compare",
+            str(tiny_pair["reference"]),
+            str(tiny_pair["candidate"]),
+            "--data",
+            str(small_jsonl),
+            "--out",
+            str(tmp_path / "run"),
+            "--context-length",
+            "64",
+        ]
+    )
+    check_error(code, output, 1, "is not a causal language model")
+
+
+def _kl_float64(alone: torch.Tensor, batched: torch.Tensor) -> torch.Tensor:
+    p = torch.log_softmax(alone.double(), -1)
+    q = torch.log_softmax(batched.double(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def test_bitsandbytes_int8_runs_on_cpu_and_reports_its_batch_dependence(
+    tiny_pair: dict[str, Path], small_jsonl: Path, tmp_path: Path
+) -> None:
+    """Item 1 with the real thing: LLM.int8() on CPU (outlier columns over the whole input)."""
+    pytest.importorskip("bitsandbytes")
+    code, output = invoke(
+        [
+            "compare",
+            str(tiny_pair["reference"]),
+            "--quantize",
+            "bitsandbytes:int8",
+            "--data",
+            str(small_jsonl),
+            "--out",
+            str(tmp_path / "run"),
+            "--context-length",
+            "64",
+            "--quiet",
+        ]
+    )
+    assert code == 0, output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    found = results["candidates"][0]["model"]["batch_dependence"]
+    # Independently: the same probe row alone and next to other rows, in float64 KL.
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_pair["reference"],
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        dtype=torch.float32,
+        device_map="cpu",
+    )
+    row = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(7))
+    others = torch.randint(0, 500, (3, 8), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        alone = model(input_ids=row).logits[0]
+        batched = model(input_ids=torch.cat([row, others])).logits[0]
+    assert float((alone - batched).abs().max()) > 0  # int8 on CPU is batch-dependent here
+    assert found["significant"] is True
+    assert found["max_abs_logit_diff"] > 0 and 0 < found["mean_kl"] <= found["max_kl"]
+    # Same order of magnitude as an independent measurement on another row and companions.
+    independent = float(_kl_float64(alone, batched).max())
+    assert independent / 100 < found["max_kl"] < independent * 100
