@@ -7,6 +7,7 @@ Each test failed before its fix (issue 21, items 1, 2, 4 and 10).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,73 @@ def test_bitsandbytes_int8_runs_on_cpu_and_reports_its_batch_dependence(
     # Same order of magnitude as an independent measurement on another row and companions.
     independent = float(_kl_float64(alone, batched).max())
     assert independent / 100 < found["max_kl"] < independent * 100
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored afterwards)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_written_files_get_the_users_normal_permissions(
+    umask, mask: int, tiny_pair: dict[str, Path], small_jsonl: Path, tmp_path: Path
+) -> None:
+    """Item 2: results, per-token files, the report, a reference cache and temporary
+    directories renamed into place end with 0o666/0o777 minus the umask, not 0o600/0o700."""
+    from lmkl.files import atomic_path, give_normal_modes, make_temp_dir
+
+    umask(mask)
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    code, output = invoke(
+        [
+            "compare",
+            str(tiny_pair["reference"]),
+            str(tiny_pair["candidate"]),
+            "--data",
+            str(small_jsonl),
+            "--out",
+            str(run_dir),
+            "--context-length",
+            "64",
+            "--quiet",
+        ]
+    )
+    assert code == 0, output
+    code, output = invoke(["report", str(run_dir)])
+    assert code == 0, output
+    code, output = invoke(
+        [
+            *("cache", str(tiny_pair["reference"]), "--data", str(small_jsonl), "-c", "64"),
+            *("--quiet", "--out", str(cache_dir)),
+        ]
+    )
+    assert code == 0, output
+    for root in (run_dir, cache_dir):
+        modes = _modes(root)
+        assert (root / "results.json").exists() or root == cache_dir
+        for name, mode in modes.items():
+            want = dir_mode if (root / name).is_dir() else file_mode
+            assert mode == want, f"{root.name}/{name}: {oct(mode)}, want {oct(want)}"
+    assert any(name.endswith(".html") for name in _modes(run_dir))
+
+    made = make_temp_dir(tmp_path, ".demo-tmp")  # the demo cache is built in one
+    assert made.stat().st_mode & 0o777 == dir_mode
+    (made / "model.safetensors").write_text("x")
+    (made / "model.safetensors").chmod(0o600)  # as safetensors writes it
+    give_normal_modes(made)  # before the demo build is renamed into place
+    assert _modes(made) == {".": dir_mode, "model.safetensors": file_mode}
+    kept = tmp_path / "kept.txt"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    with atomic_path(kept) as tmp:
+        tmp.write_text("new")
+    assert kept.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its own mode
