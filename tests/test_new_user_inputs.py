@@ -210,3 +210,45 @@ def test_written_files_get_the_users_normal_permissions(
     with atomic_path(kept) as tmp:
         tmp.write_text("new")
     assert kept.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its own mode
+
+
+def test_nf4_that_does_not_fit_is_refused_before_any_model_loads(
+    monkeypatch: pytest.MonkeyPatch, tiny_pair: dict[str, Path], small_jsonl: Path, tmp_path: Path
+) -> None:
+    """Item 4a: bitsandbytes 4-bit blocks of 64 on a model 32 wide: refused from the config,
+    before the reference or the other candidates load, with schemes that fit (nf4 has no other
+    block size to name)."""
+    import lmkl.models.loading
+
+    loaded: list[str] = []
+    real = lmkl.models.loading.load_model
+
+    def counting(spec, *args, **kwargs):
+        loaded.append(spec.display_name)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr("lmkl.engine.common.load_model", counting)
+    out = tmp_path / "run"
+    code, output = invoke(
+        [
+            "compare",
+            str(tiny_pair["candidate"]),  # 1 layer, 32 wide
+            "--quantize",
+            "torchao:int8_weight_only",
+            "--quantize",
+            "bitsandbytes:nf4",
+            "--data",
+            str(small_jsonl),
+            "--out",
+            str(out),
+            "--context-length",
+            "64",
+        ]
+    )
+    error = check_error(code, output, 1, "bitsandbytes nf4 block size 64 does not divide", "32")
+    assert loaded == [], loaded
+    fix = next(line for line in output.splitlines() if line.startswith("fix:"))
+    assert "group size" not in fix and "g64" not in fix, fix
+    assert "torchao:int4_weight_only:g16" in fix and "quanto:int4" in fix, fix
+    assert "CUDA" in fix, fix
+    assert not out.exists(), error

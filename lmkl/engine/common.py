@@ -17,6 +17,7 @@ import pyarrow as pa
 from lmkl.formatting import prose
 from lmkl.models import (
     LoadedModel,
+    check_quantization_fits,
     check_tokenizers_match,
     load_model,
     load_tokenizer,
@@ -66,6 +67,8 @@ def load_models(
     reference_spec: ModelSpec, candidate_specs: list[ModelSpec], log: LogCallback
 ) -> tuple[LoadedModel, list[LoadedModel]]:
     """Load the reference and candidates, checking each candidate's tokenizer before its weights."""
+    for spec in (reference_spec, *candidate_specs):
+        check_quantization_fits(spec)  # from the configs: nothing loads before all are checked
     reference = load_logged(reference_spec, "reference", log)
     candidates = []
     for spec in candidate_specs:

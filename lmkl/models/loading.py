@@ -59,6 +59,17 @@ def _resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype | str:
     return _DTYPES[spec.dtype]
 
 
+def check_quantization_fits(spec: ModelSpec) -> None:
+    """Before any model loads: refuse (one line) an on-the-fly quantization whose groups do not
+    fit the model's layer widths, read from its config, so a run with several candidates stops
+    before loading the first rather than after loading the others."""
+    if spec.quantize is None or spec.gguf_file:
+        return
+    check_source(spec)
+    config = model_config(spec)
+    check_groups_fit(spec.quantize, config, spec.display_name, resolve_device(spec.device))
+
+
 def load_model(
     spec: ModelSpec, device: torch.device | None = None, tokenizer: Any | None = None
 ) -> LoadedModel:
