@@ -204,10 +204,12 @@ def test_output_directory_holding_a_run(tiny_pair, small_jsonl, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("{}\n")
+    (run / ".lmkl-run").write_text("")  # lmkl's marker: a run, which --overwrite may replace
     code, out = compare(tiny_pair, data=small_jsonl, out=run)
     check_error(code, out, EXIT_RUNTIME, "already holds a run")
     (run / "mine.txt").write_text("x")
     (run / "config.yaml").unlink()
+    (run / ".lmkl-run").unlink()
     code, out = compare(tiny_pair, "--overwrite", data=small_jsonl, out=run)
     check_error(code, out, EXIT_RUNTIME, "not an lmkl run")
     assert (run / "mine.txt").exists()

@@ -252,3 +252,21 @@ def test_nf4_that_does_not_fit_is_refused_before_any_model_loads(
     assert "torchao:int4_weight_only:g16" in fix and "quanto:int4" in fix, fix
     assert "CUDA" in fix, fix
     assert not out.exists(), error
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_holding_only_notes_says_it_is_not_a_run(
+    overwrite: bool, tiny_pair: dict[str, Path], small_jsonl: Path, tmp_path: Path
+) -> None:
+    """Item 4b: a folder of the user's notes is never called a run, and --overwrite is never
+    suggested for it (it would refuse)."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    args = ["compare", str(tiny_pair["reference"]), str(tiny_pair["candidate"])]
+    args += ["--data", str(small_jsonl), "--out", str(out), "--context-length", "64"]
+    code, output = invoke(args + (["--overwrite"] if overwrite else []))
+    error = check_error(code, output, 1, "is not empty and is not an lmkl run (holds notes.txt)")
+    assert "already holds a run" not in output and "--overwrite" not in output, output
+    assert "choose another --out" in output, error
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -216,16 +216,19 @@ class RunDirectory:
                 f"output path '{path}' is a file, not a directory", "choose another --out directory"
             )
         if path.exists() and not _is_empty(path):
+            if not (path / MARKER).is_file() and not _is_legacy_run(path):
+                # Said first, with or without --overwrite: --overwrite never deletes it.
+                held = sorted(p.name for p in path.iterdir() if not _is_temporary(p.name))
+                shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if held[3:] else "")
+                raise OutputError(
+                    f"'{path}' is not empty and is not an lmkl run (holds {shown}); "
+                    "lmkl will not write into it or delete it",
+                    "choose another --out directory (a new or empty one)",
+                )
             if not overwrite:
                 raise OutputError(
                     f"output directory '{path}' already holds a run",
                     "pass --overwrite to replace it, --resume to continue it, or another --out",
-                )
-            if not (path / MARKER).is_file() and not _is_legacy_run(path):
-                raise OutputError(
-                    f"'{path}' is not empty and is not an lmkl run (no {MARKER} marker); "
-                    "refusing to delete it",
-                    "choose an empty or new --out directory (or delete it yourself)",
                 )
             foreign = foreign_entries(path)
             if foreign:
