@@ -270,3 +270,37 @@ def test_out_holding_only_notes_says_it_is_not_a_run(
     assert "already holds a run" not in output and "--overwrite" not in output, output
     assert "choose another --out" in output, error
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_validate_lists_every_problem_in_one_round(tmp_path: Path) -> None:
+    """Item 4c: duplicate labels (beside an invalid candidate), stride, an unknown demo: name
+    and a missing model path all come in the first round, each with its config path."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        """
+name: bad
+reference: {model: "demo:referense"}
+candidates:
+  - {label: a, model: ./missing-model}
+  - {label: a, model: "demo:reference", quantize: {method: torchao, scheme: int3}}
+datasets:
+  - source: "demo:heldout"
+windowing: {context_length: 64, stride: 128}
+"""
+    )
+    code, output = invoke(["validate", str(config), "--check-models"])
+    assert code == 2, output
+    assert "error: " in output and "Traceback" not in output
+    problems = [line.strip() for line in output.splitlines() if line.startswith("  ")]
+    wanted = [
+        "candidates: label 'a' is used twice",
+        "windowing: stride (128) must be at most context_length - 1 (63)",
+        "reference.model: unknown demo name 'demo:referense'",
+        "candidates.0.model: model directory './missing-model' does not exist",
+        "candidates.1.quantize",
+    ]
+    for fragment in wanted:
+        assert sum(line.startswith(fragment) for line in problems) == 1, (fragment, output)
+    # Without --check-models paths are not checked (a hub id or a path made later is fine).
+    code, output = invoke(["validate", str(config)])
+    assert code == 2 and "missing-model" not in output, output
