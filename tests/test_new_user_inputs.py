@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from runtools import check_error, fake_demo_cache, invoke
 
 import lmkl.api
 from lmkl.models import head_split
-from tests.runtools import check_error, invoke
 
 
 def _hooked_make_head(monkeypatch: pytest.MonkeyPatch, target: Path, hook) -> None:
@@ -304,3 +304,53 @@ windowing: {context_length: 64, stride: 128}
     # Without --check-models paths are not checked (a hub id or a path made later is fine).
     code, output = invoke(["validate", str(config)])
     assert code == 2 and "missing-model" not in output, output
+
+
+def test_demo_says_it_replaces_its_own_output_and_refuses_anything_else(
+    tiny_pair: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 10: `lmkl demo` replaces runs/demo (its own output) and says so; it refuses a
+    runs/demo that holds anything else; -q prints one line; the reference is named by what it
+    is, not "reference P = reference"."""
+    fake_demo_cache(tiny_pair)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    code, output = invoke(["demo", "-q"])
+    assert code == 0, output
+    assert output.splitlines() == [str(Path("runs") / "demo")], output  # the path alone
+    code, output = invoke(["demo"])
+    assert code == 0, output
+    assert "replacing runs/demo (the demo's own output" in output, output
+    assert "reference P = llama-4x128" in output and "reference P = reference" not in output
+
+    # Not the demo's: refused before anything is built or deleted.
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    (other / "runs" / "demo").mkdir(parents=True)
+    (other / "runs" / "demo" / "notes.txt").write_text("mine")
+    code, output = invoke(["demo"])
+    check_error(code, output, 1, "is not lmkl demo's own output (holds notes.txt)")
+    assert [p.name for p in (other / "runs" / "demo").iterdir()] == ["notes.txt"]
+
+
+def test_loading_lines_name_the_label_and_the_scheme() -> None:
+    """Item 10: four schemes of one model are four different loading lines, each by the label
+    the tables use ("student", not "candidate"), with the path and the scheme."""
+    from lmkl.engine.common import loading_message
+    from lmkl.specs import ModelSpec
+
+    student = ModelSpec(model="/m/candidate", label="student")
+    assert loading_message(student, "candidate") == "loading candidate student (/m/candidate)"
+    schemes = [
+        {"method": "torchao", "scheme": "int8_weight_only"},
+        {"method": "torchao", "scheme": "int4_weight_only", "group_size": 32},
+        {"method": "bitsandbytes", "scheme": "nf4"},
+        {"method": "quanto", "scheme": "int2"},
+    ]
+    lines = [loading_message(ModelSpec(model="/m/ref", quantize=q), "candidate") for q in schemes]
+    assert len(set(lines)) == 4
+    assert lines[1] == (
+        "loading candidate ref-torchao-int4_weight_only-g32 "
+        "(/m/ref, quantized on load: torchao int4_weight_only group size 32)"
+    )
