@@ -354,3 +354,58 @@ def test_loading_lines_name_the_label_and_the_scheme() -> None:
         "loading candidate ref-torchao-int4_weight_only-g32 "
         "(/m/ref, quantized on load: torchao int4_weight_only group size 32)"
     )
+
+
+def test_rows_without_text_are_counted_and_reported(
+    tiny_pair: dict[str, Path], small_jsonl: Path, tmp_path: Path
+) -> None:
+    """Item 10: rows whose text is null or empty are not documents; the run says how many it
+    skipped and which, and the header line gives the context length the KL is for."""
+    rows = [json.loads(line) for line in small_jsonl.read_text().splitlines()]
+    data = tmp_path / "gaps.jsonl"
+    with data.open("w") as fh:
+        for row in [rows[0], {"text": None}, rows[1], {"text": ""}, rows[2]]:
+            fh.write(json.dumps(row) + "\n")
+    lines: list[str] = []
+    run = lmkl.api.compare(
+        str(tiny_pair["reference"]),
+        [str(tiny_pair["candidate"])],
+        data=str(data),
+        out=tmp_path / "run",
+        context_length=64,
+        log=lines.append,
+    )
+    described = run.results["data"]
+    assert described["documents"] == 3
+    assert described["skipped_rows"] == {
+        "count": 2,
+        "reason": "no text (null or empty)",
+        "rows": [1, 3],
+    }
+    assert any("2 rows skipped for having no text" in line and "row 1, 3" in line for line in lines)
+    header = [line for line in lines if line.startswith("scoring ")]
+    tokens = run.results["data"]["scored_tokens"]
+    assert header == [
+        f"scoring {tokens:,} tokens of 3 documents: context length 64 tokens, stride 32 "
+        "(documents longer than the context slide); KL depends on the context length, so "
+        "compare runs made with the same one"
+    ], lines
+
+
+def test_broken_jsonl_names_the_line(
+    tiny_pair: dict[str, Path], small_jsonl: Path, tmp_path: Path
+) -> None:
+    """Item 10: a JSONL line that is not JSON is named by its line number, not a character
+    offset into the file."""
+    good = small_jsonl.read_text().splitlines()
+    data = tmp_path / "broken.jsonl"
+    data.write_text("\n".join([good[0], good[1], '{"text": "unterminated', good[2]]) + "\n")
+    code, output = invoke(
+        [
+            *("compare", str(tiny_pair["reference"]), str(tiny_pair["candidate"])),
+            *("--data", str(data), "--out", str(tmp_path / "run"), "--context-length", "64"),
+        ]
+    )
+    error = check_error(code, output, 1, "line 3 is not valid JSON")
+    assert "column" in error and "unterminated" in error
+    assert "fix: fix line 3" in output

@@ -24,7 +24,7 @@ from lmkl.models import (
     resolve_device,
 )
 from lmkl.scoring.divergence import TOKEN_METRIC_NAMES
-from lmkl.specs import ModelSpec
+from lmkl.specs import ModelSpec, WindowSpec
 
 LogCallback = Callable[[str], None]
 
@@ -76,6 +76,23 @@ def load_models(
         check_tokenizers_match(reference.tokenizer, tokenizer, (reference.label, spec.display_name))
         candidates.append(load_logged(spec, "candidate", log, tokenizer))
     return reference, candidates
+
+
+def windowing_note(windows: WindowSpec, tokens: int, documents: int) -> str:
+    """The run header's context line: KL depends on how much context each token has, so two
+    runs of the same models at different context lengths differ (compare defaults to 512
+    tokens, the demo to 256)."""
+    if windows.windowing == "llama-cpp":
+        how = f"llama.cpp chunks of {windows.context_length} tokens, second half scored"
+    else:
+        how = (
+            f"context length {windows.context_length} tokens, stride {windows.effective_stride}"
+            " (documents longer than the context slide)"
+        )
+    return (
+        f"scoring {tokens:,} tokens of {documents:,} documents: {how}; KL depends on the context"
+        " length, so compare runs made with the same one"
+    )
 
 
 def loading_message(spec: ModelSpec, role: str) -> str:

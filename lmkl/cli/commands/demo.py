@@ -80,7 +80,8 @@ def demo(
             # Both models' top-5 on the worst documents, so the report opens on the token view.
             view_tokens=DEMO_VIEW_TOKENS,
             progress=progress,
-            log=progress.log,
+            # Every line, piped too: the header says which context length the KL is for.
+            log=say,
         )
     show_run(run, quiet, print_summary)
     # End with the report people would rather look at: one self-contained HTML page (quiet:
