@@ -150,7 +150,7 @@ def test_no_data_given(tiny_pair):
     ("name", "content", "fragments"),
     [
         ("missing.jsonl", None, ("does not exist",)),
-        ("broken.jsonl", '{"text": "fine"}\n{not json\n', ("cannot parse", "jsonl")),
+        ("broken.jsonl", '{"text": "fine"}\n{not json\n', ("line 2 is not valid JSON",)),
         ("broken.csv", 'text,other\n"unclosed,1\n', ("cannot parse",)),
         ("notes.docx", "hello", ("unsupported data file type",)),
         ("latin1.txt", b"caf\xe9 au lait", ("not UTF-8",)),
