@@ -409,3 +409,30 @@ def test_broken_jsonl_names_the_line(
     error = check_error(code, output, 1, "line 3 is not valid JSON")
     assert "column" in error and "unterminated" in error
     assert "fix: fix line 3" in output
+
+
+def test_api_errors_name_keywords_and_suggest_close_ones(
+    tiny_pair: dict[str, Path], small_jsonl: Path, tmp_path: Path
+) -> None:
+    """Item 10: called from Python, errors name keyword arguments (the CLI keeps its flags), and
+    a misspelled keyword gets "did you mean" instead of a list of every name."""
+    from lmkl.errors import LmklError, UsageError
+
+    with pytest.raises(UsageError) as caught:
+        lmkl.api.compare("a", "b", data="x.jsonl", context_lenght=128)
+    assert "did you mean context_length?" in str(caught.value)
+    assert "batch_size" not in str(caught.value)  # not the whole list
+
+    run_dir = tmp_path / "run"
+    args = (str(tiny_pair["reference"]), [str(tiny_pair["candidate"])])
+    lmkl.api.compare(*args, data=str(small_jsonl), out=run_dir, context_length=64)
+    with pytest.raises(LmklError) as caught:
+        lmkl.api.compare(*args, data=str(small_jsonl), out=run_dir, context_length=64)
+    assert "already holds a run" in caught.value.message
+    assert caught.value.hint == (
+        "pass overwrite=True to replace it, resume=True to continue it, or another out=..."
+    )
+    assert "--" not in str(caught.value)
+    with pytest.raises(LmklError) as caught:
+        lmkl.api.compare(*args, data=str(small_jsonl), out=tmp_path / "r2", context_length=4096)
+    assert "--" not in str(caught.value) and "context_length=" in str(caught.value), caught.value
