@@ -436,3 +436,30 @@ def test_api_errors_name_keywords_and_suggest_close_ones(
     with pytest.raises(LmklError) as caught:
         lmkl.api.compare(*args, data=str(small_jsonl), out=tmp_path / "r2", context_length=4096)
     assert "--" not in str(caught.value) and "context_length=" in str(caught.value), caught.value
+
+
+def test_sample_kl_with_a_temperature_does_not_title_itself_kl(
+    tiny_pair: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 10: sampling at T ≠ 1 estimates an expectation under the tempered sampler; the
+    table's title names T and says it is not KL(P‖Q) (at T = 1 it is KL(P‖Q))."""
+    monkeypatch.setenv("COLUMNS", "80")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "The assert statement"}\n{"text": "A class definition"}\n')
+
+    def title(out: Path, *extra: str) -> str:
+        code, output = invoke(
+            [
+                *("sample-kl", str(tiny_pair["reference"]), str(tiny_pair["candidate"])),
+                *("--prompts", str(prompts), "--num-samples", "4", "--max-new-tokens", "3"),
+                *("--out", str(out), *extra),
+            ]
+        )
+        assert code == 0, output
+        return " ".join(output.split())  # the title as one line, however rich wrapped it
+
+    tempered = title(tmp_path / "t", "--temperature", "0.7")
+    assert "sampled E_S(log P − log Q) with S = P at T=0.7 (not KL(P‖Q))" in tempered, tempered
+    assert "sampled KL(P‖Q) over" not in tempered
+    plain = title(tmp_path / "plain")
+    assert "sampled KL(P‖Q) over continuations" in plain, plain
