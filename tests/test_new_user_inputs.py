@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,26 @@ from runtools import check_error, fake_demo_cache, invoke
 
 import lmkl.api
 from lmkl.models import head_split
+
+
+def _compare(models: list[Path], data: Path, out: Path, *extra: str) -> tuple[int, str]:
+    """``lmkl compare`` on ``models`` (reference first) at context 64, in-process."""
+    args = ["compare", *map(str, models), "--data", str(data), "--out", str(out)]
+    return invoke([*args, "--context-length", "64", *extra])
+
+
+def _compare_logged(tiny_pair: dict[str, Path], data: Path, out: Path) -> tuple[Any, list[str]]:
+    """``lmkl.compare`` of the tiny pair at context 64, with the lines it logs."""
+    lines: list[str] = []
+    run = lmkl.api.compare(
+        str(tiny_pair["reference"]),
+        [str(tiny_pair["candidate"])],
+        data=str(data),
+        out=out,
+        context_length=64,
+        log=lines.append,
+    )
+    return run, lines
 
 
 def _hooked_make_head(monkeypatch: pytest.MonkeyPatch, target: Path, hook) -> None:
@@ -48,17 +69,7 @@ def test_batch_dependent_model_is_not_called_an_encoder(
     """Item 1: a model whose logits depend on the batch (like LLM.int8()) runs, and the run
     measures and reports how much the same text moves with other batch companions."""
     _hooked_make_head(monkeypatch, tiny_pair["candidate"], _batch_coupled)
-    lines: list[str] = []
-    run = lmkl.api.compare(
-        str(tiny_pair["reference"]),
-        [str(tiny_pair["candidate"])],
-        data=str(small_jsonl),
-        out=tmp_path / "run",
-        context_length=64,
-        stride=32,
-        batch_size=2,
-        log=lines.append,
-    )
+    run, lines = _compare_logged(tiny_pair, small_jsonl, tmp_path / "run")
     found = run.results["candidates"][0]["model"]["batch_dependence"]
     assert found["significant"] is True
     assert found["max_abs_logit_diff"] > 0.01
@@ -75,19 +86,8 @@ def test_model_that_sees_later_tokens_is_still_refused(
 ) -> None:
     """Item 1's other half: attention to later tokens of the same row is still an encoder."""
     _hooked_make_head(monkeypatch, tiny_pair["candidate"], _looks_ahead)
-    code, output = invoke(
-        [
-            "compare",
-            str(tiny_pair["reference"]),
-            str(tiny_pair["candidate"]),
-            "--data",
-            str(small_jsonl),
-            "--out",
-            str(tmp_path / "run"),
-            "--context-length",
-            "64",
-        ]
-    )
+    pair = [tiny_pair["reference"], tiny_pair["candidate"]]
+    code, output = _compare(pair, small_jsonl, tmp_path / "run")
     check_error(code, output, 1, "is not a causal language model")
 
 
@@ -102,20 +102,8 @@ def test_bitsandbytes_int8_runs_on_cpu_and_reports_its_batch_dependence(
 ) -> None:
     """Item 1 with the real thing: LLM.int8() on CPU (outlier columns over the whole input)."""
     pytest.importorskip("bitsandbytes")
-    code, output = invoke(
-        [
-            "compare",
-            str(tiny_pair["reference"]),
-            "--quantize",
-            "bitsandbytes:int8",
-            "--data",
-            str(small_jsonl),
-            "--out",
-            str(tmp_path / "run"),
-            "--context-length",
-            "64",
-            "--quiet",
-        ]
+    code, output = _compare(
+        [tiny_pair["reference"]], small_jsonl, tmp_path / "run", "--quantize", "bitsandbytes:int8"
     )
     assert code == 0, output
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -166,20 +154,7 @@ def test_written_files_get_the_users_normal_permissions(
     umask(mask)
     file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
     run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
-    code, output = invoke(
-        [
-            "compare",
-            str(tiny_pair["reference"]),
-            str(tiny_pair["candidate"]),
-            "--data",
-            str(small_jsonl),
-            "--out",
-            str(run_dir),
-            "--context-length",
-            "64",
-            "--quiet",
-        ]
-    )
+    code, output = _compare([tiny_pair["reference"], tiny_pair["candidate"]], small_jsonl, run_dir)
     assert code == 0, output
     code, output = invoke(["report", str(run_dir)])
     assert code == 0, output
@@ -229,22 +204,8 @@ def test_nf4_that_does_not_fit_is_refused_before_any_model_loads(
 
     monkeypatch.setattr("lmkl.engine.common.load_model", counting)
     out = tmp_path / "run"
-    code, output = invoke(
-        [
-            "compare",
-            str(tiny_pair["candidate"]),  # 1 layer, 32 wide
-            "--quantize",
-            "torchao:int8_weight_only",
-            "--quantize",
-            "bitsandbytes:nf4",
-            "--data",
-            str(small_jsonl),
-            "--out",
-            str(out),
-            "--context-length",
-            "64",
-        ]
-    )
+    schemes = ["--quantize", "torchao:int8_weight_only", "--quantize", "bitsandbytes:nf4"]
+    code, output = _compare([tiny_pair["candidate"]], small_jsonl, out, *schemes)  # 32 wide
     error = check_error(code, output, 1, "bitsandbytes nf4 block size 64 does not divide", "32")
     assert loaded == [], loaded
     fix = next(line for line in output.splitlines() if line.startswith("fix:"))
@@ -263,9 +224,8 @@ def test_out_holding_only_notes_says_it_is_not_a_run(
     out = tmp_path / "project"
     out.mkdir()
     (out / "notes.txt").write_text("my notes")
-    args = ["compare", str(tiny_pair["reference"]), str(tiny_pair["candidate"])]
-    args += ["--data", str(small_jsonl), "--out", str(out), "--context-length", "64"]
-    code, output = invoke(args + (["--overwrite"] if overwrite else []))
+    pair = [tiny_pair["reference"], tiny_pair["candidate"]]
+    code, output = _compare(pair, small_jsonl, out, *(["--overwrite"] if overwrite else []))
     error = check_error(code, output, 1, "is not empty and is not an lmkl run (holds notes.txt)")
     assert "already holds a run" not in output and "--overwrite" not in output, output
     assert "choose another --out" in output, error
@@ -366,15 +326,7 @@ def test_rows_without_text_are_counted_and_reported(
     with data.open("w") as fh:
         for row in [rows[0], {"text": None}, rows[1], {"text": ""}, rows[2]]:
             fh.write(json.dumps(row) + "\n")
-    lines: list[str] = []
-    run = lmkl.api.compare(
-        str(tiny_pair["reference"]),
-        [str(tiny_pair["candidate"])],
-        data=str(data),
-        out=tmp_path / "run",
-        context_length=64,
-        log=lines.append,
-    )
+    run, lines = _compare_logged(tiny_pair, data, tmp_path / "run")
     described = run.results["data"]
     assert described["documents"] == 3
     assert described["skipped_rows"] == {
@@ -400,12 +352,7 @@ def test_broken_jsonl_names_the_line(
     good = small_jsonl.read_text().splitlines()
     data = tmp_path / "broken.jsonl"
     data.write_text("\n".join([good[0], good[1], '{"text": "unterminated', good[2]]) + "\n")
-    code, output = invoke(
-        [
-            *("compare", str(tiny_pair["reference"]), str(tiny_pair["candidate"])),
-            *("--data", str(data), "--out", str(tmp_path / "run"), "--context-length", "64"),
-        ]
-    )
+    code, output = _compare([tiny_pair["reference"], tiny_pair["candidate"]], data, tmp_path / "r")
     error = check_error(code, output, 1, "line 3 is not valid JSON")
     assert "column" in error and "unterminated" in error
     assert "fix: fix line 3" in output
