@@ -21,10 +21,12 @@ by name), :class:`~lmkl.specs.DataSpec`, :class:`~lmkl.specs.WindowSpec` and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,15 +250,34 @@ def _keyword_text(text: str | None) -> str | None:
     return _FLAG.sub(keyword, text)
 
 
+#: Set while a CLI command runs: its errors keep naming the command-line flags.
+_FROM_COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "lmkl_from_command_line", default=False
+)
+
+
+@contextlib.contextmanager
+def command_line_caller() -> Iterator[None]:
+    """Within this block (a CLI command), API errors name flags, not keyword arguments."""
+    token = _FROM_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _FROM_COMMAND_LINE.reset(token)
+
+
 def python_errors(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate an API function: the :class:`~lmkl.errors.LmklError` it raises names keyword
-    arguments instead of command-line flags (the same checks serve the CLI and Python)."""
+    """Decorate an API function: called from Python, the :class:`~lmkl.errors.LmklError` it
+    raises names keyword arguments instead of command-line flags (the same checks serve the CLI
+    and Python; a CLI command runs inside :func:`command_line_caller` and keeps the flags)."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
         except LmklError as exc:
+            if _FROM_COMMAND_LINE.get():
+                raise
             exc.message = _keyword_text(exc.message) or exc.message
             exc.hint = _keyword_text(exc.hint)
             exc.args = (exc.message, *exc.args[1:])
