@@ -103,11 +103,6 @@ class CausalityProbe:
     later_change: float
     batch_dependence: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def batch_dependent(self) -> bool:
-        """True when other rows of a batch move this row's logits beyond rounding."""
-        return bool(self.batch_dependence.get("significant"))
-
 
 def _forward(loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     ids = ids.to(loaded.device)
@@ -127,28 +122,26 @@ def measure_batch_dependence(
 ) -> dict[str, Any]:
     """How much the logits of row ``ids`` (``[1, T]``, logits ``alone`` from a batch of one)
     move when the same row is scored next to other rows: the max and mean KL(alone‖batched)
-    over its positions (nats) and the max |Δlogit|, over :data:`_COMPANION_SETS` different
-    pairs of random companions. ``significant`` says whether the change exceeds the rounding
+    over its positions and :data:`_COMPANION_SETS` different pairs of random companions (nats,
+    in float64), and the max |Δlogit|. ``significant`` says whether the change exceeds the rounding
     of float32 (True/False)."""
     vocab = min(loaded.logits_width, len(loaded.tokenizer))
     gen = torch.Generator().manual_seed(2)
-    max_kl = mean_kl = max_diff = 0.0
-    scale = 1.0
-    log_p = torch.log_softmax(alone[0], dim=-1)
+    max_diff, scale = 0.0, 1.0
+    kls = []
+    log_p = torch.log_softmax(alone[0].double(), dim=-1)
     for _ in range(_COMPANION_SETS):
         companions = torch.randint(0, vocab, (2, ids.shape[1]), generator=gen)
         batched = _forward(loaded, torch.cat([ids, companions]))[0]
         diff, size = _finite_max_change(alone[0], batched)
         max_diff, scale = max(max_diff, diff), max(scale, size)
-        log_q = torch.log_softmax(batched, dim=-1)
+        log_q = torch.log_softmax(batched.double(), dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        kl = kl[torch.isfinite(kl)].clamp_min(0.0)
-        if kl.numel():
-            max_kl = max(max_kl, float(kl.max()))
-            mean_kl = max(mean_kl, float(kl.mean()))
+        kls.append(kl[torch.isfinite(kl)].clamp_min(0.0))
+    every = torch.cat(kls)
     return {
-        "max_kl": max_kl,
-        "mean_kl": mean_kl,
+        "max_kl": float(every.max()) if every.numel() else 0.0,
+        "mean_kl": float(every.mean()) if every.numel() else 0.0,
         "max_abs_logit_diff": max_diff,
         "companion_sets": _COMPANION_SETS,
         "probe_tokens": int(ids.shape[1]),
