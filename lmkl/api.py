@@ -21,11 +21,16 @@ by name), :class:`~lmkl.specs.DataSpec`, :class:`~lmkl.specs.WindowSpec` and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+import difflib
+import functools
+import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmkl.errors import UsageError
+from lmkl.errors import LmklError, UsageError
 from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
 
 _SPECS: tuple[type, ...] = (ModelSpec, DataSpec, WindowSpec, ComputeSpec)
@@ -151,11 +156,134 @@ def _split_options(options: dict[str, Any]) -> list[dict[str, Any]]:
                 break
         else:
             known = sorted({f for s in _SPECS for f in s.model_fields} - set(_NOT_OPTIONS))
+            known += [name for name in _compare_keywords() if name not in known]
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            if close:
+                raise UsageError(
+                    f"unknown keyword '{key}'; did you mean {' or '.join(close)}?",
+                    f"spell it {close[0]}=... (help(lmkl.compare) lists every keyword)",
+                )
             raise UsageError(
-                f"unknown option '{key}'",
-                f"use one of: {', '.join(known)} (labels: pass ModelSpec/DataSpec objects)",
+                f"unknown keyword '{key}'",
+                f"use one of: {', '.join(sorted(known))} (labels: pass ModelSpec/DataSpec objects)",
             )
     return routed
+
+
+def _compare_keywords() -> list[str]:
+    """:func:`compare`'s own keywords (beside the spec fields it routes)."""
+    import inspect
+
+    return [
+        name
+        for name, param in inspect.signature(compare).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+
+
+#: A command-line flag inside an error message (``--context-length 256``, ``--overwrite``).
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)(?: ([^\s,;)]+))?")
+#: Words that follow a flag in a sentence without being its value.
+_PROSE = frozenset(
+    [
+        "to",
+        "or",
+        "and",
+        "directory",
+        "with",
+        "for",
+        "in",
+        "of",
+        "the",
+        "a",
+        "an",
+        "is",
+        "instead",
+        "first",
+        "too",
+        "only",
+        "set",
+        "that",
+        "which",
+        "when",
+        "if",
+        "plus",
+        "on",
+        "at",
+        "as",
+        "it",
+        "from",
+    ]
+)
+
+
+def _keyword_text(text: str | None) -> str | None:
+    """``text`` with the command-line flags of lmkl's messages written as the keywords of
+    :func:`compare` (``--context-length 256`` → ``context_length=256``, ``--overwrite`` →
+    ``overwrite=True``); flags that are not keywords stay as they are."""
+    if not text:
+        return text
+    fields = {
+        name: info.annotation
+        for spec in (*_SPECS, OutputSpec)
+        for name, info in spec.model_fields.items()
+    }
+    keywords = set(fields) | set(_compare_keywords()) | {"out"}
+
+    def keyword(match: re.Match[str]) -> str:
+        name, value = match.group(1).replace("-", "_"), match.group(2)
+        if name not in keywords:
+            return match.group(0)
+        if fields.get(name) is bool or name in ("overwrite", "resume", "different_tokenizers"):
+            return f"{name}=True" + (f" {value}" if value else "")
+        if name == "quantize" and value and value.count(":") in (1, 2):
+            method, scheme, *group = value.split(":")  # a QuantizeSpec's fields, not a string
+            fields_text = f"'method': {method!r}, 'scheme': {scheme!r}" + (
+                f", 'group_size': {group[0].removeprefix('g')}" if group else ""
+            )
+            return f"quantize={{{fields_text}}}"
+        if value is None or value.lower() in _PROSE:
+            return f"{name}=..." + (f" {value}" if value else "")
+        shown = value if re.fullmatch(r"-?[0-9.e]+", value) else repr(value.strip("'\""))
+        return f"{name}={shown}"
+
+    return _FLAG.sub(keyword, text)
+
+
+#: Set while a CLI command runs: its errors keep naming the command-line flags.
+_FROM_COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "lmkl_from_command_line", default=False
+)
+
+
+@contextlib.contextmanager
+def command_line_caller() -> Iterator[None]:
+    """Within this block (a CLI command), API errors name flags, not keyword arguments."""
+    token = _FROM_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _FROM_COMMAND_LINE.reset(token)
+
+
+def python_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an API function: called from Python, the :class:`~lmkl.errors.LmklError` it
+    raises names keyword arguments instead of command-line flags (the same checks serve the CLI
+    and Python; a CLI command runs inside :func:`command_line_caller` and keeps the flags)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except LmklError as exc:
+            if _FROM_COMMAND_LINE.get():
+                raise
+            exc.message = _keyword_text(exc.message) or exc.message
+            exc.hint = _keyword_text(exc.hint)
+            exc.args = (exc.message, *exc.args[1:])
+            raise
+
+    return wrapper
 
 
 def _spec(cls: type, given: Any, fields: dict[str, Any], what: str) -> Any:
@@ -188,6 +316,7 @@ def _data_spec(data: str | Path | DataSpec | None, fields: dict[str, Any]) -> Da
     return _spec(DataSpec, data, fields | given, "data")
 
 
+@python_errors
 def compare(
     reference: str | Path | ModelSpec,
     candidates: str | Path | ModelSpec | Sequence[str | Path | ModelSpec],
@@ -262,6 +391,7 @@ def _is_model_object(value: Any) -> bool:
     return not isinstance(value, str | Path | ModelSpec)
 
 
+@python_errors
 def build_reference_cache(
     reference: str | Path | ModelSpec | Any,
     data: str | Path | DataSpec,
@@ -313,6 +443,7 @@ def build_reference_cache(
     return Path(out)
 
 
+@python_errors
 def score_against(
     reference_cache: str | Path,
     model: Any,

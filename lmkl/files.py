@@ -35,17 +35,68 @@ from lmkl.errors import Busy, OutputError
 LOCK_FILE = ".lmkl-lock"
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(directory: bool = False) -> int:
+    """The mode a plain ``open()`` (0o666) or ``mkdir`` (0o777) gives under the user's umask.
+
+    ``tempfile`` creates files 0o600 and directories 0o700 whatever the umask; a report, a
+    results file or a shared cache renamed into place from one must get the normal mode back,
+    or a colleague (or a web server) cannot read it.
+    """
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` in ``parent`` with the user's normal directory mode (it is renamed
+    into place as a final directory)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(normal_mode(directory=True))
+    return path
+
+
+def give_normal_modes(root: Path) -> None:
+    """Give every file and directory under ``root`` (and ``root``) the user's normal mode, for a
+    tree built privately and then published by a rename (some writers, such as safetensors,
+    create their files 0o600 whatever the umask)."""
+    file_mode, dir_mode = normal_mode(), normal_mode(directory=True)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(dir_mode if path.is_dir() else file_mode)
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success fsync it and rename it into place."""
+    """Yield a temporary path beside ``target``; on success fsync it and rename it into place.
+
+    The file ends with the mode a plain write would give it: the user's umask applied to
+    0o666, or the mode of the file it replaces."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except OSError:
+        mode = normal_mode()
+    os.fchmod(fd, mode)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())
+        if (tmp.stat().st_mode & 0o7777) != mode:  # the writer replaced the file (a rename)
+            tmp.chmod(mode)
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except BaseException:

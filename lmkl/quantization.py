@@ -124,18 +124,46 @@ def check_groups_fit(spec: QuantizeSpec, config: Any, name: str, device: Any) ->
     )
     bad = [w for w in widths if w % group]
     if bad:
-        fits = [
-            g
-            for g in QUANT_SCHEMES[spec.method][spec.scheme].group_sizes
-            if not any(w % g for w in widths)
-        ]
         what = "block size" if spec.method == "bitsandbytes" else "group size"
         raise ModelLoadError(
             f"{name}: {spec.method} {spec.scheme} {what} {group} does not divide the "
             f"layer width{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of the model",
-            f"use a group size that divides {', '.join(map(str, widths))}"
-            + (f" ({', '.join(f'g{g}' for g in fits)})" if fits else " (or another scheme)"),
+            _groups_fix(spec, widths),
         )
+
+
+def _groups_fix(spec: QuantizeSpec, widths: list[int]) -> str:
+    """What to do when ``spec``'s groups do not fit ``widths``: the scheme's own group sizes
+    that fit, else the on-the-fly schemes that do (never a size the scheme does not have)."""
+    sizes = QUANT_SCHEMES[spec.method][spec.scheme].group_sizes
+    fits = [g for g in sizes if not any(w % g for w in widths)]
+    if fits:
+        return f"use a group size that divides {', '.join(map(str, widths))} " + (
+            f"({', '.join(f'g{g}' for g in fits)})"
+        )
+    others = [
+        f"{method}:{scheme}" + (f":g{fit[0]}" if fit else "")
+        for method, schemes in QUANT_SCHEMES.items()
+        for scheme, info in schemes.items()
+        if info.bits == spec.bits and (method, scheme) != (spec.method, spec.scheme)
+        for fit in [[g for g in info.group_sizes if not any(w % g for w in widths)]]
+        # quanto pads a last partial group; a fixed block (bitsandbytes 4-bit) must divide
+        if fit or method == "quanto" or not _fixed_block_misfits(info, widths)
+    ]
+    fixed = "" if sizes else f" ({spec.scheme} has no other block size"
+    if fixed and spec.method == "bitsandbytes":
+        fixed += "; on a CUDA GPU its kernels take any width"
+    fixed += ")" if fixed else ""
+    return (
+        f"use another {spec.bits}-bit scheme that fits widths {', '.join(map(str, widths))}: "
+        + ", ".join(others)
+        + fixed
+    )
+
+
+def _fixed_block_misfits(info: Any, widths: list[int]) -> bool:
+    block = info.default_group
+    return bool(block) and any(w % block for w in widths)
 
 
 def on_the_fly_config(spec: QuantizeSpec) -> Any:

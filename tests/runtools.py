@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,3 +184,28 @@ def lock_held_elsewhere(directory: Path) -> Iterator[None]:
     finally:
         holder.kill()
         holder.wait()
+
+
+def fake_demo_cache(tiny_pair: dict[str, Path]) -> Path:
+    """Put the tiny pair where ``lmkl demo`` looks for its cached build (unless a real build is
+    there): the demo command then runs in seconds instead of training for minutes."""
+    from dataclasses import asdict
+
+    from lmkl.demo.assets import DEMO_VERSION, DemoSettings
+    from lmkl.demo.names import demo_cache_dir
+
+    settings = DemoSettings()
+    root = demo_cache_dir() / f"demo-v{DEMO_VERSION}-{settings.key()}"
+    if not root.exists():
+        shutil.copytree(tiny_pair["reference"], root / "reference")
+        shutil.copytree(tiny_pair["candidate"], root / "candidate")
+        lines = tiny_pair["heldout"].read_text().splitlines()[:3]
+        (root / "heldout.jsonl").write_text(
+            "".join(json.dumps({"text": json.loads(x)["text"][:500]}) + "\n" for x in lines)
+        )
+        (root / "manifest.json").write_text(
+            json.dumps(
+                {"demo_version": DEMO_VERSION, "settings": json.loads(json.dumps(asdict(settings)))}
+            )
+        )
+    return root

@@ -63,7 +63,7 @@ def test_compare_returns_the_run_the_cli_writes(tiny_pair, small_jsonl, tmp_path
 
 
 def test_unknown_option_and_missing_run_are_one_line_errors(tiny_pair, tmp_path):
-    with pytest.raises(UsageError, match="unknown option 'bach_size'"):
+    with pytest.raises(UsageError, match="unknown keyword 'bach_size'; did you mean batch_size"):
         lmkl.compare(tiny_pair["reference"], tiny_pair["candidate"], data="x", bach_size=2)
     with pytest.raises(lmkl.errors.OutputError, match=r"no results\.json"):
         lmkl.open_run(tmp_path)

@@ -150,7 +150,7 @@ def test_no_data_given(tiny_pair):
     ("name", "content", "fragments"),
     [
         ("missing.jsonl", None, ("does not exist",)),
-        ("broken.jsonl", '{"text": "fine"}\n{not json\n', ("cannot parse", "jsonl")),
+        ("broken.jsonl", '{"text": "fine"}\n{not json\n', ("line 2 is not valid JSON",)),
         ("broken.csv", 'text,other\n"unclosed,1\n', ("cannot parse",)),
         ("notes.docx", "hello", ("unsupported data file type",)),
         ("latin1.txt", b"caf\xe9 au lait", ("not UTF-8",)),
@@ -204,10 +204,12 @@ def test_output_directory_holding_a_run(tiny_pair, small_jsonl, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("{}\n")
+    (run / ".lmkl-run").write_text("")  # lmkl's marker: a run, which --overwrite may replace
     code, out = compare(tiny_pair, data=small_jsonl, out=run)
     check_error(code, out, EXIT_RUNTIME, "already holds a run")
     (run / "mine.txt").write_text("x")
     (run / "config.yaml").unlink()
+    (run / ".lmkl-run").unlink()
     code, out = compare(tiny_pair, "--overwrite", data=small_jsonl, out=run)
     check_error(code, out, EXIT_RUNTIME, "not an lmkl run")
     assert (run / "mine.txt").exists()

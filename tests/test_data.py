@@ -156,7 +156,7 @@ def test_missing_file_and_bad_format(tmp_path):
         load_corpus(DataSpec(source=str(tmp_path / "nope.jsonl")))
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    with pytest.raises(DataError, match="cannot parse"):
+    with pytest.raises(DataError, match="line 1 is not valid JSON"):
         load_corpus(DataSpec(source=str(bad)))
     other = tmp_path / "x.docx"
     other.write_text("x")
@@ -219,7 +219,6 @@ def test_light_parquet_reader_gives_the_documents_datasets_gives(tmp_path):
         ("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n'),
         ("trace.jsonl", '{"text": "a", "type": "user", "message": {"role": "user"}}\n'),
         ("columns.json", '{"text": ["a", "b"]}'),
-        ("broken.jsonl", '{"text": "a"\n'),
     ],
 )
 def test_anything_less_plain_is_left_to_datasets(tmp_path, name, content):

@@ -28,9 +28,9 @@ def test_probes_share_the_first_full_forward(tiny_pair, monkeypatch):
     monkeypatch.setattr(LlamaModel, "forward", counted_decoder)
     loaded = models.load_model(ModelSpec(model=str(tiny_pair["reference"])), torch.device("cpu"))
     assert loaded.head is not None
-    # Split check: one full forward + one decoder-only; causality: one more full forward (the
-    # full forward's decoder call is counted too).
-    assert calls == {"full": 2, "decoder": 3}
+    # Split check: one full forward + one decoder-only; causality: one more full forward; batch
+    # dependence: two batched full forwards (each full forward's decoder call is counted too).
+    assert calls == {"full": 4, "decoder": 5}
     assert not head_split._PROBE_LOGITS  # nothing held after loading
 
 

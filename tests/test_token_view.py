@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from runtools import check_error, invoke
+from runtools import check_error, fake_demo_cache, invoke
 
 import lmkl
 from lmkl.report.runs import load_run
@@ -143,23 +142,7 @@ def test_report_without_a_recorded_view(tiny_pair, small_jsonl, tmp_path):
 
 
 def test_demo_report_opens_on_the_summary_then_the_token_view(tiny_pair, tmp_path):
-    from lmkl.demo.assets import DEMO_VERSION, DemoSettings
-    from lmkl.demo.names import demo_cache_dir
-
-    settings = DemoSettings()
-    root = demo_cache_dir() / f"demo-v{DEMO_VERSION}-{settings.key()}"
-    if not root.exists():  # the tiny pair stands in for the real (1.5 min) demo build
-        shutil.copytree(tiny_pair["reference"], root / "reference")
-        shutil.copytree(tiny_pair["candidate"], root / "candidate")
-        lines = tiny_pair["heldout"].read_text().splitlines()[:3]
-        (root / "heldout.jsonl").write_text(
-            "".join(json.dumps({"text": json.loads(x)["text"][:500]}) + "\n" for x in lines)
-        )
-        (root / "manifest.json").write_text(
-            json.dumps(
-                {"demo_version": DEMO_VERSION, "settings": json.loads(json.dumps(asdict(settings)))}
-            )
-        )
+    fake_demo_cache(tiny_pair)  # the tiny pair stands in for the real (1.5 min) demo build
     code, output = invoke(["demo", "--out", str(tmp_path / "demo"), "--quiet"])
     assert code == 0, output
     html = (tmp_path / "demo" / "report.html").read_text()

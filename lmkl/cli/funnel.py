@@ -82,8 +82,11 @@ def friendly_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from lmkl.api import command_line_caller
+
         try:
-            with warnings.catch_warnings():  # restores showwarning afterwards
+            # (command_line_caller: errors from lmkl.api keep naming this command's flags)
+            with warnings.catch_warnings(), command_line_caller():  # restores showwarning after
                 original = warnings.showwarning
                 warnings.showwarning = functools.partial(_show_warning, original)
                 return func(*args, **kwargs)

@@ -155,7 +155,7 @@ def _plain_texts(raw: bytes, path: Path, spec: DataSpec) -> list[str] | None:
         else:
             # Lines end at \n only: a JSON string may hold U+2028 and the like, which
             # str.splitlines() would split at.
-            rows = [json.loads(line) for line in text.split("\n") if line.strip()]
+            rows = _json_lines(text, path)
     except ValueError:  # not JSON (or not UTF-8): let datasets parse it and word the error
         return None
     if not rows or not all(isinstance(r, dict) for r in rows):
@@ -165,6 +165,37 @@ def _plain_texts(raw: bytes, path: Path, spec: DataSpec) -> list[str] | None:
         return None  # datasets may read such rows as agent traces, with other columns
     texts = [r.get(spec.text_field) for r in rows]
     return texts if all(isinstance(t, str) for t in texts) else None
+
+
+def _json_lines(text: str, path: Path) -> list[Any]:
+    """One JSON value per non-blank line; a line that is not JSON is named by its number (a
+    parser's character offset into the whole file helps nobody find it). A ``.json`` file that
+    is one JSON document over several lines raises ValueError, for ``datasets`` to read."""
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if path.suffix.lower() == ".json" and _is_json(text):
+                raise  # one document over several lines, not JSON lines
+            shown = line.strip()
+            shown = shown[:60] + ("…" if len(shown) > 60 else "")
+            raise DataError(
+                f"'{path}' line {number} is not valid JSON ({exc.msg} at column {exc.colno}): "
+                f"{shown}",
+                f'fix line {number} (one JSON object per line, e.g. {{"text": "..."}})',
+            ) from exc
+    return rows
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _parquet_texts(path: Path, field: str) -> list[str] | None:
@@ -322,6 +353,9 @@ def load_corpus(spec: DataSpec) -> Corpus:
             "pass data with a messages column (role/content), or drop --score-on",
         )
     score_on = (spec.score_on or "assistant") if chat else "all"
+    # Rows without text (null or empty) keep their row index as doc_id but hold no token to
+    # score: counted apart, never as documents.
+    skipped = [d.doc_id for d in docs if d.messages is None and not d.text]
     description = {
         "source": source,
         "kind": kind,
@@ -330,11 +364,30 @@ def load_corpus(spec: DataSpec) -> Corpus:
         "text_field": spec.text_field,
         "max_samples": spec.max_samples,
         "fingerprint": fingerprint,
-        "documents": len(docs),
+        "documents": len(docs) - len(skipped),
         "format": "chat" if chat else "text",
         "score_on": score_on,
     }
+    if skipped:
+        description["skipped_rows"] = {
+            "count": len(skipped),
+            "reason": "no text (null or empty)",
+            "rows": skipped[:20],
+        }
     return Corpus(documents=docs, description=description, stream_text=stream, score_on=score_on)
+
+
+def skipped_rows_note(corpus: Corpus) -> str | None:
+    """One line naming the rows skipped for having no text (None when every row has text)."""
+    skipped = corpus.description.get("skipped_rows")
+    if not skipped:
+        return None
+    rows = ", ".join(map(str, skipped["rows"][:5])) + (", …" if skipped["count"] > 5 else "")
+    return (
+        f"data: {corpus.description['documents']} documents; {skipped['count']} "
+        f"row{'s' if skipped['count'] != 1 else ''} skipped for having no text (null or empty:"
+        f" row {rows}; results.json: data.skipped_rows)"
+    )
 
 
 def _read_hub(spec: DataSpec) -> tuple[list[Document], str, str]:

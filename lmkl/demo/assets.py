@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+from lmkl.files import give_normal_modes, make_temp_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -563,7 +564,7 @@ def build_demo_assets(
     _remove_stale_tmp(cache_dir)
 
     started, started_cpu = time.perf_counter(), time.process_time()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=cache_dir))
+    tmp = make_temp_dir(cache_dir, prefix=f".{root.name}.tmp")
     try:
         if progress is not None:
             progress("preparing the demo corpus and training the tokenizer")
@@ -600,6 +601,7 @@ def build_demo_assets(
         }
         # Written last: its presence is what marks a build as complete.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        give_normal_modes(tmp)  # safetensors writes 0o600: a shared cache must be readable
         _install(tmp, root, settings, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,6 +37,7 @@ from lmkl.analysis.stats import mean_se, ratio_mean_se
 from lmkl.data.corpus import Corpus, load_corpus
 from lmkl.data.windows import Window
 from lmkl.data.windows import document_windows as windows_of_documents
+from lmkl.engine.common import load_logged
 from lmkl.engine.distributed import Shard, device_for_rank
 from lmkl.engine.identity import run_identity
 from lmkl.engine.loop import LogCallback, Part, Plan, Summary
@@ -46,8 +47,6 @@ from lmkl.errors import DataError, ModelLoadError, UsageError
 from lmkl.models import (
     LoadedModel,
     check_context_length,
-    load_model,
-    resolve_device,
     shared_vocab_size,
     tokenizer_adds_bos,
 )
@@ -235,10 +234,9 @@ class BytesComparison(PairKind):
         if not self.doc_bytes.any():
             raise DataError("the data holds no text", "check --text-field and the data file")
         self.models = []
-        for spec in (self.reference, self.candidate):
+        for role, spec in (("reference", self.reference), ("candidate", self.candidate)):
             spec = spec.model_copy(update={"device": device_for_rank(spec.device, shard)})
-            log(f"loading {spec.model}")
-            self.models.append(load_model(spec, resolve_device(spec.device)))
+            self.models.append(load_logged(spec, role, log))
         check_context_length(self.models, self.windows)
         self.units: list[tuple[int, list[Window]]] = []
         for m, model in enumerate(self.models):

@@ -78,13 +78,8 @@ class CacheBuild:
         return build_dir(self.out)
 
     def prepare(self, shard: Shard, log: LogCallback) -> Plan:
-        from lmkl.models import (
-            check_context_length,
-            load_model,
-            resolve_device,
-            shared_vocab_size,
-            tokenizer_adds_bos,
-        )
+        from lmkl.engine.common import load_logged
+        from lmkl.models import check_context_length, shared_vocab_size, tokenizer_adds_bos
         from lmkl.scoring.batches import window_groups
 
         self.shard = shard
@@ -98,8 +93,7 @@ class CacheBuild:
             model = self.model
             self.model = None  # held by the writer only: freed with it once the cache is built
         else:
-            log(f"loading reference {spec.model}")
-            model = load_model(spec, resolve_device(spec.device))
+            model = load_logged(spec, "reference", log)
         check_context_length([model], self.windows)
         vocab_size, padded = shared_vocab_size([model])
         adds_bos = tokenizer_adds_bos(model.tokenizer)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from lmkl.engine.results import SCHEMA_VERSION, check_schema
 from lmkl.errors import OutputError, ResumeError
@@ -216,16 +217,19 @@ class RunDirectory:
                 f"output path '{path}' is a file, not a directory", "choose another --out directory"
             )
         if path.exists() and not _is_empty(path):
+            if not (path / MARKER).is_file() and not _is_legacy_run(path):
+                # Said first, with or without --overwrite: --overwrite never deletes it.
+                held = sorted(p.name for p in path.iterdir() if not _is_temporary(p.name))
+                shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if held[3:] else "")
+                raise OutputError(
+                    f"'{path}' is not empty and is not an lmkl run (holds {shown}); "
+                    "lmkl will not write into it or delete it",
+                    "choose another --out directory (a new or empty one)",
+                )
             if not overwrite:
                 raise OutputError(
                     f"output directory '{path}' already holds a run",
                     "pass --overwrite to replace it, --resume to continue it, or another --out",
-                )
-            if not (path / MARKER).is_file() and not _is_legacy_run(path):
-                raise OutputError(
-                    f"'{path}' is not empty and is not an lmkl run (no {MARKER} marker); "
-                    "refusing to delete it",
-                    "choose an empty or new --out directory (or delete it yourself)",
                 )
             foreign = foreign_entries(path)
             if foreign:
@@ -560,6 +564,33 @@ def _unpreparable(path: Path, exc: OSError) -> OutputError:
     return OutputError(
         f"cannot prepare output directory '{path}': {exc.strerror}",
         "choose a writable --out directory",
+    )
+
+
+def check_own_output(path: Path, owner: str, is_own: Callable[[dict[str, Any]], bool]) -> bool:
+    """For a command that replaces its own output directory on every run (``lmkl demo`` and
+    ``runs/demo``): True when ``path`` holds such a run to replace, False when it is missing or
+    empty; refuses (one line) anything else, so that a user's files there are never deleted.
+
+    ``is_own`` is given the run's config.yaml (a mapping) and says whether ``owner`` wrote it.
+    """
+    if not path.exists() or (path.is_dir() and _is_empty(path)):
+        return False
+    config: Any = None
+    if path.is_dir() and ((path / MARKER).is_file() or _is_legacy_run(path)):
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            config = None
+    if isinstance(config, dict) and is_own(config) and not foreign_entries(path):
+        return True
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if held[3:] else "")
+    raise OutputError(
+        f"'{path}' is not {owner}'s own output"
+        + (f" (holds {shown})" if held else " (it is a file)")
+        + f"; {owner} replaces that directory on every run, so it will not touch this one",
+        f"move '{path}' away, or give {owner} another --out directory",
     )
 
 

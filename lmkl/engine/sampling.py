@@ -427,14 +427,24 @@ def summarize_samples(table: dict[str, np.ndarray], spec: SampleSpec) -> dict[st
             entry[name] = {"mean": m, "se": s}
         per_prompt.append(entry)
     forward = spec.direction == "forward"
-    target = "KL(P‖Q)" if forward else "KL(Q‖P)"
+    kl_name = "KL(P‖Q)" if forward else "KL(Q‖P)"
     sampler = "the reference P" if forward else "the candidate Q"
     warning = None
+    target = kl_name
     if not spec.exact:
         warning = (
             f"sampling used temperature={spec.temperature}, top_k={spec.top_k}, "
             f"top_p={spec.top_p}, so continuations come from a distribution S other than "
-            f"{sampler}: every estimate here is an expectation under S, NOT {target}"
+            f"{sampler}: every estimate here is an expectation under S, NOT {kl_name}"
+        )
+        # What is estimated, named with its sampler (titles show it): never plain KL(P‖Q).
+        changes = [f"T={spec.temperature:g}"] if spec.temperature != 1.0 else []
+        changes += [f"top-k {spec.top_k}"] if spec.top_k else []
+        changes += [f"top-p {spec.top_p:g}"] if spec.top_p != 1.0 else []
+        first, second = ("P", "Q") if forward else ("Q", "P")
+        target = (
+            f"E_S(log {first} − log {second}) with S = {first} at {', '.join(changes)} "
+            f"(not {kl_name})"
         )
     return {
         "target": target,
@@ -445,7 +455,7 @@ def summarize_samples(table: dict[str, np.ndarray], spec: SampleSpec) -> dict[st
             f"{target} between the two models' distributions over continuations (stopped at a "
             f"stop token or after {spec.max_new_tokens} tokens), averaged over prompts"
             if spec.exact
-            else f"E_(y~S)[…] under the tempered/truncated sampler S; not {target}"
+            else f"E_(y~S)[…] under the tempered/truncated sampler S; not {kl_name}"
         ),
         "exact_sampling": spec.exact,
         "biased": not spec.exact,

@@ -35,9 +35,15 @@ from lmkl.analysis.ranking import (
     rank_one_run_sums,
 )
 from lmkl.analysis.streaming import TokenSummary
-from lmkl.data.corpus import Corpus, load_corpus
+from lmkl.data.corpus import Corpus, load_corpus, skipped_rows_note
 from lmkl.data.windows import Window, make_windows
-from lmkl.engine.common import candidate_columns, default_run_dir, load_models, unique_labels
+from lmkl.engine.common import (
+    candidate_columns,
+    default_run_dir,
+    load_models,
+    unique_labels,
+    windowing_note,
+)
 from lmkl.engine.distributed import Shard, device_for_rank
 from lmkl.engine.identity import run_identity
 from lmkl.engine.loop import LogCallback, Part, Plan, RunOutcome, Summary
@@ -238,6 +244,9 @@ class TokenComparison:
             corpus = load_corpus(self.data)
         self._given_corpus = None  # the windows are all that is needed from here on
         self.corpus_description = corpus.description
+        note = skipped_rows_note(corpus)
+        if note is not None:
+            log(note)
         if self._given_models is None:
             on_rank = [
                 s.model_copy(update={"device": device_for_rank(s.device, shard)})
@@ -256,6 +265,7 @@ class TokenComparison:
             self.compute.max_tokens,
         )
         total = sum(w.num_targets for w in self.window_list)
+        log(windowing_note(self.windows, total, corpus.description["documents"]))
         self.kernel, self.chunk = make_kernel(
             self.compute, self.vocab_size, total * len(cand_models), log, self.ref_model.device
         )

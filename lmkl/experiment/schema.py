@@ -396,17 +396,65 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     return lines
 
 
+def _model_values(raw: Mapping[str, Any]) -> Iterable[tuple[str, str, str]]:
+    """``(where, value, kind)`` of every model and data source named in a raw config."""
+    reference = raw.get("reference")
+    if isinstance(reference, dict):
+        value = reference.get("model", reference.get("cache"))
+        if isinstance(value, str):
+            yield "reference.model", value, "model"
+    for key, field, kind in (("candidates", "model", "model"), ("datasets", "source", "data")):
+        items = raw.get(key)
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            if isinstance(item, dict) and isinstance(item.get(field), str):
+                yield f"{key}.{i}.{field}", item[field], kind
+
+
+def raw_problems(raw: Mapping[str, Any], check_paths: bool = False) -> list[str]:
+    """Problems found in the raw mapping, so that they are reported together with the schema's
+    (pydantic skips a list's validator when one item is invalid): duplicate candidate labels,
+    unknown ``demo:`` names and, with ``check_paths``, model paths that do not exist."""
+    problems = []
+    items = raw.get("candidates")
+    labels = (
+        [c.get("label") for c in items if isinstance(c, dict)] if isinstance(items, list) else []
+    )
+    for label in dict.fromkeys(x for x in labels if isinstance(x, str) and labels.count(x) > 1):
+        problems.append(f"candidates: label '{label}' is used twice; labels must be unique")
+    for where, value, kind in _model_values(raw):
+        if value.startswith("demo:"):
+            from lmkl.demo.names import DEMO_NAMES, DEMO_SCHEME
+
+            if value[len(DEMO_SCHEME) :] not in DEMO_NAMES:
+                known = ", ".join(f"{DEMO_SCHEME}{n}" for n in DEMO_NAMES)
+                problems.append(f"{where}: unknown demo name '{value}' (use {known})")
+        elif check_paths and kind == "model" and not Path(value).expanduser().exists():
+            from lmkl.models.sources import looks_like_path
+
+            if looks_like_path(value):
+                problems.append(
+                    f"{where}: model directory '{value}' does not exist "
+                    "(check the path; a hub id looks like org/name)"
+                )
+    return problems
+
+
 def validate_config(
-    raw: Mapping[str, Any], source: str = "config", problems: Sequence[str] = ()
+    raw: Mapping[str, Any],
+    source: str = "config",
+    problems: Sequence[str] = (),
+    check_paths: bool = False,
 ) -> ExperimentConfig:
-    """Validate a raw mapping; raise one :class:`ConfigError` listing ``problems`` and all
-    schema errors."""
+    """Validate a raw mapping; raise one :class:`ConfigError` listing ``problems``, all schema
+    errors and the :func:`raw_problems` (model paths too with ``check_paths``)."""
     found = list(problems)
     config = None
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         found.extend(format_validation_error(exc))
+    found.extend(raw_problems(raw, check_paths))
+    found = list(dict.fromkeys(found))  # a duplicate label found by both checks, once
     if found or config is None:
         count = f"{len(found)} problem{'s' if len(found) != 1 else ''}"
         raise ConfigError(
@@ -418,12 +466,16 @@ def validate_config(
 
 
 def load_config(
-    path: str | Path, overrides: Iterable[str] = (), settings: Mapping[str, Any] | None = None
+    path: str | Path,
+    overrides: Iterable[str] = (),
+    settings: Mapping[str, Any] | None = None,
+    check_paths: bool = False,
 ) -> ExperimentConfig:
     """Read ``path``, apply ``overrides`` (command line > YAML > defaults) and validate.
 
     ``settings`` maps dotted paths to already-typed values (from command-line options such as
     ``--out``); they are applied after ``overrides``, so the dedicated options win.
+    ``check_paths``: also report model paths that do not exist, among the other problems.
     """
     raw = read_yaml(Path(path))
     problems = apply_overrides(raw, overrides)
@@ -432,7 +484,7 @@ def load_config(
         if problem:
             problems.append(f"{key}: {problem}")
     _sources_beside(raw, Path(path).parent)
-    return validate_config(raw, str(path), problems)
+    return validate_config(raw, str(path), problems, check_paths)
 
 
 def _sources_beside(raw: dict[str, Any], config_dir: Path) -> None:

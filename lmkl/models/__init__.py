@@ -29,7 +29,7 @@ from lmkl.models.gguf import GgufTokenizer
 from lmkl.models.identity import describe_model, weights_identity
 from lmkl.models.load_errors import translate_load_error
 from lmkl.models.loaded import LoadedModel, OutputHead, max_positions
-from lmkl.models.loading import load_model, load_tokenizer
+from lmkl.models.loading import check_quantization_fits, load_model, load_tokenizer
 from lmkl.models.pickle_policy import check_adapter_policy, check_pickle_policy
 from lmkl.models.sources import PICKLE_SUFFIXES, hub_repo_files, hub_snapshot, hub_weight_bytes
 from lmkl.models.vocabulary import (
@@ -50,6 +50,7 @@ __all__ = [
     "check_config_fits",
     "check_context_length",
     "check_pickle_policy",
+    "check_quantization_fits",
     "check_tokenizers_match",
     "describe_model",
     "fingerprint_files",

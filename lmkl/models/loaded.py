@@ -50,6 +50,9 @@ class LoadedModel:
     no_inference_mode: bool = False
     #: How the weights are quantized (None: full precision); see :mod:`lmkl.quantization`.
     quantization: dict[str, Any] | None = None
+    #: How much one text's logits move with the other rows of its batch, measured at load time
+    #: (see :func:`lmkl.models.head_split.measure_batch_dependence`; None: not measured).
+    batch_dependence: dict[str, Any] | None = None
 
     @property
     def probe_tolerance(self) -> float:

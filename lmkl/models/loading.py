@@ -61,6 +61,17 @@ def _resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype | str:
     return _DTYPES[spec.dtype]
 
 
+def check_quantization_fits(spec: ModelSpec) -> None:
+    """Before any model loads: refuse (one line) an on-the-fly quantization whose groups do not
+    fit the model's layer widths, read from its config, so a run with several candidates stops
+    before loading the first rather than after loading the others."""
+    if spec.quantize is None or spec.gguf_file:
+        return
+    check_source(spec)
+    config = model_config(spec)
+    check_groups_fit(spec.quantize, config, spec.display_name, resolve_device(spec.device))
+
+
 def load_model(
     spec: ModelSpec, device: torch.device | None = None, tokenizer: Any | None = None
 ) -> LoadedModel:
@@ -125,13 +136,18 @@ def load_model(
         quantization=quantization,
     )
     _attach_head(loaded)
-    if not head_split.is_causal(loaded):
+    probe = head_split.probe_model(loaded)
+    if not probe.causal:
         raise ModelLoadError(
             f"'{spec.model}' is not a causal language model: its prediction at a position "
             "changes when later tokens change (a bidirectional encoder such as BERT?)",
             "pass a decoder-only language model",
         )
+    loaded.batch_dependence = probe.batch_dependence or None
     loaded.description = describe_model(loaded, source, local, quantization)
+    if loaded.batch_dependence is not None:
+        # Measured, not pinned: never part of the run identity (see engine.identity).
+        loaded.description["batch_dependence"] = loaded.batch_dependence
     return loaded
 
 

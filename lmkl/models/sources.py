@@ -22,7 +22,7 @@ def is_local(spec: ModelSpec) -> bool:
     return Path(spec.model).expanduser().exists()
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything else with a separator is meant as a path."""
     return (
         name.startswith(("/", "./", "../", "~", "\\"))
@@ -36,7 +36,7 @@ def check_source(spec: ModelSpec) -> None:
     """One-line errors for local paths that cannot be models, before transformers sees them."""
     directory = Path(spec.model).expanduser()
     if not directory.exists():
-        if _looks_like_path(spec.model):
+        if looks_like_path(spec.model):
             raise ModelLoadError(
                 f"model directory '{spec.model}' does not exist",
                 "check the path (a hub id looks like org/name)",

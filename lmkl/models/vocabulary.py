@@ -10,7 +10,9 @@ from typing import Any
 
 from lmkl.errors import TokenizerMismatchError, UsageError
 from lmkl.models.config import model_config
+from lmkl.models.environment import resolve_device
 from lmkl.models.loaded import LoadedModel, max_positions
+from lmkl.quantization import check_groups_fit
 from lmkl.specs import ModelSpec, WindowSpec
 
 
@@ -81,8 +83,11 @@ def check_context_length(models: list[LoadedModel], windows: WindowSpec) -> None
 
 def check_config_fits(spec: ModelSpec, windows: WindowSpec, vocab_size: int) -> None:
     """Before loading weights: refuse (one line) a model whose config cannot take ``windows``'
-    context or has fewer output rows than ``vocab_size``."""
+    context, has fewer output rows than ``vocab_size``, or whose quantization groups do not fit
+    its layer widths."""
     config = model_config(spec)
+    if spec.quantize is not None and not spec.gguf_file:
+        check_groups_fit(spec.quantize, config, spec.display_name, resolve_device(spec.device))
     limit = max_positions(config)
     if limit is not None and windows.context_length > limit:
         raise UsageError(

@@ -24,7 +24,7 @@ import torch
 
 from lmkl.data.windows import Window, scored_positions
 from lmkl.environment import versions
-from lmkl.files import fsync_dir, fsync_tree, to_json_safe
+from lmkl.files import atomic_path, fsync_dir, fsync_tree, to_json_safe
 from lmkl.refcache.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -289,7 +289,8 @@ class CacheWriter:
         tensors = {"weight": linear.weight.detach().cpu().contiguous().clone()}
         if getattr(linear, "bias", None) is not None:
             tensors["bias"] = linear.bias.detach().cpu().contiguous().clone()
-        save_file(tensors, str(directory / "head.safetensors"))
+        with atomic_path(directory / "head.safetensors") as tmp:  # (the user's file mode)
+            save_file(tensors, str(tmp))
         return {
             "softcap": head.softcap,
             "scale": head.scale,

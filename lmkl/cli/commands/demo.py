@@ -8,7 +8,7 @@ the English reference text that every CPython ships (``pydoc_data``), then compa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
@@ -19,6 +19,19 @@ from lmkl.cli.output import TokenProgress, show_path, show_run, stderr
 
 #: Tokens of the worst documents the demo's token view shows (a page that opens instantly).
 DEMO_VIEW_TOKENS = 6000
+#: The demo's labels: each model by what it is (the table reads "reference P = llama-4x128").
+DEMO_REFERENCE_LABEL = "llama-4x128"
+DEMO_CANDIDATE_LABEL = "student"
+DEMO_DATA_LABEL = "pydoc-heldout"
+#: Where the demo writes when no --out is given; it replaces its own earlier output there.
+DEMO_OUT = Path("runs") / "demo"
+
+
+def _is_demo_run(config: dict[str, Any]) -> bool:
+    """Whether a run's config.yaml is the demo's (by its data and candidate labels)."""
+    data, candidates = config.get("data") or {}, config.get("candidates") or [{}]
+    labels = (data.get("label"), candidates[0].get("label"))
+    return labels == (DEMO_DATA_LABEL, DEMO_CANDIDATE_LABEL)
 
 
 @friendly_errors
@@ -28,8 +41,14 @@ def demo(
     rebuild: Annotated[bool, typer.Option(help="Rebuild the cached demo models.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Build two small models offline (cached) and compare them: the whole job in one command."""
+    """Build two small models offline (cached) and compare them: the whole job in one command.
+
+    Without --out the demo writes runs/demo and replaces its own earlier output there (it says
+    so); anything else in runs/demo is refused, never deleted. An --out directory that holds a
+    run is replaced only with --overwrite.
+    """
     import lmkl.api
+    from lmkl.engine.rundir import check_own_output
     from lmkl.models import quiet_hf_logging, set_offline
     from lmkl.report.terminal import print_summary
     from lmkl.specs import DataSpec, ModelSpec
@@ -43,26 +62,33 @@ def demo(
         if not quiet:
             stderr.print(Text(message, style="dim"))
 
+    # Checked before the (minutes-long, first time) build: a refusal comes at once.
+    replacing = out is None and check_own_output(DEMO_OUT, "lmkl demo", _is_demo_run)
     assets = build_demo_assets(demo_cache_dir(), force=rebuild, progress=say)
+    if replacing:
+        say(f"replacing {DEMO_OUT} (the demo's own output; --out DIR writes elsewhere)")
     with TokenProgress(quiet) as progress:
         run = lmkl.api.compare(
-            ModelSpec(model=str(assets.reference_dir), label="reference", device="cpu"),
-            [ModelSpec(model=str(assets.candidate_dir), label="student", device="cpu")],
-            DataSpec(source=str(assets.heldout_path), label="pydoc-heldout"),
-            out=out or Path("runs") / "demo",
-            overwrite=overwrite or out is None,
+            ModelSpec(model=str(assets.reference_dir), label=DEMO_REFERENCE_LABEL, device="cpu"),
+            [ModelSpec(model=str(assets.candidate_dir), label=DEMO_CANDIDATE_LABEL, device="cpu")],
+            DataSpec(source=str(assets.heldout_path), label=DEMO_DATA_LABEL),
+            out=out or DEMO_OUT,
+            overwrite=overwrite or replacing,
             context_length=256,
             stride=128,
             batch_size=8,
             # Both models' top-5 on the worst documents, so the report opens on the token view.
             view_tokens=DEMO_VIEW_TOKENS,
             progress=progress,
-            log=progress.log,
+            # Every line, piped too: the header says which context length the KL is for.
+            log=say,
         )
     show_run(run, quiet, print_summary)
-    # End with the report people would rather look at: one self-contained HTML page.
+    # End with the report people would rather look at: one self-contained HTML page (quiet:
+    # the run directory alone, as every command prints; the report is inside it).
     report_path = run.report(view="tokens")
-    show_path("report", report_path, quiet)
+    if not quiet:
+        show_path("report", report_path, quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,7 @@ import typer
 from rich.text import Text
 
 from lmkl.cli.funnel import friendly_errors
-from lmkl.cli.options import OfflineOpt, OverridesArg, apply_offline, load_with_options
+from lmkl.cli.options import OfflineOpt, OverridesArg, apply_offline
 from lmkl.cli.output import stdout
 
 
@@ -44,7 +44,11 @@ def validate(
 
         raise UsageError("no config given", "pass CONFIG.yaml, or --schema for the schema")
     apply_offline(offline)
-    cfg = load_with_options(config, overrides, {})
+    from lmkl.experiment.schema import load_config
+
+    # Every problem in one round: schema, duplicate labels, demo names and (--check-models)
+    # missing model paths, before any tokenizer loads.
+    cfg = load_config(config, overrides or [], check_paths=check_models)
     extras = []
     if cfg.noise_floor.enabled:
         extras.append("noise floor")
