@@ -256,3 +256,61 @@ def compare(
     run = Run(outcome.path, outcome.results)
     run.is_main = outcome.is_main  # type: ignore[attr-defined]
     return run
+
+
+def attribute(
+    reference: str | Path | ModelSpec,
+    candidate: str | Path | ModelSpec,
+    data: str | Path | DataSpec,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    windows: WindowSpec | None = None,
+    compute: ComputeSpec | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Run:
+    """Where in the model ``candidate``'s KL comes from: each weight-holding module, decoder
+    layer and layer prefix of the reference taken from ``candidate`` (same module structure)
+    on its own, with document-bootstrap intervals; ``results["full"]`` is what :func:`compare`
+    reports. Options as for :func:`compare`; see README, "Attribution".
+    """
+    model_opts, data_opts, window_opts, compute_opts = _split_options(options)
+    ref_opts = {k: v for k, v in model_opts.items() if k not in _CANDIDATE_ONLY}
+    ref_spec = (
+        _spec(ModelSpec, reference, ref_opts, "the reference")
+        if isinstance(reference, ModelSpec)
+        else _spec(ModelSpec, None, ref_opts | {"model": str(reference)}, "the reference")
+    )
+    cand_spec = (
+        _spec(ModelSpec, candidate, model_opts, "the candidate")
+        if isinstance(candidate, ModelSpec)
+        else _spec(ModelSpec, None, model_opts | {"model": str(candidate)}, "the candidate")
+    )
+    data_spec = _spec(
+        DataSpec,
+        data,
+        data_opts | ({} if isinstance(data, DataSpec) else {"source": str(data)}),
+        "data",
+    )
+    if windows is not None or window_opts:
+        windows = _spec(WindowSpec, windows, window_opts, "windows")
+    compute = _spec(ComputeSpec, compute, compute_opts, "compute")
+    from lmkl.attribution.kind import run_attribution
+
+    outcome = run_attribution(
+        ref_spec,
+        cand_spec,
+        data_spec,
+        windows,
+        compute,
+        OutputSpec(dir=str(out) if out else None, overwrite=overwrite),
+        resume=resume,
+        progress=progress,
+        log=log,
+    )
+    run = Run(outcome.path, outcome.results)
+    run.is_main = outcome.is_main  # type: ignore[attr-defined]
+    return run

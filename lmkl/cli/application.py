@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from lmkl.cli.commands import (
+    attribute,
     cache,
     compare,
     demo,
@@ -41,7 +42,19 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (compare, demo, run, validate, init, cache, sample_kl, report, inspect, select):
+for module in (
+    compare,
+    attribute,
+    demo,
+    run,
+    validate,
+    init,
+    cache,
+    sample_kl,
+    report,
+    inspect,
+    select,
+):
     module.register(app)
 
 

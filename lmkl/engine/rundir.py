@@ -64,6 +64,7 @@ RUN_FILES = frozenset(
         "parts",
         "documents.parquet",
         "samples.parquet",
+        "units.parquet",
         "samples.jsonl",
         "report.html",
         "report.md",
