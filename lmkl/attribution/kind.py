@@ -86,11 +86,13 @@ class UnitForward:
         self.outside_inference_mode = outside_inference_mode
 
     def _plain(self, call: Callable[[], torch.Tensor]) -> torch.Tensor:
-        # optimum-quanto's modules refuse inference mode (see LoadedModel.no_inference_mode).
-        if self.outside_inference_mode and torch.is_inference_mode_enabled():
+        # Never tracked by autograd; optimum-quanto's modules refuse inference mode (see
+        # LoadedModel.no_inference_mode), so those run under no_grad only.
+        if self.outside_inference_mode:
             with torch.inference_mode(False), torch.no_grad():
                 return call()
-        return call()
+        with torch.inference_mode():
+            return call()
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._plain(self.compute)

@@ -1,0 +1,332 @@
+"""``lmkl attribute``: every unit's KL against an independent float64 computation (weights
+substituted by hand, full forwards, KL in NumPy), the boundary shortcut's saving, the full
+candidate equal to ``compare``, other candidate formats, bad structure, resume, the terminal."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from runtools import ROOT, VOLATILE, check_error, invoke, kill_at
+from tiny_models import build_tiny_model, tiny_corpus
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lmkl.api
+
+CONTEXT = 256
+
+
+def fake_quantize(model_dir: Path, out: Path, *, keep: tuple[str, ...] = ()) -> Path:
+    """A copy whose decoder weights and embeddings are rounded to 5 levels per row (the final
+    norm and output layer kept, so the last prefix is the whole candidate); ``keep``: modules
+    left identical."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if name in keep or weight is None or weight.dim() != 2 or "lm_head" in name:
+                continue
+            scale = weight.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 2
+            weight.copy_((weight / scale).round() * scale)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    """Three short held-out documents, each one window at context 256."""
+    path = tmp_path_factory.mktemp("attr-data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t[:500]}) + "\n" for t in tiny_corpus()[1][:3]))
+    return path
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2"])
+def pair(request, tmp_path_factory) -> dict[str, Path]:
+    """A tiny trained 2-layer model of each family and its fake-quantized copy."""
+    root = tmp_path_factory.mktemp(f"attr-{request.param}")
+    reference = build_tiny_model(
+        root / "reference",
+        arch=request.param,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        steps=20,
+        seed=5,
+        tie_word_embeddings=False,
+    )
+    keep = {"llama": "model.layers.1.mlp.up_proj", "qwen2": "model.layers.1.mlp.up_proj"}
+    kept = keep.get(request.param, "transformer.h.1.mlp.c_fc")
+    # GPT-2's Conv1D weights are 2-D too; keep one module identical in every family.
+    candidate = fake_quantize(reference, root / "candidate", keep=(kept,))
+    return {"reference": reference, "candidate": candidate, "kept": kept, "arch": request.param}
+
+
+def attribute(pair: dict, docs: Path, out: Path, **options) -> lmkl.api.Run:
+    return lmkl.api.attribute(
+        str(pair["reference"]),
+        str(pair["candidate"]),
+        str(docs),
+        out=out,
+        context_length=CONTEXT,
+        batch_size=2,
+        dtype="float32",
+        compile=False,
+        **options,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(pair, docs, tmp_path_factory) -> lmkl.api.Run:
+    return attribute(pair, docs, tmp_path_factory.mktemp("attr-run") / "run")
+
+
+def _taken(unit: dict, names: list[str], layers_name: str) -> list[str]:
+    """The weight-holding modules a unit takes from the candidate, from names alone."""
+    if unit["scope"] == "module":
+        return [unit["name"]]
+    if unit["scope"] == "layer":
+        return [n for n in names if n.startswith(unit["name"] + ".")]
+    in_layers = [n for n in names if n.startswith(layers_name + ".")]
+    before = [n for n in names if "wte" in n or "wpe" in n or "embed_tokens" in n]
+    upto = [n for n in in_layers if int(n[len(layers_name) + 1 :].split(".")[0]) <= unit["layer"]]
+    return before + upto
+
+
+def _float64_kl(
+    ref: torch.nn.Module, cand: torch.nn.Module, modules: list[str], windows: list[list[int]]
+) -> list[np.ndarray]:
+    """KL(P‖hybrid) per position, hybrid = reference with ``modules``' weights from the
+    candidate; float64 full forwards, log-softmax and KL in NumPy."""
+    hybrid = copy.deepcopy(ref)
+    with torch.no_grad():
+        for name in modules:
+            theirs = dict(cand.get_submodule(name).named_parameters(recurse=False))
+            for pname, param in hybrid.get_submodule(name).named_parameters(recurse=False):
+                param.copy_(theirs[pname])
+    out = []
+    for ids in windows:
+        x = torch.tensor([ids[:-1]])
+        with torch.no_grad():
+            p = ref(input_ids=x).logits[0].numpy()
+            q = hybrid(input_ids=x).logits[0].numpy()
+
+        def log_softmax(z: np.ndarray) -> np.ndarray:
+            z = z - z.max(-1, keepdims=True)
+            return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+        lp, lq = log_softmax(p), log_softmax(q)
+        out.append((np.exp(lp) * (lp - lq)).sum(-1))
+    return out
+
+
+def test_every_unit_matches_an_independent_float64_computation(pair, docs, run):
+    results = run.results
+    assert results["kind"] == "attribution"
+    units = pq.read_table(run.path / "units.parquet").to_pandas()
+    tokens = pq.read_table(run.path / "tokens.parquet").to_pandas()
+    tokenizer = AutoTokenizer.from_pretrained(pair["reference"])
+    texts = [json.loads(line)["text"] for line in docs.read_text().splitlines()]
+    windows = [tokenizer(t).input_ids for t in texts]
+    assert tokens["doc_id"].nunique() == len(windows)
+    for doc, ids in enumerate(windows):  # one window per document: check the targets
+        rows = tokens[tokens["doc_id"] == doc].sort_values("window_pos")
+        assert rows["token_id"].tolist() == [ids[j] for j in rows["window_pos"]]
+    reference = AutoModelForCausalLM.from_pretrained(pair["reference"], dtype=torch.float64)
+    candidate = AutoModelForCausalLM.from_pretrained(pair["candidate"], dtype=torch.float64)
+    reference.eval()
+    names = [
+        n
+        for n, m in reference.named_modules()
+        if next(m.parameters(recurse=False), None) is not None
+    ]
+    layers_name = "model.layers" if pair["arch"] != "gpt2" else "transformer.h"
+    by_kind = {}
+    for unit in results["units"]:
+        by_kind.setdefault(unit["scope"], []).append(unit)
+        expected = _float64_kl(reference, candidate, _taken(unit, names, layers_name), windows)
+        want = np.concatenate(
+            [
+                e[tokens[tokens["doc_id"] == d].sort_values("window_pos")["window_pos"] - 1]
+                for d, e in enumerate(expected)
+            ]
+        )
+        key = f"{unit['scope']}:{unit['name']}"
+        if unit["identical"]:
+            assert np.allclose(want, 0.0, atol=1e-12), key  # truly identical, never run
+            assert key not in set(units["unit"]), key
+            assert unit["kl"]["mean"] == 0.0
+            continue
+        got = units[units["unit"] == key].sort_values(["doc_id", "window_pos"])["kl"].to_numpy()
+        assert got.shape == want.shape, key
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-6, err_msg=key)
+        assert unit["kl"]["mean"] == pytest.approx(want.mean(), rel=2e-3, abs=1e-7), key
+        assert unit["kl"]["ci_low"] <= unit["kl"]["mean"] <= unit["kl"]["ci_high"], key
+        assert 0.0 <= unit["top1_agreement"] <= 1.0 and unit["reverse_kl"] >= 0.0
+    assert len(by_kind["layer"]) == len(by_kind["prefix"]) == 2
+    kept = next(u for u in by_kind["module"] if u["name"] == pair["kept"])
+    assert kept["identical"] and kept["kl"]["mean"] == 0.0
+    modules_sum = sum(u["kl"]["mean"] for u in by_kind["module"])
+    assert results["sum_of_modules"]["mean"] == pytest.approx(modules_sum)
+    assert len(results["hidden_state_error"]) == 2
+    assert all(e > 0 for e in results["hidden_state_error"])
+
+
+def test_full_is_compare_and_the_last_prefix_is_the_full_candidate(pair, docs, run, tmp_path):
+    if pair["arch"] != "llama":
+        pytest.skip("one family is enough")
+    compared = lmkl.api.compare(
+        str(pair["reference"]),
+        str(pair["candidate"]),
+        str(docs),
+        out=tmp_path / "compare",
+        context_length=CONTEXT,
+        batch_size=2,
+        dtype="float32",
+        compile=False,
+    )
+    assert run.results["full"] == compared.results["candidates"][0]["metrics"]
+    assert (
+        run.results["full_kl"]["mean"] == compared.results["candidates"][0]["metrics"]["kl"]["mean"]
+    )
+    units = pq.read_table(run.path / "units.parquet").to_pandas()
+    last = units[units["unit"] == "prefix:model.layers.1"].sort_values(["doc_id", "window_pos"])
+    full = pq.read_table(run.path / "tokens.parquet").to_pandas()
+    full = full.sort_values(["doc_id", "window_pos"])
+    np.testing.assert_allclose(last["kl"].to_numpy(), full["kl"].to_numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_boundaries_save_decoder_layer_calls(pair, docs, tmp_path, monkeypatch):
+    """Layer calls counted on the decoder layer class: 2 full forwards per batch, then each
+    unit only from its layer on; full forwards per unit would make far more."""
+    if pair["arch"] != "llama":
+        pytest.skip("one family is enough")
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    calls, scoring = [], []
+    original = LlamaDecoderLayer.forward
+
+    def counted(self, *args, **kwargs):
+        if scoring:  # not the load-time probes
+            calls.append(self.self_attn.layer_idx)
+        return original(self, *args, **kwargs)
+
+    def log(message: str) -> None:
+        if message.startswith("attributing over"):  # the last thing prepare says
+            scoring.append(True)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counted)
+    result = attribute(pair, docs, tmp_path / "run", log=log).results
+    batches = 2  # three documents, two per batch
+    scored = [u for u in result["units"] if not u["identical"]]
+    starts = []
+    for u in scored:
+        if u["scope"] == "prefix":
+            starts.append(u["layer"] + 1)
+        elif u["layer"] is not None:
+            starts.append(u["layer"])
+        else:
+            starts.append(0 if u["name"] == "model.embed_tokens" else 2)
+    expected = batches * (2 * 2 + sum(2 - s for s in starts))
+    assert len(calls) == expected == result["cost"]["layer_calls"]
+    assert (
+        len(calls) < batches * (2 + len(scored)) * 2 == result["cost"]["full_forward_layer_calls"]
+    )
+
+
+def test_mismatched_structure_is_one_line_exit_2(tiny_pair, docs, tmp_path):
+    out = tmp_path / "run"
+    code, output = invoke(
+        [
+            "attribute",
+            str(tiny_pair["reference"]),
+            str(tiny_pair["candidate"]),
+            "--data",
+            str(docs),
+            "--out",
+            str(out),
+            "--no-compile",
+        ]
+    )
+    check_error(code, output, 2, "attribution needs matching modules")
+    assert not out.exists()
+
+
+def test_exactly_one_candidate(tiny_pair, docs):
+    code, output = invoke(
+        ["attribute", str(tiny_pair["reference"]), "--data", str(docs), "--no-compile"]
+    )
+    check_error(code, output, 2, "exactly one candidate")
+
+
+def _cli_args(pair: dict, docs: Path, out: Path) -> list[str]:
+    return [
+        "attribute",
+        str(pair["reference"]),
+        str(pair["candidate"]),
+        "--data",
+        str(docs),
+        "--out",
+        str(out),
+        "--context-length",
+        "64",
+        "--stride",
+        "32",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float32",
+        "--no-compile",
+        "--quiet",
+    ]
+
+
+def test_resume_after_a_kill_gives_identical_units(pair, docs, tmp_path):
+    if pair["arch"] != "llama":
+        pytest.skip("one family is enough")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    code, output = invoke(_cli_args(pair, docs, full))
+    assert code == 0, output
+    kill_at(_cli_args(pair, docs, killed), "part-done:1")
+    assert not (killed / "results.json").exists()
+    code, output = invoke([*_cli_args(pair, docs, killed), "--resume"])
+    assert code == 0, output
+    a, b = (json.loads((d / "results.json").read_text()) for d in (killed, full))
+    assert a["provenance"]["resumed_parts"] == 2
+    for key in (*VOLATILE, "cost"):
+        a.pop(key), b.pop(key)
+    assert a == b
+    units_a = pq.read_table(killed / "units.parquet")
+    units_b = pq.read_table(full / "units.parquet")
+    assert units_a.num_rows == units_b.num_rows > 0 and units_a.equals(units_b)
+
+
+def test_terminal_fits_80_columns_piped(pair, docs, tmp_path):
+    if pair["arch"] != "qwen2":
+        pytest.skip("one family is enough")
+    args = _cli_args(pair, docs, tmp_path / "run")
+    args.remove("--quiet")
+    env = dict(
+        os.environ,
+        COLUMNS="80",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmkl", *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    # (The run directory's path is printed whole, never wrapped: it may be longer.)
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("run directory")]
+    assert all(len(line) <= 80 for line in lines), proc.stdout
+    assert "…" not in proc.stdout, proc.stdout
+    assert "of the isolated KL" in proc.stdout
+    assert "model.layers.0.self_attn.q_proj" in proc.stdout or "model.layers" in proc.stdout
+    assert "run directory:" in proc.stdout
