@@ -108,6 +108,9 @@ def _float64_kl(
     candidate; float64 full forwards, log-softmax and KL in NumPy."""
     hybrid = copy.deepcopy(ref)
     with torch.no_grad():
+        head, embedding = hybrid.get_output_embeddings(), hybrid.get_input_embeddings()
+        if head.weight is embedding.weight:  # tied: a module unit changes only its own use
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
         for name in modules:
             theirs = dict(cand.get_submodule(name).named_parameters(recurse=False))
             for pname, param in hybrid.get_submodule(name).named_parameters(recurse=False):
@@ -330,3 +333,77 @@ def test_terminal_fits_80_columns_piped(pair, docs, tmp_path):
     assert "of the isolated KL" in proc.stdout
     assert "model.layers.0.self_attn.q_proj" in proc.stdout or "model.layers" in proc.stdout
     assert "run directory:" in proc.stdout
+
+
+def _check_against_float64(run_path: Path, results: dict, ref_dir: Path, candidate, docs: Path):
+    """The units of a finished run outside layer 1's single modules (layer 1 as a whole is
+    checked) against :func:`_float64_kl` (``candidate``: loaded)."""
+    units = pq.read_table(run_path / "units.parquet").to_pandas()
+    tokens = pq.read_table(run_path / "tokens.parquet").to_pandas()
+    tokenizer = AutoTokenizer.from_pretrained(ref_dir)
+    windows = [tokenizer(json.loads(x)["text"]).input_ids for x in docs.read_text().splitlines()]
+    reference = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float64).eval()
+    names = [n for n, m in reference.named_modules() if next(m.parameters(False), None) is not None]
+    for unit in results["units"]:
+        if unit["scope"] == "module" and unit["layer"] == 1:
+            continue
+        key = f"{unit['scope']}:{unit['name']}"
+        expected = _float64_kl(reference, candidate, _taken(unit, names, "model.layers"), windows)
+        want = np.concatenate(
+            [
+                e[tokens[tokens["doc_id"] == d].sort_values("window_pos")["window_pos"] - 1]
+                for d, e in enumerate(expected)
+            ]
+        )
+        if unit["identical"]:
+            assert np.allclose(want, 0.0, atol=1e-12), key
+            continue
+        got = units[units["unit"] == key].sort_values(["doc_id", "window_pos"])["kl"].to_numpy()
+        np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-6, err_msg=key)
+
+
+def test_gguf_candidate_matches_float64(tiny_pair, docs, tmp_path):
+    """A Q4_0 GGUF file of the reference: every unit against float64 forwards of the weights
+    transformers dequantizes from it (the norms stay F32: identical, KL 0)."""
+    pytest.importorskip("gguf")
+    from gguf_files import write_gguf
+
+    gguf_path = write_gguf(tiny_pair["reference"], tmp_path / "model-Q4_0.gguf", "Q4_0")
+    run = lmkl.api.attribute(
+        str(tiny_pair["reference"]),
+        str(gguf_path),
+        str(docs),
+        out=tmp_path / "run",
+        context_length=CONTEXT,
+        batch_size=2,
+        dtype="float32",
+        compile=False,
+    )
+    norms = [u for u in run.results["units"] if u["name"].endswith("norm")]
+    assert norms and all(u["identical"] for u in norms)
+    candidate = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float64
+    )
+    _check_against_float64(run.path, run.results, tiny_pair["reference"], candidate, docs)
+
+
+@pytest.mark.parametrize("scheme", ["quanto:int4", "torchao:int8_weight_only"])
+def test_on_the_fly_quantized_candidate(tiny_pair, docs, tmp_path, scheme):
+    """Quantized while loading: the quantized Linears carry the KL, norms and embeddings are
+    the reference's (KL 0), and the full candidate is what compare reports."""
+    pytest.importorskip(scheme.split(":")[0].replace("quanto", "optimum.quanto"))
+    args = ["--context-length", str(CONTEXT), "--batch-size", "2", "--no-compile", "--quiet"]
+    out = tmp_path / "run"
+    common = [str(tiny_pair["reference"]), "--quantize", scheme, "--data", str(docs), *args]
+    code, output = invoke(["attribute", *common, "--out", str(out)])
+    assert code == 0, output
+    code, output = invoke(["compare", *common, "--out", str(tmp_path / "compare")])
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    compared = json.loads((tmp_path / "compare" / "results.json").read_text())
+    assert results["full"] == compared["candidates"][0]["metrics"]
+    modules = {u["name"]: u for u in results["units"] if u["scope"] == "module"}
+    assert modules["model.embed_tokens"]["identical"]
+    assert modules["model.norm"]["identical"]
+    linear = modules["model.layers.0.mlp.down_proj"]
+    assert not linear["identical"] and linear["kl"]["mean"] > 0
