@@ -407,3 +407,30 @@ def test_on_the_fly_quantized_candidate(tiny_pair, docs, tmp_path, scheme):
     assert modules["model.norm"]["identical"]
     linear = modules["model.layers.0.mlp.down_proj"]
     assert not linear["identical"] and linear["kl"]["mean"] > 0
+
+
+def test_report_from_the_run_directory_alone(pair, run, tmp_path):
+    """HTML and Markdown reports of an attribution run: the summary, the three figures and the
+    top modules, read from a copy of the run directory (no model needed)."""
+    if pair["arch"] != "llama":
+        pytest.skip("one family is enough")
+    import shutil
+
+    copied = tmp_path / "copy"
+    shutil.copytree(run.path, copied)
+    code, output = invoke(["report", str(copied)])
+    assert code == 0, output
+    html = (copied / "report.html").read_text()
+    assert run.results["summary"].split(";")[0] in html
+    assert html.count("data:image/png;base64,") == 3
+    top = max(
+        (u for u in run.results["units"] if u["scope"] == "module"), key=lambda u: u["kl"]["mean"]
+    )
+    assert top["name"] in html
+    code, output = invoke(["report", str(copied), "--format", "md"])
+    assert code == 0, output
+    assert sorted(p.name for p in (copied / "report_files").iterdir()) == [
+        "attribution_heatmap.png",
+        "attribution_layers.png",
+        "attribution_prefix.png",
+    ]

@@ -40,7 +40,8 @@ def kl_number(value: Any) -> str:
     return number(x)
 
 
-def _ci(kl: dict[str, Any]) -> str:
+def kl_interval(kl: dict[str, Any]) -> str:
+    """``[ci_low, ci_high]`` of a KL object."""
     return f"[{kl_number(kl.get('ci_low'))}, {kl_number(kl.get('ci_high'))}]"
 
 
@@ -64,7 +65,7 @@ def modules_table(results: dict[str, Any], top: int = TOP_MODULES) -> Table:
         table.add_row(
             Text(unit["name"]),
             kl_number(kl["mean"]),
-            _ci(kl),
+            kl_interval(kl),
             percent(share, 0),
         )
     return table
@@ -91,7 +92,7 @@ def layers_table(results: dict[str, Any]) -> Table:
             str(row["layer"]),
             bar(to_float(kl["mean"]), largest),
             kl_number(kl["mean"]),
-            _ci(kl),
+            kl_interval(kl),
             kl_number(row["modules_kl"]),
             kl_number(row["prefix_kl"]["mean"]),
         )
@@ -106,9 +107,9 @@ def print_attribution(results: dict[str, Any], console: Console | None = None) -
     console.print(
         Text.assemble(
             ("full candidate KL ", "bold"),
-            f"{kl_number(full['mean'])} {_ci(full)}",
+            f"{kl_number(full['mean'])} {kl_interval(full)}",
             "; sum of isolated modules ",
-            f"{kl_number(total['mean'])} {_ci(total)}",
+            f"{kl_number(total['mean'])} {kl_interval(total)}",
         )
     )
     console.print(Text(results["summary"]))
