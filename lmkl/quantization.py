@@ -250,9 +250,43 @@ def on_the_fly_quantization(spec: QuantizeSpec) -> dict[str, Any]:
     }
 
 
-def _tensor_bytes(tensor: Any, seen: set[int]) -> int:
+@dataclass
+class StoredBytes:
+    """Bytes of some tensors as a saved or served model stores them, and as they are loaded.
+
+    ``stored`` counts quantized values at their real bit width (torchao's int4 schemes on CPU
+    hold each 4-bit value, and its zero point, in an int8 container: counted at 4 bits);
+    ``loaded`` is what the tensors take in memory. Scales keep their own dtype in both.
+    """
+
+    stored: int = 0
+    loaded: int = 0
+
+    def __iadd__(self, other: StoredBytes) -> StoredBytes:
+        self.stored += other.stored
+        self.loaded += other.loaded
+        return self
+
+
+def _value_bits(tensor: Any) -> int | None:
+    """The bit width of a quantized tensor's values where it is narrower than their container:
+    torchao's ``IntxUnpackedToInt8Tensor`` names it in ``target_dtype`` (``torch.int4``)."""
+    import re
+
+    import torch
+
+    target = getattr(tensor, "target_dtype", None)
+    if not isinstance(target, torch.dtype) or target.is_floating_point:
+        return None
+    match = re.fullmatch(r"torch\.u?int(\d+)", str(target))
+    return int(match.group(1)) if match else None
+
+
+def _tensor_bytes(tensor: Any, seen: set[int], value_bits: int | None = None) -> StoredBytes:
     """Bytes a tensor really holds: the inner tensors of a subclass (packed data, scales, zero
-    points), the quantization state of a bitsandbytes parameter; shared storage counted once."""
+    points), the quantization state of a bitsandbytes parameter; shared storage counted once.
+    ``value_bits``: integer inner tensors held wider than the scheme's values (int4 in int8)
+    are stored at that width."""
     import torch
 
     flatten = getattr(type(tensor), "__tensor_flatten__", None)
@@ -262,8 +296,12 @@ def _tensor_bytes(tensor: Any, seen: set[int]) -> int:
         except Exception:  # an odd subclass: count it as a plain tensor
             names = []
         if names:
-            return sum(_tensor_bytes(getattr(tensor, n), seen) for n in names)
-    total = 0
+            bits = _value_bits(tensor)
+            total = StoredBytes()
+            for name in names:
+                total += _tensor_bytes(getattr(tensor, name), seen, bits)
+            return total
+    total = StoredBytes()
     if isinstance(tensor, torch.Tensor):
         try:  # a storage shared by views or tied weights is counted once, whole
             storage = tensor.untyped_storage()
@@ -272,49 +310,83 @@ def _tensor_bytes(tensor: Any, seen: set[int]) -> int:
             key, size = id(tensor), tensor.numel() * tensor.element_size()
         if key not in seen:
             seen.add(key)
-            total += size
+            width = 8 * tensor.element_size()
+            narrow = value_bits is not None and not tensor.is_floating_point()
+            stored = math.ceil(size * value_bits / width) if narrow and value_bits < width else size
+            total += StoredBytes(stored, size)
     state = getattr(tensor, "quant_state", None)  # bitsandbytes 4-bit: absmax, code, offsets
     if state is not None:
         for value in vars(state).values():
             if isinstance(value, torch.Tensor):
                 total += _tensor_bytes(value, seen)
             elif hasattr(value, "absmax"):  # nested (double-quantized) state
-                inner = [v for v in vars(value).values() if isinstance(v, torch.Tensor)]
-                total += sum(_tensor_bytes(v, seen) for v in inner)
+                for inner in vars(value).values():
+                    if isinstance(inner, torch.Tensor):
+                        total += _tensor_bytes(inner, seen)
     scb = getattr(tensor, "SCB", None)  # bitsandbytes 8-bit: per-row scales
     if isinstance(scb, torch.Tensor):
         total += _tensor_bytes(scb, seen)
     return total
 
 
-def weight_storage(model: Any) -> dict[str, Any]:
-    """Bytes of the weights as loaded, their logical element count, and bits per weight.
+@dataclass
+class ModuleStorage:
+    """One module's own tensors (not its children's): bytes stored and loaded, and weights."""
 
-    Parameters and buffers are counted (a quantized linear keeps its scales in either); a
-    linear layer's logical size is ``in × out`` whatever its packing, so bits per weight is
-    ``8 · bytes / weights`` over the whole model, like llama.cpp's BPW of a file.
-    """
+    size: StoredBytes
+    weights: int
+
+
+def storage_by_module(model: Any) -> dict[str, ModuleStorage]:
+    """Each module's own parameters and saved buffers, by ``named_modules()`` name, for the
+    modules that hold any (a storage shared by two modules, such as tied embeddings, counts
+    with the first). Buffers a model does not save (rotary tables) are not its weights."""
     seen: set[int] = set()
-    total_bytes, weights = 0, 0
-    for module in model.modules():
+    out: dict[str, ModuleStorage] = {}
+    for module_name, module in model.named_modules():
         rows, cols = getattr(module, "out_features", None), getattr(module, "in_features", None)
         parameters = dict(module.named_parameters(recurse=False))
-        for name, tensor in [*parameters.items(), *module.named_buffers(recurse=False)]:
+        transient = getattr(module, "_non_persistent_buffers_set", set())
+        buffers = [(n, b) for n, b in module.named_buffers(recurse=False) if n not in transient]
+        sizes, weights = StoredBytes(), 0
+        for name, tensor in [*parameters.items(), *buffers]:
             if tensor is None:
                 continue
             size = _tensor_bytes(tensor, seen)
-            if size == 0:
+            if size.loaded == 0:
                 continue  # shared with a tensor already counted (tied embeddings)
-            total_bytes += size
+            sizes += size
             if name == "weight" and isinstance(rows, int) and isinstance(cols, int):
                 weights += rows * cols  # packed 4-bit weights report half their numel
             elif name in parameters:
                 weights += tensor.numel()
+        if sizes.loaded:
+            out[module_name] = ModuleStorage(size=sizes, weights=weights)
+    return out
+
+
+def weight_storage(model: Any) -> dict[str, Any]:
+    """Bytes of the weights as a saved or served model stores them, their logical element
+    count, bits per weight, and the bytes as loaded beside them.
+
+    Parameters and saved buffers are counted (a quantized linear keeps its scales in either);
+    a linear layer's logical size is ``in × out`` whatever its packing, so bits per weight is
+    ``8 · bytes / weights`` over the whole model, like llama.cpp's BPW of a file. Quantized
+    values count at their real bit width (see :class:`StoredBytes`): ``weight_bytes`` and
+    ``bits_per_weight`` are what rankings and budgets use; ``loaded_bytes`` and
+    ``loaded_bits_per_weight`` are the memory the loaded model takes on this device.
+    """
+    modules = storage_by_module(model).values()
+    stored = sum(m.size.stored for m in modules)
+    loaded = sum(m.size.loaded for m in modules)
+    weights = sum(m.weights for m in modules)
     return {
-        "weight_bytes": int(total_bytes),
+        "weight_bytes": int(stored),
         "weights": int(weights),
-        "bits_per_weight": 8 * total_bytes / weights if weights else math.nan,
-        "size_source": "tensors in memory",
+        "bits_per_weight": 8 * stored / weights if weights else math.nan,
+        "loaded_bytes": int(loaded),
+        "loaded_bits_per_weight": 8 * loaded / weights if weights else math.nan,
+        "size_source": "tensors, quantized values at their bit width",
     }
 
 
@@ -380,3 +452,61 @@ def gguf_storage(path: Path) -> dict[str, Any]:
         "bits_per_weight": 8 * stored / elements if elements else math.nan,
         "size_source": "GGUF tensors",
     }
+
+
+#: Hugging Face module names of Llama-style decoders (Llama, Qwen2/3, Mistral...) and the GGUF
+#: tensor names llama.cpp's converter gives their weights (``{i}``: the decoder layer).
+GGUF_MODULE_NAMES: dict[str, str] = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "model.layers.{i}.input_layernorm": "blk.{i}.attn_norm",
+    "model.layers.{i}.self_attn.q_proj": "blk.{i}.attn_q",
+    "model.layers.{i}.self_attn.k_proj": "blk.{i}.attn_k",
+    "model.layers.{i}.self_attn.v_proj": "blk.{i}.attn_v",
+    "model.layers.{i}.self_attn.o_proj": "blk.{i}.attn_output",
+    "model.layers.{i}.self_attn.q_norm": "blk.{i}.attn_q_norm",
+    "model.layers.{i}.self_attn.k_norm": "blk.{i}.attn_k_norm",
+    "model.layers.{i}.post_attention_layernorm": "blk.{i}.ffn_norm",
+    "model.layers.{i}.mlp.gate_proj": "blk.{i}.ffn_gate",
+    "model.layers.{i}.mlp.up_proj": "blk.{i}.ffn_up",
+    "model.layers.{i}.mlp.down_proj": "blk.{i}.ffn_down",
+}
+_HF_NAMES = {gguf: hf for hf, gguf in GGUF_MODULE_NAMES.items()}
+
+
+def _with_layer(name: str, marker: str) -> tuple[str, str | None]:
+    """``model.layers.3.mlp.up_proj`` → (``model.layers.{i}.mlp.up_proj``, ``"3"``)."""
+    parts = name.split(".")
+    for at, part in enumerate(parts[:-1]):
+        if part == marker and parts[at + 1].isdigit():
+            return ".".join([*parts[: at + 1], "{i}", *parts[at + 2 :]]), parts[at + 1]
+    return name, None
+
+
+def gguf_tensor_prefix(module: str) -> str | None:
+    """The GGUF name (without ``.weight``/``.bias``) of a Hugging Face module, e.g.
+    ``model.layers.3.mlp.gate_proj`` → ``blk.3.ffn_gate``; None for a module it does not map."""
+    template, layer = _with_layer(module, "layers")
+    gguf = GGUF_MODULE_NAMES.get(template)
+    return gguf.format(i=layer) if gguf is not None else None
+
+
+def gguf_module_name(tensor: str) -> str | None:
+    """The Hugging Face module of a GGUF tensor, e.g. ``blk.3.ffn_gate.weight`` →
+    ``model.layers.3.mlp.gate_proj``; None for a tensor it does not map (``rope_freqs``)."""
+    prefix = tensor.rsplit(".", 1)[0]
+    template, layer = _with_layer(prefix, "blk")
+    hf = _HF_NAMES.get(template)
+    return hf.format(i=layer) if hf is not None else None
+
+
+def gguf_module_bytes(path: Path) -> dict[str, int]:
+    """Bytes each Hugging Face module's tensors take in a GGUF file (weights and biases, as
+    stored), by module name; tensors no module maps to are left out."""
+    out: dict[str, int] = {}
+    for tensor in read_gguf(path).tensors:
+        module = gguf_module_name(tensor.name)
+        if module is not None:
+            out[module] = out.get(module, 0) + int(tensor.n_bytes)
+    return out

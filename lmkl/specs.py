@@ -8,9 +8,12 @@ unknown key is an error, never silently ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmkl.errors import UsageError
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 Windowing = Literal["documents", "llama-cpp"]
@@ -142,6 +145,27 @@ class ModelSpec(StrictModel):
     group: str | None = Field(None, description="Free-form group for reports (e.g. 'students').")
     params: int | None = Field(None, ge=0, description="Parameter count, if known in advance.")
     step: int | None = Field(None, ge=0, description="Training step, for checkpoint series.")
+    recipe: str | None = Field(
+        None,
+        description="A mixed-precision recipe file (recipe.yaml, as `lmkl attribute --budget-bits` "
+        "writes it): its LOW model with the listed modules taken from its HIGH model. model, "
+        "gguf_file and quantize then come from the recipe's LOW model; dtype, device and the "
+        "trust settings from this spec.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_recipe(cls, data: Any) -> Any:
+        # recipe: FILE without a model: the model fields are LOW's (the tokenizer, config and
+        # weights identity are LOW's; loading then mixes in HIGH's modules).
+        if not isinstance(data, dict) or not data.get("recipe") or data.get("model"):
+            return data
+        low = read_recipe(data["recipe"]).low
+        fields = ("model", "revision", "gguf_file", "quantize", "adapter", "adapter_revision")
+        taken = {k: getattr(low, k) for k in (*fields, "dtype", "device") if data.get(k) is None}
+        if taken.get("quantize") is not None:
+            taken["quantize"] = taken["quantize"].model_dump()
+        return {**data, **taken}
 
     @model_validator(mode="before")
     @classmethod
@@ -157,12 +181,119 @@ class ModelSpec(StrictModel):
     def display_name(self) -> str:
         if self.label:
             return self.label
+        if self.recipe:
+            return f"recipe:{Path(self.recipe).stem}"
         name = self.model.rstrip("/").split("/")[-1] or self.model
         if self.gguf_file:
             name = self.gguf_file.rsplit("/", 1)[-1].removesuffix(".gguf")
         if self.quantize:
             name = f"{name}-{self.quantize.name}"
         return name
+
+
+#: Settings a recipe's models take from the run, never from the recipe file: where and in
+#: which dtype to load, and whether to run shipped code or unpickle (a file must not switch
+#: those on).
+RUN_SETTINGS = (
+    "dtype",
+    "device",
+    "device_map",
+    "trust_remote_code",
+    "allow_pickle",
+    "attn_implementation",
+)
+
+
+class Recipe(StrictModel):
+    """A mixed-precision model: LOW with the modules in ``high_modules`` taken from HIGH.
+
+    ``low`` and ``high`` are model specs of the same structure (module names and weight shapes),
+    e.g. a 4-bit and an 8-bit quantization of one model or two GGUF files of it; ``reference``
+    is the model they were measured against. The numbers below are what the run that chose the
+    recipe measured (informational: loading a recipe does not read them).
+    """
+
+    reference: ModelSpec | None = Field(None, description="The model P it was measured against.")
+    low: ModelSpec = Field(description="The model every module not listed comes from.")
+    high: ModelSpec = Field(description="The model the listed modules come from.")
+    high_modules: list[str] = Field(
+        default_factory=list,
+        description="named_modules() names of the modules taken from HIGH "
+        "(e.g. model.layers.3.mlp.down_proj).",
+    )
+    bits_per_weight: float | None = Field(None, description="Stored bits per weight, mixed.")
+    predicted_kl: float | None = Field(None, description="KL predicted from the attribution.")
+    measured_kl: float | None = Field(None, description="Mean KL(P‖mixed) measured, nats.")
+    uniform_low_kl: float | None = Field(None, description="Mean KL(P‖LOW), nats.")
+    uniform_high_kl: float | None = Field(None, description="Mean KL(P‖HIGH), nats.")
+    tensor_type_args: list[str] | None = Field(
+        None, description="llama-quantize --tensor-type arguments (GGUF LOW and HIGH)."
+    )
+
+    @model_validator(mode="after")
+    def _plain_parts(self) -> Recipe:
+        if any(part.recipe for part in (self.low, self.high)):
+            raise ValueError("low and high must be models, not recipes")
+        return self
+
+    def part_spec(self, part: ModelSpec, run: ModelSpec) -> ModelSpec:
+        """``part`` (``self.low`` or ``self.high``) loaded with ``run``'s settings."""
+        update = {k: getattr(run, k) for k in RUN_SETTINGS}
+        label = f"{run.display_name}:{'high' if part is self.high else 'low'}"
+        return part.model_copy(update={**update, "label": label, "recipe": None})
+
+
+def _beside(raw: Any, directory: Path) -> None:
+    """A relative model path that is not found from the working directory but is found beside
+    the recipe means that directory (a recipe and its models travel together)."""
+    for key in ("reference", "low", "high"):
+        part = raw.get(key)
+        model = part.get("model") if isinstance(part, dict) else None
+        relative = isinstance(model, str) and model and not Path(model).is_absolute()
+        if relative and not Path(model).exists() and (directory / model).exists():
+            part["model"] = str(directory / model)
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file (YAML); a missing, unreadable or invalid file is one line (exit 2)."""
+    import yaml
+
+    path = Path(path).expanduser()
+    fix = "pass a recipe.yaml as lmkl attribute --budget-bits writes it (low, high, high_modules)"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"recipe file '{path}' not found", fix) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read recipe file '{path}': {exc}", fix) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UsageError(f"recipe file '{path}' is not valid YAML{where}", fix) from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"recipe file '{path}' is not a mapping (low:, high:, ...)", fix)
+    nested = [k for k in ("low", "high") if isinstance(raw.get(k), dict) and "recipe" in raw[k]]
+    if nested:  # checked before validation: a recipe naming itself would recurse
+        raise UsageError(f"recipe file '{path}': {nested[0]}: must be a model, not a recipe", fix)
+    _beside(raw, path.parent)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "recipe"
+        message = error["msg"].removeprefix("Value error, ")
+        raise UsageError(f"recipe file '{path}': {where}: {message}", fix) from None
+
+
+def write_recipe(path: str | Path, recipe: Recipe) -> Path:
+    """Write ``recipe`` as YAML (defaults left out, so the file says only what was chosen)."""
+    import yaml
+
+    path = Path(path)
+    data = recipe.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    data["high_modules"] = list(recipe.high_modules)  # always present, even when empty
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
 
 
 class DataSpec(StrictModel):

@@ -232,6 +232,21 @@ def test_on_the_fly_quantization_small_positive_kl_and_provenance(on_the_fly_run
         assert entry["model"]["bits_per_weight"] < 32
 
 
+def test_rankings_use_the_stored_size_and_keep_the_loaded_one_beside(on_the_fly_run):
+    """torchao int4 on CPU: stored below int8, loaded above its stored size; the leaderboard's
+    bits per weight is the stored figure, its memory_bytes the loaded one."""
+    entries = _entries(on_the_fly_run)
+    int4 = entries["torchao-int4_weight_only-g32"]["model"]
+    int8 = entries["torchao-int8_weight_only"]["model"]
+    assert int4["bits_per_weight"] < int8["bits_per_weight"] < int4["loaded_bits_per_weight"]
+    assert int8["loaded_bits_per_weight"] == int8["bits_per_weight"]
+    ranking = json.loads((on_the_fly_run / "results.json").read_text())["ranking"]
+    sizes = {r["label"]: r["size"] for r in ranking["leaderboard"] if r["kind"] == "candidate"}
+    for label, entry in entries.items():
+        assert sizes[label]["bits_per_weight"] == entry["model"]["bits_per_weight"]
+        assert sizes[label]["memory_bytes"] == entry["model"]["loaded_bytes"]
+
+
 def test_on_the_fly_quantization_is_reproducible(
     tiny_pair, on_the_fly_run, small_jsonl_module, tmp_path
 ):
@@ -595,3 +610,124 @@ def test_group_size_that_does_not_divide_the_widths_is_one_line(
     check_error(code, output, 1, "group size 128 does not divide", "64")
     assert "fix: use a group size that divides 64, 192 (g16, g32, g64)" in output
     assert not out.exists()
+
+
+# Bits per weight as shipped: each scheme's storage counted from its definition, here, not by
+# lmkl. Two bias-free linear layers (out × in; never run): every group size divides them.
+_SHAPES = ((64, 128), (32, 256))
+
+
+def _linears(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(cols, rows, bias=False) for rows, cols in _SHAPES]
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+def _expected_bits(
+    per_row: float = 0.0, per_group: float = 0.0, group: int = 1, value: int = 8, per_layer=0
+) -> float:
+    """8 × bytes / weights over :data:`_SHAPES`: ``value`` bits per weight, ``per_group`` bits
+    for each group of ``group`` weights, ``per_row`` for each output row, ``per_layer`` for
+    each layer."""
+    weights = sum(r * c for r, c in _SHAPES)
+    bits = sum(
+        r * c * value + r * (c // group) * per_group + r * per_row + per_layer for r, c in _SHAPES
+    )
+    return bits / weights
+
+
+def _torchao(scheme: str, group: int | None = None) -> torch.nn.Module:
+    from torchao.quantization import quantize_
+
+    from lmkl.quantization import on_the_fly_config
+    from lmkl.specs import QuantizeSpec
+
+    spec = QuantizeSpec(method="torchao", scheme=scheme, group_size=group)
+    model = _linears()
+    quantize_(model, on_the_fly_config(spec).quant_type)  # the config lmkl loads with
+    return model
+
+
+def _quanto(scheme: str) -> torch.nn.Module:
+    from optimum.quanto import freeze, qint4, qint8, quantize
+
+    model = _linears()
+    quantize(model, weights={"int4": qint4, "int8": qint8}[scheme])
+    freeze(model)
+    return model
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_torchao_int4_counts_4_bit_values_not_their_int8_containers(group):
+    """torchao's int4 on CPU holds values and zero points in int8: stored is 4 bits per value,
+    a float32 scale and a 4-bit zero point per group; as loaded, 8-bit values and zero points."""
+    pytest.importorskip("torchao")
+    from lmkl.quantization import weight_storage
+
+    storage = weight_storage(_torchao("int4_weight_only", group))
+    assert storage["weights"] == sum(r * c for r, c in _SHAPES)
+    stored = _expected_bits(per_group=32 + 4, group=group, value=4)
+    loaded = _expected_bits(per_group=32 + 8, group=group, value=8)
+    assert storage["bits_per_weight"] == pytest.approx(stored, rel=1e-12)
+    assert storage["loaded_bits_per_weight"] == pytest.approx(loaded, rel=1e-12)
+    assert stored == pytest.approx(4 + 36 / group)
+
+
+def test_int8_and_quanto_storage_is_what_they_hold():
+    """Schemes already packed at their width: stored = loaded. int8 weight-only: a float32 scale
+    and an int8 zero point per row; quanto int8: a float32 scale per row; quanto int4: groups of
+    128, a float32 scale and a float32 shift per group (4-bit values packed two to a byte);
+    quanto layers also save two float32 activation scales."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("optimum.quanto")
+    from lmkl.quantization import weight_storage
+
+    expected = {
+        "torchao int8": (_torchao("int8_weight_only"), _expected_bits(per_row=32 + 8)),
+        "quanto int8": (_quanto("int8"), _expected_bits(per_row=32, per_layer=64)),
+        "quanto int4": (
+            _quanto("int4"),
+            _expected_bits(per_group=64, group=128, value=4, per_layer=64),
+        ),
+    }
+    for name, (model, bits) in expected.items():
+        storage = weight_storage(model)
+        assert storage["bits_per_weight"] == pytest.approx(bits, rel=1e-12), name
+        assert storage["loaded_bits_per_weight"] == storage["bits_per_weight"], name
+
+
+def test_fewer_bits_rank_smaller_as_shipped():
+    """int4 < int8 < bfloat16 by stored bits per weight (as loaded on CPU, torchao's int4
+    g16 would rank above int8)."""
+    pytest.importorskip("torchao")
+    from lmkl.quantization import weight_storage
+
+    bits = {
+        "int4-g16": weight_storage(_torchao("int4_weight_only", 16))["bits_per_weight"],
+        "int4-g32": weight_storage(_torchao("int4_weight_only", 32))["bits_per_weight"],
+        "int8": weight_storage(_torchao("int8_weight_only"))["bits_per_weight"],
+        "bf16": weight_storage(_linears(torch.bfloat16))["bits_per_weight"],
+    }
+    assert bits["int4-g32"] < bits["int4-g16"] < bits["int8"] < bits["bf16"] == 16
+    assert weight_storage(_torchao("int4_weight_only", 16))["loaded_bits_per_weight"] > 8.5
+
+
+def test_gguf_bytes_per_module_follow_the_block_layout(tiny_pair, gguf_files):
+    """Each module's bytes in a GGUF file: Q8_0 blocks of 32 weights take 34 bytes (an f16
+    scale and 32 int8), Q4_0 18 (an f16 scale and 32 nibbles), F16 2 per weight; 1-D norms stay
+    F32. The whole file's bits per weight is the sum over its tensors."""
+    from lmkl.quantization import gguf_module_bytes, gguf_storage
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["reference"], dtype=torch.float32)
+    shapes = {n.removesuffix(".weight"): p.shape for n, p in model.named_parameters()}
+    per_block = {"F16": 64, "Q8_0": 34, "Q4_0": 18}
+    for kind, block_bytes in per_block.items():
+        table = gguf_module_bytes(gguf_files[kind])
+        assert set(table) == set(shapes)  # every tensor named back to its module
+        for module, shape in shapes.items():
+            expected = shape.numel() * (4 if len(shape) == 1 else block_bytes / 32)
+            assert table[module] == expected, (kind, module)
+        storage = gguf_storage(gguf_files[kind])
+        assert storage["weight_bytes"] == sum(table.values())
+    bits = {k: gguf_storage(gguf_files[k])["bits_per_weight"] for k in ("Q4_0", "Q8_0", "F16")}
+    assert bits["Q4_0"] < bits["Q8_0"] < bits["F16"]

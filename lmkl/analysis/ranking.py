@@ -40,8 +40,9 @@ import numpy as np
 from lmkl.analysis.metrics import lookup, rank_metrics
 
 #: Sizes a candidate can be placed by on the Pareto front: parameter count, bytes of the weight
-#: files, parameters × dtype bytes, real bytes of the weights as loaded (quantized storage
-#: included), and bits per weight (8 · weight_bytes / weights).
+#: files, parameters × dtype bytes (a quantized model: its bytes as loaded), real bytes of the
+#: weights as stored (quantized values at their bit width), and bits per weight
+#: (8 · weight_bytes / weights).
 SIZE_KEYS = ("parameters", "disk_bytes", "memory_bytes", "weight_bytes", "bits_per_weight")
 
 #: Resamples × documents drawn per block (bounds memory: ~8 bytes × this, a few times over).
@@ -567,8 +568,8 @@ def candidate_sizes(model: dict[str, Any], params: int | None = None) -> dict[st
     return {
         "parameters": count,
         "disk_bytes": model.get("bytes_on_disk"),
-        # parameters × dtype bytes says nothing of a quantized model: its real bytes do.
-        "memory_bytes": model.get("weight_bytes")
+        # parameters × dtype bytes says nothing of a quantized model: its bytes as loaded do.
+        "memory_bytes": (model.get("loaded_bytes") or model.get("weight_bytes"))
         if quantized
         else (model.get("parameters") * itemsize if model.get("parameters") and itemsize else None),
         "weight_bytes": model.get("weight_bytes"),

@@ -54,6 +54,14 @@ class CandidateSpec(ModelSpec):
 
     label: str = Field(min_length=1, description="Unique name in tables, rankings and gates.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_label(cls, data: Any) -> Any:
+        # recipe: FILE alone names itself recipe:<file stem>, as on the command line.
+        if isinstance(data, dict) and data.get("recipe") and not data.get("label"):
+            data = {**data, "label": f"recipe:{Path(str(data['recipe'])).stem}"}
+        return data
+
 
 class ExperimentWindows(WindowSpec):
     """:class:`~lmkl.specs.WindowSpec` where the protocol is spelled ``mode`` in YAML."""
@@ -99,9 +107,10 @@ class RankingSpec(StrictModel):
         "parameters",
         description="Size used for the Pareto set: parameters, disk_bytes (weight "
         "files), memory_bytes (parameters × bytes per parameter of the loaded dtype; real "
-        "bytes for a quantized model), weight_bytes (real bytes of the weights as loaded or, "
-        "for GGUF, as stored) or bits_per_weight (8 × weight_bytes / weights; the axis of a "
-        "quantization study).",
+        "bytes as loaded for a quantized model), weight_bytes (real bytes of the weights as a "
+        "saved or served model stores them: quantized values at their bit width, scales, zero "
+        "points; GGUF: the file's tensors) or bits_per_weight (8 × weight_bytes / weights; the "
+        "axis of a quantization study).",
     )
 
 
@@ -427,16 +436,19 @@ def load_config(
 
 
 def _sources_beside(raw: dict[str, Any], config_dir: Path) -> None:
-    """A relative data path that is not found from the working directory but is found beside
-    the config means that file (a config and its data travel together)."""
+    """A relative data path or recipe file that is not found from the working directory but is
+    found beside the config means that file (a config and its files travel together)."""
     datasets = raw.get("datasets")
-    for entry in datasets if isinstance(datasets, list) else []:
-        source = entry.get("source") if isinstance(entry, dict) else None
+    candidates = raw.get("candidates")
+    entries = [(e, "source") for e in (datasets if isinstance(datasets, list) else [])]
+    entries += [(e, "recipe") for e in (candidates if isinstance(candidates, list) else [])]
+    for entry, key in entries:
+        source = entry.get(key) if isinstance(entry, dict) else None
         if not isinstance(source, str) or Path(source).is_absolute() or Path(source).exists():
             continue
         beside = config_dir / source
         if beside.exists():
-            entry["source"] = str(beside)
+            entry[key] = str(beside)
 
 
 def json_schema() -> dict[str, Any]:
@@ -445,6 +457,12 @@ def json_schema() -> dict[str, Any]:
     # ``noise_floor: true`` is accepted as short for ``{enabled: true}`` (see NoiseFloorSpec).
     floor = schema["properties"]["noise_floor"]
     schema["properties"]["noise_floor"] = {"anyOf": [{"type": "boolean"}, floor]}
+    # A candidate is a model with a label, or a recipe file (which names its model and label).
+    candidate = schema["$defs"]["CandidateSpec"]
+    required = [k for k in candidate.pop("required", []) if k not in ("model", "label")]
+    candidate["anyOf"] = [{"required": ["model", "label"]}, {"required": ["recipe"]}]
+    if required:
+        candidate["required"] = required
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "lmkl experiment"
     return schema

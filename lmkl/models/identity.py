@@ -18,7 +18,7 @@ from lmkl.models.loaded import LoadedModel
 from lmkl.models.pickle_policy import check_adapter_policy, check_pickle_policy
 from lmkl.models.sources import check_source, hub_weight_bytes, is_local, model_files
 from lmkl.quantization import weight_storage
-from lmkl.specs import ModelSpec
+from lmkl.specs import ModelSpec, read_recipe
 
 
 def weights_identity(spec: ModelSpec) -> dict[str, Any]:
@@ -49,6 +49,12 @@ def weights_identity(spec: ModelSpec) -> dict[str, Any]:
         check_adapter_policy(spec)
         info["adapter_sha256"] = adapter_fingerprint(spec)
         info["adapter_revision"] = spec.adapter_revision
+    if spec.recipe:  # the spec's model is LOW; the recipe's modules and HIGH pin the rest
+        recipe = read_recipe(spec.recipe)
+        info["recipe"] = {
+            "high_modules": sorted(recipe.high_modules),
+            "high": weights_identity(recipe.part_spec(recipe.high, spec)),
+        }
     return info
 
 
@@ -76,8 +82,11 @@ def describe_model(
         "group": loaded.spec.group,
         "step": loaded.spec.step,
         "quantization": None,
+        # As stored (what a saved or served model takes: rankings use it) and as loaded here.
         "weight_bytes": storage["weight_bytes"],
         "bits_per_weight": storage["bits_per_weight"],
+        "loaded_bytes": storage["loaded_bytes"],
+        "loaded_bits_per_weight": storage["loaded_bits_per_weight"],
         "size_source": storage["size_source"],
     }
     if quantization is not None:

@@ -7,6 +7,7 @@ applies an adapter, places the model, and runs the head-split and causality prob
 
 from __future__ import annotations
 
+import gc
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from lmkl.models.gguf import GgufTokenizer, gguf_kwargs, gguf_path, has_tokenize
 from lmkl.models.identity import describe_model
 from lmkl.models.load_errors import translate_load_error
 from lmkl.models.loaded import LoadedModel
+from lmkl.models.mixed import build_mixed_model, gguf_recipe_storage
 from lmkl.models.pickle_policy import check_adapter_policy, check_pickle_policy
 from lmkl.models.sources import check_source, is_local
 from lmkl.quantization import (
@@ -32,7 +34,7 @@ from lmkl.quantization import (
     on_the_fly_config,
     on_the_fly_quantization,
 )
-from lmkl.specs import ModelSpec
+from lmkl.specs import ModelSpec, read_recipe
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +68,11 @@ def load_model(
     (``tokenizer``: one already loaded for ``spec``, e.g. to check it before the weights).
 
     Raises :class:`ModelLoadError` with a one-line reason for anything that cannot be loaded.
+    A spec with a ``recipe`` loads its LOW and HIGH models and mixes them
+    (both are in memory while it does; see :func:`_load_recipe`).
     """
+    if spec.recipe is not None:
+        return _load_recipe(spec, device, tokenizer)
     from transformers import AutoModelForCausalLM
 
     quiet_hf_logging()
@@ -118,9 +124,7 @@ def load_model(
         no_inference_mode=quantization is not None and quantization.get("method") == "quanto",
         quantization=quantization,
     )
-    loaded.head = head_split.make_head(model)  # via the module: tests swap it
-    if loaded.head is not None and not head_split.split_is_exact(loaded):
-        loaded.head = None
+    _attach_head(loaded)
     if not head_split.is_causal(loaded):
         raise ModelLoadError(
             f"'{spec.model}' is not a causal language model: its prediction at a position "
@@ -129,6 +133,50 @@ def load_model(
         )
     loaded.description = describe_model(loaded, source, local, quantization)
     return loaded
+
+
+def _load_recipe(
+    spec: ModelSpec, device: torch.device | None, tokenizer: Any | None
+) -> LoadedModel:
+    """Load ``spec.recipe`` as one model: LOW with the recipe's modules taken from HIGH.
+
+    LOW is ``spec`` itself (its model fields are the recipe's LOW model, see
+    :class:`~lmkl.specs.ModelSpec`); HIGH is the recipe's HIGH model with ``spec``'s dtype,
+    device and trust settings. **Memory:** both models are loaded in full, transiently (peak:
+    LOW + HIGH); once mixed, HIGH's other modules are freed and the model holds LOW's size plus
+    what the swapped modules add. The description's size is the mixed model's stored bytes.
+    """
+    recipe = read_recipe(spec.recipe or "")
+    low_spec = spec.model_copy(update={"recipe": None, "label": f"{spec.display_name}:low"})
+    high_spec = recipe.part_spec(recipe.high, spec)
+    low = load_model(low_spec, device, tokenizer)
+    high = load_model(high_spec, low.device, low.tokenizer)
+    build_mixed_model(low.model, high.model, recipe.high_modules)
+    quantization: dict[str, Any] = {
+        "kind": "recipe",
+        "recipe": str(spec.recipe),
+        "low": low.quantization,
+        "high": high.quantization,
+        "high_modules": len(recipe.high_modules),
+        **gguf_recipe_storage(low_spec, high_spec, recipe.high_modules),
+    }
+    low.no_inference_mode = low.no_inference_mode or high.no_inference_mode
+    del high  # HIGH's modules not swapped in go with it
+    gc.collect()
+    low.spec, low.quantization = spec, quantization
+    _attach_head(low)  # LOW's output layer may be HIGH's module now
+    local = is_local(low_spec)
+    source = str(Path(low_spec.model).expanduser()) if local else low_spec.model
+    low.description = describe_model(low, source, local, quantization)
+    low.description["recipe"] = str(spec.recipe)
+    return low
+
+
+def _attach_head(loaded: LoadedModel) -> None:
+    """Split off the output layer where the split reproduces the model's own logits."""
+    loaded.head = head_split.make_head(loaded.model)  # via the module: tests swap it
+    if loaded.head is not None and not head_split.split_is_exact(loaded):
+        loaded.head = None
 
 
 def _quantization_kwargs(

@@ -443,7 +443,7 @@ def size_vs_kl(report: Report) -> Plot | None:
     unit = {
         "parameters": "parameters",
         "bytes_on_disk": "bytes on disk",
-        "bits_per_weight": "bits per weight (real bytes of the weights as loaded)",
+        "bits_per_weight": "bits per weight (real bytes of the weights as stored)",
     }[data["axis"]]
     ax.set_xlabel(unit)
     ax.set_ylabel("mean KL(P‖Q), nats")

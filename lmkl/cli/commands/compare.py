@@ -32,6 +32,7 @@ from lmkl.cli.options import (
     compute_spec,
     data_spec,
     given,
+    model_spec,
     model_specs,
     window_spec,
     with_options,
@@ -81,6 +82,16 @@ QuantizeOpt = Annotated[
         rich_help_panel=MODELS,
     ),
 ]
+RecipeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--recipe",
+        help="Add a candidate: a mixed-precision recipe file (recipe.yaml from lmkl attribute "
+        "--budget-bits), its LOW model with the listed modules from HIGH (repeatable; label: "
+        "recipe:FILE-STEM).",
+        rich_help_panel=MODELS,
+    ),
+]
 DifferentTokenizersOpt = Annotated[
     bool,
     typer.Option(
@@ -114,13 +125,14 @@ def compare(
         list[str] | None,
         typer.Argument(
             help="Candidate models Q: hub ids, local directories or .gguf files (optional with "
-            "--quantize).",
+            "--quantize or --recipe).",
             show_default=False,
         ),
     ] = None,
     label: LabelOpt = None,
     gguf_file: GgufFileOpt = None,
     quantize: QuantizeOpt = None,
+    recipe: RecipeOpt = None,
     score_on: ScoreOnOpt = None,
     device_map: DeviceMapOpt = None,
     adapter: AdapterOpt = None,
@@ -159,9 +171,10 @@ def compare(
             "drop the gates or compare models that share a tokenizer",
         )
     options |= {"device_map": device_map, "adapter": adapter}
-    if not candidates and not quantize:
+    if not candidates and not quantize and not recipe:
         raise UsageError(
-            "no candidate given", "name a candidate model after the reference, or pass --quantize"
+            "no candidate given",
+            "name a candidate model after the reference, or pass --quantize or --recipe",
         )
     cached = is_cache_dir(reference)
     if cached and quantize:
@@ -177,6 +190,8 @@ def compare(
         gguf_files=gguf_file,
         quantize=quantize,
     )
+    cand_dtype = (options.get("candidate_dtype") or options["dtype"]).value
+    cand_specs += [model_spec(None, options, dtype=cand_dtype, recipe=r) for r in recipe or []]
     data = None
     if options["data"] is not None or not cached:
         data = data_spec(options, score_on=score_on.value if score_on else None)
