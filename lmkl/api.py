@@ -268,6 +268,8 @@ def attribute(
     resume: bool = False,
     windows: WindowSpec | None = None,
     compute: ComputeSpec | None = None,
+    high: str | Path | ModelSpec | None = None,
+    budget_bits: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
     **options: Any,
@@ -275,7 +277,9 @@ def attribute(
     """Where in the model ``candidate``'s KL comes from: each weight-holding module, decoder
     layer and layer prefix of the reference taken from ``candidate`` (same module structure)
     on its own, with document-bootstrap intervals; ``results["full"]`` is what :func:`compare`
-    reports. Options as for :func:`compare`; see README, "Attribution".
+    reports. ``high`` and ``budget_bits`` add a measured mixed-precision recipe (modules of
+    ``candidate`` taken from ``high`` within ``budget_bits`` stored bits per weight). Options as
+    for :func:`compare`; see README, "Attribution".
     """
     model_opts, data_opts, window_opts, compute_opts = _split_options(options)
     ref_opts = {k: v for k, v in model_opts.items() if k not in _CANDIDATE_ONLY}
@@ -298,6 +302,8 @@ def attribute(
     if windows is not None or window_opts:
         windows = _spec(WindowSpec, windows, window_opts, "windows")
     compute = _spec(ComputeSpec, compute, compute_opts, "compute")
+    if high is not None and not isinstance(high, ModelSpec):
+        high = _spec(ModelSpec, None, model_opts | {"model": str(high)}, "HIGH")
     from lmkl.attribution.kind import run_attribution
 
     outcome = run_attribution(
@@ -307,6 +313,8 @@ def attribute(
         windows,
         compute,
         OutputSpec(dir=str(out) if out else None, overwrite=overwrite),
+        high=high,
+        budget_bits=budget_bits,
         resume=resume,
         progress=progress,
         log=log,

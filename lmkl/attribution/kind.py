@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from lmkl.attribution.recipe import choose_modules, measure_recipe
 from lmkl.attribution.results import unit_summaries
 from lmkl.attribution.structure import (
     Structure,
@@ -48,7 +49,15 @@ from lmkl.models import LoadedModel
 from lmkl.refcache.format import is_cache_dir
 from lmkl.scoring.batches import Batch, make_batch, model_rows
 from lmkl.scoring.token_scoring import score_batch
-from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+from lmkl.specs import (
+    ComputeSpec,
+    DataSpec,
+    ModelSpec,
+    OutputSpec,
+    Recipe,
+    WindowSpec,
+    write_recipe,
+)
 
 #: Columns of a unit's per-token rows (units.parquet).
 UNIT_SCHEMA = pa.schema(
@@ -116,7 +125,14 @@ class Attribution(TokenComparison):
         compute: ComputeSpec,
         *,
         models: tuple[LoadedModel, list[LoadedModel]] | None = None,
+        high: ModelSpec | None = None,
+        budget_bits: float | None = None,
     ) -> None:
+        if (high is None) != (budget_bits is None):
+            raise UsageError(
+                "a mixed-precision recipe needs both --high and --budget-bits",
+                "pass --high MODEL_OR_METHOD:SCHEME --budget-bits BITS, or neither",
+            )
         if is_cache_dir(reference.model):
             raise UsageError(
                 "attribution runs the reference model's layers, which a reference cache does "
@@ -126,9 +142,16 @@ class Attribution(TokenComparison):
         super().__init__(reference, [candidate], data, windows, compute, models=models)
         #: Decoder layer calls made and those full forwards would have made (cost counters).
         self.layer_calls = 0
+        self.high, self.budget_bits = high, budget_bits
 
     def options(self) -> dict[str, Any]:
-        return super().options() | {"attribution": {"scopes": ["module", "layer", "prefix"]}}
+        attribution: dict[str, Any] = {"scopes": ["module", "layer", "prefix"]}
+        if self.high is not None:
+            attribution["recipe"] = {
+                "high": self.high.model_dump(),
+                "budget_bits": self.budget_bits,
+            }
+        return super().options() | {"attribution": attribution}
 
     def default_dir(self) -> Path:
         path = super().default_dir()
@@ -136,8 +159,23 @@ class Attribution(TokenComparison):
 
     # -- prepare ---------------------------------------------------------------------------------
     def prepare(self, shard: Shard, log: LogCallback) -> Plan:
+        if self.high is not None and shard.world_size > 1:
+            raise UsageError(
+                "the recipe's measurement (--high) runs in one process",
+                "run lmkl attribute --high without torchrun, or attribute first and measure "
+                "the recipe in a single process",
+            )
+        self.log = log
         plan = super().prepare(shard, log)
         self.cand_model = next(iter(self._loaded.values()))
+        low_bits = float(self.cand_model.description.get("bits_per_weight") or 0.0)
+        if self.budget_bits is not None and self.budget_bits < low_bits:
+            # Known once LOW is loaded: refused before anything is scored.
+            raise UsageError(
+                f"--budget-bits {self.budget_bits:g} is below the candidate's (LOW's) own "
+                f"{low_bits:.3f} bits per weight",
+                "give a budget between LOW's and HIGH's bits per weight",
+            )
         ref, cand = self.ref_model.model, self.cand_model.model
         self.structure: Structure = check_matching(ref, cand, self.cand_model.label)
         self.ref_layers = decoder_layers(ref)[1]
@@ -300,7 +338,75 @@ class Attribution(TokenComparison):
                     writer.write_table(pq.read_table(part, schema=UNIT_SCHEMA))
 
         summary.files["units.parquet"] = write_units
+        if self.high is not None:
+            body["recipe"], recipe = self._recipe(body)
+            summary.files["recipe.yaml"] = lambda path: write_recipe(path, recipe)
         return summary
+
+    def _recipe(self, body: dict[str, Any]) -> tuple[dict[str, Any], Recipe]:
+        """Choose the modules to take from HIGH within the budget, build that mixed model
+        through its recipe file and measure it on the same tokens (see
+        :mod:`lmkl.attribution.recipe`)."""
+        import gc
+
+        from lmkl.engine.token_compare import run_comparison
+        from lmkl.models import load_model
+        from lmkl.models.mixed import gguf_tensor_type_args, module_bytes
+
+        assert self.high is not None and self.budget_bits is not None
+        low = self.cand_model
+        high_spec = self.high.model_copy(update={"device": low.spec.device})
+        self.log(f"loading HIGH {high_spec.model}")
+        high = load_model(high_spec, low.device, low.tokenizer)
+        isolated = {u["name"]: u["kl"]["mean"] for u in body["units"] if u["scope"] == "module"}
+        described = low.description
+        choice = choose_modules(
+            isolated,
+            module_bytes(low),
+            module_bytes(high),
+            float(described["weight_bytes"]),
+            int(described["parameters"]),
+            self.budget_bits,
+        )
+        low_spec = low.spec
+        # The mixed model loads its own LOW (as compare --recipe does): free this one first.
+        self._loaded.clear()
+        del self.cand_model, low
+        gc.collect()
+        self.log(f"measuring the recipe: {len(choice.names)} modules from HIGH")
+
+        def compare(specs: list[ModelSpec], models: Any, out: Path) -> RunOutcome:
+            compute = self.compute.model_copy(update={"view_tokens": 0})
+            return run_comparison(
+                self.reference,
+                specs,
+                self.data,
+                self.windows,
+                compute,
+                OutputSpec(dir=str(out)),
+                models=models,
+            )
+
+        summary, recipe = measure_recipe(
+            reference=self.ref_model,
+            reference_spec=self.reference,
+            low_spec=low_spec,
+            high=high,
+            high_spec=high_spec,
+            choice=choice,
+            uniform_low_kl=float(body["full"]["kl"]["mean"]),
+            isolated_total=float(body["sum_of_modules"]["mean"]),
+            run_comparison=compare,
+            load_model=lambda spec: load_model(spec, self.ref_model.device, self.tokenizer),
+        )
+        summary["low_bits_per_weight"] = described.get("bits_per_weight")
+        summary["budget_bits"] = self.budget_bits
+        scheme = (high.quantization or {}).get("scheme")
+        if low_spec.gguf_file and high_spec.gguf_file and scheme:
+            args = gguf_tensor_type_args(choice.names, str(scheme))
+            summary["tensor_type_args"] = args
+            recipe = recipe.model_copy(update={"tensor_type_args": args})
+        return summary, recipe
 
 
 def _hidden_error(
@@ -346,11 +452,18 @@ def run_attribution(
     windows: WindowSpec | None,
     compute: ComputeSpec,
     output: OutputSpec,
+    *,
+    high: ModelSpec | None = None,
+    budget_bits: float | None = None,
     **run_options: Any,
 ) -> RunOutcome:
     """Attribute ``candidate``'s KL to the reference's modules, layers and layer prefixes and
     write a run directory (results.json ``kind: attribution``, units.parquet). ``run_options``
-    go to :func:`lmkl.engine.loop.execute` (``resume``, ``progress``, ``log``)."""
-    return execute_kind(
-        Attribution(reference, candidate, data, windows, compute), output, **run_options
+    go to :func:`lmkl.engine.loop.execute` (``resume``, ``progress``, ``log``). ``high`` and
+    ``budget_bits`` add a mixed-precision recipe: modules of ``candidate`` (LOW) taken from
+    ``high`` within ``budget_bits`` stored bits per weight, chosen greedily, then measured
+    (results.json ``recipe``, recipe.yaml)."""
+    kind = Attribution(
+        reference, candidate, data, windows, compute, high=high, budget_bits=budget_bits
     )
+    return execute_kind(kind, output, **run_options)

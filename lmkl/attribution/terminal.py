@@ -115,6 +115,9 @@ def print_attribution(results: dict[str, Any], console: Console | None = None) -
     console.print(Text(results["summary"]))
     console.print(modules_table(results))
     console.print(layers_table(results))
+    recipe = results.get("recipe")
+    if recipe:
+        console.print(Text(recipe_sentence(recipe)))
     cost = results.get("cost") or {}
     made, full_calls = (
         to_float(cost.get("layer_calls")),
@@ -125,3 +128,27 @@ def print_attribution(results: dict[str, Any], console: Console | None = None) -
             f"[dim]{made:,.0f} decoder layer calls, {made / full_calls:.0%} of one full "
             f"forward per unit ({full_calls:,.0f})[/dim]"
         )
+
+
+def recipe_sentence(recipe: dict[str, Any]) -> str:
+    """The measured recipe beside uniform LOW and HIGH, in words (a recipe no better than
+    uniform LOW says so)."""
+
+    def bits(value: Any) -> str:
+        x = to_float(value)
+        return f"{x:.2f}" if math.isfinite(x) else "?"
+
+    verdict = (
+        "better than uniform LOW"
+        if recipe.get("better_than_low")
+        else "NO better than uniform LOW: keep LOW, or raise the budget"
+    )
+    return (
+        f"recipe: {len(recipe['high'])} modules from HIGH, {bits(recipe['bits_per_weight'])} "
+        f"bits per weight: KL {kl_number(recipe['measured_kl'])} measured (predicted "
+        f"{kl_number(recipe['predicted_kl'])}), {verdict}; uniform LOW "
+        f"{kl_number(recipe['uniform_low_kl'])} at {bits(recipe.get('low_bits_per_weight'))} "
+        f"bits, uniform HIGH {kl_number(recipe['uniform_high_kl'])} at "
+        f"{bits(recipe.get('high_bits_per_weight'))} bits (recipe.yaml; lmkl compare REF "
+        "--recipe recipe.yaml reproduces it)."
+    )

@@ -65,6 +65,7 @@ RUN_FILES = frozenset(
         "documents.parquet",
         "samples.parquet",
         "units.parquet",
+        "recipe.yaml",
         "samples.jsonl",
         "report.html",
         "report.md",

@@ -50,6 +50,26 @@ GgufOneOpt = Annotated[
         rich_help_panel=MODELS,
     ),
 ]
+HighOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--high",
+        help="Recipe: the higher-precision model to take modules from, a model like the "
+        "candidate (directory, .gguf file) or METHOD:SCHEME[:gGROUP] quantizing the reference. "
+        "Needs --budget-bits.",
+        rich_help_panel="Recipe",
+    ),
+]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--budget-bits",
+        min=0.0,
+        help="Recipe: stored bits per weight the mixed model may take (greedy by isolated KL "
+        "saved per extra byte; the result is measured).",
+        rich_help_panel="Recipe",
+    ),
+]
 LabelOneOpt = Annotated[
     str | None,
     typer.Option("--label", help="The candidate's name in tables.", rich_help_panel=MODELS),
@@ -79,6 +99,8 @@ def attribute(
     label: LabelOneOpt = None,
     gguf_file: GgufOneOpt = None,
     quantize: QuantizeOneOpt = None,
+    high: HighOpt = None,
+    budget_bits: BudgetOpt = None,
     temperature: TemperatureOpt = 1.0,
     compile: CompileOpt = True,
     **options: Any,
@@ -89,6 +111,7 @@ def attribute(
     from lmkl.attribution.terminal import print_attribution
     from lmkl.engine.distributed import is_main_process
     from lmkl.errors import UsageError
+    from lmkl.specs import QUANT_SCHEMES
 
     if (candidate is None) == (quantize is None):
         raise UsageError(
@@ -103,6 +126,15 @@ def attribute(
         gguf_files=[gguf_file] if gguf_file else None,
         quantize=[quantize] if quantize else None,
     )
+    high_spec = None
+    if high is not None:
+        quantized = ":" in high and high.split(":")[0] in QUANT_SCHEMES
+        _, (high_spec,) = model_specs(
+            reference,
+            [] if quantized else [high],
+            options | {"adapter": None, "device_map": None},
+            quantize=[high] if quantized else None,
+        )
     with TokenProgress(options["quiet"] or not is_main_process()) as progress:
         run = lmkl.api.attribute(
             ref_spec,
@@ -110,6 +142,8 @@ def attribute(
             data_spec(options),
             windows=window_spec(options["windowing"], options["context_length"], options["stride"]),
             compute=compute_spec(options, temperature=temperature, compile=compile),
+            high=high_spec,
+            budget_bits=budget_bits,
             out=options["out"],
             overwrite=options["overwrite"],
             resume=options["resume"],
