@@ -434,3 +434,58 @@ def test_report_from_the_run_directory_alone(pair, run, tmp_path):
         "attribution_layers.png",
         "attribution_prefix.png",
     ]
+
+
+def test_recipe_within_budget_measured_and_reproduced_by_compare(tiny_pair, docs, tmp_path):
+    """torchao int4 g32 as LOW, int8 as HIGH, a budget half-way: the recipe stays within it,
+    its measured KL is what `compare --recipe recipe.yaml` reports, and it is compared with
+    uniform LOW honestly."""
+    pytest.importorskip("torchao")
+    from lmkl.models import load_model
+    from lmkl.specs import ModelSpec
+
+    low_q, high_q = "torchao:int4_weight_only:g32", "torchao:int8_weight_only"
+    bits = {}
+    for scheme in (low_q, high_q):
+        method, name, group = [*scheme.split(":"), None][:3]
+        spec = ModelSpec(
+            model=str(tiny_pair["reference"]),
+            dtype="float32",
+            quantize={"method": method, "scheme": name, "group_size": group and int(group[1:])},
+        )
+        bits[scheme] = load_model(spec).description["bits_per_weight"]
+    budget = (bits[low_q] + bits[high_q]) / 2
+    out = tmp_path / "run"
+    common = ["--data", str(docs), "--context-length", str(CONTEXT), "--batch-size", "2"]
+    code, output = invoke(
+        ["attribute", str(tiny_pair["reference"]), "--quantize", low_q, "--high", high_q,
+         "--budget-bits", f"{budget:.4f}", "--out", str(out), "--no-compile", *common]
+    )  # fmt: skip
+    assert code == 0, output
+    assert "recipe:" in output
+    recipe = json.loads((out / "results.json").read_text())["recipe"]
+    assert 0 < len(recipe["high"]) < 14  # some modules, not every Linear
+    assert bits[low_q] < recipe["bits_per_weight"] <= budget + 1e-9
+    assert recipe["uniform_low_kl"] > recipe["uniform_high_kl"] > 0
+    assert recipe["better_than_low"] == (recipe["measured_kl"] < recipe["uniform_low_kl"])
+    assert recipe["measured_kl"] < recipe["uniform_low_kl"]  # on this pair it helps
+    compared = tmp_path / "compare"
+    code, output = invoke(
+        ["compare", str(tiny_pair["reference"]), "--recipe", str(out / "recipe.yaml"),
+         "--out", str(compared), "--no-compile", "--quiet", *common]
+    )  # fmt: skip
+    assert code == 0, output
+    entry = json.loads((compared / "results.json").read_text())["candidates"][0]
+    assert entry["metrics"]["kl"]["mean"] == pytest.approx(recipe["measured_kl"], rel=1e-9)
+    assert entry["model"]["bits_per_weight"] == pytest.approx(recipe["bits_per_weight"])
+
+
+def test_budget_below_low_is_refused_before_scoring(tiny_pair, docs, tmp_path):
+    out = tmp_path / "run"
+    code, output = invoke(
+        ["attribute", str(tiny_pair["reference"]), "--quantize", "torchao:int8_weight_only",
+         "--high", str(tiny_pair["reference"]), "--budget-bits", "1", "--data", str(docs),
+         "--out", str(out), "--no-compile"]
+    )  # fmt: skip
+    check_error(code, output, 2, "--budget-bits 1 is below")
+    assert not out.exists()
