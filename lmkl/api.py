@@ -282,28 +282,21 @@ def attribute(
     for :func:`compare`; see README, "Attribution".
     """
     model_opts, data_opts, window_opts, compute_opts = _split_options(options)
+
+    def model(value: str | Path | ModelSpec, fields: dict[str, Any], what: str) -> ModelSpec:
+        given = value if isinstance(value, ModelSpec) else None
+        return _spec(ModelSpec, given, fields | ({} if given else {"model": str(value)}), what)
+
     ref_opts = {k: v for k, v in model_opts.items() if k not in _CANDIDATE_ONLY}
-    ref_spec = (
-        _spec(ModelSpec, reference, ref_opts, "the reference")
-        if isinstance(reference, ModelSpec)
-        else _spec(ModelSpec, None, ref_opts | {"model": str(reference)}, "the reference")
-    )
-    cand_spec = (
-        _spec(ModelSpec, candidate, model_opts, "the candidate")
-        if isinstance(candidate, ModelSpec)
-        else _spec(ModelSpec, None, model_opts | {"model": str(candidate)}, "the candidate")
-    )
-    data_spec = _spec(
-        DataSpec,
-        data,
-        data_opts | ({} if isinstance(data, DataSpec) else {"source": str(data)}),
-        "data",
-    )
+    ref_spec = model(reference, ref_opts, "the reference")
+    cand_spec = model(candidate, model_opts, "the candidate")
+    high_spec = None if high is None else model(high, model_opts, "HIGH")
+    given_data = data if isinstance(data, DataSpec) else None
+    source = {} if given_data else {"source": str(data)}
+    data_spec = _spec(DataSpec, given_data, data_opts | source, "data")
     if windows is not None or window_opts:
         windows = _spec(WindowSpec, windows, window_opts, "windows")
     compute = _spec(ComputeSpec, compute, compute_opts, "compute")
-    if high is not None and not isinstance(high, ModelSpec):
-        high = _spec(ModelSpec, None, model_opts | {"model": str(high)}, "HIGH")
     from lmkl.attribution.kind import run_attribution
 
     outcome = run_attribution(
@@ -313,7 +306,7 @@ def attribute(
         windows,
         compute,
         OutputSpec(dir=str(out) if out else None, overwrite=overwrite),
-        high=high,
+        high=high_spec,
         budget_bits=budget_bits,
         resume=resume,
         progress=progress,

@@ -259,12 +259,13 @@ def write_attribution_report(
         return Path(out)
     drawn = (layer_bars, module_heatmap, prefix_curve, recipe_point)
     plots = [p for p in (draw(results) for draw in drawn) if p is not None]
-    from jinja2 import Environment, PackageLoader, StrictUndefined
+    import jinja2
 
-    env = Environment(
-        loader=PackageLoader("lmkl.report", "templates"),
-        autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
-        undefined=StrictUndefined,
+    # Autoescaped HTML, strict about missing values; Markdown is written as it is.
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("lmkl.report", "templates"),
+        autoescape=jinja2.select_autoescape(["html.j2"], default_for_string=False),
+        undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
