@@ -258,11 +258,16 @@ def test_resume_after_a_kill_gives_identical_units(pair, docs, tmp_path):
     if pair["arch"] != "llama":
         pytest.skip("one family is enough")
     full, killed = tmp_path / "full", tmp_path / "killed"
-    code, output = invoke(_cli_args(pair, docs, full))
+
+    def args(out: Path) -> list[str]:
+        return [*_cli_args(pair, docs, out), "--batch-size", "4"]  # 3 parts: fewer to score
+
+    code, output = invoke(args(full))
     assert code == 0, output
-    kill_at(_cli_args(pair, docs, killed), "part-done:1")
+    kill_at(args(killed), "part-done:1")
     assert not (killed / "results.json").exists()
-    code, output = invoke([*_cli_args(pair, docs, killed), "--resume"])
+    assert len(list((killed / "parts").glob("part-*.parquet"))) == 2
+    code, output = invoke([*args(killed), "--resume"])
     assert code == 0, output
     a, b = (json.loads((d / "results.json").read_text()) for d in (killed, full))
     assert a["provenance"]["resumed_parts"] == 2
@@ -464,3 +469,26 @@ def test_budget_below_low_is_refused_before_scoring(tiny_pair, docs, tmp_path):
     )  # fmt: skip
     check_error(code, output, 2, "--budget-bits 1 is below")
     assert not out.exists()
+
+
+def test_gguf_recipe_writes_llama_quantize_arguments(tiny_pair, docs, tmp_path):
+    """LOW Q4_0 and HIGH Q8_0 GGUF files: the recipe holds the llama-quantize arguments that
+    make the mixed file, and its bits per weight are the GGUF tensors' (within the budget)."""
+    pytest.importorskip("gguf")
+    from gguf_files import write_gguf
+
+    low = write_gguf(tiny_pair["reference"], tmp_path / "model-Q4_0.gguf", "Q4_0")
+    high = write_gguf(tiny_pair["reference"], tmp_path / "model-Q8_0.gguf", "Q8_0")
+    out = tmp_path / "run"
+    code, output = invoke(
+        ["attribute", str(tiny_pair["reference"]), str(low), "--high", str(high),
+         "--budget-bits", "6.5", "--data", str(docs), "--context-length", str(CONTEXT),
+         "--batch-size", "2", "--no-compile", "--quiet", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0, output
+    recipe = json.loads((out / "results.json").read_text())["recipe"]
+    assert recipe["high"] and recipe["low_bits_per_weight"] < recipe["bits_per_weight"] <= 6.5
+    args = recipe["tensor_type_args"]
+    assert args and all(a.startswith("--") or "=q8_0" in a or a == "q8_0" for a in args)
+    written = (out / "recipe.yaml").read_text()
+    assert "tensor_type_args" in written and "model-Q8_0.gguf" in written
