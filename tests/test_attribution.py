@@ -349,16 +349,7 @@ def test_gguf_candidate_matches_float64(tiny_pair, docs, tmp_path):
     from gguf_files import write_gguf
 
     gguf_path = write_gguf(tiny_pair["reference"], tmp_path / "model-Q4_0.gguf", "Q4_0")
-    run = lmkl.api.attribute(
-        str(tiny_pair["reference"]),
-        str(gguf_path),
-        str(docs),
-        out=tmp_path / "run",
-        context_length=CONTEXT,
-        batch_size=2,
-        dtype="float32",
-        compile=False,
-    )
+    run = attribute({**tiny_pair, "candidate": gguf_path}, docs, tmp_path / "run")
     norms = [u for u in run.results["units"] if u["name"].endswith("norm")]
     assert norms and all(u["identical"] for u in norms)
     candidate = AutoModelForCausalLM.from_pretrained(
