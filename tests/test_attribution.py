@@ -483,3 +483,48 @@ def test_gguf_recipe_writes_llama_quantize_arguments(tiny_pair, docs, tmp_path):
     assert args and all(a.startswith("--") or "=q8_0" in a or a == "q8_0" for a in args)
     written = (out / "recipe.yaml").read_text()
     assert "tensor_type_args" in written and "model-Q8_0.gguf" in written
+
+
+def test_a_small_memory_budget_gives_the_same_units(pair, docs, run, tmp_path, monkeypatch):
+    """A budget too small for more than one unit per scoring call, with the boundaries in CPU
+    memory (forced: the tiny model's fit in any budget): the same per-token values."""
+    if pair["arch"] != "llama":
+        pytest.skip("one family is enough")
+    from lmkl.attribution.kind import Attribution
+
+    sizes = []
+
+    def one_unit(self, tokens):
+        sizes.append(tokens)
+        return 1
+
+    monkeypatch.setattr(Attribution, "_group_size", one_unit)
+    monkeypatch.setattr(Attribution, "_keep_on", lambda self, tokens: torch.device("cpu"))
+    small = attribute(pair, docs, tmp_path / "small", memory_budget_mb=16)
+    assert sizes  # the grouping was asked
+    a = pq.read_table(small.path / "units.parquet").to_pandas()
+    b = pq.read_table(run.path / "units.parquet").to_pandas()
+    order = ["unit", "doc_id", "window_pos"]
+    a, b = a.sort_values(order).reset_index(drop=True), b.sort_values(order).reset_index(drop=True)
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-5, atol=1e-9)
+
+
+def test_greedy_choice_by_kl_saved_per_extra_byte():
+    """Hand-checked: 100 weights at 4 bits (50 bytes), budget 5 bits (62.5 bytes): 'a' saves
+    most per byte, 'c' is free, 'b' would overflow, 'd' saves nothing."""
+    from lmkl.attribution.recipe import choose_modules, predicted_kl
+
+    kl = {"a": 0.3, "b": 0.5, "c": 0.01, "d": 0.0}
+    low = {"a": 10, "b": 10, "c": 10, "d": 10}
+    high = {"a": 20, "b": 30, "c": 10, "d": 20}
+    choice = choose_modules(kl, low, high, 50, 100, 5.0)
+    assert choice.names == ["c", "a"]
+    assert choice.stored_bytes == 60 and choice.bits_per_weight == pytest.approx(4.8)
+    assert [row["name"] for row in choice.order] == ["c", "a", "b"]
+    assert choice.saved_kl == pytest.approx(0.31)
+    assert predicted_kl(0.8, choice.saved_kl, 0.81) == pytest.approx(0.8 * (1 - 0.31 / 0.81))
+    from lmkl.errors import UsageError
+
+    with pytest.raises(UsageError, match="below LOW"):
+        choose_modules(kl, low, high, 50, 100, 3.9)
