@@ -11,8 +11,10 @@ Three kinds of quantized model reach lmkl, all through ``transformers``:
 
 The size axis of a quantization study is the real storage of the weights, not the parameter
 count (the same for every quantization of one model): :func:`weight_storage` adds up the bytes
-of the tensors a quantized model holds (packed data, scales and zero points of tensor
-subclasses included), and :func:`gguf_storage` reads a GGUF file's tensor table.
+a saved or served model stores (packed data at the values' real bit width, scales and zero
+points of tensor subclasses included; the size as loaded beside it), :func:`storage_by_module`
+the same per module, and :func:`gguf_storage` / :func:`gguf_module_bytes` read a GGUF file's
+tensor table (:data:`GGUF_MODULE_NAMES` maps its tensor names to Hugging Face module names).
 """
 
 from __future__ import annotations

@@ -109,6 +109,19 @@ def test_module_bytes_count_what_each_scheme_stores(tiny_pair):
     assert high["model.layers.0.mlp.down_proj"] == rows * cols + rows * (4 + 1)
 
 
+def test_mixed_storage_is_the_built_models_stored_size(tiny_pair):
+    """The size predicted from the two models' module tables is what the mixed model stores."""
+    from lmkl.models.mixed import build_mixed_model, mixed_storage
+    from lmkl.quantization import weight_storage
+
+    low, high = _load(_low(tiny_pair)), _load(_high(tiny_pair))
+    predicted = mixed_storage(low, high, [*HIGH_MODULES, "model.layers.1.mlp"])
+    built = build_mixed_model(low.model, high.model, [*HIGH_MODULES, "model.layers.1.mlp"])
+    storage = weight_storage(built)
+    assert predicted["weight_bytes"] == storage["weight_bytes"]
+    assert predicted["bits_per_weight"] == storage["bits_per_weight"]
+
+
 def test_names_and_shapes_are_checked_in_one_line(tiny_pair):
     from lmkl.errors import UsageError
     from lmkl.models.mixed import build_mixed_model

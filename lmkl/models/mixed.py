@@ -26,6 +26,7 @@ from lmkl.quantization import (
     gguf_storage,
     gguf_tensor_prefix,
     storage_by_module,
+    weight_storage,
 )
 from lmkl.specs import ModelSpec, Recipe, read_recipe, write_recipe
 
@@ -34,6 +35,7 @@ __all__ = [
     "build_mixed_model",
     "gguf_recipe_storage",
     "gguf_tensor_type_args",
+    "mixed_storage",
     "module_bytes",
     "read_recipe",
     "write_recipe",
@@ -135,6 +137,43 @@ def build_mixed_model(
     return low_model
 
 
+def _mixed_size(
+    total: dict[str, Any], low: dict[str, int], high: dict[str, int], names: list[str]
+) -> dict[str, Any]:
+    """LOW's stored size (``total``: ``weight_bytes``, ``weights``) with the modules of
+    ``names`` (and their children) at HIGH's bytes."""
+    stored = (
+        total["weight_bytes"] - sum(low.values()) + sum(_mixed_table(low, high, names).values())
+    )
+    weights = total["weights"]
+    return {
+        "weight_bytes": int(stored),
+        "weights": int(weights),
+        "bits_per_weight": 8 * stored / weights if weights else math.nan,
+    }
+
+
+def mixed_storage(
+    low: torch.nn.Module | LoadedModel, high: torch.nn.Module | LoadedModel, names: list[str]
+) -> dict[str, Any]:
+    """The stored size of ``build_mixed_model(low, high, names)`` without building it:
+    ``weight_bytes``, ``weights`` and ``bits_per_weight``, counted as :func:`module_bytes` and
+    the models' own ``bits_per_weight`` are (GGUF models: their files' tensors). This is the
+    size a recipe candidate then shows. Tied weights are the exception: taking a tied
+    embedding from HIGH unties it, and LOW's copy stays with the output layer (not counted
+    here)."""
+    return _mixed_size(_stored_total(low), module_bytes(low), module_bytes(high), names)
+
+
+def _stored_total(model: torch.nn.Module | LoadedModel) -> dict[str, Any]:
+    if isinstance(model, LoadedModel):
+        quantization = model.quantization or {}
+        if quantization.get("weight_bytes") is not None:  # GGUF (or a mix of GGUF files)
+            return quantization
+        model = model.model
+    return weight_storage(model)
+
+
 def gguf_recipe_storage(low: ModelSpec, high: ModelSpec, names: list[str]) -> dict[str, Any]:
     """The stored size of a mix of two GGUF files (``weight_bytes``, ``weights``,
     ``bits_per_weight``, ``size_source``): LOW's tensors, with those of ``names`` as HIGH stores
@@ -142,16 +181,8 @@ def gguf_recipe_storage(low: ModelSpec, high: ModelSpec, names: list[str]) -> di
     if not (low.gguf_file and high.gguf_file):
         return {}
     low_table, high_table = (gguf_module_bytes(gguf_path(p)) for p in (low, high))
-    total = gguf_storage(gguf_path(low))
-    mixed = _mixed_table(low_table, high_table, names)
-    stored = total["weight_bytes"] - sum(low_table.values()) + sum(mixed.values())
-    weights = total["weights"]
-    return {
-        "weight_bytes": stored,
-        "weights": weights,
-        "bits_per_weight": 8 * stored / weights if weights else math.nan,
-        "size_source": "GGUF tensors, mixed",
-    }
+    size = _mixed_size(gguf_storage(gguf_path(low)), low_table, high_table, names)
+    return {**size, "size_source": "GGUF tensors, mixed"}
 
 
 #: GGUF tensors llama-quantize sets with their own option rather than ``--tensor-type``.
