@@ -528,3 +528,22 @@ def test_greedy_choice_by_kl_saved_per_extra_byte():
 
     with pytest.raises(UsageError, match="below LOW"):
         choose_modules(kl, low, high, 50, 100, 3.9)
+
+
+def test_candidate_in_another_dtype_is_bridged(pair, docs, tmp_path):
+    """A bfloat16 candidate inside a float32 reference: borrowed modules get their inputs in
+    bfloat16 and give float32 back; every unit is finite and the full candidate is compare's."""
+    if pair["arch"] != "llama":
+        pytest.skip("one family is enough")
+    args = [str(pair["reference"]), str(pair["candidate"]), str(docs)]
+    common = {"context_length": CONTEXT, "batch_size": 2, "compile": False}
+    from lmkl.specs import ModelSpec
+
+    ref = ModelSpec(model=args[0], dtype="float32")
+    cand = ModelSpec(model=args[1], dtype="bfloat16")
+    run = lmkl.api.attribute(ref, cand, args[2], out=tmp_path / "run", **common)
+    compared = lmkl.api.compare(ref, cand, args[2], out=tmp_path / "compare", **common)
+    assert run.results["full"] == compared.results["candidates"][0]["metrics"]
+    assert run.results["candidate"]["dtype"] == "bfloat16"
+    scored = [u for u in run.results["units"] if not u["identical"]]
+    assert scored and all(np.isfinite(u["kl"]["mean"]) and u["kl"]["mean"] > 0 for u in scored)
