@@ -271,7 +271,7 @@ def test_resume_after_a_kill_gives_identical_units(pair, docs, tmp_path):
     assert code == 0, output
     a, b = (json.loads((d / "results.json").read_text()) for d in (killed, full))
     assert a["provenance"]["resumed_parts"] == 2
-    for key in (*VOLATILE, "cost"):
+    for key in VOLATILE:
         a.pop(key), b.pop(key)
     assert a == b
     units_a = pq.read_table(killed / "units.parquet")

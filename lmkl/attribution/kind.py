@@ -300,8 +300,9 @@ class Attribution(TokenComparison):
         del ref_out, cand_out
         part.sidecar["hidden_error"] = hidden_error
         part.extra["units"] = _units_table(batch, per_unit)
-        part.counters["layer_calls"] = float(self.layer_calls)
-        part.counters["full_forward_layer_calls"] = float((2 + len(scored)) * L)
+        # In the part's sidecar, not the process's counters: a resumed run counts every part.
+        part.sidecar["layer_calls"] = self.layer_calls
+        part.sidecar["full_forward_layer_calls"] = (2 + len(scored)) * L
         return part
 
     # -- summarize -------------------------------------------------------------------------------
@@ -326,11 +327,12 @@ class Attribution(TokenComparison):
             )
         )
         body["cost"] = {
-            "layer_calls": totals.get("layer_calls"),
-            "full_forward_layer_calls": totals.get("full_forward_layer_calls"),
+            "layer_calls": sum(int(s.get("layer_calls", 0)) for s in sidecars),
+            "full_forward_layer_calls": sum(
+                int(s.get("full_forward_layer_calls", 0)) for s in sidecars
+            ),
             "note": "decoder layer calls made, and those one full forward per unit would make",
         }
-        summary.throughput["layer_calls"] = totals.get("layer_calls")
 
         def write_units(path: Path) -> None:
             with pq.ParquetWriter(path, UNIT_SCHEMA) as writer:
