@@ -19,11 +19,19 @@ from typing import Any
 
 from lmkl.version import __version__
 
-__all__ = ["Run", "__version__", "build_reference_cache", "compare", "open_run", "score_against"]
+__all__ = [
+    "Run",
+    "__version__",
+    "attribute",
+    "build_reference_cache",
+    "compare",
+    "open_run",
+    "score_against",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("compare", "open_run", "Run", "score_against", "build_reference_cache"):
+    if name in __all__ and name != "__version__":
         from lmkl import api
 
         return getattr(api, name)

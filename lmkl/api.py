@@ -548,3 +548,62 @@ def score_against(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return outcome.results["candidates"][0]["metrics"]
+
+
+@python_errors
+def attribute(
+    reference: str | Path | ModelSpec,
+    candidate: str | Path | ModelSpec,
+    data: str | Path | DataSpec,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    windows: WindowSpec | None = None,
+    compute: ComputeSpec | None = None,
+    high: str | Path | ModelSpec | None = None,
+    budget_bits: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Run:
+    """Where in the model ``candidate``'s KL comes from: each weight-holding module, decoder
+    layer and layer prefix of the reference taken from ``candidate`` (same module structure)
+    on its own, with document-bootstrap intervals; ``results["full"]`` is what :func:`compare`
+    reports. ``high`` and ``budget_bits`` add a measured mixed-precision recipe (modules of
+    ``candidate`` taken from ``high`` within ``budget_bits`` stored bits per weight). Options as
+    for :func:`compare`; see README, "Attribution".
+    """
+    from lmkl.attribution.kind import run_attribution
+
+    model_opts, data_opts, window_opts, compute_opts = _split_options(options)
+
+    def model(value: str | Path | ModelSpec, fields: dict[str, Any], what: str) -> ModelSpec:
+        given = value if isinstance(value, ModelSpec) else None
+        return _spec(ModelSpec, given, fields | ({} if given else {"model": str(value)}), what)
+
+    ref_opts = {k: v for k, v in model_opts.items() if k not in _CANDIDATE_ONLY}
+    ref_spec = model(reference, ref_opts, "the reference")
+    cand_spec = model(candidate, model_opts, "the candidate")
+    high_spec = None if high is None else model(high, model_opts, "HIGH")
+    data_spec = _data_spec(data, data_opts)
+    assert data_spec is not None
+    if windows is not None or window_opts:
+        windows = _spec(WindowSpec, windows, window_opts, "windows")
+    compute = _spec(ComputeSpec, compute, compute_opts, "compute")
+    outcome = run_attribution(
+        ref_spec,
+        cand_spec,
+        data_spec,
+        windows,
+        compute,
+        OutputSpec(dir=str(out) if out else None, overwrite=overwrite),
+        high=high_spec,
+        budget_bits=budget_bits,
+        resume=resume,
+        progress=progress,
+        log=log,
+    )
+    run = Run(outcome.path, outcome.results)
+    run.is_main = outcome.is_main  # type: ignore[attr-defined]
+    return run

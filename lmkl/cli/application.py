@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperOption
 
 from lmkl.cli.commands import (
+    attribute,
     cache,
     compare,
     demo,
@@ -44,7 +45,19 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-for module in (compare, demo, run, validate, init, cache, sample_kl, report, inspect, select):
+for module in (
+    compare,
+    attribute,
+    demo,
+    run,
+    validate,
+    init,
+    cache,
+    sample_kl,
+    report,
+    inspect,
+    select,
+):
     module.register(app)
 
 _value_type = TyperOption.display_type_rich

@@ -65,6 +65,8 @@ RUN_FILES = frozenset(
         "parts",
         "documents.parquet",
         "samples.parquet",
+        "units.parquet",
+        "recipe.yaml",
         "samples.jsonl",
         "report.html",
         "report.md",

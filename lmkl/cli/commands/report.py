@@ -84,8 +84,14 @@ def report(
     ] = 50_000,
 ) -> None:
     """Turn runs into a report: plain-language summary, tables with errors, plots, worst tokens."""
+    from lmkl.report.attribution import is_attribution_run, write_attribution_report
     from lmkl.report.render import write_report
 
+    if any(is_attribution_run(p) for p in run_dirs):
+        path = write_attribution_report(run_dirs, fmt.value, out, console=stdout)
+        if path is not None:
+            show_path("report", path, quiet=False)
+        return
     path = write_report(
         run_dirs,
         fmt.value,
