@@ -223,9 +223,30 @@ def with_options(*groups: OptionGroup) -> Any:
     return decorate
 
 
+def demo_value(value: str) -> str:
+    """``demo:reference``, ``demo:candidate`` or ``demo:heldout`` (the models and held-out text
+    ``lmkl demo`` builds and caches) → its path, building the demo on first use; other values as
+    they are. An unknown demo name is a one-line usage error."""
+    from lmkl.demo.names import is_demo_value, resolve_demo_value
+    from lmkl.errors import UsageError
+
+    if not is_demo_value(value):
+        return value
+    try:
+        return resolve_demo_value(value, progress=lambda message: typer.echo(message, err=True))
+    except ValueError as exc:
+        raise UsageError(str(exc), "use one of the names listed") from None
+
+
 def model_spec(model: str, options: dict[str, Any], **fields: Any) -> Any:
-    """A ModelSpec from the model options (``fields`` override them)."""
+    """A ModelSpec from the model options (``fields`` override them); ``demo:NAME`` models are
+    the cached demo's, labelled NAME."""
+    from lmkl.demo.names import DEMO_SCHEME
     from lmkl.specs import ModelSpec
+
+    if model.startswith(DEMO_SCHEME):
+        fields.setdefault("label", model[len(DEMO_SCHEME) :])
+        model = demo_value(model)
 
     values = {
         "dtype": options["dtype"].value,
@@ -378,7 +399,7 @@ def data_spec(
     if options.get(source) is None:
         raise UsageError(f"no {source} given", f"pass --{source} FILE_OR_DATASET")
     return DataSpec(
-        source=options[source],
+        source=demo_value(options[source]),
         split=options["split"],
         dataset_config=options["dataset_config"],
         text_field=options["text_field"],

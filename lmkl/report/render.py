@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +29,7 @@ from lmkl.formatting import (
     format_rate,
     format_ratio,
     format_seconds,
+    format_value,
     interval,
     mean_se,
     metric_ci,
@@ -190,18 +192,42 @@ def noise_floor_rows(report: Report) -> list[dict[str, Any]]:
     return rows
 
 
+def _load_familiar_pairs() -> tuple[tuple[str, str, float], ...]:
+    """(name, description, mean KL) of each pair in ``familiar_pairs.json``, by KL."""
+    from importlib import resources
+
+    text = resources.files("lmkl.report").joinpath("familiar_pairs.json").read_text("utf-8")
+    pairs = json.loads(text)["pairs"]
+    return tuple(
+        sorted(((p["name"], p["pair"], float(p["kl"])) for p in pairs), key=lambda x: x[2])
+    )
+
+
 #: What familiar pairs measure, for orientation: mean KL(P‖Q) in nats as lmkl measured it on
-#: its small demo models (README: "The shipped study", "Accuracy contract", the demo). Only
-#: orders of magnitude carry over to other models and data; the run's own scale comes first.
-FAMILIAR_PAIRS: tuple[tuple[str, str, float], ...] = (
-    ("float16 rounding", "float32 weights rounded to float16 (small trained Llama)", 6.9e-9),
-    ("noise floor", "noise floor: 1e-3 relative weight noise (demo reference)", 4.2e-6),
-    ("int8", "int8 weights, torchao (demo reference)", 4.0e-5),
-    ("float8", "float8 weights, torchao (demo reference)", 5.8e-4),
-    ("int4", "int4 weights, groups of 16–32, torchao / quanto (demo reference)", 7e-3),
-    ("int2", "int2 weights, quanto (demo reference)", 0.20),
-    ("demo student", "a 2-layer student vs its 4-layer reference (the demo)", 0.96),
-)
+#: its small demo models (``scripts/familiar_pairs.py`` writes ``familiar_pairs.json``; the
+#: README's table shows the same file). Only orders of magnitude carry over to other models and
+#: data; the run's own scale comes first.
+FAMILIAR_PAIRS: tuple[tuple[str, str, float], ...] = _load_familiar_pairs()
+
+
+def familiar_pairs_markdown(entries: list[dict[str, Any]]) -> str:
+    """The README's table of familiar pairs (rows of ``familiar_pairs.json``): a value measured
+    on several schemes shows its range."""
+
+    def cell(entry: dict[str, Any], key: str, fmt: Callable[[Any], str]) -> str:
+        if f"{key}_range" in entry:
+            low, high = entry[f"{key}_range"]
+            return f"{fmt(low)} to {fmt(high)}"
+        return fmt(entry[key])
+
+    lines = [
+        "| pair | mean KL (nats) | top-1 changed | PPL(Q)/PPL(P) |",
+        "| --- | --: | --: | --: |",
+    ]
+    for e in entries:
+        kl, top1 = cell(e, "kl", format_value), cell(e, "top1_changed", format_percent)
+        lines.append(f"| {e['pair']} | {kl} | {top1} | {cell(e, 'ppl_ratio', format_ratio)} |")
+    return "\n".join(lines)
 
 
 def _familiar(kl: float) -> str:
@@ -254,7 +280,7 @@ def _times(ratio: float) -> str:
 
 def familiar_pairs() -> list[dict[str, str]]:
     return [
-        {"name": name, "pair": pair, "kl": f"{kl:.1e}" if kl < 0.01 else f"{kl:g}"}
+        {"name": name, "pair": pair, "kl": format_value(kl)}
         for name, pair, kl in FAMILIAR_PAIRS
     ]
 
