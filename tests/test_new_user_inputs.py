@@ -339,8 +339,8 @@ def test_rows_without_text_are_counted_and_reported(
     tokens = run.results["data"]["scored_tokens"]
     assert header == [
         f"scoring {tokens:,} tokens of 3 documents: context length 64 tokens, stride 32 "
-        "(documents longer than the context slide); KL depends on the context length, so "
-        "compare runs made with the same one"
+        "(documents longer than the context slide); KL depends on the context length: "
+        "compare only runs made with the same one"
     ], lines
 
 
@@ -410,3 +410,17 @@ def test_sample_kl_with_a_temperature_does_not_title_itself_kl(
     assert "sampled KL(P‖Q) over" not in tempered
     plain = title(tmp_path / "plain")
     assert "sampled KL(P‖Q) over continuations" in plain, plain
+
+
+def test_demo_names_work_on_the_command_line(tiny_pair, tmp_path):
+    """``demo:NAME`` names the cached demo's models and text in a command, as in a YAML config."""
+    fake_demo_cache(tiny_pair)
+    out = tmp_path / "run"
+    models = ["demo:reference", "demo:candidate", "--data", "demo:heldout"]
+    code, output = invoke(["compare", *models, "--context-length", "64", "--out", str(out), "-q"])
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert [c["label"] for c in results["candidates"]] == ["candidate"]
+    assert results["data"]["documents"] == 3  # the demo cache's held-out file
+    code, output = invoke(["compare", "demo:reference", "demo:nope", "--data", "demo:heldout"])
+    check_error(code, output, 2, "unknown demo name 'demo:nope'")

@@ -91,7 +91,7 @@ def windowing_note(windows: WindowSpec, tokens: int, documents: int) -> str:
         )
     return (
         f"scoring {tokens:,} tokens of {documents:,} documents: {how}; KL depends on the context"
-        " length, so compare runs made with the same one"
+        " length: compare only runs made with the same one"
     )
 
 

@@ -280,8 +280,7 @@ def _times(ratio: float) -> str:
 
 def familiar_pairs() -> list[dict[str, str]]:
     return [
-        {"name": name, "pair": pair, "kl": format_value(kl)}
-        for name, pair, kl in FAMILIAR_PAIRS
+        {"name": name, "pair": pair, "kl": format_value(kl)} for name, pair, kl in FAMILIAR_PAIRS
     ]
 
 
