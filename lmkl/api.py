@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import difflib
 import functools
+import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -156,7 +157,7 @@ def _split_options(options: dict[str, Any]) -> list[dict[str, Any]]:
                 break
         else:
             known = sorted({f for s in _SPECS for f in s.model_fields} - set(_NOT_OPTIONS))
-            known += [name for name in _compare_keywords() if name not in known]
+            known += sorted(_API_KEYWORDS - set(known))
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             if close:
                 raise UsageError(
@@ -170,15 +171,9 @@ def _split_options(options: dict[str, Any]) -> list[dict[str, Any]]:
     return routed
 
 
-def _compare_keywords() -> list[str]:
-    """:func:`compare`'s own keywords (beside the spec fields it routes)."""
-    import inspect
-
-    return [
-        name
-        for name, param in inspect.signature(compare).parameters.items()
-        if param.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
+#: The keyword-only parameters of every function decorated by :func:`python_errors` (beside the
+#: spec fields they route): the flags an error may name that a Python caller passes as keywords.
+_API_KEYWORDS: set[str] = set()
 
 
 #: A command-line flag inside an error message (``--context-length 256``, ``--overwrite``).
@@ -219,7 +214,7 @@ _PROSE = frozenset(
 
 def _keyword_text(text: str | None) -> str | None:
     """``text`` with the command-line flags of lmkl's messages written as the keywords of
-    :func:`compare` (``--context-length 256`` → ``context_length=256``, ``--overwrite`` →
+    the API (``--context-length 256`` → ``context_length=256``, ``--overwrite`` →
     ``overwrite=True``); flags that are not keywords stay as they are."""
     if not text:
         return text
@@ -228,7 +223,7 @@ def _keyword_text(text: str | None) -> str | None:
         for spec in (*_SPECS, OutputSpec)
         for name, info in spec.model_fields.items()
     }
-    keywords = set(fields) | set(_compare_keywords()) | {"out"}
+    keywords = set(fields) | _API_KEYWORDS | {"out"}
 
     def keyword(match: re.Match[str]) -> str:
         name, value = match.group(1).replace("-", "_"), match.group(2)
@@ -242,6 +237,8 @@ def _keyword_text(text: str | None) -> str | None:
                 f", 'group_size': {group[0].removeprefix('g')}" if group else ""
             )
             return f"quantize={{{fields_text}}}"
+        if value is not None and re.fullmatch(r"[A-Z_]+", value):
+            return f"{name}=..."  # a placeholder such as FILE or BITS
         if value is None or value.lower() in _PROSE:
             return f"{name}=..." + (f" {value}" if value else "")
         shown = value if re.fullmatch(r"-?[0-9.e]+", value) else repr(value.strip("'\""))
@@ -270,6 +267,11 @@ def python_errors(function: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate an API function: called from Python, the :class:`~lmkl.errors.LmklError` it
     raises names keyword arguments instead of command-line flags (the same checks serve the CLI
     and Python; a CLI command runs inside :func:`command_line_caller` and keeps the flags)."""
+    _API_KEYWORDS.update(
+        name
+        for name, param in inspect.signature(function).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    )
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

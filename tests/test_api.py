@@ -141,3 +141,17 @@ def test_report_of_a_per_byte_run(tiny_pair, other_tokenizer_model, small_jsonl,
             different_tokenizers=True,
             temperature=2.0,
         )
+
+
+def test_errors_name_the_keywords_of_every_api_function_not_only_compare():
+    """Flags of attribute/score_against/build_reference_cache read as their keywords."""
+    from lmkl.api import _keyword_text
+
+    assert _keyword_text("pass --high torchao:int8_weight_only --budget-bits BITS") == (
+        "pass high='torchao:int8_weight_only' budget_bits=..."
+    )
+    assert _keyword_text("--budget-bits 3 is too low") == "budget_bits=3 is too low"
+    assert _keyword_text("pass --top-k 64 or drop --view-tokens") == (
+        "pass top_k=64 or drop view_tokens=..."
+    )
+    assert _keyword_text("see --no-such-flag") == "see --no-such-flag"
