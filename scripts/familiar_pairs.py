@@ -6,7 +6,10 @@ Runs, as a user would (each a whole ``lmkl`` process, offline, on the demo model
   rounded to float16;
 - ``lmkl run configs/quantization.yaml``: the reference's noise floor and int8, float8, int4
   and int2 weight quantizations;
-- ``lmkl demo``: a smaller, shorter-trained student against its reference;
+- ``lmkl compare demo:reference --quantize bitsandbytes:int8``: LLM.int8(), whose logits
+  depend on the batch (its measured ``batch_dependence`` is kept beside its KL);
+- ``lmkl demo``: a smaller, shorter-trained student against its reference (its token interval
+  and document-bootstrap CI are kept too: README, "Reading the numbers");
 
 all on the demo's held-out text at context 256, stride 128, and writes what each measured
 (mean KL, share of tokens whose top-1 changes, PPL ratio) to ``lmkl/report/familiar_pairs.json``,
@@ -55,11 +58,13 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="lmkl-familiar-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    half, study, demo = work / "float16", work / "study", work / "demo"
+    half, study, demo, bnb = work / "float16", work / "study", work / "demo", work / "bnb"
     lmkl("demo", "--out", str(demo), "--overwrite", "--quiet")
     lmkl("compare", "demo:reference", "demo:reference", "--candidate-dtype", "float16",
          "--reference-dtype", "float32", "--data", "demo:heldout", *WINDOWS,
          "--label", "float16", "--out", str(half), "--overwrite", "--quiet")  # fmt: skip
+    lmkl("compare", "demo:reference", "--quantize", "bitsandbytes:int8", "--data", "demo:heldout",
+         *WINDOWS, "--out", str(bnb), "--overwrite", "--quiet")  # fmt: skip
     try:
         lmkl("run", str(ROOT / "configs" / "quantization.yaml"), "--out", str(study),
              "--overwrite", "--quiet")  # fmt: skip
@@ -81,6 +86,8 @@ def main() -> None:
          [measured(noise)]),
         ("int8", "int8 weights, torchao (demo reference)", [measured(q["int8-torchao"])]),
         ("float8", "float8 weights, torchao (demo reference)", [measured(q["float8-torchao"])]),
+        ("int8 LLM.int8()", "int8 LLM.int8(), bitsandbytes on CPU (demo reference)",
+         [measured(next(iter(candidates(bnb).values())))]),
         ("int4", "int4 weights, groups of 16 or 32, torchao / quanto (demo reference)", int4),
         ("int2", "int2 weights, quanto (demo reference)", [measured(q["int2-quanto"])]),
         ("demo student", "a 2-layer student vs its 4-layer reference (the demo)",
@@ -95,8 +102,23 @@ def main() -> None:
             if len(column) > 1:
                 entry[f"{key}_range"] = [min(column), max(column)]
         entries.append(entry)
+    entries.sort(key=lambda e: e["kl"])
 
+    from lmkl.formatting import Z95
     from lmkl.report.render import familiar_pairs_markdown
+
+    bnb_model = json.loads((bnb / "results.json").read_text())["candidates"][0]["model"]
+    entries[[e["name"] for e in entries].index("int8 LLM.int8()")]["batch_dependence"] = bnb_model[
+        "batch_dependence"
+    ]
+    demo_kl = next(iter(candidates(demo).values()))["kl"]
+    mean, half_width = demo_kl["mean"], Z95 * demo_kl["se"]
+    demo_intervals = {
+        "kl_mean": mean,
+        "token_interval": [mean - half_width, mean + half_width],
+        "bootstrap_ci": [demo_kl["ci_low"], demo_kl["ci_high"]],
+    }
+
     from lmkl.version import __version__
 
     document = {
@@ -104,6 +126,7 @@ def main() -> None:
         "measured": dt.datetime.now(dt.timezone.utc).date().isoformat(),
         "lmkl": __version__,
         "pairs": entries,
+        "demo": demo_intervals,
     }
     OUT_JSON.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
     OUT_MD.write_text(familiar_pairs_markdown(entries) + "\n")

@@ -332,3 +332,25 @@ def test_readme_shows_the_measured_familiar_pairs():
     table = familiar_pairs_markdown(shipped["pairs"])
     assert table in (root / "README.md").read_text()
     assert table in (root / "scripts" / "results" / "familiar_pairs.md").read_text()
+
+
+def test_readme_quotes_the_measured_demo_intervals_and_int8_batch_dependence():
+    """The README's demo intervals and LLM.int8() batch dependence are the recorded run's."""
+    from lmkl.formatting import format_ci, format_value
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = json.loads((root / "lmkl" / "report" / "familiar_pairs.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    demo = shipped["demo"]
+    assert (
+        f"the mean KL of {format_value(demo['kl_mean'])} has a token interval of "
+        f"{format_ci(demo['token_interval'])} and a document-bootstrap CI of "
+        f"{format_ci(demo['bootstrap_ci'])}"
+    ) in readme
+    int8 = next(p for p in shipped["pairs"] if "batch_dependence" in p)
+    dependence = int8["batch_dependence"]
+    assert (
+        f"mean KL {format_value(int8['kl'])} while the batch alone moves it by up to "
+        f"{format_value(dependence['max_kl'])} (mean {format_value(dependence['mean_kl'])}, "
+        f"|Δlogit| up to {format_value(dependence['max_abs_logit_diff'])})"
+    ) in readme
