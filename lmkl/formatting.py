@@ -95,6 +95,16 @@ def format_value(value: Any, digits: int = DIGITS) -> str:
     return f"{x:.{decimals}f}"
 
 
+def format_signed(value: Any, digits: int = DIGITS) -> str:
+    """A difference, its sign always shown: ``+0.01234``, ``-4.074e-05``, ``0``.
+
+    >>> format_signed(0.012345), format_signed(-4.0741e-05)
+    ('+0.01235', '-4.074e-05')
+    """
+    text = format_value(value, digits)
+    return text if text.startswith(("-", "+", "–")) or text in ("0", "nan") else f"+{text}"
+
+
 def _distinct_digits(values: Sequence[float], digits: int) -> int:
     """The fewest significant digits ≥ ``digits`` at which different finite values print
     different strings (at most :data:`MAX_DIGITS`)."""

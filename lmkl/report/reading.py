@@ -12,7 +12,7 @@ from lmkl.formatting import (
     format_column,
     format_interval,
     format_ratio,
-    format_value,
+    format_signed,
     prose,
     to_float,
 )
@@ -175,8 +175,7 @@ def plain_reading(report: Report) -> list[str]:
             f"{diff['a']} vs {prose(kl_row['b'])} in {diff['b']}"
         )
         if math.isfinite(kl_row["z"]):
-            delta = format_value(kl_row["delta"], 3)
-            text += f" (Δ {'' if delta.startswith('-') else '+'}{delta}, z = {kl_row['z']:.1f})"
+            text += f" (Δ {format_signed(kl_row['delta'], 3)}, z = {kl_row['z']:.1f})"
         paired = diff.get("paired")
         if paired:
             text += (

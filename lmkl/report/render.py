@@ -29,6 +29,7 @@ from lmkl.formatting import (
     format_rate,
     format_ratio,
     format_seconds,
+    format_signed,
     format_value,
     interval,
     mean_se,
@@ -468,7 +469,7 @@ def difference_blocks(report: Report) -> list[dict[str, Any]]:
                     "metric": r["metric"],
                     "a": number(r["a"]),
                     "b": number(r["b"]),
-                    "delta": "–" if not math.isfinite(r["delta"]) else f"{r['delta']:+.4g}",
+                    "delta": format_signed(r["delta"]),
                     "z": "–" if not math.isfinite(r["z"]) else f"{r['z']:.1f}",
                     "significant": significant,
                 }
@@ -492,7 +493,7 @@ def difference_blocks(report: Report) -> list[dict[str, Any]]:
                     "tokens": number(paired["tokens"]),
                     "coverage": f"{percent(paired['coverage_a'])} / "
                     f"{percent(paired['coverage_b'])}",
-                    "mean_delta": f"{paired['mean_delta']:+.4g} ± {number(paired['se'])}",
+                    "mean_delta": f"{format_signed(paired['mean_delta'])} ± {number(paired['se'])}",
                     "max_abs_delta": number(paired["max_abs_delta"]),
                     "identical": percent(paired["identical_share"], 1),
                     "b_higher": percent(paired["b_higher_share"], 1),
