@@ -424,3 +424,14 @@ def test_demo_names_work_on_the_command_line(tiny_pair, tmp_path):
     assert results["data"]["documents"] == 3  # the demo cache's held-out file
     code, output = invoke(["compare", "demo:reference", "demo:nope", "--data", "demo:heldout"])
     check_error(code, output, 2, "unknown demo name 'demo:nope'")
+
+
+def test_demo_refusing_an_out_that_holds_a_run_does_not_suggest_resume(tiny_pair, tmp_path):
+    """``lmkl demo`` has no --resume: its refusal names only what it has."""
+    fake_demo_cache(tiny_pair)
+    out = str(tmp_path / "demo")
+    code, output = invoke(["demo", "--out", out, "-q"])
+    assert code == 0, output
+    code, output = invoke(["demo", "--out", out, "-q"])
+    check_error(code, output, 1, "already holds a run", "--overwrite")
+    assert "--resume" not in output, output

@@ -7,6 +7,8 @@ the English reference text that every CPython ships (``pydoc_data``), then compa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,6 +34,19 @@ def _is_demo_run(config: dict[str, Any]) -> bool:
     data, candidates = config.get("data") or {}, config.get("candidates") or [{}]
     labels = (data.get("label"), candidates[0].get("label"))
     return labels == (DEMO_DATA_LABEL, DEMO_CANDIDATE_LABEL)
+
+
+@contextmanager
+def _no_resume_hint() -> Iterator[None]:
+    """The demo has no --resume (a demo run takes seconds): refusals do not suggest it."""
+    from lmkl.errors import OutputError
+
+    try:
+        yield
+    except OutputError as exc:
+        if exc.hint and "--resume" in exc.hint:
+            exc.hint = "pass --overwrite to replace it, or another --out"
+        raise
 
 
 @friendly_errors
@@ -67,7 +82,7 @@ def demo(
     assets = build_demo_assets(demo_cache_dir(), force=rebuild, progress=say)
     if replacing:
         say(f"replacing {DEMO_OUT} (the demo's own output; --out DIR writes elsewhere)")
-    with TokenProgress(quiet) as progress:
+    with TokenProgress(quiet) as progress, _no_resume_hint():
         run = lmkl.api.compare(
             ModelSpec(model=str(assets.reference_dir), label=DEMO_REFERENCE_LABEL, device="cpu"),
             [ModelSpec(model=str(assets.candidate_dir), label=DEMO_CANDIDATE_LABEL, device="cpu")],
