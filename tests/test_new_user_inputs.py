@@ -433,5 +433,5 @@ def test_demo_refusing_an_out_that_holds_a_run_does_not_suggest_resume(tiny_pair
     code, output = invoke(["demo", "--out", out, "-q"])
     assert code == 0, output
     code, output = invoke(["demo", "--out", out, "-q"])
-    check_error(code, output, 1, "already holds a run", "--overwrite")
-    assert "--resume" not in output, output
+    check_error(code, output, 1, "already holds a run")
+    assert "fix: pass --overwrite" in output and "--resume" not in output, output
