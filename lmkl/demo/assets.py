@@ -385,8 +385,8 @@ class ModelRecipe:
 class DemoSettings:
     """Everything that determines the demo build; part of the cache key and the manifest.
 
-    The defaults are tuned so that on 2 idle CPU cores the whole build takes about 80 s and the
-    pair differs clearly but not absurdly (see :func:`build_demo_assets`). The reference is
+    The defaults are tuned so that on 2 CPU cores the whole build takes about 2.5 min (155 s
+    measured) and the pair differs clearly but not absurdly (see :func:`build_demo_assets`). The reference is
     deliberately narrow (128): with ~118k training tokens and this step budget a 192-wide one
     reached a clearly worse held-out loss, and cost 1.7x as much per step.
     """
@@ -537,7 +537,7 @@ def build_demo_assets(
     progress: ProgressFn | None = None,
     settings: DemoSettings | None = None,
 ) -> DemoAssets:
-    """The ``lmkl demo`` pair, built once (about 80 s on 2 idle CPU cores) and then cached.
+    """The ``lmkl demo`` pair, built once (about 2.5 min on 2 CPU cores) and then cached.
 
     Assets live in ``cache_dir / f"demo-v{DEMO_VERSION}-{settings.key()}"``:
     ``reference/`` (Llama, 4 layers × 128, trained 500 steps), ``candidate/`` (Qwen2,
