@@ -386,9 +386,9 @@ class DemoSettings:
     """Everything that determines the demo build; part of the cache key and the manifest.
 
     The defaults are tuned so that on 2 CPU cores the whole build takes about 2.5 min (155 s
-    measured) and the pair differs clearly but not absurdly (see :func:`build_demo_assets`). The reference is
-    deliberately narrow (128): with ~118k training tokens and this step budget a 192-wide one
-    reached a clearly worse held-out loss, and cost 1.7x as much per step.
+    measured) and the pair differs clearly but not absurdly (see :func:`build_demo_assets`). The
+    reference is deliberately narrow (128): with ~118k training tokens and this step budget a
+    192-wide one reached a clearly worse held-out loss, and cost 1.7x as much per step.
     """
 
     vocab_size: int = 2048
