@@ -435,3 +435,24 @@ def test_demo_refusing_an_out_that_holds_a_run_does_not_suggest_resume(tiny_pair
     code, output = invoke(["demo", "--out", out, "-q"])
     check_error(code, output, 1, "already holds a run")
     assert "fix: pass --overwrite" in output and "--resume" not in output, output
+
+
+def test_command_list_and_example_list_are_whole_at_80_columns(monkeypatch):
+    """``lmkl --help`` lists every command with a whole summary (click cut them with "...");
+    ``lmkl init --list`` gives each example's first sentence whole, wrapped, never cut."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("COLUMNS", "80")
+    run = [sys.executable, "-m", "lmkl", "--help"]
+    output = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    commands = output.split("Commands:")[1].splitlines()[1:]
+    assert len([line for line in commands if line.strip()]) == 11, output
+    assert not any(line.rstrip().endswith("...") for line in commands), output
+    assert all(len(line) <= 80 for line in output.splitlines()), output
+    code, output = invoke(["init", "--list"])
+    assert code == 0, output
+    assert all(len(line.rstrip()) <= 80 for line in output.splitlines()), output
+    text = " ".join(output.split())
+    assert "from its teacher on the assistant's turns only." in text, output
+    assert "closest to a bigger teacher?" in text, output

@@ -60,6 +60,24 @@ for module in (
 ):
     module.register(app)
 
+#: One line per command in ``lmkl --help`` (click would cut the docstring's first sentence with
+#: "..." to fit the terminal): each fits an 80-column terminal whole.
+SHORT_HELP = {
+    "compare": "KL of candidates against a reference, token by token.",
+    "attribute": "Where in the model a candidate's KL comes from.",
+    "demo": "The whole job offline, on two small built-in models.",
+    "run": "Run a YAML experiment: candidates ranked, gated.",
+    "validate": "Check an experiment config; list every problem.",
+    "init": "Copy a shipped example config to edit.",
+    "cache": "Store a reference's outputs once, for later runs.",
+    "sample-kl": "Sequence-level KL, by sampling continuations.",
+    "report": "HTML, Markdown or table report of runs.",
+    "inspect": "Single tokens of a run: context, top-5, KL.",
+    "select": "A run's hardest contexts as a dataset.",
+}
+for command in app.registered_commands:
+    command.short_help = SHORT_HELP[command.name or ""]
+
 _value_type = TyperOption.display_type_rich
 
 

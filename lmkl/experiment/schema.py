@@ -559,9 +559,18 @@ def example_data_files(name: str) -> dict[str, str]:
 
 
 def example_summary(text: str) -> str:
-    """The first descriptive comment line of an example (after its launch command)."""
+    """The first sentence of an example's descriptive comment (after its launch command), which
+    may run over several comment lines."""
+    words: list[str] = []
     for line in text.splitlines():
         stripped = line.lstrip("# ").strip()
-        if line.startswith("#") and stripped and not stripped.startswith(("lmkl ", "Launch")):
-            return stripped
-    return ""
+        if not line.startswith("#") or (words and not stripped):
+            break
+        if not stripped or (not words and stripped.startswith(("lmkl ", "Launch"))):
+            continue
+        words.append(stripped)
+        if stripped.endswith((".", "?", "!")):
+            break
+    summary = " ".join(words)
+    ends = [i for i in (summary.find(". "), summary.find("? ")) if i >= 0]
+    return summary[: min(ends) + 1] if ends else summary

@@ -38,12 +38,12 @@ def init(
     )
 
     if list_:
+        from rich.padding import Padding
+
+        # Each summary wrapped under its name: whole at any width (80 columns, a pipe).
         for example in example_names():
-            stdout.print(
-                f"[bold]{example:14}[/bold] {example_summary(example_text(example))}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            stdout.print(Text(example, style="bold"))
+            stdout.print(Padding(Text(example_summary(example_text(example))), (0, 0, 0, 2)))
         return
     text = example_text(name)
     target = out or Path(f"{name.removesuffix('.yaml')}.yaml")
