@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from lmkl.analysis.metrics import lookup, resolve
 from lmkl.errors import GateFailure, UsageError
+from lmkl.formatting import format_column
 
 GateKind = Literal["fail_above", "fail_below"]
 
@@ -95,9 +96,11 @@ class GateResult:
 
     def line(self) -> str:
         op = ">" if self.gate.kind == "fail_above" else "<"
-        value = "undefined" if math.isnan(self.value) else f"{self.value:.6g}"
+        # Digits enough to tell the value from the limit (0.05001 > 0.05 must not read 0.05).
+        value, limit = format_column([self.value, self.gate.limit])
+        value = "undefined" if math.isnan(self.value) else value
         return (
-            f"{self.candidate}: {self.gate.metric} = {value} {op} {self.gate.limit:g} "
+            f"{self.candidate}: {self.gate.metric} = {value} {op} {limit} "
             f"({self.gate.kind.replace('_', '-')})"
         )
 

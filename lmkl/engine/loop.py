@@ -362,7 +362,7 @@ def _score_parts(
                     raise failure
                 if agreed == _FAILED:
                     raise Interrupted(
-                        f"stopped after {finished_work} of {total} {plan.unit}: another rank "
+                        f"stopped after {finished_work:,} of {total:,} {plan.unit}: another rank "
                         f"failed or was stopped at once; {len(run_dir.completed_indices())} "
                         f"completed parts are kept in {run_dir.path}",
                         resume_hint + " (see the other rank's message)",
@@ -372,11 +372,11 @@ def _score_parts(
                     return (
                         counters,
                         written,
-                        f"stopped ({why}) after {finished_work} of {total} {plan.unit}",
+                        f"stopped ({why}) after {finished_work:,} of {total:,} {plan.unit}",
                     )
     except KeyboardInterrupt as exc:
         raise Interrupted(
-            f"interrupted after {finished_work} of {total} {plan.unit}; "
+            f"interrupted after {finished_work:,} of {total:,} {plan.unit}; "
             f"{len(run_dir.completed_indices())} completed parts are kept in {run_dir.path}",
             resume_hint,
         ) from exc
