@@ -400,3 +400,29 @@ def test_out_of_an_earlier_training_is_refused_when_training_starts(
     with pytest.raises(OutputError, match="earlier training"):
         train(setup["student"], setup["text"], tmp_path / "train", [callback])
     assert not (tmp_path / "train" / "checkpoint-4").exists()
+
+
+def test_wrapping_a_training_model_caches_no_inference_tensor() -> None:
+    """The load-time split probe of an in-memory model runs under no_grad, not inference mode:
+    a tensor the model keeps from that forward (here its input ids, as a model caching position
+    ids would) trains through later, and the probe leaves no logits behind."""
+    from lmkl.engine.in_memory import in_memory_model
+    from lmkl.models import head_split
+
+    tokenizer = tiny_tokenizer()
+    model = build_model("llama", len(tokenizer), 32, 1, 2, seed=5).train()
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    loaded = in_memory_model(model, tokenizer, label="student")
+    assert loaded.head is not None  # the split was probed (and found exact)
+    assert seen and not any(ids.is_inference() for ids in seen)
+    assert model not in head_split._PROBE_LOGITS
+    assert not any(b.is_inference() for b in model.buffers())
+    assert model.training
+    probe_ids = seen[0]
+    loss = model(input_ids=probe_ids, labels=probe_ids).loss  # embedding saves the ids
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
