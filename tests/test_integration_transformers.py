@@ -426,3 +426,44 @@ def test_wrapping_a_training_model_caches_no_inference_tensor() -> None:
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_building_the_teacher_cache_leaves_the_generators_as_they_were(
+    setup: dict[str, Any], tiny_pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """on_train_begin loads and runs a teacher given by path; whatever that draws from the
+    Python, NumPy or torch generators (here: a load-time hook that draws from all three) is
+    undone, so training starts from the generators the trainer seeded."""
+    import random
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmkl.integrations.transformers import KLCallback
+    from lmkl.models import head_split
+
+    drawn = []
+    probe_model = head_split.probe_model
+
+    def drawing_probe(loaded: Any) -> Any:
+        drawn.append((random.random(), np.random.rand(), torch.rand(1)))
+        return probe_model(loaded)
+
+    monkeypatch.setattr(head_split, "probe_model", drawing_probe)
+    student = AutoModelForCausalLM.from_pretrained(setup["student"])
+    tokenizer = AutoTokenizer.from_pretrained(setup["student"])
+    callback = KLCallback(
+        tiny_pair["reference"], setup["data"], trainer=types.SimpleNamespace(log=print), **OPTIONS
+    )
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state())
+    callback.on_train_begin(
+        None, types.SimpleNamespace(global_step=0), None, model=student, processing_class=tokenizer
+    )
+    assert drawn  # the teacher was loaded (and drew) inside on_train_begin
+    assert callback.cache is not None and callback.cache.is_dir()
+    assert random.getstate() == before[0]
+    assert (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.random.get_rng_state(), before[2])
