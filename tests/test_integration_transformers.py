@@ -467,3 +467,35 @@ def test_building_the_teacher_cache_leaves_the_generators_as_they_were(
     assert random.getstate() == before[0]
     assert (np.random.get_state()[1] == before[1]).all()
     assert torch.equal(torch.random.get_rng_state(), before[2])
+
+
+def test_report_of_the_step_runs_shows_the_logged_kl_by_step(
+    setup: dict[str, Any], with_callback: Any, tmp_path: Path
+) -> None:
+    """``lmkl report OUT/step-*`` on the callback's out= directory: one checkpoint series whose
+    KL by step is what the trainer logged (the JSON view exactly), its best step named in the
+    terminal summary, and the KL-by-step plot in the Markdown report."""
+    trainer, _ = with_callback
+    want, want_se = logged(trainer), logged(trainer, "lmkl/kl_se")
+    steps = sorted(want)
+    runs = [str(p) for p in sorted((setup["root"] / "kl").glob("step-*"))]
+    assert [Path(r).name for r in runs] == [f"step-{s:06d}" for s in steps]
+
+    code, output = invoke(["report", *runs, "--format", "json"])
+    assert code == 0, output
+    (series,) = json.loads(output)["steps"].values()
+    assert series["step"] == steps
+    assert series["kl_mean"] == [want[s] for s in steps]
+    assert series["kl_se"] == [want_se[s] for s in steps]
+    best = min(want, key=want.__getitem__)
+    assert series["best_step"] == best
+
+    code, output = invoke(["report", *runs, "--format", "table"])
+    assert code == 0, output
+    assert f"the lowest mean KL is at step {best}" in " ".join(output.split())
+
+    markdown = tmp_path / "steps.md"
+    code, output = invoke(["report", *runs, "--format", "md", "--out", str(markdown)])
+    assert code == 0, output
+    assert "### KL by step" in markdown.read_text()
+    assert (tmp_path / "steps_files" / "kl_by_step.png").stat().st_size > 0
