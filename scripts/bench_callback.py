@@ -10,8 +10,14 @@ float32 logits of two models.
 Two students are timed against the demo teacher's cache: the demo student (2 layers x 128, a
 2048-token vocabulary: its output layer is a third of its compute, the hardest case for the
 ratio) and a wider one (6 layers x 384, same tokenizer; the body dominates, as in real LMs).
-Each evaluation is timed ``--repeats`` times, alternating, and the median kept. Peak memory is
-measured in fresh subprocesses as the growth of the peak resident set during one evaluation.
+The plain forward and the evaluations (without and with ``out``) are interleaved, ``--repeats``
+rounds, the order reversed every other round so that a slow spell of a shared machine hits
+each alike. Reported per student: min, median (p50) and max of each, the spread
+(max/min - 1), and the ratios of the minima (the least disturbed runs: what the code costs)
+and of the medians. The fixed cost of one evaluation, whatever the data's size, is measured on
+a one-window cache as the evaluation's time minus the plain forward's there (minima). Peak
+memory is measured in fresh subprocesses as the growth of the peak resident set during one
+evaluation.
 
     python scripts/bench_callback.py                # writes scripts/results/bench_callback.json
 """
@@ -59,11 +65,11 @@ def student_model(name: str, directory: Path) -> Path:
     return out
 
 
-def teacher_cache(directory: Path, max_tokens: int) -> Path:
+def teacher_cache(directory: Path, max_tokens: int, name: str = "cache") -> Path:
     import lmkl
     from lmkl.demo.names import resolve_demo_value
 
-    cache = directory / "cache"
+    cache = directory / name
     if not cache.exists():
         lmkl.build_reference_cache(
             resolve_demo_value("demo:reference"),
@@ -133,22 +139,49 @@ def memory_probe(mode: str, student: str, cache: str) -> None:
     print(json.dumps({"peak_growth_mib": (peak[0] - before) / 2**20}))
 
 
-def measure(name: str, work: Path, cache: Path, repeats: int) -> dict[str, Any]:
+def summary(values: list[float]) -> dict[str, float]:
+    """min, p50 and max of repeated timings, and their spread (max/min - 1)."""
+    low, high = min(values), max(values)
+    return {
+        "min": low,
+        "p50": statistics.median(values),
+        "max": high,
+        "spread": high / low - 1,
+    }
+
+
+def interleaved(
+    model: Any, loaded: Any, batches: list[Any], cache: Path, out: Path, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each kind of evaluation, ``repeats`` interleaved rounds (order reversed every
+    other round), after one warm-up of each."""
+    runs = {
+        "plain_forward": lambda: plain_forward(model, batches),
+        "callback": lambda: evaluation(loaded, cache),
+        "callback_with_out": lambda: evaluation(loaded, cache, out),
+    }
+    for run in runs.values():  # warm-up (imports, the cache's first open, allocator pages)
+        run()
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for round_index in range(repeats):
+        order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
+        for key in order:
+            t0 = time.perf_counter()
+            runs[key]()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def measure(name: str, work: Path, cache: Path, small: Path, repeats: int) -> dict[str, Any]:
     student = student_model(name, work)
     model, loaded, batches = setup(student, cache)
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
-    evaluation(loaded, cache)  # warm-up (imports, the cache's first open)
-    plain_forward(model, batches)
-    times: dict[str, list[float]] = {"plain_forward": [], "callback": [], "callback_with_out": []}
-    for _ in range(repeats):
-        for key in times:
-            t0 = time.perf_counter()
-            if key == "plain_forward":
-                plain_forward(model, batches)
-            else:
-                evaluation(loaded, cache, work / "run" if key == "callback_with_out" else None)
-            times[key].append(time.perf_counter() - t0)
-    medians = {key: statistics.median(values) for key, values in times.items()}
+    times = interleaved(model, loaded, batches, cache, work / "run", repeats)
+    stats = {key: summary(values) for key, values in times.items()}
+    # The fixed cost per evaluation: on a one-window cache the forward is almost nothing.
+    _, _, one = setup(student, small)
+    small_times = interleaved(model, loaded, one, small, work / "run-small", repeats)
+    small_stats = {key: summary(values) for key, values in small_times.items()}
     memory = {}
     for mode in ("plain", "score"):
         proc = subprocess.run(
@@ -159,6 +192,7 @@ def measure(name: str, work: Path, cache: Path, repeats: int) -> dict[str, Any]:
         )
         memory[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_growth_mib"]
     config = model.config
+    plain = stats["plain_forward"]
     return {
         "student": name,
         "layers": config.num_hidden_layers,
@@ -167,17 +201,32 @@ def measure(name: str, work: Path, cache: Path, repeats: int) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "windows": sum(len(b.windows) for b in batches),
         "tokens_in_windows": tokens,
-        "seconds": medians,
+        "repeats": repeats,
+        "seconds": stats,
         "all_seconds": times,
-        "ratio_callback": medians["callback"] / medians["plain_forward"],
-        "ratio_callback_with_out": medians["callback_with_out"] / medians["plain_forward"],
+        "ratio_callback": {
+            "of_min": stats["callback"]["min"] / plain["min"],
+            "of_p50": stats["callback"]["p50"] / plain["p50"],
+        },
+        "ratio_callback_with_out": {
+            "of_min": stats["callback_with_out"]["min"] / plain["min"],
+            "of_p50": stats["callback_with_out"]["p50"] / plain["p50"],
+        },
+        "one_window": {
+            "tokens_in_windows": sum(int(b.attention_mask.sum()) for b in one),
+            "seconds": small_stats,
+            "all_seconds": small_times,
+            "fixed_cost_s": small_stats["callback"]["min"] - small_stats["plain_forward"]["min"],
+            "fixed_cost_with_out_s": small_stats["callback_with_out"]["min"]
+            - small_stats["plain_forward"]["min"],
+        },
         "peak_growth_mib": memory,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory", nargs=3, metavar=("MODE", "STUDENT", "CACHE"))
@@ -192,7 +241,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lmkl-bench-callback-") as tmp:
         work = Path(tmp)
         cache = teacher_cache(work, args.max_tokens)
-        rows = [measure(name, work, cache, args.repeats) for name in STUDENTS]
+        small = teacher_cache(work, 200, "one-window-cache")  # one window of 256 tokens
+        rows = [measure(name, work, cache, small, args.repeats) for name in STUDENTS]
     result = {
         "target": "callback evaluation <= 1.1x a plain student forward over the same windows",
         "machine": {
@@ -208,11 +258,13 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
-        s = row["seconds"]
+        s, fixed = row["seconds"], row["one_window"]["fixed_cost_s"]
         print(
-            f"{row['student']:<13} plain {s['plain_forward']:.3f} s  callback "
-            f"{s['callback']:.3f} s ({row['ratio_callback']:.2f}x)  with out "
-            f"{s['callback_with_out']:.3f} s ({row['ratio_callback_with_out']:.2f}x)  "
+            f"{row['student']:<13} plain {s['plain_forward']['min']:.3f} s "
+            f"(p50 {s['plain_forward']['p50']:.3f})  callback {s['callback']['min']:.3f} s "
+            f"(p50 {s['callback']['p50']:.3f}): {row['ratio_callback']['of_min']:.2f}x of "
+            f"minima, {row['ratio_callback']['of_p50']:.2f}x of p50; with out "
+            f"{row['ratio_callback_with_out']['of_min']:.2f}x; fixed cost {fixed:.3f} s; "
             f"peak growth MiB plain {row['peak_growth_mib']['plain']:.0f} / "
             f"callback {row['peak_growth_mib']['score']:.0f}"
         )

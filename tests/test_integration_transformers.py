@@ -400,3 +400,102 @@ def test_out_of_an_earlier_training_is_refused_when_training_starts(
     with pytest.raises(OutputError, match="earlier training"):
         train(setup["student"], setup["text"], tmp_path / "train", [callback])
     assert not (tmp_path / "train" / "checkpoint-4").exists()
+
+
+def test_wrapping_a_training_model_caches_no_inference_tensor() -> None:
+    """The load-time split probe of an in-memory model runs under no_grad, not inference mode:
+    a tensor the model keeps from that forward (here its input ids, as a model caching position
+    ids would) trains through later, and the probe leaves no logits behind."""
+    from lmkl.engine.in_memory import in_memory_model
+    from lmkl.models import head_split
+
+    tokenizer = tiny_tokenizer()
+    model = build_model("llama", len(tokenizer), 32, 1, 2, seed=5).train()
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    loaded = in_memory_model(model, tokenizer, label="student")
+    assert loaded.head is not None  # the split was probed (and found exact)
+    assert seen and not any(ids.is_inference() for ids in seen)
+    assert model not in head_split._PROBE_LOGITS
+    assert not any(b.is_inference() for b in model.buffers())
+    assert model.training
+    probe_ids = seen[0]
+    loss = model(input_ids=probe_ids, labels=probe_ids).loss  # embedding saves the ids
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_building_the_teacher_cache_leaves_the_generators_as_they_were(
+    setup: dict[str, Any], tiny_pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """on_train_begin loads and runs a teacher given by path; whatever that draws from the
+    Python, NumPy or torch generators (here: a load-time hook that draws from all three) is
+    undone, so training starts from the generators the trainer seeded."""
+    import random
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmkl.integrations.transformers import KLCallback
+    from lmkl.models import head_split
+
+    drawn = []
+    probe_model = head_split.probe_model
+
+    def drawing_probe(loaded: Any) -> Any:
+        drawn.append((random.random(), np.random.rand(), torch.rand(1)))
+        return probe_model(loaded)
+
+    monkeypatch.setattr(head_split, "probe_model", drawing_probe)
+    student = AutoModelForCausalLM.from_pretrained(setup["student"])
+    tokenizer = AutoTokenizer.from_pretrained(setup["student"])
+    callback = KLCallback(
+        tiny_pair["reference"], setup["data"], trainer=types.SimpleNamespace(log=print), **OPTIONS
+    )
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state())
+    callback.on_train_begin(
+        None, types.SimpleNamespace(global_step=0), None, model=student, processing_class=tokenizer
+    )
+    assert drawn  # the teacher was loaded (and drew) inside on_train_begin
+    assert callback.cache is not None and callback.cache.is_dir()
+    assert random.getstate() == before[0]
+    assert (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.random.get_rng_state(), before[2])
+
+
+def test_report_of_the_step_runs_shows_the_logged_kl_by_step(
+    setup: dict[str, Any], with_callback: Any, tmp_path: Path
+) -> None:
+    """``lmkl report OUT/step-*`` on the callback's out= directory: one checkpoint series whose
+    KL by step is what the trainer logged (the JSON view exactly), its best step named in the
+    terminal summary, and the KL-by-step plot in the Markdown report."""
+    trainer, _ = with_callback
+    want, want_se = logged(trainer), logged(trainer, "lmkl/kl_se")
+    steps = sorted(want)
+    runs = [str(p) for p in sorted((setup["root"] / "kl").glob("step-*"))]
+    assert [Path(r).name for r in runs] == [f"step-{s:06d}" for s in steps]
+
+    code, output = invoke(["report", *runs, "--format", "json"])
+    assert code == 0, output
+    (series,) = json.loads(output)["steps"].values()
+    assert series["step"] == steps
+    assert series["kl_mean"] == [want[s] for s in steps]
+    assert series["kl_se"] == [want_se[s] for s in steps]
+    best = min(want, key=want.__getitem__)
+    assert series["best_step"] == best
+
+    code, output = invoke(["report", *runs, "--format", "table"])
+    assert code == 0, output
+    assert f"the lowest mean KL is at step {best}" in " ".join(output.split())
+
+    markdown = tmp_path / "steps.md"
+    code, output = invoke(["report", *runs, "--format", "md", "--out", str(markdown)])
+    assert code == 0, output
+    assert "### KL by step" in markdown.read_text()
+    assert (tmp_path / "steps_files" / "kl_by_step.png").stat().st_size > 0

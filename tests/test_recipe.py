@@ -355,3 +355,87 @@ def test_gguf_recipe_size_is_that_of_the_files_tensors(tiny_pair, tmp_path):
         table["model.layers.0.mlp.up_proj"]
         == reference.get_submodule("model.layers.0.mlp.up_proj").weight.numel() * 18 // 32
     )
+
+
+def test_resume_after_editing_the_recipe_is_refused(tiny_pair, tmp_path):
+    """A recipe candidate's identity pins the recipe file and HIGH, not only LOW's weights:
+    after recipe.yaml's high_modules change, --resume of a stopped run refuses with the
+    identity message (and resumes as before with the file restored)."""
+    from runtools import kill_at
+
+    from lmkl.models import weights_identity
+    from lmkl.specs import ModelSpec
+
+    data = short_documents(tiny_pair, tmp_path, 120)
+    recipe = _write_recipe(tiny_pair, tmp_path / "mix.yaml", HIGH_MODULES)
+    original = recipe.read_text()
+    out = tmp_path / "run"
+    args = ["compare", str(tiny_pair["reference"]), "--recipe", str(recipe), "--data", str(data),
+            "--out", str(out), "--dtype", "float32", "--device", "cpu", *COMMON]  # fmt: skip
+    kill_at(args, "part-done:0")  # stopped with its first part scored
+    assert (out / "parts" / "part-000000.parquet").exists()
+
+    edited = yaml.safe_load(original)
+    edited["high_modules"] = HIGH_MODULES[:1]
+    recipe.write_text(yaml.safe_dump(edited))
+    code, output = invoke([*args, "--resume"])
+    check_error(code, output, 1, "cannot resume", "inputs changed", "models")
+    assert (out / "parts" / "part-000000.parquet").exists()  # nothing computed is lost
+
+    # A run that reads the candidate's identity without loading it sees the edit too.
+    spec = ModelSpec(recipe=str(recipe), device="cpu")
+    changed = weights_identity(spec)["recipe_identity"]
+    recipe.write_text(original)
+    pinned = weights_identity(spec)["recipe_identity"]
+    assert pinned != changed and pinned["high_modules"] == sorted(HIGH_MODULES)
+    code, output = invoke([*args, "--resume"])
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert results["provenance"]["resumed_parts"] >= 1
+    recorded = results["candidates"][0]["model"]["recipe_identity"]
+    assert recorded == pinned  # the loaded model pins what the probe pins
+    assert recorded["high"]["quantize"]["scheme"] == "int8_weight_only"
+
+
+def test_mixed_model_reports_its_own_batch_dependence(tiny_pair, tmp_path, monkeypatch):
+    """The mixed model is probed after it is built: its description holds the batch dependence
+    measured on it (here made batch-coupled only once mixed, so LOW's own probe finds none),
+    the number recomputed here from its forwards."""
+    from lmkl.models import head_split, load_model
+    from lmkl.specs import ModelSpec
+
+    recipe = _write_recipe(tiny_pair, tmp_path / "mix.yaml", HIGH_MODULES)
+    spec = ModelSpec(recipe=str(recipe), device="cpu", dtype="float32")
+    plain = load_model(spec)
+    assert plain.description["batch_dependence"] == plain.batch_dependence
+    assert plain.batch_dependence["probe_tokens"] == 8
+
+    real, seen = head_split.make_head, set()
+
+    def make_head(model):
+        if id(model) in seen:  # the second split of LOW's model object: the mixed model
+            # Every token moves with the mean over the whole forward, all rows alike (the
+            # way LLM.int8()'s batch-wide outlier columns couple tokens, only larger).
+            model.model.norm.register_forward_hook(
+                lambda _m, _i, out: out + 0.5 * out.mean(dim=(0, 1), keepdim=True)
+            )
+        seen.add(id(model))
+        return real(model)
+
+    monkeypatch.setattr(head_split, "make_head", make_head)
+    mixed = load_model(spec)
+    found = mixed.description["batch_dependence"]
+    assert found == mixed.batch_dependence and found["significant"] is True
+
+    # Recomputed: the probe row alone and next to the probe's random companions.
+    ids = head_split._probe_inputs(mixed)[0]
+    vocab = min(mixed.logits_width, len(mixed.tokenizer))
+    gen = torch.Generator().manual_seed(2)
+    alone = _logits(mixed.model, ids)[0].double()
+    diffs = []
+    for _ in range(found["companion_sets"]):
+        companions = torch.randint(0, vocab, (2, ids.shape[1]), generator=gen)
+        batched = _logits(mixed.model, torch.cat([ids, companions]))[0].double()
+        diffs.append(float((alone - batched).abs().max()))
+    assert max(diffs) > 0.01
+    assert found["max_abs_logit_diff"] == pytest.approx(max(diffs), rel=1e-5)

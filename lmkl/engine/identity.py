@@ -30,7 +30,13 @@ _WHAT = {
 
 def model_identity(description: dict[str, Any]) -> dict[str, Any]:
     """The fields of a model description that pin its weights (never all ``None``)."""
-    keys = ("weights_sha256", "resolved_revision", "weights_files", "adapter_sha256")
+    keys = (
+        "weights_sha256",
+        "resolved_revision",
+        "weights_files",
+        "adapter_sha256",
+        "recipe_identity",  # a recipe candidate: the recipe file and HIGH (models.identity)
+    )
     pinned = {k: description.get(k) for k in keys if description.get(k) is not None}
     if not pinned.get("weights_sha256") and not pinned.get("resolved_revision"):
         # A hub model without a commit hash and without known files: its name and revision are

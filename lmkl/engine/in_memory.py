@@ -90,7 +90,10 @@ def in_memory_model(
     )
     with scoring_mode(model):
         loaded.head = head_split.make_head(model)
-        if loaded.head is not None and not head_split.split_is_exact(loaded):
+        # no_inference_mode=True above: the probe runs under no_grad, and keeps no logits
+        # (no causality probe follows for a model the caller built and trains).
+        exact = loaded.head is not None and head_split.split_is_exact(loaded, keep_for_probe=False)
+        if not exact:
             loaded.head = None
     loaded.description = describe_in_memory(loaded)
     return loaded

@@ -182,7 +182,8 @@ class KLCallback(TrainerCallback):
 
     def prepare(self) -> Path:
         """The reference cache: the given one (checked), or the teacher's, built once (the
-        teacher is then released). Raises one-line errors for unusable input."""
+        teacher is then released) with every random generator restored afterwards. Raises
+        one-line errors for unusable input."""
         if self.cache is not None:
             return self.cache
         from lmkl.demo.names import is_demo_value, resolve_demo_value
@@ -194,7 +195,12 @@ class KLCallback(TrainerCallback):
             cache = Path(self.reference)
             self._check_cache(cache, student)
         else:
-            cache = self._build(student)
+            from lmkl.engine.in_memory import preserved_rng
+
+            # Loading and running the teacher may draw random numbers (weight init of modules
+            # absent from a checkpoint, the engine's seeding): training must not see them.
+            with preserved_rng():
+                cache = self._build(student)
         self.cache = cache
         return cache
 

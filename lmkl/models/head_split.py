@@ -57,9 +57,21 @@ def _probe_inputs(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor] | No
     return first, second
 
 
-@torch.inference_mode()
-def split_is_exact(loaded: LoadedModel) -> bool:
-    """Compare the decoder+head split with the model's own forward on a short probe."""
+def split_is_exact(loaded: LoadedModel, *, keep_for_probe: bool = True) -> bool:
+    """Compare the decoder+head split with the model's own forward on a short probe.
+
+    ``keep_for_probe``: keep the full forward's logits for :func:`probe_model` of the same
+    model (pass False when no probe follows, e.g. for a model being trained, so nothing stays
+    cached). A model marked ``no_inference_mode`` (one being trained, or one whose kernels
+    refuse inference mode) is run under ``no_grad`` only: a tensor it caches while probed must
+    not be an inference tensor that a later backward would refuse.
+    """
+    grad_off = torch.no_grad() if loaded.no_inference_mode else torch.inference_mode()
+    with grad_off:
+        return _split_is_exact(loaded, keep_for_probe)
+
+
+def _split_is_exact(loaded: LoadedModel, keep_for_probe: bool) -> bool:
     probes = _probe_inputs(loaded)
     # A vocabulary of one token (or none) has no second input to tell causality by.
     ids = probes[0] if probes is not None else torch.zeros((1, 8), dtype=torch.long)
@@ -67,7 +79,7 @@ def split_is_exact(loaded: LoadedModel) -> bool:
     mask = torch.ones_like(ids)
     try:
         full = loaded.forward_logits(ids, mask)
-        if probes is not None:
+        if probes is not None and keep_for_probe:
             _PROBE_LOGITS[loaded.model] = full  # the causality check's first forward
         full = full.float()
         split = loaded.logits(loaded.hidden_states(ids, mask)).float()

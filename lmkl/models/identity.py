@@ -1,12 +1,14 @@
 """What pins a model's weights (run identities) and the description of a loaded model.
 
 :func:`weights_identity` reads it without loading the weights (content hash of local files, the
-hub commit the revision resolves to, the adapter's hash); :func:`describe_model` records a loaded
+hub commit the revision resolves to, the adapter's hash, and for a recipe
+:func:`recipe_identity`); :func:`describe_model` records a loaded
 model's provenance, dtype, sizes on disk and in memory, and quantization.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +52,21 @@ def weights_identity(spec: ModelSpec) -> dict[str, Any]:
         info["adapter_sha256"] = adapter_fingerprint(spec)
         info["adapter_revision"] = spec.adapter_revision
     if spec.recipe:  # the spec's model is LOW; the recipe's modules and HIGH pin the rest
-        recipe = read_recipe(spec.recipe)
-        info["recipe"] = {
-            "high_modules": sorted(recipe.high_modules),
-            "high": weights_identity(recipe.part_spec(recipe.high, spec)),
-        }
+        info["recipe_identity"] = recipe_identity(spec)
     return info
+
+
+def recipe_identity(spec: ModelSpec) -> dict[str, Any]:
+    """What pins a recipe candidate beyond LOW's weights (``spec.model``): the recipe file's
+    content hash, its HIGH modules, and HIGH's weights identity. A run records it in the
+    candidate's description, so ``--resume`` after an edit of the recipe is refused."""
+    path = Path(spec.recipe or "").expanduser()
+    recipe = read_recipe(path)  # a missing or invalid file: one line, before hashing
+    return {
+        "recipe_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "high_modules": sorted(recipe.high_modules),
+        "high": weights_identity(recipe.part_spec(recipe.high, spec)),
+    }
 
 
 def describe_model(

@@ -20,7 +20,7 @@ from lmkl.models.adapters import apply_adapter
 from lmkl.models.config import model_config, pretrained
 from lmkl.models.environment import quiet_hf_logging, resolve_device
 from lmkl.models.gguf import GgufTokenizer, gguf_kwargs, gguf_path, has_tokenizer_files
-from lmkl.models.identity import describe_model
+from lmkl.models.identity import describe_model, recipe_identity
 from lmkl.models.load_errors import translate_load_error
 from lmkl.models.loaded import LoadedModel
 from lmkl.models.mixed import build_mixed_model, gguf_recipe_storage
@@ -136,19 +136,32 @@ def load_model(
         quantization=quantization,
     )
     _attach_head(loaded)
+    _probe(loaded, spec.model)
+    loaded.description = _describe(loaded, source, local, quantization)
+    return loaded
+
+
+def _probe(loaded: LoadedModel, name: str) -> None:
+    """Refuse a model that is not causal; keep how much its logits depend on the batch."""
     probe = head_split.probe_model(loaded)
     if not probe.causal:
         raise ModelLoadError(
-            f"'{spec.model}' is not a causal language model: its prediction at a position "
+            f"'{name}' is not a causal language model: its prediction at a position "
             "changes when later tokens change (a bidirectional encoder such as BERT?)",
             "pass a decoder-only language model",
         )
     loaded.batch_dependence = probe.batch_dependence or None
-    loaded.description = describe_model(loaded, source, local, quantization)
+
+
+def _describe(
+    loaded: LoadedModel, source: str, local: bool, quantization: dict[str, Any] | None
+) -> dict[str, Any]:
+    """:func:`describe_model` plus the probe's measured batch dependence."""
+    description = describe_model(loaded, source, local, quantization)
     if loaded.batch_dependence is not None:
         # Measured, not pinned: never part of the run identity (see engine.identity).
-        loaded.description["batch_dependence"] = loaded.batch_dependence
-    return loaded
+        description["batch_dependence"] = loaded.batch_dependence
+    return description
 
 
 def _load_recipe(
@@ -163,6 +176,8 @@ def _load_recipe(
     what the swapped modules add. The description's size is the mixed model's stored bytes.
     """
     recipe = read_recipe(spec.recipe or "")
+    # Pinned before loading: the file as read now, HIGH's weights (see engine.identity).
+    identity = recipe_identity(spec)
     low_spec = spec.model_copy(update={"recipe": None, "label": f"{spec.display_name}:low"})
     high_spec = recipe.part_spec(recipe.high, spec)
     low = load_model(low_spec, device, tokenizer)
@@ -181,10 +196,14 @@ def _load_recipe(
     gc.collect()
     low.spec, low.quantization = spec, quantization
     _attach_head(low)  # LOW's output layer may be HIGH's module now
+    # The mixed model's batch dependence is its own (LOW's was measured without HIGH's
+    # modules); the probe also takes the logits the split check just kept.
+    _probe(low, str(spec.recipe))
     local = is_local(low_spec)
     source = str(Path(low_spec.model).expanduser()) if local else low_spec.model
-    low.description = describe_model(low, source, local, quantization)
+    low.description = _describe(low, source, local, quantization)
     low.description["recipe"] = str(spec.recipe)
+    low.description["recipe_identity"] = identity
     return low
 
 
