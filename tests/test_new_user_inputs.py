@@ -456,3 +456,13 @@ def test_command_list_and_example_list_are_whole_at_80_columns(monkeypatch):
     text = " ".join(output.split())
     assert "from its teacher on the assistant's turns only." in text, output
     assert "closest to a bigger teacher?" in text, output
+
+
+def test_a_misspelled_config_key_gets_a_did_you_mean(tmp_path):
+    """``dtyp:`` in a YAML experiment: the one-line problem names the key it probably meant."""
+    config = Path(__file__).resolve().parent.parent / "configs" / "quantization.yaml"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.read_text().replace("  dtype: float32", "  dtyp: float32", 1))
+    code, output = invoke(["validate", str(bad)])
+    assert code == 2, output
+    assert "reference.dtyp: unknown key (not allowed here); did you mean 'dtype'?" in output

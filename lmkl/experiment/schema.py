@@ -19,6 +19,8 @@ Usage::
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -377,6 +379,24 @@ def _set_path(node: Any, parts: list[str], value: Any) -> str | None:
     return None
 
 
+@functools.cache
+def _schema_keys() -> tuple[str, ...]:
+    """Every key the experiment schema knows, at any depth (for "did you mean")."""
+    keys: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            keys.update(node.get("properties", {}))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(ExperimentConfig.model_json_schema())
+    return tuple(sorted(keys))
+
+
 def format_validation_error(exc: ValidationError) -> list[str]:
     """``path.to.field: message`` lines, one per pydantic error."""
     lines = []
@@ -385,6 +405,9 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         kind, msg = err["type"], err["msg"]
         if kind == "extra_forbidden":
             msg = "unknown key (not allowed here)"
+            close = difflib.get_close_matches(str(err["loc"][-1]), _schema_keys(), n=1)
+            if close:
+                msg += f"; did you mean '{close[0]}'?"
         elif kind == "missing":
             msg = "required but missing"
         else:
