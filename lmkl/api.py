@@ -431,7 +431,8 @@ def build_reference_cache(
     else:
         spec = _spec(ModelSpec, None, model_opts | {"model": str(reference)}, "the reference")
     data_spec = _data_spec(data, data_opts)
-    assert data_spec is not None
+    if data_spec is None:
+        raise UsageError("no data given", "pass data=FILE_OR_DATASET")
     window_spec = _spec(WindowSpec, windows, window_opts, "windows")
     compute_spec = _spec(ComputeSpec, compute, compute_opts, "compute")
     run = dict(top_k=top_k, overwrite=overwrite, resume=resume, progress=progress, log=log)
@@ -587,7 +588,8 @@ def attribute(
     cand_spec = model(candidate, model_opts, "the candidate")
     high_spec = None if high is None else model(high, model_opts, "HIGH")
     data_spec = _data_spec(data, data_opts)
-    assert data_spec is not None
+    if data_spec is None:
+        raise UsageError("no data given", "pass data=FILE_OR_DATASET")
     if windows is not None or window_opts:
         windows = _spec(WindowSpec, windows, window_opts, "windows")
     compute = _spec(ComputeSpec, compute, compute_opts, "compute")

@@ -162,9 +162,8 @@ def test_every_unit_matches_an_independent_float64_computation(pair, docs, run):
     assert all(e > 0 for e in results["hidden_state_error"])
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_full_is_compare_and_the_last_prefix_is_the_full_candidate(pair, docs, run, tmp_path):
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     compared = lmkl.api.compare(
         str(pair["reference"]),
         str(pair["candidate"]),
@@ -186,11 +185,10 @@ def test_full_is_compare_and_the_last_prefix_is_the_full_candidate(pair, docs, r
     np.testing.assert_allclose(last["kl"].to_numpy(), full["kl"].to_numpy(), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_boundaries_save_decoder_layer_calls(pair, docs, tmp_path, monkeypatch):
     """Layer calls counted on the decoder layer class: 2 full forwards per batch, then each
     unit only from its layer on; full forwards per unit would make far more."""
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     calls, scoring = [], []
@@ -254,9 +252,8 @@ def _cli_args(pair: dict, docs: Path, out: Path) -> list[str]:
     return ["attribute", *compare_args(pair, docs, out)[1:], "--dtype", "float32", "--no-compile"]
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_resume_after_a_kill_gives_identical_units(pair, docs, tmp_path):
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     full, killed = tmp_path / "full", tmp_path / "killed"
 
     def args(out: Path) -> list[str]:
@@ -279,9 +276,8 @@ def test_resume_after_a_kill_gives_identical_units(pair, docs, tmp_path):
     assert units_a.num_rows == units_b.num_rows > 0 and units_a.equals(units_b)
 
 
+@pytest.mark.parametrize("pair", ["qwen2"], indirect=True)
 def test_terminal_fits_80_columns_piped(pair, docs, tmp_path):
-    if pair["arch"] != "qwen2":
-        pytest.skip("one family is enough")
     args = _cli_args(pair, docs, tmp_path / "run")
     args.remove("--quiet")
     env = dict(
@@ -380,11 +376,10 @@ def test_on_the_fly_quantized_candidate(tiny_pair, docs, tmp_path, scheme):
     assert not linear["identical"] and linear["kl"]["mean"] > 0
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_report_from_the_run_directory_alone(pair, run, tmp_path):
     """HTML and Markdown reports of an attribution run: the summary, the three figures and the
     top modules, read from a copy of the run directory (no model needed)."""
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     import shutil
 
     copied = tmp_path / "copy"
@@ -485,11 +480,10 @@ def test_gguf_recipe_writes_llama_quantize_arguments(tiny_pair, docs, tmp_path):
     assert "tensor_type_args" in written and "model-Q8_0.gguf" in written
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_a_small_memory_budget_gives_the_same_units(pair, docs, run, tmp_path, monkeypatch):
     """A budget too small for more than one unit per scoring call, with the boundaries in CPU
     memory (forced: the tiny model's fit in any budget): the same per-token values."""
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     from lmkl.attribution.kind import Attribution
 
     sizes = []
@@ -530,11 +524,10 @@ def test_greedy_choice_by_kl_saved_per_extra_byte():
         choose_modules(kl, low, high, 50, 100, 3.9)
 
 
+@pytest.mark.parametrize("pair", ["llama", "gpt2"], indirect=True)
 def test_candidate_in_another_dtype_is_bridged(pair, docs, tmp_path):
     """A bfloat16 candidate inside a float32 reference: borrowed modules get their inputs in
     bfloat16 and give float32 back; every unit is finite and the full candidate is compare's."""
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     args = [str(pair["reference"]), str(pair["candidate"]), str(docs)]
     common = {"context_length": CONTEXT, "batch_size": 2, "compile": False}
     from lmkl.specs import ModelSpec
@@ -547,3 +540,37 @@ def test_candidate_in_another_dtype_is_bridged(pair, docs, tmp_path):
     assert run.results["candidate"]["dtype"] == "bfloat16"
     scored = [u for u in run.results["units"] if not u["identical"]]
     assert scored and all(np.isfinite(u["kl"]["mean"]) and u["kl"]["mean"] > 0 for u in scored)
+
+
+def test_hidden_state_error_averages_only_finite_ratios():
+    """A token whose reference hidden state is zero has no finite relative error: it is left
+    out of the mean (not counted as a zero error), checked against NumPy."""
+    from types import SimpleNamespace
+
+    from lmkl.attribution.kind import _hidden_error
+    from lmkl.attribution.results import _hidden_errors
+
+    gen = torch.Generator().manual_seed(0)
+    hp = torch.randn(1, 6, 4, generator=gen)
+    hq = hp + 0.1 * torch.randn(1, 6, 4, generator=gen)
+    hp[0, 2] = 0.0  # ‖h_P‖ = 0: an infinite ratio
+    batch = SimpleNamespace(rows=torch.zeros(5, dtype=torch.long), cols=torch.arange(1, 6))
+    found = _hidden_error(batch, [hp], [hq])
+    p, q = hp[0, 1:6].double().numpy(), hq[0, 1:6].double().numpy()
+    ratios = np.linalg.norm(q - p, axis=-1) / np.linalg.norm(p, axis=-1)
+    assert np.isinf(ratios).sum() == 1
+    want = ratios[np.isfinite(ratios)].mean()
+    assert _hidden_errors([{"hidden_error": found}], 1) == [pytest.approx(want, rel=1e-12)]
+
+
+@pytest.mark.parametrize("function", ["attribute", "build_reference_cache"])
+def test_missing_data_is_a_usage_error(tmp_path, function):
+    from lmkl.errors import UsageError
+
+    if function == "attribute":
+        call = lambda: lmkl.api.attribute("ref", "cand", None)  # noqa: E731
+    else:
+        call = lambda: lmkl.api.build_reference_cache("ref", None, tmp_path / "c")  # noqa: E731
+    with pytest.raises(UsageError, match="no data given") as caught:
+        call()
+    assert caught.value.hint == "pass data=FILE_OR_DATASET"

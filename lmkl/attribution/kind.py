@@ -230,7 +230,10 @@ class Attribution(TokenComparison):
         device = ref.device
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         source = cand_out if unit.scope == "prefix" else ref_out
-        boundary = source[unit.start - 1].to(device) if unit.start > 0 else None
+        # A prefix unit resumes from the candidate's boundary, in the candidate's dtype: cast
+        # to the reference's (a float32 LayerNorm given bfloat16 returns bfloat16 to the next
+        # float32 Linear; RMSNorm only hides this by upcasting).
+        boundary = source[unit.start - 1].to(device, ref.model.dtype) if unit.start > 0 else None
         # The output layer is borrowed through the head (it runs a chunk at a time).
         swapped = tuple(n for n in unit.swapped if n != self.structure.head or ref.head is None)
 
@@ -414,15 +417,19 @@ class Attribution(TokenComparison):
 def _hidden_error(
     batch: Batch, ref_out: list[torch.Tensor], cand_out: list[torch.Tensor]
 ) -> dict[str, Any]:
-    """Per layer, the sum over scored tokens of ‖h_Q − h_P‖ / ‖h_P‖ (float64), and the count."""
+    """Per layer, the sum over scored tokens of ‖h_Q − h_P‖ / ‖h_P‖ (float64) and how many
+    of those ratios were finite (the mean's denominator: a non-finite ratio is left out of
+    both, never counted as a zero error)."""
     rows, cols = batch.rows, batch.cols
-    sums = []
+    sums, counts = [], []
     for p, q in zip(ref_out, cand_out, strict=True):
         hp = p[rows.to(p.device), cols.to(p.device)].double()
         hq = q[rows.to(q.device), cols.to(q.device)].to(hp.device).double()
         ratio = (hq - hp).norm(dim=-1) / hp.norm(dim=-1)
-        sums.append(float(ratio[torch.isfinite(ratio)].sum()))
-    return {"sums": sums, "tokens": int(rows.numel())}
+        finite = torch.isfinite(ratio)
+        sums.append(float(ratio[finite].sum()))
+        counts.append(int(finite.sum()))
+    return {"sums": sums, "counts": counts, "tokens": int(rows.numel())}
 
 
 def _units_table(batch: Batch, per_unit: dict[str, dict[str, np.ndarray]]) -> pa.Table:

@@ -152,15 +152,18 @@ def unit_summaries(
 
 
 def _hidden_errors(sidecars: list[dict[str, Any]], num_layers: int) -> list[float]:
-    """Per layer, the mean over scored tokens of ‖h_Q − h_P‖ / ‖h_P‖ of its output."""
+    """Per layer, the mean of ‖h_Q − h_P‖ / ‖h_P‖ of its output over the scored tokens whose
+    ratio is finite (NaN where none is)."""
     sums = np.zeros(num_layers)
-    tokens = 0
+    counts = np.zeros(num_layers)
     for sidecar in sidecars:
         found = sidecar.get("hidden_error")
         if found:
             sums += np.asarray(found["sums"], dtype=np.float64)
-            tokens += int(found["tokens"])
-    return [float(x) for x in (sums / tokens if tokens else sums * math.nan)]
+            # (Parts written before the per-layer counts: every token counted.)
+            counts += np.asarray(found.get("counts", [found["tokens"]] * num_layers), float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return [float(x) for x in np.where(counts > 0, sums / counts, math.nan)]
 
 
 def _by_layer(
