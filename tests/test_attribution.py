@@ -574,3 +574,31 @@ def test_missing_data_is_a_usage_error(tmp_path, function):
     with pytest.raises(UsageError, match="no data given") as caught:
         call()
     assert caught.value.hint == "pass data=FILE_OR_DATASET"
+
+
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+def test_one_document_resamples_windows_everywhere(pair, tmp_path):
+    """One long document in several windows: the full candidate's CI (as compare's) and every
+    unit's resample windows, from the same draws, so full.kl's and full_kl's intervals agree
+    and none collapses to zero width."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": " ".join(tiny_corpus()[1][:4])[:1500]}) + "\n")
+    run = lmkl.api.attribute(
+        str(pair["reference"]),
+        str(pair["candidate"]),
+        str(one),
+        out=tmp_path / "run",
+        context_length=64,
+        batch_size=4,
+        dtype="float32",
+        compile=False,
+    )
+    results = run.results
+    assert results["data"]["documents"] == 1 and results["data"]["windows"] >= 4
+    assert results["full"]["kl"]["ci_method"] == "window bootstrap"
+    assert results["bootstrap"]["unit"] == "window"
+    full, full_kl = results["full"]["kl"], results["full_kl"]
+    assert (full["ci_low"], full["ci_high"]) == (full_kl["ci_low"], full_kl["ci_high"])
+    assert full_kl["ci_low"] < full_kl["mean"] < full_kl["ci_high"]
+    scored = [u for u in results["units"] if not u["identical"]]
+    assert scored and all(u["kl"]["ci_low"] < u["kl"]["ci_high"] for u in scored)

@@ -313,7 +313,7 @@ class Attribution(TokenComparison):
         summary = super().summarize(run_dir, totals)
         body = summary.body
         entry = body["candidates"][0]
-        unit = "window_id" if self.windows.windowing == "llama-cpp" else "doc_id"
+        unit = self.bootstrap_unit()  # as the full candidate's kl CI: the intervals agree
         parts = [run_dir.extra_path("units", i) for i in run_dir.completed_indices()]
         sidecars = [run_dir.read_sidecar(i) or {} for i in run_dir.completed_indices()]
         body["candidate"] = entry["model"]
