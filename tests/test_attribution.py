@@ -457,11 +457,25 @@ def test_budget_below_low_is_refused_before_scoring(tiny_pair, docs, tmp_path):
     assert not out.exists()
 
 
-def test_gguf_recipe_writes_llama_quantize_arguments(tiny_pair, docs, tmp_path):
+def test_gguf_recipe_writes_llama_quantize_arguments(tiny_pair, docs, tmp_path, monkeypatch):
     """LOW Q4_0 and HIGH Q8_0 GGUF files: the recipe holds the llama-quantize arguments that
-    make the mixed file, and its bits per weight are the GGUF tensors' (within the budget)."""
+    make the mixed file, and its bits per weight are the GGUF tensors' (within the budget).
+    Each argument's type is the chosen tensor's own in HIGH, spelled as llama.cpp does: HIGH's
+    tensor table is read as a K-quant mix would have it (ffn_down q6_K, the rest q4_K; the
+    gguf package cannot write K-quants), whose file type (Q4_K_M) is no tensor's type."""
     pytest.importorskip("gguf")
     from gguf_files import write_gguf
+
+    import lmkl.models.mixed
+
+    real = lmkl.models.mixed.gguf_tensor_types
+
+    def k_quant_mix(spec):
+        table = real(spec)
+        assert set(table.values()) >= {"q8_0"}  # read from the file
+        return {n: ("q6_K" if "ffn_down" in n else "q4_K") for n in table}
+
+    monkeypatch.setattr(lmkl.models.mixed, "gguf_tensor_types", k_quant_mix)
 
     low = write_gguf(tiny_pair["reference"], tmp_path / "model-Q4_0.gguf", "Q4_0")
     high = write_gguf(tiny_pair["reference"], tmp_path / "model-Q8_0.gguf", "Q8_0")
@@ -475,7 +489,14 @@ def test_gguf_recipe_writes_llama_quantize_arguments(tiny_pair, docs, tmp_path):
     recipe = json.loads((out / "results.json").read_text())["recipe"]
     assert recipe["high"] and recipe["low_bits_per_weight"] < recipe["bits_per_weight"] <= 6.5
     args = recipe["tensor_type_args"]
-    assert args and all(a.startswith("--") or "=q8_0" in a or a == "q8_0" for a in args)
+    assert args and len(args) % 2 == 0
+    for option, value in zip(args[0::2], args[1::2], strict=True):
+        if option == "--tensor-type":
+            tensor, _, kind = value.rpartition("=")
+            assert kind == ("q6_K" if "ffn_down" in tensor else "q4_K"), value
+        else:
+            assert option in ("--token-embedding-type", "--output-tensor-type")
+            assert value == "q4_K"
     written = (out / "recipe.yaml").read_text()
     assert "tensor_type_args" in written and "model-Q8_0.gguf" in written
 
@@ -602,3 +623,31 @@ def test_one_document_resamples_windows_everywhere(pair, tmp_path):
     assert full_kl["ci_low"] < full_kl["mean"] < full_kl["ci_high"]
     scored = [u for u in results["units"] if not u["identical"]]
     assert scored and all(u["kl"]["ci_low"] < u["kl"]["ci_high"] for u in scored)
+
+
+@pytest.mark.parametrize(
+    ("high", "message"),
+    [
+        ("candidate", "attribution needs matching modules: 'HIGH"),  # another structure
+        ("missing", "missing-model"),  # no such model
+        ("torchao:int4_weight_only:g256", "256"),  # groups wider than the layers
+    ],
+)
+def test_a_bad_high_is_refused_before_scoring(tiny_pair, docs, tmp_path, high, message):
+    """Everything about HIGH is checked in prepare: nothing is scored, no run directory is
+    left, so the corrected command runs from scratch (no --resume refused)."""
+    pytest.importorskip("torchao")
+    given = {
+        "candidate": str(tiny_pair["candidate"]),
+        "missing": str(tmp_path / "missing-model"),
+    }.get(high, high)
+    out = tmp_path / "run"
+    code, output = invoke(
+        ["attribute", str(tiny_pair["reference"]), "--quantize", "torchao:int8_weight_only",
+         "--high", given, "--budget-bits", "32", "--data", str(docs), "--out", str(out),
+         "--context-length", str(CONTEXT), "--no-compile"]
+    )  # fmt: skip
+    assert code in (1, 2), output
+    assert message in output, output
+    assert "Traceback" not in output
+    assert not out.exists()

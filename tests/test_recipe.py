@@ -303,7 +303,7 @@ def test_llama_quantize_arguments_name_tensors_of_the_file(tiny_pair, tmp_path):
     assert "token_embd.weight" in names and "output.weight" in names
     assert gguf_tensor_type_args(["model.layers.1.mlp.gate_proj"], "Q6_K") == [
         "--tensor-type",
-        r"^blk\.1\.ffn_gate\.weight$=q6_k",
+        r"^blk\.1\.ffn_gate\.weight$=q6_K",  # llama.cpp spells K-quants so
     ]
 
 
@@ -355,3 +355,26 @@ def test_gguf_recipe_size_is_that_of_the_files_tensors(tiny_pair, tmp_path):
         table["model.layers.0.mlp.up_proj"]
         == reference.get_submodule("model.layers.0.mlp.up_proj").weight.numel() * 18 // 32
     )
+
+
+def test_ggml_type_names_are_llama_cpps_spelling():
+    """llama-quantize parses types by llama.cpp's ggml_type_name: K-quants keep a capital K."""
+    from lmkl.models.mixed import ggml_type_name, gguf_tensor_type_args
+
+    names = ["Q4_K", "Q6_K", "Q8_0", "F16", "BF16", "IQ4_XS", "Q2_K", "TQ1_0"]
+    want = ["q4_K", "q6_K", "q8_0", "f16", "bf16", "iq4_xs", "q2_K", "tq1_0"]
+    assert [ggml_type_name(n) for n in names] == want
+    unmapped: list[str] = []
+    table = {"blk.0.ffn_down.weight": "q6_K", "token_embd.weight": "q4_K"}
+    args = gguf_tensor_type_args(
+        ["model.layers.0.mlp.down_proj", "model.embed_tokens", "model.layers.0.mlp.up_proj"],
+        table,
+        unmapped,
+    )
+    assert args == [
+        "--tensor-type",
+        r"^blk\.0\.ffn_down\.weight$=q6_K",
+        "--token-embedding-type",
+        "q4_K",
+    ]
+    assert unmapped == ["model.layers.0.mlp.up_proj"]  # not in HIGH's table: a note, no error

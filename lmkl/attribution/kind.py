@@ -193,7 +193,48 @@ class Attribution(TokenComparison):
             "identical in both models)"
         )
         plan.identity["units"] = [u.key for u in scored]
+        if self.high is not None:
+            self._check_high(log)
         return plan
+
+    def _high_spec(self) -> ModelSpec:
+        assert self.high is not None
+        return self.high.model_copy(update={"device": self.cand_model.spec.device})
+
+    def _check_high(self, log: LogCallback) -> None:
+        """HIGH loaded once before anything is scored, so that a wrong path, a quantization
+        whose groups do not fit, another tokenizer or another structure stop the run here
+        rather than after every part; what the recipe needs of it (each module's stored
+        bytes, a GGUF file's tensor types) is kept, and HIGH freed until the measurement."""
+        import gc
+
+        from lmkl.models import (
+            check_quantization_fits,
+            check_tokenizers_match,
+            load_model,
+            load_tokenizer,
+        )
+        from lmkl.models.mixed import gguf_tensor_types, module_bytes
+
+        spec = self._high_spec()
+        label = f"HIGH {spec.display_name}"
+        check_quantization_fits(spec)
+        tokenizer = load_tokenizer(spec)
+        check_tokenizers_match(self.ref_model.tokenizer, tokenizer, (self.ref_model.label, label))
+        log(f"checking {label}")
+        high = load_model(spec, self.cand_model.device, tokenizer)
+        try:
+            check_matching(self.ref_model.model, high.model, label)
+        except UsageError as exc:
+            exc.hint = "give --high a model with the reference's modules (another quantization)"
+            raise
+        self.high_bytes = module_bytes(high)
+        both_gguf = bool(self.cand_model.spec.gguf_file and spec.gguf_file)
+        self.high_tensor_types = gguf_tensor_types(spec) if both_gguf else None
+        del high
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- score -----------------------------------------------------------------------------------
     def _dtypes(self) -> dict[str, torch.dtype]:
@@ -360,15 +401,13 @@ class Attribution(TokenComparison):
 
         assert self.high is not None and self.budget_bits is not None
         low = self.cand_model
-        high_spec = self.high.model_copy(update={"device": low.spec.device})
-        self.log(f"loading HIGH {high_spec.model}")
-        high = load_model(high_spec, low.device, low.tokenizer)
+        high_spec = self._high_spec()
         isolated = {u["name"]: u["kl"]["mean"] for u in body["units"] if u["scope"] == "module"}
         described = low.description
         choice = choose_modules(
             isolated,
             module_bytes(low),
-            module_bytes(high),
+            self.high_bytes,
             float(described["weight_bytes"]),
             int(described["parameters"]),
             self.budget_bits,
@@ -396,7 +435,6 @@ class Attribution(TokenComparison):
             reference=self.ref_model,
             reference_spec=self.reference,
             low_spec=low_spec,
-            high=high,
             high_spec=high_spec,
             choice=choice,
             uniform_low_kl=float(body["full"]["kl"]["mean"]),
@@ -406,10 +444,16 @@ class Attribution(TokenComparison):
         )
         summary["low_bits_per_weight"] = described.get("bits_per_weight")
         summary["budget_bits"] = self.budget_bits
-        scheme = (high.quantization or {}).get("scheme")
-        if low_spec.gguf_file and high_spec.gguf_file and scheme:
-            args = gguf_tensor_type_args(choice.names, str(scheme))
+        if self.high_tensor_types is not None:
+            # Each chosen tensor's type as HIGH stores it (a K-quant mix has several).
+            unmapped: list[str] = []
+            args = gguf_tensor_type_args(choice.names, self.high_tensor_types, unmapped)
             summary["tensor_type_args"] = args
+            if unmapped:
+                summary["tensor_type_note"] = (
+                    f"no GGUF tensor for {', '.join(unmapped)}: llama-quantize arguments "
+                    "for them are left out (set them by hand)"
+                )
             recipe = recipe.model_copy(update={"tensor_type_args": args})
         return summary, recipe
 
