@@ -651,3 +651,64 @@ def test_a_bad_high_is_refused_before_scoring(tiny_pair, docs, tmp_path, high, m
     assert message in output, output
     assert "Traceback" not in output
     assert not out.exists()
+
+
+def test_high_is_parsed_by_the_library_for_cli_and_python(tiny_pair, docs):
+    """One parser for --high / high=: METHOD:SCHEME quantizes the reference, a name is a model
+    loaded like the candidate without its own fields, a ModelSpec is used as it is; errors
+    name the option or keyword actually used."""
+    from lmkl.errors import UsageError
+    from lmkl.specs import ModelSpec, QuantizeSpec, high_model_spec
+
+    ref = ModelSpec(model="org/ref", revision="r1", dtype="float32")
+    cand = ModelSpec(
+        model="org/ref",
+        dtype="bfloat16",
+        device="cpu",
+        label="low",
+        adapter="org/adapter",
+        quantize=QuantizeSpec(method="torchao", scheme="int4_weight_only", group_size=32),
+    )
+    quantized = high_model_spec("torchao:int8_weight_only", ref, cand)
+    assert quantized.model == "org/ref" and quantized.revision == "r1"
+    assert quantized.quantize == QuantizeSpec(method="torchao", scheme="int8_weight_only")
+    assert (quantized.dtype, quantized.device, quantized.adapter) == ("bfloat16", "cpu", None)
+    named = high_model_spec("models/high-Q8_0.gguf", ref, cand, "high")
+    assert named.gguf_file == "high-Q8_0.gguf" and named.model == "models"
+    assert (named.quantize, named.adapter, named.label, named.dtype) == (
+        None,
+        None,
+        None,
+        "bfloat16",
+    )
+    given = ModelSpec(model="x", dtype="float16")
+    assert high_model_spec(given, ref, cand) is given
+    with pytest.raises(UsageError) as caught:
+        lmkl.api.attribute("org/ref", "org/cand", str(docs), high="torchao:int9", budget_bits=8)
+    assert caught.value.message.startswith("high='torchao:int9': torchao has no scheme")
+    code, output = invoke(
+        ["attribute", str(tiny_pair["reference"]), str(tiny_pair["reference"]), "--data",
+         str(docs), "--high", "torchao:int9", "--budget-bits", "8", "--no-compile"]
+    )  # fmt: skip
+    check_error(code, output, 2, "--high 'torchao:int9': torchao has no scheme")
+
+
+def test_python_high_as_a_model_spec_beside_model_keywords(tiny_pair, docs, tmp_path):
+    """Model keywords apply to the models given by name: a HIGH ModelSpec is not refused for
+    them (the run gets as far as the budget check, which needs LOW loaded)."""
+    from lmkl.errors import UsageError
+    from lmkl.specs import ModelSpec
+
+    with pytest.raises(UsageError, match=r"budget.bits 1 is below"):
+        lmkl.api.attribute(
+            str(tiny_pair["reference"]),
+            str(tiny_pair["reference"]),
+            str(docs),
+            out=tmp_path / "run",
+            high=ModelSpec(model=str(tiny_pair["reference"])),
+            budget_bits=1,
+            dtype="float32",
+            context_length=CONTEXT,
+            compile=False,
+        )
+    assert not (tmp_path / "run").exists()
