@@ -712,3 +712,43 @@ def test_python_high_as_a_model_spec_beside_model_keywords(tiny_pair, docs, tmp_
             compile=False,
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_attribution_numbers_use_the_shared_formatter():
+    """Interval ends that differ never print alike, a small share is not 0%, a ratio near 1
+    shows its difference, a missing figure is '–' (lmkl.formatting throughout)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lmkl.attribution.results import plain_summary
+    from lmkl.attribution.terminal import kl_text, print_attribution, recipe_sentence
+
+    kl = {"mean": 1.3002e-3, "ci_low": 1.3001e-3, "ci_high": 1.3004e-3}
+    low, high = kl_text(kl).split("[")[1].rstrip("]").split(", ")
+    assert low != high and float(low) == pytest.approx(1.3001e-3, rel=1e-9)
+    units = [
+        {"scope": "module", "name": "a", "layer": 0, "type": "a", "kl": {"mean": 0.996}},
+        {"scope": "module", "name": "b", "layer": 0, "type": "b", "kl": {"mean": 0.004}},
+    ]
+    layers = [{"layer": 0, "modules_kl": 1.0}]
+    summary = plain_summary(units, layers, 1.004, 1.0)
+    assert "1.0040×" in summary and "0%" not in summary.replace("100%", "")
+    recipe = {
+        "high": ["a"], "bits_per_weight": 4.8125, "measured_kl": 0.01, "predicted_kl": 0.02,
+        "better_than_low": True, "uniform_low_kl": 0.03, "uniform_high_kl": 0.001,
+        "low_bits_per_weight": None, "high_bits_per_weight": 8.5,
+    }  # fmt: skip
+    sentence = recipe_sentence(recipe)
+    assert "?" not in sentence and "at – bits" in sentence and "4.81 bits" in sentence
+    results = {
+        "full_kl": kl,
+        "sum_of_modules": kl,
+        "summary": "s",
+        "units": [],
+        "layers": [],
+        "cost": {"layer_calls": 4, "full_forward_layer_calls": 1000},
+    }
+    out = StringIO()
+    print_attribution(results, Console(file=out, width=80))
+    assert "0.400% of one full forward" in out.getvalue()

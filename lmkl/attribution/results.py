@@ -18,6 +18,7 @@ import pyarrow as pa
 from lmkl.analysis.ranking import Bootstrap, UnitSumsStream, interval
 from lmkl.analysis.streaming import Moments
 from lmkl.attribution.structure import Structure, Unit
+from lmkl.formatting import format_percent, format_ratio
 
 #: Bootstrap resamples and interval level (as ``compare``'s ranking).
 RESAMPLES = 1000
@@ -189,7 +190,7 @@ def _by_layer(
 
 
 def _percent(part: float, whole: float) -> str:
-    return f"{100 * part / whole:.0f}%"
+    return format_percent(part / whole)
 
 
 def plain_summary(
@@ -219,17 +220,17 @@ def plain_summary(
     ratio = full / module_sum
     if ratio > 1.1:
         words.append(
-            f"The full candidate's KL is {ratio:.2f}× the sum of the isolated module KLs: "
+            f"The full candidate's KL is {format_ratio(ratio)} the sum of the isolated module KLs: "
             "their errors compound."
         )
     elif ratio < 0.9:
         words.append(
-            f"The full candidate's KL is {ratio:.2f}× the sum of the isolated module KLs: "
+            f"The full candidate's KL is {format_ratio(ratio)} the sum of the isolated module KLs: "
             "their errors partly cancel."
         )
     else:
         words.append(
-            f"The full candidate's KL is {ratio:.2f}× the sum of the isolated module KLs: "
+            f"The full candidate's KL is {format_ratio(ratio)} the sum of the isolated module KLs: "
             "the modules act nearly independently."
         )
     return " ".join(words)
