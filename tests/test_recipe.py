@@ -378,3 +378,41 @@ def test_ggml_type_names_are_llama_cpps_spelling():
         "q4_K",
     ]
     assert unmapped == ["model.layers.0.mlp.up_proj"]  # not in HIGH's table: a note, no error
+
+
+def test_recipe_measurement_loads_high_after_the_mixed_model(tmp_path):
+    """The attribution's measurement loads HIGH itself, once the mixed model is built (whose
+    own HIGH is freed by then): the caller holds no HIGH, so at most the reference, LOW and
+    one HIGH are in memory, never two HIGHs."""
+    from lmkl.attribution.recipe import Choice, measure_recipe
+    from lmkl.specs import ModelSpec
+
+    events: list[str] = []
+
+    def load(spec: ModelSpec) -> object:
+        events.append("mixed" if spec.recipe else f"load {spec.model}")
+        return object()
+
+    def run(specs: list[ModelSpec], models: object, out: object) -> object:
+        events.append("measure")
+        entries = [
+            {"label": s.display_name, "metrics": {"kl": {"mean": 0.1 * (i + 1)}},
+             "model": {"bits_per_weight": 5.0}}
+            for i, s in enumerate(specs)
+        ]  # fmt: skip
+        return type("Outcome", (), {"results": {"candidates": entries}})()
+
+    summary, _ = measure_recipe(
+        reference=object(),
+        reference_spec=ModelSpec(model="ref"),
+        low_spec=ModelSpec(model="low"),
+        high_spec=ModelSpec(model="high"),
+        choice=Choice(["m"], 60, 100, 0.2),
+        uniform_low_kl=0.3,
+        isolated_total=0.4,
+        run_comparison=run,
+        load_model=load,
+    )
+    assert events == ["mixed", "load high", "measure"]
+    assert summary["measured_kl"] == pytest.approx(0.1)
+    assert summary["uniform_high_kl"] == pytest.approx(0.2)
