@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from lmkl.errors import LmklError, UsageError
-from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
+from lmkl.specs import (
+    CANDIDATE_ONLY,
+    ComputeSpec,
+    DataSpec,
+    ModelSpec,
+    OutputSpec,
+    WindowSpec,
+)
 
 _SPECS: tuple[type, ...] = (ModelSpec, DataSpec, WindowSpec, ComputeSpec)
 
@@ -141,9 +148,8 @@ def open_run(path: str | Path) -> Run:
     return Run(path)
 
 
-#: ModelSpec fields that apply to the candidates only (the reference is never adapted or
-#: quantized: it is the full-precision P).
-_CANDIDATE_ONLY = ("adapter", "adapter_revision", "quantize", "gguf_file")
+#: ModelSpec fields that apply to the candidates only (see lmkl.specs.CANDIDATE_ONLY).
+_CANDIDATE_ONLY = CANDIDATE_ONLY
 _NOT_OPTIONS = ("model", "source", "label")
 
 
@@ -433,7 +439,8 @@ def build_reference_cache(
     else:
         spec = _spec(ModelSpec, None, model_opts | {"model": str(reference)}, "the reference")
     data_spec = _data_spec(data, data_opts)
-    assert data_spec is not None
+    if data_spec is None:
+        raise UsageError("no data given", "pass data=FILE_OR_DATASET")
     window_spec = _spec(WindowSpec, windows, window_opts, "windows")
     compute_spec = _spec(ComputeSpec, compute, compute_opts, "compute")
     run = dict(top_k=top_k, overwrite=overwrite, resume=resume, progress=progress, log=log)
@@ -577,6 +584,7 @@ def attribute(
     for :func:`compare`; see README, "Attribution".
     """
     from lmkl.attribution.kind import run_attribution
+    from lmkl.specs import high_model_spec
 
     model_opts, data_opts, window_opts, compute_opts = _split_options(options)
 
@@ -587,9 +595,13 @@ def attribute(
     ref_opts = {k: v for k, v in model_opts.items() if k not in _CANDIDATE_ONLY}
     ref_spec = model(reference, ref_opts, "the reference")
     cand_spec = model(candidate, model_opts, "the candidate")
-    high_spec = None if high is None else model(high, model_opts, "HIGH")
+    high_spec = None
+    if high is not None:  # the command line's --high, parsed by the same function
+        flag = "--high" if _FROM_COMMAND_LINE.get() else "high"
+        high_spec = high_model_spec(high, ref_spec, cand_spec, flag)
     data_spec = _data_spec(data, data_opts)
-    assert data_spec is not None
+    if data_spec is None:
+        raise UsageError("no data given", "pass data=FILE_OR_DATASET")
     if windows is not None or window_opts:
         windows = _spec(WindowSpec, windows, window_opts, "windows")
     compute = _spec(ComputeSpec, compute, compute_opts, "compute")

@@ -203,6 +203,79 @@ RUN_SETTINGS = (
     "attn_implementation",
 )
 
+#: ModelSpec fields that belong to the candidate alone (the reference is never adapted or
+#: quantized: it is the full-precision P; a recipe's HIGH named beside a candidate takes none).
+CANDIDATE_ONLY = ("adapter", "adapter_revision", "quantize", "gguf_file")
+
+
+def _given(flag: str, entry: str) -> str:
+    """How the value was given: ``--quantize 'x'`` on the command line, ``quantize='x'`` (a
+    keyword) from Python."""
+    return f"{flag} '{entry}'" if flag.startswith("-") else f"{flag}={entry!r}"
+
+
+def is_quantize_entry(entry: str) -> bool:
+    """Whether ``entry`` reads as METHOD:SCHEME[:gGROUP] (a known method before the colon)
+    rather than a model's path or hub id."""
+    return ":" in entry and entry.split(":")[0] in QUANT_SCHEMES
+
+
+def parse_quantize(entry: str, flag: str = "--quantize") -> QuantizeSpec:
+    """``torchao:int8_weight_only`` or ``torchao:int4_weight_only:g32`` as a QuantizeSpec;
+    errors name ``flag``, the option (``--high``) or keyword (``high``) the value came from."""
+    parts = entry.split(":")
+    given = _given(flag, entry)
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UsageError(
+            f"{given} is not METHOD:SCHEME[:gGROUP]",
+            f"e.g. {_given(flag, 'torchao:int8_weight_only')} or "
+            f"{_given(flag, 'torchao:int4_weight_only:g32')}",
+        )
+    group = None
+    if len(parts) == 3:
+        digits = parts[2].removeprefix("g")
+        if not digits.isdigit():
+            raise UsageError(
+                f"{given}: group '{parts[2]}' is not a number",
+                "write the group size as g32, g64, g128...",
+            )
+        group = int(digits)
+    try:
+        return QuantizeSpec(method=parts[0], scheme=parts[1], group_size=group)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        known = "; ".join(f"{m}: {', '.join(s)}" for m, s in QUANT_SCHEMES.items())
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(f"{given}: {reason}", f"known schemes: {known}") from exc
+
+
+def high_model_spec(
+    high: str | Path | ModelSpec,
+    reference: ModelSpec,
+    candidate: ModelSpec,
+    flag: str = "--high",
+) -> ModelSpec:
+    """A recipe's HIGH model from what was given: a ModelSpec as it is; METHOD:SCHEME[:gGROUP]
+    as the reference quantized while loading; anything else as a model (directory, .gguf file,
+    hub id). Named HIGH loads like the candidate (dtype, device, revision, trust settings) but
+    takes none of its own fields (adapter, quantization, GGUF file, label). Errors name
+    ``flag`` (``--high`` on the command line, ``high`` from Python)."""
+    if isinstance(high, ModelSpec):
+        return high
+    loading = {name: getattr(candidate, name) for name in (*RUN_SETTINGS, "revision")}
+    text = str(high)
+    if is_quantize_entry(text):
+        quantize = parse_quantize(text, flag)
+        return ModelSpec(
+            **loading
+            | {
+                "model": reference.model,
+                "revision": reference.revision,
+                "quantize": quantize,
+                "label": quantize.name,
+            }
+        )
+    return ModelSpec(**loading | {"model": text})
+
 
 class Recipe(StrictModel):
     """A mixed-precision model: LOW with the modules in ``high_modules`` taken from HIGH.

@@ -162,9 +162,8 @@ def test_every_unit_matches_an_independent_float64_computation(pair, docs, run):
     assert all(e > 0 for e in results["hidden_state_error"])
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_full_is_compare_and_the_last_prefix_is_the_full_candidate(pair, docs, run, tmp_path):
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     compared = lmkl.api.compare(
         str(pair["reference"]),
         str(pair["candidate"]),
@@ -186,11 +185,10 @@ def test_full_is_compare_and_the_last_prefix_is_the_full_candidate(pair, docs, r
     np.testing.assert_allclose(last["kl"].to_numpy(), full["kl"].to_numpy(), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_boundaries_save_decoder_layer_calls(pair, docs, tmp_path, monkeypatch):
     """Layer calls counted on the decoder layer class: 2 full forwards per batch, then each
     unit only from its layer on; full forwards per unit would make far more."""
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     calls, scoring = [], []
@@ -254,9 +252,8 @@ def _cli_args(pair: dict, docs: Path, out: Path) -> list[str]:
     return ["attribute", *compare_args(pair, docs, out)[1:], "--dtype", "float32", "--no-compile"]
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_resume_after_a_kill_gives_identical_units(pair, docs, tmp_path):
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     full, killed = tmp_path / "full", tmp_path / "killed"
 
     def args(out: Path) -> list[str]:
@@ -279,9 +276,8 @@ def test_resume_after_a_kill_gives_identical_units(pair, docs, tmp_path):
     assert units_a.num_rows == units_b.num_rows > 0 and units_a.equals(units_b)
 
 
+@pytest.mark.parametrize("pair", ["qwen2"], indirect=True)
 def test_terminal_fits_80_columns_piped(pair, docs, tmp_path):
-    if pair["arch"] != "qwen2":
-        pytest.skip("one family is enough")
     args = _cli_args(pair, docs, tmp_path / "run")
     args.remove("--quiet")
     env = dict(
@@ -380,11 +376,10 @@ def test_on_the_fly_quantized_candidate(tiny_pair, docs, tmp_path, scheme):
     assert not linear["identical"] and linear["kl"]["mean"] > 0
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_report_from_the_run_directory_alone(pair, run, tmp_path):
     """HTML and Markdown reports of an attribution run: the summary, the three figures and the
     top modules, read from a copy of the run directory (no model needed)."""
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     import shutil
 
     copied = tmp_path / "copy"
@@ -462,11 +457,25 @@ def test_budget_below_low_is_refused_before_scoring(tiny_pair, docs, tmp_path):
     assert not out.exists()
 
 
-def test_gguf_recipe_writes_llama_quantize_arguments(tiny_pair, docs, tmp_path):
+def test_gguf_recipe_writes_llama_quantize_arguments(tiny_pair, docs, tmp_path, monkeypatch):
     """LOW Q4_0 and HIGH Q8_0 GGUF files: the recipe holds the llama-quantize arguments that
-    make the mixed file, and its bits per weight are the GGUF tensors' (within the budget)."""
+    make the mixed file, and its bits per weight are the GGUF tensors' (within the budget).
+    Each argument's type is the chosen tensor's own in HIGH, spelled as llama.cpp does: HIGH's
+    tensor table is read as a K-quant mix would have it (ffn_down q6_K, the rest q4_K; the
+    gguf package cannot write K-quants), whose file type (Q4_K_M) is no tensor's type."""
     pytest.importorskip("gguf")
     from gguf_files import write_gguf
+
+    import lmkl.models.mixed
+
+    real = lmkl.models.mixed.gguf_tensor_types
+
+    def k_quant_mix(spec):
+        table = real(spec)
+        assert set(table.values()) >= {"q8_0"}  # read from the file
+        return {n: ("q6_K" if "ffn_down" in n else "q4_K") for n in table}
+
+    monkeypatch.setattr(lmkl.models.mixed, "gguf_tensor_types", k_quant_mix)
 
     low = write_gguf(tiny_pair["reference"], tmp_path / "model-Q4_0.gguf", "Q4_0")
     high = write_gguf(tiny_pair["reference"], tmp_path / "model-Q8_0.gguf", "Q8_0")
@@ -480,16 +489,22 @@ def test_gguf_recipe_writes_llama_quantize_arguments(tiny_pair, docs, tmp_path):
     recipe = json.loads((out / "results.json").read_text())["recipe"]
     assert recipe["high"] and recipe["low_bits_per_weight"] < recipe["bits_per_weight"] <= 6.5
     args = recipe["tensor_type_args"]
-    assert args and all(a.startswith("--") or "=q8_0" in a or a == "q8_0" for a in args)
+    assert args and len(args) % 2 == 0
+    for option, value in zip(args[0::2], args[1::2], strict=True):
+        if option == "--tensor-type":
+            tensor, _, kind = value.rpartition("=")
+            assert kind == ("q6_K" if "ffn_down" in tensor else "q4_K"), value
+        else:
+            assert option in ("--token-embedding-type", "--output-tensor-type")
+            assert value == "q4_K"
     written = (out / "recipe.yaml").read_text()
     assert "tensor_type_args" in written and "model-Q8_0.gguf" in written
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
 def test_a_small_memory_budget_gives_the_same_units(pair, docs, run, tmp_path, monkeypatch):
     """A budget too small for more than one unit per scoring call, with the boundaries in CPU
     memory (forced: the tiny model's fit in any budget): the same per-token values."""
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     from lmkl.attribution.kind import Attribution
 
     sizes = []
@@ -530,11 +545,10 @@ def test_greedy_choice_by_kl_saved_per_extra_byte():
         choose_modules(kl, low, high, 50, 100, 3.9)
 
 
+@pytest.mark.parametrize("pair", ["llama", "gpt2"], indirect=True)
 def test_candidate_in_another_dtype_is_bridged(pair, docs, tmp_path):
     """A bfloat16 candidate inside a float32 reference: borrowed modules get their inputs in
     bfloat16 and give float32 back; every unit is finite and the full candidate is compare's."""
-    if pair["arch"] != "llama":
-        pytest.skip("one family is enough")
     args = [str(pair["reference"]), str(pair["candidate"]), str(docs)]
     common = {"context_length": CONTEXT, "batch_size": 2, "compile": False}
     from lmkl.specs import ModelSpec
@@ -547,3 +561,194 @@ def test_candidate_in_another_dtype_is_bridged(pair, docs, tmp_path):
     assert run.results["candidate"]["dtype"] == "bfloat16"
     scored = [u for u in run.results["units"] if not u["identical"]]
     assert scored and all(np.isfinite(u["kl"]["mean"]) and u["kl"]["mean"] > 0 for u in scored)
+
+
+def test_hidden_state_error_averages_only_finite_ratios():
+    """A token whose reference hidden state is zero has no finite relative error: it is left
+    out of the mean (not counted as a zero error), checked against NumPy."""
+    from types import SimpleNamespace
+
+    from lmkl.attribution.kind import _hidden_error
+    from lmkl.attribution.results import _hidden_errors
+
+    gen = torch.Generator().manual_seed(0)
+    hp = torch.randn(1, 6, 4, generator=gen)
+    hq = hp + 0.1 * torch.randn(1, 6, 4, generator=gen)
+    hp[0, 2] = 0.0  # ‖h_P‖ = 0: an infinite ratio
+    batch = SimpleNamespace(rows=torch.zeros(5, dtype=torch.long), cols=torch.arange(1, 6))
+    found = _hidden_error(batch, [hp], [hq])
+    p, q = hp[0, 1:6].double().numpy(), hq[0, 1:6].double().numpy()
+    ratios = np.linalg.norm(q - p, axis=-1) / np.linalg.norm(p, axis=-1)
+    assert np.isinf(ratios).sum() == 1
+    want = ratios[np.isfinite(ratios)].mean()
+    assert _hidden_errors([{"hidden_error": found}], 1) == [pytest.approx(want, rel=1e-12)]
+
+
+@pytest.mark.parametrize("function", ["attribute", "build_reference_cache"])
+def test_missing_data_is_a_usage_error(tmp_path, function):
+    from lmkl.errors import UsageError
+
+    if function == "attribute":
+        call = lambda: lmkl.api.attribute("ref", "cand", None)  # noqa: E731
+    else:
+        call = lambda: lmkl.api.build_reference_cache("ref", None, tmp_path / "c")  # noqa: E731
+    with pytest.raises(UsageError, match="no data given") as caught:
+        call()
+    assert caught.value.hint == "pass data=FILE_OR_DATASET"
+
+
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+def test_one_document_resamples_windows_everywhere(pair, tmp_path):
+    """One long document in several windows: the full candidate's CI (as compare's) and every
+    unit's resample windows, from the same draws, so full.kl's and full_kl's intervals agree
+    and none collapses to zero width."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": " ".join(tiny_corpus()[1][:4])[:1500]}) + "\n")
+    run = lmkl.api.attribute(
+        str(pair["reference"]),
+        str(pair["candidate"]),
+        str(one),
+        out=tmp_path / "run",
+        context_length=64,
+        batch_size=4,
+        dtype="float32",
+        compile=False,
+    )
+    results = run.results
+    assert results["data"]["documents"] == 1 and results["data"]["windows"] >= 4
+    assert results["full"]["kl"]["ci_method"] == "window bootstrap"
+    assert results["bootstrap"]["unit"] == "window"
+    full, full_kl = results["full"]["kl"], results["full_kl"]
+    assert (full["ci_low"], full["ci_high"]) == (full_kl["ci_low"], full_kl["ci_high"])
+    assert full_kl["ci_low"] < full_kl["mean"] < full_kl["ci_high"]
+    scored = [u for u in results["units"] if not u["identical"]]
+    assert scored and all(u["kl"]["ci_low"] < u["kl"]["ci_high"] for u in scored)
+
+
+@pytest.mark.parametrize(
+    ("high", "message"),
+    [
+        ("candidate", "attribution needs matching modules: 'HIGH"),  # another structure
+        ("missing", "missing-model"),  # no such model
+        ("torchao:int4_weight_only:g256", "256"),  # groups wider than the layers
+    ],
+)
+def test_a_bad_high_is_refused_before_scoring(tiny_pair, docs, tmp_path, high, message):
+    """Everything about HIGH is checked in prepare: nothing is scored, no run directory is
+    left, so the corrected command runs from scratch (no --resume refused)."""
+    pytest.importorskip("torchao")
+    given = {
+        "candidate": str(tiny_pair["candidate"]),
+        "missing": str(tmp_path / "missing-model"),
+    }.get(high, high)
+    out = tmp_path / "run"
+    code, output = invoke(
+        ["attribute", str(tiny_pair["reference"]), "--quantize", "torchao:int8_weight_only",
+         "--high", given, "--budget-bits", "32", "--data", str(docs), "--out", str(out),
+         "--context-length", str(CONTEXT), "--no-compile"]
+    )  # fmt: skip
+    assert code in (1, 2), output
+    assert message in output, output
+    assert "Traceback" not in output
+    assert not out.exists()
+
+
+def test_high_is_parsed_by_the_library_for_cli_and_python(tiny_pair, docs):
+    """One parser for --high / high=: METHOD:SCHEME quantizes the reference, a name is a model
+    loaded like the candidate without its own fields, a ModelSpec is used as it is; errors
+    name the option or keyword actually used."""
+    from lmkl.errors import UsageError
+    from lmkl.specs import ModelSpec, QuantizeSpec, high_model_spec
+
+    ref = ModelSpec(model="org/ref", revision="r1", dtype="float32")
+    cand = ModelSpec(
+        model="org/ref",
+        dtype="bfloat16",
+        device="cpu",
+        label="low",
+        adapter="org/adapter",
+        quantize=QuantizeSpec(method="torchao", scheme="int4_weight_only", group_size=32),
+    )
+    quantized = high_model_spec("torchao:int8_weight_only", ref, cand)
+    assert quantized.model == "org/ref" and quantized.revision == "r1"
+    assert quantized.quantize == QuantizeSpec(method="torchao", scheme="int8_weight_only")
+    assert (quantized.dtype, quantized.device, quantized.adapter) == ("bfloat16", "cpu", None)
+    named = high_model_spec("models/high-Q8_0.gguf", ref, cand, "high")
+    assert named.gguf_file == "high-Q8_0.gguf" and named.model == "models"
+    assert (named.quantize, named.adapter, named.label, named.dtype) == (
+        None,
+        None,
+        None,
+        "bfloat16",
+    )
+    given = ModelSpec(model="x", dtype="float16")
+    assert high_model_spec(given, ref, cand) is given
+    with pytest.raises(UsageError) as caught:
+        lmkl.api.attribute("org/ref", "org/cand", str(docs), high="torchao:int9", budget_bits=8)
+    assert caught.value.message.startswith("high='torchao:int9': torchao has no scheme")
+    code, output = invoke(
+        ["attribute", str(tiny_pair["reference"]), str(tiny_pair["reference"]), "--data",
+         str(docs), "--high", "torchao:int9", "--budget-bits", "8", "--no-compile"]
+    )  # fmt: skip
+    check_error(code, output, 2, "--high 'torchao:int9': torchao has no scheme")
+
+
+def test_python_high_as_a_model_spec_beside_model_keywords(tiny_pair, docs, tmp_path):
+    """Model keywords apply to the models given by name: a HIGH ModelSpec is not refused for
+    them (the run gets as far as the budget check, which needs LOW loaded)."""
+    from lmkl.errors import UsageError
+    from lmkl.specs import ModelSpec
+
+    with pytest.raises(UsageError, match=r"budget.bits 1 is below"):
+        lmkl.api.attribute(
+            str(tiny_pair["reference"]),
+            str(tiny_pair["reference"]),
+            str(docs),
+            out=tmp_path / "run",
+            high=ModelSpec(model=str(tiny_pair["reference"])),
+            budget_bits=1,
+            dtype="float32",
+            context_length=CONTEXT,
+            compile=False,
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_attribution_numbers_use_the_shared_formatter():
+    """Interval ends that differ never print alike, a small share is not 0%, a ratio near 1
+    shows its difference, a missing figure is '–' (lmkl.formatting throughout)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lmkl.attribution.results import plain_summary
+    from lmkl.attribution.terminal import kl_text, print_attribution, recipe_sentence
+
+    kl = {"mean": 1.3002e-3, "ci_low": 1.3001e-3, "ci_high": 1.3004e-3}
+    low, high = kl_text(kl).split("[")[1].rstrip("]").split(", ")
+    assert low != high and float(low) == pytest.approx(1.3001e-3, rel=1e-9)
+    units = [
+        {"scope": "module", "name": "a", "layer": 0, "type": "a", "kl": {"mean": 0.996}},
+        {"scope": "module", "name": "b", "layer": 0, "type": "b", "kl": {"mean": 0.004}},
+    ]
+    layers = [{"layer": 0, "modules_kl": 1.0}]
+    summary = plain_summary(units, layers, 1.004, 1.0)
+    assert "1.0040×" in summary and "0%" not in summary.replace("100%", "")
+    recipe = {
+        "high": ["a"], "bits_per_weight": 4.8125, "measured_kl": 0.01, "predicted_kl": 0.02,
+        "better_than_low": True, "uniform_low_kl": 0.03, "uniform_high_kl": 0.001,
+        "low_bits_per_weight": None, "high_bits_per_weight": 8.5,
+    }  # fmt: skip
+    sentence = recipe_sentence(recipe)
+    assert "?" not in sentence and "at – bits" in sentence and "4.81 bits" in sentence
+    results = {
+        "full_kl": kl,
+        "sum_of_modules": kl,
+        "summary": "s",
+        "units": [],
+        "layers": [],
+        "cost": {"layer_calls": 4, "full_forward_layer_calls": 1000},
+    }
+    out = StringIO()
+    print_attribution(results, Console(file=out, width=80))
+    assert "0.400% of one full forward" in out.getvalue()

@@ -303,7 +303,7 @@ def test_llama_quantize_arguments_name_tensors_of_the_file(tiny_pair, tmp_path):
     assert "token_embd.weight" in names and "output.weight" in names
     assert gguf_tensor_type_args(["model.layers.1.mlp.gate_proj"], "Q6_K") == [
         "--tensor-type",
-        r"^blk\.1\.ffn_gate\.weight$=q6_k",
+        r"^blk\.1\.ffn_gate\.weight$=q6_K",  # llama.cpp spells K-quants so
     ]
 
 
@@ -439,3 +439,64 @@ def test_mixed_model_reports_its_own_batch_dependence(tiny_pair, tmp_path, monke
         diffs.append(float((alone - batched).abs().max()))
     assert max(diffs) > 0.01
     assert found["max_abs_logit_diff"] == pytest.approx(max(diffs), rel=1e-5)
+
+
+def test_ggml_type_names_are_llama_cpps_spelling():
+    """llama-quantize parses types by llama.cpp's ggml_type_name: K-quants keep a capital K."""
+    from lmkl.models.mixed import ggml_type_name, gguf_tensor_type_args
+
+    names = ["Q4_K", "Q6_K", "Q8_0", "F16", "BF16", "IQ4_XS", "Q2_K", "TQ1_0"]
+    want = ["q4_K", "q6_K", "q8_0", "f16", "bf16", "iq4_xs", "q2_K", "tq1_0"]
+    assert [ggml_type_name(n) for n in names] == want
+    unmapped: list[str] = []
+    table = {"blk.0.ffn_down.weight": "q6_K", "token_embd.weight": "q4_K"}
+    args = gguf_tensor_type_args(
+        ["model.layers.0.mlp.down_proj", "model.embed_tokens", "model.layers.0.mlp.up_proj"],
+        table,
+        unmapped,
+    )
+    assert args == [
+        "--tensor-type",
+        r"^blk\.0\.ffn_down\.weight$=q6_K",
+        "--token-embedding-type",
+        "q4_K",
+    ]
+    assert unmapped == ["model.layers.0.mlp.up_proj"]  # not in HIGH's table: a note, no error
+
+
+def test_recipe_measurement_loads_high_after_the_mixed_model(tmp_path):
+    """The attribution's measurement loads HIGH itself, once the mixed model is built (whose
+    own HIGH is freed by then): the caller holds no HIGH, so at most the reference, LOW and
+    one HIGH are in memory, never two HIGHs."""
+    from lmkl.attribution.recipe import Choice, measure_recipe
+    from lmkl.specs import ModelSpec
+
+    events: list[str] = []
+
+    def load(spec: ModelSpec) -> object:
+        events.append("mixed" if spec.recipe else f"load {spec.model}")
+        return object()
+
+    def run(specs: list[ModelSpec], models: object, out: object) -> object:
+        events.append("measure")
+        entries = [
+            {"label": s.display_name, "metrics": {"kl": {"mean": 0.1 * (i + 1)}},
+             "model": {"bits_per_weight": 5.0}}
+            for i, s in enumerate(specs)
+        ]  # fmt: skip
+        return type("Outcome", (), {"results": {"candidates": entries}})()
+
+    summary, _ = measure_recipe(
+        reference=object(),
+        reference_spec=ModelSpec(model="ref"),
+        low_spec=ModelSpec(model="low"),
+        high_spec=ModelSpec(model="high"),
+        choice=Choice(["m"], 60, 100, 0.2),
+        uniform_low_kl=0.3,
+        isolated_total=0.4,
+        run_comparison=run,
+        load_model=load,
+    )
+    assert events == ["mixed", "load high", "measure"]
+    assert summary["measured_kl"] == pytest.approx(0.1)
+    assert summary["uniform_high_kl"] == pytest.approx(0.2)

@@ -23,6 +23,14 @@ _BLOCK_ELEMENTS = 1 << 22
 RESAMPLES = 1000
 
 
+def bootstrap_unit(documents: int) -> str:
+    """The per-token column whose ids are the bootstrap's independent draws: ``doc_id``, or
+    ``window_id`` when the tokens come from fewer than two documents (one long document, or
+    llama-cpp chunks of one text stream), where resampling documents would give a zero-width
+    interval. Every CI of a run (its metrics, its ranking, an attribution's units) uses it."""
+    return "window_id" if documents < 2 else "doc_id"
+
+
 @dataclass
 class DocSums:
     """Per-document sufficient statistics of one series of per-token values.

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lmkl.analysis.bootstrap import DocSums, mean_ci
+from lmkl.analysis.bootstrap import DocSums, bootstrap_unit, mean_ci
 
 #: ``ci_method`` of a metric whose CI resamples documents (windows: the text is one stream).
 CI_BY_DOCUMENT = "document bootstrap"
@@ -142,7 +142,7 @@ def kl_ci(
     the ranking, whose CI this equals for the same ``seed``).
     """
     doc_ids = np.asarray(doc_ids)
-    by_window = np.unique(doc_ids).size < 2
+    by_window = bootstrap_unit(np.unique(doc_ids).size) == "window_id"
     units = np.asarray(window_ids) if by_window else doc_ids
     _, index = np.unique(units, return_inverse=True)
     n_units = int(index.max()) + 1 if index.size else 0

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lmkl.analysis.bootstrap import UnitSumsStream, mean_ci
+from lmkl.analysis.bootstrap import UnitSumsStream, bootstrap_unit, mean_ci
 from lmkl.analysis.stats import (
     CI_BY_DOCUMENT,
     CI_BY_WINDOW,
@@ -447,7 +447,7 @@ class TokenSummary:
 
     def _kl_ci(self) -> tuple[float, float, str]:
         """:func:`lmkl.analysis.stats.kl_ci` from the streamed per-unit sums."""
-        by_window = len(self.docs) < 2
+        by_window = bootstrap_unit(len(self.docs)) == "window_id"
         stream = self.kl_by_window if by_window else self.kl_by_doc
         low, high = mean_ci(stream.result(), seed=self.seed)
         return low, high, CI_BY_WINDOW if by_window else CI_BY_DOCUMENT

@@ -193,7 +193,48 @@ class Attribution(TokenComparison):
             "identical in both models)"
         )
         plan.identity["units"] = [u.key for u in scored]
+        if self.high is not None:
+            self._check_high(log)
         return plan
+
+    def _high_spec(self) -> ModelSpec:
+        assert self.high is not None
+        return self.high.model_copy(update={"device": self.cand_model.spec.device})
+
+    def _check_high(self, log: LogCallback) -> None:
+        """HIGH loaded once before anything is scored, so that a wrong path, a quantization
+        whose groups do not fit, another tokenizer or another structure stop the run here
+        rather than after every part; what the recipe needs of it (each module's stored
+        bytes, a GGUF file's tensor types) is kept, and HIGH freed until the measurement."""
+        import gc
+
+        from lmkl.models import (
+            check_quantization_fits,
+            check_tokenizers_match,
+            load_model,
+            load_tokenizer,
+        )
+        from lmkl.models.mixed import gguf_tensor_types, module_bytes
+
+        spec = self._high_spec()
+        label = f"HIGH {spec.display_name}"
+        check_quantization_fits(spec)
+        tokenizer = load_tokenizer(spec)
+        check_tokenizers_match(self.ref_model.tokenizer, tokenizer, (self.ref_model.label, label))
+        log(f"checking {label}")
+        high = load_model(spec, self.cand_model.device, tokenizer)
+        try:
+            check_matching(self.ref_model.model, high.model, label)
+        except UsageError as exc:
+            exc.hint = "give --high a model with the reference's modules (another quantization)"
+            raise
+        self.high_bytes = module_bytes(high)
+        both_gguf = bool(self.cand_model.spec.gguf_file and spec.gguf_file)
+        self.high_tensor_types = gguf_tensor_types(spec) if both_gguf else None
+        del high
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- score -----------------------------------------------------------------------------------
     def _dtypes(self) -> dict[str, torch.dtype]:
@@ -230,7 +271,10 @@ class Attribution(TokenComparison):
         device = ref.device
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         source = cand_out if unit.scope == "prefix" else ref_out
-        boundary = source[unit.start - 1].to(device) if unit.start > 0 else None
+        # A prefix unit resumes from the candidate's boundary, in the candidate's dtype: cast
+        # to the reference's (a float32 LayerNorm given bfloat16 returns bfloat16 to the next
+        # float32 Linear; RMSNorm only hides this by upcasting).
+        boundary = source[unit.start - 1].to(device, ref.model.dtype) if unit.start > 0 else None
         # The output layer is borrowed through the head (it runs a chunk at a time).
         swapped = tuple(n for n in unit.swapped if n != self.structure.head or ref.head is None)
 
@@ -310,7 +354,7 @@ class Attribution(TokenComparison):
         summary = super().summarize(run_dir, totals)
         body = summary.body
         entry = body["candidates"][0]
-        unit = "window_id" if self.windows.windowing == "llama-cpp" else "doc_id"
+        unit = self.bootstrap_unit()  # as the full candidate's kl CI: the intervals agree
         parts = [run_dir.extra_path("units", i) for i in run_dir.completed_indices()]
         sidecars = [run_dir.read_sidecar(i) or {} for i in run_dir.completed_indices()]
         body["candidate"] = entry["model"]
@@ -357,15 +401,13 @@ class Attribution(TokenComparison):
 
         assert self.high is not None and self.budget_bits is not None
         low = self.cand_model
-        high_spec = self.high.model_copy(update={"device": low.spec.device})
-        self.log(f"loading HIGH {high_spec.model}")
-        high = load_model(high_spec, low.device, low.tokenizer)
+        high_spec = self._high_spec()
         isolated = {u["name"]: u["kl"]["mean"] for u in body["units"] if u["scope"] == "module"}
         described = low.description
         choice = choose_modules(
             isolated,
             module_bytes(low),
-            module_bytes(high),
+            self.high_bytes,
             float(described["weight_bytes"]),
             int(described["parameters"]),
             self.budget_bits,
@@ -393,7 +435,6 @@ class Attribution(TokenComparison):
             reference=self.ref_model,
             reference_spec=self.reference,
             low_spec=low_spec,
-            high=high,
             high_spec=high_spec,
             choice=choice,
             uniform_low_kl=float(body["full"]["kl"]["mean"]),
@@ -403,10 +444,16 @@ class Attribution(TokenComparison):
         )
         summary["low_bits_per_weight"] = described.get("bits_per_weight")
         summary["budget_bits"] = self.budget_bits
-        scheme = (high.quantization or {}).get("scheme")
-        if low_spec.gguf_file and high_spec.gguf_file and scheme:
-            args = gguf_tensor_type_args(choice.names, str(scheme))
+        if self.high_tensor_types is not None:
+            # Each chosen tensor's type as HIGH stores it (a K-quant mix has several).
+            unmapped: list[str] = []
+            args = gguf_tensor_type_args(choice.names, self.high_tensor_types, unmapped)
             summary["tensor_type_args"] = args
+            if unmapped:
+                summary["tensor_type_note"] = (
+                    f"no GGUF tensor for {', '.join(unmapped)}: llama-quantize arguments "
+                    "for them are left out (set them by hand)"
+                )
             recipe = recipe.model_copy(update={"tensor_type_args": args})
         return summary, recipe
 
@@ -414,15 +461,19 @@ class Attribution(TokenComparison):
 def _hidden_error(
     batch: Batch, ref_out: list[torch.Tensor], cand_out: list[torch.Tensor]
 ) -> dict[str, Any]:
-    """Per layer, the sum over scored tokens of ‖h_Q − h_P‖ / ‖h_P‖ (float64), and the count."""
+    """Per layer, the sum over scored tokens of ‖h_Q − h_P‖ / ‖h_P‖ (float64) and how many
+    of those ratios were finite (the mean's denominator: a non-finite ratio is left out of
+    both, never counted as a zero error)."""
     rows, cols = batch.rows, batch.cols
-    sums = []
+    sums, counts = [], []
     for p, q in zip(ref_out, cand_out, strict=True):
         hp = p[rows.to(p.device), cols.to(p.device)].double()
         hq = q[rows.to(q.device), cols.to(q.device)].to(hp.device).double()
         ratio = (hq - hp).norm(dim=-1) / hp.norm(dim=-1)
-        sums.append(float(ratio[torch.isfinite(ratio)].sum()))
-    return {"sums": sums, "tokens": int(rows.numel())}
+        finite = torch.isfinite(ratio)
+        sums.append(float(ratio[finite].sum()))
+        counts.append(int(finite.sum()))
+    return {"sums": sums, "counts": counts, "tokens": int(rows.numel())}
 
 
 def _units_table(batch: Batch, per_unit: dict[str, dict[str, np.ndarray]]) -> pa.Table:

@@ -96,7 +96,6 @@ def measure_recipe(
     reference: Any,
     reference_spec: ModelSpec,
     low_spec: ModelSpec,
-    high: Any,
     high_spec: ModelSpec,
     choice: Choice,
     uniform_low_kl: float,
@@ -106,6 +105,8 @@ def measure_recipe(
 ) -> tuple[dict[str, Any], Recipe]:
     """Build the mixed model from a recipe file and measure it with ``run_comparison`` (the
     engine's comparison, given the loaded reference, mixed model and HIGH) on the same data.
+    HIGH is loaded (``load_model``) once the mixed model is built, whose own HIGH is freed by
+    then: at most the reference, LOW and HIGH are in memory at once, never two HIGHs.
 
     Returns results.json's ``recipe`` object and the :class:`Recipe` to write beside it.
     """
@@ -124,6 +125,7 @@ def measure_recipe(
             update={"recipe": str(path), "label": "recipe", "model": recipe.low.model}
         )
         mixed = load_model(mixed_spec)
+        high = load_model(high_spec)
         outcome = run_comparison(
             [mixed_spec, high_spec], (reference, [mixed, high]), scratch / "measure"
         )

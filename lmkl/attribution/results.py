@@ -18,6 +18,7 @@ import pyarrow as pa
 from lmkl.analysis.ranking import Bootstrap, UnitSumsStream, interval
 from lmkl.analysis.streaming import Moments
 from lmkl.attribution.structure import Structure, Unit
+from lmkl.formatting import format_percent, format_ratio
 
 #: Bootstrap resamples and interval level (as ``compare``'s ranking).
 RESAMPLES = 1000
@@ -152,15 +153,18 @@ def unit_summaries(
 
 
 def _hidden_errors(sidecars: list[dict[str, Any]], num_layers: int) -> list[float]:
-    """Per layer, the mean over scored tokens of ‖h_Q − h_P‖ / ‖h_P‖ of its output."""
+    """Per layer, the mean of ‖h_Q − h_P‖ / ‖h_P‖ of its output over the scored tokens whose
+    ratio is finite (NaN where none is)."""
     sums = np.zeros(num_layers)
-    tokens = 0
+    counts = np.zeros(num_layers)
     for sidecar in sidecars:
         found = sidecar.get("hidden_error")
         if found:
             sums += np.asarray(found["sums"], dtype=np.float64)
-            tokens += int(found["tokens"])
-    return [float(x) for x in (sums / tokens if tokens else sums * math.nan)]
+            # (Parts written before the per-layer counts: every token counted.)
+            counts += np.asarray(found.get("counts", [found["tokens"]] * num_layers), float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return [float(x) for x in np.where(counts > 0, sums / counts, math.nan)]
 
 
 def _by_layer(
@@ -186,7 +190,7 @@ def _by_layer(
 
 
 def _percent(part: float, whole: float) -> str:
-    return f"{100 * part / whole:.0f}%"
+    return format_percent(part / whole)
 
 
 def plain_summary(
@@ -216,17 +220,17 @@ def plain_summary(
     ratio = full / module_sum
     if ratio > 1.1:
         words.append(
-            f"The full candidate's KL is {ratio:.2f}× the sum of the isolated module KLs: "
+            f"The full candidate's KL is {format_ratio(ratio)} the sum of the isolated module KLs: "
             "their errors compound."
         )
     elif ratio < 0.9:
         words.append(
-            f"The full candidate's KL is {ratio:.2f}× the sum of the isolated module KLs: "
+            f"The full candidate's KL is {format_ratio(ratio)} the sum of the isolated module KLs: "
             "their errors partly cancel."
         )
     else:
         words.append(
-            f"The full candidate's KL is {ratio:.2f}× the sum of the isolated module KLs: "
+            f"The full candidate's KL is {format_ratio(ratio)} the sum of the isolated module KLs: "
             "the modules act nearly independently."
         )
     return " ".join(words)

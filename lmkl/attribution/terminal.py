@@ -14,7 +14,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lmkl.formatting import number, percent, to_float
+from lmkl.formatting import (
+    MISSING,
+    format_interval,
+    format_percent,
+    format_value,
+    to_float,
+)
 
 #: Modules listed in the terminal (the report and units.parquet hold every one).
 TOP_MODULES = 10
@@ -31,18 +37,27 @@ def bar(value: float, largest: float, width: int = BAR_WIDTH) -> str:
     return "█" * full + ("" if rest == 0 else " ▏▎▍▌▋▊▉"[rest])
 
 
-def kl_number(value: Any) -> str:
-    """A KL for tables: 4 decimals from 0.01, else 3 significant digits (quantized models'
-    module KLs are often 1e-5 and would all read 0.0000)."""
-    x = to_float(value)
-    if math.isfinite(x) and 0 < abs(x) < 0.01:
-        return f"{x:.2e}"
-    return number(x)
+#: Significant digits of a KL in the attribution's tables (more where a CI's ends would
+#: print alike: :func:`lmkl.formatting.format_interval`).
+KL_DIGITS = 3
 
 
-def kl_interval(kl: dict[str, Any]) -> str:
-    """``[ci_low, ci_high]`` of a KL object."""
-    return f"[{kl_number(kl.get('ci_low'))}, {kl_number(kl.get('ci_high'))}]"
+def kl_text(kl: dict[str, Any]) -> str:
+    """``mean [ci_low, ci_high]`` of a KL object, the three sharing their digits (shared
+    formatter: the ends never print alike unless they are equal)."""
+    mean, low, high = (to_float(kl.get(key)) for key in ("mean", "ci_low", "ci_high"))
+    return format_interval(mean, low, high, KL_DIGITS)
+
+
+def kl_cells(kl: dict[str, Any]) -> tuple[str, str]:
+    """:func:`kl_text` as two table cells, the mean and the bracket (``–`` without a CI)."""
+    mean, _, bracket = kl_text(kl).partition(" ")
+    return mean, bracket or MISSING
+
+
+def kl_value(value: Any) -> str:
+    """One KL (or a bits-per-weight figure) at the tables' digits."""
+    return format_value(value, KL_DIGITS)
 
 
 def modules_table(results: dict[str, Any], top: int = TOP_MODULES) -> Table:
@@ -62,12 +77,7 @@ def modules_table(results: dict[str, Any], top: int = TOP_MODULES) -> Table:
     for unit in ranked:
         kl = unit["kl"]
         share = to_float(kl["mean"]) / total if total > 0 else math.nan
-        table.add_row(
-            Text(unit["name"]),
-            kl_number(kl["mean"]),
-            kl_interval(kl),
-            percent(share, 0),
-        )
+        table.add_row(Text(unit["name"]), *kl_cells(kl), format_percent(share))
     return table
 
 
@@ -91,10 +101,9 @@ def layers_table(results: dict[str, Any]) -> Table:
         table.add_row(
             str(row["layer"]),
             bar(to_float(kl["mean"]), largest),
-            kl_number(kl["mean"]),
-            kl_interval(kl),
-            kl_number(row["modules_kl"]),
-            kl_number(row["prefix_kl"]["mean"]),
+            *kl_cells(kl),
+            kl_value(row["modules_kl"]),
+            kl_value(row["prefix_kl"]["mean"]),
         )
     return table
 
@@ -107,9 +116,9 @@ def print_attribution(results: dict[str, Any], console: Console | None = None) -
     console.print(
         Text.assemble(
             ("full candidate KL ", "bold"),
-            f"{kl_number(full['mean'])} {kl_interval(full)}",
+            kl_text(full),
             "; sum of isolated modules ",
-            f"{kl_number(total['mean'])} {kl_interval(total)}",
+            kl_text(total),
         )
     )
     console.print(Text(results["summary"]))
@@ -125,8 +134,8 @@ def print_attribution(results: dict[str, Any], console: Console | None = None) -
     )
     if made > 0 and full_calls > 0:
         console.print(
-            f"[dim]{made:,.0f} decoder layer calls, {made / full_calls:.0%} of one full "
-            f"forward per unit ({full_calls:,.0f})[/dim]"
+            f"[dim]{made:,.0f} decoder layer calls, {format_percent(made / full_calls)} of one "
+            f"full forward per unit ({full_calls:,.0f})[/dim]"
         )
 
 
@@ -134,10 +143,7 @@ def recipe_sentence(recipe: dict[str, Any]) -> str:
     """The measured recipe beside uniform LOW and HIGH, in words (a recipe no better than
     uniform LOW says so)."""
 
-    def bits(value: Any) -> str:
-        x = to_float(value)
-        return f"{x:.2f}" if math.isfinite(x) else "?"
-
+    bits = kl_value
     verdict = (
         "better than uniform LOW"
         if recipe.get("better_than_low")
@@ -145,10 +151,10 @@ def recipe_sentence(recipe: dict[str, Any]) -> str:
     )
     return (
         f"recipe: {len(recipe['high'])} modules from HIGH, {bits(recipe['bits_per_weight'])} "
-        f"bits per weight: KL {kl_number(recipe['measured_kl'])} measured (predicted "
-        f"{kl_number(recipe['predicted_kl'])}), {verdict}; uniform LOW "
-        f"{kl_number(recipe['uniform_low_kl'])} at {bits(recipe.get('low_bits_per_weight'))} "
-        f"bits, uniform HIGH {kl_number(recipe['uniform_high_kl'])} at "
+        f"bits per weight: KL {kl_value(recipe['measured_kl'])} measured (predicted "
+        f"{kl_value(recipe['predicted_kl'])}), {verdict}; uniform LOW "
+        f"{kl_value(recipe['uniform_low_kl'])} at {bits(recipe.get('low_bits_per_weight'))} "
+        f"bits, uniform HIGH {kl_value(recipe['uniform_high_kl'])} at "
         f"{bits(recipe.get('high_bits_per_weight'))} bits (recipe.yaml; lmkl compare REF "
         "--recipe recipe.yaml reproduces it)."
     )

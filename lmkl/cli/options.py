@@ -87,6 +87,21 @@ TrustOpt = option(
 AttnOpt = option(str | None, MODELS, "eager, sdpa, flash_attention_2, ...", "--attn-implementation")
 AdapterOpt = option(str | None, MODELS, "PEFT adapter applied to the candidate.")
 AllowPickleOpt = option(bool, MODELS, "Allow pickle weight files (can run code).", "--allow-pickle")
+# Single-value forms of compare's repeatable candidate options (commands of one candidate).
+LabelOneOpt = option(str | None, MODELS, "The candidate's name in tables.", "--label")
+GgufOneOpt = option(
+    str | None,
+    MODELS,
+    "GGUF file in the candidate's directory or hub repo (a path ending in .gguf needs none).",
+    "--gguf-file",
+)
+QuantizeOneOpt = option(
+    str | None,
+    MODELS,
+    "The candidate is the reference quantized while loading, METHOD:SCHEME[:gGROUP], e.g. "
+    "torchao:int4_weight_only:g32 (instead of a CANDIDATE). Needs lmkl[quant].",
+    "--quantize",
+)
 OfflineOpt = option(bool, MODELS, "Never touch the network (HF offline mode).")
 BatchOpt = option(int, COMPUTE, "Windows per forward pass.", "--batch-size", "-b", min=1)
 ChunkOpt = option(
@@ -304,8 +319,10 @@ def model_specs(
         )
         for i, name in enumerate(candidates)
     ]
+    from lmkl.specs import parse_quantize
+
     for entry in quantize or []:
-        q = parse_quantize(entry)
+        q = parse_quantize(entry, "--quantize")
         specs.append(model_spec(reference, options, dtype=cand_dtype, quantize=q, label=q.name))
     if labels:
         if len(labels) > len(specs):
@@ -322,36 +339,6 @@ def model_specs(
         if len(specs) == 1:  # a model against itself (another dtype, say): name both roles
             specs[0] = specs[0].model_copy(update={"label": "candidate"})
     return ref_spec, specs
-
-
-def parse_quantize(entry: str) -> Any:
-    """``torchao:int8_weight_only`` or ``torchao:int4_weight_only:g32`` as a QuantizeSpec."""
-    from pydantic import ValidationError
-
-    from lmkl.errors import UsageError
-    from lmkl.specs import QUANT_SCHEMES, QuantizeSpec
-
-    parts = entry.split(":")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise UsageError(
-            f"--quantize '{entry}' is not METHOD:SCHEME[:gGROUP]",
-            "e.g. --quantize torchao:int8_weight_only or --quantize torchao:int4_weight_only:g32",
-        )
-    group = None
-    if len(parts) == 3:
-        digits = parts[2].removeprefix("g")
-        if not digits.isdigit():
-            raise UsageError(
-                f"--quantize '{entry}': group '{parts[2]}' is not a number",
-                "write the group size as g32, g64, g128...",
-            )
-        group = int(digits)
-    try:
-        return QuantizeSpec(method=parts[0], scheme=parts[1], group_size=group)
-    except ValidationError as exc:
-        known = "; ".join(f"{m}: {', '.join(s)}" for m, s in QUANT_SCHEMES.items())
-        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise UsageError(f"--quantize '{entry}': {reason}", f"known schemes: {known}") from exc
 
 
 def compute_spec(options: dict[str, Any], **fields: Any) -> Any:

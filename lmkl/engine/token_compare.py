@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from lmkl.analysis.bootstrap import bootstrap_unit
 from lmkl.analysis.ranking import (
     DocSums,
     RankingSums,
@@ -386,6 +387,10 @@ class TokenComparison:
         return part
 
     # -- summarize -------------------------------------------------------------------------------
+    def bootstrap_unit(self) -> str:
+        """The id column the bootstrap resamples (documents; windows within one document)."""
+        return bootstrap_unit(len({w.doc_id for w in self.window_list}))
+
     def _batches(self, run_dir: RunDirectory) -> Iterator[dict[str, dict[str, np.ndarray]]]:
         """Per batch of windows, each candidate's per-token columns, in one token order (the
         parts of one batch: one part live, one per candidate group from a cache)."""
@@ -415,7 +420,7 @@ class TokenComparison:
         # with document (llama-cpp: chunk) bootstrap CIs from per-unit sums.
         bounded = not self.source.exact_kl  # a top-k cache: KL bounds instead of KL
         leaderboard = len(self.candidates) > 1 and not bounded
-        unit = "window_id" if self.windows.windowing == "llama-cpp" else "doc_id"
+        unit = self.bootstrap_unit()
         labels = [spec.display_name for spec in self.candidates]
         extra = ("kl_lower", "kl_upper") if bounded else ()
         summaries = {label: TokenSummary(extra, self.compute.seed) for label in labels}

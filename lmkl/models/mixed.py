@@ -33,8 +33,10 @@ from lmkl.specs import ModelSpec, Recipe, read_recipe, write_recipe
 __all__ = [
     "Recipe",
     "build_mixed_model",
+    "ggml_type_name",
     "gguf_recipe_storage",
     "gguf_tensor_type_args",
+    "gguf_tensor_types",
     "mixed_storage",
     "module_bytes",
     "read_recipe",
@@ -189,32 +191,65 @@ def gguf_recipe_storage(low: ModelSpec, high: ModelSpec, names: list[str]) -> di
 _OWN_OPTIONS = {"token_embd": "--token-embedding-type", "output": "--output-tensor-type"}
 
 
-def gguf_tensor_type_args(names: list[str], high_type: str) -> list[str]:
-    """``llama-quantize`` arguments that quantize the weights of ``names`` (Hugging Face module
-    names) to ``high_type`` (a GGML type such as ``Q8_0``), e.g. ``["--tensor-type",
-    "^blk\\.3\\.ffn_gate\\.weight$=q8_0", ...]``.
+def ggml_type_name(gguf_type: str) -> str:
+    """llama.cpp's own name of a GGUF tensor type, the spelling ``llama-quantize``'s type
+    arguments take (``ggml_type_name``): ``Q4_K`` → ``q4_K``, ``Q8_0`` → ``q8_0``, ``F16`` →
+    ``f16``, ``IQ4_XS`` → ``iq4_xs`` (K-quants keep their capital K)."""
+    lower = gguf_type.lower()
+    return lower[:-2] + "_K" if lower.endswith("_k") else lower
 
-    llama-quantize matches each ``--tensor-type TENSOR=TYPE`` as a regular expression searched
-    in the tensor's name, so dots are escaped and the name anchored: one argument, one tensor.
-    The token embeddings and the output layer take their own options
-    (``--token-embedding-type``, ``--output-tensor-type``). Covers Llama-style decoders (Llama,
-    Qwen2/3, Mistral): attention q/k/v/output, MLP gate/up/down, embeddings, output layer; norms
-    stay F32 in GGUF files and take no argument. An unknown module name is a one-line
-    :class:`UsageError`.
+
+def gguf_tensor_types(spec: ModelSpec) -> dict[str, str]:
+    """Each tensor of a GGUF model's file with its GGML type name (:func:`ggml_type_name`),
+    e.g. ``{"blk.0.ffn_down.weight": "q6_K", ...}``: a K-quant mix (``Q4_K_M``) stores its
+    tensors in several types, so the file's type is no tensor's."""
+    from lmkl.quantization import read_gguf
+
+    return {t.name: ggml_type_name(t.tensor_type.name) for t in read_gguf(gguf_path(spec)).tensors}
+
+
+def gguf_tensor_type_args(
+    names: list[str],
+    high_types: str | dict[str, str],
+    unmapped: list[str] | None = None,
+) -> list[str]:
+    """``llama-quantize`` arguments that give the weights of ``names`` (Hugging Face module
+    names) HIGH's types, e.g. ``["--tensor-type", "^blk\\.3\\.ffn_gate\\.weight$=q6_K", ...]``.
+
+    ``high_types``: HIGH's tensor table (:func:`gguf_tensor_types`: each tensor keeps the type
+    HIGH stores it in), or one GGML type for every tensor (``Q8_0``). Types are written as
+    llama.cpp names them (:func:`ggml_type_name`). llama-quantize matches each ``--tensor-type
+    TENSOR=TYPE`` as a regular expression searched in the tensor's name, so dots are escaped
+    and the name anchored: one argument, one tensor. The token embeddings and the output layer
+    take their own options (``--token-embedding-type``, ``--output-tensor-type``). Covers
+    Llama-style decoders (Llama, Qwen2/3, Mistral): attention q/k/v/output, MLP gate/up/down,
+    embeddings, output layer; norms stay F32 in GGUF files and take no argument. A module with
+    no GGUF tensor (in HIGH's table) is added to ``unmapped`` when a list is given, else it is
+    a one-line :class:`UsageError`.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_]+", high_type):
-        raise UsageError(f"'{high_type}' is not a GGML type name", "e.g. Q8_0, Q6_K, F16")
+    if isinstance(high_types, str) and not re.fullmatch(r"[A-Za-z0-9_]+", high_types):
+        raise UsageError(f"'{high_types}' is not a GGML type name", "e.g. Q8_0, Q6_K, F16")
     args: list[str] = []
     for name in names:
         prefix = gguf_tensor_prefix(name)
-        if prefix is None:
+        if prefix is not None and prefix.endswith("_norm"):
+            continue  # 1-D norms: llama-quantize keeps them in F32
+        tensor = f"{prefix}.weight"
+        if isinstance(high_types, str):
+            found = ggml_type_name(high_types) if prefix is not None else None
+        else:
+            found = high_types.get(tensor)
+        if found is None:
+            if unmapped is not None:
+                unmapped.append(name)
+                continue
             raise UsageError(
                 f"module '{name}' has no GGUF tensor name lmkl knows",
                 "attention q/k/v/o, MLP gate/up/down, embeddings and lm_head of Llama-style "
                 "models map to GGUF names",
             )
         if prefix in _OWN_OPTIONS:
-            args += [_OWN_OPTIONS[prefix], high_type.lower()]
-        elif not prefix.endswith("_norm"):  # 1-D norms: llama-quantize keeps them in F32
-            args += ["--tensor-type", f"^{re.escape(prefix)}\\.weight$={high_type.lower()}"]
+            args += [_OWN_OPTIONS[prefix], found]
+        else:
+            args += ["--tensor-type", f"^{re.escape(tensor)}$={found}"]
     return args

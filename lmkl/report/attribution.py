@@ -18,15 +18,16 @@ from typing import Any
 import numpy as np
 
 from lmkl.attribution.terminal import (
-    kl_interval,
-    kl_number,
+    kl_cells,
+    kl_text,
+    kl_value,
     print_attribution,
     recipe_sentence,
 )
 from lmkl.engine.rundir import load_results
 from lmkl.errors import UsageError
 from lmkl.files import atomic_path
-from lmkl.formatting import percent, to_float
+from lmkl.formatting import format_percent, format_ratio, to_float
 from lmkl.report.plots import DPI, WIDTH, Plot
 
 #: Modules listed in the report's table.
@@ -206,11 +207,11 @@ def top_modules(results: dict[str, Any], top: int = TOP_MODULES) -> list[dict[st
     return [
         {
             "name": u["name"],
-            "kl": kl_number(u["kl"]["mean"]),
-            "ci": kl_interval(u["kl"]),
-            "share": percent(to_float(u["kl"]["mean"]) / total if total > 0 else math.nan, 1),
-            "reverse_kl": kl_number(u["reverse_kl"]),
-            "top1": percent(u["top1_agreement"], 2),
+            "kl": kl_cells(u["kl"])[0],
+            "ci": kl_cells(u["kl"])[1],
+            "share": format_percent(to_float(u["kl"]["mean"]) / total if total > 0 else math.nan),
+            "reverse_kl": kl_value(u["reverse_kl"]),
+            "top1": format_percent(u["top1_agreement"], 4),
         }
         for u in ranked
     ]
@@ -222,9 +223,10 @@ def _context(results: dict[str, Any], plots: list[Plot], images: dict[str, str])
         "reference": results["reference"].get("label", "reference"),
         "candidate": results["candidate"].get("label", "candidate"),
         "summary": results["summary"],
-        "full": f"{kl_number(full['mean'])} {kl_interval(full)}",
-        "modules_sum": f"{kl_number(total['mean'])} {kl_interval(total)}",
-        "ratio": f"{to_float(total.get('full_over_sum')):.2f}",
+        "full": kl_text(full),
+        "modules_sum": kl_text(total),
+        "ratio": format_ratio(total.get("full_over_sum")),
+        "bootstrap_unit": (results.get("bootstrap") or {}).get("unit", "document"),
         "tokens": results["full"]["counts"]["tokens"],
         "documents": results["full"]["counts"]["documents"],
         "plots": [{"title": p.title, "caption": p.caption, "src": images[p.name]} for p in plots],

@@ -17,11 +17,13 @@ from lmkl.cli.options import (
     DATA_OPTIONS,
     KL_OPTIONS,
     MODEL_OPTIONS,
-    MODELS,
     OUTPUT_OPTIONS,
     PAIR_OPTIONS,
     WINDOW_OPTIONS,
     CompileOpt,
+    GgufOneOpt,
+    LabelOneOpt,
+    QuantizeOneOpt,
     TemperatureOpt,
     apply_offline,
     compute_spec,
@@ -32,24 +34,6 @@ from lmkl.cli.options import (
 )
 from lmkl.cli.output import TokenProgress, show_run
 
-QuantizeOneOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--quantize",
-        help="The candidate is the reference quantized while loading, METHOD:SCHEME[:gGROUP], "
-        "e.g. torchao:int4_weight_only:g32 (instead of a CANDIDATE). Needs lmkl[quant].",
-        rich_help_panel=MODELS,
-    ),
-]
-GgufOneOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--gguf-file",
-        help="GGUF file in the candidate's directory or hub repo (a path ending in .gguf "
-        "needs none).",
-        rich_help_panel=MODELS,
-    ),
-]
 HighOpt = Annotated[
     str | None,
     typer.Option(
@@ -69,10 +53,6 @@ BudgetOpt = Annotated[
         "saved per extra byte; the result is measured).",
         rich_help_panel="Recipe",
     ),
-]
-LabelOneOpt = Annotated[
-    str | None,
-    typer.Option("--label", help="The candidate's name in tables.", rich_help_panel=MODELS),
 ]
 
 
@@ -111,7 +91,7 @@ def attribute(
     from lmkl.attribution.terminal import print_attribution
     from lmkl.engine.distributed import is_main_process
     from lmkl.errors import UsageError
-    from lmkl.specs import QUANT_SCHEMES
+    from lmkl.specs import high_model_spec
 
     if (candidate is None) == (quantize is None):
         raise UsageError(
@@ -128,13 +108,7 @@ def attribute(
     )
     high_spec = None
     if high is not None:
-        quantized = ":" in high and high.split(":")[0] in QUANT_SCHEMES
-        _, (high_spec,) = model_specs(
-            reference,
-            [] if quantized else [high],
-            options | {"adapter": None, "device_map": None},
-            quantize=[high] if quantized else None,
-        )
+        high_spec = high_model_spec(high, ref_spec, cand_specs[0], "--high")
     with TokenProgress(options["quiet"] or not is_main_process()) as progress:
         run = lmkl.api.attribute(
             ref_spec,
