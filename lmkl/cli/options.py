@@ -259,7 +259,7 @@ def model_spec(model: str, options: dict[str, Any], **fields: Any) -> Any:
     from lmkl.demo.names import DEMO_SCHEME
     from lmkl.specs import ModelSpec
 
-    if model.startswith(DEMO_SCHEME):
+    if model and model.startswith(DEMO_SCHEME):
         fields.setdefault("label", model[len(DEMO_SCHEME) :])
         model = demo_value(model)
 
