@@ -393,6 +393,12 @@ def test_report_from_the_run_directory_alone(pair, run, tmp_path):
         (u for u in run.results["units"] if u["scope"] == "module"), key=lambda u: u["kl"]["mean"]
     )
     assert top["name"] in html
+    # Numbers never break at an exponent's minus; the reference is named, not "reference".
+    assert "td, .number { white-space: nowrap; }" in html
+    from lmkl.report.attribution import _model_name
+
+    assert _model_name({"label": "reference", "path": "/m/llama-1b"}, "reference") == "llama-1b"
+    assert _model_name({"label": "teacher", "path": "/m/llama-1b"}, "reference") == "teacher"
     code, output = invoke(["report", str(copied), "--format", "md"])
     assert code == 0, output
     assert sorted(p.name for p in (copied / "report_files").iterdir()) == [

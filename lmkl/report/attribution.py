@@ -217,10 +217,18 @@ def top_modules(results: dict[str, Any], top: int = TOP_MODULES) -> list[dict[st
     ]
 
 
+def _model_name(model: dict[str, Any], role: str) -> str:
+    """A model's label, or its directory's name where the label only says its role."""
+    label = model.get("label")
+    if label and label != role:
+        return str(label)
+    return Path(str(model.get("path") or model.get("model") or role)).name or role
+
+
 def _context(results: dict[str, Any], plots: list[Plot], images: dict[str, str]) -> dict[str, Any]:
     full, total = results["full_kl"], results["sum_of_modules"]
     return {
-        "reference": results["reference"].get("label", "reference"),
+        "reference": _model_name(results["reference"], "reference"),
         "candidate": results["candidate"].get("label", "candidate"),
         "summary": results["summary"],
         "full": kl_text(full),
