@@ -1,0 +1,97 @@
+"""What a new user's trial of lmkl found confusing, each checked where it was seen: the report
+table's intervals, runs that cannot be compared, the summary's wording, inspect's numbers, the
+dry-run plan of a quantization study, resuming, and the report's size axis."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from synthetic import SyntheticCandidate, synthesize_run
+from test_narrow_output import assert_uncut, run_cli
+
+from lmkl.formatting import format_ci, normal_interval
+
+COMPARE_NOTE = (
+    "± is one standard error over tokens; [low, high] is a 95% CI (for the KL mean: a "
+    "bootstrap over documents, the interval to quote)"
+)
+
+
+def flat(output: str) -> str:
+    """The output as one line: a note folded at 80 columns reads whole."""
+    return re.sub(r"\s*\n\s*", " ", output)
+
+
+@pytest.fixture(scope="module")
+def study(tiny_pair, tmp_path_factory):
+    """A two-candidate experiment with a noise floor, sized by memory bytes."""
+    root = tmp_path_factory.mktemp("trial-study")
+    texts = [json.loads(x)["text"] for x in tiny_pair["heldout"].read_text().splitlines()]
+    data = root / "documents.jsonl"
+    data.write_text("".join(json.dumps({"text": t[:200]}) + "\n" for t in texts[:5]))
+    config = root / "study.yaml"
+    config.write_text(f"""
+name: trial
+reference: {{model: {tiny_pair["reference"]}, device: cpu}}
+candidates:
+  - {{label: student, model: {tiny_pair["candidate"]}, device: cpu}}
+  - {{label: half, model: {tiny_pair["reference"]}, dtype: bfloat16, device: cpu}}
+datasets:
+  - {{source: {data}, label: documents}}
+windowing: {{mode: documents, context_length: 48, stride: 24}}
+ranking: {{resamples: 200, size: memory_bytes}}
+noise_floor: true
+""")
+    out = root / "run"
+    printed = run_cli(["run", str(config), "--out", str(out)], {"COLUMNS": "80"})
+    return {"config": config, "out": out, "printed": printed, "data": data}
+
+
+@pytest.fixture(scope="module")
+def two_windowings(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("windowings")
+    a = synthesize_run(root / "demo", 2000, [SyntheticCandidate("a", 1.0)], seed=5,
+                       context_length=256)  # fmt: skip
+    b = synthesize_run(root / "int", 2000, [SyntheticCandidate("b", 1.3)], seed=5,
+                       context_length=512)  # fmt: skip
+    return a, b
+
+
+# ------------------------------------------------------------------------------------------
+# 1. The report table's "95% CI" is the document bootstrap
+
+
+@pytest.mark.parametrize("env", ({"COLUMNS": "80"}, {}))
+def test_report_table_quotes_the_bootstrap_ci(two_windowings, env):
+    run = two_windowings[0]
+    output = run_cli(["report", str(run), "--format", "table"], env)
+    assert_uncut(output)
+    kl = json.loads((run / "results.json").read_text())["candidates"][0]["metrics"]["kl"]
+    boot = format_ci([kl["ci_low"], kl["ci_high"]])
+    token = normal_interval(kl)
+    assert boot != token
+    lines = output.splitlines()
+    # In the leaderboard the bracket is the bootstrap; the token interval is labelled so.
+    board = "\n".join(lines[: next(i for i, x in enumerate(lines) if "All statistics" in x)])
+    assert "95% CI" in board and boot in board and token not in board
+    assert COMPARE_NOTE in flat(output)
+    text = flat(output)
+    assert f"95% CI (bootstrap over documents) {boot}" in text or re.search(
+        r"95% CI \(bootstrap over documents\)[^\[]*" + re.escape(boot), text
+    )
+    assert re.search(r"token interval \(± 1\.96 se\)[^\[]*" + re.escape(token), text)
+    assert not re.search(r"95% CI[^\[(]*" + re.escape(token), text)
+
+
+def test_report_table_of_an_experiment_has_next_and_noise_columns(study):
+    output = run_cli(["report", str(study["out"]), "--format", "table"], {"COLUMNS": "160"})
+    results = json.loads((study["out"] / "results.json").read_text())
+    rows = [r for r in results["ranking"]["leaderboard"] if r["kind"] == "candidate"]
+    assert "Δ next [CI]" in output and "> noise" in output
+    first = rows[0]
+    assert format_ci(first["vs_next"]["ci"], 3) in output
+    for row in rows:
+        assert format_ci(row["ci"]) in output
