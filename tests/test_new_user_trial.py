@@ -95,3 +95,28 @@ def test_report_table_of_an_experiment_has_next_and_noise_columns(study):
     assert format_ci(first["vs_next"]["ci"], 3) in output
     for row in rows:
         assert format_ci(row["ci"]) in output
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Runs with different windowing, data or reference are not ranked silently
+
+
+def test_report_warns_first_when_runs_differ_in_windowing(two_windowings, study):
+    from lmkl.report.build import build_report
+
+    report = build_report(list(two_windowings))
+    assert report.reading[0] == (
+        "Warning: these runs differ in context length (256 vs 512), stride (128 vs 256): "
+        "their KLs are not comparable."
+    )
+    output = run_cli(["report", *map(str, two_windowings), "--format", "table"], {})
+    assert "stride (128 vs 256): their KLs are not comparable" in flat(output)
+    # A second run with the same windowing, data and reference: no warning.
+    same = build_report([two_windowings[0], two_windowings[0]])
+    assert not any("not comparable" in line for line in same.reading)
+    # Different data and reference (an experiment on the tiny models) are named as well.
+    mixed = build_report([two_windowings[0], study["out"]])
+    assert mixed.reading[0].startswith(
+        "Warning: these runs differ in context length (256 vs 48), stride (128 vs 24), data, "
+        "reference ("
+    )

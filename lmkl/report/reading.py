@@ -73,9 +73,53 @@ def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
     )
 
 
+def _data_fingerprint(results: dict[str, Any]) -> str:
+    """The text a run scored: its data fingerprint (an experiment's: every dataset's)."""
+    data = results.get("data") or {}
+    sets = data.get("datasets") if isinstance(data.get("datasets"), list) else [data]
+    return "+".join(
+        str(d.get("fingerprint") or d.get("source")) for d in sets if isinstance(d, dict)
+    )
+
+
+def comparability_warning(runs: list[Any]) -> str | None:
+    """The sentence that says why the KLs of ``runs`` cannot be ranked against each other, or
+    None when they share windowing, data and reference.
+
+    A mean KL depends on how much context each token had (context length, stride, windowing
+    mode), on the text and on the reference: two runs that differ in any of these measure
+    different things, however alike their numbers look."""
+    if len(runs) < 2:
+        return None
+    differences = []
+
+    def differ(name: str, values: list[str], show: bool = True) -> None:
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) > 1:
+            differences.append(f"{name} ({' vs '.join(distinct)})" if show else name)
+
+    windows = [run.results.get("windowing") or {} for run in runs]
+    differ("context length", [str(w.get("context_length")) for w in windows])
+    differ("stride", [str(w.get("stride")) for w in windows])
+    differ("windowing mode", [str(w.get("mode")) for w in windows])
+    # Fingerprints are long hashes: saying that the data differ is enough.
+    differ("data", [_data_fingerprint(run.results) for run in runs], show=False)
+    differ(
+        "reference",
+        [str((run.results.get("reference") or {}).get("model")) for run in runs],
+    )
+    if not differences:
+        return None
+    return f"these runs differ in {', '.join(differences)}: their KLs are not comparable"
+
+
 def plain_reading(report: Report) -> list[str]:
-    """A few sentences computed from the numbers, for the top of the report."""
+    """A few sentences computed from the numbers, for the top of the report (first, when the
+    runs cannot be compared, the warning that says why)."""
     lines = []
+    warning = comparability_warning(report.runs)
+    if warning:
+        lines.append(f"Warning: {warning}.")
     for c in report.candidates:
         m = c.metrics
         agree = c.value("top1_agreement.mean")
