@@ -120,3 +120,34 @@ def test_report_warns_first_when_runs_differ_in_windowing(two_windowings, study)
         "Warning: these runs differ in context length (256 vs 48), stride (128 vs 24), data, "
         "reference ("
     )
+
+
+# ------------------------------------------------------------------------------------------
+# 8. One wording for where the KL comes from; "concentrated" only when it clearly is
+
+
+def _profile(low_tokens: float, low_kl: float) -> list[dict[str, float]]:
+    """Two buckets: below 0.5 (low-confidence) and from 0.95 (confident)."""
+    return [
+        {"low": 0.0, "high": 0.5, "share": low_tokens, "kl_share": low_kl},
+        {"low": 0.95, "high": 1.0, "share": 1 - low_tokens, "kl_share": 1 - low_kl},
+    ]
+
+
+def test_confidence_wording_is_one_and_says_concentrated_only_when_it_is():
+    from lmkl.report.reading import confidence_clause
+
+    # The trial's two candidates: 90% and 89% of the KL on 81% of the tokens.
+    first, second = (confidence_clause(_profile(0.81, k)) for k in (0.90, 0.89))
+    for clause, kl in ((first, "90%"), (second, "89%")):
+        assert clause == (
+            "its KL is spread like the tokens: low-confidence positions (reference top-1 "
+            f"probability < 0.5) hold {kl} of the KL on 81% of the tokens"
+        )
+    # Clearly more KL than tokens (share + 0.15, or 1.5×): concentrated, same numbers' wording.
+    assert confidence_clause(_profile(0.40, 0.56)).startswith(
+        "its KL is concentrated in low-confidence positions"
+    )
+    assert confidence_clause(_profile(0.10, 0.15)).endswith("15% of the KL on 10% of the tokens")
+    assert "concentrated" in confidence_clause(_profile(0.10, 0.15))
+    assert "spread like" in confidence_clause(_profile(0.40, 0.54))

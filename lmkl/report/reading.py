@@ -21,13 +21,21 @@ from lmkl.report.candidates import confidence_profile
 from lmkl.report.data import Report
 from lmkl.report.runs import stored_count
 
+#: The KL of a group of positions is "concentrated" there when its share of the KL exceeds its
+#: share of the tokens by this much (absolute), or by the factor below; else it is spread like
+#: the tokens (most KL where most tokens are says nothing about those positions).
+CONCENTRATED_EXCESS = 0.15
+CONCENTRATED_RATIO = 1.5
+
 
 def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
     """Where a candidate's KL comes from, by the reference's confidence (share × mean per bucket).
 
     Buckets below 0.5 top-1 probability are "low-confidence", [0.5, 0.75) "medium", 0.75 and
-    above "confident". The group holding the largest share of the total KL is named; "dominated"
-    when it holds more than half of the KL and more than its share of the tokens.
+    above "confident". The group holding the largest share of the total KL is named, always as
+    "K of the KL on T of the tokens"; the KL is called "concentrated" there only when K clearly
+    exceeds T (by :data:`CONCENTRATED_EXCESS`, or :data:`CONCENTRATED_RATIO` times), else
+    "spread like the tokens".
     """
     infinite = [b["bucket"] for b in profile if b.get("kl_mean") == math.inf]
     if infinite:
@@ -60,17 +68,13 @@ def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
         "medium-confidence": "medium-confidence positions (reference top-1 probability 0.5–0.75)",
         "confident": "positions where the reference is confident (top-1 probability ≥ 0.75)",
     }[name]
-    if kl_share > 0.5 and token_share > 0 and kl_share / token_share < 1.1:
-        # Most tokens are of this kind and they carry their share of the KL, no more.
-        return (
-            f"most of its KL ({_percent(kl_share, 0)}) comes from {where}, which are "
-            f"{_percent(token_share, 0)} of the tokens"
-        )
-    verb = "is dominated by" if kl_share > 0.5 else "comes mostly from"
-    return (
-        f"its KL {verb} {where}: {_percent(kl_share, 0)} of the total KL on "
-        f"{_percent(token_share, 0)} of the tokens"
+    shares = f"{_percent(kl_share, 0)} of the KL on {_percent(token_share, 0)} of the tokens"
+    concentrated = kl_share >= token_share + CONCENTRATED_EXCESS or (
+        token_share > 0 and kl_share / token_share >= CONCENTRATED_RATIO
     )
+    if concentrated:
+        return f"its KL is concentrated in {where}: {shares}"
+    return f"its KL is spread like the tokens: {where} hold {shares}"
 
 
 def _data_fingerprint(results: dict[str, Any]) -> str:
