@@ -32,10 +32,10 @@ def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
     """Where a candidate's KL comes from, by the reference's confidence (share × mean per bucket).
 
     Buckets below 0.5 top-1 probability are "low-confidence", [0.5, 0.75) "medium", 0.75 and
-    above "confident". The group holding the largest share of the total KL is named, always as
-    "K of the KL on T of the tokens"; the KL is called "concentrated" there only when K clearly
-    exceeds T (by :data:`CONCENTRATED_EXCESS`, or :data:`CONCENTRATED_RATIO` times), else
-    "spread like the tokens".
+    above "confident". Always said as "K of the KL on T of the tokens" of one group: a group where
+    the KL is "concentrated" (K clearly exceeds T: by :data:`CONCENTRATED_EXCESS`, or
+    :data:`CONCENTRATED_RATIO` times with K at least 10%), the largest such; where none is, the
+    KL is "spread like the tokens" and the group with the largest K is named.
     """
     infinite = [b["bucket"] for b in profile if b.get("kl_mean") == math.inf]
     if infinite:
@@ -62,17 +62,23 @@ def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
         groups[name][1] += bucket["share"] if math.isfinite(bucket["share"]) else 0.0
     if not any(share for share, _ in groups.values()):
         return None
-    name, (kl_share, token_share) = max(groups.items(), key=lambda kv: kv[1][0])
+
+    def concentrated(kl_share: float, token_share: float) -> bool:
+        # A tiny group (under a tenth of the KL) is not worth naming for its ratio alone.
+        return kl_share >= token_share + CONCENTRATED_EXCESS or (
+            kl_share >= 0.1 and kl_share >= CONCENTRATED_RATIO * token_share
+        )
+
+    # The group where the KL is concentrated (the largest such), else the largest share.
+    dense = [kv for kv in groups.items() if concentrated(*kv[1])]
+    name, (kl_share, token_share) = max(dense or groups.items(), key=lambda kv: kv[1][0])
     where = {
         "low-confidence": "low-confidence positions (reference top-1 probability < 0.5)",
         "medium-confidence": "medium-confidence positions (reference top-1 probability 0.5–0.75)",
         "confident": "positions where the reference is confident (top-1 probability ≥ 0.75)",
     }[name]
     shares = f"{_percent(kl_share, 0)} of the KL on {_percent(token_share, 0)} of the tokens"
-    concentrated = kl_share >= token_share + CONCENTRATED_EXCESS or (
-        token_share > 0 and kl_share / token_share >= CONCENTRATED_RATIO
-    )
-    if concentrated:
+    if dense:
         return f"its KL is concentrated in {where}: {shares}"
     return f"its KL is spread like the tokens: {where} hold {shares}"
 
