@@ -148,6 +148,6 @@ def test_confidence_wording_is_one_and_says_concentrated_only_when_it_is():
     assert confidence_clause(_profile(0.40, 0.56)).startswith(
         "its KL is concentrated in low-confidence positions"
     )
-    assert confidence_clause(_profile(0.10, 0.15)).endswith("15% of the KL on 10% of the tokens")
-    assert "concentrated" in confidence_clause(_profile(0.10, 0.15))
+    assert confidence_clause(_profile(0.10, 0.16)).endswith("16% of the KL on 10% of the tokens")
+    assert "concentrated" in confidence_clause(_profile(0.10, 0.16))
     assert "spread like" in confidence_clause(_profile(0.40, 0.54))
