@@ -204,3 +204,31 @@ def test_inspect_doc_lists_the_worst_tokens_of_that_document(tiny_run):
     assert f"worst {len(mine)} tokens of student in document {other}" in flat(output)
     listed = re.findall(r"doc:pos: (\d+):(\d+)", output)  # 80 columns: one block per token
     assert [(int(d), int(p)) for d, p in listed] == [(e["doc_id"], e["position"]) for e in mine]
+
+
+# ------------------------------------------------------------------------------------------
+# 15. The dry-run plan shows each candidate's quantization; the reference once
+
+
+@pytest.mark.parametrize("env", ({"COLUMNS": "80"}, {}))
+def test_dry_run_plan_shows_schemes_and_the_reference_once(tiny_pair, tmp_path, env):
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "def f(x):\n    return x + 1\n" * 5}) + "\n")
+    ref = tiny_pair["reference"]
+    config = tmp_path / "quant.yaml"
+    config.write_text(f"""
+name: quant
+reference: {{model: {ref}, device: cpu}}
+candidates:
+  - {{label: a, model: {ref}, device: cpu, quantize: {{method: torchao, scheme: int8_weight_only}}}}
+  - {{label: b, model: {ref}, device: cpu,
+      quantize: {{method: torchao, scheme: int4_weight_only, group_size: 32}}}}
+datasets: [{{source: {data}}}]
+windowing: {{context_length: 32, stride: 16}}
+""")
+    output = run_cli(["run", str(config), "--dry-run"], env)
+    assert_uncut(output, str(ref))
+    text = flat(output)
+    assert "torchao:int8_weight_only" in text and "torchao:int4_weight_only:g32" in text
+    assert text.count(f"reference: {ref}") == 1
+    assert "reference reference" not in text
