@@ -232,3 +232,52 @@ windowing: {{context_length: 32, stride: 16}}
     assert "torchao:int8_weight_only" in text and "torchao:int4_weight_only:g32" in text
     assert text.count(f"reference: {ref}") == 1
     assert "reference reference" not in text
+
+
+# ------------------------------------------------------------------------------------------
+# 18. A resume says so (piped too), and its throughput names the tokens it covers
+
+
+def test_resume_says_what_it_keeps_and_what_its_rate_covers(
+    tiny_pair, small_jsonl, tmp_path, monkeypatch
+):
+    import errno
+
+    import pyarrow.parquet as pq
+    from runtools import compare_args, invoke
+
+    from lmkl.engine import rundir as store
+
+    out = tmp_path / "run"
+    args = compare_args(tiny_pair, small_jsonl, out)
+    real_write = pq.write_table
+    calls = []
+
+    def write_until_full(table, where, *a, **k):
+        calls.append(where)
+        if len(calls) == 3:  # the third part: the disk is full, two parts are kept
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(table, where, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.pq, "write_table", write_until_full)
+        code, _ = invoke(args)
+    assert code == 1
+    kept = sorted((out / "parts").glob("part-*"))
+    kept_rows = sum(pq.read_table(p).num_rows for p in kept)
+    assert len(kept) == 2
+    code, output = invoke([*args[:-1], "--resume"])  # not --quiet, and piped (CliRunner)
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    resumed = re.search(r"resuming: 2 of (\d+) parts kept, scoring the rest\n", output)
+    assert resumed and int(resumed.group(1)) > 2, output
+    rest = results["candidates"][0]["metrics"]["counts"]["tokens"] - kept_rows
+    assert rest > 0
+    seconds = results["throughput"]["seconds"]
+    from lmkl.formatting import format_rate, format_seconds
+
+    line = (
+        f"{format_rate(rest, seconds)} over {format_seconds(seconds)} scoring the {rest:,} "
+        "tokens not kept"
+    )
+    assert line in flat(output), output
