@@ -281,3 +281,28 @@ def test_resume_says_what_it_keeps_and_what_its_rate_covers(
         "tokens not kept"
     )
     assert line in flat(output), output
+
+
+# ------------------------------------------------------------------------------------------
+# 10. The report's Pareto set uses the run's size axis, and its size column has a unit
+
+
+def test_report_uses_the_runs_size_axis_with_its_unit(study):
+    from lmkl.formatting import byte_size
+    from lmkl.report.build import build_report
+
+    results = json.loads((study["out"] / "results.json").read_text())
+    pareto = results["ranking"]["pareto"]
+    assert pareto["size"] == "memory_bytes"
+    said = f"Pareto-optimal (memory bytes vs kl.mean): {', '.join(pareto['labels'])}"
+    assert said in flat(study["printed"])
+    report = build_report([study["out"]])
+    front = [k for k, on in zip(report.sizes()["keys"], report.sizes()["pareto"], strict=True)
+             if on]  # fmt: skip
+    assert sorted(front) == sorted(pareto["labels"])
+    assert f"Pareto-optimal (memory bytes vs kl.mean): {', '.join(front)}." in report.reading
+    output = run_cli(["report", str(study["out"]), "--format", "table"], {"COLUMNS": "160"})
+    for row in results["ranking"]["leaderboard"]:
+        if row["kind"] == "candidate":
+            assert byte_size(row["size"]["memory_bytes"]) in output
+    assert "by parameters" not in output

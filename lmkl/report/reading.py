@@ -213,8 +213,9 @@ def plain_reading(report: Report) -> list[str]:
         sizes = report.sizes()
         if sizes:
             front = [k for k, f in zip(sizes["keys"], sizes["pareto"], strict=True) if f]
+            # The words of `lmkl run` (its ranking's size axis against the mean KL).
             lines.append(
-                f"Pareto-optimal by {sizes['axis'].replace('_', ' ')} and mean KL: "
+                f"Pareto-optimal ({sizes['axis'].replace('_', ' ')} vs kl.mean): "
                 f"{', '.join(front)}."
             )
         for group, series in report.steps().items():

@@ -54,11 +54,19 @@ VIEWS = ("summary", "tokens")
 # Number formatting shared by every format
 
 
-def _size_cell(c: Any) -> str:
-    """Bits per weight for a quantized candidate, else parameters (or bytes on disk)."""
+def _size_cell(c: Any, axis: str | None = None) -> str:
+    """A candidate's size with its unit, on ``axis`` (the report's size axis: the one its
+    Pareto set uses) when known; else bits per weight for a quantized candidate, else
+    parameters (or bytes on disk)."""
+    if axis is not None and math.isfinite(size := c.size(axis)):
+        if axis == "bits_per_weight":
+            return f"{size:.2f} bpw"
+        return f"{parameters(size)} params" if axis == "parameters" else byte_size(size)
     if c.quantized and math.isfinite(c.bits_per_weight):
         return f"{c.bits_per_weight:.2f} bpw"
-    return parameters(c.params) if math.isfinite(c.params) else byte_size(c.bytes_on_disk)
+    return (
+        f"{parameters(c.params)} params" if math.isfinite(c.params) else byte_size(c.bytes_on_disk)
+    )
 
 
 def _pair(m: dict[str, Any], family: str, a: str, b: str, digits: int = 4) -> str:
@@ -146,7 +154,7 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
                 "top1": percent_se(m.get("top1_agreement")),
                 "top1_changed": format_percent(scale["top1_changed"]),
                 "ppl_ratio": format_ratio((m.get("ppl") or {}).get("ratio")),
-                "size": _size_cell(c),
+                "size": _size_cell(c, sizes.get("axis")),
                 "pareto": pareto.get(c.key),
                 "boot": interval(boot) if boot else None,
                 "next": None
