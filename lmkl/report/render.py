@@ -770,7 +770,7 @@ def print_table(report: Report, console: Any) -> None:
     console.print(
         FittedTable(
             board,
-            optional=["Δ next [CI]", "PPL ratio", "p99", "median"],
+            optional=["PPL ratio", "p99", "median", "Δ next [CI]"],
             key_columns=2,
             notes=[
                 *(n for n in LEADERBOARD_NOTES if n[0] in ("Δ next [CI]", "> noise")),
