@@ -9,11 +9,15 @@ import re
 from pathlib import Path
 
 import pytest
+import test_report
 from synthetic import SyntheticCandidate, synthesize_run
 from test_narrow_output import assert_uncut, run_cli
 
 from lmkl.formatting import format_ci, format_percent, format_value, normal_interval
 from lmkl.report.runs import load_run
+
+#: A real run of the tiny models (two candidates, worst positions with their top-5 lists).
+real_run = test_report.real_run
 
 COMPARE_NOTE = (
     "± is one standard error over tokens; [low, high] is a 95% CI (for the KL mean: a "
@@ -158,32 +162,11 @@ def test_confidence_wording_is_one_and_says_concentrated_only_when_it_is():
 # 12, 13. inspect: probabilities to three significant digits; --doc lists that document's tokens
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_pair, tmp_path_factory) -> Path:
-    """A real run of the tiny models on four documents, with many worst positions stored."""
-    from lmkl.engine.token_compare import run_comparison
-    from lmkl.specs import ComputeSpec, DataSpec, ModelSpec, OutputSpec, WindowSpec
-
-    root = tmp_path_factory.mktemp("trial-run")
-    lines = tiny_pair["heldout"].read_text().splitlines()[:4]
-    data = root / "small.jsonl"
-    data.write_text(
-        "".join(json.dumps({"text": json.loads(x)["text"][:600]}) + "\n" for x in lines)
-    )
-    outcome = run_comparison(
-        ModelSpec(model=str(tiny_pair["reference"]), label="ref"),
-        [ModelSpec(model=str(tiny_pair["candidate"]), label="student")],
-        DataSpec(source=str(data)),
-        WindowSpec(context_length=64, stride=32),
-        ComputeSpec(batch_size=4, worst_k=40),
-        OutputSpec(dir=str(root / "run")),
-    )
-    return outcome.path
-
-
-def test_inspect_prints_small_probabilities_and_kl_digits(tiny_run):
-    output = run_cli(["inspect", str(tiny_run), "-n", "3"], {"COLUMNS": "160"})
-    worst = sorted(load_run(tiny_run).worst, key=lambda e: -e["kl"])[:3]
+def test_inspect_prints_small_probabilities_and_kl_digits(real_run):
+    output = run_cli(["inspect", str(real_run), "-n", "3"], {"COLUMNS": "160"})
+    worst = sorted(
+        (e for e in load_run(real_run).worst if e["candidate"] == "student"), key=lambda e: -e["kl"]
+    )[:3]
     probs = [item["prob"] for e in worst for side in ("reference_top5", "candidate_top5")
              for item in e[side]]  # fmt: skip
     assert min(probs) < 0.005  # a probability that rounds to "0%" at whole percents
@@ -195,11 +178,13 @@ def test_inspect_prints_small_probabilities_and_kl_digits(tiny_run):
         assert format_value(e["kl"]) in output
 
 
-def test_inspect_doc_lists_the_worst_tokens_of_that_document(tiny_run):
-    worst = sorted(load_run(tiny_run).worst, key=lambda e: -e["kl"])
+def test_inspect_doc_lists_the_worst_tokens_of_that_document(real_run):
+    worst = sorted(
+        (e for e in load_run(real_run).worst if e["candidate"] == "student"), key=lambda e: -e["kl"]
+    )
     docs = [e["doc_id"] for e in worst]
     other = next(d for d in docs if d != docs[0])  # not the document of the run's worst token
-    output = run_cli(["inspect", str(tiny_run), "--doc", str(other), "-n", "5"], {})
+    output = run_cli(["inspect", str(real_run), "--doc", str(other), "-n", "5"], {})
     mine = [e for e in worst if e["doc_id"] == other][:5]
     assert f"worst {len(mine)} tokens of student in document {other}" in flat(output)
     listed = re.findall(r"doc:pos: (\d+):(\d+)", output)  # 80 columns: one block per token
