@@ -226,26 +226,12 @@ windowing: {{context_length: 32, stride: 16}}
 def test_resume_says_what_it_keeps_and_what_its_rate_covers(
     tiny_pair, small_jsonl, tmp_path, monkeypatch
 ):
-    import errno
-
     import pyarrow.parquet as pq
-    from runtools import compare_args, invoke
-
-    from lmkl.engine import rundir as store
+    from runtools import compare_args, disk_full_at, invoke
 
     out = tmp_path / "run"
     args = compare_args(tiny_pair, small_jsonl, out)
-    real_write = pq.write_table
-    calls = []
-
-    def write_until_full(table, where, *a, **k):
-        calls.append(where)
-        if len(calls) == 3:  # the third part: the disk is full, two parts are kept
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(table, where, *a, **k)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(store.pq, "write_table", write_until_full)
+    with disk_full_at(monkeypatch, 3):  # the third part: two parts are kept
         code, _ = invoke(args)
     assert code == 1
     kept = sorted((out / "parts").glob("part-*"))
