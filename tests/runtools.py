@@ -50,6 +50,30 @@ def compare_args(tiny_pair: dict[str, Path], data: Path, out: Path) -> list[str]
     ]
 
 
+@contextmanager
+def disk_full_at(monkeypatch: pytest.MonkeyPatch, write: int, half_file: bool = False):
+    """Part files write as usual but the ``write``-th, which fails as on a full disk (after
+    leaving half a file when ``half_file``): the run stops with its earlier parts kept."""
+    import errno
+
+    from lmkl.engine import rundir
+
+    real_write = pq.write_table
+    calls = []
+
+    def write_until_full(table, where, *a, **k):
+        calls.append(where)
+        if len(calls) == write:
+            if half_file:
+                Path(where).write_bytes(b"PAR1" + b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(table, where, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rundir.pq, "write_table", write_until_full)
+        yield
+
+
 def invoke(args: list[str]) -> tuple[int, str]:
     result = CliRunner().invoke(app, args)
     return result.exit_code, result.output

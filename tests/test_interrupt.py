@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ import pytest
 from runtools import (
     assert_same_run,
     compare_args,
+    disk_full_at,
     interrupt_at,
     invoke,
     short_documents,
@@ -84,18 +84,8 @@ def test_full_disk_keeps_parts_and_resume_completes(
 ):
     out = tmp_path / "run"
     args = compare_args(tiny_pair, data, out)
-    real_write = pq.write_table
-    calls = []
-
-    def write_until_full(table, where, *a, **k):
-        calls.append(where)
-        if len(calls) == 3:  # the third part: half a file, then the disk is full
-            Path(where).write_bytes(b"PAR1" + b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(table, where, *a, **k)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(store.pq, "write_table", write_until_full)
+    # The third part: half a file, then the disk is full.
+    with disk_full_at(monkeypatch, 3, half_file=True):
         code, output = invoke(args)
     assert code == 1
     assert "Traceback" not in output

@@ -29,6 +29,13 @@ stderr = Console(stderr=True, emoji=False)
 stdout.push_render_hook(FitTables())
 
 
+def is_notice(message: str) -> bool:
+    """A log line printed also when output is piped (CI logs): that a run resumes."""
+    from lmkl.engine.loop import RESUMING
+
+    return message.startswith(RESUMING)
+
+
 def is_interactive(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
@@ -38,6 +45,7 @@ class TokenProgress:
 
     def __init__(self, quiet: bool, description: str = "scoring") -> None:
         self.enabled = is_interactive(quiet)
+        self.shown = not quiet
         self.description = description
         self._progress: Any = None
         self._task: Any = None
@@ -75,7 +83,7 @@ class TokenProgress:
         self._progress.update(self._task, completed=done, total=total, rate=rate)
 
     def log(self, message: str) -> None:
-        if self.enabled:
+        if self.enabled or (self.shown and is_notice(message)):
             stderr.print(Text(message, style="dim"))
 
     def __exit__(self, *exc: Any) -> None:
@@ -102,7 +110,7 @@ class DatasetProgress:
     def log(self, message: str) -> None:
         if self.bar is not None:
             self.bar.log(message)
-        elif not self.quiet and stderr.is_terminal:
+        elif not self.quiet and (stderr.is_terminal or is_notice(message)):
             stderr.print(Text(message, style="dim"))
 
     def close(self) -> None:

@@ -256,6 +256,11 @@ def execute(
         shard.close()
 
 
+#: How the log line of a resume begins: the one log line printed also when output is piped
+#: (lmkl.cli.output), since it says why the run takes less time than a fresh one.
+RESUMING = "resuming:"
+
+
 #: Parquet metadata key of the kernel that scored a part.
 KERNEL_KEY = b"lmkl.kernel"
 
@@ -478,7 +483,7 @@ def _resumable_parts(path: Path, plan: Plan, log: LogCallback) -> set[int]:
                 "start a new run with another --out",
             )
         done.add(index)
-    log(f"resuming: {len(done)} of {len(plan.part_rows)} parts already complete")
+    log(f"{RESUMING} {len(done)} of {len(plan.part_rows)} parts kept, scoring the rest")
     return done
 
 

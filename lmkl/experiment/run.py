@@ -182,6 +182,23 @@ def noise_floor_method(spec: NoiseFloorSpec, seed: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def weights_form(spec: ModelSpec) -> str:
+    """How a model's weights are made, for the plan: ``method:scheme[:gN]`` when quantized on
+    load, ``recipe:FILE``, ``gguf:FILE``, ``adapter:PATH``; ``–`` for the weights as stored.
+    Candidates of one model differ only here, so the plan must show it."""
+    parts = []
+    if spec.recipe:
+        parts.append(f"recipe:{spec.recipe}")
+    elif spec.quantize:
+        q = spec.quantize
+        parts.append(f"{q.method}:{q.scheme}" + (f":g{q.group_size}" if q.group_size else ""))
+    if spec.gguf_file and not spec.recipe:
+        parts.append(f"gguf:{spec.gguf_file}")
+    if spec.adapter and not spec.recipe:
+        parts.append(f"adapter:{spec.adapter}")
+    return " + ".join(parts) or "–"
+
+
 def check_models(config: ExperimentConfig, log: LogCallback | None = None) -> list[dict[str, Any]]:
     """Load every tokenizer and model config (no weights); check tokenizers and context length.
 
@@ -222,6 +239,7 @@ def check_models(config: ExperimentConfig, log: LogCallback | None = None) -> li
                 "group": spec.group,
                 "step": spec.step,
                 "params": spec.params,
+                "weights": weights_form(spec),
                 "architecture": (model_config.architectures or [type(model_config).__name__])[0]
                 if model_config is not None
                 else None,

@@ -74,12 +74,24 @@ class CandidateView:
         return self.model.get("quantization") is not None
 
     def size(self, axis: str) -> float:
-        """This candidate's size on ``axis`` (see :attr:`Report.size_axis`)."""
-        return {
+        """This candidate's size on ``axis`` (see :attr:`Report.size_axis`): its own, or the
+        one its run's ranking recorded (``memory_bytes``, ``disk_bytes``, ``weight_bytes``)."""
+        own = {
             "parameters": self.params,
             "bytes_on_disk": self.bytes_on_disk,
             "bits_per_weight": self.bits_per_weight,
-        }[axis]
+        }
+        if axis in own:
+            return own[axis]
+        ranking = self.run.results.get("ranking")
+        for row in (ranking or {}).get("leaderboard") or [] if isinstance(ranking, dict) else []:
+            if (
+                isinstance(row, dict)
+                and row.get("label") == self.label
+                and row.get("kind") != ("noise_floor")
+            ):
+                return to_float((row.get("size") or {}).get(axis))
+        return math.nan
 
     @property
     def step(self) -> float:

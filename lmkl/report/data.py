@@ -51,7 +51,17 @@ class Report:
     def size_axis(self) -> str | None:
         """The size axis of the Pareto plot, when at least two candidates know it:
         ``bits_per_weight`` when any candidate is quantized (their parameter counts are one),
-        else ``parameters``, else ``bytes_on_disk``; None when sizes are unknown."""
+        else ``parameters``, else ``bytes_on_disk``; None when sizes are unknown. The axis the
+        runs' ranking used (results.json ``ranking.pareto.size``) comes first: the report then
+        names the Pareto set as ``lmkl run`` did."""
+        ranked = {
+            r.results["ranking"].get("pareto", {}).get("size")
+            for r in self.runs
+            if isinstance(r.results.get("ranking"), dict)
+        }
+        axis = next(iter(ranked)) if len(ranked) == 1 else None
+        if isinstance(axis, str) and sum(math.isfinite(c.size(axis)) for c in self.candidates) > 1:
+            return axis
         axes = ["parameters", "bytes_on_disk"]
         if any(c.quantized for c in self.candidates):
             axes.insert(0, "bits_per_weight")

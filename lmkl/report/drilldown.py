@@ -21,7 +21,7 @@ from rich.text import Text
 from lmkl.analysis.per_token import CandidateTokens
 from lmkl.engine.rundir import load_tokens
 from lmkl.errors import OutputError, UsageError
-from lmkl.formatting import format_column, format_value, to_float
+from lmkl.formatting import format_column, format_percent, format_value, to_float
 from lmkl.report.candidates import worst_entries
 from lmkl.report.runs import RunInfo, experiment_datasets, load_run, read_candidate_tokens
 from lmkl.report.tables import table_title
@@ -234,22 +234,30 @@ def _top5(items: list[dict[str, Any]], plain: bool = False) -> Text:
         token = marked(visible(str(item.get("token", "")), 14), plain and target)
         text.append(token, style="bold red" if target else None)
         prob = item.get("prob", math.nan)
-        text.append(f" {100 * prob:.0f}%" if math.isfinite(prob) else " –", style="dim")
+        # Three significant digits: a small probability reads 0.0412%, never 0%.
+        text.append(f" {format_percent(prob)}" if math.isfinite(prob) else " –", style="dim")
     return text
 
 
-def worst_table(entries: list[dict[str, Any]], label: str, plain: bool = False) -> Table:
+def worst_table(
+    entries: list[dict[str, Any]], label: str, plain: bool = False, doc: int | None = None
+) -> Table:
     """The worst positions: KL, where, the context ending in the divergent token, both top-5s.
 
     ``plain`` (no colour): the next token and the actual token in the top-5 lists are put in
-    brackets, which piped output keeps."""
+    brackets, which piped output keeps. ``doc``: the entries are those of that document."""
     marks = (
         f"next token {marked('in brackets', True)}, also in the top-5 lists"
         if plain
         else "next token in red; top-5 entries in bold red are the actual token"
     )
     table = Table(
-        title=table_title(f"worst {len(entries)} tokens of ", label, f" ({marks})"),
+        title=table_title(
+            f"worst {len(entries)} tokens of ",
+            label,
+            f" in document {doc}" if doc is not None else "",
+            f" ({marks})",
+        ),
         title_justify="left",
         show_lines=True,
     )
@@ -267,7 +275,7 @@ def worst_table(entries: list[dict[str, Any]], label: str, plain: bool = False) 
         kl = e.get("kl", math.nan)
         table.add_row(
             str(rank),
-            format_value(kl, 3),
+            format_value(kl),
             f"{e.get('doc_id')}:{e.get('position')}",
             cell,
             _top5(e.get("reference_top5") or [], plain),
@@ -297,7 +305,12 @@ def inspect_run(
     cuts = thresholds(run, label)
     namer = TokenNamer([run])
     tokens = read_candidate_tokens(run.path, [label]).get(label)
-    entries = worst_entries(run, label, max(worst, 1), tokens)
+    chosen = doc
+    # With --doc, the worst positions of that document: worst.json keeps the run's worst
+    # positions with their top-5 lists, so those of the document are picked from all of them.
+    entries = worst_entries(
+        run, label, len(run.worst) if doc is not None else max(worst, 1), tokens
+    )
     if tokens is None and not entries:
         raise OutputError(
             f"'{run.path}' holds neither tokens.parquet nor worst positions (worst.json) "
@@ -341,10 +354,17 @@ def inspect_run(
             render_document(view, cuts, readable=namer.source == "tokenizer", plain=plain),
         ]
     if worst > 0:
+        if chosen is not None:
+            entries = [e for e in entries if int(e.get("doc_id", -1)) == chosen]
         parts += [
             Text(""),
-            worst_table(entries[:worst], label, plain)
+            worst_table(entries[:worst], label, plain, chosen)
             if entries
-            else Text("no worst positions stored (worst.json)", style="dim"),
+            else Text(
+                f"none of the run's stored worst positions (worst.json) is in document {chosen}"
+                if chosen is not None
+                else "no worst positions stored (worst.json)",
+                style="dim",
+            ),
         ]
     console.print(Group(*parts))

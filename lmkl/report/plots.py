@@ -530,7 +530,7 @@ def size_vs_kl(report: Report) -> Plot | None:
         "parameters": "parameters",
         "bytes_on_disk": "bytes on disk",
         "bits_per_weight": "bits per weight (real bytes of the weights as stored)",
-    }[data["axis"]]
+    }.get(data["axis"], data["axis"].replace("_", " "))  # a ranking's axis: memory bytes
     ax.set_xlabel(unit)
     ax.set_ylabel("mean KL(P‖Q), nats")
     ax.set_title(f"Size vs divergence ({unit.split(' (')[0]})")

@@ -21,13 +21,21 @@ from lmkl.report.candidates import confidence_profile
 from lmkl.report.data import Report
 from lmkl.report.runs import stored_count
 
+#: The KL of a group of positions is "concentrated" there when its share of the KL exceeds its
+#: share of the tokens by this much (absolute), or by the factor below; else it is spread like
+#: the tokens (most KL where most tokens are says nothing about those positions).
+CONCENTRATED_EXCESS = 0.15
+CONCENTRATED_RATIO = 1.5
+
 
 def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
     """Where a candidate's KL comes from, by the reference's confidence (share × mean per bucket).
 
     Buckets below 0.5 top-1 probability are "low-confidence", [0.5, 0.75) "medium", 0.75 and
-    above "confident". The group holding the largest share of the total KL is named; "dominated"
-    when it holds more than half of the KL and more than its share of the tokens.
+    above "confident". Always said as "K of the KL on T of the tokens" of one group: a group where
+    the KL is "concentrated" (K clearly exceeds T: by :data:`CONCENTRATED_EXCESS`, or
+    :data:`CONCENTRATED_RATIO` times with K at least 10%), the largest such; where none is, the
+    KL is "spread like the tokens" and the group with the largest K is named.
     """
     infinite = [b["bucket"] for b in profile if b.get("kl_mean") == math.inf]
     if infinite:
@@ -54,28 +62,74 @@ def confidence_clause(profile: list[dict[str, Any]]) -> str | None:
         groups[name][1] += bucket["share"] if math.isfinite(bucket["share"]) else 0.0
     if not any(share for share, _ in groups.values()):
         return None
-    name, (kl_share, token_share) = max(groups.items(), key=lambda kv: kv[1][0])
+
+    def concentrated(kl_share: float, token_share: float) -> bool:
+        # A tiny group (under a tenth of the KL) is not worth naming for its ratio alone.
+        return kl_share >= token_share + CONCENTRATED_EXCESS or (
+            kl_share >= 0.1 and kl_share >= CONCENTRATED_RATIO * token_share
+        )
+
+    # The group where the KL is concentrated (the largest such), else the largest share.
+    dense = [kv for kv in groups.items() if concentrated(*kv[1])]
+    name, (kl_share, token_share) = max(dense or groups.items(), key=lambda kv: kv[1][0])
     where = {
         "low-confidence": "low-confidence positions (reference top-1 probability < 0.5)",
         "medium-confidence": "medium-confidence positions (reference top-1 probability 0.5–0.75)",
         "confident": "positions where the reference is confident (top-1 probability ≥ 0.75)",
     }[name]
-    if kl_share > 0.5 and token_share > 0 and kl_share / token_share < 1.1:
-        # Most tokens are of this kind and they carry their share of the KL, no more.
-        return (
-            f"most of its KL ({_percent(kl_share, 0)}) comes from {where}, which are "
-            f"{_percent(token_share, 0)} of the tokens"
-        )
-    verb = "is dominated by" if kl_share > 0.5 else "comes mostly from"
-    return (
-        f"its KL {verb} {where}: {_percent(kl_share, 0)} of the total KL on "
-        f"{_percent(token_share, 0)} of the tokens"
+    shares = f"{_percent(kl_share, 0)} of the KL on {_percent(token_share, 0)} of the tokens"
+    if dense:
+        return f"its KL is concentrated in {where}: {shares}"
+    return f"its KL is spread like the tokens: {where} hold {shares}"
+
+
+def _data_fingerprint(results: dict[str, Any]) -> str:
+    """The text a run scored: its data fingerprint (an experiment's: every dataset's)."""
+    data = results.get("data") or {}
+    sets = data.get("datasets") if isinstance(data.get("datasets"), list) else [data]
+    return "+".join(
+        str(d.get("fingerprint") or d.get("source")) for d in sets if isinstance(d, dict)
     )
 
 
+def comparability_warning(runs: list[Any]) -> str | None:
+    """The sentence that says why the KLs of ``runs`` cannot be ranked against each other, or
+    None when they share windowing, data and reference.
+
+    A mean KL depends on how much context each token had (context length, stride, windowing
+    mode), on the text and on the reference: two runs that differ in any of these measure
+    different things, however alike their numbers look."""
+    if len(runs) < 2:
+        return None
+    differences = []
+
+    def differ(name: str, values: list[str], show: bool = True) -> None:
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) > 1:
+            differences.append(f"{name} ({' vs '.join(distinct)})" if show else name)
+
+    windows = [run.results.get("windowing") or {} for run in runs]
+    differ("context length", [str(w.get("context_length")) for w in windows])
+    differ("stride", [str(w.get("stride")) for w in windows])
+    differ("windowing mode", [str(w.get("mode")) for w in windows])
+    # Fingerprints are long hashes: saying that the data differ is enough.
+    differ("data", [_data_fingerprint(run.results) for run in runs], show=False)
+    differ(
+        "reference",
+        [str((run.results.get("reference") or {}).get("model")) for run in runs],
+    )
+    if not differences:
+        return None
+    return f"these runs differ in {', '.join(differences)}: their KLs are not comparable"
+
+
 def plain_reading(report: Report) -> list[str]:
-    """A few sentences computed from the numbers, for the top of the report."""
+    """A few sentences computed from the numbers, for the top of the report (first, when the
+    runs cannot be compared, the warning that says why)."""
     lines = []
+    warning = comparability_warning(report.runs)
+    if warning:
+        lines.append(f"Warning: {warning}.")
     for c in report.candidates:
         m = c.metrics
         agree = c.value("top1_agreement.mean")
@@ -159,8 +213,9 @@ def plain_reading(report: Report) -> list[str]:
         sizes = report.sizes()
         if sizes:
             front = [k for k, f in zip(sizes["keys"], sizes["pareto"], strict=True) if f]
+            # The words of `lmkl run` (its ranking's size axis against the mean KL).
             lines.append(
-                f"Pareto-optimal by {sizes['axis'].replace('_', ' ')} and mean KL: "
+                f"Pareto-optimal ({sizes['axis'].replace('_', ' ')} vs kl.mean): "
                 f"{', '.join(front)}."
             )
         for group, series in report.steps().items():

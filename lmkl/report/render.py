@@ -54,11 +54,19 @@ VIEWS = ("summary", "tokens")
 # Number formatting shared by every format
 
 
-def _size_cell(c: Any) -> str:
-    """Bits per weight for a quantized candidate, else parameters (or bytes on disk)."""
+def _size_cell(c: Any, axis: str | None = None) -> str:
+    """A candidate's size with its unit, on ``axis`` (the report's size axis: the one its
+    Pareto set uses) when known; else bits per weight for a quantized candidate, else
+    parameters (or bytes on disk)."""
+    if axis is not None and math.isfinite(size := c.size(axis)):
+        if axis == "bits_per_weight":
+            return f"{size:.2f} bpw"
+        return f"{parameters(size)} params" if axis == "parameters" else byte_size(size)
     if c.quantized and math.isfinite(c.bits_per_weight):
         return f"{c.bits_per_weight:.2f} bpw"
-    return parameters(c.params) if math.isfinite(c.params) else byte_size(c.bytes_on_disk)
+    return (
+        f"{parameters(c.params)} params" if math.isfinite(c.params) else byte_size(c.bytes_on_disk)
+    )
 
 
 def _pair(m: dict[str, Any], family: str, a: str, b: str, digits: int = 4) -> str:
@@ -69,8 +77,10 @@ def _pair(m: dict[str, Any], family: str, a: str, b: str, digits: int = 4) -> st
 #: The full statistics table: (row name, getter over a candidate's metrics).
 STAT_ROWS: tuple[tuple[str, Any], ...] = (
     ("KL(P‖Q) mean ± se", lambda m: mean_se(m.get("kl"))),
-    ("KL(P‖Q) mean, 95% CI over tokens", lambda m: normal_interval(m.get("kl"))),
-    ("KL(P‖Q) mean, 95% CI over documents", lambda m: metric_ci(m.get("kl"))),
+    # The interval to quote is the document bootstrap; mean ± 1.96 se over tokens ignores
+    # that neighbouring tokens are correlated, so it is only a "token interval".
+    ("KL(P‖Q) mean, 95% CI (bootstrap over documents)", lambda m: metric_ci(m.get("kl"))),
+    ("KL(P‖Q) mean, token interval (± 1.96 se)", lambda m: normal_interval(m.get("kl"))),
     ("KL(P‖Q) median", lambda m: number((m.get("kl") or {}).get("median"))),
     ("KL(P‖Q) p90 / p95", lambda m: _pair(m, "kl", "p90", "p95")),
     ("KL(P‖Q) p99 / p99.9", lambda m: _pair(m, "kl", "p99", "p999")),
@@ -144,7 +154,7 @@ def leaderboard(report: Report) -> list[dict[str, Any]]:
                 "top1": percent_se(m.get("top1_agreement")),
                 "top1_changed": format_percent(scale["top1_changed"]),
                 "ppl_ratio": format_ratio((m.get("ppl") or {}).get("ratio")),
-                "size": _size_cell(c),
+                "size": _size_cell(c, sizes.get("axis")),
                 "pareto": pareto.get(c.key),
                 "boot": interval(boot) if boot else None,
                 "next": None
@@ -708,8 +718,15 @@ def print_table(report: Report, console: Any) -> None:
             ),
             soft_wrap=False,
         )
+    from lmkl.report.tables import LEADERBOARD_NOTES, FittedTable
+    from lmkl.report.terminal import PLUS_MINUS_NOTE
+
     board = Table(title=f"Leaderboard (sorted by {report.sort_by})", title_justify="left")
     multi = len(report.runs) > 1
+    rows = leaderboard(report)
+    # An experiment's paired columns, as `lmkl run` prints them, where results.json has them.
+    has_next = any(row["next"] for row in rows)
+    has_noise = any(row["above_noise"] is not None for row in rows)
     for name in (
         "#",
         "candidate",
@@ -721,22 +738,46 @@ def print_table(report: Report, console: Any) -> None:
         "top-1 agree",
         "PPL ratio",
         "size",
+        *(("Δ next [CI]",) if has_next else ()),
+        *(("> noise",) if has_noise else ()),
     ):
-        board.add_column(name, justify="left" if name in ("candidate", "run") else "right")
-    for row in leaderboard(report):
+        board.add_column(
+            name,
+            justify="left" if name in ("candidate", "run") else "right",
+            no_wrap=name not in ("candidate", "run"),
+        )
+    for row in rows:
+        nxt = row["next"]
         board.add_row(
             str(row["rank"]),
             Text.assemble(("■", row["color"]), " ", row["key"]),
             *((Text(row["run"]),) if multi else ()),
             row["kl"],
-            row["kl_ci"],
+            # The interval to quote: the document bootstrap, as `lmkl compare` prints it.
+            row["boot"] or "–",
             row["kl_median"],
             row["kl_p99"],
             row["top1"],
             row["ppl_ratio"],
             row["size"],
+            *((f"{nxt['diff']} {nxt['ci']}" if nxt else "",) if has_next else ()),
+            *(
+                ("" if row["above_noise"] is None else "yes" if row["above_noise"] else "no",)
+                if has_noise
+                else ()
+            ),
         )
-    console.print(board)
+    console.print(
+        FittedTable(
+            board,
+            optional=["PPL ratio", "p99", "median", "Δ next [CI]"],
+            key_columns=2,
+            notes=[
+                *(n for n in LEADERBOARD_NOTES if n[0] in ("Δ next [CI]", "> noise")),
+                (None, PLUS_MINUS_NOTE),
+            ],
+        )
+    )
     stats = Table(title="All statistics (nats)", title_justify="left")
     stats.add_column("metric", style="bold")
     for c in report.candidates:

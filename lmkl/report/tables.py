@@ -298,17 +298,35 @@ def checkpoints_table(series: dict[str, Any], metric: str) -> Table:
     return table
 
 
-def plan_tables(plan: dict[str, Any]) -> list[FittedTable]:
-    """The dry-run plan: models and datasets with token counts (too wide: one block per model,
-    headed by its role and label)."""
+def plan_tables(plan: dict[str, Any]) -> list[Any]:
+    """The dry-run plan: the reference on one line, the candidates (each with how its weights
+    are made: scheme, recipe or GGUF file, since candidates of one model differ only there),
+    and the datasets with token counts. Too wide: one block per candidate, headed by its label."""
+    reference, *candidates = plan["models"]
+    ref_line = Text.assemble(
+        ("reference: ", "bold"),
+        reference["model"],
+        *(
+            [" (label ", reference["label"], ")"]
+            if reference["label"] not in ("reference", reference["model"])
+            else []
+        ),
+        (
+            f" · {reference['dtype']} · {reference['device']}"
+            + (f" · {reference['architecture']}" if reference["architecture"] else "")
+            + f" · max pos {number(reference['max_positions'])}"
+            + (f" · {reference['weights']}" if reference.get("weights", "–") != "–" else ""),
+            "dim",
+        ),
+    )
     models = Table(
-        title=table_title("Plan for '", plan["name"], "': models (tokenizers checked)"),
+        title=table_title("Plan for '", plan["name"], "': candidates (tokenizers checked)"),
         title_justify="left",
     )
     for name in (
-        "role",
         "label",
         "model",
+        "weights",
         "dtype",
         "device",
         "group/step",
@@ -316,12 +334,12 @@ def plan_tables(plan: dict[str, Any]) -> list[FittedTable]:
         "max pos",
     ):
         models.add_column(name)
-    for m in plan["models"]:
+    for m in candidates:
         meta = " / ".join(str(x) for x in (m["group"], m["step"]) if x is not None)
         models.add_row(
-            m["role"],
             Text(m["label"]),
             Text(m["model"]),
+            Text(m.get("weights", "–")),
             Text(m["dtype"]),
             Text(m["device"]),
             Text(meta),
@@ -329,9 +347,7 @@ def plan_tables(plan: dict[str, Any]) -> list[FittedTable]:
             number(m["max_positions"]),
         )
     if plan["noise_floor"]:
-        models.add_row(
-            "noise floor", "noise-floor", "(reference + seeded weight noise)", "", "", "", "", ""
-        )
+        models.add_row("noise-floor", "(reference + seeded weight noise)", "", "", "", "", "", "")
     data = Table(
         title="Datasets (tokens scored with the reference tokenizer)", title_justify="left"
     )
@@ -357,7 +373,7 @@ def plan_tables(plan: dict[str, Any]) -> list[FittedTable]:
         number(plan["reference_batches"]),
         style="bold",
     )
-    return [FittedTable(models, key_columns=2), FittedTable(data)]
+    return [ref_line, FittedTable(models, key_columns=1), FittedTable(data)]
 
 
 def summary_table(results: dict[str, Any]) -> Table:

@@ -60,10 +60,15 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     tps = throughput.get("tokens_per_s")
     if tps:
         seconds = throughput["seconds"]
+        scored = tps * seconds  # the tokens this process scored (a resume: not those kept)
+        what = (
+            f"scoring the {round(scored):,} tokens not kept"
+            if (results.get("provenance") or {}).get("resumed_parts")
+            else "of scoring"
+        )
         console.print(
-            f"[dim]{format_rate(tps * seconds, seconds)} over {format_seconds(seconds)} of "
-            f"scoring; padding efficiency {number(throughput.get('padding_efficiency'), 3)}"
-            "[/dim]"
+            f"[dim]{format_rate(scored, seconds)} over {format_seconds(seconds)} {what}; "
+            f"padding efficiency {number(throughput.get('padding_efficiency'), 3)}[/dim]"
         )
     for cand in results.get("candidates", []):
         counts = cand["metrics"]["counts"]
