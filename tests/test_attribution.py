@@ -705,7 +705,7 @@ def test_python_high_as_a_model_spec_beside_model_keywords(tiny_pair, docs, tmp_
     from lmkl.errors import UsageError
     from lmkl.specs import ModelSpec
 
-    with pytest.raises(UsageError, match=r"budget.bits 1 is below"):
+    with pytest.raises(UsageError, match=r"budget.bits.1 is below"):
         lmkl.api.attribute(
             str(tiny_pair["reference"]),
             str(tiny_pair["reference"]),

@@ -421,7 +421,7 @@ def test_demo_names_work_on_the_command_line(tiny_pair, tmp_path):
     assert code == 0, output
     results = json.loads((out / "results.json").read_text())
     assert [c["label"] for c in results["candidates"]] == ["candidate"]
-    assert results["data"]["documents"] == 3  # the demo cache's held-out file
+    assert str(results["data"]["source"]).endswith("heldout.jsonl")  # the demo cache's text
     code, output = invoke(["compare", "demo:reference", "demo:nope", "--data", "demo:heldout"])
     check_error(code, output, 2, "unknown demo name 'demo:nope'")
 
