@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -60,31 +61,37 @@ def assert_uncut(output: str, *whole: str, lines: bool = True) -> None:
         assert text in output or text in flat, (text, output)
 
 
-@pytest.fixture(scope="module")
-def narrow_study(tiny_pair, tmp_path_factory):
-    """A two-candidate study with long, alike labels; one candidate is the reference in
-    bfloat16, whose KL is tiny (~1e-5)."""
-    root = tmp_path_factory.mktemp("narrow-study-with-a-long-directory-name")
+def run_tiny_study(
+    tiny_pair: dict, root: Path, name: str, labels: tuple[str, str], extra: str
+) -> dict:
+    """Run (at 80 columns) a study of two candidates named ``labels``: the tiny student, and the
+    reference in bfloat16 (KL ~1e-5), on five short documents, with YAML ``extra`` lines."""
     texts = [json.loads(x)["text"] for x in tiny_pair["heldout"].read_text().splitlines()]
     data = root / "documents.jsonl"
     data.write_text("".join(json.dumps({"text": t[:200]}) + "\n" for t in texts[:5]))
     config = root / "study.yaml"
     config.write_text(f"""
-name: narrow
+name: {name}
 reference: {{model: {tiny_pair["reference"]}, device: cpu}}
 candidates:
-  - {{label: {LONG[0]}, model: {tiny_pair["candidate"]}, device: cpu}}
-  - {{label: {LONG[1]}, model: {tiny_pair["reference"]}, dtype: bfloat16, device: cpu}}
+  - {{label: {labels[0]}, model: {tiny_pair["candidate"]}, device: cpu}}
+  - {{label: {labels[1]}, model: {tiny_pair["reference"]}, dtype: bfloat16, device: cpu}}
 datasets:
   - {{source: {data}, label: documents}}
 windowing: {{mode: documents, context_length: 48, stride: 24}}
-ranking: {{resamples: 200}}
-noise_floor: true
-gates: {{fail_above: {{kl.mean: 0.01}}}}
-""")
+{extra}""")
     out = root / "run"
     printed = run_cli(["run", str(config), "--out", str(out)], {"COLUMNS": "80"})
     return {"config": config, "out": out, "printed": printed, "data": data}
+
+
+@pytest.fixture(scope="module")
+def narrow_study(tiny_pair, tmp_path_factory):
+    """A two-candidate study with long, alike labels; one candidate is the reference in
+    bfloat16, whose KL is tiny (~1e-5)."""
+    root = tmp_path_factory.mktemp("narrow-study-with-a-long-directory-name")
+    extra = "ranking: {resamples: 200}\nnoise_floor: true\ngates: {fail_above: {kl.mean: 0.01}}\n"
+    return run_tiny_study(tiny_pair, root, "narrow", LONG, extra)
 
 
 def test_experiment_tables_fit_80_columns(narrow_study):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import test_report
 from synthetic import SyntheticCandidate, synthesize_run
-from test_narrow_output import assert_uncut, run_cli
+from test_narrow_output import assert_uncut, run_cli, run_tiny_study
 
 from lmkl.formatting import format_ci, format_percent, format_value, normal_interval
 from lmkl.report.runs import load_run
@@ -34,25 +34,8 @@ def flat(output: str) -> str:
 def study(tiny_pair, tmp_path_factory):
     """A two-candidate experiment with a noise floor, sized by memory bytes."""
     root = tmp_path_factory.mktemp("trial-study")
-    texts = [json.loads(x)["text"] for x in tiny_pair["heldout"].read_text().splitlines()]
-    data = root / "documents.jsonl"
-    data.write_text("".join(json.dumps({"text": t[:200]}) + "\n" for t in texts[:5]))
-    config = root / "study.yaml"
-    config.write_text(f"""
-name: trial
-reference: {{model: {tiny_pair["reference"]}, device: cpu}}
-candidates:
-  - {{label: student, model: {tiny_pair["candidate"]}, device: cpu}}
-  - {{label: half, model: {tiny_pair["reference"]}, dtype: bfloat16, device: cpu}}
-datasets:
-  - {{source: {data}, label: documents}}
-windowing: {{mode: documents, context_length: 48, stride: 24}}
-ranking: {{resamples: 200, size: memory_bytes}}
-noise_floor: true
-""")
-    out = root / "run"
-    printed = run_cli(["run", str(config), "--out", str(out)], {"COLUMNS": "80"})
-    return {"config": config, "out": out, "printed": printed, "data": data}
+    extra = "ranking: {resamples: 200, size: memory_bytes}\nnoise_floor: true\n"
+    return run_tiny_study(tiny_pair, root, "trial", ("student", "half"), extra)
 
 
 @pytest.fixture(scope="module")
